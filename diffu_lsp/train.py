@@ -1,0 +1,316 @@
+"""Train the bundled tiny Dream-format code model on the interpreter's own standard library.
+
+    python -m diffu_lsp.train --work .train --out diffu_lsp/assets/tiny-dream
+
+Deterministic given --seed (same Python, same torch); resumable: it checkpoints to --work every
+--save-every steps and on SIGINT/SIGTERM, and picks up from there when started again.
+
+The model is a Qwen2 backbone run with full bidirectional attention and Dream's shifted logits
+(hidden state i-1 scores the token at position i), saved in Dream's checkpoint layout. Objective:
+- masked diffusion: mask ratio t ~ U(eps, 1), cross-entropy on masked positions weighted 1/t;
+- span infill with pad-to-length: a span becomes a hole of `length >= span` positions whose
+  targets are the span followed by pad, noised the same way, so a fixed-size hole can yield a
+  shorter completion by ending in pad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import signal
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+EOS = "<|endoftext|>"
+MASK = "<|mask|>"
+SPECIAL_TOKENS = [EOS, MASK]  # ids 0 and 1
+# Qwen2's pre-tokenizer split: keeps newlines and runs of indentation as their own pieces.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "encodings", "__pycache__", "pydoc_data"}
+MODEL_SHAPE = dict(
+    vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
+)
+
+
+# ---------------------------------------------------------------- data
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def is_held_out(relpath: str) -> bool:
+    """Fixed evaluation split: about one stdlib file in ten, chosen by a hash of its path."""
+    return int(hashlib.sha1(relpath.encode()).hexdigest(), 16) % 10 == 0
+
+
+def stdlib_files(held_out: bool, root: Path | None = None) -> list[Path]:
+    """Python sources of the standard library (tests and generated tables left out), sorted."""
+    root = root or stdlib_root()
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if any(p in SKIPPED_DIRS or p.startswith("test_") for p in parts):
+            continue
+        if path.stat().st_size > 200_000:
+            continue
+        if is_held_out(path.relative_to(root).as_posix()) == held_out:
+            found.append(path)
+    return found
+
+
+def read_source(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def train_tokenizer(files: list[Path], vocab_size: int) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator((read_source(p) for p in files), trainer=trainer)
+    return tokenizer
+
+
+def encode_corpus(tokenizer: Tokenizer, files: list[Path]) -> np.ndarray:
+    eos = tokenizer.token_to_id(EOS)
+    pieces = []
+    for encoding in tokenizer.encode_batch([read_source(p) for p in files]):
+        pieces.append(np.asarray(encoding.ids, dtype=np.int32))
+        pieces.append(np.asarray([eos], dtype=np.int32))
+    return np.concatenate(pieces)
+
+
+def newline_token_table(tokenizer: Tokenizer) -> np.ndarray:
+    """table[id] is True when the token's text contains a line break."""
+    table = np.zeros(tokenizer.get_vocab_size(), dtype=bool)
+    for token_id in range(len(table)):
+        table[token_id] = "\n" in tokenizer.decode([token_id])
+    return table
+
+
+class BatchMaker:
+    """Draws training examples from the token stream; every draw uses the generator it is given."""
+
+    def __init__(self, corpus: np.ndarray, newline: np.ndarray, seq_len: int, mask_id: int, pad_id: int):
+        self.corpus, self.newline, self.seq_len = corpus, newline, seq_len
+        self.mask_id, self.pad_id = mask_id, pad_id
+
+    def __call__(self, rng: np.random.Generator, batch_size: int):
+        inputs = np.empty((batch_size, self.seq_len), dtype=np.int64)
+        targets = np.empty_like(inputs)
+        weights = np.zeros((batch_size, self.seq_len), dtype=np.float32)
+        for row in range(batch_size):
+            start = rng.integers(0, len(self.corpus) - self.seq_len - 1)
+            window = self.corpus[start:start + self.seq_len]
+            if rng.random() < 0.5:
+                x0, hole = window, np.ones(self.seq_len, dtype=bool)
+                hole[0] = False  # position 0 has no left neighbour to be scored from
+            else:
+                x0, hole = self._span_infill(rng, window)
+            t = rng.uniform(1e-3, 1.0)
+            masked = hole & (rng.random(self.seq_len) < t)
+            if not masked.any():
+                masked[rng.choice(np.flatnonzero(hole))] = True
+            inputs[row] = np.where(masked, self.mask_id, x0)
+            targets[row] = x0
+            weights[row] = masked / t
+        return torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(weights)
+
+    def _span_infill(self, rng, window):
+        """prefix + [span, pad...] + suffix, truncated to seq_len; hole marks the span+pad slots."""
+        n = self.seq_len
+        line_starts = np.flatnonzero(self.newline[window[:-1]]) + 1
+        if rng.random() < 0.5 and len(line_starts) >= 3:
+            first = rng.integers(0, len(line_starts) - 1)
+            last = min(first + rng.integers(1, 5), len(line_starts) - 1)
+            a, b = line_starts[first], line_starts[last]
+        else:
+            a = rng.integers(8, n - 64)
+            b = a + rng.integers(1, 49)
+        a, b = int(a), int(min(b, a + 96, n - 16))
+        if b <= a or a < 1:
+            a, b = 8, 9
+        span = window[a:b]
+        extra = 0 if rng.random() < 0.25 else int(rng.integers(1, 49))
+        hole_len = len(span) + extra
+        x0 = np.concatenate([window[:a], span, np.full(extra, self.pad_id, dtype=window.dtype), window[b:]])[:n]
+        hole = np.zeros(n, dtype=bool)
+        hole[a:min(a + hole_len, n)] = True
+        return x0, hole
+
+
+# ---------------------------------------------------------------- model
+
+def build_model(tokenizer: Tokenizer) -> Qwen2ForCausalLM:
+    config = Qwen2Config(
+        **MODEL_SHAPE, tie_word_embeddings=True, hidden_act="silu", rms_norm_eps=1e-6,
+        attention_dropout=0.0, use_cache=False,
+        bos_token_id=tokenizer.token_to_id(EOS), eos_token_id=tokenizer.token_to_id(EOS),
+        pad_token_id=tokenizer.token_to_id(EOS),
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def shifted_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Bidirectional forward, then Dream's shift: row i scores the token at position i."""
+    batch, length = input_ids.shape
+    full_attention = torch.zeros(batch, 1, length, length, dtype=model.dtype)
+    logits = model(input_ids=input_ids, attention_mask=full_attention).logits
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ---------------------------------------------------------------- export
+
+def export_dream_checkpoint(model: Qwen2ForCausalLM, tokenizer: Tokenizer, out: Path, card: dict) -> None:
+    """Write the folder in Dream's layout: config.json (model_type "Dream"), Qwen2 weight keys."""
+    out.mkdir(parents=True, exist_ok=True)
+    qwen = model.config
+    eos_id, mask_id = tokenizer.token_to_id(EOS), tokenizer.token_to_id(MASK)
+    config = {
+        "architectures": ["DreamModel"], "model_type": "Dream",
+        **MODEL_SHAPE, "hidden_act": "silu", "rms_norm_eps": qwen.rms_norm_eps,
+        "tie_word_embeddings": True, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id, "mask_token_id": mask_id,
+        "torch_dtype": "bfloat16", "use_cache": False, "use_sliding_window": False,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()
+             if k != "lm_head.weight"}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": EOS,
+        "mask_token": MASK, "model_max_length": qwen.max_position_embeddings,
+    }, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path(".train"), help="checkpoints and token cache")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "tiny-dream")
+    parser.add_argument("--steps", type=int, default=2600)
+    parser.add_argument("--batch", type=int, default=24)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--export-every", type=int, default=250, help="also refresh --out every N steps")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    tokenizer_path = args.work / "tokenizer.json"
+    train_files = stdlib_files(held_out=False)
+    if tokenizer_path.exists():
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    else:
+        tokenizer = train_tokenizer(train_files, MODEL_SHAPE["vocab_size"])
+        tokenizer.save(str(tokenizer_path))
+    corpus_path = args.work / "corpus.npy"
+    if corpus_path.exists():
+        corpus = np.load(corpus_path)
+    else:
+        corpus = encode_corpus(tokenizer, train_files)
+        np.save(corpus_path, corpus)
+    print(f"{len(train_files)} training files, {len(corpus):,} tokens", flush=True)
+
+    torch.manual_seed(args.seed)
+    model = build_model(tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    make_batch = BatchMaker(corpus, newline_token_table(tokenizer), args.seq_len,
+                            tokenizer.token_to_id(MASK), tokenizer.token_to_id(EOS))
+    rng = np.random.default_rng(args.seed)
+    step, history = 0, []
+    checkpoint_path = args.work / "checkpoint.pt"
+    if checkpoint_path.exists():
+        saved = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        rng.bit_generator.state = saved["rng"]
+        step, history = saved["step"], saved["history"]
+        print(f"resumed at step {step}", flush=True)
+
+    def save_checkpoint():
+        tmp = checkpoint_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "rng": rng.bit_generator.state, "step": step, "history": history}, tmp)
+        tmp.replace(checkpoint_path)
+
+    def card():
+        return {"data": "CPython standard library (tests, encodings, pydoc_data left out), "
+                        f"{len(train_files)} files, {len(corpus):,} tokens",
+                "shape": MODEL_SHAPE, "parameters": sum(p.numel() for p in model.parameters()),
+                "steps": step, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed,
+                "tokens_seen": step * args.batch * args.seq_len, "python": sys.version.split()[0],
+                "final_loss": float(np.mean([h[1] for h in history[-50:]])) if history else None,
+                "command": "python -m diffu_lsp.train " + " ".join(argv if argv is not None else sys.argv[1:])}
+
+    stop = {"now": False}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.update(now=True))
+
+    model.train()
+    started = time.time()
+    while step < args.steps and not stop["now"]:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr)
+        inputs, targets, weights = make_batch(rng, args.batch)
+        logits = shifted_logits(model, inputs)
+        token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        loss = (token_loss * weights.reshape(-1)).sum() / weights.numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        masked = weights > 0
+        plain_ce = float(token_loss.detach().reshape(weights.shape)[masked].mean())
+        history.append((step, float(loss), plain_ce))
+        if step % 10 == 0:
+            rate = (time.time() - started) / 10
+            started = time.time()
+            print(f"step {step} loss {float(loss):.3f} masked-ce {plain_ce:.3f} {rate:.2f}s/step", flush=True)
+        if step % args.save_every == 0:
+            save_checkpoint()
+        if step % args.export_every == 0:
+            export_dream_checkpoint(model, tokenizer, args.out, card())
+    save_checkpoint()
+    export_dream_checkpoint(model, tokenizer, args.out, card())
+    print(f"saved at step {step} to {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
