@@ -1,0 +1,167 @@
+"""User settings: one typed struct, layered from TOML files and LSP messages.
+
+Layers, lowest first: defaults, user TOML, workspace TOML, initializationOptions,
+workspace/configuration (section ``diffu``). Keys are camelCase; snake_case is
+accepted too. TOML files hold the keys at top level::
+
+    threshold = 0.8
+    single_line_tokens = 24
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import msgspec.toml
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Marker = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True, frozen=True):
+    """Everything a user can configure. Field names are snake_case, keys camelCase."""
+
+    model: str | None = None  # None = bundled tiny model; else local folder or hub id
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    algorithm: Literal["threshold", "entropy", "maskgit_plus", "topk_margin"] = "threshold"
+    steps: Positive | None = None  # Dream schedule steps; None = one per hole token
+    threshold: Probability = 0.9  # confidence threshold for "threshold" decoding
+    temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    top_p: Probability | None = None
+    top_k: Positive | None = None
+    block_length: Positive | None = None  # semi-autoregressive block size, None = whole hole
+    prefix_tokens: Positive = 768  # token budget for context before the cursor
+    suffix_tokens: NonNegative = 256  # token budget after the cursor
+    single_line_tokens: Positive = 16  # hole size for a single-line suggestion
+    multi_line_tokens: Positive = 48  # hole size at a block opener / empty body
+    block_tokens: Positive = 96  # hole size for the "complete block" command
+    debounce_ms: NonNegative = 60
+    tail_confidence: Fraction = 0.0  # tail tokens revealed below this are dropped
+    hole_markers: tuple[Marker, ...] = ("...", "pass  # TODO", "# TODO: fill")
+    refine_mode: Literal["all", "low_confidence"] = "all"
+    refine_confidence: Fraction = 0.6  # low_confidence mode re-masks tokens scored below this
+    max_document_bytes: Positive = 4_000_000
+    log_level: Literal["error", "warning", "info", "debug"] = "info"
+
+
+class SettingsError(ValueError):
+    """One bad setting: ``key`` is the camelCase key (or a file path), ``problem`` a sentence."""
+
+    def __init__(self, key: str, problem: str, *, section: str = "diffu"):
+        self.key = key
+        self.problem = problem
+        self.section = section
+        where = ".".join(part for part in (section, key) if part)
+        super().__init__(f"{where}: {problem}")
+
+
+# camelCase key -> field name, e.g. "topP" -> "top_p"
+_FIELDS: dict[str, str] = {f.encode_name: f.name for f in msgspec.structs.fields(Settings)}
+_HINTS = typing.get_type_hints(Settings, include_extras=True)
+
+
+def camel_case(key: str) -> str:
+    """``top_p`` -> ``topP``; camelCase keys come back unchanged."""
+    head, *rest = key.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _problem(key: str, value: Any, error: msgspec.ValidationError) -> str:
+    hint = _HINTS[_FIELDS[key]]
+    if typing.get_origin(hint) is Literal:
+        return f"Expected one of {', '.join(map(repr, typing.get_args(hint)))}, got {value!r}"
+    expected = str(error).split(" - at `", 1)[0].split(", got ", 1)[0].replace("`", "")
+    return f"{expected}, got {value!r}"
+
+
+def _set(current: dict[str, Any], raw_key: str, value: Any) -> Settings:
+    """Validate ``current`` with one key replaced; raise SettingsError naming that key."""
+    key = camel_case(raw_key)
+    if key not in _FIELDS:
+        hint = difflib.get_close_matches(key, _FIELDS, n=1)
+        raise SettingsError(raw_key, "Unknown setting" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    try:
+        return msgspec.convert({**current, key: value}, Settings)
+    except msgspec.ValidationError as e:
+        raise SettingsError(key, _problem(key, value, e)) from None
+
+
+def _overlay(base: Settings, overrides: Mapping | None, errors: list[SettingsError] | None) -> Settings:
+    current = msgspec.to_builtins(base)
+    settings = base
+    for raw_key, value in (overrides or {}).items():
+        try:
+            settings = _set(current, str(raw_key), value)
+        except SettingsError as e:
+            if errors is None:
+                raise
+            errors.append(e)
+            continue
+        current = msgspec.to_builtins(settings)
+    return settings
+
+
+def apply(base: Settings, overrides: Mapping | None) -> Settings:
+    """Return ``base`` with ``overrides`` laid over it; the first bad key raises SettingsError."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise SettingsError("", f"Expected an object, got {overrides!r}")
+    return _overlay(base, overrides, None)
+
+
+def resolve(layers: Sequence[Mapping | None]) -> tuple[Settings, list[SettingsError]]:
+    """Defaults, then each layer in order. A bad key is reported and skipped; its previous value stays."""
+    settings = Settings()
+    errors: list[SettingsError] = []
+    for layer in layers:
+        if layer is not None and not isinstance(layer, Mapping):
+            errors.append(SettingsError("", f"Expected an object, got {layer!r}"))
+            continue
+        settings = _overlay(settings, layer, errors)
+    return settings, errors
+
+
+def user_config_file() -> Path:
+    """``$XDG_CONFIG_HOME/diffu-lsp/diffu-lsp.toml`` (``~/.config`` when unset)."""
+    config_home = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(config_home) / "diffu-lsp" / "diffu-lsp.toml"
+
+
+def workspace_config_file(root: Path) -> Path:
+    return Path(root) / "diffu-lsp.toml"
+
+
+def read_toml(path: Path) -> dict:
+    """The TOML file as a dict; {} when missing. Unreadable or invalid -> SettingsError(key=path)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise SettingsError(str(path), f"Cannot read file: {e.strerror or e}", section="") from None
+    try:
+        return msgspec.toml.decode(data)
+    except msgspec.DecodeError as e:
+        raise SettingsError(str(path), f"Invalid TOML: {e}", section="") from None
+
+
+def sampling_options(s: Settings) -> dict[str, Any]:
+    """Keyword arguments for the sampler."""
+    return {
+        "alg": s.algorithm,
+        "steps": s.steps,
+        "threshold": s.threshold,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "block_length": s.block_length,
+    }
