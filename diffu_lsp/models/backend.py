@@ -1,0 +1,135 @@
+"""The warm model: one transformers network run bidirectionally, with its tokenizer and mask token."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..sampler import Denoised, Draft, Sampling, denoise
+
+
+class DenoiseCancelled(Exception):
+    """The job's cancel flag was set; raised by infill_ids/infill (fill() reports it instead)."""
+
+
+@dataclass
+class DiffusionModel:
+    """A masked-diffusion LM. Everything above this class talks to it through these methods."""
+
+    network: torch.nn.Module
+    tokenizer: object
+    family: str                       # "dream" | "qwen2-diffusion" | "llada"
+    name: str
+    mask_token_id: int
+    eos_token_ids: tuple[int, ...]    # EOS and pad: what a hole's unused tail fills with
+    bos_token_id: int | None
+    shift_logits: bool                # Dream-style: hidden state i-1 scores position i
+    max_length: int
+    load_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.network.parameters()).dtype
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.network.parameters())
+
+    # ---------------------------------------------------------------- text <-> ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    # ---------------------------------------------------------------- forward
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids -> float [B, L, V] logits; row i scores the token at position i."""
+        input_ids = input_ids.to(self.device)
+        batch, length = input_ids.shape
+        # A 4D mask of zeros makes every position see every other (no causal mask).
+        full_attention = torch.zeros(batch, 1, length, length, dtype=self.dtype, device=self.device)
+        logits = self.network(input_ids=input_ids, attention_mask=full_attention, use_cache=False).logits
+        if self.shift_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits.float()
+
+    # ---------------------------------------------------------------- denoising
+
+    def sampling(self, sampling: Sampling | None = None, **options) -> Sampling:
+        return (sampling or Sampling()).with_options(**options)
+
+    def fill(
+        self,
+        canvas_ids: list[int] | torch.Tensor,
+        sampling: Sampling | None = None,
+        *,
+        cancel=None,
+        on_step: Callable[[Draft], bool | None] | None = None,
+        generator: torch.Generator | None = None,
+        **options,
+    ) -> Denoised:
+        """Denoise every mask position of the canvas. The result is on the CPU, canvas-aligned."""
+        canvas = torch.as_tensor(canvas_ids, dtype=torch.long)
+        needs_bos = self.shift_logits and len(canvas) > 0 and int(canvas[0]) == self.mask_token_id
+        if needs_bos:  # with shifted logits position 0 has nothing to its left to be scored from
+            canvas = torch.cat([torch.tensor([self._bos_id()]), canvas])
+        if len(canvas) > self.max_length:
+            raise ValueError(f"canvas of {len(canvas)} tokens exceeds the model's {self.max_length}")
+        with self.lock:
+            result = denoise(
+                lambda ids: self.logits(ids).cpu(), canvas, self.mask_token_id,
+                self.sampling(sampling, **options), cancel=cancel, on_step=on_step,
+                penalized_ids=self.eos_token_ids, generator=generator,
+            )
+        if needs_bos:
+            result.canvas, result.confidence = result.canvas[1:], result.confidence[1:]
+            result.reveal_step = result.reveal_step[1:]
+        return result
+
+    def infill_ids(self, prefix_ids: list[int], suffix_ids: list[int], length: int, **sampling) -> list[int]:
+        """Exactly `length` ids for the hole between prefix and suffix (EOS/pad included)."""
+        cancel, on_step = sampling.pop("cancel", None), sampling.pop("on_step", None)
+        canvas = list(prefix_ids) + [self.mask_token_id] * length + list(suffix_ids)
+        result = self.fill(canvas, cancel=cancel, on_step=on_step, **sampling)
+        if result.cancelled:
+            raise DenoiseCancelled()
+        start = len(prefix_ids)
+        return result.canvas[start:start + length].tolist()
+
+    def infill(self, prefix: str, suffix: str = "", length: int | None = None, **sampling) -> str:
+        """Text for the hole between prefix and suffix, trailing EOS/pad removed."""
+        ids = self.infill_ids(self.encode(prefix), self.encode(suffix), length or 32, **sampling)
+        return self.decode(trim_at_stop(ids, self.eos_token_ids))
+
+    def _bos_id(self) -> int:
+        return self.bos_token_id if self.bos_token_id is not None else self.eos_token_ids[0]
+
+    def timed_infill(self, prefix: str, suffix: str, length: int, **sampling) -> tuple[str, Denoised, float]:
+        """infill() that also returns the denoising record and wall seconds (doctor, bench)."""
+        prefix_ids, suffix_ids = self.encode(prefix), self.encode(suffix)
+        started = time.perf_counter()
+        result = self.fill(prefix_ids + [self.mask_token_id] * length + suffix_ids, **sampling)
+        seconds = time.perf_counter() - started
+        hole = result.canvas[len(prefix_ids):len(prefix_ids) + length].tolist()
+        return self.decode(trim_at_stop(hole, self.eos_token_ids)), result, seconds
+
+
+def trim_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    """ids up to the first EOS/pad."""
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:i]
+    return ids

@@ -1,0 +1,209 @@
+"""load_model: a local folder or hub id -> a warm DiffusionModel on the best device.
+
+Families are told apart by `config.json` alone and never by running a checkpoint's own code
+(`trust_remote_code` stays off even where `auto_map` names custom classes):
+- Dream / DiffuCoder / Dream-Coder: `model_type "Dream"`, Qwen2 weight keys, shifted logits.
+- plain `qwen2` diffusion checkpoints (Open-dCoder style): mask token from the tokenizer, shifted.
+- LLaDA: `model_type "llada"`, OLMo-style keys remapped onto Llama, no shift.
+The bundled tiny model is a Dream-format folder inside the package.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import cached_file, logging as transformers_logging
+
+from .backend import DiffusionModel
+from .tokenizer import load_tokenizer
+
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-dream"
+SUPPORTED = "Dream/DiffuCoder/Dream-Coder (model_type 'Dream'), qwen2 diffusion (model_type 'qwen2'), LLaDA (model_type 'llada')"
+MASK_TOKEN_NAMES = ("<|mask|>", "<M>", "<mask>", "[MASK]", "<|MASK|>")
+
+# LLaDA's weight names -> Llama's (regex, replacement), for from_pretrained's key_mapping.
+LLADA_KEY_MAPPING = {
+    r"^model\.transformer\.wte\.": "model.embed_tokens.",
+    r"^model\.transformer\.ln_f\.": "model.norm.",
+    r"^model\.transformer\.ff_out\.": "lm_head.",
+    r"^model\.transformer\.blocks\.(\d+)\.q_proj\.": r"model.layers.\1.self_attn.q_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.k_proj\.": r"model.layers.\1.self_attn.k_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.v_proj\.": r"model.layers.\1.self_attn.v_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.attn_out\.": r"model.layers.\1.self_attn.o_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.ff_proj\.": r"model.layers.\1.mlp.gate_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.up_proj\.": r"model.layers.\1.mlp.up_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.ff_out\.": r"model.layers.\1.mlp.down_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.attn_norm\.": r"model.layers.\1.input_layernorm.",
+    r"^model\.transformer\.blocks\.(\d+)\.ff_norm\.": r"model.layers.\1.post_attention_layernorm.",
+}
+
+
+transformers_logging.disable_progress_bar()
+transformers_logging.set_verbosity_error()
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why in one line."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None/"auto": CUDA, else MPS, else CPU. An explicit device that is absent is an error."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was requested but torch sees no CUDA device (is this a CPU build of torch?)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("MPS was requested but is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None/"auto": bfloat16 on a GPU, float32 on the CPU."""
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; expected auto, float32, bfloat16 or float16") from None
+
+
+def _fetcher(name_or_path: str):
+    """file name -> local path (None when the checkpoint has no such file)."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return lambda name: str(folder / name) if (folder / name).is_file() else None
+    if folder.exists() or name_or_path.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model folder {name_or_path!r} does not exist or is not a folder")
+    return lambda name: cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
+
+
+def read_config(name_or_path: str) -> dict:
+    try:
+        path = _fetcher(name_or_path)("config.json")
+    except ModelLoadError:
+        raise
+    except Exception as error:  # hub unreachable, unknown repo id, ...
+        raise ModelLoadError(f"cannot fetch {name_or_path!r}: {error.__class__.__name__}: {error}".splitlines()[0]) from error
+    if not path:
+        raise ModelLoadError(f"{name_or_path!r} has no config.json; supported formats: {SUPPORTED}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def detect_family(config: dict) -> str:
+    model_type = str(config.get("model_type", "")).lower()
+    if model_type == "dream":
+        return "dream"
+    if model_type == "qwen2":
+        return "qwen2-diffusion"
+    if model_type == "llada":
+        return "llada"
+    raise ModelLoadError(f"unsupported model_type {config.get('model_type')!r}; supported formats: {SUPPORTED}")
+
+
+def qwen2_config_for_dream(config: dict) -> Qwen2Config:
+    """Dream's config carries Qwen2's field names; drop what names Dream's own classes."""
+    fields = {k: v for k, v in config.items()
+              if k not in ("model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype")}
+    return Qwen2Config(**fields)
+
+
+def llama_config_for_llada(config: dict) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=config["d_model"],
+        num_attention_heads=config["n_heads"],
+        num_key_value_heads=config.get("n_kv_heads") or config["n_heads"],
+        num_hidden_layers=config["n_layers"],
+        intermediate_size=config["mlp_hidden_size"],
+        vocab_size=config.get("embedding_size") or config["vocab_size"],
+        max_position_embeddings=config.get("max_sequence_length", 4096),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_theta=config.get("rope_theta", 10000.0),
+        attention_bias=bool(config.get("include_qkv_bias") or config.get("include_bias")),
+        tie_word_embeddings=bool(config.get("weight_tying", False)),
+        hidden_act=config.get("activation_type", "silu"),
+        eos_token_id=config.get("eos_token_id"), pad_token_id=config.get("pad_token_id"),
+        bos_token_id=config.get("bos_token_id"), use_cache=False,
+    )
+
+
+def _mask_token_id(config: dict, tokenizer) -> int:
+    if isinstance(config.get("mask_token_id"), int):
+        return config["mask_token_id"]
+    if getattr(tokenizer, "mask_token_id", None) is not None:
+        return tokenizer.mask_token_id
+    vocab = tokenizer.get_vocab()
+    for name in MASK_TOKEN_NAMES:
+        if name in vocab:
+            return vocab[name]
+    raise ModelLoadError("cannot find the mask token: no mask_token_id in config.json and no mask token in the tokenizer")
+
+
+def _ids(*values) -> tuple[int, ...]:
+    found = []
+    for value in values:
+        for token_id in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(token_id, int) and token_id not in found:
+                found.append(token_id)
+    return tuple(found)
+
+
+def load_model(name_or_path: str | Path | None = None, device=None, dtype=None) -> DiffusionModel:
+    """Load a diffusion code model. None = the bundled tiny model; else a local folder or hub id.
+
+    device: None/"auto" (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:1", "mps".
+    dtype: None/"auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16".
+    Raises ModelLoadError with a one-line reason on any failure.
+    """
+    started = time.perf_counter()
+    name = str(name_or_path) if name_or_path is not None else str(BUNDLED_MODEL)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    config = read_config(name)
+    family = detect_family(config)
+    try:
+        tokenizer = load_tokenizer(_fetcher(name))
+    except Exception as error:
+        raise ModelLoadError(f"cannot build the tokenizer of {name!r}: {error}") from error
+    load = dict(dtype=dtype, trust_remote_code=False, output_loading_info=True)
+    try:
+        if family == "dream":
+            network, info = Qwen2ForCausalLM.from_pretrained(name, config=qwen2_config_for_dream(config), **load)
+        elif family == "qwen2-diffusion":
+            network, info = Qwen2ForCausalLM.from_pretrained(name, **load)
+        else:
+            network, info = LlamaForCausalLM.from_pretrained(
+                name, config=llama_config_for_llada(config), key_mapping=LLADA_KEY_MAPPING, **load)
+    except torch.OutOfMemoryError as error:
+        raise ModelLoadError(f"out of memory loading {name!r} on {device}: {error}".splitlines()[0]) from error
+    except Exception as error:
+        raise ModelLoadError(f"cannot load the weights of {name!r}: {error}".splitlines()[0]) from error
+    missing = sorted(set(info.get("missing_keys", ())) - {"lm_head.weight"} if network.config.tie_word_embeddings
+                     else set(info.get("missing_keys", ())))
+    if missing:
+        raise ModelLoadError(f"{name!r} lacks weights the {family} layout needs, e.g. {missing[0]}")
+    network = network.to(device).eval()
+    network.requires_grad_(False)
+
+    mask_id = _mask_token_id(config, tokenizer)
+    eos_ids = _ids(config.get("eos_token_id"), config.get("pad_token_id"), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    if not eos_ids:
+        raise ModelLoadError("the checkpoint names no eos_token_id / pad_token_id")
+    max_length = config.get("max_position_embeddings") or config.get("max_sequence_length") or 4096
+    return DiffusionModel(
+        network=network, tokenizer=tokenizer, family=family, name=name, mask_token_id=mask_id,
+        eos_token_ids=eos_ids, bos_token_id=config.get("bos_token_id") if isinstance(config.get("bos_token_id"), int) else None,
+        shift_logits=family != "llada", max_length=int(max_length),
+        load_seconds=time.perf_counter() - started,
+    )

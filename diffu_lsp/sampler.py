@@ -1,0 +1,234 @@
+"""Denoising a token canvas: pure functions over tensors.
+
+A canvas is a 1-D LongTensor in which every position equal to `mask_id` is to be filled. Each step
+runs one forward pass over the whole canvas (bidirectional: the model sees both sides of every
+hole), scores the masked positions and reveals some of them, until none is left.
+
+Algorithms
+- Dream's schedule (`alg` = "maskgit_plus" | "topk_margin" | "entropy"): timesteps
+  `linspace(1, eps, steps + 1)`; at step i reveal `int(n_masked * (1 - t[i+1] / t[i]))` of the
+  most confident masked positions, and all that remain at the last step. Confidence is p(x0),
+  p1 - p2, or negative entropy. With the same logits, settings and temperature 0 this reveals the
+  same tokens in the same order as Dream's `diffusion_generate`. One difference that changes no
+  token at temperature 0: a step whose schedule reveals nothing skips its forward pass.
+- Confidence threshold ("threshold", Fast-dLLM): reveal every masked position whose p(x0) >= tau,
+  at least the single most confident one per forward.
+
+Defaults, all explicit: temperature 0 (greedy), no top_p, no top_k. Dream's `diffusion_generate`
+called without `top_k` inherits `top_k=50` from transformers' GenerationConfig; pass `top_k=50`
+to reproduce such a call.
+
+`block_length` splits the masked positions (in canvas order) into semi-autoregressive blocks: block
+k is finished before block k+1 is touched, and Dream's `steps` are shared evenly between blocks.
+
+Cancellation is cooperative: `cancel.cancelled` is read before every forward pass, so a
+cancelled job returns within one forward. `on_step(draft)` sees the canvas after every step and may
+return True to stop early: the current block's remaining positions take the last forward's best
+guesses, later blocks stay masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+
+DREAM_ALGS = ("maskgit_plus", "topk_margin", "entropy")
+ALGS = DREAM_ALGS + ("threshold",)
+EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class Sampling:
+    alg: str = "threshold"
+    steps: Optional[int] = None          # Dream schedule: None = one step per masked position
+    threshold: float = 0.9               # "threshold": reveal every position at least this confident
+    temperature: float = 0.0
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    alg_temp: Optional[float] = None     # > 0: sample which positions to reveal instead of top-k
+    block_length: Optional[int] = None   # semi-autoregressive blocks over the masked positions
+    eos_penalty: float = 0.0             # subtracted from the logits of `penalized_ids`
+
+    def __post_init__(self):
+        if self.alg not in ALGS:
+            raise ValueError(f"unknown sampling algorithm {self.alg!r}; expected one of {', '.join(ALGS)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError("threshold must be in (0, 1]")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.block_length is not None and self.block_length < 1:
+            raise ValueError("block_length must be >= 1")
+
+    def with_options(self, **options) -> "Sampling":
+        """A copy with the given fields replaced; None values are ignored."""
+        return replace(self, **{k: v for k, v in options.items() if v is not None})
+
+
+class CancelFlag(Protocol):
+    cancelled: bool
+
+
+@dataclass
+class Draft:
+    """What the per-step callback sees."""
+    canvas: torch.Tensor       # [L] current tokens, mask_id where still masked
+    step: int                  # forwards so far
+    masked: int                # positions still masked
+
+
+@dataclass
+class Denoised:
+    canvas: torch.Tensor       # [L] filled canvas (masks remain only where cancelled)
+    confidence: torch.Tensor   # [L] p(token) when each position was revealed; 1.0 outside the holes
+    reveal_step: torch.Tensor  # [L] forward pass (1-based) that revealed each position; 0 outside
+    forwards: int
+    cancelled: bool = False
+    stopped_early: bool = False
+
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids -> [1, L, V] position-aligned logits
+
+
+# ---------------------------------------------------------------- token choice
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (the top token always)."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    drop_sorted = cumulative > top_p
+    drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, torch.finfo(logits.dtype).min)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    kth_best = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_best, torch.finfo(logits.dtype).min)
+
+
+def choose_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None):
+    """For each row of logits [N, V]: (token, p(token), confidence score used for ranking)."""
+    if sampling.temperature > 0:
+        logits = logits / sampling.temperature
+    if sampling.top_p is not None and sampling.top_p < 1:
+        logits = top_p_filter(logits, sampling.top_p)
+    if sampling.top_k is not None:
+        logits = top_k_filter(logits, sampling.top_k)
+    probs = torch.softmax(logits.float(), dim=-1)
+    if sampling.temperature > 0:
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token_prob = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    else:
+        token_prob, tokens = probs.max(dim=-1)
+    if sampling.alg == "topk_margin":
+        best_two = probs.topk(2, dim=-1).values
+        score = best_two[:, 0] - best_two[:, 1]
+    elif sampling.alg == "entropy":
+        score = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+    else:
+        score = token_prob
+    return tokens, token_prob, score
+
+
+def dream_reveal_count(n_masked: int, step: int, steps: int) -> int:
+    """How many positions Dream's schedule reveals at `step` (0-based) of `steps`."""
+    if step >= steps - 1:
+        return n_masked
+    timesteps = torch.linspace(1, EPS, steps + 1)
+    t, s = timesteps[step], timesteps[step + 1]
+    return int(n_masked * (1 - s / t))
+
+
+def pick_positions(score: torch.Tensor, count: int, sampling: Sampling, generator=None) -> torch.Tensor:
+    """Indices (into score) of the `count` positions to reveal."""
+    if sampling.alg_temp:
+        weights = torch.softmax(score / sampling.alg_temp, dim=-1)
+        return torch.multinomial(weights, count, generator=generator)
+    return torch.topk(score, count).indices
+
+
+# ---------------------------------------------------------------- the loop
+
+def blocks_of(positions: torch.Tensor, block_length: int | None) -> list[torch.Tensor]:
+    if not block_length:
+        return [positions]
+    return list(torch.split(positions, block_length))
+
+
+def denoise(
+    logits_fn: LogitsFn,
+    canvas: torch.Tensor,
+    mask_id: int,
+    sampling: Sampling = Sampling(),
+    *,
+    cancel: CancelFlag | None = None,
+    on_step: Callable[[Draft], bool | None] | None = None,
+    penalized_ids: tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+) -> Denoised:
+    """Fill every `mask_id` position of `canvas` ([L] ids) by iterative denoising."""
+    canvas = canvas.clone()
+    length = canvas.shape[0]
+    confidence = torch.ones(length)
+    reveal_step = torch.zeros(length, dtype=torch.long)
+    hole_positions = (canvas == mask_id).nonzero().squeeze(-1)
+    blocks = blocks_of(hole_positions, sampling.block_length)
+    forwards = 0
+    dream = sampling.alg in DREAM_ALGS
+    total_steps = sampling.steps or len(hole_positions)
+    steps_per_block = max(1, total_steps // len(blocks)) if dream else None
+
+    def result(**flags) -> Denoised:
+        return Denoised(canvas, confidence, reveal_step, forwards, **flags)
+
+    for block in blocks:
+        step = 0
+        while True:
+            still_masked = block[canvas[block] == mask_id]
+            if len(still_masked) == 0:
+                break
+            if dream:
+                count = dream_reveal_count(len(still_masked), step, steps_per_block)
+                step += 1
+                if count == 0:
+                    continue
+            if cancel is not None and cancel.cancelled:
+                return result(cancelled=True)
+            logits = logits_fn(canvas[None])[0, still_masked]
+            forwards += 1
+            if cancel is not None and hasattr(cancel, "forwards"):
+                cancel.forwards += 1
+            logits[:, mask_id] = float("-inf")  # a revealed position must not stay a mask
+            if sampling.eos_penalty and penalized_ids:
+                logits[:, list(penalized_ids)] -= sampling.eos_penalty
+            tokens, token_prob, score = choose_tokens(logits, sampling, generator)
+            if not dream:
+                reveal = (token_prob >= sampling.threshold).nonzero().squeeze(-1)
+                if len(reveal) == 0:
+                    reveal = token_prob.argmax().reshape(1)
+            else:
+                reveal = pick_positions(score, count, sampling, generator)
+            positions = still_masked[reveal]
+            canvas[positions] = tokens[reveal]
+            confidence[positions] = token_prob[reveal]
+            reveal_step[positions] = forwards
+            if on_step is not None:
+                masked_left = int((canvas == mask_id).sum())
+                if on_step(Draft(canvas, forwards, masked_left)):
+                    unrevealed = canvas[still_masked] == mask_id
+                    rest = still_masked[unrevealed]
+                    canvas[rest] = tokens[unrevealed]
+                    confidence[rest] = token_prob[unrevealed]
+                    reveal_step[rest] = forwards
+                    return result(stopped_early=True)
+    return result()

@@ -1,0 +1,176 @@
+"""Random tiny checkpoints written in the exact on-disk formats of the real ones.
+
+Same config field names, model_type, architectures/auto_map, special-token ids and weight key
+names as DiffuCoder/Dream (Qwen2 keys, vocab.json + merges.txt + added_tokens.json, sharded
+safetensors), Open-dCoder (stock qwen2, `<M>` mask token) and LLaDA (OLMo-style keys).
+Only the widths are tiny; the vocabularies are full size so the special ids are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+SAMPLE_TEXT = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import os\nimport sys\n\nif __name__ == '__main__':\n    main()\n",
+] * 4
+
+DREAM_ADDED_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>", "<|beginoftext|>", "<|mask|>", "<|dlm_pad|>",
+]  # ids 151643 .. 151667 in DiffuCoder
+
+
+def _small_bpe(vocab_size: int = 400) -> tuple[dict[str, int], list[str]]:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(SAMPLE_TEXT, trainer=trainer)
+    data = json.loads(tokenizer.to_str())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    return data["model"]["vocab"], merges
+
+
+def _padded_vocab(size: int) -> tuple[dict[str, int], list[str]]:
+    """A byte-level BPE vocabulary with filler entries up to `size` (real merges for the rest)."""
+    vocab, merges = _small_bpe()
+    next_id = len(vocab)
+    while next_id < size:
+        vocab[f"\u0100filler{next_id}"] = next_id
+        next_id += 1
+    return vocab, merges
+
+
+def _tokenizer_json(vocab: dict[str, int], merges: list[str], added: dict[str, int]) -> str:
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split()) for m in merges]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(sorted(added, key=added.get))
+    for content, token_id in added.items():
+        assert tokenizer.token_to_id(content) == token_id, (content, token_id)
+    return tokenizer.to_str()
+
+
+def _save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int) -> None:
+    keys = sorted(state)
+    per_shard = -(-len(keys) // shards)
+    weight_map = {}
+    for index in range(shards):
+        name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k].contiguous() for k in keys[index * per_shard:(index + 1) * per_shard]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def write_dream(folder: Path, seed: int = 0) -> Path:
+    """DiffuCoder-7B-Base's layout at toy width: vocab/merges/added_tokens, 2 shards, bf16."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _padded_vocab(151643)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    added = {token: 151643 + i for i, token in enumerate(DREAM_ADDED_TOKENS)}
+    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+        "tokenizer_class": "DreamTokenizer", "bos_token": "<|beginoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "model_max_length": 131072,
+        "added_tokens_decoder": {str(i): {"content": t, "special": True} for t, i in added.items()},
+    }, indent=2))
+    config = {
+        "architectures": ["DreamModel"],
+        "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+        "model_type": "Dream", "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+        "pad_token_id": 151643, "mask_token_id": 151666, "hidden_act": "silu", "hidden_size": 32,
+        "initializer_range": 0.02, "intermediate_size": 64, "max_position_embeddings": 512,
+        "max_window_layers": 2, "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.46.2",
+        "use_cache": False, "use_sliding_window": False, "vocab_size": 152064,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    network = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in config.items()
+                                             if k not in ("architectures", "auto_map", "model_type")}))
+    state = {k: v.to(torch.bfloat16) for k, v in network.state_dict().items()}
+    assert "model.layers.0.self_attn.q_proj.bias" in state and "lm_head.weight" in state
+    _save_sharded(state, folder, shards=2)
+    return folder
+
+
+def write_qwen2_diffusion(folder: Path, seed: int = 0) -> Path:
+    """Open-dCoder's layout: a stock qwen2 checkpoint whose tokenizer adds the `<M>` mask token."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _padded_vocab(1000)
+    added = {"<|endoftext|>": 1000, "<M>": 1001}
+    (folder / "tokenizer.json").write_text(_tokenizer_json(vocab, merges, added))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "mask_token": "<M>"}, indent=2))
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=1000, pad_token_id=1000, bos_token_id=None)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2"
+    return folder
+
+
+def write_llada(folder: Path, seed: int = 0) -> tuple[Path, LlamaForCausalLM]:
+    """LLaDA-8B's layout at toy width; also returns the same weights as a Llama model, for checks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _padded_vocab(126081)
+    added = {"<|endoftext|>": 126081, "<|mdm_mask|>": 126336}
+    for token_id in range(126082, 126336):
+        added[f"<|reserved_token_{token_id}|>"] = token_id
+    (folder / "tokenizer.json").write_text(_tokenizer_json(vocab, merges, added))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    config = {
+        "architectures": ["LLaDAModelLM"],
+        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM", "AutoModel": "modeling_llada.LLaDAModelLM"},
+        "model_type": "llada", "activation_type": "silu", "alibi": False, "block_type": "llama",
+        "d_model": 32, "n_heads": 4, "n_kv_heads": 4, "n_layers": 2, "mlp_hidden_size": 64, "mlp_ratio": 4,
+        "embedding_size": 126464, "vocab_size": 126464, "max_sequence_length": 512, "rope": True,
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "layer_norm_type": "rms", "include_bias": False,
+        "include_qkv_bias": False, "weight_tying": False, "eos_token_id": 126081, "pad_token_id": 126081,
+        "mask_token_id": 126336, "scale_logits": False, "use_cache": False, "torch_dtype": "bfloat16",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    llama = LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+        intermediate_size=64, vocab_size=126464, max_position_embeddings=512, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False)).to(torch.bfloat16)
+    names = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
+             "self_attn.o_proj": "attn_out", "mlp.gate_proj": "ff_proj", "mlp.up_proj": "up_proj",
+             "mlp.down_proj": "ff_out", "input_layernorm": "attn_norm", "post_attention_layernorm": "ff_norm"}
+    state = {}
+    for key, tensor in llama.state_dict().items():
+        if key == "model.embed_tokens.weight":
+            state["model.transformer.wte.weight"] = tensor
+        elif key == "model.norm.weight":
+            state["model.transformer.ln_f.weight"] = tensor
+        elif key == "lm_head.weight":
+            state["model.transformer.ff_out.weight"] = tensor
+        else:
+            _, _, layer, rest = key.split(".", 3)
+            module, param = rest.rsplit(".", 1)
+            state[f"model.transformer.blocks.{layer}.{names[module]}.{param}"] = tensor
+    _save_sharded(state, folder, shards=1)
+    return folder, llama
