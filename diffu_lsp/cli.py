@@ -1,0 +1,183 @@
+"""Command line: `diffu-lsp` (serve LSP over stdio), `complete`, `doctor`, `bench`.
+
+Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+MAX_FILE_BYTES = 8_000_000
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as `diffu-lsp: <message>`, exit status 2."""
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model folder or hub id (default: the bundled tiny model)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffu-lsp", description="Diffusion code models behind your editor. With no command: serve LSP over stdio.")
+    parser.add_argument("--version", action="version", version=f"diffu-lsp {__version__}")
+    _model_options(parser)
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="serve over TCP on a loopback address (debugging)")
+    commands = parser.add_subparsers(dest="command")
+
+    complete = commands.add_parser("complete", help="print the block that would be suggested at FILE:LINE:COL")
+    complete.add_argument("location", metavar="FILE:LINE:COL", help="1-based line and column")
+    _model_options(complete)
+    complete.add_argument("--max-tokens", type=int, help="hole size in tokens (default: by context, from settings)")
+    complete.add_argument("--steps", type=int, help="denoising steps for the Dream schedule algorithms")
+    complete.add_argument("--alg", choices=["threshold", "entropy", "maskgit_plus", "topk_margin"])
+    complete.add_argument("--threshold", type=float, help="confidence threshold for --alg threshold")
+    complete.add_argument("--temperature", type=float)
+    complete.add_argument("--block", action="store_true", help="complete a whole block (larger hole)")
+    complete.add_argument("--json", action="store_true", help="print a JSON object instead of the text")
+
+    doctor = commands.add_parser("doctor", help="versions, device, model and one timed job")
+    _model_options(doctor)
+
+    commands.add_parser("bench", help="benchmarks (see `diffu-lsp bench --help`)", add_help=False)
+    return parser
+
+
+def parse_location(location: str) -> tuple[Path, int, int]:
+    path, sep, rest = location.rpartition(":")
+    path2, sep2, line = path.rpartition(":")
+    if not (sep and sep2):
+        raise CliError(f"expected FILE:LINE:COL, got {location!r}")
+    try:
+        return Path(path2), int(line), int(rest)
+    except ValueError:
+        raise CliError(f"LINE and COL must be numbers in {location!r}") from None
+
+
+def read_source(path: Path) -> str:
+    if not path.exists():
+        raise CliError(f"no such file: {path}")
+    if not path.is_file():
+        raise CliError(f"not a file: {path}")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise CliError(f"{path} is larger than {MAX_FILE_BYTES // 1_000_000} MB")
+    data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        raise CliError(f"{path} looks like a binary file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CliError(f"{path} is not UTF-8 text") from None
+
+
+def offset_of(text: str, line: int, col: int) -> int:
+    """Character offset of 1-based line/column; the column may be one past the line's end."""
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        raise CliError(f"line {line} is out of range (the file has {len(lines)} lines)")
+    if not 1 <= col <= len(lines[line - 1]) + 1:
+        raise CliError(f"column {col} is out of range (line {line} has {len(lines[line - 1])} characters)")
+    return sum(len(l) + 1 for l in lines[:line - 1]) + col - 1
+
+
+def load(args):
+    from .models import ModelLoadError, load_model
+
+    try:
+        return load_model(args.model, device=args.device, dtype=args.dtype)
+    except ModelLoadError as error:
+        raise CliError(str(error)) from None
+
+
+def cmd_complete(args) -> int:
+    from .features import suggest
+    from .settings import Settings, SettingsError, apply
+
+    path, line, col = parse_location(args.location)
+    text = read_source(path)
+    cursor = offset_of(text, line, col)
+    overrides = {"algorithm": args.alg, "steps": args.steps, "threshold": args.threshold,
+                 "temperature": args.temperature}
+    if args.max_tokens is not None:
+        overrides.update(single_line_tokens=args.max_tokens, multi_line_tokens=args.max_tokens,
+                         block_tokens=args.max_tokens)
+    try:
+        settings = apply(Settings(), {k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as error:
+        raise CliError(str(error)) from None
+    model = load(args)
+    suggestion = suggest(model, text, cursor, settings, block=args.block)
+    if args.json:
+        print(json.dumps({"file": str(path), "line": line, "column": col,
+                          "text": suggestion.text, "multiline": suggestion.multiline,
+                          "replace_after": suggestion.replace_after, "hole_tokens": suggestion.hole_tokens,
+                          "forwards": suggestion.forwards, "seconds": round(suggestion.seconds, 4),
+                          "model": model.name}))
+    else:
+        print(suggestion.text)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import platform
+
+    import torch
+    import transformers
+
+    from .features import suggest
+    from .settings import Settings
+
+    print(f"diffu-lsp     {__version__}")
+    print(f"python        {platform.python_version()} ({sys.executable})")
+    print(f"torch         {torch.__version__}  cuda={torch.cuda.is_available()}  mps={torch.backends.mps.is_available()}")
+    print(f"transformers  {transformers.__version__}")
+    model = load(args)
+    print(f"model         {model.name}")
+    print(f"family        {model.family}  (mask id {model.mask_token_id}, eos/pad {list(model.eos_token_ids)}, "
+          f"{'shifted' if model.shift_logits else 'unshifted'} logits)")
+    print(f"parameters    {model.parameter_count / 1e6:.2f} M")
+    print(f"device        {model.device}  dtype {str(model.dtype).replace('torch.', '')}")
+    print(f"load time     {model.load_seconds:.2f} s")
+    text = "def fibonacci(n):\n    if n < 2:\n        return n\n    return \n"
+    cursor = text.rindex("return ") + len("return ")
+    started = time.perf_counter()
+    suggestion = suggest(model, text, cursor, Settings())
+    print(f"one job       {time.perf_counter() - started:.3f} s, {suggestion.forwards} forwards for "
+          f"{suggestion.hole_tokens} hole tokens -> {suggestion.text!r}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    return serve(model=args.model, device=None if args.device == "auto" else args.device,
+                 dtype=None if args.dtype == "auto" else args.dtype, tcp=args.tcp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "complete":
+            return cmd_complete(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
+        return cmd_serve(args)
+    except CliError as error:
+        print(f"diffu-lsp: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,147 @@
+"""load_model on random tiny checkpoints written in each real format, and on the bundled model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffu_lsp.models import BUNDLED_MODEL, ModelLoadError, load_model
+from diffu_lsp.models.loading import detect_family
+from tiny_checkpoints import write_dream, write_llada, write_qwen2_diffusion
+
+
+@pytest.fixture(scope="module")
+def dream(tmp_path_factory):
+    return load_model(write_dream(tmp_path_factory.mktemp("dream")), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def llada_pair(tmp_path_factory):
+    folder, reference = write_llada(tmp_path_factory.mktemp("llada"))
+    return load_model(folder, device="cpu"), reference.float().eval()
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return load_model(write_qwen2_diffusion(tmp_path_factory.mktemp("qwen2")), device="cpu")
+
+
+def raw_logits(model, ids):
+    with torch.no_grad():
+        n = ids.shape[1]
+        return model.network(input_ids=ids, attention_mask=torch.zeros(1, 1, n, n)).logits.float()
+
+
+def test_dream_format_loads_with_real_ids_and_tokenizer(dream):
+    assert dream.family == "dream"
+    assert dream.mask_token_id == 151666
+    assert dream.eos_token_ids == (151643,)
+    assert dream.tokenizer.convert_tokens_to_ids("<|mask|>") == 151666
+    assert dream.tokenizer.convert_tokens_to_ids("<|dlm_pad|>") == 151667
+    assert dream.tokenizer.convert_tokens_to_ids("<|beginoftext|>") == 151665
+    code = "def add(a, b):\n    return a + b\n"
+    assert dream.decode(dream.encode(code)) == code
+    assert dream.dtype == torch.float32 and dream.device.type == "cpu"
+
+
+def test_dream_logits_are_shifted(dream):
+    ids = torch.tensor([[10, 20, 30, 40, 50]])
+    aligned = dream.logits(ids)
+    raw = raw_logits(dream, ids)
+    assert torch.allclose(aligned[:, 1:], raw[:, :-1], atol=1e-5)
+    assert torch.allclose(aligned[:, 0], raw[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["dream", "llada", "qwen2"])
+def test_attention_is_bidirectional(which, dream, llada_pair, qwen2):
+    model = {"dream": dream, "llada": llada_pair[0], "qwen2": qwen2}[which]
+    ids = torch.tensor([[11, 12, 13, 14, 15, 16, 17, 18]])
+    later_changed = ids.clone()
+    later_changed[0, 7] = 99
+    before, after = model.logits(ids), model.logits(later_changed)
+    # positions well before the change see it: the attention is not causal
+    assert (before[0, :5] - after[0, :5]).abs().max() > 1e-4
+
+
+def test_llada_keys_map_onto_llama_without_shift(llada_pair):
+    model, reference = llada_pair
+    assert model.family == "llada" and model.mask_token_id == 126336 and not model.shift_logits
+    assert model.eos_token_ids == (126081,)
+    assert model.tokenizer.convert_tokens_to_ids("<|mdm_mask|>") == 126336
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=torch.zeros(1, 1, 5, 5)).logits
+    assert torch.allclose(model.logits(ids), expected, atol=1e-4)
+
+
+def test_qwen2_diffusion_takes_mask_from_tokenizer(qwen2):
+    assert qwen2.family == "qwen2-diffusion"
+    assert qwen2.mask_token_id == qwen2.tokenizer.convert_tokens_to_ids("<M>") == 1001
+    assert qwen2.shift_logits
+
+
+@pytest.mark.parametrize("which", ["dream", "llada", "qwen2"])
+def test_infill_ids_returns_exactly_length_ids(which, dream, llada_pair, qwen2):
+    model = {"dream": dream, "llada": llada_pair[0], "qwen2": qwen2}[which]
+    prefix, suffix = model.encode("def f(x):\n    return "), model.encode("\n")
+    filled = model.infill_ids(prefix, suffix, 7)
+    assert len(filled) == 7
+    assert model.mask_token_id not in filled
+    assert filled == model.infill_ids(prefix, suffix, 7)  # greedy is deterministic
+
+
+def test_empty_prefix_gets_a_bos_and_still_fills(dream):
+    filled = dream.infill_ids([], dream.encode("x = 1\n"), 4)
+    assert len(filled) == 4 and dream.mask_token_id not in filled
+
+
+def test_sharded_weights_are_all_loaded(tmp_path):
+    folder = write_dream(tmp_path / "d", seed=3)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2
+    model = load_model(folder, device="cpu")
+    from safetensors.torch import load_file
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    for key, tensor in load_file(str(folder / shard)).items():
+        assert torch.equal(model.network.state_dict()[key], tensor.float()), key
+
+
+def test_remote_code_is_never_run(tmp_path):
+    folder = write_qwen2_diffusion(tmp_path / "q")
+    (folder / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.Evil"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_model(folder, device="cpu").family == "qwen2-diffusion"
+
+
+def test_load_errors_are_one_line_and_name_the_formats(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelLoadError, match="supported formats: Dream"):
+        load_model(tmp_path)
+    with pytest.raises(ModelLoadError):
+        detect_family({"model_type": "gpt2"})
+    folder = write_qwen2_diffusion(tmp_path / "broken")
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="cannot load the weights"):
+        load_model(folder)
+
+
+def test_cuda_requested_but_absent_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ModelLoadError, match="CUDA was requested"):
+        load_model(None, device="cuda")
+
+
+def test_bundled_model_is_a_dream_checkpoint():
+    config = json.loads((BUNDLED_MODEL / "config.json").read_text())
+    assert config["model_type"] == "Dream"
+    model = load_model()
+    assert model.family == "dream" and model.shift_logits
+    assert model.parameter_count < 25_000_000  # ships in the package, fills fast on 2 cores
+    assert model.tokenizer.convert_tokens_to_ids("<|mask|>") == model.mask_token_id

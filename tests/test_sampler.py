@@ -1,0 +1,179 @@
+"""The sampler against hand-built logits (exact schedule checks) and the bundled model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffu_lsp.models import DenoiseCancelled, load_model
+from diffu_lsp.sampler import Sampling, choose_tokens, denoise, dream_reveal_count
+
+MASK = 9
+VOCAB = 10
+
+
+class FixedLogits:
+    """Logits that do not depend on the canvas: position i prefers token `best[i]` with
+    confidence `strength[i]`; records how many positions were masked at each forward."""
+
+    def __init__(self, best, strength):
+        self.best, self.strength = best, strength
+        self.masked_per_forward = []
+
+    def __call__(self, canvas):
+        self.masked_per_forward.append(int((canvas == MASK).sum()))
+        logits = torch.zeros(1, canvas.shape[1], VOCAB)
+        for i, (token, strength) in enumerate(zip(self.best, self.strength)):
+            logits[0, i, token] = strength
+        return logits
+
+
+def test_dream_schedule_reveal_counts_match_the_formula():
+    steps, n = 5, 12
+    timesteps = torch.linspace(1, 1e-3, steps + 1)
+    expected, left = [], n
+    for i in range(steps):
+        count = left if i == steps - 1 else int(left * (1 - timesteps[i + 1] / timesteps[i]))
+        expected.append(count)
+        left -= count
+    assert [dream_reveal_count(x, i, steps) for i, x in enumerate([12, 12 - expected[0], 12 - sum(expected[:2]),
+                                                                     12 - sum(expected[:3]), 12 - sum(expected[:4])])] == expected
+    assert sum(expected) == n
+
+
+def test_dream_schedule_reveals_most_confident_first():
+    best = [1, 2, 3, 4, 5, 6, 7, 8]
+    strength = [1.0, 8.0, 2.0, 7.0, 3.0, 6.0, 4.0, 5.0]
+    logits = FixedLogits(best, strength)
+    canvas = torch.full((8,), MASK)
+    revealed_order = []
+
+    def on_step(draft):
+        revealed_order.append(sorted(i for i in range(8) if draft.canvas[i] != MASK))
+
+    result = denoise(logits, canvas, MASK, Sampling(alg="maskgit_plus", steps=4), on_step=on_step)
+    assert result.canvas.tolist() == best
+    # the first step's reveals are exactly the most confident positions
+    first = revealed_order[0]
+    ranked = sorted(range(8), key=lambda i: -strength[i])
+    assert first == sorted(ranked[:len(first)])
+    assert result.reveal_step.tolist() == [result.reveal_step[i].item() for i in range(8)]
+    assert result.forwards == len(revealed_order) <= 4
+
+
+def test_steps_that_reveal_nothing_skip_their_forward():
+    logits = FixedLogits([1, 2], [5.0, 4.0])
+    result = denoise(logits, torch.full((2,), MASK), MASK, Sampling(alg="entropy", steps=64))
+    assert result.canvas.tolist() == [1, 2]
+    assert result.forwards == len(logits.masked_per_forward) <= 2
+
+
+def test_threshold_reveals_all_confident_positions_at_once():
+    # two positions are near-certain, one is not: first forward reveals the two
+    logits = FixedLogits([1, 2, 3], [20.0, 20.0, 0.5])
+    result = denoise(logits, torch.full((3,), MASK), MASK, Sampling(alg="threshold", threshold=0.9))
+    assert result.canvas.tolist() == [1, 2, 3]
+    assert logits.masked_per_forward == [3, 1]
+    assert result.confidence[0] > 0.99 and result.confidence[2] < 0.9
+
+
+def test_threshold_reveals_at_least_one_per_forward():
+    logits = FixedLogits([1, 2, 3, 4], [0.1, 0.2, 0.3, 0.4])
+    result = denoise(logits, torch.full((4,), MASK), MASK, Sampling(alg="threshold", threshold=0.99))
+    assert result.forwards == 4
+    assert logits.masked_per_forward == [4, 3, 2, 1]
+    assert result.reveal_step.tolist() == [4, 3, 2, 1]  # most confident first
+
+
+def test_blocks_finish_in_order():
+    logits = FixedLogits([1, 2, 3, 4], [0.1, 0.2, 9.0, 9.5])
+    result = denoise(logits, torch.full((4,), MASK), MASK, Sampling(alg="threshold", threshold=0.99, block_length=2))
+    steps = result.reveal_step.tolist()
+    assert max(steps[:2]) < min(steps[2:])  # block 2 waited for block 1 though it was more confident
+
+
+def test_mask_token_is_never_revealed():
+    logits = FixedLogits([MASK, MASK], [50.0, 50.0])
+    result = denoise(logits, torch.full((2,), MASK), MASK, Sampling())
+    assert MASK not in result.canvas.tolist()
+
+
+def test_top_k_and_top_p_restrict_choices():
+    logits = torch.tensor([[3.0, 2.9, 0.0, -1.0]])
+    torch.manual_seed(0)
+    picks = {int(choose_tokens(logits, Sampling(temperature=1.0, top_k=2))[0]) for _ in range(50)}
+    assert picks <= {0, 1} and len(picks) == 2
+    picks = {int(choose_tokens(logits, Sampling(temperature=1.0, top_p=0.3))[0]) for _ in range(20)}
+    assert picks == {0}
+
+
+def test_sampling_rejects_bad_values():
+    for bad in (dict(alg="nope"), dict(threshold=0), dict(steps=0), dict(temperature=-1), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            Sampling(**bad)
+
+
+class CountingCancel:
+    def __init__(self, cancel_after):
+        self.forwards, self.cancel_after = 0, cancel_after
+
+    @property
+    def cancelled(self):
+        return self.forwards >= self.cancel_after
+
+
+def test_cancel_is_honoured_before_the_next_forward():
+    logits = FixedLogits(list(range(8)), [0.1] * 8)
+    token = CountingCancel(cancel_after=3)
+    result = denoise(logits, torch.full((8,), MASK), MASK, Sampling(alg="threshold", threshold=0.99), cancel=token)
+    assert result.cancelled and result.forwards == 3 == token.forwards
+    assert int((result.canvas == MASK).sum()) == 5
+
+
+def test_on_step_can_stop_early_with_a_complete_block():
+    logits = FixedLogits([1, 2, 3, 4], [0.1, 0.2, 0.3, 0.4])
+    result = denoise(logits, torch.full((4,), MASK), MASK, Sampling(threshold=0.99), on_step=lambda d: d.step >= 2)
+    assert result.stopped_early and result.forwards == 2
+    assert result.canvas.tolist() == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- on the bundled model
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model()
+
+
+PREFIX = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        "
+SUFFIX = "\n\n\ndef main():\n    print(read_lines('x'))\n"
+
+
+def test_threshold_uses_fewer_forwards_than_one_token_per_step(bundled):
+    canvas = bundled.encode(PREFIX) + [bundled.mask_token_id] * 32 + bundled.encode(SUFFIX)
+    one_per_step = bundled.fill(canvas, Sampling(alg="entropy", steps=32))
+    threshold = bundled.fill(canvas, Sampling(alg="threshold", threshold=0.9))
+    assert one_per_step.forwards >= 31  # Dream: step 0 reveals int(32 * 0.0312) = 0 and is skipped
+    assert threshold.forwards < one_per_step.forwards
+
+
+def test_greedy_is_deterministic_on_the_bundled_model(bundled):
+    first = bundled.infill(PREFIX, SUFFIX, 24, alg="entropy", steps=12)
+    assert first == bundled.infill(PREFIX, SUFFIX, 24, alg="entropy", steps=12)
+
+
+def test_cancel_stops_before_the_next_forward_on_the_bundled_model(bundled):
+    class Flag:
+        cancelled = False
+        forwards = 0
+
+    flag = Flag()
+
+    def on_step(draft):
+        if draft.step == 2:
+            flag.cancelled = True  # as the scheduler does from the event loop thread
+
+    canvas = bundled.encode(PREFIX) + [bundled.mask_token_id] * 64 + bundled.encode(SUFFIX)
+    result = bundled.fill(canvas, Sampling(alg="entropy", steps=64), cancel=flag, on_step=on_step)
+    assert result.cancelled and result.forwards == 2 == flag.forwards
+    with pytest.raises(DenoiseCancelled):
+        bundled.infill_ids(bundled.encode(PREFIX), [], 8, cancel=flag)
