@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         masked = weights > 0
         plain_ce = float(token_loss.detach().reshape(weights.shape)[masked].mean())
-        history.append((step, float(loss), plain_ce))
+        history.append((step, loss.item(), plain_ce))
         if step % 10 == 0:
             rate = (time.time() - started) / 10
             started = time.time()
