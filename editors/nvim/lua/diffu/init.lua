@@ -1,0 +1,779 @@
+-- diffu.nvim: the Neovim side of diffu-lsp.
+--
+--   require('diffu').setup{}        -- with editors/nvim on 'runtimepath'
+--
+-- Enables the `diffu_lsp` config (lsp/diffu_lsp.lua), turns on native inline completion (ghost
+-- text, Neovim 0.12+), maps <Tab> to accept (falling back to a literal Tab or your previous <Tab>
+-- mapping), <M-]>/<M-[> to cycle, and adds :DiffuRefine, :DiffuFill, :DiffuComplete, :DiffuCancel,
+-- :DiffuStatus, :DiffuRestart and a code-action keymap limited to diffu's actions.
+
+local M = {}
+
+local NAME = 'diffu_lsp'
+local ACTION_KIND = 'refactor.rewrite.diffu'
+local COMMANDS = {
+  complete = 'diffu.completeBlock',
+  fill = 'diffu.fillHoles',
+  refine = 'diffu.refineSelection',
+}
+local REQUEST_CANCELLED = -32800
+
+---@class diffu.Keymaps
+---@field accept string|false  insert mode: accept the shown suggestion (else fall back)
+---@field next string|false    insert mode: next suggestion
+---@field prev string|false    insert mode: previous suggestion
+---@field code_action string|false normal/visual: diffu code actions
+---@field refine string|false  visual: :DiffuRefine on the selection
+
+---@class diffu.Config
+local defaults = {
+  --- Overrides for `vim.lsp.config('diffu_lsp', ...)`: e.g. `cmd = { '/path/to/diffu-lsp' }`.
+  cmd = nil, ---@type string[]?
+  filetypes = nil, ---@type string[]?
+  root_markers = nil, ---@type string[]?
+  --- Server settings (the `diffu` section, camelCase keys: model, device, debounceMs, ...).
+  settings = {},
+  --- Show suggestions as ghost text (needs vim.lsp.inline_completion, Neovim 0.12+).
+  inline_completion = true,
+  --- Drop inline-completion responses computed for text that has changed since, and hide a
+  --- suggestion that the text typed since no longer matches.
+  drop_stale = true,
+  --- Echo the server's work-done progress (model loading, refine) in the command line.
+  progress = true,
+  ---@type diffu.Keymaps
+  keymaps = {
+    accept = '<Tab>',
+    next = '<M-]>',
+    prev = '<M-[>',
+    code_action = '<leader>da',
+    refine = '<leader>dr',
+  },
+}
+
+M.config = vim.deepcopy(defaults)
+
+---@type table<integer, {state: string, model?: string, message?: string}>
+local statuses = {}
+
+-- Per buffer: the request that produced the inline-completion items being shown.
+---@type table<integer, {tick: integer, row: integer, col: integer}>
+local shown_request = {}
+
+local augroup = vim.api.nvim_create_augroup('diffu', { clear = true })
+
+-- ------------------------------------------------------------------ helpers
+
+local function notify(msg, level)
+  vim.notify('diffu: ' .. msg, level or vim.log.levels.INFO)
+end
+
+--- The diffu client attached to `bufnr` (or any diffu client).
+---@param bufnr? integer
+---@return vim.lsp.Client?
+function M.client(bufnr)
+  local clients = vim.lsp.get_clients({ name = NAME, bufnr = bufnr })
+  return clients[1]
+end
+
+local function get_client(bufnr)
+  local client = M.client(bufnr)
+  if not client then
+    notify('no diffu_lsp client attached to this buffer', vim.log.levels.WARN)
+  end
+  return client
+end
+
+--- Last `diffu/status` of the client attached to `bufnr` (or of any client).
+---@param bufnr? integer
+---@return {state: string, model?: string, message?: string}?
+function M.status(bufnr)
+  local client = M.client(bufnr)
+  if client then
+    return statuses[client.id]
+  end
+  return vim.g.diffu_status
+end
+
+--- A short string for 'statusline': "diffu:ready", "diffu:loading", ...
+function M.statusline()
+  local s = M.status(0)
+  return s and ('diffu:' .. s.state) or ''
+end
+
+-- Private handle on the native inline-completion state of a buffer (Neovim 0.12).
+local function completor(bufnr)
+  local ok, cap = pcall(require, 'vim.lsp._capability')
+  if not ok or type(cap) ~= 'table' or type(cap.all) ~= 'table' then
+    return nil
+  end
+  local C = cap.all.inline_completion
+  return C and C.active and C.active[bufnr] or nil
+end
+
+--- The suggestion currently offered in `bufnr`: { text = string, client_id = integer } or nil.
+---@param bufnr? integer
+function M.current_suggestion(bufnr)
+  bufnr = vim._resolve_bufnr(bufnr)
+  local c = completor(bufnr)
+  local item = c and c.current
+  if not item then
+    return nil
+  end
+  local text = item.insert_text
+  if type(text) == 'table' then
+    text = text.value
+  end
+  return { text = text, client_id = item.client_id, range = item.range }
+end
+
+-- Byte column of an LSP position on `row` (0-based) of `bufnr`.
+local function byte_col(bufnr, row, character, encoding)
+  local line = vim.api.nvim_buf_get_lines(bufnr, row, row + 1, false)[1] or ''
+  local ok, col = pcall(vim.str_byteindex, line, encoding, character, false)
+  return ok and col or math.min(character, #line)
+end
+
+--- Anchor (0-based row, byte col) where the suggestion's text starts.
+local function anchor_of(bufnr, item)
+  if item.range then
+    return item.range.start.row, item.range.start.col
+  end
+  local req = shown_request[bufnr]
+  if req then
+    return req.row, req.col
+  end
+  return nil
+end
+
+--- Is the text typed between the suggestion's anchor and the cursor a prefix of the suggestion?
+local function consistent(bufnr, item)
+  local row, col = anchor_of(bufnr, item)
+  if not row then
+    return true
+  end
+  local win = vim.fn.bufwinid(bufnr)
+  if win == -1 then
+    return false
+  end
+  local cur = vim.api.nvim_win_get_cursor(win)
+  local crow, ccol = cur[1] - 1, cur[2]
+  if crow ~= row or ccol < col then
+    return false
+  end
+  local text = type(item.insert_text) == 'string' and item.insert_text
+    or (type(item.insert_text) == 'table' and item.insert_text.value)
+    or ''
+  local line = vim.api.nvim_buf_get_lines(bufnr, row, row + 1, false)[1] or ''
+  local typed = line:sub(col + 1, ccol)
+  return vim.startswith(text, typed)
+end
+
+--- Accept `item`: replace anchor..max(range end, cursor) with its text, so characters typed
+--- since the request (a prefix of the suggestion) are not duplicated.
+local function accept_item(bufnr, item)
+  local text = item.insert_text
+  local win = vim.fn.bufwinid(bufnr)
+  if type(text) ~= 'string' then
+    if type(text) == 'table' and text.kind == 'snippet' then
+      vim.snippet.expand(text.value)
+    end
+  else
+    local cur = vim.api.nvim_win_get_cursor(win)
+    local crow, ccol = cur[1] - 1, cur[2]
+    local srow, scol = anchor_of(bufnr, item)
+    srow, scol = srow or crow, scol or ccol
+    local erow, ecol = crow, ccol
+    if item.range then
+      erow, ecol = item.range.end_.row, item.range.end_.col
+      if erow == crow and ccol > ecol then
+        ecol = ccol
+      elseif erow < crow then
+        erow, ecol = crow, ccol
+      end
+    end
+    local lines = vim.split(text, '\n', { plain = true })
+    vim.api.nvim_buf_set_text(bufnr, srow, scol, erow, ecol, lines)
+    local last_row = srow + #lines - 1
+    local last_col = (#lines == 1 and scol or 0) + #lines[#lines]
+    vim.api.nvim_win_set_cursor(win, { last_row + 1, last_col })
+  end
+  if item.command then
+    local client = vim.lsp.get_client_by_id(item.client_id)
+    if client then
+      client:exec_cmd(item.command, { bufnr = bufnr })
+    end
+  end
+end
+
+--- Accept the suggestion shown in the current buffer. Returns false if there is none.
+function M.accept()
+  if not (vim.lsp.inline_completion and vim.lsp.inline_completion.get) then
+    return false
+  end
+  local bufnr = vim.api.nvim_get_current_buf()
+  if M.config.drop_stale then
+    local c = completor(bufnr)
+    if c and c.current and not consistent(bufnr, c.current) then
+      return false
+    end
+  end
+  return vim.lsp.inline_completion.get({
+    bufnr = bufnr,
+    on_accept = function(item)
+      accept_item(bufnr, item)
+    end,
+  })
+end
+
+-- Replay a mapping saved with maparg(..., true) (used when there is nothing to accept).
+local function replay(prev, lhs)
+  if not prev or vim.tbl_isempty(prev) then
+    return vim.keycode(lhs)
+  end
+  local mode = prev.noremap == 1 and 'n' or 'm'
+  local keys
+  if prev.callback then
+    if prev.expr == 1 then
+      keys = prev.callback() or ''
+    else
+      vim.schedule(prev.callback)
+      return ''
+    end
+  else
+    keys = prev.rhs or ''
+    if prev.expr == 1 then
+      keys = vim.api.nvim_eval(keys)
+    end
+  end
+  if prev.expr ~= 1 or prev.replace_keycodes == 1 or not prev.callback then
+    keys = vim.api.nvim_replace_termcodes(keys, true, true, true)
+  end
+  vim.api.nvim_feedkeys(keys, 'i' .. mode, false)
+  return ''
+end
+
+-- ------------------------------------------------------------------ ranges
+
+--- LSP range from (1-based row, 0-based byte col) marks with an *inclusive* end, as visual marks
+--- are. Linewise (or past-the-end) end columns mean "to the end of that line".
+---@return lsp.Range
+function M.range_from_marks(bufnr, client, srow, scol, erow, ecol, linewise)
+  local enc = client.offset_encoding
+  local function getline(r)
+    return vim.api.nvim_buf_get_lines(bufnr, r - 1, r, false)[1] or ''
+  end
+  if linewise then
+    scol = 0
+  end
+  local eline = getline(erow)
+  -- end (exclusive) in bytes: past the last selected character
+  local end_byte
+  if linewise or ecol >= #eline then
+    end_byte = #eline
+  elseif vim.o.selection == 'exclusive' then
+    end_byte = ecol
+  else
+    local char_len = vim.str_utf_end(eline, ecol + 1) + 1
+    end_byte = ecol + char_len
+  end
+  scol = math.min(scol, #getline(srow))
+  local start_col = scol
+  local params = vim.lsp.util.make_given_range_params(
+    { srow, start_col },
+    { erow, math.max(end_byte - 1, 0) },
+    bufnr,
+    enc
+  )
+  -- make_given_range_params adds one code unit to the end; recompute it exactly for multibyte
+  -- characters, empty lines and line ends.
+  params.range['end'].character = vim.str_utfindex(eline, enc, end_byte, false)
+  return params.range
+end
+
+--- The range a `:command` was given: the visual selection (charwise) when the command was run
+--- from visual mode, else the lines line1..line2.
+local function command_range(opts, bufnr, client)
+  local vs = vim.api.nvim_buf_get_mark(bufnr, '<')
+  local ve = vim.api.nvim_buf_get_mark(bufnr, '>')
+  local vmode = vim.fn.visualmode()
+  if vs[1] == opts.line1 and ve[1] == opts.line2 and vmode ~= '' then
+    return M.range_from_marks(bufnr, client, vs[1], vs[2], ve[1], ve[2], vmode == 'V')
+  end
+  return M.range_from_marks(bufnr, client, opts.line1, 0, opts.line2, 0, true)
+end
+
+local FUNC_NODE = {
+  function_definition = true, -- python, c, cpp, lua (some grammars)
+  function_declaration = true, -- js/ts, go, lua
+  method_definition = true,
+  method_declaration = true,
+  function_item = true, -- rust
+  arrow_function = true,
+  ['function'] = true,
+  function_expression = true,
+  local_function = true,
+  func_literal = true,
+  constructor_declaration = true,
+}
+
+local DEF_PATTERNS = {
+  '^%s*async%s+def%s',
+  '^%s*def%s',
+  '^%s*local%s+function[%s(]',
+  '^%s*function[%s(]',
+  '^.-[%s=]function[%s(]',
+  '^%s*pub[%w()%s]*fn%s',
+  '^%s*async%s+fn%s',
+  '^%s*fn%s',
+  '^%s*func%s',
+  '^%s*export%s+',
+}
+
+--- 1-based (first, last) lines of the function around `row` (1-based), or nil.
+function M.enclosing_function(bufnr, row)
+  -- Tree-sitter, when a parser for the buffer is installed.
+  local ok, node = pcall(vim.treesitter.get_node, { bufnr = bufnr, pos = { row - 1, 0 } })
+  if ok and node then
+    local best
+    while node do
+      if FUNC_NODE[node:type()] then
+        best = node
+        break
+      end
+      node = node:parent()
+    end
+    if best then
+      local sr, _, er, ec = best:range()
+      if ec == 0 and er > sr then
+        er = er - 1
+      end
+      return sr + 1, er + 1
+    end
+  end
+  -- Indentation heuristic: the nearest definition line above whose body contains `row`.
+  local lines = vim.api.nvim_buf_get_lines(bufnr, 0, -1, false)
+  local function indent(l)
+    return #(l:match('^%s*'))
+  end
+  local function is_def(l)
+    for _, p in ipairs(DEF_PATTERNS) do
+      if l:match(p) and (l:find('def', 1, true) or l:find('fn', 1, true) or l:find('func', 1, true)) then
+        return true
+      end
+    end
+    return false
+  end
+  for start = row, 1, -1 do
+    local l = lines[start]
+    if is_def(l) then
+      local base = indent(l)
+      local last = start
+      for i = start + 1, #lines do
+        local li = lines[i]
+        if li:match('%S') then
+          if indent(li) <= base then
+            if li:match('^%s*[}%])]') or li:match('^%s*end%f[%W]') then
+              last = i
+            end
+            break
+          end
+          last = i
+        end
+      end
+      if last >= row then
+        return start, last
+      end
+    end
+  end
+  return nil
+end
+
+-- ------------------------------------------------------------------ server commands
+
+local function exec(bufnr, client, command, args, title)
+  local params = vim.tbl_extend('force', { textDocument = { uri = vim.uri_from_bufnr(bufnr) } }, args)
+  client:exec_cmd({ title = title, command = command, arguments = { params } }, { bufnr = bufnr }, function(err, result)
+    if err then
+      if err.code ~= REQUEST_CANCELLED then
+        notify(('%s failed: %s'):format(title, err.message or vim.inspect(err)), vim.log.levels.ERROR)
+      else
+        notify(title .. ' cancelled')
+      end
+      return
+    end
+    if type(result) == 'table' and result.applied == false then
+      notify(title .. ': no change was applied')
+    end
+    vim.api.nvim_exec_autocmds('User', {
+      pattern = 'DiffuCommandDone',
+      modeline = false,
+      data = { command = command, result = result, bufnr = bufnr },
+    })
+  end)
+end
+
+--- Refine (regenerate) a range: `range` is an LSP range; default the last visual selection.
+function M.refine(range, bufnr)
+  bufnr = vim._resolve_bufnr(bufnr)
+  local client = get_client(bufnr)
+  if not client then
+    return
+  end
+  if not range then
+    local vs = vim.api.nvim_buf_get_mark(bufnr, '<')
+    local ve = vim.api.nvim_buf_get_mark(bufnr, '>')
+    range = M.range_from_marks(bufnr, client, vs[1], vs[2], ve[1], ve[2], vim.fn.visualmode() == 'V')
+  end
+  exec(bufnr, client, COMMANDS.refine, { range = range }, 'Diffu: Refine Selection')
+end
+
+--- Fill holes in `range` (LSP range); default the enclosing function, else the whole buffer.
+function M.fill(range, bufnr)
+  bufnr = vim._resolve_bufnr(bufnr)
+  local client = get_client(bufnr)
+  if not client then
+    return
+  end
+  if not range then
+    local row = vim.api.nvim_win_get_cursor(0)[1]
+    local first, last = M.enclosing_function(bufnr, row)
+    if not first then
+      first, last = 1, vim.api.nvim_buf_line_count(bufnr)
+    end
+    range = M.range_from_marks(bufnr, client, first, 0, last, 0, true)
+  end
+  exec(bufnr, client, COMMANDS.fill, { range = range }, 'Diffu: Fill Holes')
+end
+
+--- Complete a block at `position` (LSP position); default the cursor (after the last character
+--- of the line when the cursor is on it in normal mode).
+function M.complete(position, bufnr)
+  bufnr = vim._resolve_bufnr(bufnr)
+  local client = get_client(bufnr)
+  if not client then
+    return
+  end
+  if not position then
+    position = vim.lsp.util.make_position_params(0, client.offset_encoding).position
+    local mode = vim.api.nvim_get_mode().mode
+    local line = vim.api.nvim_get_current_line()
+    local col = vim.api.nvim_win_get_cursor(0)[2]
+    if mode:sub(1, 1) == 'n' and #line > 0 and col + vim.str_utf_end(line, col + 1) + 1 >= #line then
+      position.character = vim.str_utfindex(line, client.offset_encoding, #line, false)
+    end
+  end
+  exec(bufnr, client, COMMANDS.complete, { position = position }, 'Diffu: Complete Block')
+end
+
+--- Cancel diffu commands (refine, fill, complete) still running for `bufnr`.
+function M.cancel(bufnr)
+  bufnr = vim._resolve_bufnr(bufnr)
+  local n = 0
+  for _, client in ipairs(vim.lsp.get_clients({ name = NAME })) do
+    for id, req in pairs(client.requests) do
+      if req.type == 'pending' and req.method == 'workspace/executeCommand' and req.bufnr == bufnr then
+        client:cancel_request(id)
+        n = n + 1
+      end
+    end
+    for token in pairs(client._diffu_progress or {}) do
+      client:notify('window/workDoneProgress/cancel', { token = token })
+    end
+  end
+  if n == 0 then
+    notify('nothing to cancel')
+  end
+end
+
+--- Code actions of diffu's kinds only.
+function M.code_action()
+  vim.lsp.buf.code_action({ context = { only = { ACTION_KIND } } })
+end
+
+--- Restart the diffu_lsp client(s).
+function M.restart()
+  local clients = vim.lsp.get_clients({ name = NAME })
+  vim.lsp.enable(NAME, false)
+  vim.wait(5000, function()
+    for _, c in ipairs(clients) do
+      if not c:is_stopped() then
+        return false
+      end
+    end
+    return true
+  end, 50)
+  for _, c in ipairs(clients) do
+    if not c:is_stopped() then
+      c:stop(true)
+    end
+  end
+  vim.lsp.enable(NAME)
+end
+
+-- ------------------------------------------------------------------ attach
+
+-- Wrap the client's request() so inline-completion responses computed for text that has since
+-- changed are dropped, cancellations are silent, and the anchor of shown items is remembered.
+local function guard_requests(client)
+  if client._diffu_guarded then
+    return
+  end
+  client._diffu_guarded = true
+  local request = client.request
+  client.request = function(self, method, params, handler, bufnr)
+    if method ~= 'textDocument/inlineCompletion' or not M.config.drop_stale or not handler then
+      return request(self, method, params, handler, bufnr)
+    end
+    -- only the native ghost-text requests (not e.g. request_sync from user code)
+    local caller = debug.getinfo(2, 'S')
+    if caller and caller.source and not caller.source:find('inline_completion', 1, true) then
+      return request(self, method, params, handler, bufnr)
+    end
+    local buf = vim._resolve_bufnr(bufnr)
+    local tick = vim.api.nvim_buf_get_changedtick(buf)
+    local pos = params and params.position
+    local row = pos and pos.line
+    local col = pos and byte_col(buf, pos.line, pos.character, self.offset_encoding)
+    local wrapped = function(err, result, ctx)
+      if err and err.code == REQUEST_CANCELLED then
+        return
+      end
+      if not vim.api.nvim_buf_is_valid(buf) then
+        return
+      end
+      if vim.api.nvim_buf_get_changedtick(buf) ~= tick or not vim.api.nvim_get_mode().mode:match('^i') then
+        return -- stale: a newer request is on its way (or insert mode was left)
+      end
+      if result and row then
+        shown_request[buf] = { tick = tick, row = row, col = col }
+      end
+      return handler(err, result, ctx)
+    end
+    return request(self, method, params, wrapped, bufnr)
+  end
+end
+
+local function cancel_inline_requests(client, bufnr)
+  for id, req in pairs(client.requests) do
+    if req.type == 'pending' and req.method == 'textDocument/inlineCompletion' and req.bufnr == bufnr then
+      client:cancel_request(id)
+    end
+  end
+end
+
+local function set_buffer_keymaps(bufnr)
+  local km = M.config.keymaps or {}
+  local function map(mode, lhs, rhs, desc, opts)
+    if not lhs or lhs == '' then
+      return
+    end
+    vim.keymap.set(mode, lhs, rhs, vim.tbl_extend('force', { buffer = bufnr, desc = desc, silent = true }, opts or {}))
+  end
+  local function unmapped(mode, lhs)
+    return lhs and vim.fn.maparg(lhs, mode) == ''
+  end
+
+  if vim.lsp.inline_completion and M.config.inline_completion then
+    if km.accept and vim.b[bufnr].diffu_accept_mapped ~= true then
+      local prev = vim.fn.maparg(km.accept, 'i', false, true)
+      if prev.buffer == 1 and prev.desc == 'diffu: accept suggestion' then
+        prev = {}
+      end
+      map('i', km.accept, function()
+        if M.accept() then
+          return ''
+        end
+        return replay(prev, km.accept)
+      end, 'diffu: accept suggestion', { expr = true, replace_keycodes = false })
+      vim.b[bufnr].diffu_accept_mapped = true
+    end
+    map('i', km.next, function()
+      vim.lsp.inline_completion.select({ bufnr = bufnr, count = 1 })
+    end, 'diffu: next suggestion')
+    map('i', km.prev, function()
+      vim.lsp.inline_completion.select({ bufnr = bufnr, count = -1 })
+    end, 'diffu: previous suggestion')
+  end
+  if km.code_action and unmapped('n', km.code_action) then
+    map({ 'n', 'x' }, km.code_action, M.code_action, 'diffu: code actions')
+  end
+  if km.refine and unmapped('x', km.refine) then
+    map('x', km.refine, ':DiffuRefine<CR>', 'diffu: refine selection')
+  end
+end
+
+local function on_attach(client, bufnr)
+  guard_requests(client)
+  if vim.lsp.inline_completion and M.config.inline_completion then
+    vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
+  end
+  set_buffer_keymaps(bufnr)
+
+  if M.config.drop_stale and vim.lsp.inline_completion then
+    vim.api.nvim_create_autocmd({ 'TextChangedI', 'CursorMovedI' }, {
+      group = augroup,
+      buffer = bufnr,
+      callback = function(args)
+        if args.event == 'TextChangedI' then
+          cancel_inline_requests(client, bufnr)
+        end
+        -- after the native handler re-rendered the suggestion: hide it if it no longer fits
+        vim.schedule(function()
+          local c = completor(bufnr)
+          if c and c.current and not consistent(bufnr, c.current) then
+            c.current = nil
+            pcall(c.hide, c)
+          end
+        end)
+      end,
+    })
+  end
+end
+
+-- ------------------------------------------------------------------ user commands
+
+local function create_commands()
+  local cmd = vim.api.nvim_create_user_command
+  cmd('DiffuRefine', function(opts)
+    local bufnr = vim.api.nvim_get_current_buf()
+    local client = get_client(bufnr)
+    if client then
+      M.refine(command_range(opts, bufnr, client), bufnr)
+    end
+  end, { range = true, desc = 'diffu: refine (regenerate) the selected code' })
+
+  cmd('DiffuFill', function(opts)
+    local bufnr = vim.api.nvim_get_current_buf()
+    local client = get_client(bufnr)
+    if not client then
+      return
+    end
+    M.fill(opts.range > 0 and command_range(opts, bufnr, client) or nil, bufnr)
+  end, { range = true, desc = 'diffu: fill holes in the range, else the enclosing function' })
+
+  cmd('DiffuComplete', function()
+    M.complete(nil, vim.api.nvim_get_current_buf())
+  end, { desc = 'diffu: complete a block at the cursor' })
+
+  cmd('DiffuCancel', function()
+    M.cancel(0)
+  end, { desc = 'diffu: cancel running diffu commands' })
+
+  cmd('DiffuCodeAction', function()
+    M.code_action()
+  end, { range = true, desc = 'diffu: code actions' })
+
+  cmd('DiffuRestart', function()
+    M.restart()
+  end, { desc = 'diffu: restart the server' })
+
+  cmd('DiffuStatus', function()
+    local s = M.status(0)
+    local c = M.client(0)
+    if not c then
+      print('diffu: no client attached to this buffer')
+    elseif not s then
+      print(('diffu: client %d running, no status yet'):format(c.id))
+    else
+      print(('diffu: %s%s%s'):format(
+        s.state,
+        s.model and (' (' .. s.model .. ')') or '',
+        s.message and s.message ~= '' and (': ' .. s.message) or ''
+      ))
+    end
+  end, { desc = 'diffu: show the model status' })
+end
+
+-- ------------------------------------------------------------------ setup
+
+---@param opts? diffu.Config
+function M.setup(opts)
+  opts = opts or {}
+  M.config = vim.tbl_deep_extend('force', vim.deepcopy(defaults), opts)
+  if opts.keymaps == false then
+    M.config.keymaps = {}
+  end
+
+  local overrides = {}
+  for _, k in ipairs({ 'cmd', 'filetypes', 'root_markers' }) do
+    if opts[k] ~= nil then
+      overrides[k] = opts[k]
+    end
+  end
+  if type(opts.settings) == 'table' and next(opts.settings) ~= nil then
+    overrides.settings = { diffu = opts.settings }
+  end
+  if next(overrides) then
+    vim.lsp.config(NAME, overrides)
+  end
+
+  vim.api.nvim_clear_autocmds({ group = augroup })
+  vim.api.nvim_create_autocmd('LspAttach', {
+    group = augroup,
+    callback = function(args)
+      local client = vim.lsp.get_client_by_id(args.data.client_id)
+      if client and client.name == NAME then
+        on_attach(client, args.buf)
+      end
+    end,
+  })
+  vim.api.nvim_create_autocmd('User', {
+    group = augroup,
+    pattern = 'DiffuStatus',
+    callback = function(args)
+      local d = args.data or {}
+      if d.client_id then
+        statuses[d.client_id] = { state = d.state, model = d.model, message = d.message }
+      end
+    end,
+  })
+  vim.api.nvim_create_autocmd('LspProgress', {
+    group = augroup,
+    callback = function(args)
+      local client = vim.lsp.get_client_by_id(args.data.client_id)
+      if not client or client.name ~= NAME then
+        return
+      end
+      local params = args.data.params or {}
+      local value = params.value or {}
+      client._diffu_progress = client._diffu_progress or {}
+      if value.kind == 'end' then
+        client._diffu_progress[params.token] = nil
+      elseif value.kind == 'begin' and value.cancellable then
+        client._diffu_progress[params.token] = true
+      end
+      if M.config.progress then
+        local msg = value.kind == 'end' and (value.message or 'done')
+          or table.concat(vim.tbl_filter(function(s)
+            return s ~= nil and s ~= ''
+          end, {
+            value.title,
+            value.message,
+            value.percentage and (value.percentage .. '%') or nil,
+          }), ' ')
+        vim.api.nvim_echo({ { 'diffu: ' .. msg } }, false, {})
+      end
+    end,
+  })
+  vim.api.nvim_create_autocmd('LspDetach', {
+    group = augroup,
+    callback = function(args)
+      local client = vim.lsp.get_client_by_id(args.data.client_id)
+      if client and client.name == NAME then
+        shown_request[args.buf] = nil
+      end
+    end,
+  })
+
+  create_commands()
+  vim.lsp.enable(NAME)
+
+  -- Buffers that already have the client (setup() called late).
+  for _, client in ipairs(vim.lsp.get_clients({ name = NAME })) do
+    for bufnr in pairs(client.attached_buffers) do
+      on_attach(client, bufnr)
+    end
+  end
+end
+
+return M

@@ -1,0 +1,530 @@
+// VS Code client for diffu-lsp.
+//
+// Thin on purpose: vscode-languageclient (v11) already provides inline completion (ghost text),
+// completion, code actions, executeCommand, workspace/applyEdit and work-done progress. This file
+// only starts the server, forwards the `diffu.*` settings, adds palette/context-menu commands that
+// call the server's commands, and shows the model state in the status bar.
+
+import * as fs from "node:fs";
+import * as path from "node:path";
+import * as vscode from "vscode";
+import {
+  CancellationToken,
+  ConfigurationParams,
+  DidChangeConfigurationNotification,
+  ExecuteCommandParams,
+  ExecuteCommandRequest,
+  LanguageClient,
+  LanguageClientOptions,
+  ProgressToken,
+  ServerOptions,
+  State,
+  WorkDoneProgress,
+  WorkDoneProgressBegin,
+  WorkDoneProgressEnd,
+  WorkDoneProgressReport,
+} from "vscode-languageclient/node";
+
+const SECTION = "diffu";
+// Settings that belong to this client and are never sent to the server.
+const CLIENT_ONLY_PREFIXES = ["server.", "trace."];
+
+/** Languages the client attaches to; python first. */
+export const LANGUAGES = [
+  "python",
+  "javascript",
+  "javascriptreact",
+  "typescript",
+  "typescriptreact",
+  "rust",
+  "go",
+  "c",
+  "cpp",
+  "java",
+  "lua",
+  "shellscript",
+];
+
+// Server command ids (registered by the language client itself from executeCommandProvider).
+const SERVER_COMMANDS = {
+  completeBlock: "diffu.completeBlock",
+  fillHoles: "diffu.fillHoles",
+  refineSelection: "diffu.refineSelection",
+} as const;
+
+type ModelState = "starting" | "loading" | "ready" | "error" | "stopped";
+
+interface DiffuStatusParams {
+  state: "loading" | "ready" | "error";
+  model?: string;
+  message?: string;
+}
+
+interface CommandResult {
+  applied?: boolean;
+}
+
+let client: LanguageClient | undefined;
+let statusBar: vscode.StatusBarItem | undefined;
+let serverKeys: string[] = [];
+
+// ------------------------------------------------------------------ server command resolution
+
+function isExecutable(file: string): boolean {
+  try {
+    const st = fs.statSync(file);
+    if (!st.isFile()) {
+      return false;
+    }
+    if (process.platform === "win32") {
+      return true;
+    }
+    fs.accessSync(file, fs.constants.X_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Look a program up on PATH (with PATHEXT on Windows). */
+export function which(program: string, envPath = process.env.PATH ?? ""): string | undefined {
+  if (program.includes("/") || program.includes("\\")) {
+    return isExecutable(program) ? program : undefined;
+  }
+  const exts =
+    process.platform === "win32"
+      ? ["", ...(process.env.PATHEXT ?? ".EXE;.CMD;.BAT").split(";").map((e) => e.toLowerCase())]
+      : [""];
+  for (const dir of envPath.split(path.delimiter)) {
+    if (!dir) {
+      continue;
+    }
+    for (const ext of exts) {
+      const candidate = path.join(dir, program + ext);
+      if (isExecutable(candidate)) {
+        return candidate;
+      }
+    }
+  }
+  return undefined;
+}
+
+function workspaceVenvServer(): string | undefined {
+  const bin = process.platform === "win32" ? path.join("Scripts", "diffu-lsp.exe") : path.join("bin", "diffu-lsp");
+  for (const folder of vscode.workspace.workspaceFolders ?? []) {
+    if (folder.uri.scheme !== "file") {
+      continue;
+    }
+    for (const venv of [".venv", "venv"]) {
+      const candidate = path.join(folder.uri.fsPath, venv, bin);
+      if (isExecutable(candidate)) {
+        return candidate;
+      }
+    }
+  }
+  return undefined;
+}
+
+/**
+ * `diffu.server.command` if set; else `diffu-lsp` on PATH; else a workspace `.venv`'s
+ * `diffu-lsp`; else `diffu.server.python -m diffu_lsp`.
+ */
+function resolveServer(): { command: string; args: string[] } {
+  const cfg = vscode.workspace.getConfiguration(SECTION);
+  const extraArgs = cfg.get<string[]>("server.args") ?? [];
+  const configured = (cfg.get<string>("server.command") ?? "").trim();
+  if (configured) {
+    return { command: configured, args: extraArgs };
+  }
+  const onPath = which("diffu-lsp") ?? workspaceVenvServer();
+  if (onPath) {
+    return { command: onPath, args: extraArgs };
+  }
+  const python = (cfg.get<string>("server.python") ?? "").trim() || (process.platform === "win32" ? "python" : "python3");
+  return { command: python, args: ["-m", "diffu_lsp", ...extraArgs] };
+}
+
+// ------------------------------------------------------------------ settings
+
+/**
+ * The `diffu.*` values the user actually set (any scope), keyed as the server expects
+ * (`topP`, `holeMarkers`, ...). Unset keys are left out so that the server's own defaults and any
+ * project `diffu-lsp.toml` keep applying; the package.json defaults only document them.
+ */
+function serverSettings(scope?: vscode.ConfigurationScope | null): Record<string, unknown> {
+  const cfg = vscode.workspace.getConfiguration(SECTION, scope);
+  const out: Record<string, unknown> = {};
+  for (const key of serverKeys) {
+    const i = cfg.inspect(key);
+    if (!i) {
+      continue;
+    }
+    const value =
+      i.workspaceFolderLanguageValue ??
+      i.workspaceFolderValue ??
+      i.workspaceLanguageValue ??
+      i.workspaceValue ??
+      i.globalLanguageValue ??
+      i.globalValue;
+    if (value !== undefined) {
+      out[key] = value;
+    } else if (
+      // an explicit `null` (e.g. "diffu.model": null) is a choice too
+      i.workspaceFolderValue === null ||
+      i.workspaceValue === null ||
+      i.globalValue === null
+    ) {
+      out[key] = null;
+    }
+  }
+  return out;
+}
+
+function serverKeysFrom(context: vscode.ExtensionContext): string[] {
+  const props = (context.extension.packageJSON?.contributes?.configuration?.properties ?? {}) as Record<string, unknown>;
+  return Object.keys(props)
+    .filter((k) => k.startsWith(SECTION + "."))
+    .map((k) => k.slice(SECTION.length + 1))
+    .filter((k) => !CLIENT_ONLY_PREFIXES.some((p) => k.startsWith(p)));
+}
+
+// ------------------------------------------------------------------ status bar
+
+function setStatus(state: ModelState, model?: string, message?: string): void {
+  if (!statusBar) {
+    return;
+  }
+  const icon: Record<ModelState, string> = {
+    starting: "$(loading~spin)",
+    loading: "$(loading~spin)",
+    ready: "$(sparkle)",
+    error: "$(error)",
+    stopped: "$(circle-slash)",
+  };
+  const label: Record<ModelState, string> = {
+    starting: "Diffu: starting",
+    loading: "Diffu: loading",
+    ready: "Diffu",
+    error: "Diffu: error",
+    stopped: "Diffu: stopped",
+  };
+  statusBar.text = `${icon[state]} ${label[state]}`;
+  const lines = [`diffu-lsp: ${state}`];
+  if (model) {
+    lines.push(`model: ${model}`);
+  }
+  if (message) {
+    lines.push(message);
+  }
+  lines.push("", "Click to show the server output");
+  statusBar.tooltip = lines.join("\n");
+  statusBar.backgroundColor =
+    state === "error" ? new vscode.ThemeColor("statusBarItem.errorBackground") : undefined;
+  statusBar.show();
+}
+
+// ------------------------------------------------------------------ client
+
+function createClient(context: vscode.ExtensionContext): LanguageClient {
+  const server = resolveServer();
+  const serverOptions: ServerOptions = {
+    run: { command: server.command, args: server.args },
+    debug: { command: server.command, args: server.args },
+  };
+  const documentSelector = LANGUAGES.flatMap((language) => [
+    { scheme: "file", language },
+    { scheme: "untitled", language },
+  ]);
+  let loadingToken: ProgressToken | undefined;
+  let self: LanguageClient | undefined;
+
+  const clientOptions: LanguageClientOptions = {
+    documentSelector,
+    initializationOptions: serverSettings(),
+    synchronize: { configurationSection: SECTION },
+    middleware: {
+      workspace: {
+        // Push only the server's keys that the user set (not `diffu.server.*` / `diffu.trace.*`,
+        // not the package.json defaults); the server pulls workspace/configuration on it anyway.
+        didChangeConfiguration: async () => {
+          await self?.sendNotification(DidChangeConfigurationNotification.type, {
+            settings: { [SECTION]: serverSettings() },
+          });
+        },
+        // Answer workspace/configuration for `diffu` with the explicitly set, server-side keys only.
+        configuration: async (params: ConfigurationParams, token: CancellationToken, next) => {
+          const results: unknown[] = [];
+          for (const item of params.items) {
+            if (item.section === SECTION) {
+              const scope = item.scopeUri ? vscode.Uri.parse(item.scopeUri) : undefined;
+              results.push(serverSettings(scope));
+              continue;
+            }
+            const r = await next({ items: [item] }, token);
+            results.push(Array.isArray(r) ? r[0] : null);
+          }
+          return results;
+        },
+      },
+      // Mirror the server's "Loading model" work-done progress in the status bar.
+      handleWorkDoneProgress: (
+        token: ProgressToken,
+        params: WorkDoneProgressBegin | WorkDoneProgressReport | WorkDoneProgressEnd,
+        next,
+      ) => {
+        if (params.kind === "begin" && /load/i.test(params.title)) {
+          loadingToken = token;
+          setStatus("loading", undefined, params.message ?? params.title);
+        } else if (token === loadingToken && params.kind === "report" && statusBar) {
+          const pct = params.percentage !== undefined ? ` ${params.percentage}%` : "";
+          statusBar.text = `$(loading~spin) Diffu: loading${pct}`;
+        } else if (token === loadingToken && params.kind === "end") {
+          loadingToken = undefined;
+        }
+        next(token, params);
+      },
+    },
+  };
+
+  const c = new LanguageClient("diffu", "Diffu LSP", serverOptions, clientOptions);
+  self = c;
+  context.subscriptions.push(
+    c.onNotification("diffu/status", (p: DiffuStatusParams) => {
+      setStatus(p.state, p.model, p.message);
+      if (p.state === "error" && p.message) {
+        void vscode.window.showErrorMessage(`Diffu: ${p.message}`, "Show Output").then((choice) => {
+          if (choice) {
+            c.outputChannel.show(true);
+          }
+        });
+      }
+    }),
+    c.onDidChangeState((e) => {
+      if (e.newState === State.Starting) {
+        setStatus("starting");
+      } else if (e.newState === State.Stopped) {
+        setStatus("stopped");
+      }
+    }),
+  );
+  return c;
+}
+
+async function startClient(context: vscode.ExtensionContext): Promise<void> {
+  client = createClient(context);
+  setStatus("starting");
+  try {
+    await client.start();
+  } catch (err) {
+    const server = resolveServer();
+    setStatus("error", undefined, String(err));
+    void vscode.window
+      .showErrorMessage(
+        `Diffu: could not start the language server (${[server.command, ...server.args].join(" ")}). ` +
+          `Install it (pip install diffu-lsp) or set "diffu.server.command". ${String(err)}`,
+        "Open Settings",
+        "Show Output",
+      )
+      .then((choice) => {
+        if (choice === "Open Settings") {
+          void vscode.commands.executeCommand("workbench.action.openSettings", "diffu.server");
+        } else if (choice === "Show Output") {
+          client?.outputChannel.show(true);
+        }
+      });
+  }
+}
+
+// ------------------------------------------------------------------ commands
+
+function runningClient(): LanguageClient | undefined {
+  if (!client || client.state !== State.Running) {
+    void vscode.window.showWarningMessage("Diffu: the language server is not running.");
+    return undefined;
+  }
+  return client;
+}
+
+let tokenCounter = 0;
+
+async function runServerCommand(
+  title: string,
+  command: string,
+  args: Record<string, unknown>,
+): Promise<void> {
+  const c = runningClient();
+  if (!c) {
+    return;
+  }
+  await vscode.window.withProgress(
+    { location: vscode.ProgressLocation.Notification, title, cancellable: true },
+    async (progress, token) => {
+      // Offer a client-side work-done token: a server that reports on it shows up in this
+      // notification; cancelling it sends $/cancelRequest for the executeCommand request.
+      const workDoneToken = `diffu-client-${process.pid}-${++tokenCounter}`;
+      let lastPct = 0;
+      const sub = c.onProgress(WorkDoneProgress.type, workDoneToken, (v) => {
+        if (v.kind === "end") {
+          return;
+        }
+        const increment = v.percentage !== undefined ? Math.max(0, v.percentage - lastPct) : undefined;
+        if (v.percentage !== undefined) {
+          lastPct = v.percentage;
+        }
+        progress.report({ message: v.message, increment });
+      });
+      const params: ExecuteCommandParams = { command, arguments: [args], workDoneToken };
+      try {
+        const result = (await c.sendRequest(ExecuteCommandRequest.type, params, token)) as CommandResult | null;
+        if (token.isCancellationRequested) {
+          return;
+        }
+        if (!result || result.applied === false) {
+          void vscode.window.showInformationMessage(`${title}: no change was applied.`);
+        }
+      } catch (err) {
+        if (token.isCancellationRequested) {
+          return;
+        }
+        void vscode.window.showErrorMessage(`${title} failed: ${err instanceof Error ? err.message : String(err)}`);
+      } finally {
+        sub.dispose();
+      }
+    },
+  );
+}
+
+/** Range of the innermost function/method symbol around `pos`, if a symbol provider knows one. */
+async function enclosingFunction(doc: vscode.TextDocument, pos: vscode.Position): Promise<vscode.Range | undefined> {
+  let symbols: (vscode.DocumentSymbol | vscode.SymbolInformation)[] | undefined;
+  try {
+    symbols = await vscode.commands.executeCommand<(vscode.DocumentSymbol | vscode.SymbolInformation)[]>(
+      "vscode.executeDocumentSymbolProvider",
+      doc.uri,
+    );
+  } catch {
+    return undefined;
+  }
+  const kinds = new Set([vscode.SymbolKind.Function, vscode.SymbolKind.Method, vscode.SymbolKind.Constructor]);
+  let best: vscode.Range | undefined;
+  const visit = (list: (vscode.DocumentSymbol | vscode.SymbolInformation)[]): void => {
+    for (const s of list) {
+      const range = "range" in s ? s.range : s.location.range;
+      if (!range.contains(pos)) {
+        continue;
+      }
+      if (kinds.has(s.kind) && (!best || best.contains(range))) {
+        best = range;
+      }
+      if ("children" in s && s.children) {
+        visit(s.children);
+      }
+    }
+  };
+  visit(symbols ?? []);
+  return best;
+}
+
+function registerCommands(context: vscode.ExtensionContext): void {
+  const reg = (id: string, fn: () => unknown): void => {
+    context.subscriptions.push(vscode.commands.registerCommand(id, fn));
+  };
+
+  reg("diffu.client.refineSelection", async () => {
+    const editor = vscode.window.activeTextEditor;
+    const c = runningClient();
+    if (!editor || !c) {
+      return;
+    }
+    const sel = editor.selection;
+    const range = sel.isEmpty ? editor.document.lineAt(sel.active.line).range : sel;
+    await runServerCommand("Diffu: Refine Selection", SERVER_COMMANDS.refineSelection, {
+      textDocument: { uri: c.code2ProtocolConverter.asUri(editor.document.uri) },
+      range: c.code2ProtocolConverter.asRange(range),
+    });
+  });
+
+  reg("diffu.client.fillHoles", async () => {
+    const editor = vscode.window.activeTextEditor;
+    const c = runningClient();
+    if (!editor || !c) {
+      return;
+    }
+    const doc = editor.document;
+    let range: vscode.Range = editor.selection;
+    if (editor.selection.isEmpty) {
+      range =
+        (await enclosingFunction(doc, editor.selection.active)) ??
+        new vscode.Range(0, 0, doc.lineCount, 0).with({ end: doc.lineAt(doc.lineCount - 1).range.end });
+    }
+    await runServerCommand("Diffu: Fill Holes", SERVER_COMMANDS.fillHoles, {
+      textDocument: { uri: c.code2ProtocolConverter.asUri(doc.uri) },
+      range: c.code2ProtocolConverter.asRange(range),
+    });
+  });
+
+  reg("diffu.client.completeBlock", async () => {
+    const editor = vscode.window.activeTextEditor;
+    const c = runningClient();
+    if (!editor || !c) {
+      return;
+    }
+    await runServerCommand("Diffu: Complete Block", SERVER_COMMANDS.completeBlock, {
+      textDocument: { uri: c.code2ProtocolConverter.asUri(editor.document.uri) },
+      position: c.code2ProtocolConverter.asPosition(editor.selection.active),
+    });
+  });
+
+  reg("diffu.client.restartServer", async () => {
+    if (client) {
+      const old = client;
+      client = undefined;
+      try {
+        await old.stop();
+      } catch {
+        // already stopped / never started
+      }
+      await old.dispose().catch(() => undefined);
+    }
+    await startClient(context);
+  });
+
+  reg("diffu.client.showOutput", () => {
+    client?.outputChannel.show(true);
+  });
+}
+
+// ------------------------------------------------------------------ entry points
+
+export async function activate(context: vscode.ExtensionContext): Promise<void> {
+  serverKeys = serverKeysFrom(context);
+  statusBar = vscode.window.createStatusBarItem("diffu.status", vscode.StatusBarAlignment.Right, 100);
+  statusBar.name = "Diffu LSP";
+  statusBar.command = "diffu.client.showOutput";
+  context.subscriptions.push(statusBar);
+  registerCommands(context);
+
+  context.subscriptions.push(
+    vscode.workspace.onDidChangeConfiguration((e) => {
+      if (e.affectsConfiguration(`${SECTION}.server`)) {
+        void vscode.window
+          .showInformationMessage("Diffu: server settings changed.", "Restart Server")
+          .then((choice) => {
+            if (choice) {
+              void vscode.commands.executeCommand("diffu.client.restartServer");
+            }
+          });
+      }
+    }),
+  );
+
+  await startClient(context);
+}
+
+export async function deactivate(): Promise<void> {
+  if (client) {
+    const c = client;
+    client = undefined;
+    await c.stop().catch(() => undefined);
+  }
+}

