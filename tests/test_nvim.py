@@ -214,10 +214,18 @@ def test_typing_while_request_in_flight_leaves_no_stale_suggestion(editor_factor
     final_lines = ed.lines()
     final_cursor = ed.cursor()
 
-    # let every request settle
-    wait_for(lambda: pending_inline(ed) == 0, REQUEST_TIMEOUT, what="inline requests to finish")
+    # watch what is drawn until every request has settled
+    seen = []
+
+    def settled():
+        s = ed.suggestion()
+        if s:
+            seen.append(s)
+        return pending_inline(ed) == 0
+
+    wait_for(settled, REQUEST_TIMEOUT, what="inline requests to finish")
     time.sleep(0.5)
-    wait_for(lambda: pending_inline(ed) == 0, REQUEST_TIMEOUT, what="inline requests to finish")
+    wait_for(settled, REQUEST_TIMEOUT, what="inline requests to finish")
     assert ed.lines() == final_lines and ed.cursor() == final_cursor
     sent = ed.lua("return _G.diffu_test.inline.sent")
     assert sent >= 2, f"expected several inline requests while typing, saw {sent}"
@@ -226,6 +234,9 @@ def test_typing_while_request_in_flight_leaves_no_stale_suggestion(editor_factor
     fresh = ed.fresh_inline_completion()
     assert "error" not in fresh, fresh
     row0 = final_cursor[0] - 1
+    # nothing computed for an earlier text was drawn once typing had stopped
+    stale = [x for x in seen if x["text"] != fresh.get("text")]
+    assert not stale, f"stale ghost text drawn after typing stopped: {stale[:3]} (final: {fresh})"
     if not fresh.get("text"):
         assert shown is None, f"ghost text shown although the final text gets no completion: {shown}"
         return

@@ -63,6 +63,13 @@ local augroup = vim.api.nvim_create_augroup('diffu', { clear = true })
 
 -- ------------------------------------------------------------------ helpers
 
+local function resolve_bufnr(bufnr)
+  if bufnr == nil or bufnr == 0 then
+    return vim.api.nvim_get_current_buf()
+  end
+  return bufnr
+end
+
 local function notify(msg, level)
   vim.notify('diffu: ' .. msg, level or vim.log.levels.INFO)
 end
@@ -113,7 +120,7 @@ end
 --- The suggestion currently offered in `bufnr`: { text = string, client_id = integer } or nil.
 ---@param bufnr? integer
 function M.current_suggestion(bufnr)
-  bufnr = vim._resolve_bufnr(bufnr)
+  bufnr = resolve_bufnr(bufnr)
   local c = completor(bufnr)
   local item = c and c.current
   if not item then
@@ -183,9 +190,13 @@ local function accept_item(bufnr, item)
     local srow, scol = anchor_of(bufnr, item)
     srow, scol = srow or crow, scol or ccol
     local erow, ecol = crow, ccol
+    local req = shown_request[bufnr]
     if item.range then
       erow, ecol = item.range.end_.row, item.range.end_.col
-      if erow == crow and ccol > ecol then
+      if req and req.row == crow and erow == crow and ecol >= req.col then
+        -- text typed at the cursor since the request moved the end of the range along with it
+        ecol = math.max(ecol + (ccol - req.col), ccol)
+      elseif erow == crow and ccol > ecol then
         ecol = ccol
       elseif erow < crow then
         erow, ecol = crow, ccol
@@ -414,7 +425,7 @@ end
 
 --- Refine (regenerate) a range: `range` is an LSP range; default the last visual selection.
 function M.refine(range, bufnr)
-  bufnr = vim._resolve_bufnr(bufnr)
+  bufnr = resolve_bufnr(bufnr)
   local client = get_client(bufnr)
   if not client then
     return
@@ -429,7 +440,7 @@ end
 
 --- Fill holes in `range` (LSP range); default the enclosing function, else the whole buffer.
 function M.fill(range, bufnr)
-  bufnr = vim._resolve_bufnr(bufnr)
+  bufnr = resolve_bufnr(bufnr)
   local client = get_client(bufnr)
   if not client then
     return
@@ -448,7 +459,7 @@ end
 --- Complete a block at `position` (LSP position); default the cursor (after the last character
 --- of the line when the cursor is on it in normal mode).
 function M.complete(position, bufnr)
-  bufnr = vim._resolve_bufnr(bufnr)
+  bufnr = resolve_bufnr(bufnr)
   local client = get_client(bufnr)
   if not client then
     return
@@ -467,7 +478,7 @@ end
 
 --- Cancel diffu commands (refine, fill, complete) still running for `bufnr`.
 function M.cancel(bufnr)
-  bufnr = vim._resolve_bufnr(bufnr)
+  bufnr = resolve_bufnr(bufnr)
   local n = 0
   for _, client in ipairs(vim.lsp.get_clients({ name = NAME })) do
     for id, req in pairs(client.requests) do
@@ -529,7 +540,7 @@ local function guard_requests(client)
     if caller and caller.source and not caller.source:find('inline_completion', 1, true) then
       return request(self, method, params, handler, bufnr)
     end
-    local buf = vim._resolve_bufnr(bufnr)
+    local buf = resolve_bufnr(bufnr)
     local tick = vim.api.nvim_buf_get_changedtick(buf)
     local pos = params and params.position
     local row = pos and pos.line
