@@ -38,7 +38,8 @@ def sampling_for(settings: Settings, **overrides) -> Sampling:
 
 
 def _denoise(model, canvas: list[int], settings: Settings, cancel, on_step=None):
-    result = model.fill(canvas, sampling_for(settings), cancel=cancel, on_step=on_step)
+    result = model.fill(canvas, sampling_for(settings), cancel=cancel, on_step=on_step,
+                        cache=settings.kv_cache, refresh_every=settings.cache_refresh_steps)
     if result.cancelled:
         raise DenoiseCancelled()
     return result

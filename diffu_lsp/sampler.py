@@ -50,7 +50,8 @@ class Sampling:
     top_k: Optional[int] = None
     alg_temp: Optional[float] = None     # > 0: sample which positions to reveal instead of top-k
     block_length: Optional[int] = None   # semi-autoregressive blocks over the masked positions
-    eos_penalty: float = 0.0             # subtracted from the logits of `penalized_ids`
+    eos_penalty: float = 0.0             # subtracted from the logits of `stop_ids`
+    early_exit: bool = False             # a revealed EOS/pad ends its hole: later slots become pad
 
     def __post_init__(self):
         if self.alg not in ALGS:
@@ -90,12 +91,14 @@ class Denoised:
     canvas: torch.Tensor       # [L] filled canvas (masks remain only where cancelled)
     confidence: torch.Tensor   # [L] p(token) when each position was revealed; 1.0 outside the holes
     reveal_step: torch.Tensor  # [L] forward pass (1-based) that revealed each position; 0 outside
-    forwards: int
+    forwards: int              # denoising steps, each one forward pass over the active positions
     cancelled: bool = False
     stopped_early: bool = False
+    refreshes: int = 0         # full forwards spent rebuilding a K/V cache (0 without a cache)
 
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids -> [1, L, V] position-aligned logits
+# (canvas [L], positions [N]) -> [N, V]: logits scoring the tokens at those positions
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------- token choice
@@ -165,6 +168,30 @@ def blocks_of(positions: torch.Tensor, block_length: int | None) -> list[torch.T
     return list(torch.split(positions, block_length))
 
 
+def contiguous_runs(positions: torch.Tensor) -> list[torch.Tensor]:
+    """Split sorted positions into runs of consecutive ones (one run per hole)."""
+    if len(positions) == 0:
+        return []
+    breaks = (positions[1:] != positions[:-1] + 1).nonzero().squeeze(-1) + 1
+    return list(torch.tensor_split(positions, breaks))
+
+
+def pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id: int, stop_ids) -> None:
+    """Early exit: in each hole, every still-masked slot after a revealed EOS/pad becomes that
+    token, as the model was trained to leave a hole's unused tail (saves the steps to get there)."""
+    stops = torch.tensor(stop_ids)
+    for run in hole_runs:
+        tokens = canvas[run]
+        is_stop = torch.isin(tokens, stops)
+        if not is_stop.any():
+            continue
+        first = int(is_stop.nonzero()[0])
+        tail = run[first + 1:][tokens[first + 1:] == mask_id]
+        canvas[tail] = int(tokens[first])
+        confidence[tail] = float(confidence[run[first]])
+        reveal_step[tail] = int(reveal_step[run[first]])
+
+
 def denoise(
     logits_fn: LogitsFn,
     canvas: torch.Tensor,
@@ -173,7 +200,7 @@ def denoise(
     *,
     cancel: CancelFlag | None = None,
     on_step: Callable[[Draft], bool | None] | None = None,
-    penalized_ids: tuple[int, ...] = (),
+    stop_ids: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
 ) -> Denoised:
     """Fill every `mask_id` position of `canvas` ([L] ids) by iterative denoising."""
@@ -183,6 +210,7 @@ def denoise(
     reveal_step = torch.zeros(length, dtype=torch.long)
     hole_positions = (canvas == mask_id).nonzero().squeeze(-1)
     blocks = blocks_of(hole_positions, sampling.block_length)
+    hole_runs = contiguous_runs(hole_positions)
     forwards = 0
     dream = sampling.alg in DREAM_ALGS
     total_steps = sampling.steps or len(hole_positions)
@@ -204,13 +232,13 @@ def denoise(
                     continue
             if cancel is not None and cancel.cancelled:
                 return result(cancelled=True)
-            logits = logits_fn(canvas[None])[0, still_masked]
+            logits = logits_fn(canvas, still_masked)
             forwards += 1
             if cancel is not None and hasattr(cancel, "forwards"):
                 cancel.forwards += 1
             logits[:, mask_id] = float("-inf")  # a revealed position must not stay a mask
-            if sampling.eos_penalty and penalized_ids:
-                logits[:, list(penalized_ids)] -= sampling.eos_penalty
+            if sampling.eos_penalty and stop_ids:
+                logits[:, list(stop_ids)] -= sampling.eos_penalty
             tokens, token_prob, score = choose_tokens(logits, sampling, generator)
             if not dream:
                 reveal = (token_prob >= sampling.threshold).nonzero().squeeze(-1)
@@ -222,6 +250,8 @@ def denoise(
             canvas[positions] = tokens[reveal]
             confidence[positions] = token_prob[reveal]
             reveal_step[positions] = forwards
+            if sampling.early_exit and stop_ids:
+                pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id, stop_ids)
             if on_step is not None:
                 masked_left = int((canvas == mask_id).sum())
                 if on_step(Draft(canvas, forwards, masked_left)):

@@ -40,6 +40,9 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     top_p: Probability | None = None
     top_k: Positive | None = None
     block_length: Positive | None = None  # semi-autoregressive block size, None = whole hole
+    early_exit: bool = True  # a revealed EOS/pad ends its hole (the rest becomes pad, no more steps)
+    kv_cache: Literal["none", "prefix", "dual"] = "dual"  # reuse context keys/values between steps
+    cache_refresh_steps: Positive | None = None  # also rebuild the cache every N steps (None: per block)
     prefix_tokens: Positive = 768  # token budget for context before the cursor
     suffix_tokens: NonNegative = 256  # token budget after the cursor
     single_line_tokens: Positive = 16  # hole size for a single-line suggestion
@@ -164,4 +167,5 @@ def sampling_options(s: Settings) -> dict[str, Any]:
         "top_p": s.top_p,
         "top_k": s.top_k,
         "block_length": s.block_length,
+        "early_exit": s.early_exit,
     }

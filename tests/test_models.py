@@ -145,3 +145,12 @@ def test_bundled_model_is_a_dream_checkpoint():
     assert model.family == "dream" and model.shift_logits
     assert model.parameter_count < 25_000_000  # ships in the package, fills fast on 2 cores
     assert model.tokenizer.convert_tokens_to_ids("<|mask|>") == model.mask_token_id
+
+
+def test_llada_cached_path_matches_uncached(llada_pair):
+    model = llada_pair[0]
+    canvas = model.encode("def f(x):\n    return ") + [model.mask_token_id] * 6 + model.encode("\n")
+    uncached = model.fill(canvas, alg="entropy", steps=6)
+    for cache in ("prefix", "dual"):
+        assert model.fill(canvas, alg="entropy", steps=6, cache=cache, refresh_every=1).canvas.tolist() \
+            == uncached.canvas.tolist()

@@ -20,12 +20,12 @@ class FixedLogits:
         self.best, self.strength = best, strength
         self.masked_per_forward = []
 
-    def __call__(self, canvas):
+    def __call__(self, canvas, positions):
         self.masked_per_forward.append(int((canvas == MASK).sum()))
-        logits = torch.zeros(1, canvas.shape[1], VOCAB)
+        logits = torch.zeros(canvas.shape[0], VOCAB)
         for i, (token, strength) in enumerate(zip(self.best, self.strength)):
-            logits[0, i, token] = strength
-        return logits
+            logits[i, token] = strength
+        return logits[positions]
 
 
 def test_dream_schedule_reveal_counts_match_the_formula():
@@ -177,3 +177,31 @@ def test_cancel_stops_before_the_next_forward_on_the_bundled_model(bundled):
     assert result.cancelled and result.forwards == 2 == flag.forwards
     with pytest.raises(DenoiseCancelled):
         bundled.infill_ids(bundled.encode(PREFIX), [], 8, cancel=flag)
+
+
+def test_early_exit_pads_the_rest_of_a_hole_after_a_stop_token():
+    stop = 0
+    # hole of 4: slot 1 resolves to the stop token first; slots 2 and 3 need no forward of their own
+    logits = FixedLogits([5, stop, 6, 7], [0.5, 30.0, 0.1, 0.1])
+    canvas = torch.full((4,), MASK)
+    plain = denoise(logits, canvas, MASK, Sampling(threshold=0.99), stop_ids=(stop,))
+    early = denoise(logits, canvas, MASK, Sampling(threshold=0.99, early_exit=True), stop_ids=(stop,))
+    assert plain.canvas.tolist() == [5, stop, 6, 7] and plain.forwards == 4
+    assert early.canvas.tolist() == [5, stop, stop, stop] and early.forwards == 2
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_refreshed_every_step_gives_exactly_the_uncached_tokens(bundled, cache):
+    canvas = bundled.encode(PREFIX) + [bundled.mask_token_id] * 24 + bundled.encode(SUFFIX)
+    for sampling in (Sampling(alg="entropy", steps=12), Sampling(threshold=0.8, block_length=8)):
+        uncached = bundled.fill(canvas, sampling)
+        cached = bundled.fill(canvas, sampling, cache=cache, refresh_every=1)
+        assert cached.canvas.tolist() == uncached.canvas.tolist()
+        assert cached.refreshes == cached.forwards
+
+
+def test_cache_without_refresh_reuses_context_per_block(bundled):
+    canvas = bundled.encode(PREFIX) + [bundled.mask_token_id] * 32 + bundled.encode(SUFFIX)
+    result = bundled.fill(canvas, Sampling(alg="entropy", steps=16, block_length=16), cache="dual")
+    assert result.refreshes == 2  # once per block
+    assert bundled.mask_token_id not in result.canvas.tolist()

@@ -139,7 +139,8 @@ def test_camel_case():
 
 
 def test_sampling_options():
-    s = Settings(algorithm="entropy", steps=32, threshold=0.8, temperature=0.2, top_p=0.9, top_k=40, block_length=8)
+    s = Settings(algorithm="entropy", steps=32, threshold=0.8, temperature=0.2, top_p=0.9, top_k=40, block_length=8,
+                 early_exit=False)
     assert sampling_options(s) == {
         "alg": "entropy",
         "steps": 32,
@@ -148,4 +149,5 @@ def test_sampling_options():
         "top_p": 0.9,
         "top_k": 40,
         "block_length": 8,
+        "early_exit": False,
     }

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from transformers import DynamicCache
 
 from ..sampler import Denoised, Draft, Sampling, denoise
 
@@ -54,7 +55,7 @@ class DiffusionModel:
 
     # ---------------------------------------------------------------- forward
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> float [B, L, V] logits; row i scores the token at position i."""
         input_ids = input_ids.to(self.device)
@@ -65,6 +66,23 @@ class DiffusionModel:
         if self.shift_logits:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits.float()
+
+    def _attention(self, queries: int, keys: int) -> torch.Tensor:
+        # A 4D mask of zeros makes every query see every key: no causal mask.
+        return torch.zeros(1, 1, queries, keys, dtype=self.dtype, device=self.device)
+
+    def _rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Output rows that score `positions` (Dream: row i-1 scores position i; row 0 scores 0)."""
+        return (positions - 1).clamp(min=0) if self.shift_logits else positions
+
+    @torch.no_grad()
+    def position_logits(self, canvas: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Float [N, V] logits scoring the tokens at `positions` of the [L] canvas (one forward;
+        the LM head runs on those rows only)."""
+        ids = canvas[None].to(self.device)
+        out = self.network(input_ids=ids, attention_mask=self._attention(len(canvas), len(canvas)),
+                           use_cache=False, logits_to_keep=self._rows(positions).to(self.device))
+        return out.logits[0].float().cpu()
 
     # ---------------------------------------------------------------- denoising
 
@@ -79,21 +97,29 @@ class DiffusionModel:
         cancel=None,
         on_step: Callable[[Draft], bool | None] | None = None,
         generator: torch.Generator | None = None,
+        cache: str = "none",
+        refresh_every: int | None = None,
         **options,
     ) -> Denoised:
-        """Denoise every mask position of the canvas. The result is on the CPU, canvas-aligned."""
+        """Denoise every mask position of the canvas. The result is on the CPU, canvas-aligned.
+
+        cache: "none" (every step a full forward), "prefix" or "dual" (see CachedForward);
+        refresh_every: with a cache, also recompute it every N steps (1 = exact, as uncached)."""
         canvas = torch.as_tensor(canvas_ids, dtype=torch.long)
         needs_bos = self.shift_logits and len(canvas) > 0 and int(canvas[0]) == self.mask_token_id
         if needs_bos:  # with shifted logits position 0 has nothing to its left to be scored from
             canvas = torch.cat([torch.tensor([self._bos_id()]), canvas])
         if len(canvas) > self.max_length:
             raise ValueError(f"canvas of {len(canvas)} tokens exceeds the model's {self.max_length}")
+        if cache not in ("none", "prefix", "dual"):
+            raise ValueError(f"cache must be none, prefix or dual, not {cache!r}")
+        logits_fn = self.position_logits if cache == "none" else CachedForward(self, cache == "dual", refresh_every)
         with self.lock:
             result = denoise(
-                lambda ids: self.logits(ids).cpu(), canvas, self.mask_token_id,
-                self.sampling(sampling, **options), cancel=cancel, on_step=on_step,
-                penalized_ids=self.eos_token_ids, generator=generator,
+                logits_fn, canvas, self.mask_token_id, self.sampling(sampling, **options),
+                cancel=cancel, on_step=on_step, stop_ids=self.eos_token_ids, generator=generator,
             )
+        result.refreshes = getattr(logits_fn, "refreshes", 0)
         if needs_bos:
             result.canvas, result.confidence = result.canvas[1:], result.confidence[1:]
             result.reveal_step = result.reveal_step[1:]
@@ -125,6 +151,57 @@ class DiffusionModel:
         seconds = time.perf_counter() - started
         hole = result.canvas[len(prefix_ids):len(prefix_ids) + length].tolist()
         return self.decode(trim_at_stop(hole, self.eos_token_ids)), result, seconds
+
+
+class CachedForward:
+    """Fast-dLLM-style approximate K/V cache for one denoising job.
+
+    The active span is where the masked positions are (from the row scoring the first one):
+    "prefix" recomputes from there to the end of the canvas each step, "dual" only up to the
+    span's end. Keys/values of everything outside the span are computed once, by a full forward
+    over the canvas as it is then, and reused by every step until a step needs a position outside
+    the span (the next semi-autoregressive block) or `refresh_every` steps have passed. Between
+    refreshes the cached context does not see the newly revealed tokens: that is the
+    approximation; with refresh_every=1 the logits equal the uncached ones.
+    """
+
+    def __init__(self, model: DiffusionModel, dual: bool, refresh_every: int | None):
+        self.model, self.dual, self.refresh_every = model, dual, refresh_every
+        self.span: tuple[int, int] | None = None
+        self.context: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.steps_since_refresh = 0
+        self.refreshes = 0
+
+    @torch.no_grad()
+    def __call__(self, canvas: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows = self.model._rows(positions)
+        low, high = int(rows.min()), int(positions.max()) + 1
+        stale = self.refresh_every is not None and self.steps_since_refresh >= self.refresh_every
+        if self.span is None or stale or low < self.span[0] or high > self.span[1]:
+            self._refresh(canvas, low, high)
+        start, end = self.span
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(self.context):
+            cache.update(keys, values, layer)
+        device = self.model.device
+        out = self.model.network(
+            input_ids=canvas[None, start:end].to(device),
+            position_ids=torch.arange(start, end, device=device)[None],
+            attention_mask=self.model._attention(end - start, cache.get_seq_length() + end - start),
+            cache=cache, use_cache=True, logits_to_keep=(rows - start).to(device),
+        )
+        self.steps_since_refresh += 1
+        return out.logits[0].float().cpu()
+
+    def _refresh(self, canvas: torch.Tensor, low: int, high: int) -> None:
+        model, length = self.model, len(canvas)
+        end = high if self.dual else length
+        out = model.network(input_ids=canvas[None].to(model.device), attention_mask=model._attention(length, length),
+                            use_cache=True, logits_to_keep=1)
+        outside = torch.cat([torch.arange(0, low), torch.arange(end, length)]).to(model.device)
+        self.context = [(layer.keys[:, :, outside], layer.values[:, :, outside]) for layer in out.past_key_values.layers]
+        self.span, self.steps_since_refresh = (low, end), 0
+        self.refreshes += 1
 
 
 def trim_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
