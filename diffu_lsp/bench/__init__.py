@@ -1,0 +1,138 @@
+"""Benchmarks: `diffu-lsp bench <suite> [--model M] [--device D] [--quick] [--write] [--out BENCHMARKS.md]`.
+
+Suites: replay (typing replay over LSP), speed (decoding speed per setting), quality (HumanEval
+infilling and held-out stdlib exact match per setting, with a quality-vs-speed plot), memory (peak
+memory, load time, time to first suggestion), all. `python -m diffu_lsp.bench` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .common import Options, machine, machine_line, render
+
+SUITES = ("replay", "speed", "quality", "memory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffu-lsp bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=SUITES + ("all",))
+    parser.add_argument("--model", help="model folder or hub id (default: the bundled tiny model)")
+    parser.add_argument("--device", help="auto (default), cpu, cuda, mps")
+    parser.add_argument("--dtype", help="auto (default), float32, bfloat16, float16")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (CI)")
+    parser.add_argument("--write", action="store_true", help="update the suite's section of --out (and the plot)")
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="markdown file (default BENCHMARKS.md)")
+    parser.add_argument("--plot", type=Path, help="quality plot PNG (default with --write: bench-quality.png next to --out)")
+    parser.add_argument("--json", type=Path, help="also dump the raw results as JSON here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    group = parser.add_argument_group("replay")
+    group.add_argument("--cps", type=float, default=8.0, help="typing speed, characters per second (default 8)")
+    group.add_argument("--chars", type=int, help="characters typed per point (default 40, quick 12)")
+    group.add_argument("--points", type=int, help="typing points (default 8, quick 1)")
+    group = parser.add_argument_group("speed / memory")
+    group.add_argument("--sizes", help="comma-separated block sizes (default 16,32,64,128; quick 16)")
+    group.add_argument("--repeats", type=int, help="timed repeats (default 3, quick 1)")
+    group = parser.add_argument_group("quality")
+    group.add_argument("--problems", type=int, help="HumanEval problems (default all 164, quick 4)")
+    group.add_argument("--lines", type=int, help="held-out stdlib lines (default 200, quick 6)")
+    group.add_argument("--exec-timeout", type=float, default=5.0, help="seconds per test program (default 5)")
+    return parser
+
+
+def options_from(args, argv: list[str]) -> Options:
+    plot = args.plot
+    if plot is None and args.write:
+        plot = args.out.parent / "bench-quality.png"
+    return Options(
+        model=args.model, device=args.device, dtype=args.dtype, quick=args.quick, seed=args.seed,
+        threads=args.threads, cps=args.cps, chars=args.chars, points=args.points, problems=args.problems,
+        stdlib_lines=args.lines, repeats=args.repeats, exec_timeout=args.exec_timeout, plot=plot,
+        sizes=tuple(int(s) for s in args.sizes.split(",")) if args.sizes else None,
+        command="diffu-lsp bench " + shlex.join(argv),
+    )
+
+
+def run_suite(name: str, options: Options, model=None) -> dict:
+    """One suite -> its result dict (tables, summary, notes, machine, command)."""
+    if name == "replay":
+        from . import replay
+        result = replay.run(options)
+    elif name == "memory":
+        from . import memory
+        result = memory.run(options)
+    elif name == "speed":
+        from . import speed
+        result = speed.run(options, model)
+    elif name == "quality":
+        from . import quality
+        result = quality.run(options, model)
+    else:
+        raise ValueError(name)
+    result["command"] = options.command
+    result["machine"] = machine(model, options) if model is not None else machine(None, options)
+    if name == "quality" and options.plot:
+        from . import quality
+        result["plot"] = quality.plot(result, options.plot)
+    if result.get("plot") and options.extra.get("out"):
+        result["plot_link"] = os.path.relpath(result["plot"], Path(options.extra["out"]).resolve().parent)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    options = options_from(args, argv)
+    options.extra["out"] = str(args.out.resolve())
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    # server subprocesses first, so the in-process model is not held in memory beside theirs
+    order = [s for s in ("replay", "memory", "speed", "quality") if s in suites]
+    from .. import models
+
+    results, model = [], None
+    try:
+        for name in order:
+            if name in ("speed", "quality") and model is None:
+                from .common import load
+                model = load(options)
+            started = time.perf_counter()
+            result = run_suite(name, options, model)
+            results.append(result)
+            print(f"\n## {result['title']}  ({time.perf_counter() - started:.0f} s)\n")
+            print(machine_line(result["machine"]) + (f"; model {result['machine']['model']}" if result["machine"].get("model") else ""))
+            print()
+            print(render(result))
+            if result.get("plot"):
+                print(f"plot: {result['plot']}")
+            if args.write:
+                from . import report
+                report.write(args.out, [result])
+                print(f"updated the {name} section of {args.out}")
+    except models.ModelLoadError as error:
+        print(f"diffu-lsp bench: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        args.json.write_text(json.dumps(_finite(results), indent=1, default=str))
+    return 0
+
+
+def _finite(value):
+    """NaN/inf -> None, recursively (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,114 @@
+"""The decoding settings compared by the speed and quality suites, and the autoregressive baseline.
+
+Every setting decodes one hole of `length` positions between prefix and suffix ids and returns the
+`length` ids, the number of forward passes and the wall seconds. The diffusion settings go through
+`DiffusionModel.fill` (the same path the server uses, without post-processing); the baseline runs
+the same weights (`model.network`) left to right with a causal mask and a KV cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..sampler import Sampling
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str            # short name used in tables and the plot
+    label: str          # what it is
+    kind: str           # "diffusion" | "ar"
+    alg: str = "entropy"
+    steps_div: int | None = None       # Dream schedule: steps = length // steps_div
+    threshold: float | None = None     # confidence threshold (alg "threshold")
+
+    def sampling(self, length: int) -> Sampling:
+        if self.threshold is not None:
+            return Sampling(alg="threshold", threshold=self.threshold)
+        return Sampling(alg=self.alg, steps=max(1, length // (self.steps_div or 1)))
+
+
+AR = Setting("ar", "autoregressive: causal mask + KV cache, 1 token/forward", "ar")
+ONE_PER_STEP = Setting("steps=L", "Dream schedule (entropy), steps = length", "diffusion", steps_div=1)
+SETTINGS: tuple[Setting, ...] = (
+    AR,
+    ONE_PER_STEP,
+    Setting("steps=L/2", "Dream schedule (entropy), steps = length/2", "diffusion", steps_div=2),
+    Setting("steps=L/4", "Dream schedule (entropy), steps = length/4", "diffusion", steps_div=4),
+    Setting("τ=0.9", "confidence threshold 0.9", "diffusion", threshold=0.9),
+    Setting("τ=0.8", "confidence threshold 0.8", "diffusion", threshold=0.8),
+    Setting("τ=0.7", "confidence threshold 0.7", "diffusion", threshold=0.7),
+)
+
+
+def by_key(key: str) -> Setting:
+    for s in SETTINGS:
+        if s.key == key:
+            return s
+    raise KeyError(key)
+
+
+@dataclass
+class Decoded:
+    ids: list[int]
+    forwards: int
+    seconds: float
+
+
+def _sync(model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def decode(model, setting: Setting, prefix_ids: list[int], suffix_ids: list[int], length: int) -> Decoded:
+    if setting.kind == "ar":
+        return autoregressive(model, prefix_ids, suffix_ids, length)
+    canvas = list(prefix_ids) + [model.mask_token_id] * length + list(suffix_ids)
+    _sync(model)
+    started = time.perf_counter()
+    result = model.fill(canvas, setting.sampling(length))
+    _sync(model)
+    seconds = time.perf_counter() - started
+    start = len(prefix_ids)
+    return Decoded(result.canvas[start:start + length].tolist(), result.forwards, seconds)
+
+
+def _cache_keyword(network) -> str:
+    """transformers 5 renamed `past_key_values` to `cache` (the old name is deprecated)."""
+    return "cache" if "cache" in inspect.signature(network.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def autoregressive(model, prefix_ids: list[int], suffix_ids: list[int], length: int) -> Decoded:
+    """Greedy left-to-right decoding of `length` tokens, as an autoregressive code server would.
+
+    The prompt holds the same context as the diffusion canvas, suffix first (SPM order, as a
+    fill-in-the-middle model would get it), so the prefill costs the same context length. One
+    forward pass per token: the prefill yields the first token, each later forward feeds one token
+    through the cached keys/values. No attention mask is passed, so transformers applies its causal
+    mask. With shifted logits (Dream) the last position scores the next token; for an unshifted
+    model (LLaDA) the tokens are meaningless but the cost per token is the same.
+    """
+    from transformers import DynamicCache
+
+    network = model.network
+    keyword = _cache_keyword(network)
+    prompt = torch.tensor([list(suffix_ids) + list(prefix_ids)], dtype=torch.long, device=model.device)
+    _sync(model)
+    started = time.perf_counter()
+    cache = DynamicCache(config=network.config)
+    logits = network(input_ids=prompt, use_cache=True, **{keyword: cache}).logits
+    forwards = 1
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    out = [int(token)]
+    while len(out) < length:
+        logits = network(input_ids=token, use_cache=True, **{keyword: cache}).logits
+        forwards += 1
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(token))
+    _sync(model)
+    return Decoded(out, forwards, time.perf_counter() - started)

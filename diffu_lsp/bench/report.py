@@ -1,0 +1,91 @@
+"""BENCHMARKS.md: each suite owns the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from . import common
+
+ORDER = ("replay", "speed", "quality", "memory", "gpu")
+
+HEADER = """# Benchmarks
+
+Measured by `diffu-lsp bench <suite>` (`python -m diffu_lsp.bench <suite>` works too); each section
+below is rewritten by `diffu-lsp bench <suite> --write` and names the command, the machine and the
+date of its run. Figures within one section come from one run (medians, and ratios between numbers
+measured in that run). Nothing here is edited by hand.
+
+Suites: `replay` (typing replay against the real server over LSP), `speed` (decoding speed per
+setting), `quality` (HumanEval infilling and held-out stdlib exact match per setting), `memory`
+(peak memory, load time, time to first suggestion), `all`. Add `--quick` for a smoke-sized run.
+"""
+
+GPU_SECTION = """## On a GPU
+
+The numbers above come from the bundled tiny model on a CPU. To measure a real model, on a machine
+with a CUDA GPU (a 7.6B-parameter model takes about 15 GB in bfloat16, plus activations):
+
+```sh
+pip install 'diffu-lsp[bench]'
+hf download apple/DiffuCoder-7B-Base          # the weights: about 15 GB, once
+diffu-lsp bench all --model apple/DiffuCoder-7B-Base --device cuda --write --out BENCHMARKS-DiffuCoder-7B.md
+```
+
+(`--model` also takes a local folder, e.g. a Dream-Coder or LLaDA checkpoint; `--dtype bfloat16` is the
+default on a GPU.) The `memory` suite then also reports peak CUDA memory. Check the `held-out` caveat:
+the stdlib exact-match lines are held out from the *bundled* model's training only — a large model has
+almost certainly seen the standard library.
+
+Nobody has run this here yet, so there are no GPU numbers; whoever does, please commit the file the
+command writes (it names the GPU, torch version and date).
+"""
+
+
+def marker(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
+
+def section(result: dict) -> str:
+    info = result.get("machine", {})
+    lines = [f"## {result['title']}", ""]
+    lines.append(f"Command: `{result.get('command', '')}`  ")
+    lines.append(f"Machine: {common.machine_line(info)}  ")
+    if info.get("model"):
+        lines.append(f"Model: {info['model']}  ")
+    lines.append(f"Date: {info.get('date', '')}; suite wall time {result.get('seconds', 0):.0f} s")
+    lines.append("")
+    lines.append(common.render(result))
+    if result.get("plot_link"):
+        lines.append(f"![quality vs tokens per forward]({result['plot_link']})\n")
+    if result.get("notes"):
+        lines.append("How it is measured:\n")
+        lines.extend(f"- {note}" for note in result["notes"])
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_section(document: str, name: str, body: str) -> str:
+    start, end = marker(name)
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if pattern.search(document):
+        return pattern.sub(lambda _: block, document, count=1)
+    # insert before the first section that comes later in ORDER, else append
+    later = ORDER[ORDER.index(name) + 1:] if name in ORDER else ()
+    for other in later:
+        position = document.find(marker(other)[0])
+        if position >= 0:
+            return document[:position] + block + "\n\n" + document[position:]
+    return document.rstrip() + "\n\n" + block + "\n"
+
+
+def write(path: Path, results: list[dict]) -> Path:
+    path = Path(path)
+    document = path.read_text(encoding="utf-8") if path.exists() else HEADER
+    for result in results:
+        document = replace_section(document, result["suite"], section(result))
+    if marker("gpu")[0] not in document:
+        document = replace_section(document, "gpu", GPU_SECTION)
+    path.write_text(document, encoding="utf-8")
+    return path
