@@ -175,7 +175,6 @@ def test_quality_suite_structure(model, tmp_path):
         for r in rows:
             assert 0 <= r["pass_at_1"] <= 100 and 0 <= r["exact"] <= 100
             assert finite(r["tokens_per_forward"]) and r["tokens_per_forward"] > 0
-            assert r["exact"] <= r["pass_at_1"] or protocol == "random-span" or r["setting"] == quality.SERVER_DEFAULT
     assert len(humaneval["rows"]) == len(result["records"])
     assert common.column(stdlib, "setting") == keys + [quality.SERVER_DEFAULT]
     assert all(n == 2 for n in common.column(stdlib, "lines"))

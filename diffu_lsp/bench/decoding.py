@@ -25,11 +25,32 @@ class Setting:
     alg: str = "entropy"
     steps_div: int | None = None       # Dream schedule: steps = length // steps_div
     threshold: float | None = None     # confidence threshold (alg "threshold")
+    early_exit: bool = False           # a revealed EOS/pad ends the hole
+    cache: str = "none"                # K/V cache between steps: "none" | "prefix" | "dual"
+    refresh_every: int | None = None
 
     def sampling(self, length: int) -> Sampling:
         if self.threshold is not None:
-            return Sampling(alg="threshold", threshold=self.threshold)
-        return Sampling(alg=self.alg, steps=max(1, length // (self.steps_div or 1)))
+            return Sampling(alg="threshold", threshold=self.threshold, early_exit=self.early_exit)
+        return Sampling(alg=self.alg, steps=max(1, length // (self.steps_div or 1)), early_exit=self.early_exit)
+
+
+def server_setting() -> Setting:
+    """The decoding the server uses with default settings (threshold, early exit, K/V cache)."""
+    from ..settings import Settings
+
+    s = Settings()
+    if s.algorithm != "threshold":
+        key, label = f"{s.algorithm}", f"server defaults: {s.algorithm}"
+    else:
+        key, label = f"τ={s.threshold:g}", f"server defaults: confidence threshold {s.threshold:g}"
+    if s.early_exit:
+        key, label = key + "+exit", label + ", early exit at EOS/pad"
+    if s.kv_cache != "none":
+        key, label = key + f"+{s.kv_cache}", label + f", {s.kv_cache} K/V cache"
+    return Setting(key, label, "diffusion", alg=s.algorithm if s.algorithm != "threshold" else "entropy",
+                   threshold=s.threshold if s.algorithm == "threshold" else None, early_exit=s.early_exit,
+                   cache=s.kv_cache, refresh_every=s.cache_refresh_steps)
 
 
 AR = Setting("ar", "autoregressive: causal mask + KV cache, 1 token/forward", "ar")
@@ -42,6 +63,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("τ=0.9", "confidence threshold 0.9", "diffusion", threshold=0.9),
     Setting("τ=0.8", "confidence threshold 0.8", "diffusion", threshold=0.8),
     Setting("τ=0.7", "confidence threshold 0.7", "diffusion", threshold=0.7),
+    server_setting(),
 )
 
 
@@ -55,8 +77,9 @@ def by_key(key: str) -> Setting:
 @dataclass
 class Decoded:
     ids: list[int]
-    forwards: int
+    forwards: int        # denoising steps (AR: tokens), each one forward pass
     seconds: float
+    refreshes: int = 0   # extra full forwards that rebuilt a K/V cache
 
 
 def _sync(model) -> None:
@@ -70,11 +93,15 @@ def decode(model, setting: Setting, prefix_ids: list[int], suffix_ids: list[int]
     canvas = list(prefix_ids) + [model.mask_token_id] * length + list(suffix_ids)
     _sync(model)
     started = time.perf_counter()
-    result = model.fill(canvas, setting.sampling(length))
+    if setting.cache != "none":
+        result = model.fill(canvas, setting.sampling(length), cache=setting.cache, refresh_every=setting.refresh_every)
+    else:
+        result = model.fill(canvas, setting.sampling(length))
     _sync(model)
     seconds = time.perf_counter() - started
     start = len(prefix_ids)
-    return Decoded(result.canvas[start:start + length].tolist(), result.forwards, seconds)
+    return Decoded(result.canvas[start:start + length].tolist(), result.forwards, seconds,
+                   getattr(result, "refreshes", 0))
 
 
 def _cache_keyword(network) -> str:
