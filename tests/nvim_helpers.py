@@ -36,6 +36,33 @@ vim.lsp.handlers['workspace/applyEdit'] = function(err, params, ctx, config)
   table.insert(_G.diffu_test.apply_edits, {{ params = params, result = result }})
   return result
 end
+-- and counts inline-completion requests by state, and keeps the executeCommand params sent
+_G.diffu_test.inline = {{ pending = 0, complete = 0, cancel = 0 }}
+_G.diffu_test.commands = {{}}
+vim.api.nvim_create_autocmd('LspRequest', {{
+  callback = function(args)
+    local r = args.data.request
+    if r.method == 'textDocument/inlineCompletion' then
+      _G.diffu_test.inline[r.type] = (_G.diffu_test.inline[r.type] or 0) + 1
+    end
+  end,
+}})
+vim.api.nvim_create_autocmd('LspAttach', {{
+  callback = function(args)
+    local client = vim.lsp.get_client_by_id(args.data.client_id)
+    if not client or client._test_wrapped then return end
+    client._test_wrapped = true
+    vim.schedule(function() -- after diffu's own wrapper
+      local request = client.request
+      client.request = function(self, method, params, ...)
+        if method == 'workspace/executeCommand' then
+          table.insert(_G.diffu_test.commands, vim.deepcopy(params))
+        end
+        return request(self, method, params, ...)
+      end
+    end)
+  end,
+}})
 vim.api.nvim_create_autocmd('User', {{
   pattern = 'DiffuCommandDone',
   callback = function(args) table.insert(_G.diffu_test.done, args.data) end,
@@ -69,9 +96,13 @@ def write_init(directory: Path) -> Path:
 def start_nvim(init: Path, cwd: Path, setup: dict | None = None):
     import pynvim
 
+    setup = dict(setup or {})
+    test_model = os.environ.get("DIFFU_LSP_TEST_MODEL")  # as tests/test_server.py: another model
+    if test_model and "cmd" not in setup:
+        setup["cmd"] = ["diffu-lsp", "--model", test_model]
     env = dict(os.environ)
     env["PATH"] = search_path()
-    env["DIFFU_NVIM_SETUP"] = json.dumps(setup or {})
+    env["DIFFU_NVIM_SETUP"] = json.dumps(setup)
     # keep the editor's own state out of the user's home
     for var, sub in (("XDG_STATE_HOME", "state"), ("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache")):
         env[var] = str(cwd / ".xdg" / sub)

@@ -536,8 +536,18 @@ local function guard_requests(client)
       return request(self, method, params, handler, bufnr)
     end
     -- only the native ghost-text requests (not e.g. request_sync from user code)
-    local caller = debug.getinfo(2, 'S')
-    if caller and caller.source and not caller.source:find('inline_completion', 1, true) then
+    local native = false
+    for level = 2, 6 do
+      local info = debug.getinfo(level, 'S')
+      if not info then
+        break
+      end
+      if info.source and info.source:find('lsp/inline_completion', 1, true) then
+        native = true
+        break
+      end
+    end
+    if not native then
       return request(self, method, params, handler, bufnr)
     end
     local buf = resolve_bufnr(bufnr)
@@ -614,6 +624,7 @@ local function set_buffer_keymaps(bufnr)
 end
 
 local function on_attach(client, bufnr)
+  vim.api.nvim_clear_autocmds({ group = augroup, buffer = bufnr })
   guard_requests(client)
   if vim.lsp.inline_completion and M.config.inline_completion then
     vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
