@@ -33,7 +33,8 @@ def model():
 def test_report_sections_are_replaced_in_place(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     first = {"suite": "speed", "title": "Decoding speed", "command": "diffu-lsp bench speed",
-             "machine": {"cpu": "X", "cores": 2, "torch": "2", "transformers": "5", "date": "today"},
+             "machine": {"cpu": "X", "cores": 2, "torch": "2", "transformers": "5", "date": "today",
+                         "model": "bundled tiny-dream (step 1)"},
              "tables": [common.table("t", ["a", "b"], [["x", 1.5]])], "notes": ["n"], "seconds": 1.0}
     report.write(out, [first])
     report.write(out, [{**first, "suite": "replay", "title": "Typing replay",
