@@ -1,0 +1,990 @@
+"""The language server: LSP messages <-> scheduler jobs <-> features.
+
+Layering: this module speaks LSP (pygls + lsprotocol) and nothing else. A handler takes a
+snapshot of the document, converts LSP positions to character offsets with the document's
+own helpers, submits a plain function to the :class:`~diffu_lsp.jobs.Scheduler` (one model
+thread, latest-wins per document) and converts the result back. The features
+(``diffu_lsp.features``) and the model (``diffu_lsp.models``) are imported lazily, off the
+event loop, so ``initialize`` is answered before torch is even imported; this module never
+uses torch itself.
+
+Custom messages: notification ``diffu/status`` ``{"state": "loading"|"ready"|"error",
+"model", "message"}``; request ``diffu/stats`` (scheduler counters, reuse hits, model loads,
+effective settings, the last job records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import ipaddress
+import logging
+import os
+import re
+import sys
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import unquote
+
+import attrs
+import msgspec
+from lsprotocol import types as lsp
+from pygls.capabilities import get_capability
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+from pygls.uris import to_fs_path
+from pygls.workspace import TextDocument, Workspace
+
+from . import __version__, infill
+from . import settings as config
+from .jobs import JobCancelled, Scheduler
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("diffu_lsp.server")
+
+CMD_COMPLETE_BLOCK = "diffu.completeBlock"
+CMD_FILL_HOLES = "diffu.fillHoles"
+CMD_REFINE = "diffu.refineSelection"
+KIND_REFINE = "refactor.rewrite.diffu.refine"
+KIND_FILL_HOLES = "refactor.rewrite.diffu.fillHoles"
+KIND_COMPLETE_BLOCK = "refactor.rewrite.diffu.completeBlock"
+STATUS = "diffu/status"
+STATS = "diffu/stats"
+
+# Settings layers, lowest first.
+LAYERS = ("user", "workspace", "initializationOptions", "configuration", "cli")
+CONFIG_SECTION = "diffu"
+
+
+# ------------------------------------------------------------------ protocol layer
+
+_LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+
+
+class LspTextDocument(TextDocument):
+    """pygls's TextDocument, with lines broken at LSP's line ends only (\\n, \\r\\n, \\r).
+
+    pygls uses ``str.splitlines``, which also breaks at form feeds, \\x1c-\\x1e, \\x85 and
+    U+2028/9: a position after such a character (the stdlib has form feeds) would land on
+    the wrong line, and incremental edits there would corrupt the text."""
+
+    @property
+    def lines(self):
+        return tuple(_LSP_LINE.findall(self.source))
+
+
+class LspWorkspace(Workspace):
+    def _create_text_document(self, doc_uri, source=None, version=None, language_id=None):
+        return LspTextDocument(doc_uri, source=source, version=version, language_id=language_id,
+                               sync_kind=self._sync_kind, position_codec=self._position_codec)
+
+
+@attrs.define
+class _Unreadable:
+    """A message whose params (or result) do not fit its method's types."""
+
+    id: Any  # None when absent or not a valid JSON-RPC id
+    has_id: bool
+    method: str | None
+    problem: str
+
+
+class DiffuProtocol(LanguageServerProtocol):
+    """pygls's protocol, except that every request is answered.
+
+    pygls logs "Unable to deserialize message" and drops a message whose params fail
+    validation, so the client waits forever. Here such a request gets an InvalidParams
+    error, such a notification is logged and ignored, and an unreadable response to one
+    of our requests fails that request instead of leaving it pending."""
+
+    def structure_message(self, data):
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as error:
+            if not isinstance(data, dict) or ("id" not in data and "method" not in data):
+                raise
+            msg_id = data.get("id")
+            if not isinstance(msg_id, (int, str)) or isinstance(msg_id, bool):
+                msg_id = None
+            method = data.get("method")
+            cause = error.__cause__ or error
+            return _Unreadable(msg_id, "id" in data, str(method) if method is not None else None,
+                               f"{type(cause).__name__}: {cause}".splitlines()[0])
+
+    def handle_message(self, message):
+        if not isinstance(message, _Unreadable):
+            return super().handle_message(message)
+        if message.method is None:  # a response to one of our requests
+            if message.id is not None:
+                self._handle_response(message.id, None, lsp.ResponseError(
+                    code=JsonRpcInvalidParams.CODE, message=f"unreadable response: {message.problem}"))
+        elif not message.has_id:
+            log.warning("ignoring notification %s with invalid params: %s", message.method, message.problem)
+        else:
+            log.warning("request %s %s has invalid params: %s", message.id, message.method, message.problem)
+            error = JsonRpcInvalidParams(f"Invalid params for {message.method}: {message.problem}")
+            self._send_response(message.id, error=error.to_response_error())
+
+
+# ------------------------------------------------------------------ helpers
+
+@dataclasses.dataclass
+class _Shown:
+    """The last suggestion shown in a document, for typed-through reuse."""
+
+    prefix: str  # document text before the cursor
+    suffix: str  # document text after the cursor
+    text: str
+    replace_after: int
+
+
+@dataclasses.dataclass
+class _Answer:
+    text: str
+    start: lsp.Position
+    end: lsp.Position
+
+
+def _is_oom(error: BaseException) -> bool:
+    """torch.OutOfMemoryError (and its cuda alias), recognised without importing torch."""
+    return any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__)
+
+
+def smaller(settings: Settings) -> Settings:
+    """Half the holes and context windows: the retry after running out of memory."""
+    half = lambda n: max(1, n // 2)  # noqa: E731
+    return msgspec.structs.replace(
+        settings, single_line_tokens=half(settings.single_line_tokens),
+        multi_line_tokens=half(settings.multi_line_tokens), block_tokens=half(settings.block_tokens),
+        prefix_tokens=half(settings.prefix_tokens), suffix_tokens=settings.suffix_tokens // 2)
+
+
+def retry_on_oom(run: Callable[[Settings], Any], settings: Settings, on_retry: Callable[[], Any] = lambda: None):
+    """``run(settings)``; after an out-of-memory error, once more with :func:`smaller` settings."""
+    try:
+        return run(settings)
+    except Exception as error:  # noqa: BLE001
+        if not _is_oom(error):
+            raise
+        log.warning("out of memory; retrying with a smaller hole: %s", str(error).splitlines()[0] if str(error) else "")
+    # Outside the except block, so the failed attempt's tensors can be freed first.
+    on_retry()
+    return run(smaller(settings))
+
+
+def fit_to_model(settings: Settings, model) -> Settings:
+    """Shrink the context budgets so that prefix + largest hole + suffix fits the model's
+    positions (a checkpoint with 512 positions would otherwise fail on every long file)."""
+    limit = getattr(model, "max_length", None)
+    if not isinstance(limit, int):
+        return settings
+    hole = max(settings.single_line_tokens, settings.multi_line_tokens, settings.block_tokens)
+    room = limit - hole - 8  # BOS and tokenizer merges at the seams
+    context = settings.prefix_tokens + settings.suffix_tokens
+    if context <= room:
+        return settings
+    room = max(room, 2)
+    prefix = max(1, room * settings.prefix_tokens // context)
+    return msgspec.structs.replace(settings, prefix_tokens=prefix, suffix_tokens=max(0, room - prefix))
+
+
+def _model_label(name: str | None) -> str:
+    return name or "bundled tiny model"
+
+
+def _to_plain(value: Any) -> Any:
+    """Command arguments may arrive as dicts or as pygls's namedtuples."""
+    if hasattr(value, "_asdict"):
+        value = value._asdict()
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _utf8_size_over(text: str, limit: int) -> bool:
+    if len(text) * 4 <= limit:
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+# ------------------------------------------------------------------ the server
+
+class DiffuServer(LanguageServer):
+    """State behind the handlers: settings layers, the model, the scheduler, reuse."""
+
+    def __init__(self, *, model: str | None = None, device: str | None = None, dtype: str | None = None):
+        super().__init__("diffu-lsp", __version__, protocol_cls=DiffuProtocol,
+                         text_document_sync_kind=lsp.TextDocumentSyncKind.Incremental)
+        cli = {"model": model, "device": device, "dtype": dtype}
+        self.raw_layers: dict[str, Any] = {"cli": {k: v for k, v in cli.items() if v is not None}}
+        self.layers: dict[str, dict[str, Any]] = {name: {} for name in LAYERS}
+        self.settings = Settings()
+        self.sched = Scheduler(debounce_s=self.settings.debounce_ms / 1000)
+        self.model = None
+        self.model_state = "loading"
+        self.model_message = "waiting for the client"
+        self.model_spec: tuple | None = None
+        self.counters = dict(typed_through_hits=0, repeat_hits=0, model_loads=0, model_load_failures=0,
+                             oom_retries=0, oom_failures=0)
+        self.shown: dict[str, _Shown] = {}
+        self.started = False
+        self._load_generation = 0
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="diffu-load")
+        self._tasks: set[asyncio.Task] = set()
+        self._stop_watching: asyncio.Event | None = None
+        self._file_raw: dict[str, Any] = {}
+        self._init_options: Any = None
+
+    # ------------------------------------------------------------ messages
+
+    def status(self, state: str, message: str = "") -> None:
+        self.model_state, self.model_message = state, message
+        self.protocol.notify(STATUS, {"state": state, "model": _model_label(self.settings.model), "message": message})
+
+    def log_client(self, message: str, kind: lsp.MessageType = lsp.MessageType.Info) -> None:
+        log.log({lsp.MessageType.Error: logging.ERROR, lsp.MessageType.Warning: logging.WARNING}.get(kind, logging.INFO),
+                "%s", message)
+        self.window_log_message(lsp.LogMessageParams(type=kind, message=message))
+
+    def show(self, message: str, kind: lsp.MessageType) -> None:
+        log.log(logging.ERROR if kind == lsp.MessageType.Error else logging.WARNING, "%s", message)
+        self.window_show_message(lsp.ShowMessageParams(type=kind, message=message))
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def client_has(self, path: str) -> bool:
+        try:
+            return bool(get_capability(self.client_capabilities, path, False))
+        except Exception:  # noqa: BLE001 - no capabilities before initialize
+            return False
+
+    # ------------------------------------------------------------ settings
+
+    def set_layer(self, name: str, raw: Any, source: str) -> None:
+        """Replace one settings layer. A bad key is reported and keeps its previous value."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            self.warn_setting(SettingsError("", f"Expected an object, got {raw!r}"), source)
+            return
+        _, errors = config.resolve([raw])
+        bad = {config.camel_case(e.key) for e in errors}
+        previous = self.layers[name]
+        layer: dict[str, Any] = {}
+        for key, value in raw.items():
+            key = config.camel_case(str(key))
+            if key not in bad:
+                layer[key] = value
+            elif key in previous:
+                layer[key] = previous[key]
+        self.layers[name] = layer
+        for error in errors:
+            self.warn_setting(error, source)
+        self.apply_settings()
+
+    def warn_setting(self, error: SettingsError, source: str) -> None:
+        what = f"setting {error.key!r}" if error.key else "settings"
+        self.show(f"diffu-lsp: invalid {what} in {source}: {error.problem}. Keeping the previous value.",
+                  lsp.MessageType.Warning)
+
+    def apply_settings(self) -> None:
+        settings, errors = config.resolve([self.layers[name] for name in LAYERS])
+        for error in errors:  # cannot happen: layers are validated on the way in
+            log.warning("ignored setting: %s", error)
+        changed = settings != self.settings
+        self.settings = settings
+        self.sched.debounce_s = settings.debounce_ms / 1000
+        logging.getLogger("diffu_lsp").setLevel(settings.log_level.upper())
+        if changed:
+            log.info("settings: %s", msgspec.json.encode(settings).decode())
+        if self.started:
+            self.ensure_model()
+
+    def config_files(self) -> dict[str, Path]:
+        files = {"user": config.user_config_file()}
+        root = None
+        try:
+            root = self.workspace.root_path
+            if root is None and self.workspace.folders:
+                root = to_fs_path(next(iter(self.workspace.folders.values())).uri)
+        except RuntimeError:
+            pass
+        if root:
+            files["workspace"] = config.workspace_config_file(Path(root))
+        return files
+
+    def reload_files(self, *, force: bool = False) -> None:
+        for name, path in self.config_files().items():
+            try:
+                raw = config.read_toml(path)
+            except SettingsError as error:
+                self.show(f"diffu-lsp: cannot use {path}: {error.problem}. Keeping the previous settings.",
+                          lsp.MessageType.Warning)
+                continue
+            if force or raw != self._file_raw.get(name):
+                self._file_raw[name] = raw
+                self.set_layer(name, raw, str(path))
+
+    async def pull_configuration(self) -> None:
+        if not self.client_has("workspace.configuration"):
+            return
+        try:
+            result = await asyncio.wait_for(self.workspace_configuration_async(
+                lsp.ConfigurationParams(items=[lsp.ConfigurationItem(section=CONFIG_SECTION)])), 10)
+        except Exception as error:  # noqa: BLE001
+            log.warning("workspace/configuration failed: %r", error)
+            return
+        value = _to_plain(result[0]) if result else None
+        self.set_layer("configuration", value, f"workspace/configuration section {CONFIG_SECTION!r}")
+
+    async def watch_config_files(self) -> None:
+        """Re-apply the TOML files when they change (watchfiles on their parent folders)."""
+        try:
+            from watchfiles import awatch
+        except ImportError:
+            log.warning("watchfiles is not installed; settings files are read at start-up only")
+            return
+        self._stop_watching = stop = asyncio.Event()
+        files = list(self.config_files().values())
+
+        def folder(path: Path) -> Path:
+            while not path.exists() and path.parent != path:
+                path = path.parent
+            return path
+
+        def wanted(_change, changed: str) -> bool:
+            p = Path(changed)
+            return any(p == f or p in f.parents for f in files)
+
+        while not stop.is_set():
+            folders = {folder(f.parent) for f in files}
+            try:
+                async for _changes in awatch(*folders, watch_filter=wanted, debounce=400, step=50,
+                                             recursive=False, stop_event=stop):
+                    self.reload_files()
+                    if {folder(f.parent) for f in files} != folders:
+                        break  # a settings folder appeared or vanished: watch the new set
+                self.reload_files()  # whatever happened while we switched watchers
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001
+                log.warning("watching settings files failed (%r); retrying in 2 s", error)
+                await asyncio.sleep(2)
+
+    # ------------------------------------------------------------ model
+
+    def ensure_model(self) -> None:
+        s = self.settings
+        spec = (s.model, s.device, s.dtype)
+        if spec != self.model_spec:
+            self.model_spec = spec
+            self._load_generation += 1
+            self.spawn(self.load_model(spec, self._load_generation))
+
+    async def load_model(self, spec: tuple, generation: int) -> None:
+        name, device, dtype = spec
+        label = _model_label(name)
+        self.status("loading", f"loading {label} ({device}, {dtype})")
+        token = await self.begin_progress(f"Loading model {label}", cancellable=False)
+        loop = asyncio.get_running_loop()
+        try:
+            model = await loop.run_in_executor(self._loader, _load_model, name, device, dtype)
+        except Exception as error:  # noqa: BLE001 - ModelLoadError or anything a backend raises
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self.end_progress(token, "failed")
+            if generation != self._load_generation:
+                return
+            self.counters["model_load_failures"] += 1
+            self.model = None
+            self.status("error", reason)
+            self.show(f"diffu-lsp could not load the model {label}: {reason}", lsp.MessageType.Error)
+            return
+        self.end_progress(token, "ready")
+        if generation != self._load_generation:
+            return  # the settings changed again while this one loaded
+        self.model = model
+        self.counters["model_loads"] += 1
+        self.shown.clear()
+        message = f"{getattr(model, 'family', '?')} model {label} on {getattr(model, 'device', '?')}"
+        self.status("ready", message)
+        self.log_client(f"diffu-lsp: loaded {message} in {getattr(model, 'load_seconds', 0.0):.1f} s")
+
+    # ------------------------------------------------------------ progress
+
+    async def begin_progress(self, title: str, *, cancellable: bool) -> str | None:
+        if not self.client_has("window.work_done_progress"):
+            return None
+        token = f"diffu-{uuid.uuid4().hex[:12]}"
+        try:
+            await asyncio.wait_for(self.work_done_progress.create_async(token), 10)
+        except Exception as error:  # noqa: BLE001
+            log.info("work done progress refused: %r", error)
+            return None
+        self.work_done_progress.begin(token, lsp.WorkDoneProgressBegin(
+            title=title, cancellable=cancellable, percentage=0))
+        return token
+
+    def report_progress(self, token: str | None, message: str, percentage: int | None = None) -> None:
+        if token is not None and token in self.work_done_progress.tokens:
+            self.work_done_progress.report(token, lsp.WorkDoneProgressReport(message=message, percentage=percentage))
+
+    def end_progress(self, token: str | None, message: str) -> None:
+        if token is not None:
+            self.work_done_progress.tokens.pop(token, None)
+            self.work_done_progress.end(token, lsp.WorkDoneProgressEnd(message=message))
+
+    # ------------------------------------------------------------ documents
+
+    def document(self, uri: str) -> TextDocument | None:
+        """The open document, or None (unknown URIs are not read from disk)."""
+        try:
+            return self.workspace.text_documents.get(unquote(uri))
+        except RuntimeError:  # before initialize
+            return None
+
+    @staticmethod
+    def offset_at(doc: TextDocument, position: lsp.Position) -> tuple[int, lsp.Position]:
+        """Character offset of a client position, clamped into the document, and the clamped
+        position. Past the last line -> end of document; past a line's end -> that end."""
+        lines = doc.lines
+        if position.line >= len(lines):
+            offset = len(doc.source)
+            return offset, DiffuServer.position_at(doc, [offset])[0]
+        body = lines[position.line].rstrip("\r\n")
+        width = doc.position_codec.client_num_units(body)
+        clamped = lsp.Position(line=position.line, character=min(position.character, width))
+        return doc.offset_at_position(clamped), clamped
+
+    @staticmethod
+    def position_at(doc: TextDocument, offsets: list[int]) -> list[lsp.Position]:
+        """Client positions of character offsets (pygls's own helper is off by a line at the
+        end of a document without a final newline)."""
+        lines = doc.lines
+        out = []
+        for offset in offsets:
+            start = 0
+            for number, line in enumerate(lines):
+                if offset < start + len(line):
+                    column = min(offset - start, len(line.rstrip("\r\n")))
+                    break
+                start += len(line)
+            else:
+                if lines and not lines[-1].endswith(("\n", "\r")):
+                    number, column = len(lines) - 1, len(lines[-1])
+                else:
+                    number, column = len(lines), 0
+            out.append(doc.position_to_client_units(lsp.Position(line=number, character=column)))
+        return out
+
+    @staticmethod
+    def clip(text: str, start: int, end: int, settings: Settings) -> tuple[str, int]:
+        """(text, base): a document over ``max_document_bytes`` is cut to whole lines around
+        [start, end) as wide as the context budgets, so nothing scans or encodes all of it."""
+        if not _utf8_size_over(text, settings.max_document_bytes):
+            return text, 0
+        lo = max(0, start - settings.prefix_tokens * infill.MAX_CHARS_PER_TOKEN)
+        hi = min(len(text), end + settings.suffix_tokens * infill.MAX_CHARS_PER_TOKEN)
+        if lo > 0 and (newline := text.find("\n", lo, start)) >= 0:
+            lo = newline + 1
+        if hi < len(text) and (newline := text.rfind("\n", end, hi)) >= 0:
+            hi = newline
+        return text[lo:hi], lo
+
+    def snapshot(self, uri: str) -> tuple[TextDocument, str] | None:
+        """(document, text) if the document is open and is text (no NUL bytes)."""
+        doc = self.document(uri)
+        if doc is None:
+            log.info("request for unknown document %s", uri)
+            return None
+        text = doc.source
+        if "\x00" in text:
+            log.info("binary content in %s; not completing", uri)
+            return None
+        return doc, text
+
+    # ------------------------------------------------------------ suggestions
+
+    def typed_through(self, uri: str, text: str, cursor: int) -> tuple[str, int] | None:
+        """The rest of the shown suggestion if the user typed a prefix of it (or nothing)."""
+        shown = self.shown.get(uri)
+        if shown is None:
+            return None
+        n = len(shown.prefix)
+        if cursor < n or len(text) - cursor != len(shown.suffix):
+            return None
+        typed = text[n:cursor]
+        if len(typed) >= len(shown.text) or not shown.text.startswith(typed):
+            return None
+        if not (text.startswith(shown.prefix) and text.endswith(shown.suffix)):
+            return None
+        self.counters["typed_through_hits" if typed else "repeat_hits"] += 1
+        return shown.text[len(typed):], shown.replace_after
+
+    async def suggest_at(self, uri: str, position: lsp.Position, *, debounce: bool) -> _Answer | None:
+        snap = self.snapshot(uri)
+        if snap is None:
+            return None
+        doc, text = snap
+        version = doc.version
+        cursor, pos = self.offset_at(doc, position)
+        reused = self.typed_through(uri, text, cursor)
+        if reused is not None:
+            suggestion, replace_after = reused
+        else:
+            model, settings = self.model, self.settings
+            if model is None:
+                return None
+            settings = fit_to_model(settings, model)
+            clipped, base = self.clip(text, cursor, cursor, settings)
+
+            def work(token):
+                from . import features
+                return retry_on_oom(lambda s: features.suggest(model, clipped, cursor - base, s, cancel=token),
+                                    settings, self._count_oom_retry)
+
+            result = await self.sched.submit(uri, work, version=version, debounce=debounce)
+            suggestion, replace_after = result.text, result.replace_after
+            if not suggestion:
+                return None
+            self.shown[uri] = _Shown(text[:cursor], text[cursor:], suggestion, replace_after)
+        tail = text[cursor:cursor + replace_after]
+        end = lsp.Position(line=pos.line, character=pos.character + doc.position_codec.client_num_units(tail))
+        return _Answer(suggestion, pos, end)
+
+    def _count_oom_retry(self) -> None:
+        self.counters["oom_retries"] += 1  # worker thread; a lost increment would only skew a counter
+
+    # ------------------------------------------------------------ commands
+
+    async def apply_edits(self, uri: str, doc: TextDocument, version: int | None,
+                          replacements: list[tuple[int, int, str]], label: str) -> bool:
+        """Send one workspace/applyEdit for ``replacements`` (offsets into the document at
+        ``version``); False if the document moved on meanwhile or the client refused."""
+        if not replacements:
+            return False
+        if self.document(uri) is not doc or doc.version != version:
+            self.log_client(f"diffu-lsp: {label}: the document changed; not applying")
+            return False
+        positions = self.position_at(doc, [o for start, end, _ in replacements for o in (start, end)])
+        edits = [lsp.TextEdit(range=lsp.Range(start=positions[2 * i], end=positions[2 * i + 1]), new_text=new)
+                 for i, (_, _, new) in enumerate(replacements)]
+        if self.client_has("workspace.workspace_edit.document_changes"):
+            edit = lsp.WorkspaceEdit(document_changes=[lsp.TextDocumentEdit(
+                text_document=lsp.OptionalVersionedTextDocumentIdentifier(uri=uri, version=version), edits=edits)])
+        else:
+            edit = lsp.WorkspaceEdit(changes={uri: edits})
+        result = await self.workspace_apply_edit_async(lsp.ApplyWorkspaceEditParams(edit=edit, label=label))
+        applied = bool(getattr(result, "applied", False))
+        if not applied:
+            self.log_client(f"diffu-lsp: {label}: the client did not apply the edit "
+                            f"({getattr(result, 'failure_reason', None) or 'no reason given'})")
+        return applied
+
+    def command_target(self, args: tuple, key: str) -> tuple[str, Any]:
+        """(uri, Position or Range) from ``[{"textDocument": {"uri"}, key: {...}}]``."""
+        try:
+            (arg,) = args
+            arg = _to_plain(arg)
+            uri = arg["textDocument"]["uri"]
+            if not isinstance(uri, str):
+                raise TypeError("textDocument.uri must be a string")
+            target = self.protocol._converter.structure(arg[key], lsp.Range if key == "range" else lsp.Position)
+        except Exception as error:  # noqa: BLE001
+            raise JsonRpcInvalidParams(
+                f'expected [{{"textDocument": {{"uri": ...}}, "{key}": ...}}]: {type(error).__name__}: {error}') from None
+        return uri, target
+
+    def _command_snapshot(self, uri: str, label: str):
+        if self.model is None:
+            self.show(f"diffu-lsp: {label}: the model is not ready ({self.model_state}: {self.model_message})",
+                      lsp.MessageType.Info)
+            return None
+        return self.snapshot(uri)
+
+    async def complete_block(self, uri: str, position: lsp.Position) -> bool:
+        snap = self._command_snapshot(uri, "complete block")
+        if snap is None:
+            return False
+        doc, text = snap
+        version = doc.version
+        cursor, _ = self.offset_at(doc, position)
+        model, settings = self.model, fit_to_model(self.settings, self.model)
+        clipped, base = self.clip(text, cursor, cursor, settings)
+
+        def work(token):
+            from . import features
+            return retry_on_oom(lambda s: features.suggest(model, clipped, cursor - base, s, cancel=token, block=True),
+                                settings, self._count_oom_retry)
+
+        result = await self.sched.submit(f"{uri}#command", work, debounce=False, version=version)
+        if not result.text:
+            self.log_client("diffu-lsp: complete block: the model produced nothing")
+            return False
+        return await self.apply_edits(uri, doc, version, [(cursor, cursor + result.replace_after, result.text)],
+                                      "diffu: complete block")
+
+    def find_holes(self, text: str, start: int, end: int, settings: Settings) -> list[infill.Hole]:
+        clipped, base = self.clip(text, start, end, settings)
+        start, end = start - base, end - base
+        if start == end:
+            start, end = infill.enclosing_block(clipped, start)
+        return infill.find_holes(clipped, start, end, settings.hole_markers)
+
+    async def fill_holes(self, uri: str, rng: lsp.Range) -> bool:
+        snap = self._command_snapshot(uri, "fill holes")
+        if snap is None:
+            return False
+        doc, text = snap
+        version = doc.version
+        (start, _), (end, _) = self.offset_at(doc, rng.start), self.offset_at(doc, rng.end)
+        start, end = min(start, end), max(start, end)
+        model, settings = self.model, fit_to_model(self.settings, self.model)
+        clipped, base = self.clip(text, start, end, settings)
+
+        def work(token):
+            from . import features
+            return retry_on_oom(lambda s: features.fill_holes(model, clipped, start - base, end - base, s, cancel=token),
+                                settings, self._count_oom_retry)
+
+        replacements = await self.sched.submit(f"{uri}#command", work, debounce=False, version=version)
+        if not replacements:
+            self.log_client("diffu-lsp: fill holes: no hole markers here, or the model produced nothing")
+            return False
+        return await self.apply_edits(uri, doc, version, [(base + r.start, base + r.end, r.text) for r in replacements],
+                                      "diffu: fill holes")
+
+    async def refine_selection(self, uri: str, rng: lsp.Range) -> bool:
+        snap = self._command_snapshot(uri, "refine")
+        if snap is None:
+            return False
+        doc, text = snap
+        version = doc.version
+        (start, _), (end, _) = self.offset_at(doc, rng.start), self.offset_at(doc, rng.end)
+        start, end = min(start, end), max(start, end)
+        if start == end:
+            return False
+        model, settings = self.model, fit_to_model(self.settings, self.model)
+        clipped, base = self.clip(text, start, end, settings)
+        loop = asyncio.get_running_loop()
+        token = await self.begin_progress("Refining selection", cancellable=True)
+        seen = {"first": None}
+
+        def step(step: int, masked: int) -> None:
+            if seen["first"] is None:
+                seen["first"] = masked + 1
+            total = seen["first"]
+            self.report_progress(token, f"denoising step {step}: {masked} tokens left",
+                                 int(100 * (total - masked) / max(total, 1)))
+
+        def on_step(draft) -> None:  # worker thread
+            loop.call_soon_threadsafe(step, draft.step, draft.masked)
+
+        def work(job_token):
+            from . import features
+            return retry_on_oom(
+                lambda s: features.refine(model, clipped, start - base, end - base, s, cancel=job_token, on_step=on_step),
+                settings, self._count_oom_retry)
+
+        job = self.sched.submit(f"{uri}#command", work, debounce=False, version=version)
+        cancelled_by_client = self.work_done_progress.tokens.get(token) if token else None
+        if cancelled_by_client is not None:
+            cancelled_by_client.add_done_callback(
+                lambda f: f.cancelled() and job.cancel("cancelled from the progress UI"))
+        outcome = "failed"
+        try:
+            new_text = await job
+            outcome = "done"
+        except JobCancelled as error:
+            outcome = f"cancelled ({error.reason})"
+            raise
+        finally:
+            self.end_progress(token, outcome)
+        selected = text[start:end]
+        if new_text == selected or (not new_text.strip() and selected.strip()):
+            self.log_client("diffu-lsp: refine: the model kept the selection as it was" if new_text == selected
+                            else "diffu-lsp: refine: the model produced nothing; keeping the selection")
+            return False
+        return await self.apply_edits(uri, doc, version, [(start, end, new_text)], "diffu: refine selection")
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def startup(self) -> None:
+        """After ``initialized``: settings from every layer, then the model, then the file watcher."""
+        options = self._init_options
+        if isinstance(options, Mapping) and isinstance(options.get(CONFIG_SECTION), Mapping):
+            options = options[CONFIG_SECTION]
+        self.reload_files(force=True)
+        if options is not None:
+            self.set_layer("initializationOptions", _to_plain(options), "initializationOptions")
+        self.set_layer("cli", self.raw_layers["cli"], "the command line")
+        await self.pull_configuration()
+        self.started = True
+        self.ensure_model()
+        self.spawn(self.watch_config_files())
+
+    async def stop(self) -> None:
+        if self._stop_watching is not None:
+            self._stop_watching.set()
+        await self.sched.close(timeout=5)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.sched.stats, **self.counters,
+            "model_state": self.model_state, "model_message": self.model_message,
+            "settings": msgspec.to_builtins(self.settings),
+            "records": [dataclasses.asdict(r) for r in list(self.sched.records)[-50:]],
+        }
+
+
+def _load_model(name: str | None, device: str, dtype: str):
+    """Runs on the loader thread: this is where torch gets imported."""
+    from .models import load_model
+    return load_model(name, device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------ handlers
+
+def guarded(empty: Any = None):
+    """An exception never escapes a handler: log it, tell the user if it is worth it, answer
+    ``empty``. Superseded jobs answer ``empty``; protocol errors and $/cancelRequest pass."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        async def handler(ls: DiffuServer, *args):
+            try:
+                return await fn(ls, *args)
+            except (JsonRpcException, asyncio.CancelledError):
+                raise
+            except JobCancelled as cancelled:
+                log.debug("%s: %s", fn.__name__, cancelled.reason)
+                return empty() if callable(empty) else empty
+            except Exception as error:  # noqa: BLE001
+                if _is_oom(error):
+                    ls.counters["oom_failures"] += 1
+                    ls.show("diffu-lsp: out of memory even with a smaller hole; try a smaller model, "
+                            "dtype, or context (prefixTokens/suffixTokens)", lsp.MessageType.Error)
+                else:
+                    log.exception("%s failed", fn.__name__)
+                    ls.log_client(f"diffu-lsp: {fn.__name__} failed: {type(error).__name__}: {error}",
+                                  lsp.MessageType.Error)
+                return empty() if callable(empty) else empty
+
+        return handler  # functools.wraps keeps fn's signature: pygls sees "ls" first
+
+    return decorate
+
+
+def _only(context: lsp.CodeActionContext, kind: str) -> bool:
+    if not context.only:
+        return True
+    return any(kind == want or kind.startswith(f"{want}.") for want in context.only)
+
+
+def create_server(*, model: str | None = None, device: str | None = None, dtype: str | None = None) -> DiffuServer:
+    server = DiffuServer(model=model, device=device, dtype=dtype)
+
+    @server.feature(lsp.INITIALIZE)
+    def initialize(ls: DiffuServer, params: lsp.InitializeParams):
+        ws = ls.protocol._workspace
+        if type(ws) is Workspace:  # before any document exists: use LSP line breaks
+            ws.__class__ = LspWorkspace
+        ls._init_options = params.initialization_options
+
+    @server.feature(lsp.INITIALIZED)
+    async def initialized(ls: DiffuServer, params: lsp.InitializedParams):
+        try:
+            await ls.startup()
+        except Exception:  # noqa: BLE001
+            log.exception("start-up failed")
+            ls.started = True
+            ls.ensure_model()
+
+    @server.feature(lsp.SHUTDOWN)
+    async def shutdown(ls: DiffuServer, params):
+        await ls.stop()
+
+    @server.feature(lsp.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: DiffuServer, params: lsp.DidOpenTextDocumentParams):
+        uri, version = params.text_document.uri, params.text_document.version
+        ls.sched.note_version(uri, version)
+        ls.sched.note_version(f"{uri}#command", version)
+        ls.shown.pop(uri, None)
+
+    @server.feature(lsp.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: DiffuServer, params: lsp.DidChangeTextDocumentParams):
+        uri, version = params.text_document.uri, params.text_document.version
+        ls.sched.note_version(uri, version)
+        ls.sched.note_version(f"{uri}#command", version)
+
+    @server.feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(ls: DiffuServer, params: lsp.DidCloseTextDocumentParams):
+        uri = params.text_document.uri
+        ls.sched.forget(uri)
+        ls.sched.forget(f"{uri}#command")
+        ls.shown.pop(uri, None)
+
+    @server.feature(lsp.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    async def did_change_configuration(ls: DiffuServer, params: lsp.DidChangeConfigurationParams):
+        if ls.client_has("workspace.configuration"):
+            await ls.pull_configuration()
+        else:
+            pushed = _to_plain(params.settings)
+            if isinstance(pushed, Mapping) and CONFIG_SECTION in pushed:
+                ls.set_layer("configuration", pushed[CONFIG_SECTION], "workspace/didChangeConfiguration")
+
+    @server.feature(lsp.TEXT_DOCUMENT_INLINE_COMPLETION, lsp.InlineCompletionOptions())
+    @guarded(None)
+    async def inline_completion(ls: DiffuServer, params: lsp.InlineCompletionParams):
+        explicit = params.context.trigger_kind == lsp.InlineCompletionTriggerKind.Invoked
+        answer = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
+        if answer is None:
+            return None
+        return lsp.InlineCompletionList(items=[lsp.InlineCompletionItem(
+            insert_text=answer.text, range=lsp.Range(start=answer.start, end=answer.end))])
+
+    @server.feature(lsp.TEXT_DOCUMENT_COMPLETION, lsp.CompletionOptions())
+    @guarded(None)
+    async def completion(ls: DiffuServer, params: lsp.CompletionParams):
+        explicit = params.context is not None and params.context.trigger_kind == lsp.CompletionTriggerKind.Invoked
+        answer = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
+        if answer is None:
+            return None
+        first = next((line.strip() for line in answer.text.splitlines() if line.strip()), answer.text.strip())
+        doc = ls.document(params.text_document.uri)
+        language = (doc.language_id if doc is not None else None) or ""
+        item = lsp.CompletionItem(
+            label=f"⟡ diffu: {first[:60]}", kind=lsp.CompletionItemKind.Snippet, detail="diffusion model",
+            documentation=lsp.MarkupContent(kind=lsp.MarkupKind.Markdown,
+                                            value=f"```{language}\n{answer.text}\n```"),
+            sort_text="0", filter_text=answer.text, insert_text_format=lsp.InsertTextFormat.PlainText,
+            text_edit=lsp.TextEdit(range=lsp.Range(start=answer.start, end=answer.end), new_text=answer.text))
+        return lsp.CompletionList(is_incomplete=True, items=[item])
+
+    @server.feature(lsp.TEXT_DOCUMENT_CODE_ACTION, lsp.CodeActionOptions(
+        code_action_kinds=[KIND_REFINE, KIND_FILL_HOLES, KIND_COMPLETE_BLOCK]))
+    @guarded(list)
+    async def code_action(ls: DiffuServer, params: lsp.CodeActionParams):
+        uri = params.text_document.uri
+        snap = ls.snapshot(uri)
+        if snap is None:
+            return []
+        doc, text = snap
+        (start, start_pos), (end, end_pos) = ls.offset_at(doc, params.range.start), ls.offset_at(doc, params.range.end)
+        if start > end:
+            (start, start_pos), (end, end_pos) = (end, end_pos), (start, start_pos)
+        document = {"uri": uri}
+        as_json = lambda p: {"line": p.line, "character": p.character}  # noqa: E731
+        selection = {"start": as_json(start_pos), "end": as_json(end_pos)}
+        actions = []
+
+        def offer(kind: str, title: str, command: str, arg: dict) -> None:
+            if _only(params.context, kind):
+                actions.append(lsp.CodeAction(title=title, kind=kind, command=lsp.Command(
+                    title=title, command=command, arguments=[{"textDocument": document, **arg}])))
+
+        if start < end:
+            offer(KIND_REFINE, "Refine selection with the diffusion model", CMD_REFINE, {"range": selection})
+        if _only(params.context, KIND_FILL_HOLES) and ls.find_holes(text, start, end, ls.settings):
+            offer(KIND_FILL_HOLES, "Fill holes with the diffusion model", CMD_FILL_HOLES, {"range": selection})
+        offer(KIND_COMPLETE_BLOCK, "Complete block with the diffusion model", CMD_COMPLETE_BLOCK,
+              {"position": as_json(start_pos)})
+        return actions
+
+    @server.command(CMD_COMPLETE_BLOCK)
+    @guarded(lambda: {"applied": False})
+    async def complete_block(ls: DiffuServer, *args):
+        uri, position = ls.command_target(args, "position")
+        return {"applied": await ls.complete_block(uri, position)}
+
+    @server.command(CMD_FILL_HOLES)
+    @guarded(lambda: {"applied": False})
+    async def fill_holes(ls: DiffuServer, *args):
+        uri, rng = ls.command_target(args, "range")
+        return {"applied": await ls.fill_holes(uri, rng)}
+
+    @server.command(CMD_REFINE)
+    @guarded(lambda: {"applied": False})
+    async def refine_selection(ls: DiffuServer, *args):
+        uri, rng = ls.command_target(args, "range")
+        return {"applied": await ls.refine_selection(uri, rng)}
+
+    @server.feature(STATS)
+    def stats(ls: DiffuServer, params):
+        return ls.stats()
+
+    return server
+
+
+# ------------------------------------------------------------------ entry point
+
+def parse_tcp(tcp: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) on a loopback host; ValueError otherwise."""
+    host, sep, port_text = tcp.rpartition(":")
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {tcp!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad port {port_text!r} in {tcp!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range 1-65535")
+    if host != "localhost":
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise ValueError(f"bad host {host!r}: use 127.0.0.1, ::1 or localhost") from None
+        if not loopback:
+            raise ValueError(f"refusing to listen on {host!r}: the server has no authentication, "
+                             "so it only listens on loopback (127.0.0.1, ::1, localhost)")
+    return host, port
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    logging.getLogger("diffu_lsp").setLevel(logging.INFO)
+    logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message at INFO
+
+
+def serve(*, model: str | None = None, device: str | None = None, dtype: str | None = None,
+          tcp: str | None = None) -> int:
+    """Run the server over stdio (default) or TCP on loopback. Returns the exit status."""
+    _configure_logging()
+    address = None
+    if tcp is not None:
+        try:
+            address = parse_tcp(tcp)
+        except ValueError as error:
+            log.error("--tcp: %s", error)
+            return 2
+    server = create_server(model=model, device=device, dtype=dtype)
+    if address is not None:
+        log.info("diffu-lsp %s listening on %s:%d", __version__, *address)
+        server.start_tcp(*address)
+    else:
+        # The protocol owns fd 1; anything else that writes to stdout (a library's print,
+        # native code) goes to stderr instead of corrupting the message stream.
+        protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        sys.stdout = sys.stderr
+        log.info("diffu-lsp %s on stdio", __version__)
+        server.start_io(sys.stdin.buffer, protocol_out)
+    return 0 if server.protocol._shutdown else 1

@@ -1,0 +1,737 @@
+"""End-to-end tests of the language server: pytest-lsp's client drives a real
+`python -m diffu_lsp` process over stdio, with a real model behind it.
+
+One server (bundled model, UTF-8 positions) is shared by the module; the settings tests and the
+broken-model test start their own. Models are greedy (the default), so answers are deterministic
+for a given checkpoint; assertions on the model's *text* only compare the server with itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Union
+
+import pytest
+import pytest_asyncio
+from lsprotocol import types as lsp
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcMethodNotFound
+from pytest_lsp import ClientServerConfig, LanguageClient
+from pytest_lsp.client import make_test_lsp_client
+
+from diffu_lsp import server as server_mod
+from diffu_lsp.settings import user_config_file
+
+aio = pytest.mark.asyncio(loop_scope="module")  # the tests share the module's server and loop
+
+WAIT_S = 120  # model loads and jobs on a busy 2-core machine
+
+SAMPLE = '''\
+import os
+import sys
+
+
+def read_lines(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def count_words(text):
+    words = text.split()
+    return len(words)
+
+
+def main():
+    total = 0
+    for line in read_lines(sys.argv[1]):
+        total += count_words(line)
+    print(total)
+
+
+if __name__ == "__main__":
+    '''
+
+HOLES = '''\
+def area(width, height):
+    ...
+
+
+def perimeter(width, height):
+    ...
+
+
+def describe(shape):
+    return str(shape)
+'''
+
+OUR_KINDS = {server_mod.KIND_REFINE, server_mod.KIND_FILL_HOLES, server_mod.KIND_COMPLETE_BLOCK}
+
+# Slow jobs (one token revealed per forward pass) so that edits land while a job runs.
+SLOW = {"algorithm": "entropy", "singleLineTokens": 64, "multiLineTokens": 64, "blockTokens": 64}
+
+
+# ------------------------------------------------------------------ client plumbing
+
+def plain(value: Any) -> Any:
+    """pygls hands custom messages over as namedtuples; make dicts and lists of them."""
+    if hasattr(value, "_asdict"):
+        return {k: plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def make_client() -> LanguageClient:
+    client = make_test_lsp_client()
+    converter = client.protocol._converter
+
+    # lsprotocol reads any object with a "command" key as a Command, but a CodeAction may
+    # carry a command too: only a string "command" makes it a Command.
+    def command_or_code_action(obj, _type):
+        if isinstance(obj.get("command"), str):
+            return converter.structure(obj, lsp.Command)
+        return converter.structure(obj, lsp.CodeAction)
+
+    converter.register_structure_hook(Union[lsp.Command, lsp.CodeAction], command_or_code_action)
+
+    client.statuses = []
+    client.edits = []
+    client.apply_result = True
+
+    @client.feature(server_mod.STATUS)
+    def on_status(params):
+        client.statuses.append(plain(params))
+
+    @client.feature(lsp.WORKSPACE_APPLY_EDIT)
+    def on_apply_edit(params: lsp.ApplyWorkspaceEditParams):
+        client.edits.append(params)
+        return lsp.ApplyWorkspaceEditResult(applied=client.apply_result)
+
+    return client
+
+
+def capabilities(encodings: list[str] | None = None) -> lsp.ClientCapabilities:
+    return lsp.ClientCapabilities(
+        general=lsp.GeneralClientCapabilities(position_encodings=encodings),
+        window=lsp.WindowClientCapabilities(work_done_progress=True),
+        workspace=lsp.WorkspaceClientCapabilities(
+            apply_edit=True, configuration=True,
+            workspace_edit=lsp.WorkspaceEditClientCapabilities(document_changes=True),
+            did_change_configuration=lsp.DidChangeConfigurationClientCapabilities()),
+        text_document=lsp.TextDocumentClientCapabilities(
+            synchronization=lsp.TextDocumentSyncClientCapabilities(),
+            inline_completion=lsp.InlineCompletionClientCapabilities(),
+            completion=lsp.CompletionClientCapabilities(completion_item=lsp.ClientCompletionItemOptions(
+                documentation_format=[lsp.MarkupKind.Markdown, lsp.MarkupKind.PlainText])),
+            code_action=lsp.CodeActionClientCapabilities(code_action_literal_support=lsp.ClientCodeActionLiteralOptions(
+                code_action_kind=lsp.ClientCodeActionKindOptions(value_set=["", "refactor", "refactor.rewrite"])))))
+
+
+# The bundled model unless DIFFU_LSP_TEST_MODEL names another checkpoint folder.
+MODEL_ARGS = ("--model", os.environ["DIFFU_LSP_TEST_MODEL"]) if os.environ.get("DIFFU_LSP_TEST_MODEL") else ()
+
+
+def server_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "diffu_lsp", *args]
+
+
+async def start_server(tmp: Path, *args: str, encodings=None, init_options=None,
+                       configuration: dict | None = None) -> LanguageClient:
+    """A server on `tmp`: XDG_CONFIG_HOME=tmp/xdg, workspace root tmp/ws."""
+    (tmp / "xdg").mkdir(exist_ok=True)
+    (tmp / "ws").mkdir(exist_ok=True)
+    config = ClientServerConfig(server_command=server_command(*args), client_factory=make_client,
+                                server_env={**os.environ, "XDG_CONFIG_HOME": str(tmp / "xdg")})
+    client = await config.start()
+    if configuration is not None:
+        client.set_configuration(configuration, section="diffu")
+    client.init_result = await client.initialize_session(lsp.InitializeParams(
+        capabilities=capabilities(encodings), root_uri=(tmp / "ws").as_uri(),
+        initialization_options=init_options))
+    return client
+
+
+async def stop_server(client: LanguageClient) -> None:
+    try:
+        await asyncio.wait_for(client.shutdown_session(), 30)
+    finally:
+        await client.stop()
+
+
+async def until(predicate, what: str, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def wait_status(client: LanguageClient, state: str, after: int = 0) -> dict:
+    return await until(lambda: next((s for s in client.statuses[after:] if s["state"] == state), None),
+                       f"diffu/status {state}")
+
+
+async def stats(client: LanguageClient) -> dict:
+    return plain(await client.protocol.send_request_async(server_mod.STATS, None))
+
+
+async def configure(client: LanguageClient, settings: dict) -> dict:
+    """Change the `diffu` configuration section and wait until the server has pulled it."""
+    client.set_configuration(settings, section="diffu")
+    client.workspace_did_change_configuration(lsp.DidChangeConfigurationParams(settings=None))
+    expected = {k: v for k, v in settings.items()}
+
+    async def applied():
+        current = (await stats(client))["settings"]
+        return all(current.get(k) == v for k, v in expected.items())
+
+    deadline = time.monotonic() + WAIT_S
+    while not await applied():
+        assert time.monotonic() < deadline, f"settings {settings} never applied"
+        await asyncio.sleep(0.05)
+    return (await stats(client))["settings"]
+
+
+async def raw_request(client: LanguageClient, method: str, params: Any):
+    """Send a request exactly as given (no client-side typing), await the answer."""
+    msg_id = f"raw-{uuid.uuid4().hex[:8]}"
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    client.protocol._request_futures[msg_id] = future
+    client.protocol._send_data({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+    return await asyncio.wait_for(asyncio.wrap_future(future), WAIT_S)
+
+
+_opened = 0
+
+
+def open_doc(client: LanguageClient, text: str, name: str | None = None, version: int = 1) -> str:
+    global _opened
+    _opened += 1
+    uri = f"file:///virtual/{name or f'doc{_opened}'}.py"
+    client.text_document_did_open(lsp.DidOpenTextDocumentParams(text_document=lsp.TextDocumentItem(
+        uri=uri, language_id="python", version=version, text=text)))
+    return uri
+
+
+def end_of(text: str) -> lsp.Position:
+    lines = text.split("\n")
+    return lsp.Position(line=len(lines) - 1, character=len(lines[-1].encode("utf-16-le")) // 2)
+
+
+def insert(client: LanguageClient, uri: str, version: int, at: lsp.Position, text: str) -> None:
+    client.text_document_did_change(lsp.DidChangeTextDocumentParams(
+        text_document=lsp.VersionedTextDocumentIdentifier(uri=uri, version=version),
+        content_changes=[lsp.TextDocumentContentChangePartial(range=lsp.Range(start=at, end=at), text=text)]))
+
+
+async def inline(client: LanguageClient, uri: str, position: lsp.Position, *, invoked: bool = True):
+    kind = lsp.InlineCompletionTriggerKind.Invoked if invoked else lsp.InlineCompletionTriggerKind.Automatic
+    return await client.text_document_inline_completion_async(lsp.InlineCompletionParams(
+        text_document=lsp.TextDocumentIdentifier(uri=uri), position=position,
+        context=lsp.InlineCompletionContext(trigger_kind=kind)))
+
+
+def inline_text(result) -> str | None:
+    if result is None:
+        return None
+    items = result.items if isinstance(result, lsp.InlineCompletionList) else result
+    assert len(items) <= 1
+    return items[0].insert_text if items else None
+
+
+async def execute(client: LanguageClient, command: str, **arg) -> dict:
+    result = await client.workspace_execute_command_async(lsp.ExecuteCommandParams(command=command, arguments=[arg]))
+    return plain(result)
+
+
+def jobs_of(st: dict, uri: str) -> list[dict]:
+    return [r for r in st["records"] if r["key"] in (uri, f"{uri}#command")]
+
+
+# ------------------------------------------------------------------ fixtures
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(tmp_path_factory):
+    """The shared server: bundled model, no config files, client prefers UTF-8 positions."""
+    c = await start_server(tmp_path_factory.mktemp("main"), *MODEL_ARGS, encodings=["utf-8", "utf-16"])
+    await wait_status(c, "ready")
+    yield c
+    await stop_server(c)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def scratch(client):
+    """Restore the shared server's settings after a test that changes them."""
+    yield client
+    await configure(client, {"algorithm": "threshold", "singleLineTokens": 16, "multiLineTokens": 48,
+                             "blockTokens": 96})
+    client.set_configuration({}, section="diffu")
+
+
+# ------------------------------------------------------------------ capabilities, completions
+
+@aio
+async def test_initialize_advertises_features(client):
+    caps = client.init_result.capabilities
+    assert client.init_result.server_info.name == "diffu-lsp"
+    assert caps.inline_completion_provider is not None
+    assert caps.completion_provider is not None
+    assert set(caps.code_action_provider.code_action_kinds) == OUR_KINDS
+    assert set(caps.execute_command_provider.commands) >= {
+        server_mod.CMD_COMPLETE_BLOCK, server_mod.CMD_FILL_HOLES, server_mod.CMD_REFINE}
+    sync = caps.text_document_sync
+    assert getattr(sync, "change", sync) == lsp.TextDocumentSyncKind.Incremental
+    assert caps.position_encoding == lsp.PositionEncodingKind.Utf8  # the client's first choice
+    ready = next(s for s in client.statuses if s["state"] == "ready")
+    assert ready["model"] == (MODEL_ARGS[1] if MODEL_ARGS else "bundled tiny model")
+    st = await stats(client)
+    assert st["model_state"] == "ready" and st["model_loads"] == 1
+
+
+@aio
+async def test_inline_completion_is_model_text(client):
+    uri = open_doc(client, SAMPLE)
+    before = await stats(client)
+    result = await inline(client, uri, end_of(SAMPLE))
+    text = inline_text(result)
+    assert text and text.strip(), f"the model suggested nothing: {result!r}"
+    item = result.items[0]
+    assert item.range.start == end_of(SAMPLE)
+    after = await stats(client)
+    assert after["completed"] == before["completed"] + 1
+    assert after["forwards"] > before["forwards"]  # it came from denoising, not from a cache
+    (job,) = [r for r in jobs_of(after, uri) if r["outcome"] == "completed"]
+    assert job["forwards"] >= 1
+
+
+@aio
+async def test_completion_fallback_item_inserts_the_block(client):
+    uri = open_doc(client, SAMPLE)
+    expected = inline_text(await inline(client, open_doc(client, SAMPLE), end_of(SAMPLE)))
+    result = await client.text_document_completion_async(lsp.CompletionParams(
+        text_document=lsp.TextDocumentIdentifier(uri=uri), position=end_of(SAMPLE),
+        context=lsp.CompletionContext(trigger_kind=lsp.CompletionTriggerKind.Invoked)))
+    assert isinstance(result, lsp.CompletionList) and result.is_incomplete
+    (item,) = result.items
+    first_line = next(line.strip() for line in expected.splitlines() if line.strip())
+    assert item.label == f"⟡ diffu: {first_line[:60]}"
+    assert item.text_edit.new_text == expected
+    assert item.text_edit.range.start == end_of(SAMPLE)
+    assert item.insert_text_format == lsp.InsertTextFormat.PlainText
+    assert item.kind in (lsp.CompletionItemKind.Snippet, lsp.CompletionItemKind.Text)
+    assert item.detail == "diffusion model" and item.sort_text == "0"
+    assert expected in item.documentation.value
+
+
+@aio
+async def test_typed_through_reuse_answers_without_the_model(client):
+    uri = open_doc(client, SAMPLE)
+    first = inline_text(await inline(client, uri, end_of(SAMPLE)))
+    assert first and len(first) >= 2
+    before = await stats(client)
+    typed = first[:2]
+    insert(client, uri, 2, end_of(SAMPLE), typed)
+    after_typing = end_of(SAMPLE + typed)
+    result = await inline(client, uri, after_typing, invoked=False)
+    assert inline_text(result) == first[2:]
+    assert result.items[0].range.start == after_typing
+    after = await stats(client)
+    assert after["typed_through_hits"] == before["typed_through_hits"] + 1
+    assert after["submitted"] == before["submitted"]  # no job at all
+    # Typing something else is a new model call.
+    insert(client, uri, 3, after_typing, "#")
+    await inline(client, uri, end_of(SAMPLE + typed + "#"))
+    assert (await stats(client))["submitted"] == before["submitted"] + 1
+
+
+@aio
+async def test_burst_of_edits_newest_version_wins(scratch):
+    client = scratch
+    await configure(client, SLOW)
+    text = SAMPLE
+    uri = open_doc(client, text)
+    await asyncio.sleep(0.3)
+    before = await stats(client)
+    requests = []
+    for version, ch in enumerate("main(", start=2):
+        insert(client, uri, version, end_of(text), ch)
+        text += ch
+        requests.append(asyncio.ensure_future(inline(client, uri, end_of(text), invoked=False)))
+        await asyncio.sleep(0.25)  # the job of this request starts (60 ms debounce) and runs
+    answers = await asyncio.wait_for(asyncio.gather(*requests), WAIT_S)
+    assert all(inline_text(a) is None for a in answers[:-1]), answers
+    # The last answer is what the model says for the newest text (same content, fresh document).
+    reference = inline_text(await inline(client, open_doc(client, text), end_of(text)))
+    assert inline_text(answers[-1]) == reference
+    after = await stats(client)
+    burst = [r for r in jobs_of(after, uri) if r["id"] > max([0] + [r["id"] for r in before["records"]])]
+    superseded = [r for r in burst if r["outcome"] in ("stale", "superseded", "cancelled")]
+    assert len(superseded) == len(requests) - 1
+    assert any(r["ran"] and r["forwards"] >= 1 for r in superseded), "no job was cancelled while running"
+    assert all(r["forwards_after_cancel"] <= 1 for r in superseded)
+    assert after["max_forwards_after_cancel"] <= 1
+    assert [r["outcome"] for r in burst if r["outcome"] == "completed"] == ["completed"]
+
+
+# ------------------------------------------------------------------ code actions and commands
+
+async def code_actions(client, uri, rng, only=None):
+    return await client.text_document_code_action_async(lsp.CodeActionParams(
+        text_document=lsp.TextDocumentIdentifier(uri=uri), range=rng,
+        context=lsp.CodeActionContext(diagnostics=[], only=only)))
+
+
+def rng(l1, c1, l2, c2) -> lsp.Range:
+    return lsp.Range(start=lsp.Position(line=l1, character=c1), end=lsp.Position(line=l2, character=c2))
+
+
+@aio
+async def test_code_actions_are_offered_where_they_apply(client):
+    uri = open_doc(client, HOLES)
+    actions = await code_actions(client, uri, rng(0, 0, 5, 7))
+    assert all(isinstance(a, lsp.CodeAction) for a in actions)
+    assert {a.kind for a in actions} == OUR_KINDS
+    by_kind = {a.kind: a for a in actions}
+    fill = by_kind[server_mod.KIND_FILL_HOLES].command
+    assert fill.command == server_mod.CMD_FILL_HOLES
+    assert plain(fill.arguments) == [{"textDocument": {"uri": uri},
+                                      "range": {"start": {"line": 0, "character": 0}, "end": {"line": 5, "character": 7}}}]
+    assert by_kind[server_mod.KIND_REFINE].command.command == server_mod.CMD_REFINE
+    assert by_kind[server_mod.KIND_COMPLETE_BLOCK].command.command == server_mod.CMD_COMPLETE_BLOCK
+    # Cursor inside a def with a hole: fill holes (enclosing block), no refine (empty selection).
+    kinds = {a.kind for a in await code_actions(client, uri, rng(1, 2, 1, 2))}
+    assert kinds == {server_mod.KIND_FILL_HOLES, server_mod.KIND_COMPLETE_BLOCK}
+    # No hole markers in `describe`: no fill holes.
+    kinds = {a.kind for a in await code_actions(client, uri, rng(9, 4, 9, 10))}
+    assert kinds == {server_mod.KIND_REFINE, server_mod.KIND_COMPLETE_BLOCK}
+    # `only` filters hierarchically.
+    only = await code_actions(client, uri, rng(0, 0, 5, 7), only=[server_mod.KIND_REFINE])
+    assert [a.kind for a in only] == [server_mod.KIND_REFINE]
+    assert not await code_actions(client, uri, rng(0, 0, 5, 7), only=["quickfix"])
+
+
+@aio
+async def test_fill_holes_sends_one_edit_for_all_holes(client):
+    uri = open_doc(client, HOLES)
+    client.edits.clear()
+    result = await execute(client, server_mod.CMD_FILL_HOLES, textDocument={"uri": uri},
+                           range={"start": {"line": 0, "character": 0}, "end": {"line": 5, "character": 7}})
+    assert result == {"applied": True}
+    (params,) = client.edits
+    (change,) = params.edit.document_changes
+    assert change.text_document.uri == uri and change.text_document.version == 1
+    assert [e.range for e in change.edits] == [rng(1, 4, 1, 7), rng(5, 4, 5, 7)]  # the two `...`
+    assert all(e.new_text.strip() and "..." not in e.new_text for e in change.edits)
+    (job,) = [r for r in jobs_of(await stats(client), uri)]
+    assert job["key"] == f"{uri}#command" and job["outcome"] == "completed"
+
+
+@aio
+async def test_complete_block_inserts_at_the_cursor(client):
+    text = "def fibonacci(n):\n    "
+    uri = open_doc(client, text)
+    client.edits.clear()
+    result = await execute(client, server_mod.CMD_COMPLETE_BLOCK, textDocument={"uri": uri},
+                           position={"line": 1, "character": 4})
+    if result["applied"]:
+        (edit,) = client.edits[0].edit.document_changes[0].edits
+        assert edit.range.start == lsp.Position(line=1, character=4) and edit.new_text.strip()
+    else:  # the model had nothing to add: then nothing was sent
+        assert client.edits == []
+    (job,) = jobs_of(await stats(client), uri)
+    assert job["ran"] and job["outcome"] == "completed"
+
+
+@aio
+async def test_refine_reports_progress_and_edits_the_selection(client):
+    text = HOLES
+    uri = open_doc(client, text)
+    client.edits.clear()
+    tokens_before = set(client.progress_reports)
+    result = await execute(client, server_mod.CMD_REFINE, textDocument={"uri": uri},
+                           range={"start": {"line": 8, "character": 0}, "end": {"line": 9, "character": 21}})
+    (token,) = set(client.progress_reports) - tokens_before
+    reports = client.progress_reports[token]
+    assert isinstance(reports[0], lsp.WorkDoneProgressBegin) and reports[0].cancellable
+    assert any(isinstance(r, lsp.WorkDoneProgressReport) and "step" in r.message for r in reports)
+    assert isinstance(reports[-1], lsp.WorkDoneProgressEnd) and reports[-1].message == "done"
+    if result["applied"]:
+        (edit,) = client.edits[0].edit.document_changes[0].edits
+        assert edit.range == rng(8, 0, 9, 21)
+    else:
+        assert client.edits == []  # the model kept the selection, or produced nothing
+    (job,) = jobs_of(await stats(client), uri)
+    assert job["outcome"] == "completed" and job["forwards"] == len(
+        [r for r in reports if isinstance(r, lsp.WorkDoneProgressReport)])
+
+
+@aio
+async def test_cancelling_refine_progress_stops_the_job(scratch):
+    client = scratch
+    await configure(client, {"algorithm": "entropy"})  # one token per forward pass: many steps
+    text = SAMPLE
+    uri = open_doc(client, text)
+    client.edits.clear()
+    tokens_before = set(client.progress_reports)
+    command = asyncio.ensure_future(execute(
+        client, server_mod.CMD_REFINE, textDocument={"uri": uri},
+        range={"start": {"line": 4, "character": 0}, "end": {"line": 20, "character": 0}}))
+
+    def reporting_token():
+        for token in set(client.progress_reports) - tokens_before:
+            if any(isinstance(r, lsp.WorkDoneProgressReport) for r in client.progress_reports[token]):
+                return token
+
+    token = await until(reporting_token, "a refine progress report")
+    client.window_work_done_progress_cancel(lsp.WorkDoneProgressCancelParams(token=token))
+    assert await asyncio.wait_for(command, WAIT_S) == {"applied": False}
+    end = client.progress_reports[token][-1]
+    assert isinstance(end, lsp.WorkDoneProgressEnd) and "cancelled" in end.message
+    assert client.edits == []
+    # The caller is answered at once; the record is written when the model thread lets go.
+    deadline = time.monotonic() + WAIT_S
+    while not (jobs := jobs_of(await stats(client), uri)):
+        assert time.monotonic() < deadline, "the cancelled job never finished"
+        await asyncio.sleep(0.05)
+    (job,) = jobs
+    assert job["outcome"] == "cancelled" and job["ran"]
+    assert job["forwards_after_cancel"] <= 1
+    selection_tokens = 100  # 16 lines of code: far more tokens than forwards before the cancel
+    assert job["forwards"] < selection_tokens
+
+
+# ------------------------------------------------------------------ bad input
+
+@aio
+async def test_malformed_params_get_invalid_params(client):
+    with pytest.raises(JsonRpcException) as caught:
+        await raw_request(client, lsp.TEXT_DOCUMENT_INLINE_COMPLETION,
+                          {"textDocument": {"uri": 5}, "position": "end of file"})
+    assert caught.value.code == JsonRpcInvalidParams.CODE
+    with pytest.raises(JsonRpcException) as caught:
+        await raw_request(client, lsp.TEXT_DOCUMENT_COMPLETION, None)
+    assert caught.value.code == JsonRpcInvalidParams.CODE
+    with pytest.raises(JsonRpcException) as caught:  # a command with the wrong argument shape
+        await execute(client, server_mod.CMD_FILL_HOLES, textDocument="nope")
+    assert caught.value.code == JsonRpcInvalidParams.CODE
+    # Bad notifications are dropped quietly: no answer is due, the server carries on.
+    client.protocol._send_data({"jsonrpc": "2.0", "method": lsp.TEXT_DOCUMENT_DID_OPEN, "params": {"x": 1}})
+    assert (await stats(client))["model_state"] == "ready"
+
+
+@aio
+async def test_unknown_method_gets_method_not_found(client):
+    with pytest.raises(JsonRpcMethodNotFound):
+        await client.protocol.send_request_async("diffu/noSuchMethod", {"x": 1})
+    with pytest.raises(JsonRpcException):
+        await client.workspace_execute_command_async(lsp.ExecuteCommandParams(command="diffu.nope", arguments=[]))
+
+
+@aio
+async def test_unknown_uri_gets_an_empty_answer(client):
+    uri = "file:///virtual/never-opened.py"
+    assert await inline(client, uri, lsp.Position(line=0, character=0)) is None
+    assert not await code_actions(client, uri, rng(0, 0, 0, 0))
+    assert await execute(client, server_mod.CMD_COMPLETE_BLOCK, textDocument={"uri": uri},
+                         position={"line": 0, "character": 0}) == {"applied": False}
+
+
+@aio
+async def test_positions_past_the_end_are_clamped(client):
+    text = 'name = "héllo"\nx = '
+    uri = open_doc(client, text)
+    # Past the end of line 0 (in UTF-8 units, the negotiated encoding): clamped to its end.
+    actions = await code_actions(client, uri, rng(0, 500, 0, 500), only=[server_mod.KIND_COMPLETE_BLOCK])
+    assert plain(actions[0].command.arguments)[0]["position"] == {"line": 0, "character": len('name = "héllo"'.encode())}
+    # Past the last line: the end of the document; the request is answered (text or None).
+    result = await inline(client, uri, lsp.Position(line=99, character=99))
+    if inline_text(result):
+        assert result.items[0].range.start == lsp.Position(line=1, character=4)
+    actions = await code_actions(client, uri, rng(99, 0, 99, 9), only=[server_mod.KIND_COMPLETE_BLOCK])
+    assert plain(actions[0].command.arguments)[0]["position"] == {"line": 1, "character": 4}
+
+
+@aio
+async def test_binary_content_gets_an_empty_answer(client):
+    text = "data = b'\x00\x01\x02'\nvalue = "
+    uri = open_doc(client, text)
+    before = await stats(client)
+    assert await inline(client, uri, end_of(text)) is None
+    assert not await code_actions(client, uri, rng(0, 0, 1, 3))
+    assert (await stats(client))["submitted"] == before["submitted"]
+
+
+@aio
+async def test_huge_document_is_windowed(client):
+    body = "def f{0}(x):\n    return x + {0}\n\n\n"
+    text = "".join(body.format(i) for i in range(150_000))  # about 4.6 MB, over maxDocumentBytes
+    assert len(text) > 4_000_000
+    text += "def last(x):\n    return "
+    uri = open_doc(client, text)
+    started = time.monotonic()
+    await inline(client, uri, end_of(text))  # a suggestion or None; either way answered
+    st = await stats(client)
+    (job,) = jobs_of(st, uri)
+    assert job["outcome"] == "completed" and job["forwards"] >= 1
+    assert time.monotonic() - started < WAIT_S
+    client.text_document_did_close(lsp.DidCloseTextDocumentParams(text_document=lsp.TextDocumentIdentifier(uri=uri)))
+
+
+@aio
+async def test_server_survives_bad_input(client):
+    """After everything above, the shared server still answers with the model."""
+    uri = open_doc(client, SAMPLE)
+    assert inline_text(await inline(client, uri, end_of(SAMPLE)))
+    assert client.error is None
+
+
+# ------------------------------------------------------------------ settings
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def configured(tmp_path):
+    user = tmp_path / "xdg" / "diffu-lsp" / "diffu-lsp.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text("threshold = 0.5\nsingle_line_tokens = 20\n")
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "diffu-lsp.toml").write_text("singleLineTokens = 24\nprefixTokens = 300\n")
+    c = await start_server(tmp_path, init_options={"diffu": {"debounceMs": 30, "prefixTokens": 400}},
+                           configuration={"suffixTokens": 100})
+    c.user_toml = user
+    await wait_status(c, "ready")
+    yield c
+    await stop_server(c)
+
+
+@aio
+async def test_settings_layers_and_invalid_values(configured):
+    client = configured
+    s = (await stats(client))["settings"]
+    # defaults < user TOML < workspace TOML < initializationOptions < workspace/configuration
+    assert (s["threshold"], s["singleLineTokens"], s["prefixTokens"], s["debounceMs"], s["suffixTokens"]) == (
+        0.5, 24, 400, 30, 100)
+    assert client.init_result.capabilities.position_encoding == lsp.PositionEncodingKind.Utf16  # nothing offered
+
+    # An invalid value: a warning that names the key, and the previous value stays.
+    client.messages.clear()
+    client.set_configuration({"suffixTokens": 100, "steps": 0}, section="diffu")
+    client.workspace_did_change_configuration(lsp.DidChangeConfigurationParams(settings=None))
+    warning = await until(lambda: [m for m in client.messages if "steps" in m.message], "a warning about steps")
+    assert warning[0].type == lsp.MessageType.Warning and ">= 1" in warning[0].message
+    assert (await stats(client))["settings"]["steps"] is None
+
+    # A changed TOML file is re-applied live; an invalid value in it keeps the old one.
+    client.user_toml.write_text("threshold = 0.7\n")
+    deadline = time.monotonic() + WAIT_S
+    while (await stats(client))["settings"]["threshold"] != 0.7:
+        assert time.monotonic() < deadline, "the changed user TOML was not re-applied"
+        await asyncio.sleep(0.1)
+    client.messages.clear()
+    client.user_toml.write_text("threshold = 7\n")
+    warning = await until(lambda: [m for m in client.messages if "threshold" in m.message], "a threshold warning")
+    assert warning[0].type == lsp.MessageType.Warning
+    assert (await stats(client))["settings"]["threshold"] == 0.7
+    client.messages.clear()
+    client.user_toml.write_text("threshold = [oops\n")
+    await until(lambda: [m for m in client.messages if "Invalid TOML" in m.message], "an invalid TOML warning")
+    assert (await stats(client))["settings"]["threshold"] == 0.7
+
+
+@aio
+async def test_model_setting_change_reloads_in_the_background(configured, tmp_path):
+    client = configured
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "not-a-diffusion-model"}))
+    seen = len(client.statuses)
+    client.messages.clear()
+    await configure(client, {"suffixTokens": 100, "model": str(broken)})
+    error = await wait_status(client, "error", after=seen)
+    assert "not-a-diffusion-model" in error["message"]
+    shown = await until(lambda: [m for m in client.messages if m.type == lsp.MessageType.Error], "an error message")
+    assert "could not load the model" in shown[0].message
+    uri = open_doc(client, SAMPLE)
+    assert await inline(client, uri, end_of(SAMPLE)) is None  # no model: empty, not an error
+    seen = len(client.statuses)
+    await configure(client, {"suffixTokens": 100, "model": None})
+    await wait_status(client, "ready", after=seen)
+    st = await stats(client)
+    assert st["model_loads"] == 2 and st["model_load_failures"] == 1
+
+
+@aio
+async def test_model_folder_that_fails_to_load(tmp_path):
+    broken = tmp_path / "half-written"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "Dream", ')  # truncated
+    client = await start_server(tmp_path, "--model", str(broken))
+    try:
+        error = await wait_status(client, "error")
+        assert error["model"] == str(broken)
+        await until(lambda: [m for m in client.messages if m.type == lsp.MessageType.Error], "an error message")
+        uri = open_doc(client, SAMPLE)
+        assert await inline(client, uri, end_of(SAMPLE)) is None
+        assert await execute(client, server_mod.CMD_COMPLETE_BLOCK, textDocument={"uri": uri},
+                             position={"line": 0, "character": 0}) == {"applied": False}
+        assert (await stats(client))["model_state"] == "error"
+    finally:
+        await stop_server(client)
+
+
+# ------------------------------------------------------------------ in-process units
+
+def test_oom_retry_uses_a_smaller_hole_once():
+    class OutOfMemoryError(RuntimeError):  # what torch raises, matched by name
+        pass
+
+    settings = server_mod.Settings()
+    calls = []
+
+    def run(s):
+        calls.append(s)
+        if len(calls) == 1:
+            raise OutOfMemoryError("CUDA out of memory")
+        return "ok"
+
+    assert server_mod.retry_on_oom(run, settings) == "ok"
+    assert calls[1].single_line_tokens == settings.single_line_tokens // 2
+    assert calls[1].prefix_tokens == settings.prefix_tokens // 2
+
+    def always(s):
+        raise OutOfMemoryError("still")
+
+    with pytest.raises(OutOfMemoryError):
+        server_mod.retry_on_oom(always, settings)
+    with pytest.raises(ValueError):  # anything else is not retried
+        server_mod.retry_on_oom(lambda s: (_ for _ in ()).throw(ValueError("x")), settings)
+
+
+def test_tcp_only_on_loopback():
+    assert server_mod.parse_tcp("127.0.0.1:2087") == ("127.0.0.1", 2087)
+    assert server_mod.parse_tcp("[::1]:2087") == ("::1", 2087)
+    assert server_mod.parse_tcp("localhost:9") == ("localhost", 9)
+    for bad in ("0.0.0.0:2087", "192.168.1.4:2087", "example.com:2087", "127.0.0.1", "127.0.0.1:http", ":2087"):
+        with pytest.raises(ValueError):
+            server_mod.parse_tcp(bad)
+    assert server_mod.serve(tcp="0.0.0.0:2087") == 2
+
+
+def test_documents_break_lines_like_lsp():
+    """Form feeds and U+2028 are not line breaks in LSP (pygls's splitlines says they are)."""
+    doc = server_mod.LspTextDocument("file:///x.py", "a\x0cb\nc\u2028d\r\ne\rf")
+    assert doc.lines == ("a\x0cb\n", "c\u2028d\r\n", "e\r", "f")
+    doc.apply_change(lsp.TextDocumentContentChangePartial(range=rng(1, 0, 1, 1), text="C"))
+    assert doc.source == "a\x0cb\nC\u2028d\r\ne\rf"
+    assert server_mod.DiffuServer.position_at(doc, [len(doc.source)]) == [lsp.Position(line=3, character=1)]
+    assert server_mod.DiffuServer.offset_at(doc, lsp.Position(line=1, character=99)) == (
+        len("a\x0cb\nC\u2028d"), lsp.Position(line=1, character=3))
