@@ -128,12 +128,13 @@ def autoregressive(model, prefix_ids: list[int], suffix_ids: list[int], length: 
     _sync(model)
     started = time.perf_counter()
     cache = DynamicCache(config=network.config)
-    logits = network(input_ids=prompt, use_cache=True, **{keyword: cache}).logits
+    # logits_to_keep=1: the LM head only on the last row, as generate() does
+    logits = network(input_ids=prompt, use_cache=True, logits_to_keep=1, **{keyword: cache}).logits
     forwards = 1
     token = logits[:, -1].argmax(-1, keepdim=True)
     out = [int(token)]
     while len(out) < length:
-        logits = network(input_ids=token, use_cache=True, **{keyword: cache}).logits
+        logits = network(input_ids=token, use_cache=True, logits_to_keep=1, **{keyword: cache}).logits
         forwards += 1
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(token))
