@@ -32,16 +32,20 @@ from .train import read_source, stdlib_files
 MASK_RATES = (0.15, 0.50, 0.90)
 
 
-def masked_accuracy(model, files, rate: float, windows: int, seq_len: int, seed: int) -> float:
+def masked_windows(model, files, rate: float, windows: int, seq_len: int, seed: int):
+    """(window ids, masked positions) drawn from the files; the same draws for the same seed."""
     rng = random.Random(seed)
-    correct = total = 0
-    streams = [model.encode(read_source(f)) for f in files]
-    streams = [s for s in streams if len(s) > seq_len + 1]
+    streams = [s for s in (model.encode(read_source(f)) for f in files) if len(s) > seq_len + 1]
     for _ in range(windows):
         stream = rng.choice(streams)
         start = rng.randrange(len(stream) - seq_len)
         window = stream[start:start + seq_len]
-        masked = [i for i in range(1, seq_len) if rng.random() < rate] or [1]
+        yield window, [i for i in range(1, seq_len) if rng.random() < rate] or [1]
+
+
+def masked_accuracy(model, files, rate: float, windows: int, seq_len: int, seed: int) -> float:
+    correct = total = 0
+    for window, masked in masked_windows(model, files, rate, windows, seq_len, seed):
         canvas = list(window)
         for i in masked:
             canvas[i] = model.mask_token_id
@@ -57,15 +61,8 @@ def unigram_accuracy(model, train_files, eval_files, rate: float, windows: int, 
     for f in train_files:
         counts.update(model.encode(read_source(f)))
     most_frequent = counts.most_common(1)[0][0]
-    rng = random.Random(seed)
     correct = total = 0
-    streams = [model.encode(read_source(f)) for f in eval_files]
-    streams = [s for s in streams if len(s) > seq_len + 1]
-    for _ in range(windows):
-        stream = rng.choice(streams)
-        start = rng.randrange(len(stream) - seq_len)
-        window = stream[start:start + seq_len]
-        masked = [i for i in range(1, seq_len) if rng.random() < rate] or [1]
+    for window, masked in masked_windows(model, eval_files, rate, windows, seq_len, seed):
         correct += sum(window[i] == most_frequent for i in masked)
         total += len(masked)
     return correct / total
