@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import Options, machine, machine_line, render
+from .common import Options, machine, machine_line, progress, render
 
 SUITES = ("replay", "speed", "quality", "memory")
 
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 from .common import load
                 model = load(options)
             started = time.perf_counter()
+            progress(f"{name}: starting")
             result = run_suite(name, options, model)
             results.append(result)
             print(f"\n## {result['title']}  ({time.perf_counter() - started:.0f} s)\n")

@@ -47,6 +47,13 @@ class Options:
     extra: dict = field(default_factory=dict)
 
 
+def progress(message: str) -> None:
+    """A line on stderr so a long run shows where it is (tables go to stdout)."""
+    import sys
+
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------- numbers
 
 def median(values: Iterable[float]) -> float:

@@ -186,6 +186,7 @@ def run(options: common.Options, model=None) -> dict:
             item = fill(model, setting, task, PREFIX_TOKENS, SUFFIX_TOKENS)
             item.update(task=task.task_id, program=task.program(item["text"]))
             results.setdefault((task.protocol, setting.key), []).append(item)
+        common.progress(f"quality: {setting.key} on {len(tasks)} HumanEval tasks done")
     for task in (t for t in tasks if t.protocol == "single-line"):
         item = suggest_line(model, task)
         item.update(task=task.task_id, program=task.program(item["text"]))
@@ -194,6 +195,7 @@ def run(options: common.Options, model=None) -> dict:
     canonical = {p["task_id"]: p["prompt"] + p["canonical_solution"] + f"\n\n{p['test']}\n\ncheck({p['entry_point']})\n"
                  for p in chosen}
     programs = [i["program"] for items in results.values() for i in items] + list(canonical.values())
+    common.progress(f"quality: running {len(set(programs))} distinct test programs")
     executed = sandbox.run_many(programs, options.exec_timeout)
     for items in results.values():
         for item in items:
@@ -218,6 +220,7 @@ def run(options: common.Options, model=None) -> dict:
     stdlib_rows, stdlib_records = [], []
     for setting in SETTINGS:
         items = [fill(model, setting, t, STDLIB_PREFIX_TOKENS, STDLIB_SUFFIX_TOKENS) for t in lines]
+        common.progress(f"quality: {setting.key} on {len(lines)} stdlib lines done")
         agg = aggregate(items)
         stdlib_records.append({"setting": setting.key, **agg})
         stdlib_rows.append([setting.key, agg["tasks"], agg["exact"], agg["tokens_per_forward"], agg["forwards"], agg["ms"]])
@@ -250,7 +253,8 @@ def run(options: common.Options, model=None) -> dict:
             "Hole size = tokens of the true span + max(4, 25 %) slack (an oracle length, as in the infilling "
             "evaluations of Dream/DiffuCoder); the fill is cut at the first EOS/pad. Diffusion settings decode "
             "through `DiffusionModel.fill` without post-processing; `server default` is `features.suggest` with "
-            "default settings (its own hole size and post-processing) at the start of the emptied line.",
+            "default settings (its own hole size and post-processing) at the start of the emptied line; its whole "
+            "suggestion is inserted, as accepting it in an editor would.",
             "pass@1: greedy decoding, one sample; the program prompt + solution-with-fill + the problem's "
             f"`check` runs in a sandbox: {sandbox.describe()}; {options.exec_timeout:g} s limit. "
             f"Sanity check: {canonical_passed}/{len(chosen)} canonical solutions pass in the same sandbox.",

@@ -57,6 +57,7 @@ def run(options: common.Options, model=None) -> dict:
                 for setting in SETTINGS:
                     out = decode(model, setting, prefix, suffix, size)
                     runs.setdefault((size, setting.key), []).append(out)
+        common.progress(f"speed: block {size} done")
 
     rows, records = [], []
     for size in sizes:
