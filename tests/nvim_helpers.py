@@ -20,8 +20,8 @@ EDITORS_NVIM = REPO / "editors" / "nvim"
 VENV_BIN = Path(sys.executable).parent
 
 # Start-up loads a model on CPU: be generous.
-READY_TIMEOUT = float(os.environ.get("DIFFU_NVIM_READY_TIMEOUT", "180"))
-REQUEST_TIMEOUT = float(os.environ.get("DIFFU_NVIM_REQUEST_TIMEOUT", "120"))
+READY_TIMEOUT = float(os.environ.get("DIFFU_NVIM_READY_TIMEOUT", "300"))
+REQUEST_TIMEOUT = float(os.environ.get("DIFFU_NVIM_REQUEST_TIMEOUT", "240"))
 
 INIT_LUA = """\
 vim.opt.runtimepath:prepend({editors_nvim})

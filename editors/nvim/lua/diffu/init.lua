@@ -401,26 +401,50 @@ end
 
 -- ------------------------------------------------------------------ server commands
 
+-- Commands in flight: { client_id, id, command, title, bufnr, cancelled }
+local running = {}
+
+local function command_done(entry, result, err)
+  for k, e in ipairs(running) do
+    if e == entry then
+      table.remove(running, k)
+      break
+    end
+  end
+  -- for scripts and tests: data = { command, result?, err?, bufnr }
+  vim.api.nvim_exec_autocmds('User', {
+    pattern = 'DiffuCommandDone',
+    modeline = false,
+    data = { command = entry.command, result = result, err = err, bufnr = entry.bufnr },
+  })
+end
+
 local function exec(bufnr, client, command, args, title)
   local params = vim.tbl_extend('force', { textDocument = { uri = vim.uri_from_bufnr(bufnr) } }, args)
+  local entry = { client_id = client.id, command = command, title = title, bufnr = bufnr }
+  local before = {}
+  for id in pairs(client.requests) do
+    before[id] = true
+  end
   client:exec_cmd({ title = title, command = command, arguments = { params } }, { bufnr = bufnr }, function(err, result)
+    if entry.cancelled then
+      return -- already reported by M.cancel()
+    end
     if err then
-      if err.code ~= REQUEST_CANCELLED then
-        notify(('%s failed: %s'):format(title, err.message or vim.inspect(err)), vim.log.levels.ERROR)
-      else
-        notify(title .. ' cancelled')
-      end
-      return
+      vim.notify(('%s failed: %s'):format(title, err.message or vim.inspect(err)), vim.log.levels.ERROR)
+    elseif type(result) == 'table' and result.applied == false then
+      vim.notify(title .. ': no change was applied', vim.log.levels.INFO)
     end
-    if type(result) == 'table' and result.applied == false then
-      notify(title .. ': no change was applied')
-    end
-    vim.api.nvim_exec_autocmds('User', {
-      pattern = 'DiffuCommandDone',
-      modeline = false,
-      data = { command = command, result = result, bufnr = bufnr },
-    })
+    command_done(entry, result, err)
   end)
+  for id, req in pairs(client.requests) do
+    if not before[id] and req.method == 'workspace/executeCommand' then
+      entry.id = id
+    end
+  end
+  if entry.id then
+    table.insert(running, entry)
+  end
 end
 
 --- Refine (regenerate) a range: `range` is an LSP range; default the last visual selection.
@@ -480,15 +504,24 @@ end
 function M.cancel(bufnr)
   bufnr = resolve_bufnr(bufnr)
   local n = 0
-  for _, client in ipairs(vim.lsp.get_clients({ name = NAME })) do
-    for id, req in pairs(client.requests) do
-      if req.type == 'pending' and req.method == 'workspace/executeCommand' and req.bufnr == bufnr then
-        client:cancel_request(id)
-        n = n + 1
+  for _, entry in ipairs({ unpack(running) }) do
+    if entry.bufnr == bufnr and not entry.cancelled then
+      local client = vim.lsp.get_client_by_id(entry.client_id)
+      if client then
+        -- the server stops the job on either: the request's $/cancelRequest, or the progress'
+        -- window/workDoneProgress/cancel
+        for token in pairs(client._diffu_progress or {}) do
+          client:notify('window/workDoneProgress/cancel', { token = token })
+        end
+        local req = client.requests[entry.id]
+        if req and req.type == 'pending' then
+          client:cancel_request(entry.id)
+        end
       end
-    end
-    for token in pairs(client._diffu_progress or {}) do
-      client:notify('window/workDoneProgress/cancel', { token = token })
+      entry.cancelled = true
+      n = n + 1
+      vim.notify(entry.title .. ': cancelled', vim.log.levels.INFO)
+      command_done(entry, nil, { code = REQUEST_CANCELLED, message = 'cancelled' })
     end
   end
   if n == 0 then
