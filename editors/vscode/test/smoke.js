@@ -4,7 +4,8 @@
 // model ready (diffu/status), then runs Refine Selection and Complete Block through the palette
 // commands and checks that the server's workspace/applyEdit reached VS Code's workspace.applyEdit.
 //
-//   npm run bundle && node test/smoke.js            (SMOKE_VERBOSE=1 shows the server log)
+//   npm run bundle && node test/smoke.js            (SMOKE_VERBOSE=1 shows the server log;
+//   SMOKE_MODEL=/path/to/checkpoint runs the server with --model)
 const Module = require('module');
 const path = require('path');
 const log = (...a) => console.log('[smoke]', ...a);
@@ -101,6 +102,10 @@ Module._load = function (request, parent, isMain) { if (request === 'vscode') re
   const ext = require(path.resolve(process.argv[2] || 'out/extension.js'));
   if (process.env.SMOKE_SERVER) config['diffu.server.command'] = process.env.SMOKE_SERVER;
   config['diffu.threshold'] = 0.8;
+  if (process.env.SMOKE_MODEL) {  // e.g. a random-weight checkpoint: commands then always edit
+    config['diffu.server.args'] = ['--model', process.env.SMOKE_MODEL];
+    Object.assign(config, { 'diffu.algorithm': 'entropy', 'diffu.singleLineTokens': 8, 'diffu.multiLineTokens': 8, 'diffu.blockTokens': 8 });
+  }
   const pkg = require(path.resolve('package.json'));
   const context = { subscriptions: [], extension: { packageJSON: pkg }, extensionPath: process.cwd(), asAbsolutePath: (p) => path.resolve(p) };
   const t0 = Date.now();
@@ -119,11 +124,18 @@ Module._load = function (request, parent, isMain) { if (request === 'vscode') re
   const afterRefine = edits.length;
   await commands.get('diffu.client.completeBlock')();
   log('after Complete Block, edits applied via workspace.applyEdit:', edits.length);
+  sb.text = '';
+  await commands.get('diffu.client.restartServer')();
+  const deadline2 = Date.now() + Number(process.env.SMOKE_TIMEOUT || 120000);
+  while (!/\$\(sparkle\)|error/.test(sb.text) && Date.now() < deadline2) await new Promise(r => setTimeout(r, 200));
+  log('after Restart Server, status bar:', JSON.stringify(sb.text));
+  if (!/\$\(sparkle\)/.test(sb.text)) throw new Error('status bar not ready after Restart Server: ' + sb.text);
   await ext.deactivate();
   log('notifications:', JSON.stringify(notifications));
   const errors = notifications.filter(([k]) => k === 'error');
   if (errors.length) throw new Error('error messages shown: ' + JSON.stringify(errors));
   if (afterRefine < 1 && !notifications.some(([, m]) => /no change/.test(m))) throw new Error('Refine Selection neither applied an edit nor reported no change');
+  if (process.env.SMOKE_MODEL && afterRefine < 1) throw new Error('Refine Selection applied no edit with SMOKE_MODEL');
   log('OK');
   process.exit(0);
 })().catch((e) => { console.error('[smoke] FAILED', e); process.exit(1); });
