@@ -303,11 +303,16 @@ class DiffuServer(LanguageServer):
         for error in errors:  # cannot happen: layers are validated on the way in
             log.warning("ignored setting: %s", error)
         changed = settings != self.settings
-        self.settings = settings
         self.sched.debounce_s = settings.debounce_ms / 1000
         logging.getLogger("diffu_lsp").setLevel(settings.log_level.upper())
         if changed:
+            old, new = msgspec.to_builtins(self.settings), msgspec.to_builtins(settings)
             log.info("settings: %s", msgspec.json.encode(settings).decode())
+            if self.started:
+                keys = ", ".join(f"{k}={new[k]!r}" for k in new if new[k] != old.get(k))
+                self.log_client(f"diffu-lsp: settings changed: {keys}")
+            self.shown.clear()  # cached suggestions were made under the old settings
+        self.settings = settings
         if self.started:
             self.ensure_model()
 
@@ -756,30 +761,50 @@ def _load_model(name: str | None, device: str, dtype: str):
 
 # ------------------------------------------------------------------ handlers
 
-def guarded(empty: Any = None):
+def guarded(empty: Any = None, *, user_facing: bool = False):
     """An exception never escapes a handler: log it, tell the user if it is worth it, answer
-    ``empty``. Superseded jobs answer ``empty``; protocol errors and $/cancelRequest pass."""
+    ``empty`` (a value, or a factory). Superseded jobs answer ``empty``; protocol errors and
+    $/cancelRequest pass through. ``user_facing`` (commands): failures are shown, not just logged."""
+
+    def answer_empty():
+        return empty() if callable(empty) else empty
+
+    def failed(ls: DiffuServer, name: str, error: Exception):
+        if _is_oom(error):
+            ls.counters["oom_failures"] += 1
+            ls.show("diffu-lsp: out of memory even with a smaller hole; try a smaller model, "
+                    "dtype, or context (prefixTokens/suffixTokens)", lsp.MessageType.Error)
+            return answer_empty()
+        log.exception("%s failed", name)
+        message = f"diffu-lsp: {name} failed: {type(error).__name__}: {error}"
+        if user_facing:
+            ls.show(message, lsp.MessageType.Error)
+        else:
+            ls.log_client(message, lsp.MessageType.Error)
+        return answer_empty()
 
     def decorate(fn):
-        @functools.wraps(fn)
-        async def handler(ls: DiffuServer, *args):
-            try:
-                return await fn(ls, *args)
-            except (JsonRpcException, asyncio.CancelledError):
-                raise
-            except JobCancelled as cancelled:
-                log.debug("%s: %s", fn.__name__, cancelled.reason)
-                return empty() if callable(empty) else empty
-            except Exception as error:  # noqa: BLE001
-                if _is_oom(error):
-                    ls.counters["oom_failures"] += 1
-                    ls.show("diffu-lsp: out of memory even with a smaller hole; try a smaller model, "
-                            "dtype, or context (prefixTokens/suffixTokens)", lsp.MessageType.Error)
-                else:
-                    log.exception("%s failed", fn.__name__)
-                    ls.log_client(f"diffu-lsp: {fn.__name__} failed: {type(error).__name__}: {error}",
-                                  lsp.MessageType.Error)
-                return empty() if callable(empty) else empty
+        if asyncio.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def handler(ls: DiffuServer, *args):
+                try:
+                    return await fn(ls, *args)
+                except (JsonRpcException, asyncio.CancelledError):
+                    raise
+                except JobCancelled as cancelled:
+                    log.debug("%s: %s", fn.__name__, cancelled.reason)
+                    return answer_empty()
+                except Exception as error:  # noqa: BLE001
+                    return failed(ls, fn.__name__, error)
+        else:
+            @functools.wraps(fn)
+            def handler(ls: DiffuServer, *args):
+                try:
+                    return fn(ls, *args)
+                except JsonRpcException:
+                    raise
+                except Exception as error:  # noqa: BLE001
+                    return failed(ls, fn.__name__, error)
 
         return handler  # functools.wraps keeps fn's signature: pygls sees "ls" first
 
@@ -816,6 +841,7 @@ def create_server(*, model: str | None = None, device: str | None = None, dtype:
         await ls.stop()
 
     @server.feature(lsp.TEXT_DOCUMENT_DID_OPEN)
+    @guarded(None)
     def did_open(ls: DiffuServer, params: lsp.DidOpenTextDocumentParams):
         uri, version = params.text_document.uri, params.text_document.version
         ls.sched.note_version(uri, version)
@@ -823,12 +849,14 @@ def create_server(*, model: str | None = None, device: str | None = None, dtype:
         ls.shown.pop(uri, None)
 
     @server.feature(lsp.TEXT_DOCUMENT_DID_CHANGE)
+    @guarded(None)
     def did_change(ls: DiffuServer, params: lsp.DidChangeTextDocumentParams):
         uri, version = params.text_document.uri, params.text_document.version
         ls.sched.note_version(uri, version)
         ls.sched.note_version(f"{uri}#command", version)
 
     @server.feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
+    @guarded(None)
     def did_close(ls: DiffuServer, params: lsp.DidCloseTextDocumentParams):
         uri = params.text_document.uri
         ls.sched.forget(uri)
@@ -836,6 +864,7 @@ def create_server(*, model: str | None = None, device: str | None = None, dtype:
         ls.shown.pop(uri, None)
 
     @server.feature(lsp.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    @guarded(None)
     async def did_change_configuration(ls: DiffuServer, params: lsp.DidChangeConfigurationParams):
         if ls.client_has("workspace.configuration"):
             await ls.pull_configuration()
@@ -903,24 +932,25 @@ def create_server(*, model: str | None = None, device: str | None = None, dtype:
         return actions
 
     @server.command(CMD_COMPLETE_BLOCK)
-    @guarded(lambda: {"applied": False})
+    @guarded(lambda: {"applied": False}, user_facing=True)
     async def complete_block(ls: DiffuServer, *args):
         uri, position = ls.command_target(args, "position")
         return {"applied": await ls.complete_block(uri, position)}
 
     @server.command(CMD_FILL_HOLES)
-    @guarded(lambda: {"applied": False})
+    @guarded(lambda: {"applied": False}, user_facing=True)
     async def fill_holes(ls: DiffuServer, *args):
         uri, rng = ls.command_target(args, "range")
         return {"applied": await ls.fill_holes(uri, rng)}
 
     @server.command(CMD_REFINE)
-    @guarded(lambda: {"applied": False})
+    @guarded(lambda: {"applied": False}, user_facing=True)
     async def refine_selection(ls: DiffuServer, *args):
         uri, rng = ls.command_target(args, "range")
         return {"applied": await ls.refine_selection(uri, rng)}
 
     @server.feature(STATS)
+    @guarded(None)
     def stats(ls: DiffuServer, params):
         return ls.stats()
 
@@ -954,6 +984,15 @@ def parse_tcp(tcp: str) -> tuple[str, int]:
     return host, port
 
 
+def _enable_stack_dumps() -> None:
+    """``kill -USR1 <pid>`` writes every thread's Python stack to stderr (the log)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+
+
 def _configure_logging() -> None:
     root = logging.getLogger()
     if not root.handlers:
@@ -976,6 +1015,7 @@ def serve(*, model: str | None = None, device: str | None = None, dtype: str | N
             log.error("--tcp: %s", error)
             return 2
     server = create_server(model=model, device=device, dtype=dtype)
+    _enable_stack_dumps()
     if address is not None:
         log.info("diffu-lsp %s listening on %s:%d", __version__, *address)
         server.start_tcp(*address)

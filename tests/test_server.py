@@ -15,7 +15,9 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import sys
+import sysconfig
 import time
 import uuid
 from pathlib import Path
@@ -78,15 +80,27 @@ OUR_KINDS = {server_mod.KIND_REFINE, server_mod.KIND_FILL_HOLES, server_mod.KIND
 # Slow jobs (one token revealed per forward pass) so that edits land while a job runs.
 SLOW = {"algorithm": "entropy", "singleLineTokens": 64, "multiLineTokens": 64, "blockTokens": 64}
 
-# Places where a code model has something to say (the cursor is at the end of each).
-CANDIDATES = [
+def stdlib_places(module: str = "textwrap.py", count: int = 8) -> list[tuple[str, int]]:
+    """(text, offset): positions after `if ` / `return ` in a real standard-library file, the
+    kind of code the bundled model learns from."""
+    path = Path(sysconfig.get_paths()["stdlib"]) / module
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    return [(text, m.end()) for m in re.finditer(r"\n +(?:if|return) ", text)][:count]
+
+
+# Places where a code model has something to say: real code first, then small snippets (cursor
+# at the end). The bundled model is small and still training: at a given place it may well
+# have nothing to add, but not at all of them.
+CANDIDATES = stdlib_places() + [(text, len(text)) for text in [
     SAMPLE,
     "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = ",
     "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return ",
     "import os\n\n\ndef exists(path):\n    return os.path.",
     "def first(items):\n    for item in items:\n        return ",
     "def greet(name):\n    print(",
-]
+]]
 
 
 # ------------------------------------------------------------------ client plumbing
@@ -161,8 +175,11 @@ async def start_server(tmp: Path, *args: str, encodings=None, init_options=None,
     """A server on `tmp`: XDG_CONFIG_HOME=tmp/xdg, workspace root tmp/ws."""
     (tmp / "xdg").mkdir(exist_ok=True)
     (tmp / "ws").mkdir(exist_ok=True)
-    config = ClientServerConfig(server_command=server_command(*args), client_factory=make_client,
-                                server_env={**os.environ, "XDG_CONFIG_HOME": str(tmp / "xdg")})
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp / "xdg"),
+           # One torch thread: on a machine shared with training, spinning OpenMP threads
+           # that wait for each other make every forward pass many times slower.
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    config = ClientServerConfig(server_command=server_command(*args), client_factory=make_client, server_env=env)
     client = await config.start()
     if configuration is not None:
         client.set_configuration(configuration, section="diffu")
@@ -237,9 +254,16 @@ def open_doc(client: LanguageClient, text: str, name: str | None = None, version
     return uri
 
 
+def position_of(text: str, offset: int, encoding: str = "utf-16") -> lsp.Position:
+    """The LSP position of a character offset (code units of `encoding`)."""
+    line = text.count("\n", 0, offset)
+    start = text.rfind("\n", 0, offset) + 1
+    units = text[start:offset].encode("utf-16-le" if encoding == "utf-16" else encoding)
+    return lsp.Position(line=line, character=len(units) // (2 if encoding == "utf-16" else 1))
+
+
 def end_of(text: str) -> lsp.Position:
-    lines = text.split("\n")
-    return lsp.Position(line=len(lines) - 1, character=len(lines[-1].encode("utf-16-le")) // 2)
+    return position_of(text, len(text))
 
 
 def insert(client: LanguageClient, uri: str, version: int, at: lsp.Position, text: str) -> None:
@@ -273,11 +297,13 @@ def jobs_of(st: dict, uri: str) -> list[dict]:
 
 
 async def model_suggestion(client: LanguageClient, min_length: int = 1):
-    """(text, suggestion): the first of CANDIDATES where the model suggests something."""
-    for text in CANDIDATES:
-        suggestion = inline_text(await inline(client, open_doc(client, text), end_of(text)))
-        if suggestion and len(suggestion.strip()) >= min_length:
-            return text, suggestion
+    """(text, offset, suggestion): the first of CANDIDATES where the model suggests something
+    (at least `min_length` characters before any line break)."""
+    for text, offset in CANDIDATES:
+        position = position_of(text, offset, "utf-8")  # the shared server negotiated UTF-8
+        suggestion = inline_text(await inline(client, open_doc(client, text), position))
+        if suggestion and len(suggestion.split("\n")[0]) >= min_length:
+            return text, offset, suggestion
     raise AssertionError(f"the model suggested nothing at any of {len(CANDIDATES)} places")
 
 
@@ -334,13 +360,14 @@ async def test_initialize_advertises_features(client):
 
 @aio
 async def test_inline_completion_is_model_text(client):
-    text, _ = await model_suggestion(client)
+    text, offset, _ = await model_suggestion(client)
     uri = open_doc(client, text)  # a fresh document: nothing to reuse
     before = await stats(client)
-    result = await inline(client, uri, end_of(text))
+    position = position_of(text, offset, "utf-8")
+    result = await inline(client, uri, position)
     suggestion = inline_text(result)
     assert suggestion and suggestion.strip()
-    assert result.items[0].range.start == end_of(text)
+    assert result.items[0].range.start == position
     after = await stats(client)
     assert after["completed"] == before["completed"] + 1
     (job,) = jobs_of(after, uri)  # it came from denoising, not from a cache
@@ -349,17 +376,18 @@ async def test_inline_completion_is_model_text(client):
 
 @aio
 async def test_completion_fallback_item_inserts_the_block(client):
-    text, expected = await model_suggestion(client)
+    text, offset, expected = await model_suggestion(client)
     uri = open_doc(client, text)
+    position = position_of(text, offset, "utf-8")
     result = await client.text_document_completion_async(lsp.CompletionParams(
-        text_document=lsp.TextDocumentIdentifier(uri=uri), position=end_of(text),
+        text_document=lsp.TextDocumentIdentifier(uri=uri), position=position,
         context=lsp.CompletionContext(trigger_kind=lsp.CompletionTriggerKind.Invoked)))
     assert isinstance(result, lsp.CompletionList) and result.is_incomplete
     (item,) = result.items
     first_line = next(line.strip() for line in expected.splitlines() if line.strip())
     assert item.label == f"⟡ diffu: {first_line[:60]}"
     assert item.text_edit.new_text == expected
-    assert item.text_edit.range.start == end_of(text)
+    assert item.text_edit.range.start == position
     assert item.insert_text_format == lsp.InsertTextFormat.PlainText
     assert item.kind in (lsp.CompletionItemKind.Snippet, lsp.CompletionItemKind.Text)
     assert item.detail == "diffusion model" and item.sort_text == "0"
@@ -368,13 +396,14 @@ async def test_completion_fallback_item_inserts_the_block(client):
 
 @aio
 async def test_typed_through_reuse_answers_without_the_model(client):
-    text, _ = await model_suggestion(client, min_length=2)
+    text, offset, _ = await model_suggestion(client, min_length=2)
     uri = open_doc(client, text)
-    first = inline_text(await inline(client, uri, end_of(text)))
+    first = inline_text(await inline(client, uri, position_of(text, offset, "utf-8")))
     before = await stats(client)
     typed = first[:2]
-    insert(client, uri, 2, end_of(text), typed)
-    after_typing = end_of(text + typed)
+    insert(client, uri, 2, position_of(text, offset, "utf-8"), typed)
+    text = text[:offset] + typed + text[offset:]
+    after_typing = position_of(text, offset + 2, "utf-8")
     result = await inline(client, uri, after_typing, invoked=False)
     assert inline_text(result) == first[2:]
     assert result.items[0].range.start == after_typing
@@ -383,7 +412,7 @@ async def test_typed_through_reuse_answers_without_the_model(client):
     assert after["submitted"] == before["submitted"]  # no job at all
     # Typing something else is a new model call.
     insert(client, uri, 3, after_typing, "#")
-    await inline(client, uri, end_of(text + typed + "#"))
+    await inline(client, uri, position_of(text[:offset + 2] + "#", offset + 3, "utf-8"))
     assert (await stats(client))["submitted"] == before["submitted"] + 1
 
 
