@@ -16,7 +16,6 @@ effective settings, the last job records).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import functools
 import ipaddress
@@ -24,6 +23,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -236,7 +236,7 @@ class DiffuServer(LanguageServer):
         self.shown: dict[str, _Shown] = {}
         self.started = False
         self._load_generation = 0
-        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="diffu-load")
+        self._load_lock = threading.Lock()  # one load at a time
         self._tasks: set[asyncio.Task] = set()
         self._stop_watching: asyncio.Event | None = None
         self._file_raw: dict[str, Any] = {}
@@ -404,7 +404,7 @@ class DiffuServer(LanguageServer):
         token = await self.begin_progress(f"Loading model {label}", cancellable=False)
         loop = asyncio.get_running_loop()
         try:
-            model = await loop.run_in_executor(self._loader, _load_model, name, device, dtype)
+            model = await _in_daemon_thread(loop, self._load_lock, _load_model, name, device, dtype)
         except Exception as error:  # noqa: BLE001 - ModelLoadError or anything a backend raises
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             self.end_progress(token, "failed")
@@ -742,7 +742,6 @@ class DiffuServer(LanguageServer):
         if self._stop_watching is not None:
             self._stop_watching.set()
         await self.sched.close(timeout=5)
-        self._loader.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -751,6 +750,31 @@ class DiffuServer(LanguageServer):
             "settings": msgspec.to_builtins(self.settings),
             "records": [dataclasses.asdict(r) for r in list(self.sched.records)[-50:]],
         }
+
+
+def _in_daemon_thread(loop: asyncio.AbstractEventLoop, lock: threading.Lock, fn, *args) -> asyncio.Future:
+    """``fn(*args)`` on a daemon thread (holding ``lock``): unlike an executor's threads, a
+    model still loading does not keep the process alive after ``exit``."""
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        result = error = None
+        try:
+            with lock:
+                result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            error = e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=run, name="diffu-load", daemon=True).start()
+    return future
 
 
 def _load_model(name: str | None, device: str, dtype: str):

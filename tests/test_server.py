@@ -16,6 +16,7 @@ import concurrent.futures
 import json
 import os
 import re
+import socket
 import sys
 import sysconfig
 import time
@@ -787,6 +788,34 @@ def test_oom_retry_uses_a_smaller_hole_once():
         server_mod.retry_on_oom(always, settings)
     with pytest.raises(ValueError):  # anything else is not retried
         server_mod.retry_on_oom(lambda s: (_ for _ in ()).throw(ValueError("x")), settings)
+
+
+@aio
+async def test_tcp_on_loopback(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        *server_command("--tcp", f"127.0.0.1:{port}"), stdin=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    client = make_client()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            try:
+                await client.start_tcp("127.0.0.1", port)
+                break
+            except OSError:
+                assert process.returncode is None and time.monotonic() < deadline, "no TCP server"
+                await asyncio.sleep(0.2)
+        result = await client.initialize_session(lsp.InitializeParams(capabilities=capabilities()))
+        assert result.server_info.name == "diffu-lsp"
+        await client.shutdown_session()
+        assert await asyncio.wait_for(process.wait(), WAIT_S) == 0  # exit after shutdown: status 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await client.stop()
 
 
 def test_tcp_only_on_loopback():
