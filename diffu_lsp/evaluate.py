@@ -75,6 +75,8 @@ def line_tasks(files, count: int, seed: int):
     while len(tasks) < count:
         text = read_source(rng.choice(files))
         lines = text.split("\n")
+        if len(lines) < 3:
+            continue
         index = rng.randrange(1, len(lines) - 1)
         code = lines[index].strip()
         if len(code) < 8 or code.startswith("#"):

@@ -33,12 +33,13 @@ class Replacement:
     text: str
 
 
-def sampling_for(settings: Settings, **overrides) -> Sampling:
-    return Sampling().with_options(**sampling_options(settings), **overrides)
+def sampling_for(model, settings: Settings, **overrides) -> Sampling:
+    """The settings' sampling options over the model's own defaults (settings left unset defer)."""
+    return model.sampling(**sampling_options(settings), **overrides)
 
 
 def _denoise(model, canvas: list[int], settings: Settings, cancel, on_step=None):
-    result = model.fill(canvas, sampling_for(settings), cancel=cancel, on_step=on_step,
+    result = model.fill(canvas, sampling_for(model, settings), cancel=cancel, on_step=on_step,
                         cache=settings.kv_cache, refresh_every=settings.cache_refresh_steps)
     if result.cancelled:
         raise DenoiseCancelled()

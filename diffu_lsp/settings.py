@@ -40,6 +40,7 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     top_p: Probability | None = None
     top_k: Positive | None = None
     block_length: Positive | None = None  # semi-autoregressive block size, None = whole hole
+    eos_penalty: Annotated[float, msgspec.Meta(ge=0.0)] | None = None  # None: the model's own default
     early_exit: bool = True  # a revealed EOS/pad ends its hole (the rest becomes pad, no more steps)
     kv_cache: Literal["none", "prefix", "dual"] = "dual"  # reuse context keys/values between steps
     cache_refresh_steps: Positive | None = None  # also rebuild the cache every N steps (None: per block)
@@ -168,4 +169,5 @@ def sampling_options(s: Settings) -> dict[str, Any]:
         "top_k": s.top_k,
         "block_length": s.block_length,
         "early_exit": s.early_exit,
+        "eos_penalty": s.eos_penalty,
     }

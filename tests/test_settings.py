@@ -150,4 +150,5 @@ def test_sampling_options():
         "top_k": 40,
         "block_length": 8,
         "early_exit": False,
+        "eos_penalty": None,
     }

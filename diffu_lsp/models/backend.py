@@ -31,6 +31,7 @@ class DiffusionModel:
     shift_logits: bool                # Dream-style: hidden state i-1 scores position i
     max_length: int
     load_seconds: float = 0.0
+    default_sampling: dict = field(default_factory=dict)  # the checkpoint's generation_config.json
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -87,7 +88,8 @@ class DiffusionModel:
     # ---------------------------------------------------------------- denoising
 
     def sampling(self, sampling: Sampling | None = None, **options) -> Sampling:
-        return (sampling or Sampling()).with_options(**options)
+        """Explicit options over `sampling` over the checkpoint's own defaults (None = unset)."""
+        return (sampling or Sampling(**self.default_sampling)).with_options(**options)
 
     def fill(
         self,

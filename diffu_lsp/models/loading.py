@@ -10,6 +10,7 @@ The bundled tiny model is a Dream-format folder inside the package.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import cached_file, logging as transformers_logging
 
+from ..sampler import Sampling
 from .backend import DiffusionModel
 from .tokenizer import load_tokenizer
 
@@ -159,6 +161,17 @@ def _ids(*values) -> tuple[int, ...]:
     return tuple(found)
 
 
+def generation_defaults(fetch) -> dict:
+    """Sampling defaults the checkpoint ships in generation_config.json (only fields we know)."""
+    path = fetch("generation_config.json")
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    known = {f.name for f in dataclasses.fields(Sampling)}
+    return {k: v for k, v in config.items() if k in known and v is not None}
+
+
 def load_model(name_or_path: str | Path | None = None, device=None, dtype=None) -> DiffusionModel:
     """Load a diffusion code model. None = the bundled tiny model; else a local folder or hub id.
 
@@ -205,5 +218,5 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None) 
         network=network, tokenizer=tokenizer, family=family, name=name, mask_token_id=mask_id,
         eos_token_ids=eos_ids, bos_token_id=config.get("bos_token_id") if isinstance(config.get("bos_token_id"), int) else None,
         shift_logits=family != "llada", max_length=int(max_length),
-        load_seconds=time.perf_counter() - started,
+        load_seconds=time.perf_counter() - started, default_sampling=generation_defaults(_fetcher(name)),
     )
