@@ -244,9 +244,9 @@ class DiffuServer(LanguageServer):
 
     # ------------------------------------------------------------ messages
 
-    def status(self, state: str, message: str = "") -> None:
+    def status(self, state: str, label: str, message: str = "") -> None:
         self.model_state, self.model_message = state, message
-        self.protocol.notify(STATUS, {"state": state, "model": _model_label(self.settings.model), "message": message})
+        self.protocol.notify(STATUS, {"state": state, "model": label, "message": message})
 
     def log_client(self, message: str, kind: lsp.MessageType = lsp.MessageType.Info) -> None:
         log.log({lsp.MessageType.Error: logging.ERROR, lsp.MessageType.Warning: logging.WARNING}.get(kind, logging.INFO),
@@ -400,7 +400,7 @@ class DiffuServer(LanguageServer):
     async def load_model(self, spec: tuple, generation: int) -> None:
         name, device, dtype = spec
         label = _model_label(name)
-        self.status("loading", f"loading {label} ({device}, {dtype})")
+        self.status("loading", label, f"loading {label} ({device}, {dtype})")
         token = await self.begin_progress(f"Loading model {label}", cancellable=False)
         loop = asyncio.get_running_loop()
         try:
@@ -412,7 +412,7 @@ class DiffuServer(LanguageServer):
                 return
             self.counters["model_load_failures"] += 1
             self.model = None
-            self.status("error", reason)
+            self.status("error", label, reason)
             self.show(f"diffu-lsp could not load the model {label}: {reason}", lsp.MessageType.Error)
             return
         self.end_progress(token, "ready")
@@ -422,7 +422,7 @@ class DiffuServer(LanguageServer):
         self.counters["model_loads"] += 1
         self.shown.clear()
         message = f"{getattr(model, 'family', '?')} model {label} on {getattr(model, 'device', '?')}"
-        self.status("ready", message)
+        self.status("ready", label, message)
         self.log_client(f"diffu-lsp: loaded {message} in {getattr(model, 'load_seconds', 0.0):.1f} s")
 
     # ------------------------------------------------------------ progress

@@ -681,7 +681,7 @@ async def configured(tmp_path):
     (tmp_path / "ws" / "diffu-lsp.toml").write_text("singleLineTokens = 24\nprefixTokens = 300\n")
     c = await start_server(tmp_path, init_options={"diffu": {"debounceMs": 30, "prefixTokens": 400}},
                            configuration={"suffixTokens": 100})
-    c.user_toml = user
+    c.user_toml, c.workspace_toml = user, tmp_path / "ws" / "diffu-lsp.toml"
     await wait_status(c, "ready")
     yield c
     await stop_server(c)
@@ -715,6 +715,8 @@ async def test_settings_layers_and_invalid_values(configured):
     warning = await until(lambda: [m for m in client.messages if "threshold" in m.message], "a threshold warning")
     assert warning[0].type == lsp.MessageType.Warning
     assert (await stats(client))["settings"]["threshold"] == 0.7
+    client.workspace_toml.write_text("singleLineTokens = 24\nblockTokens = 50\n")  # the other file too
+    await until_stats(client, lambda st: st["settings"]["blockTokens"] == 50, "the workspace TOML change")
     client.messages.clear()
     client.user_toml.write_text("threshold = [oops\n")
     await until(lambda: [m for m in client.messages if "Invalid TOML" in m.message], "an invalid TOML warning")
