@@ -948,10 +948,10 @@ def create_server(*, model: str | None = None, device: str | None = None, dtype:
                     title=title, command=command, arguments=[{"textDocument": document, **arg}])))
 
         if start < end:
-            offer(KIND_REFINE, "Refine selection with the diffusion model", CMD_REFINE, {"range": selection})
+            offer(KIND_REFINE, "Diffu: Refine selection", CMD_REFINE, {"range": selection})
         if _only(params.context, KIND_FILL_HOLES) and ls.find_holes(text, start, end, ls.settings):
-            offer(KIND_FILL_HOLES, "Fill holes with the diffusion model", CMD_FILL_HOLES, {"range": selection})
-        offer(KIND_COMPLETE_BLOCK, "Complete block with the diffusion model", CMD_COMPLETE_BLOCK,
+            offer(KIND_FILL_HOLES, "Diffu: Fill holes", CMD_FILL_HOLES, {"range": selection})
+        offer(KIND_COMPLETE_BLOCK, "Diffu: Complete block", CMD_COMPLETE_BLOCK,
               {"position": as_json(start_pos)})
         return actions
 
