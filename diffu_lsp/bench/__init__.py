@@ -64,6 +64,7 @@ def options_from(args, argv: list[str]) -> Options:
 
 def run_suite(name: str, options: Options, model=None) -> dict:
     """One suite -> its result dict (tables, summary, notes, machine, command)."""
+    load_before = _load_average()
     if name == "replay":
         from . import replay
         result = replay.run(options)
@@ -80,12 +81,20 @@ def run_suite(name: str, options: Options, model=None) -> dict:
         raise ValueError(name)
     result["command"] = options.command
     result["machine"] = machine(model, options) if model is not None else machine(None, options)
+    result["machine"]["load_average"] = [load_before, _load_average()]  # other work on the machine shows here
     if name == "quality" and options.plot:
         from . import quality
         result["plot"] = quality.plot(result, options.plot)
     if result.get("plot") and options.extra.get("out"):
         result["plot_link"] = os.path.relpath(result["plot"], Path(options.extra["out"]).resolve().parent)
     return result
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

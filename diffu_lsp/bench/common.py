@@ -194,6 +194,10 @@ def machine_line(info: dict) -> str:
     parts.append(f"transformers {info['transformers']}")
     if info.get("device"):
         parts.append(f"device {info['device']}" + (f" {info['dtype']}" if info.get("dtype") else ""))
+    load = info.get("load_average")
+    if load and None not in load:
+        parts.append(f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end (1 min; "
+                     f"{info['cores']} cores)")
     return ", ".join(parts)
 
 
