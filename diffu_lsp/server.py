@@ -559,6 +559,8 @@ class DiffuServer(LanguageServer):
                                     settings, self._count_oom_retry)
 
             result = await self.sched.submit(uri, work, version=version, debounce=debounce)
+            if not self.sched.is_current(uri, version):  # a didChange may have run since the job ended
+                return None
             suggestion, replace_after = result.text, result.replace_after
             if not suggestion:
                 return None
