@@ -111,24 +111,6 @@ def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, ca
     return replacements
 
 
-def token_confidence(model, prefix_ids: list[int], ids: list[int], suffix_ids: list[int]) -> list[float]:
-    """p(token) for each of `ids` in context, scored while it is masked (two forwards: the even
-    positions masked, then the odd ones), since a model that sees a token just copies it."""
-    import torch
-
-    scores = [1.0] * len(ids)
-    start = len(prefix_ids)
-    for parity in (0, 1):
-        positions = [i for i in range(len(ids)) if i % 2 == parity]
-        if not positions:
-            continue
-        canvas = prefix_ids + [model.mask_token_id if i % 2 == parity else t for i, t in enumerate(ids)] + suffix_ids
-        probs = torch.softmax(model.logits(torch.tensor([canvas]))[0], dim=-1)
-        for i in positions:
-            scores[i] = float(probs[start + i, ids[i]])
-    return scores
-
-
 def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel=None, on_step=None) -> str:
     """The selection text[start:end] re-masked (all of it, or its low-confidence tokens) and
     re-denoised with both sides as context."""
@@ -138,7 +120,7 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
     if not selected_ids:
         return selected
     if settings.refine_mode == "low_confidence":
-        scores = token_confidence(model, prefix_ids, selected_ids, suffix_ids)
+        scores = model.token_probabilities(prefix_ids, selected_ids, suffix_ids)
         hole = [model.mask_token_id if s < settings.refine_confidence else t for t, s in zip(selected_ids, scores)]
         if model.mask_token_id not in hole:
             return selected

@@ -154,3 +154,13 @@ def test_llada_cached_path_matches_uncached(llada_pair):
     for cache in ("prefix", "dual"):
         assert model.fill(canvas, alg="entropy", steps=6, cache=cache, refresh_every=1).canvas.tolist() \
             == uncached.canvas.tolist()
+
+
+def test_token_probabilities_score_each_token_while_masked(dream):
+    prefix, ids, suffix = dream.encode("def f(x):\n"), dream.encode("    return x"), dream.encode("\n")
+    scores = dream.token_probabilities(prefix, ids, suffix)
+    assert len(scores) == len(ids) and all(0.0 < s <= 1.0 for s in scores)
+    even_masked = [dream.mask_token_id if i % 2 == 0 else t for i, t in enumerate(ids)]
+    probs = torch.softmax(dream.logits(torch.tensor([prefix + even_masked + suffix]))[0], -1)
+    for i in range(0, len(ids), 2):  # the even tokens are scored on the canvas with them masked
+        assert abs(float(probs[len(prefix) + i, ids[i]]) - scores[i]) < 1e-5
