@@ -144,6 +144,20 @@ class _Shown:
 
 
 @dataclasses.dataclass
+class _Target:
+    """A command's starting point (offsets into `text`; `clipped` starts at offset `base`)."""
+    doc: TextDocument
+    text: str
+    version: int | None
+    start: int
+    end: int
+    model: Any
+    settings: Settings
+    clipped: str
+    base: int
+
+
+@dataclasses.dataclass
 class _Answer:
     text: str
     start: lsp.Position
@@ -612,34 +626,47 @@ class DiffuServer(LanguageServer):
                 f'expected [{{"textDocument": {{"uri": ...}}, "{key}": ...}}]: {type(error).__name__}: {error}') from None
         return uri, target
 
-    def _command_snapshot(self, uri: str, label: str):
+    def _command_target(self, uri: str, label: str, start: lsp.Position, end: lsp.Position) -> "_Target | None":
+        """What every command starts from: the document now, the range as offsets, the model and
+        settings of this moment, and the text clipped around the range."""
         if self.model is None:
             self.show(f"diffu-lsp: {label}: the model is not ready ({self.model_state}: {self.model_message})",
                       lsp.MessageType.Info)
             return None
-        return self.snapshot(uri)
-
-    async def complete_block(self, uri: str, position: lsp.Position) -> bool:
-        snap = self._command_snapshot(uri, "complete block")
+        snap = self.snapshot(uri)
         if snap is None:
-            return False
+            return None
         doc, text = snap
-        version = doc.version
-        cursor, _ = self.offset_at(doc, position)
-        model, settings = self.model, fit_to_model(self.settings, self.model)
-        clipped, base = self.clip(text, cursor, cursor, settings)
+        (start_offset, _), (end_offset, _) = self.offset_at(doc, start), self.offset_at(doc, end)
+        start_offset, end_offset = min(start_offset, end_offset), max(start_offset, end_offset)
+        settings = fit_to_model(self.settings, self.model)
+        clipped, base = self.clip(text, start_offset, end_offset, settings)
+        return _Target(doc, text, doc.version, start_offset, end_offset, self.model, settings, clipped, base)
+
+    def _submit_command(self, uri: str, target: "_Target", feature: Callable[..., Any]):
+        """Run `feature(model, clipped_text, start, end, settings, cancel_token)` as the document's
+        command job (no debounce, OOM retried once with smaller holes)."""
+        start, end = target.start - target.base, target.end - target.base
 
         def work(token):
-            from . import features
-            return retry_on_oom(lambda s: features.suggest(model, clipped, cursor - base, s, cancel=token, block=True),
-                                settings, self._count_oom_retry)
+            return retry_on_oom(lambda s: feature(target.model, target.clipped, start, end, s, token),
+                                target.settings, self._count_oom_retry)
 
-        result = await self.sched.submit(f"{uri}#command", work, debounce=False, version=version)
+        return self.sched.submit(f"{uri}#command", work, debounce=False, version=target.version)
+
+    async def complete_block(self, uri: str, position: lsp.Position) -> bool:
+        target = self._command_target(uri, "complete block", position, position)
+        if target is None:
+            return False
+        from . import features
+        result = await self._submit_command(uri, target, lambda model, text, cursor, _, s, token: features.suggest(
+            model, text, cursor, s, cancel=token, block=True))
         if not result.text:
             self.log_client("diffu-lsp: complete block: the model produced nothing")
             return False
-        return await self.apply_edits(uri, doc, version, [(cursor, cursor + result.replace_after, result.text)],
-                                      "diffu: complete block")
+        cursor = target.start
+        return await self.apply_edits(uri, target.doc, target.version,
+                                      [(cursor, cursor + result.replace_after, result.text)], "diffu: complete block")
 
     def find_holes(self, text: str, start: int, end: int, settings: Settings) -> list[infill.Hole]:
         clipped, base = self.clip(text, start, end, settings)
@@ -649,40 +676,24 @@ class DiffuServer(LanguageServer):
         return infill.find_holes(clipped, start, end, settings.hole_markers)
 
     async def fill_holes(self, uri: str, rng: lsp.Range) -> bool:
-        snap = self._command_snapshot(uri, "fill holes")
-        if snap is None:
+        target = self._command_target(uri, "fill holes", rng.start, rng.end)
+        if target is None:
             return False
-        doc, text = snap
-        version = doc.version
-        (start, _), (end, _) = self.offset_at(doc, rng.start), self.offset_at(doc, rng.end)
-        start, end = min(start, end), max(start, end)
-        model, settings = self.model, fit_to_model(self.settings, self.model)
-        clipped, base = self.clip(text, start, end, settings)
-
-        def work(token):
-            from . import features
-            return retry_on_oom(lambda s: features.fill_holes(model, clipped, start - base, end - base, s, cancel=token),
-                                settings, self._count_oom_retry)
-
-        replacements = await self.sched.submit(f"{uri}#command", work, debounce=False, version=version)
+        from . import features
+        replacements = await self._submit_command(uri, target, lambda model, text, start, end, s, token: (
+            features.fill_holes(model, text, start, end, s, cancel=token)))
         if not replacements:
             self.log_client("diffu-lsp: fill holes: no hole markers here, or the model produced nothing")
             return False
-        return await self.apply_edits(uri, doc, version, [(base + r.start, base + r.end, r.text) for r in replacements],
+        base = target.base
+        return await self.apply_edits(uri, target.doc, target.version,
+                                      [(base + r.start, base + r.end, r.text) for r in replacements],
                                       "diffu: fill holes")
 
     async def refine_selection(self, uri: str, rng: lsp.Range) -> bool:
-        snap = self._command_snapshot(uri, "refine")
-        if snap is None:
+        target = self._command_target(uri, "refine", rng.start, rng.end)
+        if target is None or target.start == target.end:
             return False
-        doc, text = snap
-        version = doc.version
-        (start, _), (end, _) = self.offset_at(doc, rng.start), self.offset_at(doc, rng.end)
-        start, end = min(start, end), max(start, end)
-        if start == end:
-            return False
-        model, settings = self.model, fit_to_model(self.settings, self.model)
-        clipped, base = self.clip(text, start, end, settings)
         loop = asyncio.get_running_loop()
         token = await self.begin_progress("Refining selection", cancellable=True)
         seen = {"first": None}
@@ -697,13 +708,9 @@ class DiffuServer(LanguageServer):
         def on_step(draft) -> None:  # worker thread
             loop.call_soon_threadsafe(step, draft.step, draft.masked)
 
-        def work(job_token):
-            from . import features
-            return retry_on_oom(
-                lambda s: features.refine(model, clipped, start - base, end - base, s, cancel=job_token, on_step=on_step),
-                settings, self._count_oom_retry)
-
-        job = self.sched.submit(f"{uri}#command", work, debounce=False, version=version)
+        from . import features
+        job = self._submit_command(uri, target, lambda model, text, start, end, s, job_token: features.refine(
+            model, text, start, end, s, cancel=job_token, on_step=on_step))
         cancelled_by_client = self.work_done_progress.tokens.get(token) if token else None
         if cancelled_by_client is not None:
             cancelled_by_client.add_done_callback(
@@ -717,12 +724,13 @@ class DiffuServer(LanguageServer):
             raise
         finally:
             self.end_progress(token, outcome)
-        selected = text[start:end]
+        selected = target.text[target.start:target.end]
         if new_text == selected or (not new_text.strip() and selected.strip()):
             self.log_client("diffu-lsp: refine: the model kept the selection as it was" if new_text == selected
                             else "diffu-lsp: refine: the model produced nothing; keeping the selection")
             return False
-        return await self.apply_edits(uri, doc, version, [(start, end, new_text)], "diffu: refine selection")
+        return await self.apply_edits(uri, target.doc, target.version, [(target.start, target.end, new_text)],
+                                      "diffu: refine selection")
 
     # ------------------------------------------------------------ lifecycle
 
