@@ -1,4 +1,4 @@
-"""Command line: `diffu-lsp` (serve LSP over stdio), `complete`, `doctor`, `bench`.
+"""Command line: `diffu-lsp` (serve LSP over stdio), `complete`, `doctor`, `daemon`, `bench`.
 
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffu-lsp {__version__}")
     _model_options(parser)
     parser.add_argument("--tcp", metavar="HOST:PORT", help="serve over TCP on a loopback address (debugging)")
+    parser.add_argument("--no-daemon", action="store_true",
+                        help="hold the model in this process instead of sharing the machine's model daemon")
     commands = parser.add_subparsers(dest="command")
 
     complete = commands.add_parser("complete", help="print the block that would be suggested at FILE:LINE:COL")
@@ -47,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="versions, device, model and one timed job")
     _model_options(doctor)
+
+    daemon = commands.add_parser("daemon", help="the shared model daemon: status, stop, run")
+    daemon.add_argument("action", choices=["status", "stop", "run"])
+    daemon.add_argument("--json", action="store_true", help="status as a JSON object")
+    daemon.add_argument("--idle-seconds", type=int, default=900, help="run: exit this long after the last window")
+    daemon.add_argument("--memory-mb", type=int, default=0, help="run: memory budget for loaded models (0: none)")
 
     commands.add_parser("bench", help="benchmarks (see `diffu-lsp bench --help`)", add_help=False)
     return parser
@@ -156,11 +165,68 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def cmd_daemon(args) -> int:
+    from .daemon import DaemonError, daemon_pid, runtime_paths
+
+    if args.action == "run":
+        from .daemon.host import run
+
+        return run(idle_seconds=args.idle_seconds, memory_mb=args.memory_mb)
+    from .daemon.client import connect
+
+    try:
+        paths = runtime_paths()
+        conn = connect(paths)
+    except DaemonError as error:  # e.g. a daemon of another version: it can still be stopped
+        pid = daemon_pid(paths) if args.action == "stop" else None
+        if pid is None:
+            raise CliError(str(error)) from None
+        import signal
+
+        os.kill(pid, signal.SIGTERM)
+        print(f"stopped the model daemon (pid {pid}) with SIGTERM")
+        return 0
+    if conn is None:
+        print(f"no model daemon is running (socket {paths.socket})", file=sys.stderr)
+        return 1
+    try:
+        if args.action == "stop":
+            pid = conn.pid
+            conn.stop()
+            deadline = time.monotonic() + 15
+            while daemon_pid(paths) == pid and time.monotonic() < deadline:
+                time.sleep(0.05)
+            print(f"stopped the model daemon (pid {pid})")
+            return 0
+        status = conn.status()
+    finally:
+        conn.close()
+    if args.json:
+        import msgspec
+
+        print(msgspec.json.encode(status).decode())
+        return 0
+    print(f"model daemon  pid {status.pid}, diffu-lsp {status.version} (protocol {status.protocol}), "
+          f"up {status.uptime_seconds:.0f} s")
+    print(f"socket        {status.socket}")
+    print(f"log           {status.log}")
+    print(f"windows       {status.clients} connected")
+    print(f"memory        {status.rss_bytes / 2**20:.0f} MiB resident")
+    print(f"loads         {status.loads} ({status.evictions} evicted)")
+    for m in status.models:
+        print(f"model         {m.label}: {m.family} on {m.device} ({m.dtype}), {m.bytes / 2**20:.1f} MiB, "
+              f"{m.jobs} jobs, idle {m.idle_seconds:.0f} s")
+    jobs = status.jobs
+    print(f"jobs          {jobs.get('submitted', 0)} submitted, {jobs.get('completed', 0)} completed, "
+          f"{jobs.get('cancelled', 0) + jobs.get('superseded', 0)} cancelled")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .server import serve
 
     return serve(model=args.model, device=None if args.device == "auto" else args.device,
-                 dtype=None if args.dtype == "auto" else args.dtype, tcp=args.tcp)
+                 dtype=None if args.dtype == "auto" else args.dtype, tcp=args.tcp, daemon=not args.no_daemon)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_complete(args)
         if args.command == "doctor":
             return cmd_doctor(args)
+        if args.command == "daemon":
+            return cmd_daemon(args)
         return cmd_serve(args)
     except CliError as error:
         print(f"diffu-lsp: {error}", file=sys.stderr)

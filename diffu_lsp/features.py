@@ -6,31 +6,21 @@ benchmarks call. No LSP here: the server converts positions to offsets before ca
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgspec
 
 from . import infill
+from .engine import Answer, Replacement, Request, Suggestion, is_oom
 from .models import DenoiseCancelled
 from .postprocess import Context, auto_closed_tail, cut_at_stop, drop_low_confidence_tail, postprocess_text
 from .sampler import Sampling
 from .settings import Settings, sampling_options
 
 
-@dataclass(frozen=True)
-class Suggestion:
-    text: str              # inserted at the cursor ("" when the model had nothing worth showing)
-    replace_after: int     # characters after the cursor, on its line, that the text already closes
-    multiline: bool
-    forwards: int
-    hole_tokens: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Replacement:
-    start: int
-    end: int
-    text: str
+log = logging.getLogger("diffu_lsp.features")
 
 
 def sampling_for(model, settings: Settings, **overrides) -> Sampling:
@@ -64,14 +54,15 @@ def _split_trailing_blanks(prefix: str) -> tuple[str, str]:
     return kept, prefix[len(kept):]
 
 
-def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, block: bool = False) -> Suggestion:
+def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, block: bool = False,
+            on_step=None) -> Suggestion:
     """The block to show at `cursor` (single- or multi-line, decided from the code around it)."""
     started = time.perf_counter()
     request = infill.build_request(text, cursor, model.encode, settings, block=block)
     model_prefix, healed = _split_trailing_blanks(request.prefix)
     prefix_ids, suffix_ids = model.encode(model_prefix), model.encode(request.suffix)
     length = request.hole_tokens
-    result = _denoise(model, prefix_ids + [model.mask_token_id] * length + suffix_ids, settings, cancel)
+    result = _denoise(model, prefix_ids + [model.mask_token_id] * length + suffix_ids, settings, cancel, on_step)
     raw = _hole_text(model, result, len(prefix_ids), length, settings)
     if healed:
         raw = raw[len(healed):] if raw.startswith(healed) else raw.lstrip(" \t")
@@ -84,7 +75,8 @@ def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, b
     )
 
 
-def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, cancel=None) -> list[Replacement]:
+def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, cancel=None,
+               on_step=None) -> list[Replacement]:
     """Every hole marker in [start, end) (or the enclosing def/class when the range is empty),
     denoised together in one canvas so each hole sees the others' context."""
     if start == end:
@@ -100,7 +92,7 @@ def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, ca
         if index < len(holes):
             hole_starts.append(len(ids))
             ids += [model.mask_token_id] * canvas.hole_tokens[index]
-    result = _denoise(model, ids, settings, cancel)
+    result = _denoise(model, ids, settings, cancel, on_step)
     replacements = []
     for hole, hole_start, length in zip(holes, hole_starts, canvas.hole_tokens):
         raw = _hole_text(model, result, hole_start, length, settings)
@@ -130,3 +122,58 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
     new_ids = result.canvas[len(prefix_ids):len(prefix_ids) + len(hole)].tolist()
     return model.decode([t for t in new_ids if t not in model.eos_token_ids])
 
+
+
+# ------------------------------------------------------------------ one request, whichever kind
+
+def run(model, request: Request, *, cancel=None, on_step=None, on_oom_retry: Callable[[], Any] = lambda: None) -> Answer:
+    """Run one :class:`~diffu_lsp.engine.Request`: settings fitted to the model's positions,
+    and after running out of memory, once more with smaller holes."""
+    text, start, end = request.text, request.start, request.end
+
+    def once(settings: Settings) -> Answer:
+        if request.kind in ("suggest", "block"):
+            return suggest(model, text, start, settings, cancel=cancel, block=request.kind == "block", on_step=on_step)
+        if request.kind == "fill_holes":
+            return fill_holes(model, text, start, end, settings, cancel=cancel, on_step=on_step)
+        return refine(model, text, start, end, settings, cancel=cancel, on_step=on_step)
+
+    return retry_on_oom(once, fit_to_model(request.settings, model), on_oom_retry)
+
+
+def smaller(settings: Settings) -> Settings:
+    """Half the holes and context windows: the retry after running out of memory."""
+    half = lambda n: max(1, n // 2)  # noqa: E731
+    return msgspec.structs.replace(
+        settings, single_line_tokens=half(settings.single_line_tokens),
+        multi_line_tokens=half(settings.multi_line_tokens), block_tokens=half(settings.block_tokens),
+        prefix_tokens=half(settings.prefix_tokens), suffix_tokens=settings.suffix_tokens // 2)
+
+
+def retry_on_oom(run: Callable[[Settings], Any], settings: Settings, on_retry: Callable[[], Any] = lambda: None):
+    """``run(settings)``; after an out-of-memory error, once more with :func:`smaller` settings."""
+    try:
+        return run(settings)
+    except Exception as error:  # noqa: BLE001
+        if not is_oom(error):
+            raise
+        log.warning("out of memory; retrying with a smaller hole: %s", str(error).splitlines()[0] if str(error) else "")
+    # Outside the except block, so the failed attempt's tensors can be freed first.
+    on_retry()
+    return run(smaller(settings))
+
+
+def fit_to_model(settings: Settings, model) -> Settings:
+    """Shrink the context budgets so that prefix + largest hole + suffix fits the model's
+    positions (a checkpoint with 512 positions would otherwise fail on every long file)."""
+    limit = getattr(model, "max_length", None)
+    if not isinstance(limit, int):
+        return settings
+    hole = max(settings.single_line_tokens, settings.multi_line_tokens, settings.block_tokens)
+    room = limit - hole - 8  # BOS and tokenizer merges at the seams
+    context = settings.prefix_tokens + settings.suffix_tokens
+    if context <= room:
+        return settings
+    room = max(room, 2)
+    prefix = max(1, room * settings.prefix_tokens // context)
+    return msgspec.structs.replace(settings, prefix_tokens=prefix, suffix_tokens=max(0, room - prefix))

@@ -121,13 +121,14 @@ class CancelToken:
     thread.
     """
 
-    __slots__ = ("_cancelled", "_reason", "_lock", "_forwards_at_cancel", "forwards")
+    __slots__ = ("_cancelled", "_reason", "_lock", "_forwards_at_cancel", "_callbacks", "forwards")
 
     def __init__(self) -> None:
         self._cancelled = False
         self._reason = ""
         self._lock = threading.Lock()
         self._forwards_at_cancel: Optional[int] = None
+        self._callbacks: list = []
         self.forwards = 0
 
     @property
@@ -146,7 +147,26 @@ class CancelToken:
             self._reason = reason or "cancelled"
             self._forwards_at_cancel = self.forwards
             self._cancelled = True  # last: a reader seeing True sees the reason
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
         return True
+
+    def on_cancel(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` when the token is cancelled (at once if it already is), on the
+        cancelling thread: e.g. forward the cancel to the model daemon. Keep it quick."""
+        with self._lock:
+            if not self._cancelled:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def report(self, forwards: int, forwards_after_cancel: int = 0) -> None:
+        """Forward counts measured elsewhere (the model daemon ran the job), kept as if counted here."""
+        with self._lock:
+            self.forwards = forwards
+            if self._cancelled:
+                self._forwards_at_cancel = forwards - forwards_after_cancel
 
     def raise_if_cancelled(self) -> None:
         """Raise :class:`JobCancelled` if cancelled (convenience for work code)."""

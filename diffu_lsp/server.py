@@ -42,6 +42,7 @@ from pygls.workspace import TextDocument, Workspace
 
 from . import __version__, infill
 from . import settings as config
+from .engine import LocalEngine, ModelInfo, ModelKey, Request, is_oom
 from .jobs import JobCancelled, Scheduler
 from .settings import Settings, SettingsError
 
@@ -151,10 +152,12 @@ class _Target:
     version: int | None
     start: int
     end: int
-    model: Any
     settings: Settings
     clipped: str
     base: int
+
+    def request(self, kind: str) -> Request:
+        return Request(kind, self.clipped, self.start - self.base, self.end - self.base, self.settings)
 
 
 @dataclasses.dataclass
@@ -162,53 +165,6 @@ class _Answer:
     text: str
     start: lsp.Position
     end: lsp.Position
-
-
-def _is_oom(error: BaseException) -> bool:
-    """torch.OutOfMemoryError (and its cuda alias), recognised without importing torch."""
-    return any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__)
-
-
-def smaller(settings: Settings) -> Settings:
-    """Half the holes and context windows: the retry after running out of memory."""
-    half = lambda n: max(1, n // 2)  # noqa: E731
-    return msgspec.structs.replace(
-        settings, single_line_tokens=half(settings.single_line_tokens),
-        multi_line_tokens=half(settings.multi_line_tokens), block_tokens=half(settings.block_tokens),
-        prefix_tokens=half(settings.prefix_tokens), suffix_tokens=settings.suffix_tokens // 2)
-
-
-def retry_on_oom(run: Callable[[Settings], Any], settings: Settings, on_retry: Callable[[], Any] = lambda: None):
-    """``run(settings)``; after an out-of-memory error, once more with :func:`smaller` settings."""
-    try:
-        return run(settings)
-    except Exception as error:  # noqa: BLE001
-        if not _is_oom(error):
-            raise
-        log.warning("out of memory; retrying with a smaller hole: %s", str(error).splitlines()[0] if str(error) else "")
-    # Outside the except block, so the failed attempt's tensors can be freed first.
-    on_retry()
-    return run(smaller(settings))
-
-
-def fit_to_model(settings: Settings, model) -> Settings:
-    """Shrink the context budgets so that prefix + largest hole + suffix fits the model's
-    positions (a checkpoint with 512 positions would otherwise fail on every long file)."""
-    limit = getattr(model, "max_length", None)
-    if not isinstance(limit, int):
-        return settings
-    hole = max(settings.single_line_tokens, settings.multi_line_tokens, settings.block_tokens)
-    room = limit - hole - 8  # BOS and tokenizer merges at the seams
-    context = settings.prefix_tokens + settings.suffix_tokens
-    if context <= room:
-        return settings
-    room = max(room, 2)
-    prefix = max(1, room * settings.prefix_tokens // context)
-    return msgspec.structs.replace(settings, prefix_tokens=prefix, suffix_tokens=max(0, room - prefix))
-
-
-def _model_label(name: str | None) -> str:
-    return name or "bundled tiny model"
 
 
 def _to_plain(value: Any) -> Any:
@@ -233,7 +189,8 @@ def _utf8_size_over(text: str, limit: int) -> bool:
 class DiffuServer(LanguageServer):
     """State behind the handlers: settings layers, the model, the scheduler, reuse."""
 
-    def __init__(self, *, model: str | None = None, device: str | None = None, dtype: str | None = None):
+    def __init__(self, *, model: str | None = None, device: str | None = None, dtype: str | None = None,
+                 daemon: bool = True):
         super().__init__("diffu-lsp", __version__, protocol_cls=DiffuProtocol,
                          text_document_sync_kind=lsp.TextDocumentSyncKind.Incremental)
         cli = {"model": model, "device": device, "dtype": dtype}
@@ -241,12 +198,17 @@ class DiffuServer(LanguageServer):
         self.layers: dict[str, dict[str, Any]] = {name: {} for name in LAYERS}
         self.settings = Settings()
         self.sched = Scheduler(debounce_s=self.settings.debounce_ms / 1000)
-        self.model = None
+        if daemon:
+            from .daemon.client import DaemonEngine
+            self.engine = DaemonEngine(on_lost=self._daemon_lost)
+        else:
+            self.engine = LocalEngine()
+        self.model_info: ModelInfo | None = None
         self.model_state = "loading"
         self.model_message = "waiting for the client"
         self.model_spec: tuple | None = None
         self.counters = dict(typed_through_hits=0, repeat_hits=0, model_loads=0, model_load_failures=0,
-                             oom_retries=0, oom_failures=0)
+                             oom_retries=0, oom_failures=0, daemon_lost=0)
         self.shown: dict[str, _Shown] = {}
         self.started = False
         self._load_generation = 0
@@ -255,6 +217,7 @@ class DiffuServer(LanguageServer):
         self._stop_watching: asyncio.Event | None = None
         self._file_raw: dict[str, Any] = {}
         self._init_options: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------ messages
 
@@ -318,6 +281,7 @@ class DiffuServer(LanguageServer):
             log.warning("ignored setting: %s", error)
         changed = settings != self.settings
         self.sched.debounce_s = settings.debounce_ms / 1000
+        self.engine.configure(settings)
         logging.getLogger("diffu_lsp").setLevel(settings.log_level.upper())
         if changed:
             old, new = msgspec.to_builtins(self.settings), msgspec.to_builtins(settings)
@@ -412,32 +376,50 @@ class DiffuServer(LanguageServer):
             self.spawn(self.load_model(spec, self._load_generation))
 
     async def load_model(self, spec: tuple, generation: int) -> None:
-        name, device, dtype = spec
-        label = _model_label(name)
-        self.status("loading", label, f"loading {label} ({device}, {dtype})")
+        key = ModelKey(*spec)
+        label = key.label
+        self.status("loading", label, f"loading {label} ({key.device}, {key.dtype})")
         token = await self.begin_progress(f"Loading model {label}", cancellable=False)
         loop = asyncio.get_running_loop()
         try:
-            model = await _in_daemon_thread(loop, self._load_lock, _load_model, name, device, dtype)
-        except Exception as error:  # noqa: BLE001 - ModelLoadError or anything a backend raises
+            info = await _in_daemon_thread(loop, self._load_lock, self.engine.load, key)
+        except Exception as error:  # noqa: BLE001 - ModelLoadError, a daemon's error, anything a backend raises
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             self.end_progress(token, "failed")
             if generation != self._load_generation:
                 return
             self.counters["model_load_failures"] += 1
-            self.model = None
+            self.model_info = None
             self.status("error", label, reason)
             self.show(f"diffu-lsp could not load the model {label}: {reason}", lsp.MessageType.Error)
             return
         self.end_progress(token, "ready")
         if generation != self._load_generation:
             return  # the settings changed again while this one loaded
-        self.model = model
+        self.model_info = info
         self.counters["model_loads"] += 1
         self.shown.clear()
-        message = f"{getattr(model, 'family', '?')} model {label} on {getattr(model, 'device', '?')}"
+        message = f"{info.family} model {label} on {info.device}"
         self.status("ready", label, message)
-        self.log_client(f"diffu-lsp: loaded {message} in {getattr(model, 'load_seconds', 0.0):.1f} s")
+        where = f" in the {self.engine.name}" if self.engine.name != "in-process" else ""
+        if info.shared:
+            self.log_client(f"diffu-lsp: using {message}, already loaded{where}")
+        else:
+            self.log_client(f"diffu-lsp: loaded {message}{where} in {info.load_seconds:.1f} s")
+        if info.evicted:
+            self.show(f"diffu-lsp: the model daemon unloaded {', '.join(info.evicted)} to stay within its "
+                      "memory budget (setting daemonMemoryMb)", lsp.MessageType.Info)
+
+    def _daemon_lost(self, reason: str) -> None:
+        """The daemon connection broke (called on the client's reader thread, once per connection)."""
+        def tell() -> None:
+            self.counters["daemon_lost"] += 1
+            self.show(f"diffu-lsp: the model daemon stopped ({reason}); pending requests were answered "
+                      "empty and the next one starts a new daemon", lsp.MessageType.Warning)
+        try:
+            self._loop.call_soon_threadsafe(tell)
+        except (AttributeError, RuntimeError):  # no loop yet, or closed: the server is exiting  # the event loop is closed: the server is exiting
+            pass
 
     # ------------------------------------------------------------ progress
 
@@ -561,18 +543,14 @@ class DiffuServer(LanguageServer):
         if reused is not None:
             suggestion, replace_after = reused
         else:
-            model, settings = self.model, self.settings
-            if model is None:
+            if self.model_info is None:
                 return None
-            settings = fit_to_model(settings, model)
-            clipped, base = self.clip(text, cursor, cursor, settings)
-
-            def work(token):
-                from . import features
-                return retry_on_oom(lambda s: features.suggest(model, clipped, cursor - base, s, cancel=token),
-                                    settings, self._count_oom_retry)
-
-            result = await self.sched.submit(uri, work, version=version, debounce=debounce)
+            clipped, base = self.clip(text, cursor, cursor, self.settings)
+            request = Request("suggest", clipped, cursor - base, cursor - base, self.settings)
+            engine = self.engine
+            result = await self.sched.submit(
+                uri, lambda token: engine.run(request, token, on_oom_retry=self._count_oom_retry, key=uri),
+                version=version, debounce=debounce)
             if not self.sched.is_current(uri, version):  # a didChange may have run since the job ended
                 return None
             suggestion, replace_after = result.text, result.replace_after
@@ -629,7 +607,7 @@ class DiffuServer(LanguageServer):
     def _command_target(self, uri: str, label: str, start: lsp.Position, end: lsp.Position) -> "_Target | None":
         """What every command starts from: the document now, the range as offsets, the model and
         settings of this moment, and the text clipped around the range."""
-        if self.model is None:
+        if self.model_info is None:
             self.show(f"diffu-lsp: {label}: the model is not ready ({self.model_state}: {self.model_message})",
                       lsp.MessageType.Info)
             return None
@@ -639,28 +617,23 @@ class DiffuServer(LanguageServer):
         doc, text = snap
         (start_offset, _), (end_offset, _) = self.offset_at(doc, start), self.offset_at(doc, end)
         start_offset, end_offset = min(start_offset, end_offset), max(start_offset, end_offset)
-        settings = fit_to_model(self.settings, self.model)
+        settings = self.settings
         clipped, base = self.clip(text, start_offset, end_offset, settings)
-        return _Target(doc, text, doc.version, start_offset, end_offset, self.model, settings, clipped, base)
+        return _Target(doc, text, doc.version, start_offset, end_offset, settings, clipped, base)
 
-    def _submit_command(self, uri: str, target: "_Target", feature: Callable[..., Any]):
-        """Run `feature(model, clipped_text, start, end, settings, cancel_token)` as the document's
-        command job (no debounce, OOM retried once with smaller holes)."""
-        start, end = target.start - target.base, target.end - target.base
-
-        def work(token):
-            return retry_on_oom(lambda s: feature(target.model, target.clipped, start, end, s, token),
-                                target.settings, self._count_oom_retry)
-
-        return self.sched.submit(f"{uri}#command", work, debounce=False, version=target.version)
+    def _submit_command(self, uri: str, target: "_Target", kind: str, on_step: Callable[[Any], None] | None = None):
+        """Run the target as the document's command job of `kind` (no debounce; the engine retries
+        once with smaller holes after running out of memory)."""
+        request, engine = target.request(kind), self.engine
+        return self.sched.submit(
+            f"{uri}#command", lambda token: engine.run(request, token, on_step, self._count_oom_retry, key=f"{uri}#command"),
+            debounce=False, version=target.version)
 
     async def complete_block(self, uri: str, position: lsp.Position) -> bool:
         target = self._command_target(uri, "complete block", position, position)
         if target is None:
             return False
-        from . import features
-        result = await self._submit_command(uri, target, lambda model, text, cursor, _, s, token: features.suggest(
-            model, text, cursor, s, cancel=token, block=True))
+        result = await self._submit_command(uri, target, "block")
         if not result.text:
             self.log_client("diffu-lsp: complete block: the model produced nothing")
             return False
@@ -679,9 +652,7 @@ class DiffuServer(LanguageServer):
         target = self._command_target(uri, "fill holes", rng.start, rng.end)
         if target is None:
             return False
-        from . import features
-        replacements = await self._submit_command(uri, target, lambda model, text, start, end, s, token: (
-            features.fill_holes(model, text, start, end, s, cancel=token)))
+        replacements = await self._submit_command(uri, target, "fill_holes")
         if not replacements:
             self.log_client("diffu-lsp: fill holes: no hole markers here, or the model produced nothing")
             return False
@@ -708,9 +679,7 @@ class DiffuServer(LanguageServer):
         def on_step(draft) -> None:  # worker thread
             loop.call_soon_threadsafe(step, draft.step, draft.masked)
 
-        from . import features
-        job = self._submit_command(uri, target, lambda model, text, start, end, s, job_token: features.refine(
-            model, text, start, end, s, cancel=job_token, on_step=on_step))
+        job = self._submit_command(uri, target, "refine", on_step)
         cancelled_by_client = self.work_done_progress.tokens.get(token) if token else None
         if cancelled_by_client is not None:
             cancelled_by_client.add_done_callback(
@@ -736,6 +705,7 @@ class DiffuServer(LanguageServer):
 
     async def startup(self) -> None:
         """After ``initialized``: settings from every layer, then the model, then the file watcher."""
+        self._loop = asyncio.get_running_loop()
         options = self._init_options
         if isinstance(options, Mapping) and isinstance(options.get(CONFIG_SECTION), Mapping):
             options = options[CONFIG_SECTION]
@@ -752,10 +722,11 @@ class DiffuServer(LanguageServer):
         if self._stop_watching is not None:
             self._stop_watching.set()
         await self.sched.close(timeout=5)
+        self.engine.close()
 
     def stats(self) -> dict[str, Any]:
         return {
-            **self.sched.stats, **self.counters,
+            **self.sched.stats, **self.counters, **self.engine.describe(),
             "model_state": self.model_state, "model_message": self.model_message,
             "settings": msgspec.to_builtins(self.settings),
             "records": [dataclasses.asdict(r) for r in list(self.sched.records)[-50:]],
@@ -787,12 +758,6 @@ def _in_daemon_thread(loop: asyncio.AbstractEventLoop, lock: threading.Lock, fn,
     return future
 
 
-def _load_model(name: str | None, device: str, dtype: str):
-    """Runs on the loader thread: this is where torch gets imported."""
-    from .models import load_model
-    return load_model(name, device=device, dtype=dtype)
-
-
 # ------------------------------------------------------------------ handlers
 
 def guarded(empty: Any = None, *, user_facing: bool = False):
@@ -804,7 +769,7 @@ def guarded(empty: Any = None, *, user_facing: bool = False):
         return empty() if callable(empty) else empty
 
     def failed(ls: DiffuServer, name: str, error: Exception):
-        if _is_oom(error):
+        if is_oom(error):
             ls.counters["oom_failures"] += 1
             ls.show("diffu-lsp: out of memory even with a smaller hole; try a smaller model, "
                     "dtype, or context (prefixTokens/suffixTokens)", lsp.MessageType.Error)
@@ -851,8 +816,9 @@ def _only(context: lsp.CodeActionContext, kind: str) -> bool:
     return any(kind == want or kind.startswith(f"{want}.") for want in context.only)
 
 
-def create_server(*, model: str | None = None, device: str | None = None, dtype: str | None = None) -> DiffuServer:
-    server = DiffuServer(model=model, device=device, dtype=dtype)
+def create_server(*, model: str | None = None, device: str | None = None, dtype: str | None = None,
+                  daemon: bool = True) -> DiffuServer:
+    server = DiffuServer(model=model, device=device, dtype=dtype, daemon=daemon)
 
     @server.feature(lsp.INITIALIZE)
     def initialize(ls: DiffuServer, params: lsp.InitializeParams):
@@ -1038,7 +1004,7 @@ def _configure_logging() -> None:
 
 
 def serve(*, model: str | None = None, device: str | None = None, dtype: str | None = None,
-          tcp: str | None = None) -> int:
+          tcp: str | None = None, daemon: bool = True) -> int:
     """Run the server over stdio (default) or TCP on loopback. Returns the exit status."""
     _configure_logging()
     address = None
@@ -1048,7 +1014,7 @@ def serve(*, model: str | None = None, device: str | None = None, dtype: str | N
         except ValueError as error:
             log.error("--tcp: %s", error)
             return 2
-    server = create_server(model=model, device=device, dtype=dtype)
+    server = create_server(model=model, device=device, dtype=dtype, daemon=daemon)
     _enable_stack_dumps()
     if address is not None:
         log.info("diffu-lsp %s listening on %s:%d", __version__, *address)

@@ -57,6 +57,8 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     max_document_bytes: Positive = 4_000_000
     log_level: Literal["error", "warning", "info", "debug"] = "info"
 
+    daemon_idle_seconds: NonNegative = 900  # the model daemon exits this long after its last window (0: never)
+    daemon_memory_mb: NonNegative = 0  # the daemon unloads least recently used models past this (0: no budget)
 
 class SettingsError(ValueError):
     """One bad setting: ``key`` is the camelCase key (or a file path), ``problem`` a sentence."""

@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_runtime_dir(tmp_path_factory):
+    """Servers started by the tests share a model daemon in a runtime folder of this session's
+    own (never the user's), stopped at the end."""
+    folder = tmp_path_factory.mktemp("runtime")
+    old = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(folder)
+    yield folder
+    from diffu_lsp.daemon import Paths, daemon_pid
+
+    pid = daemon_pid(Paths(folder / "diffu-lsp")) if (folder / "diffu-lsp").exists() else None
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+    if old is None:
+        os.environ.pop("XDG_RUNTIME_DIR", None)
+    else:
+        os.environ["XDG_RUNTIME_DIR"] = old
 
 
 @pytest.fixture(scope="session")

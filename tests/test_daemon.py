@@ -1,0 +1,381 @@
+"""The model daemon, tested against real processes: `diffu-lsp` servers driven by a real LSP
+client over stdio, the daemon they start, and raw sockets speaking (and garbling) its wire format.
+
+Each test gets a runtime folder of its own (XDG_RUNTIME_DIR), so each starts its own daemon,
+which is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from diffu_lsp import __version__
+from diffu_lsp.bench.lsp_client import LspClient
+from diffu_lsp.daemon import Paths, daemon_pid, runtime_paths
+from diffu_lsp.daemon import wire
+from diffu_lsp.daemon.client import connect, connect_or_start
+from diffu_lsp.daemon.host import rss_bytes
+from diffu_lsp.engine import ModelKey, Request, Suggestion
+from diffu_lsp.jobs import CancelToken, JobCancelled
+from diffu_lsp.settings import Settings
+
+BUNDLED = ModelKey(None, "cpu", "float32")
+SAMPLE = "import os\n\n\ndef read_config(path):\n    with open(path) as f:\n        return \n"
+CURSOR = SAMPLE.index("return ") + len("return ")
+# Jobs long enough to be caught running: a big hole decoded one token per forward, no cache.
+SLOW = {"algorithm": "entropy", "kvCache": "none", "singleLineTokens": 400, "multiLineTokens": 400,
+        "earlyExit": False, "debounceMs": 0}
+
+
+@pytest.fixture
+def runtime(tmp_path, monkeypatch):
+    """A runtime folder for this test only; whatever daemon it starts is stopped afterwards."""
+    folder = tmp_path / "run"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(folder))
+    paths = runtime_paths()
+    yield paths
+    pid = daemon_pid(paths)
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+
+
+def wait_for(predicate, what: str, timeout: float = 120.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def status(paths: Paths) -> wire.Status:
+    conn = connect(paths)
+    assert conn is not None, "no daemon answers"
+    try:
+        return conn.status()
+    finally:
+        conn.close()
+
+
+def suggest_request(**settings) -> Request:
+    return Request("suggest", SAMPLE, CURSOR, CURSOR, msgspec.convert(settings, Settings))
+
+
+def in_thread(fn):
+    """Run fn() on a thread; returns a dict that gets "value" or "error" when it ends."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as error:  # noqa: BLE001
+            out["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    out["thread"] = thread
+    return out
+
+
+# ------------------------------------------------------------------ wire format
+
+def test_every_message_survives_the_wire_and_bad_frames_are_refused():
+    messages = [
+        wire.Hello(wire.PROTOCOL, __version__, 12), wire.Welcome(wire.PROTOCOL, __version__, 34, 1),
+        wire.Load(1, BUNDLED), wire.Submit(2, "file:///a.py", BUNDLED, suggest_request(), progress=True),
+        wire.Cancel(2, "superseded"), wire.Progress(2, 3, 10),
+        wire.Result(2, Suggestion("x", 0, False, 3, 16, 0.1), 3), wire.Result(3, "refined", 1),
+        wire.Failed(4, "oom", "CUDA out of memory", 2, 1), wire.StatusQuery(), wire.Stop(), wire.Error("no"),
+    ]
+    for message in messages:
+        frame = wire.encode(message)
+        assert wire.body_length(frame[:4]) == len(frame) - 4
+        assert wire.decode(frame[4:]) == message
+    with pytest.raises(wire.FrameError, match="over the"):
+        wire.body_length(wire.HEADER.pack(wire.MAX_FRAME + 1))
+    for garbage in (b"", b"\xc1", msgspec.msgpack.encode({"type": "Nope"}), msgspec.msgpack.encode([1, 2])):
+        with pytest.raises(wire.FrameError):
+            wire.decode(garbage)
+
+
+# ------------------------------------------------------------------ through real servers
+
+async def open_window(paths: Paths, tmp: Path, name: str, *args: str, options: dict | None = None) -> LspClient:
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(paths.folder.parent), "XDG_CONFIG_HOME": str(tmp / "xdg"),
+           "OMP_NUM_THREADS": "1"}
+    client = LspClient([sys.executable, "-m", "diffu_lsp", "--device", "cpu", "--dtype", "float32", *args], env=env)
+    await client.start()
+    await client.initialize((tmp / name).as_uri(), options)
+    return client
+
+
+async def until_ready(client: LspClient, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _, method, params in client.notifications:
+            if method == "diffu/status" and params["state"] in ("ready", "error"):
+                assert params["state"] == "ready", params
+                return params
+        await asyncio.sleep(0.05)
+    raise AssertionError("the model did not become ready:\n" + "\n".join(client.stderr_tail))
+
+
+def open_doc(client: LspClient, uri: str, text: str = SAMPLE) -> None:
+    client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
+                                                            "text": text}})
+
+
+def inline_params(uri: str) -> dict:
+    line = SAMPLE[:CURSOR].count("\n")
+    return {"textDocument": {"uri": uri}, "position": {"line": line, "character": CURSOR - SAMPLE.rindex("\n", 0, CURSOR) - 1},
+            "context": {"triggerKind": 1}}  # Invoked: no debounce
+
+
+async def suggestion(client: LspClient, uri: str) -> list:
+    result = await client.request("textDocument/inlineCompletion", inline_params(uri), timeout=300)
+    return (result or {}).get("items", []) if isinstance(result, dict) else result or []
+
+
+def shown_messages(client: LspClient) -> list[str]:
+    return [p["message"] for _, method, p in client.notifications if method == "window/showMessage"]
+
+
+@pytest.mark.asyncio
+async def test_two_windows_share_one_loaded_model(runtime, tmp_path):
+    first = await open_window(runtime, tmp_path, "a")
+    try:
+        await until_ready(first)
+        open_doc(first, "file:///a.py")
+        assert await suggestion(first, "file:///a.py")
+        one_window = status(runtime)
+        assert (one_window.loads, one_window.clients) == (1, 1)  # (the status query is not a window)
+
+        second = await open_window(runtime, tmp_path, "b")
+        try:
+            ready = await until_ready(second)
+            open_doc(second, "file:///b.py")
+            assert await suggestion(second, "file:///b.py")
+            two_windows = status(runtime)
+            assert two_windows.pid == one_window.pid
+            assert (two_windows.loads, two_windows.clients) == (1, 2)  # loaded once, shared
+            assert [m.jobs for m in two_windows.models] == [2]
+            assert two_windows.rss_bytes < 1.3 * one_window.rss_bytes  # not doubled
+            # The windows' own processes never load torch or the weights.
+            for window in (first, second):
+                assert rss_bytes(window.pid) < two_windows.rss_bytes / 2
+                stats = await window.request("diffu/stats")
+                assert stats["engine"] == "daemon" and stats["daemon_pid"] == two_windows.pid
+            assert "already loaded" in " ".join(str(p) for _, m, p in second.notifications if m == "window/logMessage")
+            assert ready["state"] == "ready"
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+    assert wait_for(lambda: status(runtime).clients == 0, "both windows to disconnect", timeout=30)
+
+
+@pytest.mark.asyncio
+async def test_killing_the_daemon_mid_job_answers_and_the_next_request_starts_a_new_one(runtime, tmp_path):
+    window = await open_window(runtime, tmp_path, "w", options=SLOW)
+    try:
+        await until_ready(window)
+        open_doc(window, "file:///k.py")
+        old_pid = daemon_pid(runtime)
+        request_id, pending = window.send_request("textDocument/inlineCompletion", inline_params("file:///k.py"))
+        await window.drain()
+        await asyncio.to_thread(wait_for, lambda: status(runtime).jobs["running"] is not None, "the job to run")
+        os.kill(old_pid, signal.SIGKILL)
+        answer = await asyncio.wait_for(pending, 30)
+        assert answer.error is None and not (answer.result or {}).get("items")  # answered, empty
+        await asyncio.to_thread(wait_for, lambda: any("daemon stopped" in m for m in shown_messages(window)),
+                                "the user to be told", 30)
+
+        items = await suggestion(window, "file:///k.py")  # starts a new daemon, which loads the model
+        new = status(runtime)
+        assert new.pid != old_pid and new.loads == 1 and new.jobs["completed"] == 1
+        assert items and items[0]["insertText"]
+        assert len([m for m in shown_messages(window) if "daemon stopped" in m]) == 1  # told once
+    finally:
+        await window.close()
+
+
+@pytest.mark.asyncio
+async def test_no_daemon_keeps_the_model_in_the_server(runtime, tmp_path):
+    window = await open_window(runtime, tmp_path, "solo", "--no-daemon")
+    try:
+        await until_ready(window)
+        open_doc(window, "file:///s.py")
+        assert await suggestion(window, "file:///s.py")
+        assert (await window.request("diffu/stats"))["engine"] == "in-process"
+        assert not runtime.socket.exists() and daemon_pid(runtime) is None
+    finally:
+        await window.close()
+
+
+# ------------------------------------------------------------------ the socket, directly
+
+def test_cancellation_crosses_the_socket_within_one_forward(runtime):
+    conn = connect_or_start(runtime)
+    try:
+        conn.load(BUNDLED)
+        slow = suggest_request(**SLOW)
+        first_step = threading.Event()
+        superseded = CancelToken()
+        old = in_thread(lambda: conn.submit("doc", BUNDLED, slow, superseded, lambda step: first_step.set()))
+        assert first_step.wait(120), "the first job never ran"
+        superseded.cancel("superseded by a keystroke")
+        newer = CancelToken()
+        new_answer = conn.submit("doc", BUNDLED, suggest_request(), newer)  # the same document, newest wins
+        old["thread"].join(30)
+        assert isinstance(old.get("error"), JobCancelled)
+        assert superseded.forwards_after_cancel <= 1
+        assert isinstance(new_answer, Suggestion) and newer.forwards >= 1
+
+        # A second submission for the same key supersedes the first in the daemon too, without a Cancel.
+        started = threading.Event()
+        a = in_thread(lambda: conn.submit("doc2", BUNDLED, slow, CancelToken(), lambda step: started.set()))
+        assert started.wait(120)
+        conn.submit("doc2", BUNDLED, suggest_request(), CancelToken())
+        a["thread"].join(30)
+        assert isinstance(a.get("error"), JobCancelled) and "superseded" in str(a["error"])
+        jobs = status(runtime).jobs
+        assert jobs["max_forwards_after_cancel"] <= 1 and jobs["superseded"] >= 1
+    finally:
+        conn.close()
+
+
+def test_one_window_cannot_fill_the_queue(runtime):
+    busy, flood = connect_or_start(runtime), connect_or_start(runtime)
+    try:
+        busy.load(BUNDLED)
+        started = threading.Event()
+        blocker = CancelToken()
+        hold = in_thread(lambda: busy.submit("busy", BUNDLED, suggest_request(**SLOW), blocker,
+                                             lambda step: started.set()))
+        assert started.wait(120)
+        answers = [in_thread(lambda i=i: flood.submit(f"doc{i}", BUNDLED, suggest_request(), CancelToken()))
+                   for i in range(12)]
+        full = wait_for(lambda: [a for a in answers if "error" in a] if sum("error" in a for a in answers) == 4 else None,
+                        "the 4 oldest to be cancelled", 60)
+        assert all("queue full" in str(a["error"]) for a in full)
+        blocker.cancel()
+        for a in answers:
+            a["thread"].join(120)
+        done = [a for a in answers if "value" in a]
+        assert len(done) == 8 and len(answers) - len(done) == 4  # the 8 newest were served
+        hold["thread"].join(30)
+    finally:
+        busy.close()
+        flood.close()
+
+
+def test_socket_is_owner_only_and_garbage_does_not_take_the_daemon_down(runtime):
+    good = connect_or_start(runtime)
+    try:
+        assert stat.S_IMODE(os.stat(runtime.folder).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(runtime.socket).st_mode) == 0o600
+
+        def raw_exchange(payload: bytes) -> wire.Message | None:
+            with socket.socket(socket.AF_UNIX) as raw:
+                raw.settimeout(30)
+                raw.connect(str(runtime.socket))
+                raw.sendall(payload)
+                answer = wire.read_frame(raw)
+                assert wire.read_frame(raw) is None  # then the daemon closes the connection
+                return answer
+
+        assert "bad frame" in raw_exchange(wire.HEADER.pack(5) + b"hello").message
+        assert "over the" in raw_exchange(wire.HEADER.pack(2**31)).message
+        assert "expected Hello" in raw_exchange(wire.encode(wire.StatusQuery())).message
+        mismatch = raw_exchange(wire.encode(wire.Hello(wire.PROTOCOL + 1, "9.9", 1)))
+        assert "version mismatch" in mismatch.message and "daemon stop" in mismatch.message
+        welcome_then_junk = wire.encode(wire.Hello(wire.PROTOCOL, __version__, 1)) + wire.HEADER.pack(3) + b"\xc1\xc1\xc1"
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(str(runtime.socket))
+            raw.sendall(welcome_then_junk)
+            assert isinstance(wire.read_frame(raw), wire.Welcome)
+            assert isinstance(wire.read_frame(raw), wire.Error)
+        with socket.socket(socket.AF_UNIX) as raw:  # a client that vanishes mid-frame
+            raw.connect(str(runtime.socket))
+            raw.sendall(wire.HEADER.pack(100) + b"abc")
+        assert good.status().clients == 0  # the garbage connections are gone; this one is fine
+        good.load(BUNDLED)
+        assert isinstance(good.submit("doc", BUNDLED, suggest_request(), CancelToken()), Suggestion)
+    finally:
+        good.close()
+
+
+def test_racing_starters_end_with_exactly_one_daemon(runtime):
+    starter = ("import sys; from diffu_lsp.daemon import runtime_paths; "
+               "from diffu_lsp.daemon.client import connect_or_start; "
+               "c = connect_or_start(runtime_paths()); print(c.pid); c.close()")
+    racers = [subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    pids = {int(p.communicate(timeout=120)[0]) for p in racers}
+    assert len(pids) == 1 and pids == {daemon_pid(runtime)}
+    # A daemon started by hand while one runs bows out.
+    late = subprocess.run([sys.executable, "-m", "diffu_lsp", "daemon", "run"], capture_output=True, text=True,
+                          timeout=60)
+    assert late.returncode == 0 and "another daemon holds" in late.stderr
+    assert status(runtime).pid in pids
+
+
+def test_idle_daemon_exits_and_cli_reports_it(runtime):
+    conn = connect_or_start(runtime, idle_seconds=1)
+    pid = conn.pid
+    conn.close()
+    wait_for(lambda: daemon_pid(runtime) is None, "the idle daemon to exit", 30)
+    assert not runtime.socket.exists()
+    wait_for(lambda: not alive(pid), "the daemon process to be gone (and reaped)", 30)
+    none = subprocess.run([sys.executable, "-m", "diffu_lsp", "daemon", "status"], capture_output=True, text=True)
+    assert none.returncode == 1 and "no model daemon" in none.stderr
+
+    conn = connect_or_start(runtime)
+    conn.close()
+    shown = subprocess.run([sys.executable, "-m", "diffu_lsp", "daemon", "status", "--json"], capture_output=True,
+                           text=True, check=True)
+    assert msgspec.json.decode(shown.stdout)["pid"] == daemon_pid(runtime)
+    stopped = subprocess.run([sys.executable, "-m", "diffu_lsp", "daemon", "stop"], capture_output=True, text=True,
+                             check=True)
+    assert "stopped" in stopped.stdout and daemon_pid(runtime) is None
+
+
+def test_models_are_shared_by_key_and_evicted_past_the_memory_budget(runtime, random_dream):
+    conn = connect_or_start(runtime, memory_mb=30)  # the bundled model is 22 MiB in float32
+    try:
+        bundled = conn.load(BUNDLED)
+        assert not bundled.shared and bundled.evicted == ()
+        assert conn.load(BUNDLED).shared
+        other = conn.load(ModelKey(str(random_dream), "cpu", "float32"))
+        assert other.evicted == ("bundled tiny model (cpu, float32)",)
+        now = status(runtime)
+        assert (now.loads, now.evictions, [m.label for m in now.models]) == (2, 1, [str(random_dream)])
+        again = conn.load(BUNDLED)  # comes back, and pushes the other one out
+        assert not again.shared and status(runtime).loads == 3
+        broken = ModelKey(str(runtime.folder / "missing"), "cpu", "float32")
+        with pytest.raises(Exception, match="missing"):
+            conn.load(broken)
+        assert isinstance(conn.submit("doc", BUNDLED, suggest_request(), CancelToken()), Suggestion)
+    finally:
+        conn.close()
