@@ -2,7 +2,8 @@
 
 Suites: replay (typing replay over LSP), speed (decoding speed per setting), quality (HumanEval
 infilling and held-out stdlib exact match per setting, with a quality-vs-speed plot), memory (peak
-memory, load time, time to first suggestion), all. `python -m diffu_lsp.bench` is the same command.
+memory, load time, time to first suggestion), daemon (the shared model daemon vs a model in every
+server: added latency, replay, memory for 1 and 3 windows), all. `python -m diffu_lsp.bench` is the same command.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .common import Options, machine, machine_line, progress, render
 
-SUITES = ("replay", "speed", "quality", "memory")
+SUITES = ("replay", "speed", "quality", "memory", "daemon")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,9 @@ def run_suite(name: str, options: Options, model=None) -> dict:
     elif name == "memory":
         from . import memory
         result = memory.run(options)
+    elif name == "daemon":
+        from . import daemon
+        result = daemon.run(options)
     elif name == "speed":
         from . import speed
         result = speed.run(options, model)
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     options.extra["out"] = str(args.out.resolve())
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     # server subprocesses first, so the in-process model is not held in memory beside theirs
-    order = [s for s in ("replay", "memory", "speed", "quality") if s in suites]
+    order = [s for s in ("replay", "memory", "daemon", "speed", "quality") if s in suites]
     from .. import models
 
     results, model = [], None

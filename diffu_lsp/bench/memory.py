@@ -3,7 +3,7 @@
 - In a fresh interpreter: wall time of `import diffu_lsp.models` + `load_model`, the model's own
   `load_seconds`, peak RSS after loading and after one suggestion (`ru_maxrss`), peak CUDA memory
   (`torch.cuda.max_memory_allocated`) when on a GPU.
-- The real server as a subprocess: time from spawn to the `initialize` response, and from sending
+- The real server as a subprocess (`--no-daemon`, so it holds the model itself): time from spawn to the `initialize` response, and from sending
   `initialize` to the first inline completion with items (the client asks at a few cursor points
   in turn until one is non-empty); the server's peak RSS (VmHWM) at the end.
 Each is repeated (fresh processes) and the medians reported.
@@ -61,7 +61,10 @@ def probe_in_process(options: common.Options) -> dict:
 
 
 async def probe_server(options: common.Options, limit_s: float = 900.0) -> dict:
-    client = LspClient(server_command(options.model, options.device, options.dtype), env=common.subprocess_env(options))
+    # --no-daemon: the model lives in the server, so its memory is the whole footprint (the daemon
+    # suite compares that with windows sharing the model daemon)
+    client = LspClient(server_command(options.model, options.device, options.dtype) + ["--no-daemon"],
+                       env=common.subprocess_env(options))
     await client.start()
     try:
         sent = time.perf_counter()

@@ -269,11 +269,13 @@ def job_records(*stats_results: Any) -> dict[int, dict]:
     return out
 
 
-async def replay(options: common.Options) -> dict:
+async def replay(options: common.Options, server_args: tuple[str, ...] = ()) -> dict:
+    """Type at every point against a fresh server (`server_args` added to its command line)."""
     points_n = options.points or (QUICK_POINTS if options.quick else POINTS)
     chars = options.chars or (QUICK_CHARS if options.quick else CHARS)
     points = choose_points(options.seed, points_n, chars)
-    client = LspClient(server_command(options.model, options.device, options.dtype), env=common.subprocess_env(options))
+    client = LspClient(server_command(options.model, options.device, options.dtype) + list(server_args),
+                       env=common.subprocess_env(options))
     await client.start()
     try:
         await client.initialize()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import common
 
-ORDER = ("replay", "speed", "quality", "memory", "gpu")
+ORDER = ("replay", "speed", "quality", "memory", "daemon", "gpu")
 
 HEADER = """# Benchmarks
 
@@ -18,7 +18,8 @@ measured in that run). Nothing here is edited by hand.
 
 Suites: `replay` (typing replay against the real server over LSP), `speed` (decoding speed per
 setting), `quality` (HumanEval infilling and held-out stdlib exact match per setting), `memory`
-(peak memory, load time, time to first suggestion), `all`. Add `--quick` for a smoke-sized run.
+(peak memory, load time, time to first suggestion), `daemon` (the shared model daemon against a model
+in every server), `all`. Add `--quick` for a smoke-sized run.
 """
 
 GPU_SECTION = """## On a GPU
