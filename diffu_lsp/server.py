@@ -42,6 +42,7 @@ from pygls.workspace import TextDocument, Workspace
 
 from . import __version__, infill
 from . import settings as config
+from .daemon import DaemonError
 from .engine import LocalEngine, ModelInfo, ModelKey, Request, is_oom
 from .jobs import JobCancelled, Scheduler
 from .settings import Settings, SettingsError
@@ -382,8 +383,15 @@ class DiffuServer(LanguageServer):
         token = await self.begin_progress(f"Loading model {label}", cancellable=False)
         loop = asyncio.get_running_loop()
         try:
-            info = await _in_daemon_thread(loop, self._load_lock, self.engine.load, key)
-        except Exception as error:  # noqa: BLE001 - ModelLoadError, a daemon's error, anything a backend raises
+            try:
+                info = await _in_daemon_thread(loop, self._load_lock, self.engine.load, key)
+            except DaemonError as error:  # no daemon to be had: this window holds the model itself
+                self.show(f"diffu-lsp: the model daemon is unavailable ({error}); loading the model in this "
+                          "window instead", lsp.MessageType.Warning)
+                self.engine.close()
+                self.engine = LocalEngine()
+                info = await _in_daemon_thread(loop, self._load_lock, self.engine.load, key)
+        except Exception as error:  # noqa: BLE001 - ModelLoadError, the daemon's report of one, anything else
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             self.end_progress(token, "failed")
             if generation != self._load_generation:

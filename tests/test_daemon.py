@@ -234,6 +234,22 @@ async def test_no_daemon_keeps_the_model_in_the_server(runtime, tmp_path):
         await window.close()
 
 
+@pytest.mark.asyncio
+async def test_a_window_that_cannot_have_a_daemon_holds_the_model_itself(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "diffu-lsp").write_text("a file where the runtime folder should be")
+    window = await open_window(Paths(folder / "diffu-lsp"), tmp_path, "f")
+    try:
+        await until_ready(window)
+        open_doc(window, "file:///f.py")
+        assert await suggestion(window, "file:///f.py")
+        assert (await window.request("diffu/stats"))["engine"] == "in-process"
+        assert any("daemon is unavailable" in m and "not a folder" in m for m in shown_messages(window))
+    finally:
+        await window.close()
+
+
 # ------------------------------------------------------------------ the socket, directly
 
 def test_cancellation_crosses_the_socket_within_one_forward(runtime):

@@ -35,7 +35,11 @@ class DaemonLost(JobCancelled):
     """The daemon went away while a job was pending: the request is answered empty."""
 
 
-class OutOfMemoryError(RuntimeError):
+class RemoteError(RuntimeError):
+    """A load or job that failed inside the daemon (the daemon itself is fine)."""
+
+
+class OutOfMemoryError(RemoteError):
     """The daemon ran out of memory on this job (named so that ``engine.is_oom`` knows it)."""
 
 
@@ -106,7 +110,7 @@ class Connection:
                         cancel.report(msg.forwards, msg.forwards_after_cancel)
                     if msg.kind == "cancelled":
                         raise JobCancelled(msg.message)
-                    raise (OutOfMemoryError if msg.kind == "oom" else DaemonError)(msg.message)
+                    raise (OutOfMemoryError if msg.kind == "oom" else RemoteError)(msg.message)
                 elif isinstance(msg, wire.Error):
                     raise DaemonError(f"the model daemon refused: {msg.message}")
                 else:
