@@ -17,7 +17,6 @@ import platform
 import random
 import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 

@@ -212,17 +212,17 @@ class Daemon:
         for oldest in pending[:max(0, len(pending) + 1 - MAX_PENDING_PER_CLIENT)]:
             oldest.cancel(f"queue full: over {MAX_PENDING_PER_CLIENT} pending jobs from this window")
         loop = asyncio.get_running_loop()
-        on_step = None
-        if message.progress:
-            def on_step(draft) -> None:  # worker thread
-                loop.call_soon_threadsafe(client.send, wire.Progress(message.id, draft.step, draft.masked))
+
+        def progress(draft) -> None:  # worker thread
+            loop.call_soon_threadsafe(client.send, wire.Progress(message.id, draft.step, draft.masked))
 
         def work(token):
             from .. import features
 
             held.last_used = time.monotonic()
             held.jobs += 1
-            return features.run(held.model, message.request, cancel=token, on_step=on_step)
+            return features.run(held.model, message.request, cancel=token,
+                                on_step=progress if message.progress else None)
 
         job = self.sched.submit(f"{client.id}:{message.key}", work, debounce=False)
         client.jobs[message.id] = job
