@@ -13,6 +13,10 @@ Algorithms
   token at temperature 0: a step whose schedule reveals nothing skips its forward pass.
 - Confidence threshold ("threshold", Fast-dLLM): reveal every masked position whose p(x0) >= tau,
   at least the single most confident one per forward.
+- Confidence factor ("factor", Fast-dLLM's factor rule): with c_(1) >= c_(2) >= ... the sorted
+  p(x0) of the masked positions, reveal the n most confident for the largest n with
+  c_(n) >= 1 - f / (n + 1), at least one per forward. The bar drops as fewer positions are taken:
+  one needs c >= 1 - f/2, two need both >= 1 - f/3, and so on.
 
 Defaults, all explicit: temperature 0 (greedy), no top_p, no top_k. Dream's `diffusion_generate`
 called without `top_k` inherits `top_k=50` from transformers' GenerationConfig; pass `top_k=50`
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 DREAM_ALGS = ("maskgit_plus", "topk_margin", "entropy")
-ALGS = DREAM_ALGS + ("threshold",)
+ALGS = DREAM_ALGS + ("threshold", "factor")
 EPS = 1e-3
 
 
@@ -45,6 +49,7 @@ class Sampling:
     alg: str = "threshold"
     steps: Optional[int] = None          # Dream schedule: None = one step per masked position
     threshold: float = 0.9               # "threshold": reveal every position at least this confident
+    factor: float = 1.0                  # "factor": reveal the top n while c_(n) >= 1 - factor / (n + 1)
     temperature: float = 0.0
     top_p: Optional[float] = None
     top_k: Optional[int] = None
@@ -60,6 +65,8 @@ class Sampling:
             raise ValueError("steps must be >= 1")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError("threshold must be in (0, 1]")
+        if not self.factor > 0:
+            raise ValueError("factor must be > 0")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -94,7 +101,7 @@ class Denoised:
     forwards: int              # denoising steps, each one forward pass over the active positions
     cancelled: bool = False
     stopped_early: bool = False
-    refreshes: int = 0         # full forwards spent rebuilding a K/V cache (0 without a cache)
+    refreshes: int = 0         # of the forwards, those over the whole canvas that (re)filled a K/V cache
 
 
 # (canvas [L], positions [N]) -> [N, V]: logits scoring the tokens at those positions
@@ -150,6 +157,21 @@ def dream_reveal_count(n_masked: int, step: int, steps: int) -> int:
     timesteps = torch.linspace(1, EPS, steps + 1)
     t, s = timesteps[step], timesteps[step + 1]
     return int(n_masked * (1 - s / t))
+
+
+def above_threshold(token_prob: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices of the positions with p >= threshold; the single most confident one if none is."""
+    reveal = (token_prob >= threshold).nonzero().squeeze(-1)
+    return reveal if len(reveal) else token_prob.argmax().reshape(1)
+
+
+def by_factor(token_prob: torch.Tensor, factor: float) -> torch.Tensor:
+    """Indices of the n most confident positions, for the largest n whose n-th highest p is at least
+    1 - factor / (n + 1) (at least one). The test holds for every n up to the largest, so it is a count."""
+    ranked = token_prob.sort(descending=True)
+    n = torch.arange(1, len(token_prob) + 1, dtype=token_prob.dtype)
+    count = max(1, int((ranked.values >= 1 - factor / (n + 1)).sum()))
+    return ranked.indices[:count]
 
 
 def pick_positions(score: torch.Tensor, count: int, sampling: Sampling, generator=None) -> torch.Tensor:
@@ -240,10 +262,10 @@ def denoise(
             if sampling.eos_penalty and stop_ids:
                 logits[:, list(stop_ids)] -= sampling.eos_penalty
             tokens, token_prob, score = choose_tokens(logits, sampling, generator)
-            if not dream:
-                reveal = (token_prob >= sampling.threshold).nonzero().squeeze(-1)
-                if len(reveal) == 0:
-                    reveal = token_prob.argmax().reshape(1)
+            if sampling.alg == "threshold":
+                reveal = above_threshold(token_prob, sampling.threshold)
+            elif sampling.alg == "factor":
+                reveal = by_factor(token_prob, sampling.factor)
             else:
                 reveal = pick_positions(score, count, sampling, generator)
             positions = still_masked[reveal]

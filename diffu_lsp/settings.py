@@ -33,9 +33,10 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     model: str | None = None  # None = bundled tiny model; else local folder or hub id
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    algorithm: Literal["threshold", "entropy", "maskgit_plus", "topk_margin"] = "threshold"
+    algorithm: Literal["threshold", "factor", "entropy", "maskgit_plus", "topk_margin"] = "threshold"
     steps: Positive | None = None  # Dream schedule steps; None = one per hole token
     threshold: Probability = 0.9  # confidence threshold for "threshold" decoding
+    factor: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0  # "factor" decoding: top n while c_(n) >= 1 - factor/(n+1)
     temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
     top_p: Probability | None = None
     top_k: Positive | None = None
@@ -166,6 +167,7 @@ def sampling_options(s: Settings) -> dict[str, Any]:
         "alg": s.algorithm,
         "steps": s.steps,
         "threshold": s.threshold,
+        "factor": s.factor,
         "temperature": s.temperature,
         "top_p": s.top_p,
         "top_k": s.top_k,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from diffu_lsp.models import DenoiseCancelled, load_model
-from diffu_lsp.sampler import Sampling, choose_tokens, denoise, dream_reveal_count
+from diffu_lsp.models.backend import CachedForward
+from diffu_lsp.sampler import Sampling, above_threshold, by_factor, choose_tokens, denoise, dream_reveal_count
 
 MASK = 9
 VOCAB = 10
@@ -85,6 +86,35 @@ def test_threshold_reveals_at_least_one_per_forward():
     assert result.reveal_step.tolist() == [4, 3, 2, 1]  # most confident first
 
 
+def test_threshold_selection_by_hand():
+    assert sorted(above_threshold(torch.tensor([0.95, 0.5, 0.92]), 0.9).tolist()) == [0, 2]
+    assert above_threshold(torch.tensor([0.1, 0.4, 0.3]), 0.9).tolist() == [1]  # none passes: the best one
+
+
+def test_factor_rule_selection_by_hand():
+    confidence = torch.tensor([0.5, 0.9, 0.7, 0.95])  # sorted: 0.95, 0.9, 0.7, 0.5
+    # f=1: bars 1-1/2=0.5, 1-1/3=0.667, 1-1/4=0.75, 1-1/5=0.8 -> 0.95, 0.9 pass; 0.7 < 0.75 stops
+    assert by_factor(confidence, 1.0).tolist() == [3, 1]
+    # f=2: bars 0, 0.333, 0.5, 0.6 -> three pass; 0.5 < 0.6
+    assert by_factor(confidence, 2.0).tolist() == [3, 1, 2]
+    # f=4: bars -1, -0.333, 0, 0.2 -> all four
+    assert sorted(by_factor(confidence, 4.0).tolist()) == [0, 1, 2, 3]
+    # f=0.1: the first bar is 0.95 -> exactly the top one
+    assert by_factor(confidence, 0.1).tolist() == [3]
+    # nothing passes: still the single most confident
+    assert by_factor(torch.tensor([0.3, 0.6, 0.2]), 0.5).tolist() == [1]
+
+
+def test_factor_rule_in_the_loop_reveals_by_count():
+    # p(best) over the 9 non-mask tokens: strength 20 -> ~1.0, 3 -> e^3/(e^3+8) = 0.715, 1 -> e/(e+8) = 0.254
+    logits = FixedLogits([1, 2, 3, 4], [20.0, 20.0, 3.0, 1.0])
+    result = denoise(logits, torch.full((4,), MASK), MASK, Sampling(alg="factor", factor=1.0))
+    # forward 1: 1.0, 1.0 pass (bars 0.5, 0.667), 0.715 < 0.75; forward 2: 0.715 >= 0.5, 0.254 < 0.667
+    assert logits.masked_per_forward == [4, 2, 1]
+    assert result.canvas.tolist() == [1, 2, 3, 4]
+    assert result.reveal_step.tolist() == [1, 1, 2, 3]
+
+
 def test_blocks_finish_in_order():
     logits = FixedLogits([1, 2, 3, 4], [0.1, 0.2, 9.0, 9.5])
     result = denoise(logits, torch.full((4,), MASK), MASK, Sampling(alg="threshold", threshold=0.99, block_length=2))
@@ -108,7 +138,8 @@ def test_top_k_and_top_p_restrict_choices():
 
 
 def test_sampling_rejects_bad_values():
-    for bad in (dict(alg="nope"), dict(threshold=0), dict(steps=0), dict(temperature=-1), dict(top_p=1.5)):
+    for bad in (dict(alg="nope"), dict(threshold=0), dict(steps=0), dict(temperature=-1), dict(top_p=1.5),
+                dict(factor=0), dict(factor=-1.0)):
         with pytest.raises(ValueError):
             Sampling(**bad)
 
@@ -205,3 +236,41 @@ def test_cache_without_refresh_reuses_context_per_block(bundled):
     result = bundled.fill(canvas, Sampling(alg="entropy", steps=16, block_length=16), cache="dual")
     assert result.refreshes == 2  # once per block
     assert bundled.mask_token_id not in result.canvas.tolist()
+
+
+def test_factor_rule_on_the_bundled_model(bundled):
+    canvas = bundled.encode(PREFIX) + [bundled.mask_token_id] * 32 + bundled.encode(SUFFIX)
+    # f -> 0: the first bar 1 - f/2 is above any confidence, so exactly one token per forward
+    one_at_a_time = bundled.fill(canvas, Sampling(alg="factor", factor=1e-6))
+    start = len(bundled.encode(PREFIX))
+    assert one_at_a_time.forwards == 32
+    assert sorted(one_at_a_time.reveal_step[start:start + 32].tolist()) == list(range(1, 33))
+    # huge f: every bar is below zero, the whole hole in one forward
+    at_once = bundled.fill(canvas, Sampling(alg="factor", factor=1000.0))
+    assert at_once.forwards == 1
+    middle = [bundled.fill(canvas, Sampling(alg="factor", factor=f)).forwards for f in (0.5, 2.0, 8.0)]
+    assert 32 >= middle[0] >= middle[1] >= middle[2] >= 1
+    for result in (one_at_a_time, at_once):
+        assert bundled.mask_token_id not in result.canvas.tolist()
+    assert bundled.infill(PREFIX, SUFFIX, 24, alg="factor", factor=2.0) == bundled.infill(PREFIX, SUFFIX, 24, alg="factor", factor=2.0)
+
+
+def test_cached_step_runs_the_span_and_the_full_forward_is_a_step(bundled):
+    canvas = torch.tensor(bundled.encode(PREFIX) + [bundled.mask_token_id] * 16 + bundled.encode(SUFFIX))
+    holes = (canvas == bundled.mask_token_id).nonzero().squeeze(-1)
+    forward = CachedForward(bundled, dual=True, refresh_every=None)
+    first = forward(canvas, holes)  # a full forward: it scores the step and fills the buffer
+    assert forward.refreshes == 1 and forward.span == (int(holes[0]) - 1, int(holes[-1]) + 1)  # Dream: shifted rows
+    assert torch.allclose(first, bundled.position_logits(canvas, holes), atol=1e-4)
+    keys_before = [keys.clone() for keys, _ in forward.kv.layers]
+    canvas[holes[:4]] = first[:4].argmax(-1)  # reveal four
+    second = forward(canvas, holes[4:])
+    assert forward.refreshes == 1 and second.shape == (12, first.shape[1])
+    start, end = forward.span
+    for layer, (keys, _) in enumerate(forward.kv.layers):
+        assert torch.equal(keys[:, :, :start], keys_before[layer][:, :, :start])  # context kept
+        assert torch.equal(keys[:, :, end:], keys_before[layer][:, :, end:])
+        assert not torch.equal(keys[:, :, start:end], keys_before[layer][:, :, start:end])  # span rewritten
+    # the next block's positions lie outside the span: a new full forward
+    forward(canvas, torch.tensor([len(canvas) - 1]))
+    assert forward.refreshes == 2

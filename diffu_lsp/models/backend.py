@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
 
 from ..sampler import Denoised, Draft, Sampling, denoise
 
@@ -105,7 +104,7 @@ class DiffusionModel:
         """Denoise every mask position of the canvas. The result is on the CPU, canvas-aligned.
 
         cache: "none" (every step a full forward), "prefix" or "dual" (see CachedForward);
-        refresh_every: with a cache, also recompute it every N steps (1 = exact, as uncached)."""
+        refresh_every: with a cache, every N-th step is a full forward (1 = exact, as uncached)."""
         canvas = torch.as_tensor(canvas_ids, dtype=torch.long)
         needs_bos = self.shift_logits and len(canvas) > 0 and int(canvas[0]) == self.mask_token_id
         if needs_bos:  # with shifted logits position 0 has nothing to its left to be scored from
@@ -161,22 +160,49 @@ class DiffusionModel:
         return scores
 
 
+class KVBuffer:
+    """Keys and values of every canvas position, one [1, heads, L, dim] pair per layer, overwritten
+    in place: the part of a transformers Cache that the attention layers use. A forward over the
+    whole canvas (`rows` None) fills it; a forward over some `rows` writes their fresh keys/values
+    at those positions and attends over the whole canvas. No per-step copy of the context, as
+    rebuilding a DynamicCache (and its concatenation in every layer) would make."""
+
+    def __init__(self):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.rows: torch.Tensor | None = None
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
+        if self.rows is None:
+            del self.layers[layer:]
+            self.layers.append((keys, values))
+            return keys, values
+        all_keys, all_values = self.layers[layer]
+        all_keys.index_copy_(2, self.rows, keys)
+        all_values.index_copy_(2, self.rows, values)
+        return all_keys, all_values
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        return self.layers[0][0].shape[2] if self.layers else 0
+
+
 class CachedForward:
     """Fast-dLLM-style approximate K/V cache for one denoising job.
 
-    The active span is where the masked positions are (from the row scoring the first one):
-    "prefix" recomputes from there to the end of the canvas each step, "dual" only up to the
-    span's end. Keys/values of everything outside the span are computed once, by a full forward
-    over the canvas as it is then, and reused by every step until a step needs a position outside
-    the span (the next semi-autoregressive block) or `refresh_every` steps have passed. Between
-    refreshes the cached context does not see the newly revealed tokens: that is the
-    approximation; with refresh_every=1 the logits equal the uncached ones.
+    A full forward over the canvas fills a buffer with the keys/values of every position, and
+    scores that step's positions (it is the step's forward, not an extra pass). Its active span
+    starts at the row scoring the first masked position; "prefix" runs to the end of the canvas,
+    "dual" only to the last masked position (of the block). Each later step recomputes just that
+    span, writing its keys/values into the buffer, and attends over the whole buffer; everything
+    outside keeps the keys/values of the full forward, which do not see the tokens revealed since:
+    that is the approximation. A new full forward comes when a step needs a position outside the
+    span (the next semi-autoregressive block) or every `refresh_every` steps (1: exact, as
+    uncached).
     """
 
     def __init__(self, model: DiffusionModel, dual: bool, refresh_every: int | None):
         self.model, self.dual, self.refresh_every = model, dual, refresh_every
+        self.kv = KVBuffer()
         self.span: tuple[int, int] | None = None
-        self.context: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.steps_since_refresh = 0
         self.refreshes = 0
 
@@ -186,30 +212,27 @@ class CachedForward:
         low, high = int(rows.min()), int(positions.max()) + 1
         stale = self.refresh_every is not None and self.steps_since_refresh >= self.refresh_every
         if self.span is None or stale or low < self.span[0] or high > self.span[1]:
-            self._refresh(canvas, low, high)
+            return self._full(canvas, rows, low, high)
         start, end = self.span
-        cache = DynamicCache()
-        for layer, (keys, values) in enumerate(self.context):
-            cache.update(keys, values, layer)
         device = self.model.device
+        self.kv.rows = torch.arange(start, end, device=device)
         out = self.model.network(
-            input_ids=canvas[None, start:end].to(device),
-            position_ids=torch.arange(start, end, device=device)[None],
-            attention_mask=self.model._attention(end - start, cache.get_seq_length() + end - start),
-            cache=cache, use_cache=True, logits_to_keep=(rows - start).to(device),
+            input_ids=canvas[None, start:end].to(device), position_ids=self.kv.rows[None],
+            attention_mask=self.model._attention(end - start, len(canvas)),
+            cache=self.kv, use_cache=True, logits_to_keep=(rows - start).to(device),
         )
         self.steps_since_refresh += 1
         return out.logits[0].float().cpu()
 
-    def _refresh(self, canvas: torch.Tensor, low: int, high: int) -> None:
+    def _full(self, canvas: torch.Tensor, rows: torch.Tensor, low: int, high: int) -> torch.Tensor:
         model, length = self.model, len(canvas)
-        end = high if self.dual else length
+        self.kv.rows = None
         out = model.network(input_ids=canvas[None].to(model.device), attention_mask=model._attention(length, length),
-                            use_cache=True, logits_to_keep=1)
-        outside = torch.cat([torch.arange(0, low), torch.arange(end, length)]).to(model.device)
-        self.context = [(layer.keys[:, :, outside], layer.values[:, :, outside]) for layer in out.past_key_values.layers]
-        self.span, self.steps_since_refresh = (low, end), 0
+                            cache=self.kv, use_cache=True, logits_to_keep=rows.to(model.device))
+        self.span = (low, high if self.dual else length)
+        self.steps_since_refresh = 1
         self.refreshes += 1
+        return out.logits[0].float().cpu()
 
 
 def trim_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
