@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--cps", type=float, default=8.0, help="typing speed, characters per second (default 8)")
     group.add_argument("--chars", type=int, help="characters typed per point (default 40, quick 12)")
     group.add_argument("--points", type=int, help="typing points (default 8, quick 1)")
+    group.add_argument("--baseline", metavar="JSON", help='replay first under these settings too and compare, '
+                       'e.g. \'{"kvCache": "none", "earlyExit": false}\'')
     group = parser.add_argument_group("speed / memory")
     group.add_argument("--sizes", help="comma-separated block sizes (default 16,32,64,128; quick 16)")
     group.add_argument("--repeats", type=int, help="timed repeats (default 3, quick 1)")
@@ -106,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = options_from(args, argv)
     options.extra["out"] = str(args.out.resolve())
+    if args.baseline:
+        try:
+            options.extra["baseline"] = json.loads(args.baseline)
+        except ValueError as error:
+            print(f"diffu-lsp bench: --baseline is not JSON: {error}", file=sys.stderr)
+            return 2
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     # server subprocesses first, so the in-process model is not held in memory beside theirs
     order = [s for s in ("replay", "memory", "daemon", "speed", "quality") if s in suites]

@@ -269,8 +269,9 @@ def job_records(*stats_results: Any) -> dict[int, dict]:
     return out
 
 
-async def replay(options: common.Options, server_args: tuple[str, ...] = ()) -> dict:
-    """Type at every point against a fresh server (`server_args` added to its command line)."""
+async def replay(options: common.Options, server_args: tuple[str, ...] = (), settings: dict | None = None) -> dict:
+    """Type at every point against a fresh server (`server_args` added to its command line,
+    `settings` sent as its initializationOptions)."""
     points_n = options.points or (QUICK_POINTS if options.quick else POINTS)
     chars = options.chars or (QUICK_CHARS if options.quick else CHARS)
     points = choose_points(options.seed, points_n, chars)
@@ -278,7 +279,7 @@ async def replay(options: common.Options, server_args: tuple[str, ...] = ()) -> 
                        env=common.subprocess_env(options))
     await client.start()
     try:
-        await client.initialize()
+        await client.initialize(None, settings)
         ready_s = await wait_ready(client)
         # warm-up on a scratch document: the first job pays one-time costs; it is not counted
         warm_uri = "file:///diffu-bench/replay/warmup.py"
@@ -413,7 +414,30 @@ def summarise(options, points, chars, logs, delta, stats, warmup_s, peak_kib, jo
 
 
 def run(options: common.Options) -> dict:
+    """The replay; with `--baseline SETTINGS` first the same replay under those settings, and a table
+    comparing the two (same points, same run)."""
     started = time.perf_counter()
+    baseline = options.extra.get("baseline")
+    before = asyncio.run(replay(options, settings=baseline)) if baseline else None
     result = asyncio.run(replay(options))
+    if before is not None:
+        result["tables"].append(compare(before["summary"], result["summary"], baseline))
+        result["baseline_summary"] = before["summary"]
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def compare(before: dict, after: dict, baseline: dict) -> dict:
+    rows = []
+    for label, key in (("stale suggestions", "stale"), ("suggestions shown", "shown"),
+                       ("keystroke -> shown suggestion p50 (ms)", "latency_p50_ms"),
+                       ("keystroke -> shown suggestion p95 (ms)", "latency_p95_ms"),
+                       ("keystroke -> any current answer p50 (ms)", "answer_p50_ms"),
+                       ("keystroke -> any current answer p95 (ms)", "answer_p95_ms"),
+                       ("forward passes, all jobs", "forwards")):
+        a, b = before.get(key), after.get(key)
+        ratio = b / a if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
+        rows.append([label, a, b, ratio])
+    settings = ", ".join(f"{k}={v!r}" for k, v in baseline.items())
+    return common.table(f"Against the baseline settings ({settings}), same points, same run",
+                        ["measure", "baseline", "defaults", "defaults / baseline"], rows)
