@@ -106,7 +106,13 @@ def file_lock(path: Path, timeout: float):
 
 
 def spawn(paths: Paths, *, idle_seconds: int, memory_mb: int) -> subprocess.Popen:
-    """Start ``diffu-lsp daemon run`` detached (own session, no terminal), logging to the log file."""
+    """Start ``diffu-lsp daemon run`` detached (own session, no terminal), logging to the log file
+    (the previous log is kept as ``daemon.log.1`` once it passes 5 MB)."""
+    try:
+        if paths.log.stat().st_size > 5_000_000:
+            paths.log.replace(paths.log.with_suffix(".log.1"))
+    except FileNotFoundError:
+        pass
     log = open(paths.log, "ab", buffering=0)
     try:
         return subprocess.Popen(
