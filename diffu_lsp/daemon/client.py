@@ -254,7 +254,10 @@ class DaemonEngine:
     def load(self, key: ModelKey) -> ModelInfo:
         if key.model and Path(key.model).exists():  # the daemon runs elsewhere (cwd "/")
             key = ModelKey(str(Path(key.model).resolve()), key.device, key.dtype)
-        info = self.connection().load(key)
+        try:
+            info = self.connection().load(key)
+        except DaemonLost:  # it died while loading: once more, with a new daemon
+            info = self.connection().load(key)
         self.key = key
         return info
 
