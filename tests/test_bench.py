@@ -146,6 +146,30 @@ def test_speed_suite_structure(model):
     assert result["machine"]["cores"] >= 1 and result["machine"]["torch"]
 
 
+def test_default_selection_rule():
+    def agg(pass_at_1, exact, hole, forwards):
+        return {"pass_at_1": pass_at_1, "exact": exact, "hole": hole, "forwards_total": forwards}
+
+    base = decoding.ONE_PER_STEP.key
+    keys = [c.key for c in decoding.CANDIDATES]
+    humaneval = {base: agg(10.0, 20.0, 100, 100)}
+    stdlib = {base: agg(0.0, 30.0, 50, 50)}
+    for i, key in enumerate(keys):  # later candidates are faster
+        humaneval[key] = agg(10.0, 20.0, 100, 100 - 10 * i)
+        stdlib[key] = agg(0.0, 30.0, 50, 50 - 5 * i)
+    chosen, rows = quality.choose_default(humaneval, stdlib)
+    assert chosen == keys[-1] and all(row[-1] for row in rows)
+    humaneval[keys[-1]]["pass_at_1"] = 7.5   # 2.5 points worse: out
+    stdlib[keys[-2]]["exact"] = 27.0          # 3 points worse: out
+    humaneval[keys[-3]]["exact"] = 18.0       # exactly 2 points: still in
+    chosen, rows = quality.choose_default(humaneval, stdlib)
+    assert chosen == keys[-3]
+    assert [row[0] for row in rows if not row[-1]] == keys[-2:]
+    assert rows[-3][1] == 150 / (100 - 10 * (len(keys) - 3) + 50 - 5 * (len(keys) - 3))
+    line = quality.selection_line(chosen, rows)
+    assert line.startswith(f"chosen default: `{keys[-3]}`") and "within 2 points" in line
+
+
 def test_autoregressive_baseline_matches_uncached_greedy_decoding(model):
     import torch
 
@@ -166,7 +190,7 @@ def test_quality_suite_structure(model, tmp_path):
     result = bench.run_suite("quality", options, model)
     summary = result["summary"]
     assert summary["problems"] == 2 and summary["canonical_passed"] == 2
-    humaneval, stdlib = result["tables"]
+    humaneval, stdlib, selection = result["tables"]
     keys = [s.key for s in decoding.SETTINGS]
     for protocol in quality.PROTOCOLS:
         rows = [r for r in result["records"] if r["protocol"] == protocol]
@@ -179,6 +203,12 @@ def test_quality_suite_structure(model, tmp_path):
     assert len(humaneval["rows"]) == len(result["records"])
     assert common.column(stdlib, "setting") == keys + [quality.SERVER_DEFAULT]
     assert all(n == 2 for n in common.column(stdlib, "lines"))
+    # the default is chosen by the stated rule from the candidates, and the choice is recorded
+    assert common.column(selection, "candidate") == [c.key for c in decoding.CANDIDATES]
+    eligible = {row[0]: row[1] for row in selection["rows"] if row[-1]}
+    chosen = summary["chosen_default"]
+    assert chosen == (max(eligible, key=eligible.get) if eligible else None)
+    assert result["headline"].startswith("chosen default:") and summary["selection"] == result["headline"]
     png = (tmp_path / "q.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

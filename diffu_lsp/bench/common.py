@@ -3,9 +3,9 @@
 A suite returns a plain dict (JSON-serialisable)::
 
     {"suite": "speed", "title": "...", "tables": [{"title", "columns", "rows"}], "summary": {...},
-     "notes": ["how it was measured", ...], "machine": {...}, "seconds": 12.3}
+     "headline": "one sentence", "notes": ["how it was measured", ...], "machine": {...}, "seconds": 12.3}
 
-`tables` are what gets printed and written to BENCHMARKS.md; `summary` holds the headline figures
+`tables` (and the optional `headline` under them) are what gets printed and written to BENCHMARKS.md; `summary` holds the headline figures
 that the tests check (counts, invariants). Timings are never asserted anywhere.
 """
 
@@ -118,6 +118,8 @@ def render(result: dict) -> str:
         if t.get("title"):
             parts.append(f"**{t['title']}**\n")
         parts.append(markdown_table(t) + "\n")
+    if result.get("headline"):
+        parts.append(f"**{result['headline']}**\n")
     return "\n".join(parts)
 
 

@@ -25,45 +25,72 @@ class Setting:
     alg: str = "entropy"
     steps_div: int | None = None       # Dream schedule: steps = length // steps_div
     threshold: float | None = None     # confidence threshold (alg "threshold")
+    factor: float | None = None        # factor rule (alg "factor")
     early_exit: bool = False           # a revealed EOS/pad ends the hole
     cache: str = "none"                # K/V cache between steps: "none" | "prefix" | "dual"
     refresh_every: int | None = None
 
-    def sampling(self, length: int) -> Sampling:
+    def sampling(self, model, length: int) -> Sampling:
+        """The setting over the checkpoint's own generation defaults (its EOS penalty), as the server does."""
         if self.threshold is not None:
-            return Sampling(alg="threshold", threshold=self.threshold, early_exit=self.early_exit)
-        return Sampling(alg=self.alg, steps=max(1, length // (self.steps_div or 1)), early_exit=self.early_exit)
+            return model.sampling(alg="threshold", threshold=self.threshold, early_exit=self.early_exit)
+        if self.factor is not None:
+            return model.sampling(alg="factor", factor=self.factor, early_exit=self.early_exit)
+        return model.sampling(alg=self.alg, steps=max(1, length // (self.steps_div or 1)), early_exit=self.early_exit)
+
+
+def rule_setting(algorithm: str, value: float, early_exit: bool, cache: str, refresh_every: int | None = None,
+                 server: bool = False) -> Setting:
+    """A parallel-decoding rule (confidence threshold or factor) with the server's exit/cache options."""
+    if algorithm == "threshold":
+        key, label = f"τ={value:g}", f"confidence threshold {value:g}"
+    else:
+        key, label = f"f={value:g}", f"factor rule f={value:g}"
+    if early_exit:
+        key, label = key + "+exit", label + ", early exit at EOS/pad"
+    if cache != "none":
+        key, label = key + f"+{cache}", label + f", {cache} K/V cache"
+    return Setting(key, ("server defaults: " if server else "") + label, "diffusion",
+                   threshold=value if algorithm == "threshold" else None,
+                   factor=value if algorithm == "factor" else None,
+                   early_exit=early_exit, cache=cache, refresh_every=refresh_every)
 
 
 def server_setting() -> Setting:
-    """The decoding the server uses with default settings (threshold, early exit, K/V cache)."""
+    """The decoding the server uses with default settings."""
     from ..settings import Settings
 
     s = Settings()
-    if s.algorithm != "threshold":
-        key, label = f"{s.algorithm}", f"server defaults: {s.algorithm}"
-    else:
-        key, label = f"τ={s.threshold:g}", f"server defaults: confidence threshold {s.threshold:g}"
-    if s.early_exit:
-        key, label = key + "+exit", label + ", early exit at EOS/pad"
-    if s.kv_cache != "none":
-        key, label = key + f"+{s.kv_cache}", label + f", {s.kv_cache} K/V cache"
-    return Setting(key, label, "diffusion", alg=s.algorithm if s.algorithm != "threshold" else "entropy",
-                   threshold=s.threshold if s.algorithm == "threshold" else None, early_exit=s.early_exit,
-                   cache=s.kv_cache, refresh_every=s.cache_refresh_steps)
+    if s.algorithm in ("threshold", "factor"):
+        value = s.threshold if s.algorithm == "threshold" else s.factor
+        return rule_setting(s.algorithm, value, s.early_exit, s.kv_cache, s.cache_refresh_steps, server=True)
+    return Setting(s.algorithm, f"server defaults: {s.algorithm}", "diffusion", alg=s.algorithm,
+                   early_exit=s.early_exit, cache=s.kv_cache, refresh_every=s.cache_refresh_steps)
 
 
+def candidates() -> tuple[Setting, ...]:
+    """The parallel-decoding rules the quality suite chooses the default from, each with the
+    server's default early exit and K/V cache, so each is measured as the server would run it."""
+    from ..settings import Settings
+
+    s = Settings()
+    rules = [("threshold", t) for t in THRESHOLDS] + [("factor", f) for f in FACTORS]
+    return tuple(rule_setting(alg, value, s.early_exit, s.kv_cache, s.cache_refresh_steps) for alg, value in rules)
+
+
+THRESHOLDS = (0.9, 0.7, 0.5)
+FACTORS = (1.0, 2.0, 3.0, 4.0, 6.0)
 AR = Setting("ar", "autoregressive: causal mask + KV cache, 1 token/forward", "ar")
 ONE_PER_STEP = Setting("steps=L", "Dream schedule (entropy), steps = length", "diffusion", steps_div=1)
+CANDIDATES = candidates()
+SERVER = server_setting()
 SETTINGS: tuple[Setting, ...] = (
     AR,
     ONE_PER_STEP,
     Setting("steps=L/2", "Dream schedule (entropy), steps = length/2", "diffusion", steps_div=2),
     Setting("steps=L/4", "Dream schedule (entropy), steps = length/4", "diffusion", steps_div=4),
-    Setting("τ=0.9", "confidence threshold 0.9", "diffusion", threshold=0.9),
-    Setting("τ=0.8", "confidence threshold 0.8", "diffusion", threshold=0.8),
-    Setting("τ=0.7", "confidence threshold 0.7", "diffusion", threshold=0.7),
-    server_setting(),
+    *CANDIDATES,
+    *((SERVER,) if SERVER.key not in {c.key for c in CANDIDATES} else ()),
 )
 
 
@@ -93,10 +120,7 @@ def decode(model, setting: Setting, prefix_ids: list[int], suffix_ids: list[int]
     canvas = list(prefix_ids) + [model.mask_token_id] * length + list(suffix_ids)
     _sync(model)
     started = time.perf_counter()
-    if setting.cache != "none":
-        result = model.fill(canvas, setting.sampling(length), cache=setting.cache, refresh_every=setting.refresh_every)
-    else:
-        result = model.fill(canvas, setting.sampling(length))
+    result = model.fill(canvas, setting.sampling(model, length), cache=setting.cache, refresh_every=setting.refresh_every)
     _sync(model)
     seconds = time.perf_counter() - started
     start = len(prefix_ids)

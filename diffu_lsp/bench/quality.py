@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from . import common, sandbox
-from .decoding import SETTINGS, Setting, decode
+from .decoding import CANDIDATES, ONE_PER_STEP, SERVER, SETTINGS, Setting, decode
 
 PROTOCOLS = ("single-line", "multi-line", "random-span")
 PREFIX_TOKENS = 1024
@@ -31,6 +31,7 @@ QUICK_PROBLEMS = 4
 QUICK_STDLIB_LINES = 6
 STDLIB_LINES = 200
 SERVER_DEFAULT = "server default"  # features.suggest with Settings(): what the editor would show
+TOLERANCE = 2.0  # points of pass@1 / exact match a default may lose against one token per step
 
 
 @dataclass(frozen=True)
@@ -165,12 +166,53 @@ def aggregate(items: list[dict]) -> dict:
     forwards = sum(i["forwards"] for i in items)
     return {
         "tasks": len(items),
+        "hole": sum(i["hole"] for i in items),
+        "forwards_total": forwards,
         "pass_at_1": 100.0 * sum(i.get("passed", False) for i in items) / len(items) if items else float("nan"),
         "exact": 100.0 * sum(i["exact"] for i in items) / len(items) if items else float("nan"),
         "tokens_per_forward": common.ratio(sum(i["hole"] for i in items), forwards),
         "forwards": forwards / len(items) if items else float("nan"),
         "ms": 1000 * common.median(i["seconds"] for i in items),
     }
+
+
+def choose_default(humaneval: dict[str, dict], stdlib: dict[str, dict], baseline: str = ONE_PER_STEP.key,
+                   tolerance: float = TOLERANCE) -> tuple[str | None, list[list]]:
+    """The default decoding rule: among `CANDIDATES`, the one with the most tokens per forward
+    (HumanEval and stdlib tasks together) whose HumanEval pass@1, HumanEval exact match and stdlib
+    exact match are each at most `tolerance` points below `baseline`'s.
+
+    humaneval/stdlib: setting key -> aggregate() of all its tasks. Returns (chosen key or None,
+    one table row per candidate: key, tokens/forward, the three losses, eligible)."""
+    base_h, base_s = humaneval[baseline], stdlib[baseline]
+    rows, best = [], None
+    for setting in CANDIDATES:
+        h, s = humaneval[setting.key], stdlib[setting.key]
+        losses = [base_h["pass_at_1"] - h["pass_at_1"], base_h["exact"] - h["exact"], base_s["exact"] - s["exact"]]
+        speed = common.ratio(h["hole"] + s["hole"], h["forwards_total"] + s["forwards_total"])
+        eligible = all(loss <= tolerance for loss in losses)
+        rows.append([setting.key, speed, *losses, eligible])
+        if eligible and (best is None or speed > best[1]):
+            best = (setting.key, speed)
+    return (best[0] if best else None), rows
+
+
+def selection_line(chosen: str | None, rows: list[list], baseline: str = ONE_PER_STEP.key,
+                   tolerance: float = TOLERANCE, no_signal: bool = False) -> str:
+    """One sentence: the rule, its result, and whether settings.py's default agrees."""
+    rule = (f"the candidate with the most tokens/forward whose HumanEval pass@1, HumanEval exact match and "
+            f"stdlib exact match are each within {tolerance:g} points of `{baseline}`")
+    if chosen is None:
+        return (f"chosen default: none: every candidate loses more than {tolerance:g} points against `{baseline}` on "
+                f"HumanEval pass@1, HumanEval exact match or stdlib exact match; keep `{SERVER.key}`.")
+    speed = next(r[1] for r in rows if r[0] == chosen)
+    if no_signal:
+        rule += (f" (`{baseline}` scores 0 on all three here, so no candidate can lose: this picks the fastest "
+                 "candidate and says nothing about quality)")
+    agree = ("settings.py's default is this one" if chosen == SERVER.key
+             else f"settings.py's default is `{SERVER.key}`: update it to this one")
+    return (f"chosen default: `{chosen}` ({speed:.2f} tokens/forward) because it is {rule} "
+            f"(candidates: {', '.join(f'`{r[0]}`' for r in rows)}); {agree}.")
 
 
 def run(options: common.Options, model=None) -> dict:
@@ -216,6 +258,9 @@ def run(options: common.Options, model=None) -> dict:
         f"HumanEval infilling ({len(chosen)} problems, one task per problem and protocol, seed {options.seed})",
         ["protocol", "setting", "tasks", "pass@1 %", "exact %", "tokens/forward", "forwards/task", "ms/task"], rows)
 
+    pooled = {key: aggregate([i for (_, k), items in results.items() if k == key for i in items])
+              for key in (s.key for s in SETTINGS)}
+
     lines = stdlib_tasks(options.seed, options.stdlib_lines or (QUICK_STDLIB_LINES if options.quick else STDLIB_LINES))
     stdlib_rows, stdlib_records = [], []
     for setting in SETTINGS:
@@ -228,6 +273,15 @@ def run(options: common.Options, model=None) -> dict:
     agg = aggregate(items)
     stdlib_records.append({"setting": SERVER_DEFAULT, **agg})
     stdlib_rows.append([SERVER_DEFAULT, agg["tasks"], agg["exact"], agg["tokens_per_forward"], agg["forwards"], agg["ms"]])
+    by_setting = {r["setting"]: r for r in stdlib_records}
+    default_key, selection_rows = choose_default(pooled, by_setting)
+    base = ONE_PER_STEP.key
+    no_signal = pooled[base]["pass_at_1"] == pooled[base]["exact"] == by_setting[base]["exact"] == 0
+    headline = selection_line(default_key, selection_rows, no_signal=no_signal)
+    selection = common.table(
+        f"Choosing the default decoding rule (HumanEval: all protocols together; baseline `{ONE_PER_STEP.key}`)",
+        ["candidate", "tokens/forward", "pass@1 loss", "exact loss", "stdlib exact loss", f"within {TOLERANCE:g} points"],
+        selection_rows)
     stdlib = common.table(
         f"Held-out stdlib single-line exact match ({len(lines)} lines of {len({t.task_id for t in lines})} files "
         "the model never trained on)",
@@ -236,16 +290,22 @@ def run(options: common.Options, model=None) -> dict:
     result = {
         "suite": "quality",
         "title": "Quality",
-        "tables": [humaneval, stdlib],
+        "tables": [humaneval, stdlib, selection],
+        "headline": headline,
         "records": records,
         "stdlib_records": stdlib_records,
         "summary": {
             "problems": len(chosen), "tasks": len(tasks),
             "tasks_per_protocol": {p: sum(t.protocol == p for t in tasks) for p in PROTOCOLS},
             "canonical_passed": canonical_passed, "stdlib_lines": len(lines),
-            "settings": keys,
+            "settings": keys, "chosen_default": default_key, "server_default": SERVER.key,
+            "selection": headline, "no_quality_signal": no_signal,
         },
         "notes": [
+            "Default selection: losses are points of the baseline minus the candidate (negative: better); "
+            "tokens/forward is over all HumanEval and stdlib tasks of the candidate, a measure of speed free of "
+            "the machine's load (every candidate runs the same cached step). Candidates are "
+            "`decoding.THRESHOLDS` and `decoding.FACTORS`, each with the server's early exit and K/V cache.",
             "Protocols (HumanEval-Infill style, one task per problem and protocol, fixed seed): single-line = "
             "one non-blank line of the canonical solution; multi-line = 2-4 consecutive lines; random-span = "
             "a random character span. prefix = prompt + solution before the hole (last "
