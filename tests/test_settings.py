@@ -17,7 +17,7 @@ from diffu_lsp.settings import (
 
 def test_defaults():
     s = Settings()
-    assert (s.model, s.device, s.dtype, s.algorithm) == (None, "auto", "auto", "threshold")
+    assert (s.model, s.device, s.dtype, s.algorithm, s.factor) == (None, "auto", "auto", "factor", 6.0)
     assert (s.steps, s.threshold, s.temperature, s.top_p, s.top_k, s.block_length) == (None, 0.9, 0.0, None, None, None)
     assert (s.prefix_tokens, s.suffix_tokens) == (768, 256)
     assert (s.single_line_tokens, s.multi_line_tokens, s.block_tokens) == (16, 48, 96)
@@ -139,12 +139,13 @@ def test_camel_case():
 
 
 def test_sampling_options():
-    s = Settings(algorithm="entropy", steps=32, threshold=0.8, temperature=0.2, top_p=0.9, top_k=40, block_length=8,
-                 early_exit=False)
+    s = Settings(algorithm="entropy", steps=32, threshold=0.8, factor=2.5, temperature=0.2, top_p=0.9, top_k=40,
+                 block_length=8, early_exit=False)
     assert sampling_options(s) == {
         "alg": "entropy",
         "steps": 32,
         "threshold": 0.8,
+        "factor": 2.5,
         "temperature": 0.2,
         "top_p": 0.9,
         "top_k": 40,
