@@ -274,3 +274,29 @@ def test_cached_step_runs_the_span_and_the_full_forward_is_a_step(bundled):
     # the next block's positions lie outside the span: a new full forward
     forward(canvas, torch.tensor([len(canvas) - 1]))
     assert forward.refreshes == 2
+
+
+def test_reuse_prefix_starts_from_the_previous_jobs_keys(bundled):
+    from diffu_lsp.models.backend import REUSE_LIMIT
+
+    sampling = Sampling(alg="factor", factor=3.0, early_exit=True)
+    prefix, suffix = bundled.encode(PREFIX), bundled.encode(SUFFIX)
+    first = bundled.fill(prefix + [bundled.mask_token_id] * 16 + suffix, sampling, cache="dual")
+    assert first.refreshes == 1 and first.reused == 0
+    kept = bundled.last_keys
+    # the user typed: the prefix gains a token, the suffix is the same (at shifted positions)
+    typed = prefix + bundled.encode("x") + [bundled.mask_token_id] * 16 + suffix
+    second = bundled.fill(typed, sampling, cache="dual", reuse_prefix=True)
+    assert second.refreshes == 0 and 0 < second.reused <= len(prefix)
+    assert bundled.mask_token_id not in second.canvas.tolist()
+    for (old_keys, _), (new_keys, _) in zip(kept.kv.layers, bundled.last_keys.kv.layers):
+        assert torch.equal(new_keys[:, :, :second.reused], old_keys[:, :, :second.reused])  # reused, not recomputed
+    # without the flag, or with nothing shared, a full forward as before
+    assert bundled.fill(typed, sampling, cache="dual").reused == 0
+    other = bundled.encode("class A:\n    pass\n") * 3 + [bundled.mask_token_id] * 8
+    unrelated = bundled.fill(other, sampling, cache="dual", reuse_prefix=True)
+    assert unrelated.reused == 0 and unrelated.refreshes == 1
+    # reuse chains end after REUSE_LIMIT jobs in a row
+    bundled.fill(typed, sampling, cache="dual")
+    starts = [bundled.fill(typed, sampling, cache="dual", reuse_prefix=True).reused > 0 for _ in range(REUSE_LIMIT + 1)]
+    assert starts == [True] * REUSE_LIMIT + [False]

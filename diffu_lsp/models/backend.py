@@ -31,6 +31,7 @@ class DiffusionModel:
     load_seconds: float = 0.0
     default_sampling: dict = field(default_factory=dict)  # the checkpoint's generation_config.json
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    last_keys: "KeptKeys | None" = field(default=None, repr=False)  # the last cached job's, for reuse_prefix
 
     @property
     def device(self) -> torch.device:
@@ -99,12 +100,16 @@ class DiffusionModel:
         generator: torch.Generator | None = None,
         cache: str = "none",
         refresh_every: int | None = None,
+        reuse_prefix: bool = False,
         **options,
     ) -> Denoised:
         """Denoise every mask position of the canvas. The result is on the CPU, canvas-aligned.
 
         cache: "none" (every step a full forward), "prefix" or "dual" (see CachedForward);
-        refresh_every: with a cache, every N-th step is a full forward (1 = exact, as uncached)."""
+        refresh_every: with a cache, every N-th step is a full forward (1 = exact, as uncached);
+        reuse_prefix: with a cache, start from the previous cached job's keys/values of the tokens
+        this canvas shares with it at its start (the previous request of a typing user) instead of a
+        full forward (see CachedForward)."""
         canvas = torch.as_tensor(canvas_ids, dtype=torch.long)
         needs_bos = self.shift_logits and len(canvas) > 0 and int(canvas[0]) == self.mask_token_id
         if needs_bos:  # with shifted logits position 0 has nothing to its left to be scored from
@@ -113,13 +118,19 @@ class DiffusionModel:
             raise ValueError(f"canvas of {len(canvas)} tokens exceeds the model's {self.max_length}")
         if cache not in ("none", "prefix", "dual"):
             raise ValueError(f"cache must be none, prefix or dual, not {cache!r}")
-        logits_fn = self.position_logits if cache == "none" else CachedForward(self, cache == "dual", refresh_every)
         with self.lock:
+            if cache == "none":
+                logits_fn = self.position_logits
+            else:
+                logits_fn = CachedForward(self, cache == "dual", refresh_every, self.last_keys if reuse_prefix else None)
             result = denoise(
                 logits_fn, canvas, self.mask_token_id, self.sampling(sampling, **options),
                 cancel=cancel, on_step=on_step, stop_ids=self.eos_token_ids, generator=generator,
             )
+            if cache != "none" and logits_fn.kv.layers:
+                self.last_keys = logits_fn.kept()
         result.refreshes = getattr(logits_fn, "refreshes", 0)
+        result.reused = getattr(logits_fn, "reused", 0)
         if needs_bos:
             result.canvas, result.confidence = result.canvas[1:], result.confidence[1:]
             result.reveal_step = result.reveal_step[1:]
@@ -185,6 +196,21 @@ class KVBuffer:
         return self.layers[0][0].shape[2] if self.layers else 0
 
 
+@dataclass
+class KeptKeys:
+    """What a cached job leaves for the next one: the keys/values of its last full (or reusing)
+    forward, valid for the rows before `valid`, computed from `tokens`; `age` counts the reusing
+    forwards in a row behind them (0: from a full forward)."""
+
+    tokens: torch.Tensor
+    valid: int
+    kv: KVBuffer
+    age: int
+
+
+REUSE_LIMIT = 4  # reusing jobs in a row before a full forward again (the reused rows grow staler)
+
+
 class CachedForward:
     """Fast-dLLM-style approximate K/V cache for one denoising job.
 
@@ -197,20 +223,31 @@ class CachedForward:
     that is the approximation. A new full forward comes when a step needs a position outside the
     span (the next semi-autoregressive block) or every `refresh_every` steps (1: exact, as
     uncached).
+
+    With `previous` (the last job's KeptKeys), the first step may instead reuse the previous
+    job's keys/values of the tokens both canvases share at their start (before the first scored
+    row) and run only the rows from there to the end: a typing user's next request. Those reused
+    rows saw the previous document after them: a further approximation, bounded by REUSE_LIMIT.
     """
 
-    def __init__(self, model: DiffusionModel, dual: bool, refresh_every: int | None):
-        self.model, self.dual, self.refresh_every = model, dual, refresh_every
+    def __init__(self, model: DiffusionModel, dual: bool, refresh_every: int | None, previous: KeptKeys | None = None):
+        self.model, self.dual, self.refresh_every, self.previous = model, dual, refresh_every, previous
         self.kv = KVBuffer()
         self.span: tuple[int, int] | None = None
         self.steps_since_refresh = 0
         self.refreshes = 0
+        self.reused = 0          # rows whose keys/values came from the previous job
+        self.first: tuple[torch.Tensor, int, int] | None = None  # tokens, valid rows, age of the latest start
 
     @torch.no_grad()
     def __call__(self, canvas: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         rows = self.model._rows(positions)
         low, high = int(rows.min()), int(positions.max()) + 1
         stale = self.refresh_every is not None and self.steps_since_refresh >= self.refresh_every
+        if self.span is None and self.previous is not None:
+            shared = self._shared(canvas, low)
+            if shared:
+                return self._start(canvas, rows, low, high, shared, self.previous.age + 1)
         if self.span is None or stale or low < self.span[0] or high > self.span[1]:
             return self._full(canvas, rows, low, high)
         start, end = self.span
@@ -232,7 +269,39 @@ class CachedForward:
         self.span = (low, high if self.dual else length)
         self.steps_since_refresh = 1
         self.refreshes += 1
+        self.first = (canvas.clone(), low, 0)
         return out.logits[0].float().cpu()
+
+    def _shared(self, canvas: torch.Tensor, low: int) -> int:
+        """How many leading rows of the previous job's keys/values this canvas can reuse (0: none):
+        its tokens before `low` that equal the previous canvas's, if that is at least half of them."""
+        previous = self.previous
+        n = min(previous.valid, low, len(previous.tokens))
+        same = int((previous.tokens[:n] == canvas[:n]).long().cumprod(0).sum())
+        return same if previous.age < REUSE_LIMIT and same >= max(1, low // 2) else 0
+
+    def _start(self, canvas: torch.Tensor, rows: torch.Tensor, low: int, high: int, shared: int, age: int):
+        """The first step from the previous job's keys/values of rows [0, shared): run the rest."""
+        model, length, device = self.model, len(canvas), self.model.device
+        self.kv.layers = [
+            (torch.cat([keys[:, :, :shared], keys.new_empty(*keys.shape[:2], length - shared, keys.shape[3])], 2),
+             torch.cat([values[:, :, :shared], values.new_empty(*values.shape[:2], length - shared, values.shape[3])], 2))
+            for keys, values in self.previous.kv.layers]
+        self.kv.rows = torch.arange(shared, length, device=device)
+        out = model.network(input_ids=canvas[None, shared:].to(device), position_ids=self.kv.rows[None],
+                            attention_mask=model._attention(length - shared, length),
+                            cache=self.kv, use_cache=True, logits_to_keep=(rows - shared).to(device))
+        self.span = (low, high if self.dual else length)
+        self.steps_since_refresh = 1
+        self.reused = shared
+        self.first = (canvas.clone(), low, age)
+        return out.logits[0].float().cpu()
+
+    def kept(self) -> KeptKeys:
+        """For the next job: the keys/values of the rows this job's start computed or reused, and
+        that no later step rewrote (those before the start's first scored row)."""
+        tokens, valid, age = self.first
+        return KeptKeys(tokens, min(valid, self.span[0]), self.kv, age)
 
 
 def trim_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
