@@ -281,7 +281,8 @@ def test_reuse_prefix_starts_from_the_previous_jobs_keys(bundled):
 
     sampling = Sampling(alg="factor", factor=3.0, early_exit=True)
     prefix, suffix = bundled.encode(PREFIX), bundled.encode(SUFFIX)
-    first = bundled.fill(prefix + [bundled.mask_token_id] * 16 + suffix, sampling, cache="dual")
+    bundled.last_keys = None
+    first = bundled.fill(prefix + [bundled.mask_token_id] * 16 + suffix, sampling, cache="dual", reuse_prefix=True)
     assert first.refreshes == 1 and first.reused == 0
     kept = bundled.last_keys
     # the user typed: the prefix gains a token, the suffix is the same (at shifted positions)
@@ -292,11 +293,14 @@ def test_reuse_prefix_starts_from_the_previous_jobs_keys(bundled):
     for (old_keys, _), (new_keys, _) in zip(kept.kv.layers, bundled.last_keys.kv.layers):
         assert torch.equal(new_keys[:, :, :second.reused], old_keys[:, :, :second.reused])  # reused, not recomputed
     # without the flag, or with nothing shared, a full forward as before
+    kept = bundled.last_keys
     assert bundled.fill(typed, sampling, cache="dual").reused == 0
+    assert bundled.last_keys is kept  # a job without the flag keeps nothing
     other = bundled.encode("class A:\n    pass\n") * 3 + [bundled.mask_token_id] * 8
     unrelated = bundled.fill(other, sampling, cache="dual", reuse_prefix=True)
     assert unrelated.reused == 0 and unrelated.refreshes == 1
     # reuse chains end after REUSE_LIMIT jobs in a row
-    bundled.fill(typed, sampling, cache="dual")
+    bundled.last_keys = None
+    assert bundled.fill(typed, sampling, cache="dual", reuse_prefix=True).refreshes == 1
     starts = [bundled.fill(typed, sampling, cache="dual", reuse_prefix=True).reused > 0 for _ in range(REUSE_LIMIT + 1)]
     assert starts == [True] * REUSE_LIMIT + [False]

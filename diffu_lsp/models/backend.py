@@ -31,7 +31,7 @@ class DiffusionModel:
     load_seconds: float = 0.0
     default_sampling: dict = field(default_factory=dict)  # the checkpoint's generation_config.json
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    last_keys: "KeptKeys | None" = field(default=None, repr=False)  # the last cached job's, for reuse_prefix
+    last_keys: "KeptKeys | None" = field(default=None, repr=False)  # the last reuse_prefix job's keys/values
 
     @property
     def device(self) -> torch.device:
@@ -127,8 +127,8 @@ class DiffusionModel:
                 logits_fn, canvas, self.mask_token_id, self.sampling(sampling, **options),
                 cancel=cancel, on_step=on_step, stop_ids=self.eos_token_ids, generator=generator,
             )
-            if cache != "none" and logits_fn.kv.layers:
-                self.last_keys = logits_fn.kept()
+            if reuse_prefix and cache != "none" and logits_fn.kv.layers:
+                self.last_keys = logits_fn.kept()  # kept only for callers that reuse (it holds a canvas of K/V)
         result.refreshes = getattr(logits_fn, "refreshes", 0)
         result.reused = getattr(logits_fn, "reused", 0)
         if needs_bos:
