@@ -144,6 +144,10 @@ def test_speed_suite_structure(model):
     quarter = next(r for r in result["records"] if r["setting"] == "steps=L/4")
     assert quarter["forwards"] <= 2
     assert result["machine"]["cores"] >= 1 and result["machine"]["torch"]
+    typing = result["summary"]["keystrokes"]
+    assert typing["keystrokes"] == 3 and 0 < typing["rows_reused"] < 1  # each keystroke reused its prefix
+    assert 0 <= typing["same_suggestion"] <= typing["same_tokens"] <= 100 and finite(typing["latency_ratio"])
+    assert result["headline"].startswith(f"server default `{decoding.SERVER.key}`")
 
 
 def test_default_selection_rule():

@@ -37,6 +37,42 @@ def positions(model, seed: int, count: int, max_length: int) -> list[tuple[str, 
     return found
 
 
+def keystrokes(model, seed: int, files: int, keys: int) -> dict:
+    """Typing at the middle of held-out files, one server-default single-line fill per keystroke
+    (with default budgets), decoded twice in turn: from scratch, and with `reuse_prefix` (the
+    previous keystroke's keys/values of the shared canvas start). Medians and shares over keystrokes."""
+    from ..settings import Settings, sampling_options
+
+    s = Settings()
+    sampling = model.sampling(**sampling_options(s))
+    ratios, reused, same_tokens, same_text = [], [], [], []
+    for path in common.sample_files(seed + 1, files, min_chars=20000):
+        text = common.read_text(path)
+        middle = len(text) // 2
+        model.last_keys = None
+        for k in range(keys + 1):
+            prefix = model.encode(text[:middle + k])[-s.prefix_tokens:]
+            suffix = model.encode(text[middle + k:])[:s.suffix_tokens]
+            canvas = prefix + [model.mask_token_id] * s.single_line_tokens + suffix
+            started = time.perf_counter()
+            plain = model.fill(canvas, sampling, cache=s.kv_cache)
+            plain_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            reusing = model.fill(canvas, sampling, cache=s.kv_cache, reuse_prefix=True)
+            reuse_seconds = time.perf_counter() - started
+            if k == 0:  # the first keystroke has nothing to reuse
+                continue
+            hole = slice(len(prefix), len(prefix) + s.single_line_tokens)
+            agree = (plain.canvas[hole] == reusing.canvas[hole]).float().mean().item()
+            ratios.append(reuse_seconds / plain_seconds)
+            reused.append(reusing.reused / len(canvas))
+            same_tokens.append(agree)
+            same_text.append(agree == 1.0)
+    model.last_keys = None
+    return {"keystrokes": len(ratios), "latency_ratio": common.median(ratios), "rows_reused": common.median(reused),
+            "same_tokens": 100 * sum(same_tokens) / len(same_tokens), "same_suggestion": 100 * sum(same_text) / len(same_text)}
+
+
 def run(options: common.Options, model=None) -> dict:
     started = time.perf_counter()
     model = model or common.load(options)
@@ -85,6 +121,15 @@ def run(options: common.Options, model=None) -> dict:
                          record["ms"], record["tokens_per_s"], record["vs_ar"], record["vs_one_per_step"]])
     columns = ["block", "setting", "forwards", "cache refreshes", "tokens/forward", "ms/forward", "ms/block", "tokens/s",
                "× AR", "× steps=L"]
+    typing = keystrokes(model, options.seed, 1 if options.quick else 6, 3 if options.quick else 10)
+    common.progress("speed: keystrokes done")
+    typing_table = common.table(
+        f"Across keystrokes: reusing the previous request's prefix keys/values ({typing['keystrokes']} keystrokes, "
+        "server defaults)", ["measure", "value"],
+        [["latency with reuse / without (median)", typing["latency_ratio"]],
+         ["canvas rows reused (median share)", typing["rows_reused"]],
+         ["hole tokens identical to the fill without reuse (%)", typing["same_tokens"]],
+         ["suggestions identical to the fill without reuse (%)", typing["same_suggestion"]]])
     settings_table = common.table("Settings", ["setting", "what", "server default"],
                                   [[s.key, s.label, s.key == SERVER.key] for s in SETTINGS])
     default = {r["block"]: r for r in records if r["setting"] == SERVER.key}
@@ -98,10 +143,10 @@ def run(options: common.Options, model=None) -> dict:
         "title": "Decoding speed",
         "tables": [common.table(f"Infill block decoding at {PREFIX_TOKENS} prefix + {SUFFIX_TOKENS} suffix tokens "
                                 f"(medians over {len(places)} position(s) x {repeats} repeat(s))", columns, rows),
-                   settings_table],
+                   settings_table, typing_table],
         "records": records,
         "headline": headline,
-        "summary": {"default": SERVER.key, "sizes": list(sizes), "settings": [s.key for s in SETTINGS], "repeats": repeats,
+        "summary": {"default": SERVER.key, "keystrokes": typing, "sizes": list(sizes), "settings": [s.key for s in SETTINGS], "repeats": repeats,
                     "positions": [f"{n}@{p}" for n, _, p in places]},
         "notes": [
             f"Context: {PREFIX_TOKENS} tokens of a held-out stdlib file before the block, the {SUFFIX_TOKENS} tokens "
@@ -122,6 +167,11 @@ def run(options: common.Options, model=None) -> dict:
             "the whole block (no early stop at EOS). It is a *speed* baseline: the bundled model was trained "
             "only bidirectionally.",
             "`× AR` and `× steps=L` are ratios of tokens/s measured in the same run.",
+            "Across keystrokes: at the middle of held-out files the file's next characters are typed one by one; "
+            "each keystroke's document is filled at the cursor as a server-default single-line request (default "
+            "prefix/suffix budgets and hole), once from scratch and once with `fill(reuse_prefix=True)`, which starts "
+            "from the previous keystroke's keys/values of the canvas start both share and runs only the rest "
+            "(opt-in: the server does not use it yet). Identical = the same hole tokens as the fill without reuse.",
         ],
         "seconds": time.perf_counter() - started,
     }
