@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(complete)
     complete.add_argument("--max-tokens", type=int, help="hole size in tokens (default: by context, from settings)")
     complete.add_argument("--steps", type=int, help="denoising steps for the Dream schedule algorithms")
-    complete.add_argument("--alg", choices=["threshold", "entropy", "maskgit_plus", "topk_margin"])
+    complete.add_argument("--alg", choices=["threshold", "factor", "entropy", "maskgit_plus", "topk_margin"],
+                          help="decoding algorithm (default: the model's own, else threshold)")
     complete.add_argument("--threshold", type=float, help="confidence threshold for --alg threshold")
+    complete.add_argument("--factor", type=float, help="f of the factor rule for --alg factor")
     complete.add_argument("--temperature", type=float)
     complete.add_argument("--block", action="store_true", help="complete a whole block (larger hole)")
     complete.add_argument("--json", action="store_true", help="print a JSON object instead of the text")
@@ -114,7 +116,7 @@ def cmd_complete(args) -> int:
     path, line, col = parse_location(args.location)
     text = read_source(path)
     cursor = offset_of(text, line, col)
-    overrides = {"algorithm": args.alg, "steps": args.steps, "threshold": args.threshold,
+    overrides = {"algorithm": args.alg, "steps": args.steps, "threshold": args.threshold, "factor": args.factor,
                  "temperature": args.temperature}
     if args.max_tokens is not None:
         overrides.update(single_line_tokens=args.max_tokens, multi_line_tokens=args.max_tokens,

@@ -33,11 +33,13 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     model: str | None = None  # None = bundled tiny model; else local folder or hub id
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # algorithm/threshold/factor defaults: chosen by `diffu-lsp bench quality` (see BENCHMARKS.md, Quality)
-    algorithm: Literal["threshold", "factor", "entropy", "maskgit_plus", "topk_margin"] = "factor"
+    # Decoding: None defers to the model's own choice (its generation_config.json), else to the
+    # sampler's defaults (threshold 0.9; factor 1). The bundled model ships the factor rule f=6,
+    # chosen for it by `diffu-lsp bench quality` (BENCHMARKS.md, Quality).
+    algorithm: Literal["threshold", "factor", "entropy", "maskgit_plus", "topk_margin"] | None = None
     steps: Positive | None = None  # Dream schedule steps; None = one per hole token
-    threshold: Probability = 0.9  # confidence threshold for "threshold" decoding
-    factor: Annotated[float, msgspec.Meta(gt=0.0)] = 6.0  # "factor" decoding: top n while c_(n) >= 1 - factor/(n+1)
+    threshold: Probability | None = None  # confidence threshold for "threshold" decoding
+    factor: Annotated[float, msgspec.Meta(gt=0.0)] | None = None  # "factor": top n while c_(n) >= 1 - factor/(n+1)
     temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
     top_p: Probability | None = None
     top_k: Positive | None = None

@@ -147,6 +147,24 @@ def test_bundled_model_is_a_dream_checkpoint():
     assert model.tokenizer.convert_tokens_to_ids("<|mask|>") == model.mask_token_id
 
 
+def test_default_settings_decode_as_each_model_chose(dream, tmp_path):
+    from diffu_lsp.features import sampling_for
+    from diffu_lsp.models.loading import generation_defaults
+    from diffu_lsp.settings import Settings
+
+    bundled = load_model()  # ships the rule `diffu-lsp bench quality` chose for it, and its EOS penalty
+    assert bundled.default_sampling == {"eos_penalty": 3.0, "alg": "factor", "factor": 6.0}
+    chosen = sampling_for(bundled, Settings())
+    assert (chosen.alg, chosen.factor, chosen.eos_penalty) == ("factor", 6.0, 3.0)
+    assert sampling_for(bundled, Settings(algorithm="threshold")).threshold == 0.9  # the user's word wins
+    plain = sampling_for(dream, Settings())  # no generation_config.json: the sampler's defaults
+    assert (plain.alg, plain.threshold, plain.eos_penalty) == ("threshold", 0.9, 0.0)
+    # Values our sampler does not know (Dream's own algorithm names) are skipped, not fatal.
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"alg": "origin", "steps": 512, "temperature": 0.2, "top_p": 0.95, "mask_token_id": 151666}))
+    assert generation_defaults(lambda name: str(tmp_path / name)) == {"steps": 512, "temperature": 0.2, "top_p": 0.95}
+
+
 def test_llada_cached_path_matches_uncached(llada_pair):
     model = llada_pair[0]
     canvas = model.encode("def f(x):\n    return ") + [model.mask_token_id] * 6 + model.encode("\n")

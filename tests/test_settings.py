@@ -17,8 +17,9 @@ from diffu_lsp.settings import (
 
 def test_defaults():
     s = Settings()
-    assert (s.model, s.device, s.dtype, s.algorithm, s.factor) == (None, "auto", "auto", "factor", 6.0)
-    assert (s.steps, s.threshold, s.temperature, s.top_p, s.top_k, s.block_length) == (None, 0.9, 0.0, None, None, None)
+    # decoding left to the model (its generation_config.json), see tests/test_models.py
+    assert (s.model, s.device, s.dtype, s.algorithm, s.threshold, s.factor) == (None, "auto", "auto", None, None, None)
+    assert (s.steps, s.temperature, s.top_p, s.top_k, s.block_length) == (None, 0.0, None, None, None)
     assert (s.prefix_tokens, s.suffix_tokens) == (768, 256)
     assert (s.single_line_tokens, s.multi_line_tokens, s.block_tokens) == (16, 48, 96)
     assert (s.debounce_ms, s.tail_confidence) == (60, 0.0)

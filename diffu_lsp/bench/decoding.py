@@ -56,16 +56,26 @@ def rule_setting(algorithm: str, value: float, early_exit: bool, cache: str, ref
                    early_exit=early_exit, cache=cache, refresh_every=refresh_every)
 
 
-def server_setting() -> Setting:
-    """The decoding the server uses with default settings."""
-    from ..settings import Settings
+def server_setting(model_defaults: dict | None = None) -> Setting:
+    """The decoding the server uses with default settings for a model with these generation
+    defaults (None: the bundled model's generation_config.json)."""
+    from ..settings import Settings, sampling_options
 
+    if model_defaults is None:
+        from ..models.loading import BUNDLED_MODEL, _fetcher, generation_defaults
+        model_defaults = generation_defaults(_fetcher(str(BUNDLED_MODEL)))
     s = Settings()
-    if s.algorithm in ("threshold", "factor"):
-        value = s.threshold if s.algorithm == "threshold" else s.factor
-        return rule_setting(s.algorithm, value, s.early_exit, s.kv_cache, s.cache_refresh_steps, server=True)
-    return Setting(s.algorithm, f"server defaults: {s.algorithm}", "diffusion", alg=s.algorithm,
+    sampling = Sampling(**model_defaults).with_options(**sampling_options(s))
+    if sampling.alg in ("threshold", "factor"):
+        value = sampling.threshold if sampling.alg == "threshold" else sampling.factor
+        return rule_setting(sampling.alg, value, s.early_exit, s.kv_cache, s.cache_refresh_steps, server=True)
+    return Setting(sampling.alg, f"server defaults: {sampling.alg}", "diffusion", alg=sampling.alg,
                    early_exit=s.early_exit, cache=s.kv_cache, refresh_every=s.cache_refresh_steps)
+
+
+def settings_with(server: Setting) -> tuple[Setting, ...]:
+    """Every compared setting, the given server default included."""
+    return SETTINGS if any(s.key == server.key for s in SETTINGS) else SETTINGS + (server,)
 
 
 def candidates() -> tuple[Setting, ...]:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from . import common, sandbox
-from .decoding import CANDIDATES, ONE_PER_STEP, SERVER, SETTINGS, Setting, decode
+from .decoding import CANDIDATES, ONE_PER_STEP, SERVER, Setting, decode, server_setting, settings_with
 
 PROTOCOLS = ("single-line", "multi-line", "random-span")
 PREFIX_TOKENS = 1024
@@ -198,19 +198,20 @@ def choose_default(humaneval: dict[str, dict], stdlib: dict[str, dict], baseline
 
 
 def selection_line(chosen: str | None, rows: list[list], baseline: str = ONE_PER_STEP.key,
-                   tolerance: float = TOLERANCE, no_signal: bool = False) -> str:
-    """One sentence: the rule, its result, and whether settings.py's default agrees."""
+                   tolerance: float = TOLERANCE, no_signal: bool = False, server: Setting = SERVER) -> str:
+    """One sentence: the rule, its result, and whether the model's default decoding (its
+    generation_config.json under the default settings) agrees."""
     rule = (f"the candidate with the most tokens/forward whose HumanEval pass@1, HumanEval exact match and "
             f"stdlib exact match are each within {tolerance:g} points of `{baseline}`")
     if chosen is None:
         return (f"chosen default: none: every candidate loses more than {tolerance:g} points against `{baseline}` on "
-                f"HumanEval pass@1, HumanEval exact match or stdlib exact match; keep `{SERVER.key}`.")
+                f"HumanEval pass@1, HumanEval exact match or stdlib exact match; keep `{server.key}`.")
     speed = next(r[1] for r in rows if r[0] == chosen)
     if no_signal:
         rule += (f" (`{baseline}` scores 0 on all three here, so no candidate can lose: this picks the fastest "
                  "candidate and says nothing about quality)")
-    agree = ("settings.py's default is this one" if chosen == SERVER.key
-             else f"settings.py's default is `{SERVER.key}`: update it to this one")
+    agree = ("the model's default decoding is this one" if chosen == server.key
+             else f"the model's default decoding is `{server.key}`: set this one in its generation_config.json")
     return (f"chosen default: `{chosen}` ({speed:.2f} tokens/forward) because it is {rule} "
             f"(candidates: {', '.join(f'`{r[0]}`' for r in rows)}); {agree}.")
 
@@ -220,10 +221,12 @@ def run(options: common.Options, model=None) -> dict:
     model = model or common.load(options)
     problems = options.problems if options.problems is not None else (QUICK_PROBLEMS if options.quick else None)
     tasks, chosen = humaneval_tasks(options.seed, problems)
+    server = server_setting(model.default_sampling)  # this model's default decoding in the server
+    compared = settings_with(server)
 
     # every setting on every task; the server's own path on the single-line tasks
     results: dict[tuple[str, str], list[dict]] = {}
-    for setting in SETTINGS:
+    for setting in compared:
         for task in tasks:
             item = fill(model, setting, task, PREFIX_TOKENS, SUFFIX_TOKENS)
             item.update(task=task.task_id, program=task.program(item["text"]))
@@ -244,7 +247,7 @@ def run(options: common.Options, model=None) -> dict:
             item["passed"], item["failure"] = executed[item.pop("program")]
     canonical_passed = sum(executed[src][0] for src in canonical.values())
 
-    keys = [s.key for s in SETTINGS] + [SERVER_DEFAULT]
+    keys = [s.key for s in compared] + [SERVER_DEFAULT]
     rows, records = [], []
     for protocol in PROTOCOLS:
         for key in keys:
@@ -259,11 +262,11 @@ def run(options: common.Options, model=None) -> dict:
         ["protocol", "setting", "tasks", "pass@1 %", "exact %", "tokens/forward", "forwards/task", "ms/task"], rows)
 
     pooled = {key: aggregate([i for (_, k), items in results.items() if k == key for i in items])
-              for key in (s.key for s in SETTINGS)}
+              for key in (s.key for s in compared)}
 
     lines = stdlib_tasks(options.seed, options.stdlib_lines or (QUICK_STDLIB_LINES if options.quick else STDLIB_LINES))
     stdlib_rows, stdlib_records = [], []
-    for setting in SETTINGS:
+    for setting in compared:
         items = [fill(model, setting, t, STDLIB_PREFIX_TOKENS, STDLIB_SUFFIX_TOKENS) for t in lines]
         common.progress(f"quality: {setting.key} on {len(lines)} stdlib lines done")
         agg = aggregate(items)
@@ -277,7 +280,7 @@ def run(options: common.Options, model=None) -> dict:
     default_key, selection_rows = choose_default(pooled, by_setting)
     base = ONE_PER_STEP.key
     no_signal = pooled[base]["pass_at_1"] == pooled[base]["exact"] == by_setting[base]["exact"] == 0
-    headline = selection_line(default_key, selection_rows, no_signal=no_signal)
+    headline = selection_line(default_key, selection_rows, no_signal=no_signal, server=server)
     selection = common.table(
         f"Choosing the default decoding rule (HumanEval: all protocols together; baseline `{ONE_PER_STEP.key}`)",
         ["candidate", "tokens/forward", "pass@1 loss", "exact loss", "stdlib exact loss", f"within {TOLERANCE:g} points"],
@@ -298,7 +301,7 @@ def run(options: common.Options, model=None) -> dict:
             "problems": len(chosen), "tasks": len(tasks),
             "tasks_per_protocol": {p: sum(t.protocol == p for t in tasks) for p in PROTOCOLS},
             "canonical_passed": canonical_passed, "stdlib_lines": len(lines),
-            "settings": keys, "chosen_default": default_key, "server_default": SERVER.key,
+            "settings": keys, "chosen_default": default_key, "server_default": server.key,
             "selection": headline, "no_quality_signal": no_signal,
         },
         "notes": [

@@ -13,7 +13,7 @@ import random
 import time
 
 from . import common
-from .decoding import AR, ONE_PER_STEP, SERVER, SETTINGS, decode
+from .decoding import AR, ONE_PER_STEP, decode, server_setting, settings_with
 
 PREFIX_TOKENS = 256
 SUFFIX_TOKENS = 64
@@ -79,10 +79,12 @@ def run(options: common.Options, model=None) -> dict:
     sizes = tuple(options.sizes or (QUICK_SIZES if options.quick else SIZES))
     repeats = options.repeats or (1 if options.quick else 3)
     places = positions(model, options.seed, 1 if options.quick else 3, max(sizes))
+    server = server_setting(model.default_sampling)  # this model's default decoding in the server
+    compared = settings_with(server)
 
     # warm-up: first calls pay for allocator growth and lazy initialisation
     name, ids, p = places[0]
-    for setting in SETTINGS:
+    for setting in compared:
         decode(model, setting, ids[p - PREFIX_TOKENS:p], ids[p + sizes[0]:p + sizes[0] + SUFFIX_TOKENS], sizes[0])
 
     runs: dict[tuple[int, str], list] = {}
@@ -90,7 +92,7 @@ def run(options: common.Options, model=None) -> dict:
         for _ in range(repeats):
             for name, ids, p in places:
                 prefix, suffix = ids[p - PREFIX_TOKENS:p], ids[p + size:p + size + SUFFIX_TOKENS]
-                for setting in SETTINGS:
+                for setting in compared:
                     out = decode(model, setting, prefix, suffix, size)
                     runs.setdefault((size, setting.key), []).append(out)
         common.progress(f"speed: block {size} done")
@@ -98,10 +100,10 @@ def run(options: common.Options, model=None) -> dict:
     rows, records = [], []
     for size in sizes:
         rate = {}
-        for setting in SETTINGS:
+        for setting in compared:
             outs = runs[(size, setting.key)]
             rate[setting.key] = common.median(size / o.seconds for o in outs)
-        for setting in SETTINGS:
+        for setting in compared:
             outs = runs[(size, setting.key)]
             forwards = common.median(o.forwards for o in outs)
             seconds = common.median(o.seconds for o in outs)
@@ -131,10 +133,10 @@ def run(options: common.Options, model=None) -> dict:
          ["hole tokens identical to the fill without reuse (%)", typing["same_tokens"]],
          ["suggestions identical to the fill without reuse (%)", typing["same_suggestion"]]])
     settings_table = common.table("Settings", ["setting", "what", "server default"],
-                                  [[s.key, s.label, s.key == SERVER.key] for s in SETTINGS])
-    default = {r["block"]: r for r in records if r["setting"] == SERVER.key}
+                                  [[s.key, s.label, s.key == server.key] for s in compared])
+    default = {r["block"]: r for r in records if r["setting"] == server.key}
     size = 64 if 64 in default else max(default)
-    headline = (f"server default `{SERVER.key}` at {size}-token blocks: {default[size]['vs_ar']:.2f}× the tokens/s "
+    headline = (f"server default `{server.key}` at {size}-token blocks: {default[size]['vs_ar']:.2f}× the tokens/s "
                 f"of the autoregressive baseline, {default[size]['tokens_per_forward']:.2f} tokens/forward, "
                 f"{default[size]['ms_per_forward']:.2f} ms/forward (AR: "
                 f"{next(r['ms_per_forward'] for r in records if r['block'] == size and r['setting'] == AR.key):.2f}).")
@@ -146,7 +148,7 @@ def run(options: common.Options, model=None) -> dict:
                    settings_table, typing_table],
         "records": records,
         "headline": headline,
-        "summary": {"default": SERVER.key, "keystrokes": typing, "sizes": list(sizes), "settings": [s.key for s in SETTINGS], "repeats": repeats,
+        "summary": {"default": server.key, "keystrokes": typing, "sizes": list(sizes), "settings": [s.key for s in compared], "repeats": repeats,
                     "positions": [f"{n}@{p}" for n, _, p in places]},
         "notes": [
             f"Context: {PREFIX_TOKENS} tokens of a held-out stdlib file before the block, the {SUFFIX_TOKENS} tokens "

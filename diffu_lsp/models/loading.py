@@ -169,7 +169,16 @@ def generation_defaults(fetch) -> dict:
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     known = {f.name for f in dataclasses.fields(Sampling)}
-    return {k: v for k, v in config.items() if k in known and v is not None}
+    defaults = {}
+    for key, value in config.items():
+        if key not in known or value is None:
+            continue
+        try:
+            Sampling(**{key: value})
+        except (TypeError, ValueError):  # e.g. Dream's own "alg" names that our sampler does not have
+            continue
+        defaults[key] = value
+    return defaults
 
 
 def load_model(name_or_path: str | Path | None = None, device=None, dtype=None) -> DiffusionModel:
