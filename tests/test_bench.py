@@ -148,6 +148,9 @@ def test_speed_suite_structure(model):
     assert typing["keystrokes"] == 3 and 0 < typing["rows_reused"] < 1  # each keystroke reused its prefix
     assert 0 <= typing["same_suggestion"] <= typing["same_tokens"] <= 100 and finite(typing["latency_ratio"])
     assert result["headline"].startswith(f"server default `{decoding.SERVER.key}`")
+    long = result["summary"]["long_context"]
+    assert long["tokens"] == 1024 and long["ms_uncached"] > 0 and long["ms_cached"] > 0
+    assert 1 <= long["forwards_cached"] <= 64 and 1 <= long["forwards_uncached"] <= 64
 
 
 def test_default_selection_rule():

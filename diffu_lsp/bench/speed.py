@@ -13,7 +13,7 @@ import random
 import time
 
 from . import common
-from .decoding import AR, ONE_PER_STEP, decode, server_setting, settings_with
+from .decoding import AR, ONE_PER_STEP, decode, rule_setting, server_setting, settings_with
 
 PREFIX_TOKENS = 256
 SUFFIX_TOKENS = 64
@@ -35,6 +35,36 @@ def positions(model, seed: int, count: int, max_length: int) -> list[tuple[str, 
     if not found:
         raise RuntimeError("no held-out file is long enough for the speed benchmark")
     return found
+
+
+LONG_CONTEXT = 1024  # tokens on the canvas: 896 before the block, 64 masks, 64 after
+
+
+def long_context_steps(model, seed: int, repeats: int) -> dict:
+    """ms per denoising step on a 1,024-token canvas, the same rule (τ=0.9, no early exit) without
+    and with the dual K/V cache, interleaved; medians. The cached figure includes its one full
+    forward that fills the cache (a step of its own)."""
+    block, after = 64, 64
+    before = LONG_CONTEXT - block - after
+    for path in common.sample_files(seed + 2, 40, min_chars=12000):
+        ids = model.encode(common.read_text(path))
+        if len(ids) >= LONG_CONTEXT:
+            break
+    else:
+        raise RuntimeError(f"no held-out file has {LONG_CONTEXT} tokens")
+    prefix, suffix = ids[:before], ids[before + block:before + block + after]
+    rules = {cache: rule_setting("threshold", 0.9, False, cache) for cache in ("none", "dual")}
+    per_step: dict[str, list[float]] = {cache: [] for cache in rules}
+    forwards: dict[str, list[int]] = {cache: [] for cache in rules}
+    for _ in range(repeats + 1):
+        for cache, setting in rules.items():
+            out = decode(model, setting, prefix, suffix, block)
+            per_step[cache].append(1000 * out.seconds / out.forwards)
+            forwards[cache].append(out.forwards)
+    ms = {cache: common.median(values[1:]) for cache, values in per_step.items()}  # the first round warms up
+    return {"file": path.name, "tokens": len(prefix) + block + len(suffix), "ms_uncached": ms["none"],
+            "ms_cached": ms["dual"], "speedup": common.ratio(ms["none"], ms["dual"]),
+            "forwards_uncached": common.median(forwards["none"][1:]), "forwards_cached": common.median(forwards["dual"][1:])}
 
 
 def keystrokes(model, seed: int, files: int, keys: int) -> dict:
@@ -123,6 +153,14 @@ def run(options: common.Options, model=None) -> dict:
                          record["ms"], record["tokens_per_s"], record["vs_ar"], record["vs_one_per_step"]])
     columns = ["block", "setting", "forwards", "cache refreshes", "tokens/forward", "ms/forward", "ms/block", "tokens/s",
                "× AR", "× steps=L"]
+    long = long_context_steps(model, options.seed, repeats)
+    common.progress("speed: long context done")
+    long_table = common.table(
+        f"One denoising step at {long['tokens']:,} tokens of context ({long['file']}; 64-token block, τ=0.9, "
+        "no early exit)", ["K/V cache", "forwards", "ms/step"],
+        [["none (every step runs the whole canvas)", long["forwards_uncached"], long["ms_uncached"]],
+         ["dual (prefix and suffix keys/values reused)", long["forwards_cached"], long["ms_cached"]],
+         ["uncached / cached", "", long["speedup"]]])
     typing = keystrokes(model, options.seed, 1 if options.quick else 6, 3 if options.quick else 10)
     common.progress("speed: keystrokes done")
     typing_table = common.table(
@@ -145,10 +183,10 @@ def run(options: common.Options, model=None) -> dict:
         "title": "Decoding speed",
         "tables": [common.table(f"Infill block decoding at {PREFIX_TOKENS} prefix + {SUFFIX_TOKENS} suffix tokens "
                                 f"(medians over {len(places)} position(s) x {repeats} repeat(s))", columns, rows),
-                   settings_table, typing_table],
+                   settings_table, long_table, typing_table],
         "records": records,
         "headline": headline,
-        "summary": {"default": server.key, "keystrokes": typing, "sizes": list(sizes), "settings": [s.key for s in compared], "repeats": repeats,
+        "summary": {"default": server.key, "keystrokes": typing, "long_context": long, "sizes": list(sizes), "settings": [s.key for s in compared], "repeats": repeats,
                     "positions": [f"{n}@{p}" for n, _, p in places]},
         "notes": [
             f"Context: {PREFIX_TOKENS} tokens of a held-out stdlib file before the block, the {SUFFIX_TOKENS} tokens "
