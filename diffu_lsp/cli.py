@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -168,7 +167,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_daemon(args) -> int:
-    from .daemon import DaemonError, daemon_pid, runtime_paths
+    from .daemon import DaemonError, runtime_paths, terminate, wait_until_gone
 
     if args.action == "run":
         from .daemon.host import run
@@ -178,14 +177,14 @@ def cmd_daemon(args) -> int:
 
     try:
         paths = runtime_paths()
+    except DaemonError as error:
+        raise CliError(str(error)) from None
+    try:
         conn = connect(paths)
     except DaemonError as error:  # e.g. a daemon of another version: it can still be stopped
-        pid = daemon_pid(paths) if args.action == "stop" else None
+        pid = terminate(paths) if args.action == "stop" else None
         if pid is None:
             raise CliError(str(error)) from None
-        import signal
-
-        os.kill(pid, signal.SIGTERM)
         print(f"stopped the model daemon (pid {pid}) with SIGTERM")
         return 0
     if conn is None:
@@ -195,9 +194,7 @@ def cmd_daemon(args) -> int:
         if args.action == "stop":
             pid = conn.pid
             conn.stop()
-            deadline = time.monotonic() + 15
-            while daemon_pid(paths) == pid and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until_gone(paths, pid, 15)
             print(f"stopped the model daemon (pid {pid})")
             return 0
         status = conn.status()

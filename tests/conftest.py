@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 
@@ -16,11 +15,10 @@ def private_runtime_dir(tmp_path_factory):
     old = os.environ.get("XDG_RUNTIME_DIR")
     os.environ["XDG_RUNTIME_DIR"] = str(folder)
     yield folder
-    from diffu_lsp.daemon import Paths, daemon_pid
+    from diffu_lsp.daemon import Paths, terminate
 
-    pid = daemon_pid(Paths(folder / "diffu-lsp")) if (folder / "diffu-lsp").exists() else None
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
+    if (folder / "diffu-lsp").exists():
+        terminate(Paths(folder / "diffu-lsp"))
     if old is None:
         os.environ.pop("XDG_RUNTIME_DIR", None)
     else:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import statistics
 import tempfile
 import time
@@ -25,10 +24,6 @@ from .lsp_client import LspClient, server_command
 
 TEXT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        return \n"
 CURSOR = TEXT.index("return ") + len("return ")
-
-
-def p95(values: list[float]) -> float:
-    return common.percentile(values, 95)
 
 
 def request_overhead(options: common.Options) -> dict:
@@ -102,15 +97,9 @@ async def windows_rss(options: common.Options, windows: int, daemon: bool) -> di
 
 
 def stop_daemon() -> None:
-    from ..daemon import daemon_pid, runtime_paths
+    from ..daemon import runtime_paths, terminate
 
-    pid = daemon_pid(runtime_paths())
-    if pid is None:
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while daemon_pid(runtime_paths()) == pid and time.monotonic() < deadline:
-        time.sleep(0.05)
+    terminate(runtime_paths())
 
 
 def run(options: common.Options) -> dict:
@@ -136,7 +125,7 @@ def run(options: common.Options) -> dict:
 
 
 def summarise(overhead: dict, replays: dict, memory: list[dict]) -> dict:
-    ms = lambda values, q: 1000 * (statistics.median(values) if q == 50 else p95(values))  # noqa: E731
+    ms = lambda values, q: 1000 * common.percentile(values, q)  # noqa: E731
     t = overhead["timings"]
     latency_rows = [
         [name, overhead["repeats"], ms(t[name], 50), ms(t[name], 95)] for name in ("in-process", "daemon")

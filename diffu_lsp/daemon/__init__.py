@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -84,6 +85,26 @@ def daemon_pid(paths: Paths) -> int | None:
             return None
     except FileNotFoundError:
         return None
+
+
+def wait_until_gone(paths: Paths, pid: int, timeout: float) -> bool:
+    """Wait until the daemon ``pid`` no longer holds the lock; False if it still does at the timeout."""
+    deadline = time.monotonic() + timeout
+    while daemon_pid(paths) == pid:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def terminate(paths: Paths, timeout: float = 30.0) -> int | None:
+    """SIGTERM the daemon holding the lock (whatever version it is) and wait for it to go;
+    its pid, or None when none runs."""
+    pid = daemon_pid(paths)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        wait_until_gone(paths, pid, timeout)
+    return pid
 
 
 @contextmanager
