@@ -91,6 +91,12 @@ def is_oom(error: BaseException) -> bool:
     return any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__)
 
 
+def first_line(error: BaseException) -> str:
+    """An error in one line for the user: its message's first line, else its type's name."""
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def model_info(model, key: ModelKey, **extra) -> ModelInfo:
     return ModelInfo(label=key.label, family=model.family, device=str(model.device), max_length=model.max_length,
                      parameters=model.parameter_count, load_seconds=model.load_seconds, **extra)

@@ -123,7 +123,6 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
     return model.decode([t for t in new_ids if t not in model.eos_token_ids])
 
 
-
 # ------------------------------------------------------------------ one request, whichever kind
 
 def run(model, request: Request, *, cancel=None, on_step=None, on_oom_retry: Callable[[], Any] = lambda: None) -> Answer:

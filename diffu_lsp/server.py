@@ -43,7 +43,7 @@ from pygls.workspace import TextDocument, Workspace
 from . import __version__, infill
 from . import settings as config
 from .daemon import DaemonError
-from .engine import LocalEngine, ModelInfo, ModelKey, Request, is_oom
+from .engine import LocalEngine, ModelInfo, ModelKey, Request, first_line, is_oom
 from .jobs import JobCancelled, Scheduler
 from .settings import Settings, SettingsError
 
@@ -392,7 +392,7 @@ class DiffuServer(LanguageServer):
                 self.engine = LocalEngine()
                 info = await _in_daemon_thread(loop, self._load_lock, self.engine.load, key)
         except Exception as error:  # noqa: BLE001 - ModelLoadError, the daemon's report of one, anything else
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error)
             self.end_progress(token, "failed")
             if generation != self._load_generation:
                 return
@@ -632,10 +632,9 @@ class DiffuServer(LanguageServer):
     def _submit_command(self, uri: str, target: "_Target", kind: str, on_step: Callable[[Any], None] | None = None):
         """Run the target as the document's command job of `kind` (no debounce; the engine retries
         once with smaller holes after running out of memory)."""
-        request, engine = target.request(kind), self.engine
-        return self.sched.submit(
-            f"{uri}#command", lambda token: engine.run(request, token, on_step, self._count_oom_retry, key=f"{uri}#command"),
-            debounce=False, version=target.version)
+        request, engine, key = target.request(kind), self.engine, f"{uri}#command"
+        return self.sched.submit(key, lambda token: engine.run(request, token, on_step, self._count_oom_retry, key=key),
+                                 debounce=False, version=target.version)
 
     async def complete_block(self, uri: str, position: lsp.Position) -> bool:
         target = self._command_target(uri, "complete block", position, position)

@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 
 from .. import __version__
-from ..engine import ModelInfo, ModelKey, is_oom, model_info
+from ..engine import ModelInfo, ModelKey, first_line, is_oom, model_info
 from ..jobs import Job, JobCancelled, Scheduler
 from . import DaemonError, Paths, runtime_paths
 from . import wire
@@ -194,7 +194,7 @@ class Daemon:
             client.send(wire.Failed(message.id, "cancelled", "cancelled while loading"))
             return
         except Exception as error:  # noqa: BLE001 - ModelLoadError and friends: the window shows it
-            client.send(wire.Failed(message.id, "oom" if is_oom(error) else "error", _first_line(error)))
+            client.send(wire.Failed(message.id, "oom" if is_oom(error) else "error", first_line(error)))
             return
         client.send(wire.Loaded(message.id, info))
 
@@ -206,7 +206,7 @@ class Daemon:
             client.send(wire.Failed(message.id, "cancelled", "cancelled while its model loaded"))
             return
         except Exception as error:  # noqa: BLE001
-            client.send(wire.Failed(message.id, "error", f"loading the model failed: {_first_line(error)}"))
+            client.send(wire.Failed(message.id, "error", f"loading the model failed: {first_line(error)}"))
             return
         pending = [job for job in client.jobs.values() if not job.done()]  # oldest first
         for oldest in pending[:max(0, len(pending) + 1 - MAX_PENDING_PER_CLIENT)]:
@@ -236,7 +236,7 @@ class Daemon:
             job.cancel("the window disconnected")
         except Exception as error:  # noqa: BLE001 - the job failed; the daemon goes on
             log.warning("job %d of window %d failed: %r", message.id, client.id, error)
-            client.send(wire.Failed(message.id, "oom" if is_oom(error) else "error", _first_line(error),
+            client.send(wire.Failed(message.id, "oom" if is_oom(error) else "error", first_line(error),
                                     job.token.forwards))
         finally:
             client.jobs.pop(message.id, None)
@@ -300,11 +300,6 @@ class Daemon:
 async def read_message(reader: asyncio.StreamReader) -> wire.Message:
     header = await reader.readexactly(wire.HEADER.size)
     return wire.decode(await reader.readexactly(wire.body_length(header)))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error)
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def rss_bytes(pid: int | str = "self") -> int:
