@@ -103,6 +103,7 @@ class Denoised:
     stopped_early: bool = False
     refreshes: int = 0         # of the forwards, those over the whole canvas that (re)filled a K/V cache
     reused: int = 0            # canvas rows whose keys/values came from the previous job (reuse_prefix)
+    rows: int = 0              # canvas rows run through the network, over all forwards
 
 
 # (canvas [L], positions [N]) -> [N, V]: logits scoring the tokens at those positions

@@ -182,3 +182,34 @@ def test_token_probabilities_score_each_token_while_masked(dream):
     probs = torch.softmax(dream.logits(torch.tensor([prefix + even_masked + suffix]))[0], -1)
     for i in range(0, len(ids), 2):  # the even tokens are scored on the canvas with them masked
         assert abs(float(probs[len(prefix) + i, ids[i]]) - scores[i]) < 1e-5
+
+
+def test_compiled_network_gives_the_eager_tokens(tmp_path):
+    model = load_model(write_dream(tmp_path / "dream"), device="cpu", dtype="float32")
+    canvas = [10, 11, 12, 13] + [model.mask_token_id] * 8 + [20, 21, 22]
+    for cache in ("none", "delayed"):
+        eager = model.fill(canvas, alg="threshold", threshold=0.5, cache=cache)
+        compiled = model.fill(canvas, alg="threshold", threshold=0.5, cache=cache, compiled=True)
+        assert model.compile_error is None and model.compiled_network is not None
+        assert compiled.canvas.tolist() == eager.canvas.tolist()
+        assert compiled.forwards == eager.forwards
+
+
+def test_a_compile_failure_falls_back_to_the_eager_network(tmp_path, monkeypatch, caplog):
+    model = load_model(write_dream(tmp_path / "dream"), device="cpu", dtype="float32")
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("InductorError: no working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda network, **options: broken)
+    canvas = [10, 11, 12, 13] + [model.mask_token_id] * 8 + [20, 21, 22]
+    eager = model.fill(canvas, alg="threshold", threshold=0.5, cache="dual")
+    with caplog.at_level("WARNING", logger="diffu_lsp.models"):
+        compiled = model.fill(canvas, alg="threshold", threshold=0.5, cache="dual", compiled=True)
+        model.fill(canvas, alg="threshold", threshold=0.5, cache="dual", compiled=True)
+    assert compiled.canvas.tolist() == eager.canvas.tolist()
+    assert model.compile_error == "RuntimeError: InductorError: no working C++ compiler found"
+    assert len(calls) == 1  # tried once, then the eager network for good
+    assert sum("torch.compile failed" in r.message for r in caplog.records) == 1

@@ -221,7 +221,7 @@ def test_early_exit_pads_the_rest_of_a_hole_after_a_stop_token():
     assert early.canvas.tolist() == [5, stop, stop, stop] and early.forwards == 2
 
 
-@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cache", ["prefix", "dual", "delayed"])
 def test_cache_refreshed_every_step_gives_exactly_the_uncached_tokens(bundled, cache):
     canvas = bundled.encode(PREFIX) + [bundled.mask_token_id] * 24 + bundled.encode(SUFFIX)
     for sampling in (Sampling(alg="entropy", steps=12), Sampling(threshold=0.8, block_length=8)):
@@ -258,7 +258,7 @@ def test_factor_rule_on_the_bundled_model(bundled):
 def test_cached_step_runs_the_span_and_the_full_forward_is_a_step(bundled):
     canvas = torch.tensor(bundled.encode(PREFIX) + [bundled.mask_token_id] * 16 + bundled.encode(SUFFIX))
     holes = (canvas == bundled.mask_token_id).nonzero().squeeze(-1)
-    forward = CachedForward(bundled, dual=True, refresh_every=None)
+    forward = CachedForward(bundled, "dual", refresh_every=None)
     first = forward(canvas, holes)  # a full forward: it scores the step and fills the buffer
     assert forward.refreshes == 1 and forward.span == (int(holes[0]) - 1, int(holes[-1]) + 1)  # Dream: shifted rows
     assert torch.allclose(first, bundled.position_logits(canvas, holes), atol=1e-4)
@@ -274,6 +274,30 @@ def test_cached_step_runs_the_span_and_the_full_forward_is_a_step(bundled):
     # the next block's positions lie outside the span: a new full forward
     forward(canvas, torch.tensor([len(canvas) - 1]))
     assert forward.refreshes == 2
+
+
+def test_delayed_cache_runs_masked_rows_and_those_revealed_since_the_last_forward(bundled):
+    canvas = torch.tensor(bundled.encode(PREFIX) + [bundled.mask_token_id] * 16 + bundled.encode(SUFFIX))
+    holes = (canvas == bundled.mask_token_id).nonzero().squeeze(-1)
+    forward = CachedForward(bundled, "delayed", refresh_every=None)
+    first = forward(canvas, holes)
+    assert forward.refreshes == 1 and forward.rows == len(canvas)
+    revealed = holes[[0, 5, 9]]  # three positions, not at the span's start only
+    canvas[revealed] = first[[0, 5, 9]].argmax(-1)
+    masked = holes[~torch.isin(holes, revealed)]
+    keys_before = [keys.clone() for keys, _ in forward.kv.layers]
+    second = forward(canvas, masked)
+    # Dream: row p-1 scores position p; the masked positions themselves and the revealed ones rerun
+    run = sorted(set((masked - 1).tolist()) | set(masked.tolist()) | set(revealed.tolist()))
+    assert forward.refreshes == 1 and forward.rows == len(canvas) + len(run)
+    assert second.shape == (len(masked), first.shape[1])
+    kept = sorted(set(range(len(canvas))) - set(run))
+    for layer, (keys, _) in enumerate(forward.kv.layers):
+        assert torch.equal(keys[:, :, kept], keys_before[layer][:, :, kept])
+        assert not torch.equal(keys[:, :, run], keys_before[layer][:, :, run])
+    # the next step reruns only the masked positions and their scoring rows: nothing was revealed since
+    forward(canvas, masked)
+    assert forward.rows == len(canvas) + len(run) + len(set((masked - 1).tolist()) | set(masked.tolist()))
 
 
 def test_reuse_prefix_starts_from_the_previous_jobs_keys(bundled):

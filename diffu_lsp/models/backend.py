@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
 
 from ..sampler import Denoised, Draft, Sampling, denoise
+
+
+log = logging.getLogger("diffu_lsp.models")
 
 
 class DenoiseCancelled(Exception):
@@ -32,6 +37,8 @@ class DiffusionModel:
     default_sampling: dict = field(default_factory=dict)  # the checkpoint's generation_config.json
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     last_keys: "KeptKeys | None" = field(default=None, repr=False)  # the last reuse_prefix job's keys/values
+    compiled_network: Callable | None = field(default=None, repr=False)  # torch.compile(network), made on first use
+    compile_error: str | None = None  # why compiling failed; the eager network serves from then on
 
     @property
     def device(self) -> torch.device:
@@ -67,6 +74,22 @@ class DiffusionModel:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits.float()
 
+    def forward(self, compiled: bool = False, **inputs):
+        """One forward of the network; `compiled`: through torch.compile (dynamic shapes), made on
+        first use. If compiling or running the compiled forward fails (no C++ compiler, an op the
+        compiler cannot lower), the error is logged once and the eager network serves from then on."""
+        if compiled and self.compile_error is None:
+            if self.compiled_network is None:
+                self.compiled_network = torch.compile(self.network, dynamic=True)
+            try:
+                return self.compiled_network(**inputs)
+            except Exception as error:
+                if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+                    raise  # the caller's OOM handling, as for the eager network
+                self.compile_error = f"{error.__class__.__name__}: {error}".splitlines()[0]
+                log.warning("torch.compile failed, running the network eagerly from now on: %s", self.compile_error)
+        return self.network(**inputs)
+
     def _attention(self, queries: int, keys: int) -> torch.Tensor:
         # A 4D mask of zeros makes every query see every key: no causal mask.
         return torch.zeros(1, 1, queries, keys, dtype=self.dtype, device=self.device)
@@ -76,11 +99,11 @@ class DiffusionModel:
         return (positions - 1).clamp(min=0) if self.shift_logits else positions
 
     @torch.no_grad()
-    def position_logits(self, canvas: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def position_logits(self, canvas: torch.Tensor, positions: torch.Tensor, compiled: bool = False) -> torch.Tensor:
         """Float [N, V] logits scoring the tokens at `positions` of the [L] canvas (one forward;
         the LM head runs on those rows only)."""
         ids = canvas[None].to(self.device)
-        out = self.network(input_ids=ids, attention_mask=self._attention(len(canvas), len(canvas)),
+        out = self.forward(compiled, input_ids=ids, attention_mask=self._attention(len(canvas), len(canvas)),
                            use_cache=False, logits_to_keep=self._rows(positions).to(self.device))
         return out.logits[0].float().cpu()
 
@@ -101,28 +124,29 @@ class DiffusionModel:
         cache: str = "none",
         refresh_every: int | None = None,
         reuse_prefix: bool = False,
+        compiled: bool = False,
         **options,
     ) -> Denoised:
         """Denoise every mask position of the canvas. The result is on the CPU, canvas-aligned.
 
-        cache: "none" (every step a full forward), "prefix" or "dual" (see CachedForward);
+        cache: "none" (every step a full forward), "prefix", "dual" or "delayed" (see CachedForward);
         refresh_every: with a cache, every N-th step is a full forward (1 = exact, as uncached);
         reuse_prefix: with a cache, start from the previous cached job's keys/values of the tokens
         this canvas shares with it at its start (the previous request of a typing user) instead of a
-        full forward (see CachedForward)."""
+        full forward (see CachedForward); compiled: run the network through torch.compile (see forward)."""
         canvas = torch.as_tensor(canvas_ids, dtype=torch.long)
         needs_bos = self.shift_logits and len(canvas) > 0 and int(canvas[0]) == self.mask_token_id
         if needs_bos:  # with shifted logits position 0 has nothing to its left to be scored from
             canvas = torch.cat([torch.tensor([self._bos_id()]), canvas])
         if len(canvas) > self.max_length:
             raise ValueError(f"canvas of {len(canvas)} tokens exceeds the model's {self.max_length}")
-        if cache not in ("none", "prefix", "dual"):
-            raise ValueError(f"cache must be none, prefix or dual, not {cache!r}")
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
         with self.lock:
             if cache == "none":
-                logits_fn = self.position_logits
+                logits_fn = partial(self.position_logits, compiled=compiled)
             else:
-                logits_fn = CachedForward(self, cache == "dual", refresh_every, self.last_keys if reuse_prefix else None)
+                logits_fn = CachedForward(self, cache, refresh_every, self.last_keys if reuse_prefix else None, compiled)
             result = denoise(
                 logits_fn, canvas, self.mask_token_id, self.sampling(sampling, **options),
                 cancel=cancel, on_step=on_step, stop_ids=self.eos_token_ids, generator=generator,
@@ -131,6 +155,7 @@ class DiffusionModel:
                 self.last_keys = logits_fn.kept()  # kept only for callers that reuse (it holds a canvas of K/V)
         result.refreshes = getattr(logits_fn, "refreshes", 0)
         result.reused = getattr(logits_fn, "reused", 0)
+        result.rows = getattr(logits_fn, "rows", result.forwards * len(canvas))
         if needs_bos:
             result.canvas, result.confidence = result.canvas[1:], result.confidence[1:]
             result.reveal_step = result.reveal_step[1:]
@@ -211,17 +236,24 @@ class KeptKeys:
 REUSE_LIMIT = 4  # reusing jobs in a row before a full forward again (the reused rows grow staler)
 
 
+CACHE_MODES = ("none", "prefix", "dual", "delayed")
+
+
 class CachedForward:
     """Fast-dLLM-style approximate K/V cache for one denoising job.
 
     A full forward over the canvas fills a buffer with the keys/values of every position, and
     scores that step's positions (it is the step's forward, not an extra pass). Its active span
     starts at the row scoring the first masked position; "prefix" runs to the end of the canvas,
-    "dual" only to the last masked position (of the block). Each later step recomputes just that
-    span, writing its keys/values into the buffer, and attends over the whole buffer; everything
-    outside keeps the keys/values of the full forward, which do not see the tokens revealed since:
-    that is the approximation. A new full forward comes when a step needs a position outside the
-    span (the next semi-autoregressive block) or every `refresh_every` steps (1: exact, as
+    "dual" and "delayed" only to the last masked position (of the block). Each later step
+    recomputes rows of that span, writing their keys/values into the buffer, and attends over the
+    whole buffer; everything else keeps the keys/values it had, which do not see the tokens
+    revealed since: that is the approximation. "prefix" and "dual" recompute the whole span every
+    step. "delayed" (dKV-Cache's delayed caching) recomputes only the rows that can still change
+    what is decoded: the masked positions, the rows scoring them, and the positions whose token
+    changed since the last forward (revealed one step late: their keys/values are computed once
+    from the real token, then kept). A new full forward comes when a step needs a position outside
+    the span (the next semi-autoregressive block) or every `refresh_every` steps (1: exact, as
     uncached).
 
     With `previous` (the last job's KeptKeys), the first step may instead reuse the previous
@@ -230,14 +262,20 @@ class CachedForward:
     rows saw the previous document after them: a further approximation, bounded by REUSE_LIMIT.
     """
 
-    def __init__(self, model: DiffusionModel, dual: bool, refresh_every: int | None, previous: KeptKeys | None = None):
-        self.model, self.dual, self.refresh_every, self.previous = model, dual, refresh_every, previous
+    def __init__(self, model: DiffusionModel, mode: str, refresh_every: int | None, previous: KeptKeys | None = None,
+                 compiled: bool = False):
+        if mode not in CACHE_MODES[1:]:
+            raise ValueError(f"cache mode must be one of {', '.join(CACHE_MODES[1:])}, not {mode!r}")
+        self.model, self.mode, self.refresh_every, self.previous = model, mode, refresh_every, previous
+        self.compiled = compiled
         self.kv = KVBuffer()
         self.span: tuple[int, int] | None = None
         self.steps_since_refresh = 0
         self.refreshes = 0
         self.reused = 0          # rows whose keys/values came from the previous job
+        self.rows = 0            # canvas rows run, over all forwards (a full forward runs them all)
         self.first: tuple[torch.Tensor, int, int] | None = None  # tokens, valid rows, age of the latest start
+        self.seen: torch.Tensor | None = None  # the canvas as the last forward saw it
 
     @torch.no_grad()
     def __call__(self, canvas: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -250,26 +288,35 @@ class CachedForward:
                 return self._start(canvas, rows, low, high, shared, self.previous.age + 1)
         if self.span is None or stale or low < self.span[0] or high > self.span[1]:
             return self._full(canvas, rows, low, high)
-        start, end = self.span
+        if self.mode == "delayed":
+            changed = (canvas != self.seen).nonzero().squeeze(-1)
+            run = torch.unique(torch.cat([rows, positions, changed]))  # sorted
+        else:
+            run = torch.arange(*self.span)
         device = self.model.device
-        self.kv.rows = torch.arange(start, end, device=device)
-        out = self.model.network(
-            input_ids=canvas[None, start:end].to(device), position_ids=self.kv.rows[None],
-            attention_mask=self.model._attention(end - start, len(canvas)),
-            cache=self.kv, use_cache=True, logits_to_keep=(rows - start).to(device),
+        self.kv.rows = run.to(device)
+        out = self.model.forward(
+            self.compiled, input_ids=canvas[run][None].to(device), position_ids=self.kv.rows[None],
+            attention_mask=self.model._attention(len(run), len(canvas)),
+            cache=self.kv, use_cache=True, logits_to_keep=torch.searchsorted(run, rows).to(device),
         )
         self.steps_since_refresh += 1
+        self.rows += len(run)
+        self.seen = canvas.clone()
         return out.logits[0].float().cpu()
 
     def _full(self, canvas: torch.Tensor, rows: torch.Tensor, low: int, high: int) -> torch.Tensor:
         model, length = self.model, len(canvas)
         self.kv.rows = None
-        out = model.network(input_ids=canvas[None].to(model.device), attention_mask=model._attention(length, length),
+        out = model.forward(self.compiled, input_ids=canvas[None].to(model.device),
+                            attention_mask=model._attention(length, length),
                             cache=self.kv, use_cache=True, logits_to_keep=rows.to(model.device))
-        self.span = (low, high if self.dual else length)
+        self.span = (low, length if self.mode == "prefix" else high)
         self.steps_since_refresh = 1
         self.refreshes += 1
+        self.rows += length
         self.first = (canvas.clone(), low, 0)
+        self.seen = canvas.clone()
         return out.logits[0].float().cpu()
 
     def _shared(self, canvas: torch.Tensor, low: int) -> int:
@@ -288,13 +335,15 @@ class CachedForward:
              torch.cat([values[:, :, :shared], values.new_empty(*values.shape[:2], length - shared, values.shape[3])], 2))
             for keys, values in self.previous.kv.layers]
         self.kv.rows = torch.arange(shared, length, device=device)
-        out = model.network(input_ids=canvas[None, shared:].to(device), position_ids=self.kv.rows[None],
+        out = model.forward(self.compiled, input_ids=canvas[None, shared:].to(device), position_ids=self.kv.rows[None],
                             attention_mask=model._attention(length - shared, length),
                             cache=self.kv, use_cache=True, logits_to_keep=(rows - shared).to(device))
-        self.span = (low, high if self.dual else length)
+        self.span = (low, length if self.mode == "prefix" else high)
         self.steps_since_refresh = 1
         self.reused = shared
+        self.rows += length - shared
         self.first = (canvas.clone(), low, age)
+        self.seen = canvas.clone()
         return out.logits[0].float().cpu()
 
     def kept(self) -> KeptKeys:
