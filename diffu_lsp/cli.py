@@ -23,7 +23,7 @@ class CliError(Exception):
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder or hub id (default: the bundled tiny model)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU and on a CPU with AMX, else float32), float32, bfloat16, float16")
 
 
 def build_parser() -> argparse.ArgumentParser:

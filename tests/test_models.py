@@ -14,18 +14,18 @@ from tiny_checkpoints import write_dream, write_llada, write_qwen2_diffusion
 
 @pytest.fixture(scope="module")
 def dream(tmp_path_factory):
-    return load_model(write_dream(tmp_path_factory.mktemp("dream")), device="cpu")
+    return load_model(write_dream(tmp_path_factory.mktemp("dream")), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def llada_pair(tmp_path_factory):
     folder, reference = write_llada(tmp_path_factory.mktemp("llada"))
-    return load_model(folder, device="cpu"), reference.float().eval()
+    return load_model(folder, device="cpu", dtype="float32"), reference.float().eval()
 
 
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory):
-    return load_model(write_qwen2_diffusion(tmp_path_factory.mktemp("qwen2")), device="cpu")
+    return load_model(write_qwen2_diffusion(tmp_path_factory.mktemp("qwen2")), device="cpu", dtype="float32")
 
 
 def raw_logits(model, ids):
@@ -44,6 +44,22 @@ def test_dream_format_loads_with_real_ids_and_tokenizer(dream):
     code = "def add(a, b):\n    return a + b\n"
     assert dream.decode(dream.encode(code)) == code
     assert dream.dtype == torch.float32 and dream.device.type == "cpu"
+
+
+def test_auto_dtype_is_bfloat16_on_a_gpu_and_on_a_cpu_with_bf16_matrix_hardware(monkeypatch):
+    from diffu_lsp.models import loading
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loading.resolve_dtype("auto", cuda) == torch.bfloat16
+    assert loading.resolve_dtype("float32", cuda) == torch.float32
+    for has_amx, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+        assert loading.resolve_dtype("auto", cpu) == expected
+        assert loading.resolve_dtype(None, cpu) == expected
+        assert loading.resolve_dtype("float32", cpu) == torch.float32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert loading.resolve_dtype("auto", cpu) == torch.float32  # a torch without the probe
 
 
 def test_dream_logits_are_shifted(dream):
