@@ -257,3 +257,18 @@ def test_default_filters_order():
     assert DEFAULT_TEXT_FILTERS[0] is drop_whitespace_only
     assert DEFAULT_TEXT_FILTERS[-1] is drop_whitespace_only
     assert DEFAULT_TEXT_FILTERS.index(first_line_only) < DEFAULT_TEXT_FILTERS.index(limit_scope_by_indentation)
+
+
+@pytest.mark.parametrize("prefix, kept, healed", [
+    ("def f():\n    return ", "def f():\n    return", " "),     # the space joins the next word
+    ("def f():\n    ", "def f():\n", "    "),                   # an indented empty line: the model writes the indentation
+    ("def f():\n\t\t", "def f():\n", "\t\t"),
+    ("def f():\n", "def f():\n", ""),
+    ("x = 1", "x = 1", ""),
+    ("", "", ""),
+])
+def test_token_healing_cuts_trailing_blanks(prefix, kept, healed):
+    from diffu_lsp.features import _split_trailing_blanks
+
+    assert _split_trailing_blanks(prefix) == (kept, healed)
+    assert kept + healed == prefix
