@@ -30,7 +30,8 @@ def sampling_for(model, settings: Settings, **overrides) -> Sampling:
 
 def _denoise(model, canvas: list[int], settings: Settings, cancel, on_step=None):
     result = model.fill(canvas, sampling_for(model, settings), cancel=cancel, on_step=on_step,
-                        cache=settings.kv_cache, refresh_every=settings.cache_refresh_steps, compiled=settings.compile)
+                        cache=settings.kv_cache, refresh_every=settings.cache_refresh_steps, compiled=settings.compile,
+                        reuse_prefix=settings.reuse_keys)
     if result.cancelled:
         raise DenoiseCancelled()
     return result

@@ -46,9 +46,10 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     block_length: Positive | None = None  # semi-autoregressive block size, None = whole hole
     eos_penalty: Annotated[float, msgspec.Meta(ge=0.0)] | None = None  # None: the model's own default
     early_exit: bool = True  # a revealed EOS/pad ends its hole (the rest becomes pad, no more steps)
-    kv_cache: Literal["none", "prefix", "dual", "delayed"] = "dual"  # reuse context keys/values between steps
+    kv_cache: Literal["none", "prefix", "dual", "delayed"] = "delayed"  # reuse context keys/values between steps
     cache_refresh_steps: Positive | None = None  # also rebuild the cache every N steps (None: per block)
     compile: bool = False  # run the network through torch.compile (first jobs of each new shape pay for compiling)
+    reuse_keys: bool = False  # start a job from the previous job's keys/values of the canvas start both share
     prefix_tokens: Positive = 768  # token budget for context before the cursor
     suffix_tokens: NonNegative = 256  # token budget after the cursor
     single_line_tokens: Positive = 16  # hole size for a single-line suggestion

@@ -146,7 +146,9 @@ def test_speed_suite_structure(model):
     result = bench.run_suite("speed", options, model)
     t = result["tables"][0]
     assert t["columns"][:3] == ["block", "setting", "forwards"]
-    assert common.column(t, "setting") == [s.key for s in decoding.SETTINGS]
+    assert common.column(t, "setting") == [s.key for s in decoding.settings_with(decoding.SERVER)]
+    cache_rows = {s.cache for s in decoding.cache_variants(decoding.SERVER)} | {decoding.SERVER.cache}
+    assert cache_rows == set(decoding.CACHE_VARIANTS)  # the server rule with every cache mode
     for record in result["records"]:
         for key in ("forwards", "tokens_per_forward", "ms_per_forward", "tokens_per_s", "vs_ar", "vs_one_per_step"):
             assert finite(record[key]) and record[key] > 0, (record["setting"], key)
@@ -159,9 +161,18 @@ def test_speed_suite_structure(model):
     typing = result["summary"]["keystrokes"]
     assert typing["keystrokes"] == 3 and 0 < typing["rows_reused"] < 1  # each keystroke reused its prefix
     assert 0 <= typing["same_suggestion"] <= typing["same_tokens"] <= 100 and finite(typing["latency_ratio"])
+    assert 0 <= typing["similarity_plain"] <= 100 and 0 <= typing["similarity_reuse"] <= 100
     assert result["headline"].startswith(f"server default `{decoding.SERVER.key}`")
+    dtypes = result["summary"]["dtypes"]
+    assert [row[:2] for row in dtypes["rows"]] == [
+        [d + (" (auto here)" if d == dtypes["auto"] else ""), key]
+        for d in ("float32", "bfloat16") for key in (decoding.SERVER.key, "ar")]
+    assert all(finite(v) and v > 0 for row in dtypes["rows"] for v in row[2:])
+    fastest = dtypes["tokens_per_s"][f"{dtypes['fastest_ar']} ar"]
+    assert fastest == max(dtypes["tokens_per_s"][f"{d} ar"] for d in ("float32", "bfloat16"))
+    assert f"{dtypes['default_vs_fastest_ar']:.2f}× the baseline in its fastest dtype" in result["headline"]
     long = result["summary"]["long_context"]
-    assert long["tokens"] == 1024 and long["ms_uncached"] > 0 and long["ms_cached"] > 0
+    assert long["tokens"] == 1024 and long["ms_uncached"] > 0 and long["ms_cached"] > 0 and long["ms_delayed"] > 0
     assert 1 <= long["forwards_cached"] <= 64 and 1 <= long["forwards_uncached"] <= 64
 
 
@@ -223,7 +234,7 @@ def test_quality_suite_structure(model, tmp_path):
     summary = result["summary"]
     assert summary["problems"] == 2 and summary["canonical_passed"] == 2
     humaneval, stdlib, selection = result["tables"]
-    keys = [s.key for s in decoding.SETTINGS]
+    keys = [s.key for s in decoding.settings_with(decoding.SERVER)]  # the server rule's cache variants too
     for protocol in quality.PROTOCOLS:
         rows = [r for r in result["records"] if r["protocol"] == protocol]
         expected = keys + ([quality.SERVER_DEFAULT] if protocol == "single-line" else [])

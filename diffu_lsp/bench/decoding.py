@@ -27,7 +27,7 @@ class Setting:
     threshold: float | None = None     # confidence threshold (alg "threshold")
     factor: float | None = None        # factor rule (alg "factor")
     early_exit: bool = False           # a revealed EOS/pad ends the hole
-    cache: str = "none"                # K/V cache between steps: "none" | "prefix" | "dual"
+    cache: str = "none"                # K/V cache between steps: "none" | "prefix" | "dual" | "delayed"
     refresh_every: int | None = None
 
     def sampling(self, model, length: int) -> Sampling:
@@ -73,9 +73,21 @@ def server_setting(model_defaults: dict | None = None) -> Setting:
                    early_exit=s.early_exit, cache=s.kv_cache, refresh_every=s.cache_refresh_steps)
 
 
+def cache_variants(server: Setting) -> tuple[Setting, ...]:
+    """The server's decoding rule with each K/V cache mode (the server's own left out): what the
+    cache's approximation costs and saves, with everything else as the server decodes."""
+    if server.threshold is None and server.factor is None:
+        return ()
+    algorithm, value = ("threshold", server.threshold) if server.threshold is not None else ("factor", server.factor)
+    return tuple(rule_setting(algorithm, value, server.early_exit, cache, server.refresh_every)
+                 for cache in CACHE_VARIANTS if cache != server.cache)
+
+
 def settings_with(server: Setting) -> tuple[Setting, ...]:
-    """Every compared setting, the given server default included."""
-    return SETTINGS if any(s.key == server.key for s in SETTINGS) else SETTINGS + (server,)
+    """Every compared setting: the fixed ones, the server default, and its rule with the other caches."""
+    compared = SETTINGS if any(s.key == server.key for s in SETTINGS) else SETTINGS + (server,)
+    known = {s.key for s in compared}
+    return compared + tuple(s for s in cache_variants(server) if s.key not in known)
 
 
 def candidates() -> tuple[Setting, ...]:
@@ -89,7 +101,8 @@ def candidates() -> tuple[Setting, ...]:
 
 
 THRESHOLDS = (0.9, 0.7, 0.5)
-FACTORS = (1.0, 2.0, 3.0, 4.0, 6.0)
+CACHE_VARIANTS = ("none", "dual", "delayed")  # the server rule's cache ablation (prefix: dual's weaker sibling)
+FACTORS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 AR = Setting("ar", "autoregressive: causal mask + KV cache, 1 token/forward", "ar")
 ONE_PER_STEP = Setting("steps=L", "Dream schedule (entropy), steps = length", "diffusion", steps_div=1)
 CANDIDATES = candidates()

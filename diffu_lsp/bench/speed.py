@@ -42,8 +42,8 @@ LONG_CONTEXT = 1024  # tokens on the canvas: 896 before the block, 64 masks, 64 
 
 def long_context_steps(model, seed: int, repeats: int) -> dict:
     """ms per denoising step on a 1,024-token canvas, the same rule (τ=0.9, no early exit) without
-    and with the dual K/V cache, interleaved; medians. The cached figure includes its one full
-    forward that fills the cache (a step of its own)."""
+    and with the dual and the delayed K/V cache, interleaved; medians. The cached figures include
+    their one full forward that fills the cache (a step of its own)."""
     block, after = 64, 64
     before = LONG_CONTEXT - block - after
     for path in common.sample_files(seed + 2, 40, min_chars=12000):
@@ -53,7 +53,7 @@ def long_context_steps(model, seed: int, repeats: int) -> dict:
     else:
         raise RuntimeError(f"no held-out file has {LONG_CONTEXT} tokens")
     prefix, suffix = ids[:before], ids[before + block:before + block + after]
-    rules = {cache: rule_setting("threshold", 0.9, False, cache) for cache in ("none", "dual")}
+    rules = {cache: rule_setting("threshold", 0.9, False, cache) for cache in ("none", "dual", "delayed")}
     per_step: dict[str, list[float]] = {cache: [] for cache in rules}
     forwards: dict[str, list[int]] = {cache: [] for cache in rules}
     for _ in range(repeats + 1):
@@ -64,7 +64,43 @@ def long_context_steps(model, seed: int, repeats: int) -> dict:
     ms = {cache: common.median(values[1:]) for cache, values in per_step.items()}  # the first round warms up
     return {"file": path.name, "tokens": len(prefix) + block + len(suffix), "ms_uncached": ms["none"],
             "ms_cached": ms["dual"], "speedup": common.ratio(ms["none"], ms["dual"]),
-            "forwards_uncached": common.median(forwards["none"][1:]), "forwards_cached": common.median(forwards["dual"][1:])}
+            "ms_delayed": ms["delayed"], "speedup_delayed": common.ratio(ms["none"], ms["delayed"]),
+            "forwards_uncached": common.median(forwards["none"][1:]), "forwards_cached": common.median(forwards["dual"][1:]),
+            "forwards_delayed": common.median(forwards["delayed"][1:])}
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def dtype_comparison(options: common.Options, places, size: int, repeats: int, server) -> dict:
+    """The server default and the AR baseline at `size`-token blocks with the weights in each of
+    `DTYPES`, interleaved (repeat -> position -> dtype -> setting); medians of tokens/s. The AR
+    baseline is compared both at the same dtype and at its own fastest one."""
+    from ..models import load_model
+    from ..models.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(options.device)
+    auto = str(resolve_dtype("auto", device)).replace("torch.", "")
+    models = {dtype: load_model(options.model, device=options.device, dtype=dtype) for dtype in DTYPES}
+    rates: dict[tuple[str, str], list[float]] = {}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for _, ids, p in places:
+            prefix, suffix = ids[p - PREFIX_TOKENS:p], ids[p + size:p + size + SUFFIX_TOKENS]
+            for dtype, model in models.items():
+                for setting in (server, AR):
+                    out = decode(model, setting, prefix, suffix, size)
+                    if round_:
+                        rates.setdefault((dtype, setting.key), []).append(size / out.seconds)
+    rate = {key: common.median(values) for key, values in rates.items()}
+    fastest_ar = max(DTYPES, key=lambda dtype: rate[(dtype, AR.key)])
+    rows = [[dtype + (" (auto here)" if dtype == auto else ""), setting.key, rate[(dtype, setting.key)],
+             common.ratio(rate[(dtype, setting.key)], rate[(dtype, AR.key)]),
+             common.ratio(rate[(dtype, setting.key)], rate[(fastest_ar, AR.key)])]
+            for dtype in DTYPES for setting in (server, AR)]
+    return {"size": size, "auto": auto, "fastest_ar": fastest_ar, "rows": rows,
+            "default_vs_ar_same": common.ratio(rate[(auto, server.key)], rate[(auto, AR.key)]),
+            "default_vs_fastest_ar": common.ratio(rate[(auto, server.key)], rate[(fastest_ar, AR.key)]),
+            "tokens_per_s": {f"{dtype} {key}": value for (dtype, key), value in rate.items()}}
 
 
 def keystrokes(model, seed: int, files: int, keys: int) -> dict:
@@ -73,9 +109,16 @@ def keystrokes(model, seed: int, files: int, keys: int) -> dict:
     previous keystroke's keys/values of the shared canvas start). Medians and shares over keystrokes."""
     from ..settings import Settings, sampling_options
 
+    from ..models import trim_at_stop
+
     s = Settings()
     sampling = model.sampling(**sampling_options(s))
     ratios, reused, same_tokens, same_text = [], [], [], []
+    similarity: dict[str, list[float]] = {"plain": [], "reuse": []}
+
+    def first_line(result, hole) -> str:
+        return model.decode(trim_at_stop(result.canvas[hole].tolist(), model.eos_token_ids)).split("\n")[0]
+
     for path in common.sample_files(seed + 1, files, min_chars=20000):
         text = common.read_text(path)
         middle = len(text) // 2
@@ -94,13 +137,18 @@ def keystrokes(model, seed: int, files: int, keys: int) -> dict:
                 continue
             hole = slice(len(prefix), len(prefix) + s.single_line_tokens)
             agree = (plain.canvas[hole] == reusing.canvas[hole]).float().mean().item()
+            typed_next = text[middle + k:].split("\n")[0]  # what the user goes on to type on this line
+            similarity["plain"].append(common.edit_similarity(first_line(plain, hole), typed_next))
+            similarity["reuse"].append(common.edit_similarity(first_line(reusing, hole), typed_next))
             ratios.append(reuse_seconds / plain_seconds)
             reused.append(reusing.reused / len(canvas))
             same_tokens.append(agree)
             same_text.append(agree == 1.0)
     model.last_keys = None
     return {"keystrokes": len(ratios), "latency_ratio": common.median(ratios), "rows_reused": common.median(reused),
-            "same_tokens": 100 * sum(same_tokens) / len(same_tokens), "same_suggestion": 100 * sum(same_text) / len(same_text)}
+            "same_tokens": 100 * sum(same_tokens) / len(same_tokens), "same_suggestion": 100 * sum(same_text) / len(same_text),
+            "similarity_plain": sum(similarity["plain"]) / len(ratios),
+            "similarity_reuse": sum(similarity["reuse"]) / len(ratios)}
 
 
 def run(options: common.Options, model=None) -> dict:
@@ -160,7 +208,18 @@ def run(options: common.Options, model=None) -> dict:
         "no early exit)", ["K/V cache", "forwards", "ms/step"],
         [["none (every step runs the whole canvas)", long["forwards_uncached"], long["ms_uncached"]],
          ["dual (prefix and suffix keys/values reused)", long["forwards_cached"], long["ms_cached"]],
-         ["uncached / cached", "", long["speedup"]]])
+         ["delayed (dual, and decoded tokens' keys/values kept a step after they are revealed)",
+          long["forwards_delayed"], long["ms_delayed"]],
+         ["uncached / dual", "", long["speedup"]],
+         ["uncached / delayed", "", long["speedup_delayed"]]])
+    size = 64 if 64 in sizes else max(sizes)
+    dtypes = dtype_comparison(options, places, size, repeats, server)
+    common.progress("speed: dtypes done")
+    dtype_table = common.table(
+        f"Weights dtype: the server default and the AR baseline at {size}-token blocks (same positions, "
+        f"interleaved; auto = {dtypes['auto']} on this machine)",
+        ["dtype", "setting", "tokens/s", "× AR, same dtype", f"× AR in {dtypes['fastest_ar']} (its fastest)"],
+        dtypes["rows"])
     typing = keystrokes(model, options.seed, 1 if options.quick else 6, 3 if options.quick else 10)
     common.progress("speed: keystrokes done")
     typing_table = common.table(
@@ -169,24 +228,26 @@ def run(options: common.Options, model=None) -> dict:
         [["latency with reuse / without (median)", typing["latency_ratio"]],
          ["canvas rows reused (median share)", typing["rows_reused"]],
          ["hole tokens identical to the fill without reuse (%)", typing["same_tokens"]],
-         ["suggestions identical to the fill without reuse (%)", typing["same_suggestion"]]])
+         ["suggestions identical to the fill without reuse (%)", typing["same_suggestion"]],
+         ["edit similarity to the line typed next, without reuse (mean %)", typing["similarity_plain"]],
+         ["edit similarity to the line typed next, with reuse (mean %)", typing["similarity_reuse"]]])
     settings_table = common.table("Settings", ["setting", "what", "server default"],
                                   [[s.key, s.label, s.key == server.key] for s in compared])
     default = {r["block"]: r for r in records if r["setting"] == server.key}
-    size = 64 if 64 in default else max(default)
-    headline = (f"server default `{server.key}` at {size}-token blocks: {default[size]['vs_ar']:.2f}× the tokens/s "
-                f"of the autoregressive baseline, {default[size]['tokens_per_forward']:.2f} tokens/forward, "
-                f"{default[size]['ms_per_forward']:.2f} ms/forward (AR: "
-                f"{next(r['ms_per_forward'] for r in records if r['block'] == size and r['setting'] == AR.key):.2f}).")
+    headline = (f"server default `{server.key}` at {size}-token blocks: {default[size]['tokens_per_forward']:.2f} "
+                f"tokens/forward; {dtypes['default_vs_ar_same']:.2f}× the tokens/s of the autoregressive baseline "
+                f"with both in {dtypes['auto']} (the default dtype here), {dtypes['default_vs_fastest_ar']:.2f}× the "
+                f"baseline in its fastest dtype ({dtypes['fastest_ar']}).")
     return {
         "suite": "speed",
         "title": "Decoding speed",
-        "tables": [common.table(f"Infill block decoding at {PREFIX_TOKENS} prefix + {SUFFIX_TOKENS} suffix tokens "
+        "tables": [common.table(f"Infill block decoding at {PREFIX_TOKENS} prefix + {SUFFIX_TOKENS} suffix tokens, "
+                                f"weights in {str(model.dtype).replace('torch.', '')}, AR in the same dtype "
                                 f"(medians over {len(places)} position(s) x {repeats} repeat(s))", columns, rows),
-                   settings_table, long_table, typing_table],
+                   settings_table, dtype_table, long_table, typing_table],
         "records": records,
         "headline": headline,
-        "summary": {"default": server.key, "keystrokes": typing, "long_context": long, "sizes": list(sizes), "settings": [s.key for s in compared], "repeats": repeats,
+        "summary": {"default": server.key, "keystrokes": typing, "long_context": long, "dtypes": dtypes, "sizes": list(sizes), "settings": [s.key for s in compared], "repeats": repeats,
                     "positions": [f"{n}@{p}" for n, _, p in places]},
         "notes": [
             f"Context: {PREFIX_TOKENS} tokens of a held-out stdlib file before the block, the {SUFFIX_TOKENS} tokens "
@@ -207,11 +268,21 @@ def run(options: common.Options, model=None) -> dict:
             "the whole block (no early stop at EOS). It is a *speed* baseline: the bundled model was trained "
             "only bidirectionally.",
             "`× AR` and `× steps=L` are ratios of tokens/s measured in the same run.",
+            "Weights dtype: the same positions decoded by the server default and the AR baseline with the weights "
+            "loaded in float32 and in bfloat16, interleaved. `auto` is what the server loads on this machine "
+            "(bfloat16 on a GPU and on a CPU with AMX bf16 matrix hardware, else float32). An AR step runs one "
+            "row, where bfloat16's per-call overhead outweighs its cheaper arithmetic on a CPU; a diffusion step "
+            "runs many rows; so the headline also states the ratio against AR in its own fastest dtype.",
+            "With a K/V cache, `dual` reruns the hole's whole span at every step; `delayed` reruns only the "
+            "still-masked positions, the rows that score them and the positions revealed by the step before "
+            "(dKV-Cache's delayed caching), so its steps shrink as the hole fills.",
             "Across keystrokes: at the middle of held-out files the file's next characters are typed one by one; "
             "each keystroke's document is filled at the cursor as a server-default single-line request (default "
             "prefix/suffix budgets and hole), once from scratch and once with `fill(reuse_prefix=True)`, which starts "
             "from the previous keystroke's keys/values of the canvas start both share and runs only the rest "
-            "(opt-in: the server does not use it yet). Identical = the same hole tokens as the fill without reuse.",
+            "(opt-in: the server does not use it yet). Identical = the same hole tokens as the fill without reuse. "
+            "Edit similarity (as in the quality suite) compares the first line of each fill with the rest of the "
+            "line the user goes on to type: the quality that reuse's approximation costs.",
         ],
         "seconds": time.perf_counter() - started,
     }
