@@ -34,7 +34,7 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Decoding: None defers to the model's own choice (its generation_config.json), else to the
-    # sampler's defaults (threshold 0.9; factor 1). The bundled model ships the factor rule f=6,
+    # sampler's defaults (threshold 0.9; factor 1). The bundled model ships the factor rule f=8,
     # chosen for it by `diffu-lsp bench quality` (BENCHMARKS.md, Quality).
     algorithm: Literal["threshold", "factor", "entropy", "maskgit_plus", "topk_margin"] | None = None
     steps: Positive | None = None  # Dream schedule steps; None = one per hole token

@@ -45,7 +45,7 @@ SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "encodings", "__p
 # the likeliest token of an untouched hole; without a penalty most holes come out empty
 # (held-out single-line suggestions: 27 % non-empty at 0, 100 % at 3; see BENCHMARKS.md). The
 # decoding rule is the one `diffu-lsp bench quality` chose for this model (BENCHMARKS.md, Quality).
-GENERATION_DEFAULTS = {"eos_penalty": 3.0, "alg": "factor", "factor": 6.0}
+GENERATION_DEFAULTS = {"eos_penalty": 3.0, "alg": "factor", "factor": 8.0}
 MODEL_SHAPE = dict(
     vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,

@@ -169,7 +169,7 @@ def test_default_settings_decode_as_each_model_chose(dream, tmp_path):
     from diffu_lsp.settings import Settings
 
     bundled = load_model()  # ships the rule `diffu-lsp bench quality` chose for it, and its EOS penalty
-    assert bundled.default_sampling == {"eos_penalty": 3.0, "alg": "factor", "factor": 6.0}
+    assert bundled.default_sampling == {"eos_penalty": 3.0, "alg": "factor", "factor": 8.0}
     chosen = sampling_for(bundled, Settings())
     assert (chosen.alg, chosen.factor, chosen.eos_penalty) == ("factor", 6.0, 3.0)
     assert sampling_for(bundled, Settings(algorithm="threshold")).threshold == 0.9  # the user's word wins
