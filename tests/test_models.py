@@ -171,7 +171,7 @@ def test_default_settings_decode_as_each_model_chose(dream, tmp_path):
     bundled = load_model()  # ships the rule `diffu-lsp bench quality` chose for it, and its EOS penalty
     assert bundled.default_sampling == {"eos_penalty": 3.0, "alg": "factor", "factor": 8.0}
     chosen = sampling_for(bundled, Settings())
-    assert (chosen.alg, chosen.factor, chosen.eos_penalty) == ("factor", 6.0, 3.0)
+    assert (chosen.alg, chosen.factor, chosen.eos_penalty) == ("factor", 8.0, 3.0)
     assert sampling_for(bundled, Settings(algorithm="threshold")).threshold == 0.9  # the user's word wins
     plain = sampling_for(dream, Settings())  # no generation_config.json: the sampler's defaults
     assert (plain.alg, plain.threshold, plain.eos_penalty) == ("threshold", 0.9, 0.0)
@@ -185,7 +185,7 @@ def test_llada_cached_path_matches_uncached(llada_pair):
     model = llada_pair[0]
     canvas = model.encode("def f(x):\n    return ") + [model.mask_token_id] * 6 + model.encode("\n")
     uncached = model.fill(canvas, alg="entropy", steps=6)
-    for cache in ("prefix", "dual"):
+    for cache in ("prefix", "dual", "delayed"):
         assert model.fill(canvas, alg="entropy", steps=6, cache=cache, refresh_every=1).canvas.tolist() \
             == uncached.canvas.tolist()
 

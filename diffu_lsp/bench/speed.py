@@ -280,7 +280,7 @@ def run(options: common.Options, model=None) -> dict:
             "each keystroke's document is filled at the cursor as a server-default single-line request (default "
             "prefix/suffix budgets and hole), once from scratch and once with `fill(reuse_prefix=True)`, which starts "
             "from the previous keystroke's keys/values of the canvas start both share and runs only the rest "
-            "(opt-in: the server does not use it yet). Identical = the same hole tokens as the fill without reuse. "
+            "(the server's `reuseKeys` setting, on by default). Identical = the same hole tokens as the fill without reuse. "
             "Edit similarity (as in the quality suite) compares the first line of each fill with the rest of the "
             "line the user goes on to type: the quality that reuse's approximation costs.",
         ],

@@ -19,7 +19,7 @@ import msgspec
 
 from ..engine import Answer, ModelInfo, ModelKey, Request
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: Settings gained compile and reuseKeys (an older daemon could not decode a Request)
 MAX_FRAME = 64 * 1024 * 1024  # a clipped document is a few MB at most
 HEADER = struct.Struct(">I")
 
