@@ -150,9 +150,14 @@ def test_speed_suite_structure(model):
     cache_rows = {s.cache for s in decoding.cache_variants(decoding.SERVER)} | {decoding.SERVER.cache}
     assert cache_rows == set(decoding.CACHE_VARIANTS)  # the server rule with every cache mode
     for record in result["records"]:
-        for key in ("forwards", "tokens_per_forward", "ms_per_forward", "tokens_per_s", "vs_ar", "vs_one_per_step"):
+        for key in ("forwards", "tokens_per_forward", "rows_per_forward", "ms_per_forward", "tokens_per_s", "vs_ar",
+                    "vs_one_per_step"):
             assert finite(record[key]) and record[key] > 0, (record["setting"], key)
         assert record["forwards"] <= record["block"]
+    by_key = {r["setting"]: r for r in result["records"]}
+    delayed, dual = (next(v for v in decoding.settings_with(decoding.SERVER) if v.cache == c and v.factor == 8.0)
+                     for c in ("delayed", "dual"))
+    assert by_key[delayed.key]["rows_per_forward"] <= by_key[dual.key]["rows_per_forward"]  # a subset of the span
     ar = next(r for r in result["records"] if r["setting"] == "ar")
     assert ar["forwards"] == 8 and ar["tokens_per_forward"] == 1.0 and ar["vs_ar"] == 1.0
     quarter = next(r for r in result["records"] if r["setting"] == "steps=L/4")

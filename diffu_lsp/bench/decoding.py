@@ -130,6 +130,7 @@ class Decoded:
     forwards: int        # denoising steps (AR: tokens), each one forward pass
     seconds: float
     refreshes: int = 0   # extra full forwards that rebuilt a K/V cache
+    rows: int = 0        # canvas rows run through the network, over all forwards
 
 
 def _sync(model) -> None:
@@ -147,8 +148,7 @@ def decode(model, setting: Setting, prefix_ids: list[int], suffix_ids: list[int]
     _sync(model)
     seconds = time.perf_counter() - started
     start = len(prefix_ids)
-    return Decoded(result.canvas[start:start + length].tolist(), result.forwards, seconds,
-                   getattr(result, "refreshes", 0))
+    return Decoded(result.canvas[start:start + length].tolist(), result.forwards, seconds, result.refreshes, result.rows)
 
 
 def _cache_keyword(network) -> str:
@@ -186,4 +186,4 @@ def autoregressive(model, prefix_ids: list[int], suffix_ids: list[int], length: 
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(token))
     _sync(model)
-    return Decoded(out, forwards, time.perf_counter() - started)
+    return Decoded(out, forwards, time.perf_counter() - started, rows=prompt.shape[1] + forwards - 1)

@@ -190,6 +190,7 @@ def run(options: common.Options, model=None) -> dict:
                 "tokens_per_forward": common.median(size / o.forwards for o in outs),
                 "ms_per_forward": common.median(1000 * o.seconds / o.forwards for o in outs),
                 "refreshes": common.median(o.refreshes for o in outs),
+                "rows_per_forward": common.median(o.rows / o.forwards for o in outs),
                 "ms": 1000 * seconds, "tokens_per_s": rate[setting.key],
                 "vs_ar": common.ratio(rate[setting.key], rate[AR.key]),
                 "vs_one_per_step": common.ratio(rate[setting.key], rate[ONE_PER_STEP.key]),
@@ -197,9 +198,10 @@ def run(options: common.Options, model=None) -> dict:
             }
             records.append(record)
             rows.append([size, setting.key, forwards, record["refreshes"], record["tokens_per_forward"],
-                         record["ms_per_forward"],
+                         record["rows_per_forward"], record["ms_per_forward"],
                          record["ms"], record["tokens_per_s"], record["vs_ar"], record["vs_one_per_step"]])
-    columns = ["block", "setting", "forwards", "cache refreshes", "tokens/forward", "ms/forward", "ms/block", "tokens/s",
+    columns = ["block", "setting", "forwards", "cache refreshes", "tokens/forward", "rows/forward", "ms/forward",
+               "ms/block", "tokens/s",
                "× AR", "× steps=L"]
     long = long_context_steps(model, options.seed, repeats)
     common.progress("speed: long context done")
@@ -256,8 +258,9 @@ def run(options: common.Options, model=None) -> dict:
             "whole fill, and `tokens/forward` = block size / `forwards`. `forwards` counts denoising steps, one "
             "forward pass each: without a cache over the whole canvas (prefix + block + suffix); with a K/V "
             "cache, `cache refreshes` of them are full-canvas forwards (the first step always is one: it fills "
-            "the cache), the others run only the rows that changed or are still masked. `ms/forward` = wall "
-            "time / `forwards`.",
+            "the cache), the others run only part of the canvas (see the cache modes below). `rows/forward`: canvas "
+            "rows run through the network per forward, the work a step does (AR: the prompt once, then one row "
+            "per token). `ms/forward` = wall time / `forwards`.",
             "Rows: `steps=L` (one token per step), `steps=L/2`, `steps=L/4`: Dream's schedule without cache or "
             "early exit; `τ=…` (confidence threshold) and `f=…` (Fast-dLLM factor rule) with the server's early "
             "exit and K/V cache: the candidates the quality suite picks the default from. The `server default` "
