@@ -146,7 +146,8 @@ def test_speed_suite_structure(model):
     result = bench.run_suite("speed", options, model)
     t = result["tables"][0]
     assert t["columns"][:3] == ["block", "setting", "forwards"]
-    assert common.column(t, "setting") == [s.key for s in decoding.settings_with(decoding.SERVER)]
+    assert common.column(t, "setting") == [s.key for s in decoding.settings_with(decoding.SERVER)
+                                           + decoding.block_variants(decoding.SERVER)]
     cache_rows = {s.cache for s in decoding.cache_variants(decoding.SERVER)} | {decoding.SERVER.cache}
     assert cache_rows == set(decoding.CACHE_VARIANTS)  # the server rule with every cache mode
     for record in result["records"]:

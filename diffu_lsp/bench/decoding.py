@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,14 +29,16 @@ class Setting:
     early_exit: bool = False           # a revealed EOS/pad ends the hole
     cache: str = "none"                # K/V cache between steps: "none" | "prefix" | "dual" | "delayed"
     refresh_every: int | None = None
+    block_length: int | None = None    # semi-autoregressive blocks (None: the whole hole at once)
 
     def sampling(self, model, length: int) -> Sampling:
         """The setting over the checkpoint's own generation defaults (its EOS penalty), as the server does."""
+        shared = dict(early_exit=self.early_exit, block_length=self.block_length)
         if self.threshold is not None:
-            return model.sampling(alg="threshold", threshold=self.threshold, early_exit=self.early_exit)
+            return model.sampling(alg="threshold", threshold=self.threshold, **shared)
         if self.factor is not None:
-            return model.sampling(alg="factor", factor=self.factor, early_exit=self.early_exit)
-        return model.sampling(alg=self.alg, steps=max(1, length // (self.steps_div or 1)), early_exit=self.early_exit)
+            return model.sampling(alg="factor", factor=self.factor, **shared)
+        return model.sampling(alg=self.alg, steps=max(1, length // (self.steps_div or 1)), **shared)
 
 
 def rule_setting(algorithm: str, value: float, early_exit: bool, cache: str, refresh_every: int | None = None,
@@ -83,6 +85,13 @@ def cache_variants(server: Setting) -> tuple[Setting, ...]:
                  for cache in CACHE_VARIANTS if cache != server.cache)
 
 
+def block_variants(server: Setting) -> tuple[Setting, ...]:
+    """The server default in semi-autoregressive blocks of `BLOCK_LENGTHS` (each block finished, and
+    the cache refreshed, before the next): what blocks cost in speed for long holes."""
+    return tuple(replace(server, key=f"{server.key}+b{n}", label=f"{server.label}, blocks of {n}", block_length=n)
+                 for n in BLOCK_LENGTHS)
+
+
 def settings_with(server: Setting) -> tuple[Setting, ...]:
     """Every compared setting: the fixed ones, the server default, and its rule with the other caches."""
     compared = SETTINGS if any(s.key == server.key for s in SETTINGS) else SETTINGS + (server,)
@@ -101,7 +110,8 @@ def candidates() -> tuple[Setting, ...]:
 
 
 THRESHOLDS = (0.9, 0.7, 0.5)
-CACHE_VARIANTS = ("none", "dual", "delayed")  # the server rule's cache ablation (prefix: dual's weaker sibling)
+CACHE_VARIANTS = ("none", "dual", "delayed")
+BLOCK_LENGTHS = (16, 32)  # speed only: the quality tasks' holes are mostly shorter than a block  # the server rule's cache ablation (prefix: dual's weaker sibling)
 FACTORS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 AR = Setting("ar", "autoregressive: causal mask + KV cache, 1 token/forward", "ar")
 ONE_PER_STEP = Setting("steps=L", "Dream schedule (entropy), steps = length", "diffusion", steps_div=1)

@@ -13,7 +13,7 @@ import random
 import time
 
 from . import common
-from .decoding import AR, ONE_PER_STEP, decode, rule_setting, server_setting, settings_with
+from .decoding import AR, ONE_PER_STEP, block_variants, decode, rule_setting, server_setting, settings_with
 
 PREFIX_TOKENS = 256
 SUFFIX_TOKENS = 64
@@ -158,7 +158,7 @@ def run(options: common.Options, model=None) -> dict:
     repeats = options.repeats or (1 if options.quick else 3)
     places = positions(model, options.seed, 1 if options.quick else 3, max(sizes))
     server = server_setting(model.default_sampling)  # this model's default decoding in the server
-    compared = settings_with(server)
+    compared = settings_with(server) + block_variants(server)
 
     # warm-up: first calls pay for allocator growth and lazy initialisation
     name, ids, p = places[0]
@@ -276,6 +276,8 @@ def run(options: common.Options, model=None) -> dict:
             "(bfloat16 on a GPU and on a CPU with AMX bf16 matrix hardware, else float32). An AR step runs one "
             "row, where bfloat16's per-call overhead outweighs its cheaper arithmetic on a CPU; a diffusion step "
             "runs many rows; so the headline also states the ratio against AR in its own fastest dtype.",
+            "`+b16`, `+b32`: the server default in semi-autoregressive blocks of that many positions (block k "
+            "finished before block k+1 is touched; each block starts with a full forward that refreshes the cache).",
             "With a K/V cache, `dual` reruns the hole's whole span at every step; `delayed` reruns only the "
             "still-masked positions, the rows that score them and the positions revealed by the step before "
             "(dKV-Cache's delayed caching), so its steps shrink as the hole fills.",
