@@ -110,8 +110,8 @@ def candidates() -> tuple[Setting, ...]:
 
 
 THRESHOLDS = (0.9, 0.7, 0.5)
-CACHE_VARIANTS = ("none", "dual", "delayed")
-BLOCK_LENGTHS = (16, 32)  # speed only: the quality tasks' holes are mostly shorter than a block  # the server rule's cache ablation (prefix: dual's weaker sibling)
+CACHE_VARIANTS = ("none", "dual", "delayed")  # the server rule's cache ablation (prefix: dual's weaker sibling)
+BLOCK_LENGTHS = (16, 32)  # speed only: the quality tasks' holes are mostly shorter than a block
 FACTORS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 AR = Setting("ar", "autoregressive: causal mask + KV cache, 1 token/forward", "ar")
 ONE_PER_STEP = Setting("steps=L", "Dream schedule (entropy), steps = length", "diffusion", steps_div=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 
 from . import common
 from .decoding import AR, ONE_PER_STEP, block_variants, decode, rule_setting, server_setting, settings_with
@@ -76,12 +77,10 @@ def dtype_comparison(options: common.Options, places, size: int, repeats: int, s
     """The server default and the AR baseline at `size`-token blocks with the weights in each of
     `DTYPES`, interleaved (repeat -> position -> dtype -> setting); medians of tokens/s. The AR
     baseline is compared both at the same dtype and at its own fastest one."""
-    from ..models import load_model
     from ..models.loading import resolve_device, resolve_dtype
 
-    device = resolve_device(options.device)
-    auto = str(resolve_dtype("auto", device)).replace("torch.", "")
-    models = {dtype: load_model(options.model, device=options.device, dtype=dtype) for dtype in DTYPES}
+    auto = str(resolve_dtype("auto", resolve_device(options.device))).replace("torch.", "")
+    models = {dtype: common.load(replace(options, dtype=dtype)) for dtype in DTYPES}
     rates: dict[tuple[str, str], list[float]] = {}
     for round_ in range(repeats + 1):  # round 0 warms up
         for _, ids, p in places:

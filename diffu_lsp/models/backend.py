@@ -316,7 +316,7 @@ class CachedForward:
         self.refreshes += 1
         self.rows += length
         self.first = (canvas.clone(), low, 0)
-        self.seen = canvas.clone()
+        self.seen = self.first[0]  # neither is written in place
         return out.logits[0].float().cpu()
 
     def _shared(self, canvas: torch.Tensor, low: int) -> int:
@@ -343,7 +343,7 @@ class CachedForward:
         self.reused = shared
         self.rows += length - shared
         self.first = (canvas.clone(), low, age)
-        self.seen = canvas.clone()
+        self.seen = self.first[0]
         return out.logits[0].float().cpu()
 
     def kept(self) -> KeptKeys:
