@@ -201,15 +201,16 @@ class DiffuServer(LanguageServer):
         self.sched = Scheduler(debounce_s=self.settings.debounce_ms / 1000)
         if daemon:
             from .daemon.client import DaemonEngine
-            self.engine = DaemonEngine(on_lost=self._daemon_lost)
+            self.engine = DaemonEngine(on_lost=self._daemon_lost, on_state=self._daemon_state)
         else:
             self.engine = LocalEngine()
         self.model_info: ModelInfo | None = None
         self.model_state = "loading"
         self.model_message = "waiting for the client"
+        self.ready_message = ""
         self.model_spec: tuple | None = None
         self.counters = dict(typed_through_hits=0, repeat_hits=0, model_loads=0, model_load_failures=0,
-                             oom_retries=0, oom_failures=0, daemon_lost=0)
+                             oom_retries=0, oom_failures=0, daemon_lost=0, daemon_stuck=0)
         self.shown: dict[str, _Shown] = {}
         self.started = False
         self._load_generation = 0
@@ -408,6 +409,7 @@ class DiffuServer(LanguageServer):
         self.counters["model_loads"] += 1
         self.shown.clear()
         message = f"{info.family} model {label} on {info.device}"
+        self.ready_message = message
         self.status("ready", label, message)
         where = f" in the {self.engine.name}" if self.engine.name != "in-process" else ""
         if info.shared:
@@ -417,6 +419,25 @@ class DiffuServer(LanguageServer):
         if info.evicted:
             self.show(f"diffu-lsp: the model daemon unloaded {', '.join(info.evicted)} to stay within its "
                       "memory budget (setting daemonMemoryMb)", lsp.MessageType.Info)
+
+    def _daemon_state(self, state: str, message: str) -> None:
+        """The daemon stopped answering (``stuck``), is being replaced (``restarting``) or answers
+        again (``ready``); called on a worker thread. ``stuck`` is told once per episode."""
+        def tell() -> None:
+            if self.model_info is None:
+                return  # still loading: load_model reports how that ends
+            label = self.model_info.label
+            if state == "ready":
+                self.status("ready", label, self.ready_message)
+                return
+            self.status(state, label, message)
+            if state == "stuck":
+                self.counters["daemon_stuck"] += 1
+                self.show(f"diffu-lsp: the model daemon is not responding ({message})", lsp.MessageType.Warning)
+        try:
+            self._loop.call_soon_threadsafe(tell)
+        except (AttributeError, RuntimeError):  # no loop yet, or closed: the server is exiting
+            pass
 
     def _daemon_lost(self, reason: str) -> None:
         """The daemon connection broke (called on the client's reader thread, once per connection)."""

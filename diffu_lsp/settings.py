@@ -65,6 +65,10 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
 
     daemon_idle_seconds: NonNegative = 900  # the model daemon exits this long after its last window (0: never)
     daemon_memory_mb: NonNegative = 0  # the daemon unloads least recently used models past this (0: no budget)
+    # a job that hears nothing from the model daemon (no answer, no reply to a ping) for this long is
+    # answered empty and the daemon is reported not responding; the next request reconnects, and
+    # replaces a daemon that still does not answer
+    daemon_deadline_seconds: Annotated[float, msgspec.Meta(ge=1.0)] = 10.0
 
 class SettingsError(ValueError):
     """One bad setting: ``key`` is the camelCase key (or a file path), ``problem`` a sentence."""

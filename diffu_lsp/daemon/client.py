@@ -5,6 +5,14 @@ One :class:`Connection` per server process: a blocking socket, a reader thread t
 incoming frame to the waiter of its id, and a write lock. When the daemon goes away every waiter
 is woken with :class:`DaemonLost` and ``on_lost`` is called once; the next job connects again,
 which starts a new daemon.
+
+No wait is unbounded. A waiting call pings the daemon after :data:`PING_SECONDS` without a word
+from it; once it has heard nothing (no frame, no Pong) for the deadline (setting
+``daemonDeadlineSeconds``) the call raises :class:`DaemonStuck` (answered empty), the connection
+is dropped and the window is told once. The next job connects afresh; a daemon that accepts the
+connection but does not answer the Hello within :data:`HELLO_SECONDS` is frozen or wedged: it is
+killed (after checking that the pid is our daemon) and a new one is started. No lock is held
+across a socket read.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import itertools
 import logging
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -23,16 +32,29 @@ from .. import __version__
 from ..engine import Answer, ModelInfo, ModelKey, Request, Step
 from ..jobs import JobCancelled
 from ..settings import Settings
-from . import DaemonError, Paths, file_lock, log_tail, runtime_paths, spawn
+from . import (DaemonError, Paths, check_socket_file, file_lock, log_tail, peer_uid, private_folder, runtime_paths,
+               spawn, terminate)
 from . import wire
 
 log = logging.getLogger("diffu_lsp.daemon.client")
 
 START_TIMEOUT = 60.0
+HELLO_SECONDS = 5.0   # connect + Hello -> Welcome
+PING_SECONDS = 2.0    # a waiting call pings the daemon after this long without a word from it
+JOB_LIMIT_SECONDS = 900.0  # even a daemon that answers pings gets no longer than this for one call
+DEFAULT_DEADLINE = 10.0
 
 
 class DaemonLost(JobCancelled):
     """The daemon went away while a job was pending: the request is answered empty."""
+
+
+class DaemonStuck(DaemonLost):
+    """The daemon gave no sign of life within the deadline: the request is answered empty."""
+
+
+class DaemonUnresponsive(DaemonError):
+    """A daemon accepted the connection but did not answer the Hello in time (frozen or wedged)."""
 
 
 class RemoteError(RuntimeError):
@@ -49,10 +71,13 @@ _LOST = object()
 class Connection:
     """A handshaken connection to the daemon. Thread-safe."""
 
-    def __init__(self, sock: socket.socket, welcome: wire.Welcome, on_lost: Callable[[str], None]):
+    def __init__(self, sock: socket.socket, welcome: wire.Welcome, on_lost: Callable[[str], None],
+                 deadline: float = DEFAULT_DEADLINE):
         self.sock = sock
         self.pid = welcome.pid
         self.client_id = welcome.client
+        self.deadline = deadline
+        self.last_heard = time.monotonic()
         self.closed = False
         self._closing = False
         self._on_lost = on_lost
@@ -99,10 +124,17 @@ class Connection:
             self.send(make(id))
             if cancel is not None:  # after the Submit, so the daemon knows the id it cancels
                 cancel.on_cancel(lambda: self.send(wire.Cancel(id, cancel.reason)))
+            limit = time.monotonic() + JOB_LIMIT_SECONDS
             while True:
-                msg = waiter.get()
+                try:
+                    msg = waiter.get(timeout=PING_SECONDS)
+                except queue.Empty:
+                    self._check_alive(id, limit)
+                    continue
                 if msg is _LOST:
                     raise DaemonLost("the model daemon stopped")
+                if isinstance(msg, wire.Pong):
+                    continue
                 if isinstance(msg, wire.Progress):
                     on_progress(msg)
                 elif isinstance(msg, wire.Failed):
@@ -118,6 +150,17 @@ class Connection:
         finally:
             with self._lock:
                 self._waiters.pop(id, None)
+
+    def _check_alive(self, id: int, limit: float) -> None:
+        """After a quiet spell: ping, or give up on a daemon silent for the deadline."""
+        now = time.monotonic()
+        silent = now - self.last_heard
+        if silent > self.deadline or now > limit:
+            what = (f"the model daemon (pid {self.pid}) did not answer for {silent:.0f} s" if silent > self.deadline
+                    else f"the job ran past {JOB_LIMIT_SECONDS:.0f} s")
+            self.close(what)
+            raise DaemonStuck(what)
+        self.send(wire.Ping(id))
 
     # ------------------------------------------------------------ plumbing
 
@@ -136,6 +179,7 @@ class Connection:
                 msg = wire.read_frame(self.sock)
                 if msg is None:
                     break
+                self.last_heard = time.monotonic()
                 if isinstance(msg, wire.Error):
                     reason = f"the daemon closed the connection: {msg.message}"
                     log.warning("daemon: %s", msg.message)
@@ -165,33 +209,54 @@ class Connection:
             log.warning("model daemon connection lost: %s", reason)
             self._on_lost(reason)
 
-    def close(self) -> None:
+    def close(self, reason: str = "closed by this server") -> None:
+        """Drop the connection (pending calls get DaemonLost); ``on_lost`` is not called."""
         self._closing = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._lost("closed by this server")
+        self._lost(reason)
 
 
-def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None) -> Connection | None:
-    """A handshaken connection to the running daemon, or None when none answers."""
+def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
+            deadline: float = DEFAULT_DEADLINE) -> Connection | None:
+    """A handshaken connection to the running daemon, or None when none listens. Only a socket
+    of ours with a peer of our uid is spoken to."""
+    try:
+        check_socket_file(paths.socket)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise DaemonError(f"cannot use {paths.socket}: {error.strerror or error}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(HELLO_SECONDS)
     try:
         sock.connect(str(paths.socket))
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         return None
+    except OSError as error:  # a full backlog: the daemon accepts nothing
+        sock.close()
+        raise DaemonUnresponsive(f"the model daemon at {paths.socket} does not accept connections: {error}") from None
     try:
-        sock.settimeout(30)
+        _pid, uid = peer_uid(sock)
+        if uid != os.getuid():
+            sock.close()
+            raise DaemonError(f"the process listening on {paths.socket} runs as uid {uid}, not as this user; "
+                              "refusing to send it anything")
         sock.sendall(wire.encode(wire.Hello(wire.PROTOCOL, __version__, os.getpid())))
         answer = wire.read_frame(sock)
         sock.settimeout(None)
+    except TimeoutError:
+        sock.close()
+        raise DaemonUnresponsive(f"the model daemon at {paths.socket} did not answer within {HELLO_SECONDS:.0f} s") \
+            from None
     except (OSError, wire.FrameError) as error:
         sock.close()
         raise DaemonError(f"the model daemon at {paths.socket} did not answer: {error}") from None
     if isinstance(answer, wire.Welcome):
-        return Connection(sock, answer, on_lost)
+        return Connection(sock, answer, on_lost, deadline)
     sock.close()
     if isinstance(answer, wire.Error):
         raise DaemonError(answer.message)
@@ -199,20 +264,31 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None) 
 
 
 def connect_or_start(paths: Paths, *, idle_seconds: int = 900, memory_mb: int = 0,
-                     on_lost: Callable[[str], None] = lambda reason: None) -> Connection:
-    """Connect to the daemon, starting it first if none answers (one starter at a time)."""
-    conn = connect(paths, on_lost)
+                     on_lost: Callable[[str], None] = lambda reason: None, deadline: float = DEFAULT_DEADLINE,
+                     on_restart: Callable[[str], None] = lambda reason: None) -> Connection:
+    """Connect to the daemon, starting it first if none answers (one starter at a time); a
+    daemon that does not answer the Hello is killed and replaced."""
+    private_folder(paths.folder)  # it may have been deleted since the last connection
+    try:
+        conn = connect(paths, on_lost, deadline)
+    except DaemonUnresponsive:
+        conn = None
     if conn is not None:
         return conn
     with file_lock(paths.start_lock, START_TIMEOUT):
-        conn = connect(paths, on_lost)  # another starter may have won the race
+        try:
+            conn = connect(paths, on_lost, deadline)  # another starter may have won the race
+        except DaemonUnresponsive as error:
+            on_restart(f"{error}; starting a new one")
+            pid = terminate(paths, timeout=10, sig=signal.SIGKILL)
+            log.warning("%s; killed it (pid %s)", error, pid)
         if conn is not None:
             return conn
         process = spawn(paths, idle_seconds=idle_seconds, memory_mb=memory_mb)
         threading.Thread(target=process.wait, name="diffu-daemon-reaper", daemon=True).start()  # no zombie
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            conn = connect(paths, on_lost)
+        give_up = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < give_up:
+            conn = connect(paths, on_lost, deadline)
             if conn is not None:
                 return conn
             code = process.poll()
@@ -223,17 +299,24 @@ def connect_or_start(paths: Paths, *, idle_seconds: int = 900, memory_mb: int = 
 
 
 class DaemonEngine:
-    """Runs jobs in the machine's model daemon (see ``engine.LocalEngine`` for the contract)."""
+    """Runs jobs in the machine's model daemon (see ``engine.LocalEngine`` for the contract).
+
+    ``on_state(state, message)`` hears ``stuck`` (a job was answered empty: the daemon did not
+    answer), ``restarting`` (the daemon is gone or being replaced) and ``ready`` (the first job
+    answered after either), on the calling thread."""
 
     name = "model daemon"
 
-    def __init__(self, on_lost: Callable[[str], None] = lambda reason: None, paths: Paths | None = None):
+    def __init__(self, on_lost: Callable[[str], None] = lambda reason: None, paths: Paths | None = None,
+                 on_state: Callable[[str, str], None] = lambda state, message: None):
         self.on_lost = on_lost
+        self.on_state = on_state
         self._paths = paths
         self.key: ModelKey | None = None
-        self.idle_seconds, self.memory_mb = 900, 0
+        self.idle_seconds, self.memory_mb, self.deadline = 900, 0, DEFAULT_DEADLINE
+        self.state = "ready"
         self._conn: Connection | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _conn; never held across a socket read
 
     @property
     def paths(self) -> Paths:
@@ -242,37 +325,68 @@ class DaemonEngine:
         return self._paths
 
     def connection(self) -> Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        if self.state == "ready" and conn is not None:
+            self._set_state("restarting", "the model daemon stopped; starting a new one")
+        conn = connect_or_start(self.paths, idle_seconds=self.idle_seconds, memory_mb=self.memory_mb,
+                                on_lost=self._lost, deadline=self.deadline,
+                                on_restart=lambda reason: self._set_state("restarting", reason))
         with self._lock:
-            if self._conn is None or self._conn.closed:
-                self._conn = connect_or_start(self.paths, idle_seconds=self.idle_seconds,
-                                              memory_mb=self.memory_mb, on_lost=self.on_lost)
-            return self._conn
+            if self._conn is not None and not self._conn.closed:  # another thread connected meanwhile
+                conn.close()
+                return self._conn
+            self._conn = conn
+        return conn
+
+    def _lost(self, reason: str) -> None:
+        if self.state == "ready":
+            self._set_state("restarting", f"the model daemon stopped ({reason})")
+        self.on_lost(reason)
+
+    def _set_state(self, state: str, message: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.on_state(state, message)
+
+    def _call(self, call: Callable[[Connection], Any]):
+        try:
+            answer = call(self.connection())
+        except DaemonStuck as stuck:
+            self._set_state("stuck", f"{stuck}; the next request tries a fresh connection")
+            raise
+        self._set_state("ready", "the model daemon answers again")
+        return answer
 
     def configure(self, settings: Settings) -> None:
         self.idle_seconds, self.memory_mb = settings.daemon_idle_seconds, settings.daemon_memory_mb
+        self.deadline = settings.daemon_deadline_seconds
 
     def load(self, key: ModelKey) -> ModelInfo:
         if key.model and Path(key.model).exists():  # the daemon runs elsewhere (cwd "/")
             key = ModelKey(str(Path(key.model).resolve()), key.device, key.dtype)
         try:
-            info = self.connection().load(key)
-        except DaemonLost:  # it died while loading: once more, with a new daemon
-            info = self.connection().load(key)
+            info = self._call(lambda conn: conn.load(key))
+        except DaemonLost:  # it died (or froze) while loading: once more, with a new daemon
+            info = self._call(lambda conn: conn.load(key))
         self.key = key
         return info
 
     def run(self, request: Request, cancel, on_step=None, on_oom_retry=None, *, key: str = "") -> Answer:
         if self.key is None:
             raise RuntimeError("no model is loaded")
-        return self.connection().submit(key, self.key, request, cancel, on_step)
+        model = self.key
+        return self._call(lambda conn: conn.submit(key, model, request, cancel, on_step))
 
     def describe(self) -> dict:
         conn = self._conn
         live = conn is not None and not conn.closed
-        return {"engine": "daemon", "daemon_pid": conn.pid if live else None,
+        return {"engine": "daemon", "daemon_pid": conn.pid if live else None, "daemon_state": self.state,
                 "daemon_socket": str(self._paths.socket) if self._paths else None}
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

@@ -9,17 +9,24 @@ Models are keyed by (model, device, dtype) and shared; past the memory budget th
 used ones are unloaded. With no window connected for ``idle_seconds`` the daemon exits.
 
 Bad frames, wrong versions and huge lengths get an :class:`~wire.Error` frame and a closed
-connection; other connections are untouched.
+connection; other connections are untouched. Every wait on a client is bounded: a peer of another
+uid is refused, the Hello must come within :data:`HANDSHAKE_SECONDS`, a frame's body within
+:data:`FRAME_SECONDS` of its header, at most :data:`MAX_CONNECTIONS` connections are open, and a
+client that does not read its answers is dropped once :data:`MAX_WRITE_BUFFER` bytes wait for it.
+Log lines are rate-limited. If the socket vanishes (the runtime folder was deleted) the daemon
+takes the folder back within :data:`WATCH_SECONDS`, or exits if another daemon took it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import fcntl
 import itertools
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -32,12 +39,19 @@ import msgspec
 from .. import __version__
 from ..engine import ModelInfo, ModelKey, first_line, is_oom, model_info
 from ..jobs import Job, JobCancelled, Scheduler
-from . import DaemonError, Paths, runtime_paths
+from . import DaemonError, Paths, open_private, peer_uid, private_folder, runtime_paths
 from . import wire
 
 log = logging.getLogger("diffu_lsp.daemon")
 
 MAX_PENDING_PER_CLIENT = 8
+MAX_CONNECTIONS = 64            # windows of one user; more is a runaway client
+HANDSHAKE_SECONDS = 5.0         # from connect to Hello
+FRAME_SECONDS = 30.0            # from a frame's header to the end of its body
+WRITE_SECONDS = 30.0            # a window that reads nothing for this long is dropped
+MAX_WRITE_BUFFER = 32 * 2**20   # bytes of answers waiting for one window
+WATCH_SECONDS = 1.0             # how often the daemon checks that its socket is still there
+LOG_LINES_PER_MINUTE = 120
 
 
 @dataclass
@@ -57,8 +71,14 @@ class Client:
     tasks: dict[int, asyncio.Task] = field(default_factory=dict)
 
     def send(self, message) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(wire.encode(message))
+        if self.writer.is_closing():
+            return
+        if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            log.warning("window %d reads none of its answers (%d MiB waiting): dropping it", self.id,
+                        MAX_WRITE_BUFFER // 2**20)
+            self.writer.transport.abort()
+            return
+        self.writer.write(wire.encode(message))
 
 
 class Daemon:
@@ -77,34 +97,66 @@ class Daemon:
         self._load_lock = threading.Lock()
         self._stop = asyncio.Event()
         self._idle: asyncio.TimerHandle | None = None
+        self._connections = 0  # open, handshaken or not
+        self._socket_inode = 0
+        self._lock_fds: list[int] = []  # daemon.lock descriptors held (a retaken folder adds one)
 
     # ------------------------------------------------------------ lifecycle
 
     async def serve(self) -> None:
-        old_umask = os.umask(0o177)  # the socket is created 0600: no window for another user
-        try:
-            if self.paths.socket.exists():
-                self.paths.socket.unlink()  # stale: we hold the daemon lock, nobody else serves it
-            server = await asyncio.start_unix_server(self.connection, path=str(self.paths.socket))
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.paths.socket, 0o600)
+        server = await self._listen()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         log.info("diffu-lsp %s daemon (pid %d) listening on %s", __version__, os.getpid(), self.paths.socket)
         self._arm_idle_timer()
-        async with server:
-            await self._stop.wait()
-            log.info("stopping")
-            server.close()
-            for client in list(self.clients.values()):
-                client.writer.close()
-            await self.sched.close(timeout=5)
+        watch = asyncio.ensure_future(self._watch_socket())
+        await self._stop.wait()
+        log.info("stopping")
+        watch.cancel()
+        self.server.close()
+        for client in list(self.clients.values()):
+            client.writer.close()
+        await self.sched.close(timeout=5)
+        with contextlib.suppress(OSError):
+            if os.lstat(self.paths.socket).st_ino == self._socket_inode:
+                self.paths.socket.unlink()
+
+    async def _listen(self) -> asyncio.AbstractServer:
+        old_umask = os.umask(0o177)  # the socket is created 0600: no window for another user
         try:
-            self.paths.socket.unlink()
-        except FileNotFoundError:
-            pass
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.socket.unlink()  # stale: we hold the daemon lock, nobody else serves it
+            self.server = await asyncio.start_unix_server(self.connection, path=str(self.paths.socket))
+        finally:
+            os.umask(old_umask)
+        self._socket_inode = os.lstat(self.paths.socket).st_ino
+        return self.server
+
+    async def _watch_socket(self) -> None:
+        """Take the runtime folder back if it vanished, so that the next window finds this daemon
+        instead of starting a second one; exit if another daemon holds it by now."""
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            with contextlib.suppress(OSError):
+                if os.lstat(self.paths.socket).st_ino == self._socket_inode:
+                    continue
+            log.warning("the socket %s is gone (runtime folder deleted?): taking it back", self.paths.socket)
+            try:
+                private_folder(self.paths.folder)
+                fd = hold_lock(self.paths)
+            except DaemonError as error:
+                fd, reason = None, str(error)
+            else:
+                reason = "another daemon holds the new lock"
+            if fd is None:
+                log.warning("cannot take the runtime folder back (%s): exiting", reason)
+                self._stop.set()
+                return
+            self._lock_fds.append(fd)
+            old = self.server
+            await self._listen()
+            old.close()
 
     def _arm_idle_timer(self) -> None:
         if self._idle is not None:
@@ -121,8 +173,18 @@ class Daemon:
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = Client(next(self._client_ids), writer)
+        self._connections += 1
         try:
-            hello = await read_message(reader)
+            pid, uid = peer_uid(writer.get_extra_info("socket"))
+            if uid != os.getuid():
+                log.warning("refused a connection from uid %d (pid %d): not this daemon's user", uid, pid)
+                return
+            if self._connections > MAX_CONNECTIONS:
+                raise wire.FrameError(f"too many connections (over {MAX_CONNECTIONS})")
+            try:
+                hello = await asyncio.wait_for(read_message(reader), HANDSHAKE_SECONDS)
+            except asyncio.TimeoutError:
+                raise wire.FrameError(f"no Hello within {HANDSHAKE_SECONDS:.0f} s") from None
             if not isinstance(hello, wire.Hello):
                 raise wire.FrameError(f"expected Hello first, got {type(hello).__name__}")
             if (hello.protocol, hello.version) != (wire.PROTOCOL, __version__):
@@ -136,7 +198,10 @@ class Daemon:
             log.info("window %d connected (pid %d); %d connected", client.id, hello.pid, len(self.clients))
             while True:
                 self.dispatch(client, await read_message(reader))
-                await writer.drain()
+                try:
+                    await asyncio.wait_for(writer.drain(), WRITE_SECONDS)
+                except asyncio.TimeoutError:
+                    raise wire.FrameError(f"the window read none of its answers for {WRITE_SECONDS:.0f} s") from None
         except wire.FrameError as error:
             log.warning("window %d: %s", client.id, error)
             client.send(wire.Error(str(error)))
@@ -145,6 +210,7 @@ class Daemon:
         except Exception:  # noqa: BLE001 - one connection's failure never takes the daemon down
             log.exception("window %d: unexpected error", client.id)
         finally:
+            self._connections -= 1
             await self.disconnect(client)
 
     async def disconnect(self, client: Client) -> None:
@@ -170,6 +236,8 @@ class Daemon:
                 job.cancel(message.reason)
             elif message.id in client.tasks:  # still waiting for its model
                 client.tasks[message.id].cancel()
+        elif isinstance(message, wire.Ping):
+            client.send(wire.Pong(message.id))
         elif isinstance(message, wire.Load):
             self._spawn(client, message.id, self.load_for(client, message))
         elif isinstance(message, wire.StatusQuery):
@@ -183,7 +251,13 @@ class Daemon:
     def _spawn(self, client: Client, id: int, coro) -> None:
         task = asyncio.ensure_future(coro)
         client.tasks[id] = task
-        task.add_done_callback(lambda _: client.tasks.pop(id, None))
+
+        def done(task: asyncio.Task) -> None:
+            client.tasks.pop(id, None)
+            if task.cancelled():  # a Cancel overtook it before it ran a line: it is answered all the same
+                client.send(wire.Failed(id, "cancelled", "cancelled before it started"))
+
+        task.add_done_callback(done)
 
     # ------------------------------------------------------------ jobs
 
@@ -299,7 +373,44 @@ class Daemon:
 
 async def read_message(reader: asyncio.StreamReader) -> wire.Message:
     header = await reader.readexactly(wire.HEADER.size)
-    return wire.decode(await reader.readexactly(wire.body_length(header)))
+    length = wire.body_length(header, wire.MAX_CLIENT_FRAME)
+    try:
+        return wire.decode(await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS))
+    except asyncio.TimeoutError:
+        raise wire.FrameError(f"a frame of {length:,} bytes did not arrive within {FRAME_SECONDS:.0f} s") from None
+
+
+def hold_lock(paths: Paths) -> int | None:
+    """Take ``daemon.lock`` and write our pid in it; None if another daemon holds it."""
+    fd = open_private(paths.lock)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class RateLimit(logging.Filter):
+    """At most ``per_minute`` log records a minute; then one line saying how many were dropped."""
+
+    def __init__(self, per_minute: int) -> None:
+        super().__init__()
+        self.per_minute, self.window, self.count, self.dropped = per_minute, 0, 0, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        window = int(record.created // 60)
+        if window != self.window:
+            if self.dropped:
+                record.msg = f"({self.dropped} log lines dropped in the last minute) {record.msg}"
+            self.window, self.count, self.dropped = window, 0, 0
+        self.count += 1
+        if self.count > self.per_minute:
+            self.dropped += 1
+            return False
+        return True
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -317,21 +428,21 @@ def run(*, idle_seconds: float, memory_mb: int) -> int:
     """``diffu-lsp daemon run``: serve until stopped, idle, or another daemon holds the lock."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RateLimit(LOG_LINES_PER_MINUTE))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4096)), hard))
     try:
         paths = runtime_paths()
+        lock = hold_lock(paths)
     except DaemonError as error:
         log.error("%s", error)
         return 2
-    lock = open(paths.lock, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if lock is None:
         log.info("another daemon holds %s; exiting", paths.lock)
         return 0
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
     daemon = Daemon(paths, idle_seconds=idle_seconds, memory_budget_bytes=memory_mb * 2**20)
+    daemon._lock_fds.append(lock)
     asyncio.run(daemon.serve())
     return 0

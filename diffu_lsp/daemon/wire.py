@@ -5,9 +5,10 @@ union, tagged by its class name. The first message on a connection is the client
 :class:`Hello`; the daemon answers :class:`Welcome`, or :class:`Error` and closes when the
 protocol or the package version differ (an old daemon and a new server refuse each other).
 
-Client -> daemon: Hello, Load, Submit, Cancel, StatusQuery, Stop.
-Daemon -> client: Welcome, Loaded, Progress, Result, Failed, Status, Error.
-Every Load and Submit is answered exactly once (Loaded/Failed, Result/Failed).
+Client -> daemon: Hello, Load, Submit, Cancel, Ping, StatusQuery, Stop.
+Daemon -> client: Welcome, Loaded, Progress, Result, Failed, Pong, Status, Error.
+Every Load and Submit is answered exactly once (Loaded/Failed, Result/Failed), cancelled or not;
+every Ping is answered by a Pong from the daemon's event loop (a frozen daemon answers nothing).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import msgspec
 
 from ..engine import Answer, ModelInfo, ModelKey, Request
 
-PROTOCOL = 2  # 2: Settings gained compile and reuseKeys (an older daemon could not decode a Request)
-MAX_FRAME = 64 * 1024 * 1024  # a clipped document is a few MB at most
+PROTOCOL = 3  # 3: Ping/Pong (2: Settings gained compile and reuseKeys)
+MAX_FRAME = 64 * 1024 * 1024  # what a client reads: an answer holds at most a document's worth of text
+MAX_CLIENT_FRAME = 16 * 1024 * 1024  # what the daemon reads: a Submit holds one document (clipped
+                                     # over maxDocumentBytes, 4 MB by default) and its settings
 HEADER = struct.Struct(">I")
 
 
@@ -59,6 +62,14 @@ class Submit(msgspec.Struct, tag=True, frozen=True):
 class Cancel(msgspec.Struct, tag=True, frozen=True):
     id: int
     reason: str = "cancelled"
+
+
+class Ping(msgspec.Struct, tag=True, frozen=True):
+    id: int  # echoed in the Pong
+
+
+class Pong(msgspec.Struct, tag=True, frozen=True):
+    id: int
 
 
 class Progress(msgspec.Struct, tag=True, frozen=True):
@@ -125,8 +136,8 @@ class Error(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
-Message = Union[Hello, Welcome, Load, Loaded, Submit, Cancel, Progress, Result, Failed, StatusQuery, Status,
-                Stop, Error]
+Message = Union[Hello, Welcome, Load, Loaded, Submit, Cancel, Ping, Pong, Progress, Result, Failed, StatusQuery,
+                Status, Stop, Error]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -141,10 +152,10 @@ def encode(message: Message) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def body_length(header: bytes) -> int:
+def body_length(header: bytes, limit: int = MAX_FRAME) -> int:
     (length,) = HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise FrameError(f"frame of {length:,} bytes is over the {MAX_FRAME:,}-byte limit")
+    if length > limit:
+        raise FrameError(f"frame of {length:,} bytes is over the {limit:,}-byte limit")
     return length
 
 
