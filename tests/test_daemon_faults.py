@@ -1,0 +1,173 @@
+"""The daemon under faults, against real processes: a Cancel that overtakes its job, a frozen
+daemon, a deleted runtime folder, floods and stalls on the socket. Each bound here failed (hung,
+or was missing) before the never-hang work."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from diffu_lsp import __version__
+from diffu_lsp.daemon import client as daemon_client
+from diffu_lsp.daemon import daemon_pid, wire
+from diffu_lsp.daemon.client import DaemonEngine, DaemonStuck, connect, connect_or_start
+from diffu_lsp.daemon.host import MAX_CONNECTIONS, RateLimit
+from diffu_lsp.engine import Suggestion
+from diffu_lsp.jobs import CancelToken
+
+from test_daemon import BUNDLED, SLOW, alive, in_thread, runtime, suggest_request, wait_for  # noqa: F401
+
+HELLO = wire.encode(wire.Hello(wire.PROTOCOL, __version__, os.getpid()))
+
+
+def raw_window(paths) -> socket.socket:
+    raw = socket.socket(socket.AF_UNIX)
+    raw.settimeout(60)
+    raw.connect(str(paths.socket))
+    raw.sendall(HELLO)
+    assert isinstance(wire.read_frame(raw), wire.Welcome)
+    return raw
+
+
+def test_a_cancel_that_overtakes_its_job_still_gets_the_job_answered(runtime):
+    warm = connect_or_start(runtime)
+    warm.load(BUNDLED)  # loaded: a Submit's task starts without waiting, a Cancel right behind it overtakes it
+    with raw_window(runtime) as raw:
+        frames = b"".join(wire.encode(wire.Submit(i, f"doc{i}", BUNDLED, suggest_request()))
+                          + wire.encode(wire.Cancel(i, "typed on")) for i in range(1, 11))
+        raw.sendall(frames)
+        answers = {}
+        while len(answers) < 10:
+            msg = wire.read_frame(raw)  # each read is bounded by the socket timeout
+            assert isinstance(msg, (wire.Result, wire.Failed)), msg
+            assert msg.id not in answers, "answered twice"
+            answers[msg.id] = msg
+    assert sorted(answers) == list(range(1, 11))
+    assert any(isinstance(a, wire.Failed) and a.kind == "cancelled" for a in answers.values())
+    # the window's worker is free: the next job is served
+    assert isinstance(warm.submit("after", BUNDLED, suggest_request(), CancelToken()), Suggestion)
+    warm.close()
+
+
+def test_a_frozen_daemon_is_reported_stuck_then_replaced(runtime, monkeypatch):
+    monkeypatch.setattr(daemon_client, "PING_SECONDS", 0.5)
+    states = []
+    engine = DaemonEngine(paths=runtime, on_state=lambda state, message: states.append(state))
+    engine.deadline = 2.0
+    engine.load(BUNDLED)
+    frozen = daemon_pid(runtime)
+    started = threading.Event()
+    job = in_thread(lambda: engine.run(suggest_request(**SLOW), CancelToken(), lambda step: started.set(), key="k"))
+    assert started.wait(120)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        job["thread"].join(30)
+        assert isinstance(job.get("error"), DaemonStuck), job  # answered (empty), not hung
+        assert time.monotonic() - t0 < 2.0 + 2 * 0.5 + 2  # the deadline, a ping interval, slack
+        assert states == ["stuck"]
+        # the next job: the frozen daemon does not answer its Hello; it is killed and a new one serves
+        answer = engine.run(suggest_request(), CancelToken(), key="k")
+        assert isinstance(answer, Suggestion)
+        assert states == ["stuck", "restarting", "ready"]
+        wait_for(lambda: not alive(frozen), "the frozen daemon to be gone", 30)
+        assert daemon_pid(runtime) not in (None, frozen)
+    finally:
+        if alive(frozen):
+            os.kill(frozen, signal.SIGKILL)
+            os.kill(frozen, signal.SIGCONT)
+        engine.close()
+
+
+def test_no_lock_is_held_while_connecting(runtime, monkeypatch):
+    engine = DaemonEngine(paths=runtime)
+    seen = []
+
+    def connecting(*args, **kwargs):
+        seen.append(engine._lock.locked())
+        return connect_or_start(*args, **kwargs)
+
+    monkeypatch.setattr(daemon_client, "connect_or_start", connecting)
+    engine.connection()
+    engine.close()
+    assert seen == [False]
+
+
+def test_a_deleted_runtime_folder_does_not_lead_to_a_second_daemon(runtime):
+    first = connect_or_start(runtime)
+    pid = first.pid
+    first.close()
+    for path in runtime.folder.iterdir():
+        path.unlink()
+    runtime.folder.rmdir()
+    # A window starting now makes the folder anew and starts a daemon; the old daemon notices
+    # within a second that its socket is gone and either takes the folder back first (the new one
+    # then bows out) or exits: one daemon either way, and the one the CLI finds.
+    again = connect_or_start(runtime)
+    try:
+        wait_for(lambda: again.pid == pid or not alive(pid), "the old daemon to take over or exit", 15)
+        assert daemon_pid(runtime) == again.pid and again.status().pid == again.pid
+    finally:
+        again.close()
+
+
+def test_floods_and_stalls_do_not_take_the_daemon_down(runtime):
+    good = connect_or_start(runtime)
+    try:
+        with socket.socket(socket.AF_UNIX) as big:  # a frame over the daemon's limit is refused at its header
+            big.settimeout(30)
+            big.connect(str(runtime.socket))
+            big.sendall(HELLO + wire.HEADER.pack(wire.MAX_CLIENT_FRAME + 1))
+            assert isinstance(wire.read_frame(big), wire.Welcome)
+            assert "over the" in wire.read_frame(big).message
+        with socket.socket(socket.AF_UNIX) as silent:  # no Hello: dropped after the handshake deadline
+            silent.settimeout(30)
+            silent.connect(str(runtime.socket))
+            t0 = time.monotonic()
+            error = wire.read_frame(silent)
+            assert "no Hello" in error.message and time.monotonic() - t0 < 15
+        flood = []
+        try:
+            refused = 0
+            for _ in range(MAX_CONNECTIONS + 6):
+                raw = socket.socket(socket.AF_UNIX)
+                raw.settimeout(30)
+                raw.connect(str(runtime.socket))
+                raw.sendall(HELLO)
+                flood.append(raw)
+            for raw in flood:
+                msg = wire.read_frame(raw)
+                refused += isinstance(msg, wire.Error) and "too many connections" in msg.message
+            assert refused >= 6
+        finally:
+            for raw in flood:
+                raw.close()
+        assert good.status().pid == good.pid  # still answering the windows it had
+        good.load(BUNDLED)
+        assert isinstance(good.submit("doc", BUNDLED, suggest_request(), CancelToken()), Suggestion)
+    finally:
+        good.close()
+
+
+def test_log_lines_are_rate_limited():
+    limit = RateLimit(per_minute=5)
+    records = [logging.LogRecord("d", logging.WARNING, __file__, 1, "line %d", (i,), None) for i in range(50)]
+    for record in records:
+        record.created = 600.0  # one minute
+    kept = [r for r in records if limit.filter(r)]
+    assert len(kept) == 5 and limit.dropped == 45
+    later = logging.LogRecord("d", logging.WARNING, __file__, 1, "next minute", (), None)
+    later.created = 660.0
+    assert limit.filter(later) and "45 log lines dropped" in later.getMessage()
+
+
+def test_connect_returns_none_without_a_daemon_and_never_blocks(runtime):
+    t0 = time.monotonic()
+    assert connect(runtime) is None
+    assert time.monotonic() - t0 < 1
