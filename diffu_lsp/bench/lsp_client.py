@@ -55,6 +55,7 @@ class LspClient:
     notifications: list = field(default_factory=list)
     started_at: float = 0.0
     _tasks: list = field(default_factory=list)
+    unexpected_responses: int = 0  # responses whose id has no pending request (a second answer, an unknown id)
 
     async def start(self) -> None:
         self.started_at = time.perf_counter()
@@ -150,7 +151,9 @@ class LspClient:
         elif "id" in message:
             future = self._pending.pop(message["id"], None)
             method, sent = self._sent.pop(message["id"], ("?", received))
-            if future is not None and not future.done():
+            if future is None:
+                self.unexpected_responses += 1
+            elif not future.done():
                 future.set_result(Response(message["id"], method, sent, received,
                                            message.get("result"), message.get("error")))
 
