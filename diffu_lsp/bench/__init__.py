@@ -3,7 +3,10 @@
 Suites: replay (typing replay over LSP), speed (decoding speed per setting), quality (HumanEval
 infilling and held-out stdlib exact match and edit similarity per setting, with a quality-vs-speed
 plot), memory (peak memory, load time, time to first suggestion), daemon (the shared model daemon vs
-a model in every server: added latency, replay, memory for 1 and 3 windows), all. `python -m diffu_lsp.bench` is the same command.
+a model in every server: added latency, replay, memory for 1 and 3 windows), shapes (random-weight
+networks of the real checkpoints' shapes: ms per step and per block, cache modes, the sampler's own
+overhead, memory), gpu (everything that needs a GPU, in one run), soak
+(real servers and daemon typed into through daemon faults: every request answered in bounded time), all. `python -m diffu_lsp.bench` is the same command.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from pathlib import Path
 from .common import Options, machine, machine_line, progress, render
 
 SUITES = ("replay", "speed", "quality", "memory", "daemon")
+STANDALONE = ("shapes", "gpu", "soak")  # build their own networks; not part of `all`
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffu-lsp bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=SUITES + ("all",))
+    parser.add_argument("suite", choices=SUITES + STANDALONE + ("all",))
     parser.add_argument("--model", help="model folder or hub id (default: the bundled tiny model)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, mps")
     parser.add_argument("--dtype", help="auto (default), float32, bfloat16, float16")
@@ -45,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("speed / memory")
     group.add_argument("--sizes", help="comma-separated block sizes (default 16,32,64,128; quick 16)")
     group.add_argument("--repeats", type=int, help="timed repeats (default 3, quick 1)")
+    group = parser.add_argument_group("shapes / gpu")
+    group.add_argument("--shapes", help="comma-separated shapes: dream-7b, llada-8b, open-dcoder-0.5b, tiny "
+                       "(default: open-dcoder-0.5b on a CPU, dream-7b,llada-8b on CUDA; quick: tiny)")
+    group.add_argument("--contexts", help="comma-separated context lengths (default 256,1024,4096; CPU 256,1024)")
+    group.add_argument("--per-forward", help="comma-separated tokens revealed per forward (default 1,2,4,8)")
+    group = parser.add_argument_group("soak")
+    group.add_argument("--minutes", type=float, help="soak: minutes of typing through faults (default 10, quick 1)")
+    group.add_argument("--windows", type=int, help="soak: editor windows, one server each (default 2)")
+    group.add_argument("--fault-every", type=float, help="soak: mean seconds between daemon faults (default 30)")
+    group.add_argument("--deadline", type=float, help="soak: the servers' daemonDeadlineSeconds (default: the setting's)")
     group = parser.add_argument_group("quality")
     group.add_argument("--problems", type=int, help="HumanEval problems (default all 164, quick 4)")
     group.add_argument("--lines", type=int, help="held-out stdlib lines (default 200, quick 6)")
@@ -83,10 +97,21 @@ def run_suite(name: str, options: Options, model=None) -> dict:
     elif name == "quality":
         from . import quality
         result = quality.run(options, model)
+    elif name == "shapes":
+        from . import shapes
+        result = shapes.run(options)
+    elif name == "gpu":
+        from . import gpu
+        result = gpu.run(options)
+    elif name == "soak":
+        from . import soak
+        result = soak.run(options)
     else:
         raise ValueError(name)
     result["command"] = options.command
     result["machine"] = machine(model, options) if model is not None else machine(None, options)
+    if result.get("machine_extra"):  # suites that build their own networks name them
+        result["machine"].update(result.pop("machine_extra"))
     result["machine"]["load_average"] = [load_before, _load_average()]  # other work on the machine shows here
     if name == "quality" and options.plot:
         from . import quality
@@ -108,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = options_from(args, argv)
     options.extra["out"] = str(args.out.resolve())
+    if args.shapes:
+        options.extra["shapes"] = tuple(args.shapes.split(","))
+    if args.contexts:
+        options.extra["contexts"] = tuple(int(c) for c in args.contexts.split(","))
+    if args.per_forward:
+        options.extra["per_forward"] = tuple(int(k) for k in args.per_forward.split(","))
+    for name in ("minutes", "windows", "fault_every", "deadline"):
+        if getattr(args, name) is not None:
+            options.extra[name] = getattr(args, name)
     if args.baseline:
         try:
             options.extra["baseline"] = json.loads(args.baseline)
@@ -116,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     # server subprocesses first, so the in-process model is not held in memory beside theirs
-    order = [s for s in ("replay", "memory", "daemon", "speed", "quality") if s in suites]
+    order = [s for s in ("replay", "memory", "daemon", "speed", "quality") + STANDALONE if s in suites]
     from .. import models
 
     results, model = [], None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import common
 
-ORDER = ("replay", "speed", "quality", "memory", "daemon", "gpu")
+ORDER = ("replay", "speed", "quality", "memory", "daemon", "shapes", "gpu")
 
 HEADER = """# Benchmarks
 
