@@ -180,7 +180,7 @@ def build_model(tokenizer: Tokenizer) -> Qwen2ForCausalLM:
 def shifted_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Bidirectional forward, then Dream's shift: row i scores the token at position i."""
     batch, length = input_ids.shape
-    full_attention = torch.zeros(batch, 1, length, length, dtype=model.dtype)
+    full_attention = torch.zeros(batch, 1, length, length, dtype=model.dtype, device=input_ids.device)
     logits = model(input_ids=input_ids, attention_mask=full_attention).logits
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
@@ -207,7 +207,7 @@ def export_dream_checkpoint(model: Qwen2ForCausalLM, tokenizer: Tokenizer, out: 
         "torch_dtype": "bfloat16", "use_cache": False, "use_sliding_window": False,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()
+    state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()
              if k != "lm_head.weight"}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(str(out / "tokenizer.json"))
@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-every", type=int, default=250, help="also refresh --out every N steps")
     parser.add_argument("--init-from", type=Path, help="start from an exported model folder's weights and "
                         "tokenizer (e.g. the bundled model) when --work holds no checkpoint yet")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    parser.add_argument("--max-minutes", type=float, help="stop (checkpointed and exported) after this long")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(train_files)} training files, {len(corpus):,} tokens", flush=True)
 
     torch.manual_seed(args.seed)
-    model = build_model(tokenizer)
+    device = torch.device(args.device)
+    model = build_model(tokenizer).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     make_batch = BatchMaker(corpus, newline_token_table(tokenizer), args.seq_len,
                             tokenizer.token_to_id(MASK), tokenizer.token_to_id(EOS))
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     step, history = 0, []
     checkpoint_path = args.work / "checkpoint.pt"
     if checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, weights_only=False)
+        saved = torch.load(checkpoint_path, weights_only=False, map_location="cpu")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         rng.bit_generator.state = saved["rng"]
@@ -297,11 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.update(now=True))
 
     model.train()
-    started = time.time()
-    while step < args.steps and not stop["now"]:
+    started = deadline = time.time()
+    deadline += 60 * args.max_minutes if args.max_minutes else math.inf
+    while step < args.steps and not stop["now"] and time.time() < deadline:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr)
-        inputs, targets, weights = make_batch(rng, args.batch)
+        inputs, targets, weights = (t.to(device) for t in make_batch(rng, args.batch))
         logits = shifted_logits(model, inputs)
         token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         loss = (token_loss * weights.reshape(-1)).sum() / weights.numel()

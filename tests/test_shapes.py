@@ -52,3 +52,23 @@ def test_built_model_decodes_through_the_server_path():
     canvas = shapes.canvas_for(model, 160)
     result = model.fill(canvas, model.sampling(alg="maskgit_plus", steps=8), cache="delayed")
     assert result.forwards == 8 and not (result.canvas == model.mask_token_id).any()
+
+
+def test_gpu_suite_runs_on_cpu_and_writes_its_section(tmp_path):
+    from diffu_lsp.bench import gpu, report
+
+    result = gpu.run(common.Options(quick=True, device="cpu", dtype="float32"))
+    assert result["suite"] == "gpu" and result["summary"]["shapes"]["tiny"]["max_overhead_percent"] > 0
+    compile_table = common.find_table(result, "torch.compile")
+    assert compile_table["rows"][0][-1] == "not run: no CUDA device"
+    result["machine"] = common.machine(None, common.Options())
+    out = report.write(tmp_path / "BENCHMARKS.md", [result])
+    text = out.read_text()
+    assert text.count("<!-- bench:gpu -->") == 1 and "## On a GPU" in text and "bench gpu --write" in text
+
+
+def test_cli_lists_the_suites():
+    from diffu_lsp.bench import build_parser
+
+    args = build_parser().parse_args(["shapes", "--quick", "--shapes", "tiny", "--contexts", "128", "--per-forward", "8"])
+    assert (args.suite, args.shapes, args.contexts, args.per_forward) == ("shapes", "tiny", "128", "8")

@@ -24,8 +24,19 @@ daemon against a model in every server), `all`. Add `--quick` for a smoke-sized 
 
 GPU_SECTION = """## On a GPU
 
-The numbers above come from the bundled tiny model on this CPU. To measure a real model, on a machine
-with a CUDA GPU (a 7.6B-parameter model takes about 15 GB in bfloat16, plus activations):
+Not measured yet: no GPU machine was at hand. Everything that needs one runs in one command, with
+nothing downloaded (random weights in the real DiffuCoder/Dream-7B and LLaDA-8B shapes, bfloat16:
+ms per step and per block for every K/V cache mode at 256/1,024/4,096 tokens, the sampler's own
+overhead per step, `compile: true` against eager, peak memory), and rewrites this section:
+
+```sh
+diffu-lsp bench gpu --write        # a few minutes on one H200
+scripts/gpu-run.sh                 # the same, then trains the bundled model further with the time left
+```
+
+The numbers in the other sections come from the bundled tiny model on a CPU. To measure a real
+model's decoding and quality, on a machine with a CUDA GPU (a 7.6B-parameter model takes about 15 GB
+in bfloat16, plus activations):
 
 ```sh
 pip install 'diffu-lsp[bench]'
