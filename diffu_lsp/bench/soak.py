@@ -138,7 +138,6 @@ def choose_line(rng: random.Random, text: str) -> tuple[int, int] | None:
 
 
 CANARY_BODY = "def add(a, b):\n    return "
-CANARY_HEADERS = ("# canary a\n", "# canary b\n", "# first\n", "# second\n", "import os\n", "import re\n")
 CANARY_SECONDS = 2.0
 
 
@@ -146,36 +145,38 @@ def canary_uri(folder: Path, index: int) -> str:
     return (folder / "work" / f"canary{index}.py").as_uri()
 
 
-async def canary_texts(client: LspClient, uri: str) -> list[str]:
-    """Two versions of a small buffer (a different first line) at whose end the model, at
-    temperature 0, suggests something: asked alternately, neither is answered from the server's
-    cache of the last suggestion shown, so an answer with items is the model's."""
+def canary_text(n: int) -> str:
+    return f"# canary {n}\n" + CANARY_BODY
+
+
+async def canary_warm_up(client: LspClient, uri: str) -> int:
+    """Open the canary buffer and ask at its end until the model suggests something; the number of
+    suggestions with items among the first 4 texts (a model that never suggests there makes the
+    recovery check meaningless)."""
     client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
                                                             "text": CANARY_BODY}})
-    found, version = [], 1
-    for header in CANARY_HEADERS:
-        text = header + CANARY_BODY
-        version += 1
-        client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version},
+    shown = 0
+    for n in range(4):
+        text = canary_text(-1 - n)
+        client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": 2 + n},
                                                  "contentChanges": [{"text": text}]})
         answer = await client.request("textDocument/inlineCompletion", {
             "textDocument": {"uri": uri}, "position": end_position(text),
             "context": {"triggerKind": 1, "selectedCompletionInfo": None}}, timeout=600)
-        if items_of(answer):
-            found.append(text)
-        if len(found) == 2:
-            break
-    return found
+        shown += bool(items_of(answer))
+    return shown
 
 
-async def canary(run: Run, index: int, client: LspClient, rng: random.Random, texts: list[str]) -> None:
-    """Every ~2 s an inline request at the end of the canary buffer, alternating its two texts
-    (one full-text didChange each time): recovery shows even where the typed line gets no
-    suggestion, as in a second buffer of the editor. Never cancelled."""
-    uri, version, turn = canary_uri(run.folder, index), 1000, 0
-    while texts and time.perf_counter() < run.stop_at and client.process.returncode is None:
+async def canary(run: Run, index: int, client: LspClient, rng: random.Random) -> None:
+    """Every ~2 s an inline request at the end of the canary buffer, whose first line changes every
+    time (one full-text didChange): the server cannot answer it from its cache of the suggestion last
+    shown (a repeat or a typed-through prefix), so an answer with items is the model's. Recovery
+    shows even where the typed line gets no suggestion, as in a second buffer. Never cancelled."""
+    uri, version = canary_uri(run.folder, index), 1000
+    while time.perf_counter() < run.stop_at and client.process.returncode is None:
         await asyncio.sleep(rng.uniform(0.5, 1.5) * CANARY_SECONDS)
-        text, version, turn = texts[turn % len(texts)], version + 1, turn + 1
+        version += 1
+        text = canary_text(version)
         client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version},
                                                  "contentChanges": [{"text": text}]})
         request_id, future = client.send_request("textDocument/inlineCompletion", {
@@ -376,9 +377,9 @@ async def soak(options: common.Options, minutes: float, windows: int, every: flo
         for client in clients:
             await wait_ready(client, timeout=600)
         # warm-up: the canary buffer of each window, which also finds the canary's two texts
-        canaries = [await canary_texts(client, canary_uri(folder, i)) for i, client in enumerate(clients)]
-        if not all(len(texts) == 2 for texts in canaries):
-            raise RuntimeError(f"soak: no two canary texts with a suggestion at warm-up ({canaries})")
+        canaries = [await canary_warm_up(client, canary_uri(folder, i)) for i, client in enumerate(clients)]
+        if not all(canaries):
+            raise RuntimeError("soak: the model suggested nothing at the canary's place at warm-up")
         start = {"rss": [proc_status(c.pid, "VmRSS") for c in clients],
                  "threads": [proc_status(c.pid, "Threads") for c in clients]}
         daemon_pids = daemons_of(folder)
@@ -386,7 +387,7 @@ async def soak(options: common.Options, minutes: float, windows: int, every: flo
         began = time.perf_counter()
         run = Run(folder, began, began + 60 * minutes, bound, windows)
         tasks = [asyncio.ensure_future(window(run, i, c, files, rngs[i], options.cps)) for i, c in enumerate(clients)]
-        tasks += [asyncio.ensure_future(canary(run, i, c, random.Random(f"canary:{options.seed}:{i}"), canaries[i]))
+        tasks += [asyncio.ensure_future(canary(run, i, c, random.Random(f"canary:{options.seed}:{i}")))
                   for i, c in enumerate(clients)]
         tasks += [asyncio.ensure_future(inject_faults(run, random.Random(f"faults:{options.seed}"), every,
                                                       deadline, env)),
@@ -525,6 +526,18 @@ def summarise(run: Run, start: dict, end: dict, duplicates: int, seconds: float,
         "faults": [{k: (v - run.began if k == "at" else v) for k, v in f.items()}
                    for f in faults],
         "notes": [
+            "Each window is a `diffu-lsp` server over stdio; all share the real model daemon in a private runtime "
+            "folder. Typing: at a random code line of a held-out stdlib module the line is deleted after its "
+            "indentation and typed back at ~8 characters/s with random pauses; per key didChange, $/cancelRequest "
+            "of the previous unanswered inline request, inlineCompletion, and a codeAction whose refine action "
+            "echoes the end of the server's document (checked against the reference). Now and then a command "
+            "(completeBlock / fillHoles / refineSelection; the edit it asks for is declined), a second buffer "
+            "opened, one closed.",
+            "Faults, at seeded random times, the four kinds in shuffled turns: freeze (SIGSTOP, SIGCONT 2-20 s "
+            "later), kill (SIGKILL), restart (`diffu-lsp daemon stop`), delete-folder (the runtime folder "
+            "removed). Recovery: from the fault to the first canary suggestion with items in every window (a "
+            "buffer whose first line changes at each request, every ~2 s, so the server's cache of the last "
+            "suggestion cannot answer it).",
             f"{summary['minutes']:.1f} min, {run.windows} window(s): {run.keystrokes} keystrokes, {len(run.sent)} "
             f"requests, {len(answered)} answered, {len(unanswered)} unanswered, {duplicates} answered twice, "
             f"{len(errors)} errors; worst answer {worst:.1f} s (bound {run.bound:g} s = daemon deadline "
