@@ -106,7 +106,7 @@ class Denoised:
     rows: int = 0              # canvas rows run through the network, over all forwards
 
 
-# (canvas [L], positions [N]) -> [N, V]: logits scoring the tokens at those positions
+# (canvas [L], positions [N]) -> [N, V]: logits scoring the tokens at those positions (on any device)
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -263,7 +263,10 @@ def denoise(
             logits[:, mask_id] = float("-inf")  # a revealed position must not stay a mask
             if sampling.eos_penalty and stop_ids:
                 logits[:, list(stop_ids)] -= sampling.eos_penalty
-            tokens, token_prob, score = choose_tokens(logits, sampling, generator)
+            if generator is not None and generator.device != logits.device:
+                logits = logits.to(generator.device)  # sampling draws from the caller's generator
+            # logits stay where the network left them; only these [N] results come to the host
+            tokens, token_prob, score = (t.cpu() for t in choose_tokens(logits, sampling, generator))
             if sampling.alg == "threshold":
                 reveal = above_threshold(token_prob, sampling.threshold)
             elif sampling.alg == "factor":

@@ -101,11 +101,12 @@ class DiffusionModel:
     @torch.no_grad()
     def position_logits(self, canvas: torch.Tensor, positions: torch.Tensor, compiled: bool = False) -> torch.Tensor:
         """Float [N, V] logits scoring the tokens at `positions` of the [L] canvas (one forward;
-        the LM head runs on those rows only)."""
+        the LM head runs on those rows only), left on the model's device: the sampler picks tokens
+        there and copies only [N] results to the host."""
         ids = canvas[None].to(self.device)
         out = self.forward(compiled, input_ids=ids, attention_mask=self._attention(len(canvas), len(canvas)),
                            use_cache=False, logits_to_keep=self._rows(positions).to(self.device))
-        return out.logits[0].float().cpu()
+        return out.logits[0].float()
 
     # ---------------------------------------------------------------- denoising
 
@@ -191,8 +192,10 @@ class DiffusionModel:
             canvas = torch.tensor(list(prefix_ids) + hole + list(suffix_ids))
             at = torch.tensor(positions) + len(prefix_ids)
             probs = torch.softmax(self.position_logits(canvas, at), dim=-1)
-            for row, i in enumerate(positions):
-                scores[i] = float(probs[row, ids[i]])
+            wanted = torch.tensor([ids[i] for i in positions], device=probs.device)
+            picked = probs.gather(1, wanted[:, None]).squeeze(1).tolist()  # one copy to the host
+            for i, p in zip(positions, picked):
+                scores[i] = p
         return scores
 
 
@@ -303,7 +306,7 @@ class CachedForward:
         self.steps_since_refresh += 1
         self.rows += len(run)
         self.seen = canvas.clone()
-        return out.logits[0].float().cpu()
+        return out.logits[0].float()
 
     def _full(self, canvas: torch.Tensor, rows: torch.Tensor, low: int, high: int) -> torch.Tensor:
         model, length = self.model, len(canvas)
@@ -317,7 +320,7 @@ class CachedForward:
         self.rows += length
         self.first = (canvas.clone(), low, 0)
         self.seen = self.first[0]  # neither is written in place
-        return out.logits[0].float().cpu()
+        return out.logits[0].float()
 
     def _shared(self, canvas: torch.Tensor, low: int) -> int:
         """How many leading rows of the previous job's keys/values this canvas can reuse (0: none):
@@ -344,7 +347,7 @@ class CachedForward:
         self.rows += length - shared
         self.first = (canvas.clone(), low, age)
         self.seen = self.first[0]
-        return out.logits[0].float().cpu()
+        return out.logits[0].float()
 
     def kept(self) -> KeptKeys:
         """For the next job: the keys/values of the rows this job's start computed or reused, and
