@@ -1,4 +1,4 @@
-"""Command line: `diffu-lsp` (serve LSP over stdio), `complete`, `doctor`, `daemon`, `bench`.
+"""Command line: `diffu-lsp` (serve LSP over stdio), `complete`, `doctor`, `pull`, `daemon`, `bench`.
 
 Errors are one line on stderr and a non-zero exit, never a traceback.
 """
@@ -52,12 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="versions, device, model and one timed job")
     _model_options(doctor)
 
+    pull = commands.add_parser("pull", help="download a checkpoint from the Hugging Face hub and check that it loads")
+    pull.add_argument("hub_id", metavar="HUB_ID", help="e.g. apple/DiffuCoder-7B-cpGRPO (see README: Choosing a model)")
+    pull.add_argument("--device", default="auto", help="where to check that it loads (auto, cpu, cuda, mps)")
+    pull.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    pull.add_argument("--no-check", action="store_true", help="download only, do not load it")
+
     daemon = commands.add_parser("daemon", help="the shared model daemon: status, stop, run")
     daemon.add_argument("action", choices=["status", "stop", "run"])
     daemon.add_argument("--json", action="store_true", help="status as a JSON object")
     daemon.add_argument("--idle-seconds", type=int, default=900, help="run: exit this long after the last window")
     daemon.add_argument("--memory-mb", type=int, default=0, help="run: memory budget for loaded models (0: none)")
 
+    from .cluster.cli import add_parser as add_cluster_parser
+
+    add_cluster_parser(commands)
     commands.add_parser("bench", help="benchmarks (see `diffu-lsp bench --help`)", add_help=False)
     return parser
 
@@ -157,12 +166,52 @@ def cmd_doctor(args) -> int:
     print(f"parameters    {model.parameter_count / 1e6:.2f} M")
     print(f"device        {model.device}  dtype {str(model.dtype).replace('torch.', '')}")
     print(f"load time     {model.load_seconds:.2f} s")
-    text = "def fibonacci(n):\n    if n < 2:\n        return n\n    return \n"
+    # a context whose answer anyone can judge: the line after `return ` should be `a - b`
+    text = "def add(a, b):\n    return a + b\n\n\ndef subtract(a, b):\n    return \n"
     cursor = text.rindex("return ") + len("return ")
     started = time.perf_counter()
     suggestion = suggest(model, text, cursor, Settings())
-    print(f"one job       {time.perf_counter() - started:.3f} s, {suggestion.forwards} forwards for "
-          f"{suggestion.hole_tokens} hole tokens -> {suggestion.text!r}")
+    print(f"one job       {time.perf_counter() - started:.3f} s, {suggestion.forwards} forwards for {suggestion.hole_tokens} hole tokens")
+    print("  asked       after `def add(a, b): return a + b`, complete `def subtract(a, b): return |` (a good answer: `a - b`)")
+    print(f"  came back   {suggestion.text!r}")
+    from .models import BUNDLED_MODEL
+
+    if Path(model.name).resolve() == BUNDLED_MODEL.resolve():
+        print("note          the bundled model (5.8 M parameters, trained on the Python standard library) is there to try "
+              "every mechanism offline, not for real suggestions: on held-out code it scores below copying the previous "
+              "line. Pick a real model in README.md, 'Choosing a model' (e.g. `diffu-lsp pull apple/DiffuCoder-7B-cpGRPO`, "
+              "then `--model apple/DiffuCoder-7B-cpGRPO`).")
+    return 0
+
+
+PULL_FILES = ["*.json", "*.safetensors", "merges.txt", "*.model", "*.tiktoken"]  # no code: it is never run
+
+
+def cmd_pull(args) -> int:
+    """Download the files a checkpoint needs (weights, config, tokenizer) with a progress bar, then load it."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import enable_progress_bars
+    except ImportError:
+        raise CliError("`pull` needs the huggingface_hub package (pip install huggingface_hub); "
+                       "or copy a checkpoint folder here and pass --model FOLDER") from None
+    enable_progress_bars()
+    try:
+        folder = snapshot_download(args.hub_id, allow_patterns=PULL_FILES, etag_timeout=15)
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:
+        reason = f"{error.__class__.__name__}: {error}".splitlines()[0][:200]
+        raise CliError(f"cannot download {args.hub_id!r} from the hub (offline, HF_HUB_OFFLINE set, or an "
+                       f"unknown id?): {reason}") from None
+    print(f"downloaded    {args.hub_id} -> {folder}")
+    if args.no_check:
+        return 0
+    args.model = folder
+    model = load(args)
+    print(f"loads         {model.family}, {model.parameter_count / 1e9:.2f} B parameters on {model.device} "
+          f"({str(model.dtype).replace('torch.', '')}) in {model.load_seconds:.1f} s")
+    print(f"use it        diffu-lsp --model {args.hub_id}   (or the folder above)")
     return 0
 
 
@@ -240,8 +289,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_complete(args)
         if args.command == "doctor":
             return cmd_doctor(args)
+        if args.command == "pull":
+            return cmd_pull(args)
         if args.command == "daemon":
             return cmd_daemon(args)
+        if args.command == "cluster":
+            from .cluster.cli import main as cluster_main
+
+            return cluster_main(args)
         return cmd_serve(args)
     except CliError as error:
         print(f"diffu-lsp: {error}", file=sys.stderr)
