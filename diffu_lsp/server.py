@@ -204,6 +204,7 @@ class DiffuServer(LanguageServer):
             self.engine = DaemonEngine(on_lost=self._daemon_lost, on_state=self._daemon_state)
         else:
             self.engine = LocalEngine()
+        self.engine_setting = "daemon"  # the setting `engine` the current engine was chosen for
         self.model_info: ModelInfo | None = None
         self.model_state = "loading"
         self.model_message = "waiting for the client"
@@ -283,6 +284,8 @@ class DiffuServer(LanguageServer):
             log.warning("ignored setting: %s", error)
         changed = settings != self.settings
         self.sched.debounce_s = settings.debounce_ms / 1000
+        if settings.engine != self.engine_setting:
+            self.switch_engine(settings.engine)
         self.engine.configure(settings)
         logging.getLogger("diffu_lsp").setLevel(settings.log_level.upper())
         if changed:
@@ -438,6 +441,33 @@ class DiffuServer(LanguageServer):
             self._loop.call_soon_threadsafe(tell)
         except (AttributeError, RuntimeError):  # no loop yet, or closed: the server is exiting
             pass
+
+    def switch_engine(self, choice: str) -> None:
+        """The setting ``engine`` changed ("daemon", "local" or a cluster URL): the model is loaded
+        again through the new runner."""
+        from .daemon.client import DaemonEngine
+
+        def daemon() -> DaemonEngine:
+            return DaemonEngine(on_lost=self._daemon_lost, on_state=self._daemon_state)
+
+        old = self.engine
+        if choice == "local":
+            self.engine = LocalEngine()
+        elif choice == "daemon":
+            self.engine = daemon()
+        else:
+            from .cluster.client import ClusterEngine
+
+            self.engine = ClusterEngine(choice, on_message=self.warn_from_thread, fallback=daemon)
+        self.engine_setting = choice
+        self.model_spec = None  # ensure_model loads through the new engine
+        old.close()
+
+    def warn_from_thread(self, message: str) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.show, message, lsp.MessageType.Warning)
+        except (AttributeError, RuntimeError):  # no loop yet, or closed: the server is exiting
+            log.warning("%s", message)
 
     def _daemon_lost(self, reason: str) -> None:
         """The daemon connection broke (called on the client's reader thread, once per connection)."""

@@ -69,6 +69,11 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     # answered empty and the daemon is reported not responding; the next request reconnects, and
     # replaces a daemon that still does not answer
     daemon_deadline_seconds: Annotated[float, msgspec.Meta(ge=1.0)] = 10.0
+    # who runs the model: "daemon" (the machine's model daemon), "local" (this window, as --no-daemon),
+    # or a cluster's URL (`diffu-lsp cluster start`); the cluster's token is read from engineTokenFile,
+    # else from the token file `cluster start` wrote on this machine
+    engine: Annotated[str, msgspec.Meta(pattern=r"^(daemon|local|https?://\S+)$")] = "daemon"
+    engine_token_file: str = ""
 
 class SettingsError(ValueError):
     """One bad setting: ``key`` is the camelCase key (or a file path), ``problem`` a sentence."""

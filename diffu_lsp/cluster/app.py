@@ -1,0 +1,195 @@
+"""The Ray Serve application: replicas that each hold a warm model and run our own job path.
+
+Every replica loads the model once (``__init__``) and runs jobs through one
+:class:`~diffu_lsp.jobs.Scheduler` (one worker thread, latest-wins per editor document), calling
+:func:`diffu_lsp.features.run` exactly as the daemon does: infill canvases, both sides of the
+cursor, a cancel token read before every forward.
+
+HTTP (Ray Serve's proxy, one route prefix ``/``), every route behind ``Authorization: Bearer``:
+
+- ``POST /job``: body ``{"key", "request"}`` (a :class:`~diffu_lsp.engine.Request`); the answer
+  streams as JSON lines: ``{"step", "masked"}`` per forward, ``{"beat": 1}`` every second while the
+  job waits, then one ``{"value", "forwards"}`` or ``{"error", "oom"}`` or ``{"cancelled"}``. When the
+  caller disconnects, Serve cancels the request; the replica turns that into our cancel token, so
+  the sampler stops at its next forward.
+- ``GET /info``: the loaded model (:class:`~diffu_lsp.engine.ModelInfo`).
+- ``GET /status``: jobs served, cancelled, forwards after cancel, per replica (from the stats actor).
+
+A missing or wrong token gets 401 and runs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+
+import msgspec
+from ray import serve
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..engine import ModelKey, Request, first_line, is_oom, model_info
+
+log = logging.getLogger("diffu_lsp.cluster")
+
+APP_NAME = "diffu-lsp"
+STATS_ACTOR = "diffu-lsp-stats"
+NAMESPACE = "diffu-lsp"
+BEAT_SECONDS = 1.0
+
+
+class Job(msgspec.Struct, frozen=True):
+    key: str
+    request: Request
+
+
+def authorized(request: HttpRequest, token: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def line(value) -> bytes:
+    return msgspec.json.encode(value) + b"\n"
+
+
+@serve.deployment(name="ModelReplica")
+class ModelReplica:
+    def __init__(self, token: str, model: str | None, device: str, dtype: str, threads: int = 1):
+        import torch
+
+        from ..jobs import Scheduler
+        from ..models import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.token = token
+        self.key = ModelKey(model, device, dtype)
+        self.model = load_model(model, device=device, dtype=dtype)
+        self.info = model_info(self.model, self.key)
+        self.sched: Scheduler | None = None  # made on the event loop, at the first job
+        self.stats = dict(pid=os.getpid(), jobs=0, answered=0, cancelled=0, failed=0, forwards=0,
+                          forwards_after_cancel_max=0, started=time.time())
+
+    async def __call__(self, request: HttpRequest) -> Response:
+        if not authorized(request, self.token):
+            return JSONResponse({"error": "missing or wrong token"}, status_code=401)
+        path = request.url.path.rstrip("/")
+        if request.method == "GET" and path.endswith("/info"):
+            return Response(msgspec.json.encode(self.info), media_type="application/json")
+        if request.method == "GET" and path.endswith("/status"):
+            return JSONResponse(await self.summary())
+        if request.method == "POST" and path.endswith("/job"):
+            try:
+                job = msgspec.json.decode(await request.body(), type=Job)
+            except msgspec.ValidationError as error:
+                return JSONResponse({"error": str(error)}, status_code=400)
+            return StreamingResponse(self.run(job), media_type="application/x-ndjson")
+        return JSONResponse({"error": "no such route"}, status_code=404)
+
+    async def run(self, message: Job):
+        from .. import features
+        from ..jobs import JobCancelled, Scheduler
+
+        if self.sched is None:
+            self.sched = Scheduler(debounce_s=0, thread_name="diffu-cluster-model")
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue = asyncio.Queue()
+
+        def progress(draft) -> None:  # worker thread
+            loop.call_soon_threadsafe(lines.put_nowait, {"step": draft.step, "masked": draft.masked})
+
+        job = self.sched.submit(message.key, lambda token: features.run(self.model, message.request, cancel=token,
+                                                                         on_step=progress), debounce=False)
+        self.stats["jobs"] += 1
+        job_task = asyncio.ensure_future(self._await(job))
+        try:
+            yield line({"replica": self.stats["pid"]})
+            while True:
+                getter = asyncio.ensure_future(lines.get())
+                done, _ = await asyncio.wait({getter, job_task}, timeout=BEAT_SECONDS,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield line(getter.result())
+                    continue
+                getter.cancel()
+                if job_task in done:
+                    while not lines.empty():
+                        yield line(lines.get_nowait())
+                    yield line(job_task.result())
+                    return
+                yield line({"beat": 1})
+        finally:  # the caller went away (Serve cancelled us) or the stream ended
+            if not job.done():
+                job.cancel("the client disconnected")
+                self.stats["cancelled"] += 1
+                try:
+                    await asyncio.wait_for(asyncio.shield(job_task), 30)
+                except BaseException:  # noqa: BLE001 - counted below all the same
+                    pass
+            self.stats["forwards"] += job.token.forwards
+            if job.token.cancelled:
+                self.stats["forwards_after_cancel_max"] = max(self.stats["forwards_after_cancel_max"],
+                                                              job.token.forwards_after_cancel)
+            self._report()
+
+    async def _await(self, job) -> dict:
+        from ..jobs import JobCancelled
+
+        try:
+            value = await job
+        except JobCancelled as cancelled:
+            return {"cancelled": cancelled.reason, "forwards": job.token.forwards}
+        except Exception as error:  # noqa: BLE001 - the job failed; the replica goes on
+            self.stats["failed"] += 1
+            log.warning("job failed: %r", error)
+            return {"error": first_line(error), "oom": is_oom(error), "forwards": job.token.forwards}
+        self.stats["answered"] += 1
+        return {"value": msgspec.to_builtins(value), "forwards": job.token.forwards}
+
+    def _report(self) -> None:
+        import ray
+
+        try:
+            ray.get_actor(STATS_ACTOR, namespace=NAMESPACE).report.remote(self.stats["pid"], dict(self.stats))
+        except Exception:  # noqa: BLE001 - stats are best effort
+            pass
+
+    async def summary(self) -> dict:
+        import ray
+
+        self._report()
+        try:
+            replicas = await ray.get_actor(STATS_ACTOR, namespace=NAMESPACE).summary.remote()
+        except Exception:  # noqa: BLE001
+            replicas = {str(self.stats["pid"]): self.stats}
+        return {"model": self.info.label, "family": self.info.family, "device": self.info.device,
+                "replicas": replicas}
+
+
+def stats_actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Stats:
+        def __init__(self):
+            self.replicas: dict[str, dict] = {}
+
+        def report(self, pid: int, stats: dict) -> None:
+            self.replicas[str(pid)] = stats
+
+        def summary(self) -> dict:
+            return self.replicas
+
+    return Stats
+
+
+def build(token: str, *, model: str | None, device: str, dtype: str, replicas: int, gpus_per_replica: float,
+          cpus_per_replica: float, threads: int):
+    return ModelReplica.options(
+        num_replicas=replicas, max_ongoing_requests=32,
+        ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
+    ).bind(token, model, device, dtype, threads)

@@ -1,0 +1,246 @@
+"""The cluster runner against a real local Ray (a head started by `cluster start`, 2 replicas of the
+bundled model, half a CPU each): LSP servers through it, the token, cancellation reaching the
+replica, a replica SIGKILLed mid-job, and `cluster stop` leaving no Ray process. One cluster for
+the module; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import msgspec
+import pytest
+
+pytest.importorskip("ray")
+
+from diffu_lsp.bench.lsp_client import LspClient  # noqa: E402
+from diffu_lsp.cluster import read_token  # noqa: E402
+from diffu_lsp.cluster import cli as cluster_cli  # noqa: E402
+from diffu_lsp.cluster.client import ClusterEngine, ClusterLost  # noqa: E402
+from diffu_lsp.engine import LocalEngine, ModelKey, Request, Suggestion  # noqa: E402
+from diffu_lsp.jobs import CancelToken, JobCancelled  # noqa: E402
+from diffu_lsp.settings import Settings  # noqa: E402
+
+PORT = 8279
+URL = f"http://127.0.0.1:{PORT}"
+BUNDLED = ModelKey(None, "cpu", "float32")
+SAMPLE = "import os\n\n\ndef read_config(path):\n    with open(path) as f:\n        return \n"
+CURSOR = SAMPLE.index("return ") + len("return ")
+# Long enough to be caught running: a big hole decoded one token per forward, no cache.
+SLOW = {"algorithm": "entropy", "kvCache": "none", "singleLineTokens": 400, "multiLineTokens": 400,
+        "earlyExit": False, "debounceMs": 0}
+
+
+def ray_processes() -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+                continue
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(name in command for name in ("raylet", "gcs_server", "ray::", "ray/dashboard", "default_worker.py")):
+            found.append(f"{pid} {command[:120]}")
+    return found
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if ray_processes():
+        pytest.skip("a Ray cluster already runs on this machine")
+    config = tmp_path_factory.mktemp("xdg")
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(config)
+    try:
+        state = cluster_cli.start(replicas=2, device="cpu", dtype="float32", cpus_per_replica=0.5, threads=1,
+                                  port=PORT, num_cpus=2)
+        yield state
+    finally:
+        if ray_processes():
+            cluster_cli.stop()
+        if old is None:
+            os.environ.pop("XDG_CONFIG_HOME", None)
+        else:
+            os.environ["XDG_CONFIG_HOME"] = old
+
+
+def engine(**options) -> ClusterEngine:
+    cluster = ClusterEngine(URL, **options)
+    cluster.configure(Settings())
+    cluster.load(BUNDLED)
+    return cluster
+
+
+def request(**settings) -> Request:
+    return Request("suggest", SAMPLE, CURSOR, CURSOR, msgspec.convert(settings, Settings))
+
+
+def replica_stats() -> dict:
+    call = urllib.request.Request(URL + "/status", headers={"Authorization": f"Bearer {read_token()}"})
+    with urllib.request.urlopen(call, timeout=30) as response:
+        return msgspec.json.decode(response.read())["replicas"]
+
+
+def start_slow_job(cluster: ClusterEngine, token: CancelToken) -> tuple[dict, list]:
+    out: dict = {}
+    steps: list = []
+
+    def run():
+        try:
+            out["value"] = cluster.run(request(**SLOW), token, on_step=steps.append, key="file:///slow.py")
+        except BaseException as error:  # noqa: BLE001
+            out["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    out["thread"] = thread
+    wait_for(lambda: len(steps) >= 3, "the slow job to run a few forwards")
+    return out, steps
+
+
+def test_the_token_file_is_owner_only_and_requests_without_it_get_401(cluster):
+    token_file = Path(cluster["token_file"])
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    before = sum(r["jobs"] for r in replica_stats().values())
+    body = msgspec.json.encode({"key": "k", "request": request()})
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": read_token()}):
+        call = urllib.request.Request(URL + "/job", data=body, headers=headers, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(call, timeout=30)
+        assert refused.value.code == 401
+    assert sum(r["jobs"] for r in replica_stats().values()) == before  # nothing ran
+
+
+async def open_window(tmp: Path, name: str, options: dict) -> LspClient:
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp / "run"), "OMP_NUM_THREADS": "1"}
+    client = LspClient([sys.executable, "-m", "diffu_lsp", "--device", "cpu", "--dtype", "float32"], env=env)
+    await client.start()
+    await client.initialize((tmp / name).as_uri(), options)
+    return client
+
+
+async def until_ready(client: LspClient, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _, method, params in client.notifications:
+            if method == "diffu/status" and params["state"] in ("ready", "error"):
+                assert params["state"] == "ready", params
+                return params
+        await asyncio.sleep(0.05)
+    raise AssertionError("the model did not become ready:\n" + "\n".join(client.stderr_tail))
+
+
+@pytest.mark.asyncio
+async def test_two_lsp_servers_get_suggestions_through_the_cluster_and_no_daemon_starts(cluster, tmp_path):
+    windows = [await open_window(tmp_path, name, {"engine": URL}) for name in ("a", "b")]
+    try:
+        line = SAMPLE[:CURSOR].count("\n")
+        character = CURSOR - SAMPLE.rindex("\n", 0, CURSOR) - 1
+        for index, window in enumerate(windows):
+            await until_ready(window)
+            uri = f"file:///w{index}.py"
+            window.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python",
+                                                                    "version": 1, "text": SAMPLE}})
+            result = await window.request("textDocument/inlineCompletion", {
+                "textDocument": {"uri": uri}, "position": {"line": line, "character": character},
+                "context": {"triggerKind": 1}}, timeout=120)
+            items = result.get("items", []) if isinstance(result, dict) else result or []
+            assert items and items[0]["insertText"]
+            stats = await window.request("diffu/stats")
+            assert stats["engine"] == "cluster" and stats["cluster_jobs"] >= 1
+    finally:
+        for window in windows:
+            await window.close()
+    folder = tmp_path / "run" / "diffu-lsp"
+    assert not (folder / "daemon.sock").exists() and not (folder / "daemon.log").exists()  # no daemon started
+
+
+def test_cancellation_reaches_the_replica_within_one_forward(cluster):
+    cluster_engine = engine()
+    token = CancelToken()
+    out, steps = start_slow_job(cluster_engine, token)
+    before = {pid: r["cancelled"] for pid, r in replica_stats().items()}
+    token.cancel("superseded")
+    out["thread"].join(30)
+    assert isinstance(out.get("error"), JobCancelled) and not isinstance(out["error"], ClusterLost)
+    pid = str(cluster_engine.replica_pid)
+
+    def replica_counted():
+        stats = replica_stats().get(pid, {})
+        return stats if stats.get("cancelled", 0) > before.get(pid, 0) else None
+
+    stats = wait_for(replica_counted, "the replica to count the cancelled job", timeout=30)
+    assert stats["forwards_after_cancel_max"] <= 1
+    assert len(steps) < 400  # it stopped long before the end
+
+
+def test_a_replica_killed_mid_job_answers_it_and_the_next_request_is_served(cluster):
+    messages: list[str] = []
+    cluster_engine = engine(on_message=messages.append)
+    token = CancelToken()
+    out, _ = start_slow_job(cluster_engine, token)
+    victim = cluster_engine.replica_pid
+    os.kill(victim, signal.SIGKILL)
+    out["thread"].join(60)
+    assert not out["thread"].is_alive()
+    assert isinstance(out.get("error"), ClusterLost)  # answered (empty), not hung
+    assert len(messages) == 1 and "answered empty" in messages[0]
+    answer = cluster_engine.run(request(), CancelToken(), key="file:///next.py")
+    assert isinstance(answer, Suggestion) and cluster_engine.replica_pid != victim
+    # Ray replaces the replica: a new pid serves alongside the survivor.
+    states = wait_for(lambda: cluster_cli.replica_states(None).get("ModelReplica", {}).get("RUNNING") == 2,
+                      "Ray to replace the killed replica", timeout=120, every=2)
+    assert states
+
+
+def test_a_silent_cluster_is_answered_empty_within_the_deadline(tmp_path, monkeypatch):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    token_file = tmp_path / "token"
+    token_file.write_text("t\n")
+    token_file.chmod(0o600)
+    silent = ClusterEngine(f"http://127.0.0.1:{listener.getsockname()[1]}", token_file=str(token_file))
+    silent.configure(msgspec.convert({"daemonDeadlineSeconds": 1.0, "engineTokenFile": str(token_file)}, Settings))
+    started = time.monotonic()
+    with pytest.raises(ClusterLost):
+        silent.run(request(), CancelToken(), key="k")
+    assert time.monotonic() - started < 5
+    listener.close()
+
+
+def test_cluster_stop_leaves_no_ray_process_and_servers_fall_back_saying_so_once(cluster):
+    assert ray_processes()
+    assert cluster_cli.stop()["stopped_ray"]
+    assert wait_for(lambda: not ray_processes(), "every Ray process to exit", timeout=60), ray_processes()
+    messages: list[str] = []
+    gone = ClusterEngine(URL, on_message=messages.append, fallback=LocalEngine)
+    gone.configure(Settings())
+    gone.load(BUNDLED)
+    for _ in range(2):
+        assert isinstance(gone.run(request(), CancelToken(), key="k"), Suggestion)
+    assert len(messages) == 1 and "cannot be reached" in messages[0]
+    assert gone.describe()["engine"].startswith("daemon")
+
+
