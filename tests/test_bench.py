@@ -253,7 +253,10 @@ def test_quality_suite_structure(model, tmp_path):
     assert len(humaneval["rows"]) == len(result["records"])
     assert humaneval["columns"][3:6] == ["pass@1 %", "exact %", "edit sim %"]
     assert common.column(humaneval, "edit sim %") == [r["similarity"] for r in result["records"]]
-    assert common.column(stdlib, "setting") == keys + [quality.SERVER_DEFAULT]
+    assert common.column(stdlib, "setting") == keys + [quality.SERVER_DEFAULT, quality.COPY_PREVIOUS]
+    # the copy-the-previous-line baseline beside the model, on the same lines
+    assert stdlib["rows"][-1][3] == summary["stdlib_copy_previous_similarity"]
+    assert quality.copy_previous_line(quality.Task("t", "stdlib", "x = 1\n\n    y = 2\n    ", "y = 2\n", ""))["exact"]
     assert all(n == 2 for n in common.column(stdlib, "lines"))
     assert stdlib["columns"][2:4] == ["exact %", "edit sim %"]
     assert all(0 <= v <= 100 for v in common.column(stdlib, "edit sim %"))

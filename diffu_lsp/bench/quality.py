@@ -165,6 +165,15 @@ def suggest_line(model, task: Task) -> dict:
             "similarity": common.edit_similarity(s.text, task.span)}
 
 
+COPY_PREVIOUS = "baseline: copy the previous line"
+
+
+def copy_previous_line(task: Task) -> dict:
+    """The trivial baseline a model must beat: suggest the last non-blank line before the hole."""
+    previous = next((line.strip() for line in reversed(task.prefix.split("\n")) if line.strip()), "")
+    return {"exact": previous == task.span.strip(), "similarity": common.edit_similarity(previous, task.span)}
+
+
 def aggregate(items: list[dict]) -> dict:
     forwards = sum(i["forwards"] for i in items)
     return {
@@ -287,6 +296,10 @@ def run(options: common.Options, model=None) -> dict:
     stdlib_records.append({"setting": SERVER_DEFAULT, **agg})
     stdlib_rows.append([SERVER_DEFAULT, agg["tasks"], agg["exact"], agg["similarity"], agg["tokens_per_forward"],
                         agg["forwards"], agg["ms"]])
+    copied = [copy_previous_line(t) for t in lines]
+    copy_exact = 100.0 * sum(c["exact"] for c in copied) / len(copied) if copied else float("nan")
+    copy_similarity = sum(c["similarity"] for c in copied) / len(copied) if copied else float("nan")
+    stdlib_rows.append([COPY_PREVIOUS, len(copied), copy_exact, copy_similarity, None, None, None])
     by_setting = {r["setting"]: r for r in stdlib_records}
     default_key, selection_rows = choose_default(pooled, by_setting)
     base = ONE_PER_STEP.key
@@ -317,6 +330,8 @@ def run(options: common.Options, model=None) -> dict:
             "canonical_passed": canonical_passed, "stdlib_lines": len(lines),
             "settings": keys, "chosen_default": default_key, "server_default": server.key,
             "selection": headline, "no_quality_signal": no_signal,
+            "stdlib_server_similarity": by_setting[SERVER_DEFAULT]["similarity"],
+            "stdlib_copy_previous_similarity": copy_similarity, "stdlib_copy_previous_exact": copy_exact,
         },
         "notes": [
             "Default selection: losses are points of the baseline minus the candidate (negative: better); "
