@@ -19,7 +19,9 @@ measured in that run). Nothing here is edited by hand.
 Suites: `replay` (typing replay against the real server over LSP), `speed` (decoding speed per
 setting), `quality` (HumanEval infilling and held-out stdlib exact match and edit similarity per
 setting), `memory` (peak memory, load time, time to first suggestion), `daemon` (the shared model
-daemon against a model in every server), `all`. Add `--quick` for a smoke-sized run.
+daemon against a model in every server), `all`; and, outside `all`, `shapes` (random-weight networks
+of the real checkpoints' shapes: ms per step and block, the sampler's own overhead, memory) and
+`gpu` (everything that needs a GPU, in one offline run). Add `--quick` for a smoke-sized run.
 """
 
 GPU_SECTION = """## On a GPU
