@@ -220,6 +220,10 @@ class DiffuServer(LanguageServer):
         self._stop_watching: asyncio.Event | None = None
         self._file_raw: dict[str, Any] = {}
         self._init_options: Any = None
+        self.trusted_folders: list[Path] = []  # the user's TOML trustedWorkspaces
+        self.workspace_trusted: bool | None = None  # the editor's word (initializationOptions workspaceTrusted)
+        self._untrusted_reported: set[str] = set()
+        self._hub_reported: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------ messages
@@ -282,6 +286,7 @@ class DiffuServer(LanguageServer):
         settings, errors = config.resolve([self.layers[name] for name in LAYERS])
         for error in errors:  # cannot happen: layers are validated on the way in
             log.warning("ignored setting: %s", error)
+        settings = self.without_download(settings)
         changed = settings != self.settings
         self.sched.debounce_s = settings.debounce_ms / 1000
         if settings.engine != self.engine_setting:
@@ -298,6 +303,21 @@ class DiffuServer(LanguageServer):
         self.settings = settings
         if self.started:
             self.ensure_model()
+
+    def without_download(self, settings: Settings) -> Settings:
+        """A hub id is loaded from the local cache (its snapshot folder) unless allowDownload is on;
+        one that is not cached is told once, and the bundled model is used meanwhile."""
+        if settings.allow_download or not config.is_hub_id(settings.model):
+            return settings
+        folder = cached_snapshot(settings.model)
+        if folder is None:
+            if settings.model not in self._hub_reported:
+                self._hub_reported.add(settings.model)
+                self.show(f"diffu-lsp: the model {settings.model!r} is not in the local Hugging Face cache and "
+                          f"downloads are off: run `diffu-lsp pull {settings.model}`, or set allowDownload = true "
+                          "in your own settings. Using the bundled model meanwhile.", lsp.MessageType.Warning)
+            return msgspec.structs.replace(settings, model=None)
+        return msgspec.structs.replace(settings, model=folder)
 
     def config_files(self) -> dict[str, Path]:
         files = {"user": config.user_config_file()}
@@ -322,7 +342,30 @@ class DiffuServer(LanguageServer):
                 continue
             if force or raw != self._file_raw.get(name):
                 self._file_raw[name] = raw
-                self.set_layer(name, raw, str(path))
+                trusted = self.trusted_folders
+                self.set_layer(name, self.trusted_part(name, path, raw), str(path))
+                force = force or self.trusted_folders != trusted  # re-read the workspace's file under the new trust
+
+    def trusted_part(self, name: str, path: Path, raw: dict) -> dict:
+        """What a settings file may set. The user's TOML: everything (its ``trustedWorkspaces`` is
+        kept apart). A workspace's TOML: the PROTECTED keys only if the user trusts that folder
+        (``trustedWorkspaces`` in the user's TOML, or the editor's own workspace trust); else they
+        are dropped and reported once. A relative ``model`` path resolves against the file's folder."""
+        folder = Path(path).parent
+        if name == "user":
+            self.trusted_folders = config.trusted_folders(raw, folder)
+            return config.model_relative_to(config.without_trust_key(raw), folder)
+        kept, dropped = config.split_protected(raw)
+        if self.workspace_trusted is True or config.is_trusted(folder, self.trusted_folders):
+            kept, dropped = config.without_trust_key(raw), [k for k in dropped if k == config.TRUST_KEY]
+        if dropped and str(path) not in self._untrusted_reported:
+            self._untrusted_reported.add(str(path))
+            self.show(f"diffu-lsp: ignoring {', '.join(dropped)} in {path}: this folder is not trusted, so its "
+                      "settings may not choose the model, device, engine or downloads. To trust it, add "
+                      f'trustedWorkspaces = ["{folder}"] to your own {config.user_config_file()}, or trust '
+                      "the workspace in your editor (VS Code: Workspaces: Manage Workspace Trust; "
+                      "Neovim: :trust on the file)", lsp.MessageType.Warning)
+        return config.model_relative_to(kept, folder)
 
     async def pull_configuration(self) -> None:
         if not self.client_has("workspace.configuration"):
@@ -767,6 +810,9 @@ class DiffuServer(LanguageServer):
         options = self._init_options
         if isinstance(options, Mapping) and isinstance(options.get(CONFIG_SECTION), Mapping):
             options = options[CONFIG_SECTION]
+        if isinstance(options, Mapping) and "workspaceTrusted" in options:  # the editor's workspace trust
+            options = dict(options)
+            self.workspace_trusted = options.pop("workspaceTrusted") is True
         self.reload_files(force=True)
         if options is not None:
             self.set_layer("initializationOptions", _to_plain(options), "initializationOptions")
@@ -789,6 +835,18 @@ class DiffuServer(LanguageServer):
             "settings": msgspec.to_builtins(self.settings),
             "records": [dataclasses.asdict(r) for r in list(self.sched.records)[-50:]],
         }
+
+
+def cached_snapshot(hub_id: str) -> str | None:
+    """The local snapshot folder of a hub model, or None when it is not cached (never fetches)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        return snapshot_download(hub_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, bad id, unreadable cache
+        return None
 
 
 def _in_daemon_thread(loop: asyncio.AbstractEventLoop, lock: threading.Lock, fn, *args) -> asyncio.Future:

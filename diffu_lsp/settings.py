@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -74,6 +75,9 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     # else from the token file `cluster start` wrote on this machine
     engine: Annotated[str, msgspec.Meta(pattern=r"^(daemon|local|https?://\S+)$")] = "daemon"
     engine_token_file: str = ""
+    # fetch a hub model that is not in the local Hugging Face cache (`diffu-lsp pull ID` is the explicit
+    # way); off: a hub id must already be cached, and nothing is downloaded
+    allow_download: bool = False
 
 class SettingsError(ValueError):
     """One bad setting: ``key`` is the camelCase key (or a file path), ``problem`` a sentence."""
@@ -173,6 +177,63 @@ def read_toml(path: Path) -> dict:
         return msgspec.toml.decode(data)
     except msgspec.DecodeError as e:
         raise SettingsError(str(path), f"Invalid TOML: {e}", section="") from None
+
+
+# A workspace's own settings (its diffu-lsp.toml) may set these only when the user trusts that folder:
+# they choose what is loaded, on which device, whether it is downloaded and who is sent the documents.
+PROTECTED = ("model", "device", "engine", "engineTokenFile", "allowDownload")
+# The user's own TOML only: folders (and their subfolders) whose diffu-lsp.toml may set PROTECTED keys.
+TRUST_KEY = "trustedWorkspaces"
+
+
+def trusted_folders(user_raw: Mapping, base: Path) -> list[Path]:
+    """The user TOML's ``trustedWorkspaces`` as absolute paths (relative ones against ``base``)."""
+    value = user_raw.get(TRUST_KEY, user_raw.get("trusted_workspaces", []))
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Sequence):
+        return []
+    return [(base / Path(v).expanduser()).resolve() for v in value if isinstance(v, str) and v]
+
+
+def is_trusted(folder: Path, trusted: Sequence[Path]) -> bool:
+    folder = Path(folder).resolve()
+    return any(folder == t or t in folder.parents for t in trusted)
+
+
+def split_protected(raw: Mapping) -> tuple[dict, list[str]]:
+    """(raw without the PROTECTED keys and trustedWorkspaces, the camelCase keys taken out)."""
+    kept, dropped = {}, []
+    for key, value in raw.items():
+        name = camel_case(str(key))
+        if name in PROTECTED or name == TRUST_KEY:
+            dropped.append(name)
+        else:
+            kept[key] = value
+    return kept, dropped
+
+
+def without_trust_key(raw: Mapping) -> dict:
+    return {k: v for k, v in raw.items() if camel_case(str(k)) != TRUST_KEY}
+
+
+def model_relative_to(raw: Mapping, folder: Path) -> dict:
+    """``raw`` with a ``model`` path like ``./m``, ``../m`` or an existing subfolder resolved against
+    ``folder`` (the folder of the file that set it); hub ids and absolute paths stay as they are."""
+    out = dict(raw)
+    value = out.get("model")
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        return out
+    if value.startswith(("./", "../", ".\\", "..\\")) or value in (".", "..") or (folder / value).is_dir():
+        out["model"] = str((folder / value).resolve())
+    return out
+
+
+def is_hub_id(model: str | None) -> bool:
+    """``org/name`` (or ``name``) that is not a local path."""
+    if not model or model.startswith((".", "/", "~", "\\")) or Path(model).expanduser().exists():
+        return False
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) is not None
 
 
 def sampling_options(s: Settings) -> dict[str, Any]:

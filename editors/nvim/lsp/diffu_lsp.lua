@@ -21,6 +21,37 @@ local function as_object(t)
   return t
 end
 
+--- Whether the user trusted the workspace's diffu-lsp.toml with `:trust` (Neovim's vim.secure
+--- database: the file's real path with the SHA-256 of its current content). Read only, never
+--- prompts. Only a trusted workspace file may choose the model, device, engine or downloads.
+local function workspace_trusted(root)
+  local real = root and vim.uv.fs_realpath(root .. '/diffu-lsp.toml')
+  if not real then
+    return false
+  end
+  local function read(path)
+    local f = io.open(path, 'rb')
+    if not f then
+      return nil
+    end
+    local contents = f:read('*a')
+    f:close()
+    return contents
+  end
+  local contents, db = read(real), read(vim.fn.stdpath('state') .. '/trust')
+  if not contents or not db then
+    return false
+  end
+  local hash = vim.fn.sha256(contents)
+  for line in vim.gsplit(db, '\n') do
+    local h, file = line:match('^(%S+) (.+)$')
+    if file == real and h == hash then
+      return true
+    end
+  end
+  return false
+end
+
 ---@type vim.lsp.Config
 return {
   cmd = { 'diffu-lsp' },
@@ -46,7 +77,8 @@ return {
   before_init = function(params, config)
     config.settings = config.settings or {}
     config.settings.diffu = as_object(config.settings.diffu)
-    params.initializationOptions = config.settings.diffu
+    params.initializationOptions =
+      vim.tbl_extend('force', {}, config.settings.diffu, { workspaceTrusted = workspace_trusted(config.root_dir) })
   end,
   on_init = function(client)
     -- Keep `settings.diffu` an object when the server pulls workspace/configuration.

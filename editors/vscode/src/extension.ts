@@ -127,7 +127,9 @@ function workspaceVenvServer(): string | undefined {
 
 /**
  * `diffu.server.command` if set; else `diffu-lsp` on PATH; else a workspace `.venv`'s
- * `diffu-lsp`; else `diffu.server.python -m diffu_lsp`.
+ * `diffu-lsp` (a trusted workspace only: it is the workspace's own program); else
+ * `diffu.server.python -m diffu_lsp`. In an untrusted workspace VS Code hides the workspace's
+ * values of the `server.*` settings (package.json restrictedConfigurations).
  */
 function resolveServer(): { command: string; args: string[] } {
   const cfg = vscode.workspace.getConfiguration(SECTION);
@@ -136,7 +138,7 @@ function resolveServer(): { command: string; args: string[] } {
   if (configured) {
     return { command: configured, args: extraArgs };
   }
-  const onPath = which("diffu-lsp") ?? workspaceVenvServer();
+  const onPath = which("diffu-lsp") ?? (vscode.workspace.isTrusted ? workspaceVenvServer() : undefined);
   if (onPath) {
     return { command: onPath, args: extraArgs };
   }
@@ -150,7 +152,12 @@ function resolveServer(): { command: string; args: string[] } {
  * The `diffu.*` values the user actually set (any scope), keyed as the server expects
  * (`topP`, `holeMarkers`, ...). Unset keys are left out so that the server's own defaults and any
  * project `diffu-lsp.toml` keep applying; the package.json defaults only document them.
+ * In an untrusted workspace the workspace's values of the restricted settings (model, device,
+ * engine, ...) are left out: `inspect` shows them even where VS Code's `get` would not.
  */
+/** Settings a workspace may set only when trusted (package.json restrictedConfigurations). */
+const RESTRICTED = new Set(["model", "device", "engine", "engineTokenFile", "allowDownload"]);
+
 function serverSettings(scope?: vscode.ConfigurationScope | null): Record<string, unknown> {
   const cfg = vscode.workspace.getConfiguration(SECTION, scope);
   const out: Record<string, unknown> = {};
@@ -159,19 +166,18 @@ function serverSettings(scope?: vscode.ConfigurationScope | null): Record<string
     if (!i) {
       continue;
     }
+    const fromWorkspace = vscode.workspace.isTrusted || !RESTRICTED.has(key);
     const value =
-      i.workspaceFolderLanguageValue ??
-      i.workspaceFolderValue ??
-      i.workspaceLanguageValue ??
-      i.workspaceValue ??
+      (fromWorkspace
+        ? (i.workspaceFolderLanguageValue ?? i.workspaceFolderValue ?? i.workspaceLanguageValue ?? i.workspaceValue)
+        : undefined) ??
       i.globalLanguageValue ??
       i.globalValue;
     if (value !== undefined) {
       out[key] = value;
     } else if (
       // an explicit `null` (e.g. "diffu.model": null) is a choice too
-      i.workspaceFolderValue === null ||
-      i.workspaceValue === null ||
+      (fromWorkspace && (i.workspaceFolderValue === null || i.workspaceValue === null)) ||
       i.globalValue === null
     ) {
       out[key] = null;
@@ -240,7 +246,8 @@ function createClient(context: vscode.ExtensionContext): LanguageClient {
 
   const clientOptions: LanguageClientOptions = {
     documentSelector,
-    initializationOptions: serverSettings(),
+    // the server lets a trusted workspace's diffu-lsp.toml choose the model (workspaceTrusted)
+    initializationOptions: { ...serverSettings(), workspaceTrusted: vscode.workspace.isTrusted },
     synchronize: { configurationSection: SECTION },
     middleware: {
       workspace: {
