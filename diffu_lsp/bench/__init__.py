@@ -5,7 +5,8 @@ infilling and held-out stdlib exact match and edit similarity per setting, with 
 plot), memory (peak memory, load time, time to first suggestion), daemon (the shared model daemon vs
 a model in every server: added latency, replay, memory for 1 and 3 windows), shapes (random-weight
 networks of the real checkpoints' shapes: ms per step and per block, cache modes, the sampler's own
-overhead, memory), gpu (everything that needs a GPU, in one run), soak
+overhead, memory), gpu (everything that needs a GPU, in one run), cluster (simulated editors against a
+Ray Serve cluster of 1 and 2 replicas and against the local daemon), soak
 (real servers and daemon typed into through daemon faults: every request answered in bounded time), all. `python -m diffu_lsp.bench` is the same command.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from .common import Options, machine, machine_line, progress, render
 
 SUITES = ("replay", "speed", "quality", "memory", "daemon")
-STANDALONE = ("shapes", "gpu", "soak")  # build their own networks; not part of `all`
+STANDALONE = ("shapes", "gpu", "soak", "cluster")  # build their own networks or services; not part of `all`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +107,9 @@ def run_suite(name: str, options: Options, model=None) -> dict:
     elif name == "soak":
         from . import soak
         result = soak.run(options)
+    elif name == "cluster":
+        from . import cluster
+        result = cluster.run(options)
     else:
         raise ValueError(name)
     result["command"] = options.command

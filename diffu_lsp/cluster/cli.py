@@ -23,7 +23,8 @@ def ray_command() -> list[str]:
 
 def start(*, replicas: int = 1, model: str | None = None, device: str = "auto", dtype: str = "auto",
           gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0, threads: int = 0, host: str = "127.0.0.1",
-          port: int = DEFAULT_PORT, address: str | None = None, num_cpus: int | None = None) -> dict:
+          port: int = DEFAULT_PORT, address: str | None = None, num_cpus: int | None = None,
+          ssl_keyfile: str | None = None, ssl_certfile: str | None = None) -> dict:
     """Start a Ray head (or join ``address``), deploy the application, write the token; the state."""
     import ray
     from ray import serve
@@ -44,14 +45,16 @@ def start(*, replicas: int = 1, model: str | None = None, device: str = "auto", 
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     try:
         stats_actor_class().options(name=STATS_ACTOR, lifetime="detached", get_if_exists=True).remote()
-        serve.start(http_options={"host": host, "port": port})
+        tls = {"ssl_keyfile": ssl_keyfile, "ssl_certfile": ssl_certfile} if ssl_keyfile and ssl_certfile else {}
+        serve.start(http_options={"host": host, "port": port, **tls})
         serve.run(build(token, model=model, device=device, dtype=dtype, replicas=replicas,
                         gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, threads=threads),
                   name=APP_NAME, route_prefix="/")
     finally:
         ray.shutdown()
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    state = {"url": f"http://{shown_host}:{port}", "address": address, "started_head": started_head,
+    scheme = "https" if ssl_keyfile and ssl_certfile else "http"
+    state = {"url": f"{scheme}://{shown_host}:{port}", "address": address, "started_head": started_head,
              "replicas": replicas, "model": model or "bundled tiny model", "device": device, "dtype": dtype,
              "gpus_per_replica": gpus_per_replica, "token_file": str(token_file()), "started": time.time()}
     write_state(state)
@@ -135,7 +138,7 @@ def main(args) -> int:
             state = start(replicas=args.replicas, model=args.model, device=args.device, dtype=args.dtype,
                           gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                           threads=args.threads, host=args.host, port=args.port, address=args.address,
-                          num_cpus=args.num_cpus)
+                          num_cpus=args.num_cpus, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
             print(f"diffu-lsp cluster: {state['replicas']} replica(s) of {state['model']} at {state['url']}")
             print(f"token: {state['token_file']} (owner-only; remote users copy it and set engineTokenFile)")
             print(f'editors: set "engine": "{state["url"]}"')
@@ -173,6 +176,8 @@ def add_parser(subparsers) -> None:
     begin.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray head offers")
     begin.add_argument("--host", default="127.0.0.1", help="HTTP bind address (127.0.0.1 unless you mean it)")
     begin.add_argument("--port", type=int, default=DEFAULT_PORT)
+    begin.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this key (and --ssl-certfile)")
+    begin.add_argument("--ssl-certfile", default=None)
     begin.add_argument("--address", default=None, help="join this Ray cluster (HEAD:6379) instead of starting one")
     show = commands.add_parser("status", help="url, replicas, model, jobs served, token file")
     show.add_argument("--json", action="store_true")

@@ -1,0 +1,171 @@
+"""cluster: simulated editors typing at once against the Ray Serve cluster (1 and 2 replicas)
+and against the machine's model daemon, through the same engine contract the server uses.
+
+Each simulated editor types ``--chars`` characters at ``--cps`` into its own document; every
+keystroke cancels the editor's job still running (as the server's latest-wins does: the cluster
+sees a disconnect, the daemon a Cancel frame) and submits a suggestion job for the new text.
+Counted per run: answers (jobs that returned for the current text), superseded (cancelled by the
+next keystroke; "late" of them: the answer came back but after the next keystroke, and is dropped
+as the server drops it), stale (an answer kept for a text no longer current: must be 0), p50/p95 keystroke ->
+suggestion for the answers, jobs answered per second, forwards per answered job.
+
+Not measured: batching. The replicas run one job at a time through our scheduler; a batched
+canvas forward across editors is not built (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+
+from . import common
+
+PORT = 8278
+TEXT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        "
+TYPED = "lines = [line.rstrip() for line in f if line.strip()]\n        return lines\n"
+
+
+def editor(engine_for, index: int, chars: int, cps: float, out: list, ready: threading.Barrier) -> None:
+    """One editor: type, cancel the previous job, submit a new one; results appended to ``out``."""
+    from ..engine import Request
+    from ..jobs import CancelToken, JobCancelled
+    from ..settings import Settings
+
+    engine = engine_for()
+    settings = Settings()
+    current = {"version": 0}
+    lock = threading.Lock()
+    running: list[tuple[CancelToken, threading.Thread]] = []
+
+    def job(version: int, text: str, typed_at: float, token: CancelToken) -> None:
+        try:
+            engine.run(Request("suggest", text, len(text), len(text), settings), token, key=f"editor{index}")
+        except JobCancelled:
+            out.append({"outcome": "superseded"})
+            return
+        except Exception as error:  # noqa: BLE001
+            out.append({"outcome": "error", "error": repr(error)})
+            return
+        now = time.perf_counter()
+        with lock:  # as the server: an answer for a superseded keystroke is dropped, never shown
+            outcome = "late" if token.cancelled else "stale" if version != current["version"] else "answered"
+        out.append({"outcome": outcome, "latency": now - typed_at, "forwards": token.forwards, "at": now})
+
+    text = TEXT
+    try:
+        engine.run(Request("suggest", text, len(text), len(text), settings), CancelToken(), key=f"editor{index}")
+        ready.wait(120)  # every editor warmed up (first job untimed), then all type at once
+        for i in range(chars):
+            text += TYPED[i % len(TYPED)]
+            with lock:
+                current["version"] = i + 1
+                for token, _ in running:
+                    token.cancel("superseded")
+            token = CancelToken()
+            thread = threading.Thread(target=job, args=(i + 1, text, time.perf_counter(), token), daemon=True)
+            thread.start()
+            running = [(t, th) for t, th in running if th.is_alive()] + [(token, thread)]
+            time.sleep(1 / cps)
+        for _, thread in running:
+            thread.join(60)
+    finally:
+        engine.close()
+
+
+def typing_run(engine_for, editors: int, chars: int, cps: float) -> dict:
+    out: list = []
+    ready = threading.Barrier(editors + 1)
+    threads = [threading.Thread(target=editor, args=(engine_for, i, chars, cps, out, ready), daemon=True)
+               for i in range(editors)]
+    for thread in threads:
+        thread.start()
+    ready.wait(300)
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join(180)
+    wall = time.perf_counter() - started
+    answered = [r for r in out if r["outcome"] == "answered"]
+    latencies = [r["latency"] for r in answered]
+    return {
+        "editors": editors, "jobs": len(out), "answered": len(answered),
+        "superseded": sum(r["outcome"] in ("superseded", "late") for r in out),
+        "late": sum(r["outcome"] == "late" for r in out),
+        "stale": sum(r["outcome"] == "stale" for r in out), "errors": sum(r["outcome"] == "error" for r in out),
+        "p50_ms": 1000 * common.percentile(latencies, 50) if latencies else None,
+        "p95_ms": 1000 * common.percentile(latencies, 95) if latencies else None,
+        "jobs_per_s": len(answered) / wall,
+        "forwards_per_job": sum(r["forwards"] for r in answered) / len(answered) if answered else None,
+        "first_error": next((r["error"] for r in out if r["outcome"] == "error"), ""),
+    }
+
+
+def run(options: common.Options) -> dict:
+    from ..cluster import cli as cluster_cli
+    from ..cluster.client import ClusterEngine
+    from ..daemon import runtime_paths, terminate
+    from ..daemon.client import DaemonEngine
+    from ..engine import ModelKey
+    from ..settings import Settings
+
+    started = time.perf_counter()
+    key = ModelKey(options.model, options.device or "cpu", options.dtype or "float32")
+    editor_counts = (1, 2) if options.quick else (1, 4, 8)
+    chars = options.chars or (8 if options.quick else 24)
+    cps = options.cps
+    replica_counts = (1,) if options.quick else (1, 2)
+    runs: list[tuple[str, dict]] = []
+    previous = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="diffu-bench-cluster-") as folder:
+        os.environ.update(common.subprocess_env(options), XDG_RUNTIME_DIR=f"{folder}/run",
+                          XDG_CONFIG_HOME=f"{folder}/config")
+        try:
+            for replicas in replica_counts:
+                common.progress(f"cluster: starting {replicas} replica(s)")
+                cluster_cli.start(replicas=replicas, model=options.model, device=key.device, dtype=key.dtype,
+                                  cpus_per_replica=0.5, threads=options.threads or 1, port=PORT,
+                                  num_cpus=2 * max(replica_counts))
+
+                def cluster_engine() -> ClusterEngine:
+                    engine = ClusterEngine(f"http://127.0.0.1:{PORT}")
+                    engine.configure(Settings())
+                    engine.load(key)
+                    return engine
+
+                try:
+                    for editors in editor_counts:
+                        common.progress(f"cluster: {editors} editor(s), {replicas} replica(s)")
+                        runs.append((f"cluster, {replicas} replica(s)", typing_run(cluster_engine, editors, chars, cps)))
+                finally:
+                    cluster_cli.stop()
+
+            def daemon_engine() -> DaemonEngine:
+                engine = DaemonEngine(paths=runtime_paths())
+                engine.configure(Settings())
+                engine.load(key)
+                return engine
+
+            try:
+                for editors in editor_counts:
+                    common.progress(f"cluster: {editors} editor(s), local daemon")
+                    runs.append(("local daemon", typing_run(daemon_engine, editors, chars, cps)))
+            finally:
+                terminate(runtime_paths())
+        finally:
+            os.environ.clear()
+            os.environ.update(previous)
+    rows = [[target, r["editors"], r["jobs"], r["answered"], r["superseded"], r["late"], r["stale"], r["errors"], r["p50_ms"],
+             r["p95_ms"], r["jobs_per_s"], r["forwards_per_job"]] for target, r in runs]
+    return {
+        "suite": "cluster",
+        "title": "Team cluster (Ray Serve) vs the local daemon",
+        "tables": [common.table(
+            f"Simulated editors typing {chars} characters each at {cps:g} chars/s, every keystroke superseding "
+            "the editor's running job (ms; no batching: replicas run one job at a time)",
+            ["engine", "editors", "jobs", "answered", "superseded", "late", "stale", "errors", "p50", "p95", "answers/s",
+             "forwards/answer"], rows)],
+        "summary": {"stale": sum(r["stale"] for _, r in runs), "errors": sum(r["errors"] for _, r in runs),
+                    "first_error": next((r["first_error"] for _, r in runs if r["first_error"]), "")},
+        "seconds": time.perf_counter() - started,
+    }
