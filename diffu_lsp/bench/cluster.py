@@ -167,5 +167,29 @@ def run(options: common.Options) -> dict:
              "forwards/answer"], rows)],
         "summary": {"stale": sum(r["stale"] for _, r in runs), "errors": sum(r["errors"] for _, r in runs),
                     "first_error": next((r["first_error"] for _, r in runs if r["first_error"]), "")},
+        "notes": notes(runs),
         "seconds": time.perf_counter() - started,
     }
+
+
+def notes(runs: list[tuple[str, dict]]) -> list[str]:
+    by = {(target, r["editors"]): r for target, r in runs}
+    lines = [f"Stale answers (kept for a text no longer current): {sum(r['stale'] for _, r in runs)} in all rows."]
+    one, daemon = by.get(("cluster, 1 replica(s)", 1)), by.get(("local daemon", 1))
+    if one and daemon and one["p50_ms"] is not None and daemon["p50_ms"] is not None:
+        lines.append(f"One editor: the cluster answers in {one['p50_ms']:.0f} ms p50 against the daemon's "
+                     f"{daemon['p50_ms']:.0f} ms (HTTP through Ray's proxy, one connection per job, against the "
+                     "daemon's Unix socket).")
+    lines += [
+        f"Machine load: {os.cpu_count()} cores shared by the editors, Ray's proxy and every replica (and whatever "
+        "else runs): 2 replicas can only beat 1 where each gets its own GPU or cores.",
+        "Batching is not built: each replica runs one job at a time through our scheduler (latest-wins per "
+        "editor document), so there is no with/without batching column; jobs from different editors are spread "
+        "over replicas, not stepped together in one forward (that needs the sampler to step several canvases, "
+        "each with its own holes, cache and early exit, in lockstep).",
+        "Run with --threads 1 on a CPU: with torch's default threads per process, several processes on few "
+        "cores oversubscribe them (a first run here: the daemon took seconds per job).",
+        "Cancellation reaching the replica within one forward is checked by tests/test_cluster.py (forwards "
+        "after cancel, counted on the replica).",
+    ]
+    return lines
