@@ -212,6 +212,8 @@ def test_a_replica_killed_mid_job_answers_it_and_the_next_request_is_served(clus
     states = wait_for(lambda: cluster_cli.replica_states(None).get("ModelReplica", {}).get("RUNNING") == 2,
                       "Ray to replace the killed replica", timeout=120, every=2)
     assert states
+    status = cluster_cli.status()
+    assert status["running"] and status["jobs_served"] >= 1 and status["url"] == URL
 
 
 def test_a_silent_cluster_is_answered_empty_within_the_deadline(tmp_path, monkeypatch):
@@ -228,6 +230,43 @@ def test_a_silent_cluster_is_answered_empty_within_the_deadline(tmp_path, monkey
         silent.run(request(), CancelToken(), key="k")
     assert time.monotonic() - started < 5
     listener.close()
+
+
+@pytest.mark.asyncio
+async def test_a_server_whose_cluster_cannot_be_reached_falls_back_to_the_daemon_saying_so_once(tmp_path):
+    from diffu_lsp.daemon import daemon_pid, runtime_paths, terminate
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    window = await open_window(tmp_path, "w", {"engine": f"http://127.0.0.1:{port}"})
+    try:
+        await until_ready(window)
+        line = SAMPLE[:CURSOR].count("\n")
+        character = CURSOR - SAMPLE.rindex("\n", 0, CURSOR) - 1
+        window.notify("textDocument/didOpen", {"textDocument": {"uri": "file:///f.py", "languageId": "python",
+                                                                "version": 1, "text": SAMPLE}})
+        for _ in range(2):
+            await window.request("textDocument/inlineCompletion", {
+                "textDocument": {"uri": "file:///f.py"}, "position": {"line": line, "character": character},
+                "context": {"triggerKind": 1}}, timeout=120)
+        stats = await window.request("diffu/stats")
+        assert stats["engine"].startswith("daemon") and stats["daemon_pid"]
+        said = [p["message"] for _, m, p in window.notifications if m == "window/showMessage"]
+        assert len([m for m in said if "cannot be reached" in m]) == 1, said
+    finally:
+        await window.close()
+        os.environ["XDG_RUNTIME_DIR"], previous = str(tmp_path / "run"), os.environ.get("XDG_RUNTIME_DIR")
+        try:
+            paths = runtime_paths()
+            if daemon_pid(paths):
+                terminate(paths, timeout=10, sig=signal.SIGKILL)
+        finally:
+            if previous is None:
+                os.environ.pop("XDG_RUNTIME_DIR")
+            else:
+                os.environ["XDG_RUNTIME_DIR"] = previous
 
 
 def test_cluster_stop_leaves_no_ray_process_and_servers_fall_back_saying_so_once(cluster):
