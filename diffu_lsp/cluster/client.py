@@ -20,6 +20,7 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -72,6 +73,9 @@ class ClusterEngine:
         self.lost = False             # a replica-lost message was said; said again only after a success
         self.jobs = 0
         self.replica_pid = 0          # the replica that ran (or runs) the latest job
+        # replicas supersede per key: prefixed with this window's own id, so that two users' file:///main.py
+        # never cancel each other's jobs
+        self.window_id = uuid.uuid4().hex
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ contract
@@ -168,7 +172,7 @@ class ClusterEngine:
         started = time.monotonic()
         try:
             conn.request("POST", self._path("/job"), headers=self._headers(),
-                         body=msgspec.json.encode({"key": key, "request": request}))
+                         body=msgspec.json.encode({"key": f"{self.window_id}:{key}", "request": request}))
             response = conn.getresponse()
             if response.status != 200:
                 check_status(response.status, response.read())
