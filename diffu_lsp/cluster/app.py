@@ -92,7 +92,7 @@ class ModelReplica:
 
     async def run(self, message: Job):
         from .. import features
-        from ..jobs import JobCancelled, Scheduler
+        from ..jobs import Scheduler
 
         if self.sched is None:
             self.sched = Scheduler(debounce_s=0, thread_name="diffu-cluster-model")
