@@ -107,7 +107,9 @@ def replica_states(address: str | None) -> dict:
 def stop() -> dict:
     """Delete the application; if ``start`` started the Ray head here, stop Ray (no process left)."""
     state = read_state()
-    started_head = state.get("started_head", True)
+    if not state:  # never stop a Ray that `cluster start` did not start here
+        return {"stopped": False, "message": f"no cluster started from this machine ({state_file()} is missing)"}
+    started_head = bool(state.get("started_head"))
     if started_head:
         subprocess.run(ray_command() + ["stop", "--force"], capture_output=True, text=True, timeout=STOP_SECONDS)
     else:
