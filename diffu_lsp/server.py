@@ -34,9 +34,11 @@ import attrs
 import msgspec
 from lsprotocol import types as lsp
 from pygls.capabilities import get_capability
-from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.json_rpc import RPCError, RPCNotification, RPCRequest, RPCResponse
+from pygls.protocol.language_server import lsp_method
 from pygls.uris import to_fs_path
 from pygls.workspace import TextDocument, Workspace
 
@@ -65,6 +67,7 @@ CONFIG_SECTION = "diffu"
 
 # ------------------------------------------------------------------ protocol layer
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 
 
@@ -94,6 +97,7 @@ class _Unreadable:
     has_id: bool
     method: str | None
     problem: str
+    invalid_request: bool = False  # not valid JSON-RPC 2.0 (answered InvalidRequest, not InvalidParams)
 
 
 class DiffuProtocol(LanguageServerProtocol):
@@ -104,7 +108,14 @@ class DiffuProtocol(LanguageServerProtocol):
     error, such a notification is logged and ignored, and an unreadable response to one
     of our requests fails that request instead of leaving it pending."""
 
+    _shutdown_requested = False
+
     def structure_message(self, data):
+        if isinstance(data, dict) and "jsonrpc" in data and "method" in data:  # a request or notification
+            problem = _envelope_problem(data)
+            if problem:
+                return _Unreadable(_echo_id(data.get("id")), "id" in data, str(data["method"]), problem,
+                                   invalid_request=True)
         try:
             return super().structure_message(data)
         except JsonRpcException as error:
@@ -119,6 +130,27 @@ class DiffuProtocol(LanguageServerProtocol):
                                f"{type(cause).__name__}: {cause}".splitlines()[0])
 
     def handle_message(self, message):
+        if not isinstance(message, (_Unreadable, RPCRequest, RPCNotification, RPCResponse, RPCError)):
+            # a batch (JSON array), a message without "jsonrpc", or not an object at all
+            is_object = isinstance(message, dict)
+            if is_object and "method" in message and "id" not in message:
+                log.warning("ignoring a notification without \"jsonrpc\": \"2.0\": %.200r", message)
+                return
+            problem = ("batches (JSON arrays) are not supported" if isinstance(message, list)
+                       else "not a JSON-RPC 2.0 message" if is_object else "a message must be a JSON object")
+            return self._invalid_request(_echo_id(message.get("id")) if is_object else None, problem)
+        if isinstance(message, _Unreadable) and message.invalid_request:
+            if message.has_id:
+                return self._invalid_request(message.id, message.problem)
+            log.warning("ignoring notification %s: %s", message.method, message.problem)
+            return
+        if isinstance(message, RPCRequest) and message.method != lsp.EXIT:
+            if self._shutdown:  # LSP: every request after shutdown is an InvalidRequest error
+                return self._invalid_request(message.id, f"{message.method}: the server is shut down")
+            if message.method == lsp.SHUTDOWN:
+                if self._shutdown_requested:
+                    return self._invalid_request(message.id, "shutdown was already requested")
+                self._shutdown_requested = True
         if not isinstance(message, _Unreadable):
             return super().handle_message(message)
         if message.method is None:  # a response to one of our requests
@@ -131,6 +163,49 @@ class DiffuProtocol(LanguageServerProtocol):
             log.warning("request %s %s has invalid params: %s", message.id, message.method, message.problem)
             error = JsonRpcInvalidParams(f"Invalid params for {message.method}: {message.problem}")
             self._send_response(message.id, error=error.to_response_error())
+
+    def _handle_cancel_notification(self, msg_id):
+        """A $/cancelRequest for a request already answered is normal (clients cancel on every
+        keystroke): no warning on stderr, which editors show as their server log."""
+        future = self._request_futures.pop(msg_id, None)
+        if future is None:
+            log.debug("$/cancelRequest for %r, already answered", msg_id)
+        elif future.cancel():
+            log.debug("cancelled request %r", msg_id)
+
+    def _invalid_request(self, msg_id, problem: str) -> None:
+        log.warning("invalid request (id %r): %s", msg_id, problem)
+        error = {"code": JsonRpcInvalidRequest.CODE, "message": problem}
+        self._send_data({"jsonrpc": "2.0", "id": msg_id, "error": error})  # a dict: keeps "id": null
+
+    @lsp_method(lsp.SHUTDOWN)
+    def lsp_shutdown(self, *args):
+        """pygls's, except that it cancels the pending requests over a copy: a cancelled request's
+        callback removes it from the dict ("dictionary changed size during iteration")."""
+        if (user_handler := self.fm.features.get(lsp.SHUTDOWN)) is not None:
+            yield user_handler, args, None
+        current_id = self.msg_id
+        for msg_id, future in list(self._request_futures.items()):
+            if msg_id != current_id and not future.done():
+                future.cancel()
+        self._shutdown = True
+        return None
+
+
+def _echo_id(msg_id: Any) -> int | str | None:
+    """The id to answer with: JSON-RPC ids are numbers or strings; anything else is answered null."""
+    return msg_id if isinstance(msg_id, (int, str)) and not isinstance(msg_id, bool) else None
+
+
+def _envelope_problem(data: dict) -> str:
+    """Why a request/notification object is not valid JSON-RPC 2.0 ('' when it is)."""
+    if data.get("jsonrpc") != "2.0":
+        return f'"jsonrpc" must be "2.0", got {data.get("jsonrpc")!r}'
+    if not isinstance(data.get("method"), str):
+        return '"method" must be a string'
+    if "id" in data and _echo_id(data["id"]) is None:
+        return f'"id" must be a number or a string, got {type(data["id"]).__name__}'
+    return ""
 
 
 # ------------------------------------------------------------------ helpers
@@ -557,17 +632,28 @@ class DiffuServer(LanguageServer):
             return None
 
     @staticmethod
-    def offset_at(doc: TextDocument, position: lsp.Position) -> tuple[int, lsp.Position]:
-        """Character offset of a client position, clamped into the document, and the clamped
-        position. Past the last line -> end of document; past a line's end -> that end."""
+    def offset_at(doc: TextDocument, position: lsp.Position, *, end_of_range: bool = False
+                  ) -> tuple[int, lsp.Position] | None:
+        """Character offset of a client position and the client position of that offset (one
+        inside a UTF-16 surrogate pair moves after the pair, so both agree). A column past a
+        line's end is that end (LSP); a line past the document's end is None (a range's end
+        there, ``end_of_range``, is the end of the document)."""
         lines = doc.lines
-        if position.line >= len(lines):
+        last = len(lines) if not lines or lines[-1].endswith(("\n", "\r")) else len(lines) - 1
+        if position.line > last:
+            if not end_of_range:
+                return None
             offset = len(doc.source)
             return offset, DiffuServer.position_at(doc, [offset])[0]
+        if position.line == len(lines):  # the empty line after a final line break
+            return len(doc.source), lsp.Position(line=position.line, character=0)
         body = lines[position.line].rstrip("\r\n")
-        width = doc.position_codec.client_num_units(body)
+        codec = doc.position_codec
+        width = codec.client_num_units(body)
         clamped = lsp.Position(line=position.line, character=min(position.character, width))
-        return doc.offset_at_position(clamped), clamped
+        column = codec.position_from_client_units(lines, clamped).character if body else 0
+        return doc.offset_at_position(clamped), lsp.Position(line=position.line,
+                                                             character=codec.client_num_units(body[:column]))
 
     @staticmethod
     def position_at(doc: TextDocument, offsets: list[int]) -> list[lsp.Position]:
@@ -614,6 +700,8 @@ class DiffuServer(LanguageServer):
         if "\x00" in text:
             log.info("binary content in %s; not completing", uri)
             return None
+        if not text.isascii():  # a lone UTF-16 surrogate (no pair) cannot be encoded or tokenized:
+            text = _LONE_SURROGATE.sub("\ufffd", text)  # one character for one, so offsets stay
         return doc, text
 
     # ------------------------------------------------------------ suggestions
@@ -640,7 +728,11 @@ class DiffuServer(LanguageServer):
             return None
         doc, text = snap
         version = doc.version
-        cursor, pos = self.offset_at(doc, position)
+        at = self.offset_at(doc, position)
+        if at is None:
+            log.info("position %s is past the end of %s", position, uri)
+            return None
+        cursor, pos = at
         reused = self.typed_through(uri, text, cursor)
         if reused is not None:
             suggestion, replace_after = reused
@@ -717,7 +809,11 @@ class DiffuServer(LanguageServer):
         if snap is None:
             return None
         doc, text = snap
-        (start_offset, _), (end_offset, _) = self.offset_at(doc, start), self.offset_at(doc, end)
+        first, last = self.offset_at(doc, start, end_of_range=start != end), self.offset_at(doc, end, end_of_range=True)
+        if first is None:
+            self.log_client(f"diffu-lsp: {label}: line {start.line + 1} is past the end of the document")
+            return None
+        (start_offset, _), (end_offset, _) = first, last
         start_offset, end_offset = min(start_offset, end_offset), max(start_offset, end_offset)
         settings = self.settings
         clipped, base = self.clip(text, start_offset, end_offset, settings)
@@ -1026,7 +1122,10 @@ def create_server(*, model: str | None = None, device: str | None = None, dtype:
         if snap is None:
             return []
         doc, text = snap
-        (start, start_pos), (end, end_pos) = ls.offset_at(doc, params.range.start), ls.offset_at(doc, params.range.end)
+        first = ls.offset_at(doc, params.range.start)
+        if first is None:
+            return []
+        (start, start_pos), (end, end_pos) = first, ls.offset_at(doc, params.range.end, end_of_range=True)
         if start > end:
             (start, start_pos), (end, end_pos) = (end, end_pos), (start, start_pos)
         document = {"uri": uri}

@@ -630,12 +630,13 @@ async def test_positions_past_the_end_are_clamped(client):
     # Past the end of line 0 (in UTF-8 units, the negotiated encoding): clamped to its end.
     actions = await code_actions(client, uri, rng(0, 500, 0, 500), only=[server_mod.KIND_COMPLETE_BLOCK])
     assert plain(actions[0].command.arguments)[0]["position"] == {"line": 0, "character": len('name = "héllo"'.encode())}
-    # Past the last line: the end of the document; the request is answered (text or None).
-    result = await inline(client, uri, lsp.Position(line=99, character=99))
-    if inline_text(result):
-        assert result.items[0].range.start == lsp.Position(line=1, character=4)
-    actions = await code_actions(client, uri, rng(99, 0, 99, 9), only=[server_mod.KIND_COMPLETE_BLOCK])
-    assert plain(actions[0].command.arguments)[0]["position"] == {"line": 1, "character": 4}
+    # Past the last line: an empty answer, never an item clamped onto another line.
+    assert await inline(client, uri, lsp.Position(line=99, character=99)) is None
+    assert await inline(client, uri, lsp.Position(line=2, character=0)) is None
+    assert not await code_actions(client, uri, rng(99, 0, 99, 9), only=[server_mod.KIND_COMPLETE_BLOCK])
+    # A range that ends past the end (select all) ends at the end of the document.
+    actions = await code_actions(client, uri, rng(1, 0, 99, 0), only=[server_mod.KIND_REFINE])
+    assert plain(actions[0].command.arguments)[0]["range"]["end"] == {"line": 1, "character": 4}
 
 
 @aio
