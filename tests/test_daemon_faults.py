@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -171,3 +173,24 @@ def test_connect_returns_none_without_a_daemon_and_never_blocks(runtime):
     t0 = time.monotonic()
     assert connect(runtime) is None
     assert time.monotonic() - t0 < 1
+
+
+def test_a_start_while_the_old_daemon_is_stopping_ends_with_a_daemon(runtime):
+    # The old daemon (played by a process holding daemon.lock for 3 s) still holds the lock when the
+    # new one starts: the new one bows out, the lock comes free, and the starter starts another
+    # (it waited its whole 60 s start timeout for nobody before).
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(runtime.lock)!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(3)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        conn = connect_or_start(runtime)
+        assert time.monotonic() - t0 < 30 and daemon_pid(runtime) == conn.pid
+        conn.close()
+    finally:
+        holder.kill()
+        holder.wait()

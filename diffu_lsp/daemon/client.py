@@ -32,8 +32,8 @@ from .. import __version__
 from ..engine import Answer, ModelInfo, ModelKey, Request, Step
 from ..jobs import JobCancelled
 from ..settings import Settings
-from . import (DaemonError, Paths, check_socket_file, file_lock, log_tail, peer_uid, private_folder, runtime_paths,
-               spawn, terminate)
+from . import (DaemonError, Paths, check_socket_file, daemon_pid, file_lock, log_tail, peer_uid, private_folder,
+               runtime_paths, spawn, terminate)
 from . import wire
 
 log = logging.getLogger("diffu_lsp.daemon.client")
@@ -292,8 +292,12 @@ def connect_or_start(paths: Paths, *, idle_seconds: int = 900, memory_mb: int = 
             if conn is not None:
                 return conn
             code = process.poll()
-            if code not in (None, 0):  # 0: another daemon held the lock; it will answer
+            if code not in (None, 0):
                 raise DaemonError(f"the model daemon exited at start (status {code}): {log_tail(paths)}")
+            if code == 0 and daemon_pid(paths) is None:
+                # it bowed out to a daemon that held the lock, but that one was stopping: start again
+                process = spawn(paths, idle_seconds=idle_seconds, memory_mb=memory_mb)
+                threading.Thread(target=process.wait, name="diffu-daemon-reaper", daemon=True).start()
             time.sleep(0.05)
     raise DaemonError(f"the model daemon did not answer within {START_TIMEOUT:.0f} s; see {paths.log}")
 
