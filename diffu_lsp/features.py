@@ -99,6 +99,8 @@ def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, ca
         raw = _hole_text(model, result, hole_start, length, settings)
         context = Context(prefix=text[:hole.start], suffix=text[hole.end:], multiline=True)
         filled = postprocess_text(raw, context)
+        if not text[text.rfind("\n", 0, hole.start) + 1:hole.start].strip():
+            filled = filled.lstrip(" \t")  # a marker that starts its line: write at its indentation
         if filled:
             replacements.append(Replacement(hole.start, hole.end, filled))
     return replacements

@@ -849,9 +849,17 @@ class DiffuServer(LanguageServer):
         target = self._command_target(uri, "fill holes", rng.start, rng.end)
         if target is None:
             return False
+        holes = self.find_holes(target.text, target.start, target.end, target.settings)
+        if not holes:
+            markers = ", ".join(repr(m) for m in target.settings.hole_markers)
+            where = "in the selection" if target.start != target.end else "in the enclosing def/class"
+            self.show(f"diffu-lsp: fill holes: no hole marker {where}. Markers (setting holeMarkers): {markers}; "
+                      "'...' counts only as a whole statement, not inside an expression", lsp.MessageType.Info)
+            return False
         replacements = await self._submit_command(uri, target, "fill_holes")
         if not replacements:
-            self.log_client("diffu-lsp: fill holes: no hole markers here, or the model produced nothing")
+            self.show(f"diffu-lsp: fill holes: the model produced nothing for the {len(holes)} hole(s) found; "
+                      "nothing was changed", lsp.MessageType.Info)
             return False
         base = target.base
         return await self.apply_edits(uri, target.doc, target.version,

@@ -497,9 +497,24 @@ async def test_fill_holes_sends_one_edit_for_all_holes(mechanic):
     assert change.text_document.uri == uri and change.text_document.version == 1
     assert [e.range for e in change.edits] == [rng(1, 4, 1, 7), rng(5, 4, 5, 7)]  # the two `...`
     assert all(e.new_text and "..." not in e.new_text for e in change.edits)
+    assert not [e.new_text for e in change.edits if e.new_text[:1].isspace()]  # at the marker's indentation
     (job,) = jobs_of(await stats(client), uri)  # both holes in one canvas: one job
     assert job["key"] == f"{uri}#command" and job["outcome"] == "completed"
     assert job["forwards"] <= 2 * 8  # 8-token holes, at most one forward per token
+
+
+@aio
+async def test_fill_holes_without_a_marker_says_which_markers_count(mechanic):
+    client = mechanic
+    uri = open_doc(client, "def f(x):\n    return x[...]\n")
+    client.messages.clear()
+    client.edits.clear()
+    result = await execute(client, server_mod.CMD_FILL_HOLES, textDocument={"uri": uri},
+                           range={"start": {"line": 0, "character": 0}, "end": {"line": 1, "character": 18}})
+    assert result == {"applied": False} and not client.edits
+    (message,) = await until(lambda: [m.message for m in client.messages if "fill holes" in m.message], "a message")
+    assert "no hole marker" in message and "'pass  # TODO'" in message and "whole statement" in message
+    assert not jobs_of(await stats(client), uri)  # no model job for nothing to fill
 
 
 @aio
