@@ -217,6 +217,44 @@ def test_inline_completion_shown_and_accepted_with_tab(editor_factory):
     assert not s or s["text"] != text or s["tick"] != shown["tick"]
 
 
+def test_two_buffers_inline_request_only_for_the_current_one(editor_factory):
+    """Neovim's inline completion asks for every attached buffer with the current window's cursor;
+    the client sends only the current buffer's request (a short other buffer got a request at a
+    line it does not have, and Neovim raised "Index out of bounds")."""
+    ed = editor_factory(mechanic=True)
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+    long_buf = ed.lua("return vim.api.nvim_get_current_buf()")
+    short = ed.lua("return vim.fn.fnamemodify(vim.api.nvim_buf_get_name(0), ':h')") + "/short.py"
+    ed.nvim.command(f"split {short}")
+    ed.nvim.current.buffer[:] = ["x = 1"]
+    wait_for(lambda: ed.lua("return #vim.lsp.get_clients({ name = 'diffu_lsp', bufnr = 0 })") == 1, 30,
+             what="the client to attach to the second buffer")
+    ed.lua("""
+      _G.diffu_test.sent = {}
+      local c = vim.lsp.get_clients({ name = 'diffu_lsp' })[1]
+      local rpc_request = c.rpc.request
+      c.rpc.request = function(method, params, ...)
+        if method == 'textDocument/inlineCompletion' then
+          table.insert(_G.diffu_test.sent, { uri = params.textDocument.uri, line = params.position.line })
+        end
+        return rpc_request(method, params, ...)
+      end
+    """)
+    ed.nvim.command("wincmd j")
+    assert ed.lua("return vim.api.nvim_get_current_buf()") == long_buf
+    before = inline_counts(ed)
+    goto_insert(ed, "19Go")
+    wait_answered(ed, before, REQUEST_TIMEOUT)
+    time.sleep(0.5)
+    sent = ed.lua("return _G.diffu_test.sent")
+    assert sent, "no inline request was sent"
+    long_uri = ed.lua("return vim.uri_from_bufnr(...)", long_buf)
+    assert all(r["uri"] == long_uri for r in sent), sent
+    errors = ed.lua("return vim.v.errmsg")
+    assert "Index out of bounds" not in (errors or "")
+
+
 def test_tab_without_suggestion_inserts_a_tab(editor_factory):
     ed = editor_factory(setup={"inline_completion": True})
     if not has_inline_completion(ed):

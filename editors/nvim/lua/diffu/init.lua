@@ -565,7 +565,7 @@ local function guard_requests(client)
   client._diffu_guarded = true
   local request = client.request
   client.request = function(self, method, params, handler, bufnr)
-    if method ~= 'textDocument/inlineCompletion' or not M.config.drop_stale or not handler then
+    if method ~= 'textDocument/inlineCompletion' or not handler then
       return request(self, method, params, handler, bufnr)
     end
     -- only the native ghost-text requests (not e.g. request_sync from user code)
@@ -583,7 +583,17 @@ local function guard_requests(client)
     if not native then
       return request(self, method, params, handler, bufnr)
     end
-    local buf = resolve_bufnr(bufnr)
+    -- Neovim's inline completion asks for every attached buffer with the current window's cursor
+    -- (its autocmds are global): only the current buffer's request is real; the others would
+    -- name a position in another buffer (and raise "Index out of bounds" when it comes back).
+    local uri = params and params.textDocument and params.textDocument.uri
+    local buf = uri and vim.uri_to_bufnr(uri) or resolve_bufnr(bufnr)
+    if buf ~= vim.api.nvim_get_current_buf() then
+      return false, nil
+    end
+    if not M.config.drop_stale then
+      return request(self, method, params, handler, bufnr)
+    end
     local tick = vim.api.nvim_buf_get_changedtick(buf)
     local pos = params and params.position
     local row = pos and pos.line
