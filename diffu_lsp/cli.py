@@ -118,7 +118,8 @@ def load(args):
 
 
 def cmd_complete(args) -> int:
-    from .features import suggest
+    from .engine import Request
+    from .features import run
     from .settings import Settings, SettingsError, apply
 
     path, line, col = parse_location(args.location)
@@ -134,7 +135,7 @@ def cmd_complete(args) -> int:
     except SettingsError as error:
         raise CliError(str(error)) from None
     model = load(args)
-    suggestion = suggest(model, text, cursor, settings, block=args.block)
+    suggestion = run(model, Request("block" if args.block else "suggest", text, cursor, cursor, settings))
     if args.json:
         print(json.dumps({"file": str(path), "line": line, "column": col,
                           "text": suggestion.text, "multiline": suggestion.multiline,
@@ -152,7 +153,8 @@ def cmd_doctor(args) -> int:
     import torch
     import transformers
 
-    from .features import suggest
+    from .engine import Request
+    from .features import run
     from .settings import Settings
 
     print(f"diffu-lsp     {__version__}")
@@ -170,7 +172,7 @@ def cmd_doctor(args) -> int:
     text = "def add(a, b):\n    return a + b\n\n\ndef subtract(a, b):\n    return \n"
     cursor = text.rindex("return ") + len("return ")
     started = time.perf_counter()
-    suggestion = suggest(model, text, cursor, Settings())
+    suggestion = run(model, Request("suggest", text, cursor, cursor, Settings()))
     print(f"one job       {time.perf_counter() - started:.3f} s, {suggestion.forwards} forwards for {suggestion.hole_tokens} hole tokens")
     print("  asked       after `def add(a, b): return a + b`, complete `def subtract(a, b): return |` (a good answer: `a - b`)")
     print(f"  came back   {suggestion.text!r}")

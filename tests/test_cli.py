@@ -58,3 +58,14 @@ def test_doctor_reports_the_model_and_a_timed_job():
     assert done.returncode == 0, done.stderr
     assert "family        dream" in done.stdout
     assert "forwards for" in done.stdout
+
+
+def test_complete_fits_a_long_file_to_a_small_model_window(random_dream, tmp_path):
+    # 512 positions; default budgets (768 before, 256 after, 96-token block) would overflow them:
+    # `complete` goes through the server's job path, which fits the canvas (a traceback before).
+    long_file = tmp_path / "long.py"
+    long_file.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(400)))
+    done = run("complete", f"{long_file}:599:5", "--block", "--json", "--model", str(random_dream), "--device", "cpu",
+               "--dtype", "float32")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert json.loads(done.stdout)["hole_tokens"] == 96

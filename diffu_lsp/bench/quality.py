@@ -134,32 +134,20 @@ def fill(model, setting: Setting, task: Task, prefix_budget: int, suffix_budget:
             "exact": text.strip() == task.span.strip(), "similarity": common.edit_similarity(text, task.span)}
 
 
-def fitted_settings(model):
-    """Default settings; for a model whose context is shorter than the default budgets (a test
-    checkpoint) the prefix/suffix budgets shrink so the canvas fits."""
-    import msgspec
-
-    from ..settings import Settings
-
-    s = Settings()
-    room = model.max_length - max(s.single_line_tokens, s.multi_line_tokens, s.block_tokens) - 8
-    if s.prefix_tokens + s.suffix_tokens <= room:
-        return s
-    suffix = min(s.suffix_tokens, room // 4)
-    return msgspec.structs.replace(s, prefix_tokens=max(1, room - suffix), suffix_tokens=suffix)
-
-
 def suggest_line(model, task: Task) -> dict:
     """The server's own path: the line's code removed (indentation kept), cursor after the indentation,
-    `features.suggest` with default settings, its text put where the line was."""
-    from ..features import suggest
+    the server's job path (`features.run`: fitted to the model's window) with default settings, its
+    text put where the line was."""
+    from ..engine import Request
+    from ..features import run
+    from ..settings import Settings
 
     line = task.span.rstrip("\n")
     indent = line[:len(line) - len(line.lstrip())]
     newline = task.span[len(line):]
     document = task.prefix + indent + newline + task.suffix
     cursor = len(task.prefix) + len(indent)
-    s = suggest(model, document, cursor, fitted_settings(model))
+    s = run(model, Request("suggest", document, cursor, cursor, Settings()))
     return {"text": indent + s.text + newline, "hole": s.hole_tokens, "forwards": s.forwards,
             "seconds": s.seconds, "exact": s.text.strip() == task.span.strip(),
             "similarity": common.edit_similarity(s.text, task.span)}

@@ -104,7 +104,7 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
 
     async def serve(self) -> None:
-        server = await self._listen()
+        await self._listen()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
