@@ -431,3 +431,47 @@ def test_code_actions_at_position_and_selection(editor_factory):
         """
     )
     assert "refactor.rewrite.diffu.completeBlock" in raw, raw
+
+
+# ---------------------------------------------------------------- workspace trust (issue #17)
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_workspace_toml_chooses_the_model_only_when_trusted_with_trust(tmp_path, trusted):
+    """A project's diffu-lsp.toml may set `model` only after the user ran :trust on it (Neovim's
+    vim.secure database); untrusted, the bundled model loads and one warning says how to trust."""
+    import hashlib
+    import json as _json
+
+    from nvim_helpers import READY_TIMEOUT
+
+    work = tmp_path / "work"
+    (work / "evil-model").mkdir(parents=True)
+    (work / "evil-model" / "config.json").write_text(_json.dumps({"model_type": "evil-diffusion"}))
+    toml = work / "diffu-lsp.toml"
+    toml.write_text('model = "./evil-model"\n')
+    (work / "sample.py").write_text(SAMPLE)
+    if trusted:  # what `:trust` writes: the SHA-256 of the file's content and its real path
+        db = work / ".xdg" / "state" / "nvim" / "trust"
+        db.parent.mkdir(parents=True)
+        db.write_text(f"{hashlib.sha256(toml.read_bytes()).hexdigest()} {toml.resolve()}\n")
+    nvim = start_nvim(write_init(work), work, {})
+    try:
+        ed = Editor(nvim)
+        nvim.command(f"edit {work / 'sample.py'}")
+        status = wait_for(lambda: (ed.status() or {}).get("state") in ("ready", "error") and ed.status(),
+                          READY_TIMEOUT, what="the model to load or fail")
+        if trusted:
+            assert status["state"] == "error" and "evil-diffusion" in status["message"], status
+            assert status["model"] == str((work / "evil-model").resolve())
+        else:
+            assert status["state"] == "ready" and status["model"] == "bundled tiny model", status
+    finally:
+        try:
+            nvim.exec_lua("for _, c in ipairs(vim.lsp.get_clients()) do c:stop(true) end")
+            nvim.command("qall!")
+        except Exception:
+            pass
+        try:
+            nvim.close()
+        except Exception:
+            pass
