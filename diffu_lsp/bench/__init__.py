@@ -13,6 +13,7 @@ Ray Serve cluster of 1 and 2 replicas and against the local daemon), soak
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from .common import Options, machine, machine_line, progress, render
 
 SUITES = ("replay", "speed", "quality", "memory", "daemon")
+MODEL_SUITES = ("speed", "quality")  # run in this process on a model loaded once for both
 STANDALONE = ("shapes", "gpu", "soak", "cluster")  # build their own networks or services; not part of `all`
 
 
@@ -83,35 +85,10 @@ def options_from(args, argv: list[str]) -> Options:
 def run_suite(name: str, options: Options, model=None) -> dict:
     """One suite -> its result dict (tables, summary, notes, machine, command)."""
     load_before = _load_average()
-    if name == "replay":
-        from . import replay
-        result = replay.run(options)
-    elif name == "memory":
-        from . import memory
-        result = memory.run(options)
-    elif name == "daemon":
-        from . import daemon
-        result = daemon.run(options)
-    elif name == "speed":
-        from . import speed
-        result = speed.run(options, model)
-    elif name == "quality":
-        from . import quality
-        result = quality.run(options, model)
-    elif name == "shapes":
-        from . import shapes
-        result = shapes.run(options)
-    elif name == "gpu":
-        from . import gpu
-        result = gpu.run(options)
-    elif name == "soak":
-        from . import soak
-        result = soak.run(options)
-    elif name == "cluster":
-        from . import cluster
-        result = cluster.run(options)
-    else:
+    if name not in SUITES + STANDALONE:
         raise ValueError(name)
+    suite = importlib.import_module(f"{__package__}.{name}")
+    result = suite.run(options, model) if name in MODEL_SUITES else suite.run(options)
     result["command"] = options.command
     result["machine"] = machine(model, options) if model is not None else machine(None, options)
     if result.get("machine_extra"):  # suites that build their own networks name them
