@@ -94,8 +94,9 @@ class Connection:
         return answer.info
 
     def submit(self, key: str, model: ModelKey, request: Request, cancel,
-               on_step: Callable[[Any], None] | None = None) -> Answer:
-        """Run one job in the daemon; ``cancel`` (a CancelToken) is forwarded as a Cancel frame."""
+               on_step: Callable[[Any], None] | None = None, on_oom_retry: Callable[[], None] = lambda: None) -> Answer:
+        """Run one job in the daemon; ``cancel`` (a CancelToken) is forwarded as a Cancel frame;
+        ``on_oom_retry`` is called for each out-of-memory retry the daemon made."""
         def progress(msg: wire.Progress) -> None:
             cancel.forwards = msg.step
             if on_step is not None:
@@ -104,6 +105,8 @@ class Connection:
         answer = self._call(lambda id: wire.Submit(id, key, model, request, progress=on_step is not None),
                             progress, cancel)
         cancel.report(answer.forwards)
+        for _ in range(answer.oom_retries):
+            on_oom_retry()
         return answer.value
 
     def status(self) -> wire.Status:
@@ -380,8 +383,8 @@ class DaemonEngine:
     def run(self, request: Request, cancel, on_step=None, on_oom_retry=None, *, key: str = "") -> Answer:
         if self.key is None:
             raise RuntimeError("no model is loaded")
-        model = self.key
-        return self._call(lambda conn: conn.submit(key, model, request, cancel, on_step))
+        model, on_oom_retry = self.key, on_oom_retry or (lambda: None)
+        return self._call(lambda conn: conn.submit(key, model, request, cancel, on_step, on_oom_retry))
 
     def describe(self) -> dict:
         conn = self._conn

@@ -290,19 +290,25 @@ class Daemon:
         def progress(draft) -> None:  # worker thread
             loop.call_soon_threadsafe(client.send, wire.Progress(message.id, draft.step, draft.masked))
 
+        oom_retries = 0
+
+        def count_oom_retry() -> None:
+            nonlocal oom_retries
+            oom_retries += 1
+
         def work(token):
             from .. import features
 
             held.last_used = time.monotonic()
             held.jobs += 1
             return features.run(held.model, message.request, cancel=token,
-                                on_step=progress if message.progress else None)
+                                on_step=progress if message.progress else None, on_oom_retry=count_oom_retry)
 
         job = self.sched.submit(f"{client.id}:{message.key}", work, debounce=False)
         client.jobs[message.id] = job
         try:
             value = await job
-            client.send(wire.Result(message.id, value, job.token.forwards))
+            client.send(wire.Result(message.id, value, job.token.forwards, oom_retries))
         except JobCancelled as cancelled:
             client.send(wire.Failed(message.id, "cancelled", cancelled.reason, job.token.forwards,
                                     job.token.forwards_after_cancel))

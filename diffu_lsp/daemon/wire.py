@@ -82,6 +82,7 @@ class Result(msgspec.Struct, tag=True, frozen=True):
     id: int
     value: Answer
     forwards: int
+    oom_retries: int = 0  # the job ran out of memory and was retried with smaller holes
 
 
 class Failed(msgspec.Struct, tag=True, frozen=True):
