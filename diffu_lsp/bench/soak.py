@@ -328,7 +328,8 @@ async def inject_faults(run: Run, rng: random.Random, every: float, deadline: fl
                 fault["status"] = "timed out after 60 s"
         elif kind == "delete-folder":
             shutil.rmtree(paths.folder, ignore_errors=True)
-        common.progress(f"soak: fault {kind} (daemon pid {pid})")
+        common.progress(f"soak: fault {kind} (daemon pid {pid})" + (f": skipped, {fault['skipped']}"
+                                                                   if fault.get("skipped") else ""))
         run.faults.append(fault)
 
 
@@ -509,6 +510,8 @@ def summarise(run: Run, start: dict, end: dict, duplicates: int, seconds: float,
         "faults": len([f for f in faults if not f.get("skipped")]), "opens": run.opens, "closes": run.closes,
         "max_daemons": max((c for _, c in run.daemon_counts), default=0), "two_daemons_s": run.two_daemons_s,
         "failures": failures,
+        "error_messages": sorted({f"{s.method}: {s.future.result().error.get('code')} "
+                                  f"{s.future.result().error.get('message')}" for s in errors})[:10],
     }
     return {
         "suite": "soak",
