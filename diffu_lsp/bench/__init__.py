@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.json:
         args.json.write_text(json.dumps(_finite(results), indent=1, default=str))
-    return 0
+    failed = [r["suite"] for r in results if r.get("summary", {}).get("failures")]
+    if failed:
+        print(f"diffu-lsp bench: {', '.join(failed)}: failures above", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _finite(value):

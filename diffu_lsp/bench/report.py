@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import common
 
-ORDER = ("replay", "speed", "quality", "memory", "daemon", "shapes", "gpu")
+ORDER = ("replay", "speed", "quality", "memory", "daemon", "shapes", "soak", "gpu", "cluster")
 
 HEADER = """# Benchmarks
 
@@ -20,8 +20,10 @@ Suites: `replay` (typing replay against the real server over LSP), `speed` (deco
 setting), `quality` (HumanEval infilling and held-out stdlib exact match and edit similarity per
 setting), `memory` (peak memory, load time, time to first suggestion), `daemon` (the shared model
 daemon against a model in every server), `all`; and, outside `all`, `shapes` (random-weight networks
-of the real checkpoints' shapes: ms per step and block, the sampler's own overhead, memory) and
-`gpu` (everything that needs a GPU, in one offline run). Add `--quick` for a smoke-sized run.
+of the real checkpoints' shapes: ms per step and block, the sampler's own overhead, memory), `soak`
+(editor windows typing through daemon faults: every answer, its time, recovery per fault kind),
+`cluster` (a Ray Serve cluster against the local daemon) and `gpu` (everything that needs a GPU, in
+one offline run). Add `--quick` for a smoke-sized run.
 """
 
 GPU_SECTION = """## On a GPU
