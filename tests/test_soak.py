@@ -10,7 +10,7 @@ from diffu_lsp.bench import common, soak
 
 
 def test_soak_types_through_every_fault_kind():
-    options = common.Options(seed=0, cps=8.0, extra={"minutes": 2.3, "windows": 2, "fault_every": 15.0})
+    options = common.Options(seed=0, cps=8.0, extra={"minutes": 2.5, "windows": 2, "fault_every": 8.0})
     result = soak.run(options)
     s = result["summary"]
     print(common.render(result))

@@ -16,7 +16,8 @@ buffer, or closes one.
 
 A fault injector meanwhile freezes the daemon (SIGSTOP, SIGCONT a few seconds later), kills it
 (SIGKILL), restarts it (`diffu-lsp daemon stop`) and deletes its runtime folder, in a seeded
-shuffled cycle of the four kinds, at random intervals; none in the last RECOVERY_TAIL seconds.
+shuffled cycle of the four kinds, at random intervals after every window recovered from the last
+fault (at most RECOVERY_LIMIT s); none in the last RECOVERY_TAIL seconds.
 
 Checked: every request answered exactly once and none later than the bound; after every fault,
 inline suggestions with items come back in every window (recovery time: fault -> first answer
@@ -47,6 +48,7 @@ AUTOMATIC = 2  # InlineCompletionTriggerKind.Automatic
 REFINE_KIND = "refactor.rewrite.diffu.refine"
 COMMANDS = ("diffu.completeBlock", "diffu.fillHoles", "diffu.refineSelection")
 RECOVERY_TAIL = 20.0  # no fault in the run's last seconds: typing goes on to show the recovery
+RECOVERY_LIMIT = 60.0  # the next fault waits this long at most for every window to recover from the last
 SLACK_SECONDS = 30.0  # bound = daemon deadline + hello + this (a fresh daemon starting and loading on a busy CPU)
 
 
@@ -289,6 +291,8 @@ async def inject_faults(run: Run, rng: random.Random, every: float, deadline: fl
     paths = Paths(run.folder / "diffu-lsp")
     kinds: list[str] = []
     while True:
+        if run.faults:  # the next fault comes only once every window has recovered (or given up on)
+            await until_recovered(run, run.faults[-1]["at"])
         wait = rng.uniform(0.6, 1.4) * every
         if time.perf_counter() + wait > run.stop_at - RECOVERY_TAIL:
             return
@@ -423,18 +427,33 @@ async def soak(options: common.Options, minutes: float, windows: int, every: flo
     return result
 
 
+def recovered_windows(run: Run, since: float, until: float = float("inf")) -> list[float | None]:
+    """Per window: seconds from `since` to its first canary answer with items to a request sent
+    in [since, until), or None."""
+    per_window = []
+    for w in range(run.windows):
+        firsts = [s.future.result().received - since for s in run.sent
+                  if s.window == w and s.canary and since <= s.sent < until
+                  and s.future.done() and not s.future.cancelled() and items_of(s.future.result().result)]
+        per_window.append(min(firsts) if firsts else None)
+    return per_window
+
+
+async def until_recovered(run: Run, since: float) -> None:
+    """Wait until every window has had a canary suggestion since `since`, at most RECOVERY_LIMIT s
+    (a window that has not recovered by then shows up as a failure of that fault)."""
+    give_up = since + RECOVERY_LIMIT
+    while time.perf_counter() < give_up and None in recovered_windows(run, since):
+        await asyncio.sleep(0.5)
+
+
 def recoveries(run: Run) -> list[dict]:
     """Per fault: seconds from the fault to the first canary answer with items, in every window (typed
     lines may be answered from the server's cache of the suggestion shown, without the model)."""
     out = []
     for i, fault in enumerate(run.faults):
         until = run.faults[i + 1]["at"] if i + 1 < len(run.faults) else float("inf")
-        per_window = []
-        for w in range(run.windows):
-            firsts = [s.future.result().received - fault["at"] for s in run.sent
-                      if s.window == w and s.canary and fault["at"] <= s.sent < until
-                      and s.future.done() and not s.future.cancelled() and items_of(s.future.result().result)]
-            per_window.append(min(firsts) if firsts else None)
+        per_window = recovered_windows(run, fault["at"], until)
         recovered = None if None in per_window else max(per_window)
         out.append({**fault, "recovery_s": recovered, "per_window_s": per_window})
     return out
@@ -536,7 +555,8 @@ def summarise(run: Run, start: dict, end: dict, duplicates: int, seconds: float,
             "echoes the end of the server's document (checked against the reference). Now and then a command "
             "(completeBlock / fillHoles / refineSelection; the edit it asks for is declined), a second buffer "
             "opened, one closed.",
-            "Faults, at seeded random times, the four kinds in shuffled turns: freeze (SIGSTOP, SIGCONT 2-20 s "
+            "Faults, at seeded random intervals after every window recovered from the previous fault (waiting "
+            f"at most {RECOVERY_LIMIT:g} s), the four kinds in shuffled turns: freeze (SIGSTOP, SIGCONT 2-20 s "
             "later), kill (SIGKILL), restart (`diffu-lsp daemon stop`), delete-folder (the runtime folder "
             "removed). Recovery: from the fault to the first canary suggestion with items in every window (a "
             "buffer whose first line changes at each request, every ~2 s, so the server's cache of the last "
