@@ -18,7 +18,9 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +114,8 @@ def _load_average() -> float | None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # `kill` cleans up like Ctrl-C: no daemon left behind
+        signal.signal(signal.SIGTERM, _interrupt)
     options = options_from(args, argv)
     options.extra["out"] = str(args.out.resolve())
     if args.shapes:
@@ -165,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"diffu-lsp bench: {', '.join(failed)}: failures above", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _finite(value):
