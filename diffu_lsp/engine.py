@@ -1,100 +1,54 @@
 """What the server asks of a model, as plain data, and who runs it.
 
-A :class:`Request` is one model job (suggest at a cursor, complete a block, fill the holes of a
+A :class:`~diffu_lsp.job.Request` is one model job (suggest at a cursor, complete a block, fill the holes of a
 range, refine a selection) over a snapshot of the document text. The server hands it to an
 engine on the scheduler's worker thread:
 
 - :class:`LocalEngine` holds the model in this process (``--no-daemon``);
-- :class:`diffu_lsp.daemon.client.DaemonEngine` sends it to the machine's model daemon.
+- :class:`diffu_lsp.daemon.client.DaemonEngine` sends it to the machine's model daemon;
+- :class:`diffu_lsp.cluster.client.ClusterEngine` sends it to a Ray Serve cluster.
 
-Both answer with the same values (:class:`Suggestion`, a list of :class:`Replacement`, or the
-refined text) and raise :class:`~diffu_lsp.jobs.JobCancelled` when the job is cancelled. This
+All three implement :class:`Engine` and answer with the same values (:class:`Suggestion`, a list of :class:`Replacement`, or the
+refined text) and raise :class:`~diffu_lsp.errors.JobCancelled` when the job is cancelled. This
 module is light on purpose: the server imports it, and torch is only imported by the local
 engine's ``load``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Callable, Protocol, runtime_checkable
 
-import msgspec
-
+from .errors import ModelLoadFailed, first_line, is_out_of_memory  # noqa: F401 - re-exported
+from .job import Answer, Kind, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion  # noqa: F401 - re-exported
 from .settings import Settings
 
-Kind = Literal["suggest", "block", "fill_holes", "refine"]
 
+@runtime_checkable
+class Engine(Protocol):
+    """The engine contract: what a window asks of whoever runs its jobs. Implemented by
+    :class:`LocalEngine`, :class:`diffu_lsp.daemon.client.DaemonEngine` and
+    :class:`diffu_lsp.cluster.client.ClusterEngine`. ``load`` and ``run`` block: call them off the
+    event loop. ``run`` raises :class:`~diffu_lsp.errors.JobCancelled` (or a subclass) when the job
+    is cancelled or the engine went away, :class:`~diffu_lsp.errors.OutOfMemory` (or torch's) when
+    even the smaller retry ran out of memory; ``on_oom_retry`` is called once per such retry."""
 
-class Request(msgspec.Struct, frozen=True):
-    """One job: ``text`` is the (possibly clipped) document, ``start``/``end`` offsets into it
-    (the cursor twice for ``suggest``/``block``)."""
+    name: str
 
-    kind: Kind
-    text: str
-    start: int
-    end: int
-    settings: Settings
+    def load(self, key: ModelKey) -> ModelInfo: ...
 
+    def run(self, request: Request, cancel, on_step: Callable[[Step], None] | None = None,
+            on_oom_retry: Callable[[], None] | None = None, *, key: str = "") -> Answer: ...
 
-class Suggestion(msgspec.Struct, frozen=True):
-    text: str              # inserted at the cursor ("" when the model had nothing worth showing)
-    replace_after: int     # characters after the cursor, on its line, that the text already closes
-    multiline: bool
-    forwards: int
-    hole_tokens: int
-    seconds: float
+    def configure(self, settings: Settings) -> None: ...
 
+    def describe(self) -> dict: ...
 
-class Replacement(msgspec.Struct, frozen=True):
-    start: int
-    end: int
-    text: str
-
-
-Answer = Suggestion | list[Replacement] | str
-
-
-class ModelKey(msgspec.Struct, frozen=True):
-    """Which model: two windows asking for the same key share one loaded copy."""
-
-    model: str | None  # None: the bundled tiny model
-    device: str = "auto"
-    dtype: str = "auto"
-
-    @property
-    def label(self) -> str:
-        return self.model or "bundled tiny model"
-
-
-class ModelInfo(msgspec.Struct, frozen=True):
-    """What the server needs to know about a loaded model."""
-
-    label: str
-    family: str
-    device: str
-    max_length: int
-    parameters: int
-    load_seconds: float
-    shared: bool = False            # the daemon had it loaded already (another window asked first)
-    evicted: tuple[str, ...] = ()   # models the daemon unloaded to stay within its memory budget
-
-
-class Step(NamedTuple):
-    """Progress of a running job (the sampler's Draft carries the same two fields)."""
-
-    step: int     # forwards so far
-    masked: int   # positions still masked
+    def close(self) -> None: ...
 
 
 def is_oom(error: BaseException) -> bool:
-    """torch.OutOfMemoryError (and its cuda alias, and the daemon's report of one), by name:
-    recognised without importing torch."""
-    return any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__)
-
-
-def first_line(error: BaseException) -> str:
-    """An error in one line for the user: its message's first line, else its type's name."""
-    text = str(error)
-    return text.splitlines()[0] if text else type(error).__name__
+    """Out of memory, by type (see :mod:`diffu_lsp.errors`); without importing torch."""
+    return is_out_of_memory(error)
 
 
 def model_info(model, key: ModelKey, **extra) -> ModelInfo:
@@ -117,13 +71,14 @@ class LocalEngine:
         self.model = load_model(key.model, device=key.device, dtype=key.dtype)
         return model_info(self.model, key)
 
-    def run(self, request: Request, cancel, on_step: Callable[[Any], None] | None = None,
-            on_oom_retry: Callable[[], None] = lambda: None, *, key: str = "") -> Answer:
-        from . import features
+    def run(self, request: Request, cancel, on_step: Callable[[Step], None] | None = None,
+            on_oom_retry: Callable[[], None] | None = None, *, key: str = "") -> Answer:
+        from . import features  # torch: only once a job runs here
 
         if self.model is None:
-            raise RuntimeError("no model is loaded")
-        return features.run(self.model, request, cancel=cancel, on_step=on_step, on_oom_retry=on_oom_retry)
+            raise ModelLoadFailed("no model is loaded")
+        return features.run(self.model, request, cancel=cancel, on_step=on_step,
+                            on_oom_retry=on_oom_retry or (lambda: None))
 
     def configure(self, settings: Settings) -> None:
         pass

@@ -13,7 +13,8 @@ from typing import Any, Callable
 import msgspec
 
 from . import infill
-from .engine import Answer, Replacement, Request, Suggestion, is_oom
+from .errors import is_out_of_memory
+from .job import Answer, Replacement, Request, Suggestion
 from .models import DenoiseCancelled
 from .postprocess import Context, auto_closed_tail, cut_at_stop, drop_low_confidence_tail, postprocess_text
 from .sampler import Sampling
@@ -157,7 +158,7 @@ def retry_on_oom(run: Callable[[Settings], Any], settings: Settings, on_retry: C
     try:
         return run(settings)
     except Exception as error:  # noqa: BLE001
-        if not is_oom(error):
+        if not is_out_of_memory(error):
             raise
         log.warning("out of memory; retrying with a smaller hole: %s", str(error).splitlines()[0] if str(error) else "")
     # Outside the except block, so the failed attempt's tensors can be freed first.

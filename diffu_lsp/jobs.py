@@ -83,6 +83,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Generator, Generic, Optional, TypeVar
 
+from .errors import JobCancelled  # defined with the other errors; importable from here as before
+
 __all__ = ["OUTCOMES", "CancelToken", "Job", "JobCancelled", "JobRecord", "Scheduler"]
 
 T = TypeVar("T")
@@ -95,21 +97,6 @@ _DONE = "done"  # worker finished with it, or it never ran
 
 #: Outcomes (mutually exclusive; ``stats`` counts each).
 OUTCOMES = ("completed", "failed", "cancelled", "superseded", "stale")
-
-
-class JobCancelled(Exception):
-    """The job was superseded, cancelled, stale, or the scheduler closed.
-
-    ``reason`` is a short human-readable string; ``job_id`` / ``key`` identify
-    the job when the scheduler raised it (``None`` when raised by a sampler).
-    """
-
-    def __init__(self, reason: str = "cancelled", *, job_id: Optional[int] = None,
-                 key: Optional[str] = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.job_id = job_id
-        self.key = key
 
 
 class CancelToken:

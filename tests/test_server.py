@@ -784,8 +784,7 @@ async def test_model_folder_that_fails_to_load(tmp_path):
 # ------------------------------------------------------------------ in-process units
 
 def test_oom_retry_uses_a_smaller_hole_once():
-    class OutOfMemoryError(RuntimeError):  # what torch raises, matched by name
-        pass
+    from torch import OutOfMemoryError  # what torch raises, recognised by type (errors.is_out_of_memory)
 
     settings = server_mod.Settings()
     calls = []

@@ -18,12 +18,13 @@ import secrets
 import stat
 from pathlib import Path
 
+from ..errors import EngineUnavailable
 from ..settings import user_config_file
 
 DEFAULT_PORT = 8270
 
 
-class ClusterError(RuntimeError):
+class ClusterError(EngineUnavailable, RuntimeError):
     """The cluster cannot be started, reached or used; the message says why, for the user."""
 
 

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from ..engine import Answer, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion
-from ..jobs import JobCancelled
+from ..job import Answer, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion
+from ..errors import EngineLost, JobCancelled, ModelLoadFailed, OutOfMemory
 from ..settings import Settings
 from . import ClusterError, read_token
 
@@ -37,7 +37,7 @@ CONNECT_SECONDS = 5.0
 LOAD_SECONDS = 30.0
 
 
-class ClusterLost(JobCancelled):
+class ClusterLost(EngineLost):
     """The replica running the job went away (or the cluster was silent past the deadline): the
     request is answered empty."""
 
@@ -46,8 +46,8 @@ class Unreachable(ClusterError):
     """Nothing answers at the cluster's URL."""
 
 
-class OutOfMemoryError(RuntimeError):
-    """A replica ran out of memory on this job (named so that ``engine.is_oom`` knows it)."""
+class OutOfMemoryError(OutOfMemory, RuntimeError):
+    """A replica ran out of memory on this job."""
 
 
 ANSWER_TYPES: dict[str, Any] = {"suggest": Suggestion, "block": Suggestion, "fill_holes": list[Replacement],

@@ -32,8 +32,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import EngineUnavailable
 
-class DaemonError(RuntimeError):
+
+class DaemonError(EngineUnavailable, RuntimeError):
     """The daemon cannot be reached, started or used; the message says why, for the user."""
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from ..engine import Answer, ModelInfo, ModelKey, Request, Step
-from ..jobs import JobCancelled
+from ..job import Answer, ModelInfo, ModelKey, Request, Step
+from ..errors import EngineLost, JobCancelled, ModelLoadFailed, OutOfMemory
 from ..settings import Settings
 from . import (DaemonError, Paths, check_socket_file, daemon_pid, file_lock, log_tail, peer_uid, private_folder,
                runtime_paths, spawn, terminate)
@@ -45,7 +45,7 @@ JOB_LIMIT_SECONDS = 900.0  # even a daemon that answers pings gets no longer tha
 DEFAULT_DEADLINE = 10.0
 
 
-class DaemonLost(JobCancelled):
+class DaemonLost(EngineLost):
     """The daemon went away while a job was pending: the request is answered empty."""
 
 
@@ -61,8 +61,12 @@ class RemoteError(RuntimeError):
     """A load or job that failed inside the daemon (the daemon itself is fine)."""
 
 
-class OutOfMemoryError(RemoteError):
-    """The daemon ran out of memory on this job (named so that ``engine.is_oom`` knows it)."""
+class OutOfMemoryError(RemoteError, OutOfMemory):
+    """The daemon ran out of memory on this job."""
+
+
+class RemoteLoadError(RemoteError, ModelLoadFailed):
+    """The daemon could not load the model; the message says why."""
 
 
 _LOST = object()
@@ -90,7 +94,10 @@ class Connection:
     # ------------------------------------------------------------ calls
 
     def load(self, key: ModelKey) -> ModelInfo:
-        answer = self._call(lambda id: wire.Load(id, key), lambda msg: None)
+        try:
+            answer = self._call(lambda id: wire.Load(id, key), lambda msg: None)
+        except RemoteError as error:  # the daemon's report of a ModelLoadError (or anything else)
+            raise RemoteLoadError(str(error)) from error
         return answer.info
 
     def submit(self, key: str, model: ModelKey, request: Request, cancel,
@@ -382,7 +389,7 @@ class DaemonEngine:
 
     def run(self, request: Request, cancel, on_step=None, on_oom_retry=None, *, key: str = "") -> Answer:
         if self.key is None:
-            raise RuntimeError("no model is loaded")
+            raise ModelLoadFailed("no model is loaded")
         model, on_oom_retry = self.key, on_oom_retry or (lambda: None)
         return self._call(lambda conn: conn.submit(key, model, request, cancel, on_step, on_oom_retry))
 

@@ -18,7 +18,7 @@ from typing import Literal, Union
 
 import msgspec
 
-from ..engine import Answer, ModelInfo, ModelKey, Request
+from ..job import Answer, ModelInfo, ModelKey, Request
 
 PROTOCOL = 3  # 3: Ping/Pong (2: Settings gained compile and reuseKeys)
 MAX_FRAME = 64 * 1024 * 1024  # what a client reads: an answer holds at most a document's worth of text

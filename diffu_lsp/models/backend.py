@@ -10,13 +10,14 @@ from typing import Callable
 
 import torch
 
+from ..errors import JobCancelled, is_out_of_memory
 from ..sampler import Denoised, Draft, Sampling, denoise
 
 
 log = logging.getLogger("diffu_lsp.models")
 
 
-class DenoiseCancelled(Exception):
+class DenoiseCancelled(JobCancelled):
     """The job's cancel flag was set; raised by infill_ids/infill (fill() reports it instead)."""
 
 
@@ -84,7 +85,7 @@ class DiffusionModel:
             try:
                 return self.compiled_network(**inputs)
             except Exception as error:
-                if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+                if is_out_of_memory(error):
                     raise  # the caller's OOM handling, as for the eager network
                 self.compile_error = f"{error.__class__.__name__}: {error}".splitlines()[0]
                 log.warning("torch.compile failed, running the network eagerly from now on: %s", self.compile_error)

@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import cached_file, logging as transformers_logging
 
+from ..errors import ModelLoadFailed
 from ..sampler import Sampling
 from .backend import DiffusionModel
 from .tokenizer import load_tokenizer
@@ -48,7 +49,7 @@ transformers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ModelLoadFailed, RuntimeError):
     """A model could not be loaded; the message says why in one line."""
 
 

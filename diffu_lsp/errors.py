@@ -1,0 +1,69 @@
+"""The package's errors, one hierarchy, recognised by type everywhere.
+
+    DiffuError
+    ├── JobCancelled        superseded, cancelled, stale, scheduler closed: answered empty
+    │   └── EngineLost      the daemon or a cluster replica went away (or went silent) mid-job
+    ├── OutOfMemory         the model ran out of memory (torch's own error is recognised too)
+    ├── ModelLoadFailed     a model could not be loaded; the message says why in one line
+    └── EngineUnavailable   no daemon or cluster to be had (cannot start, reach or use it)
+
+Errors that arrive over the wire (daemon, cluster) are turned back into these types by the
+clients; the LSP handler guard (server.py) turns them into answers and messages. No imports from
+the package, and no torch: torch's out-of-memory error is recognised only if torch is loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+
+class DiffuError(Exception):
+    """Anything this package raises on purpose."""
+
+
+class JobCancelled(DiffuError):
+    """The job was superseded, cancelled, stale, or the scheduler closed.
+
+    ``reason`` is a short human-readable string; ``job_id`` / ``key`` identify
+    the job when the scheduler raised it (``None`` when raised by a sampler).
+    """
+
+    def __init__(self, reason: str = "cancelled", *, job_id: Optional[int] = None,
+                 key: Optional[str] = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.job_id = job_id
+        self.key = key
+
+
+class EngineUnavailable(DiffuError):
+    """No engine to be had: the daemon or cluster cannot be started, reached or used."""
+
+
+class EngineLost(JobCancelled, EngineUnavailable):
+    """The engine running the job went away or stayed silent past the deadline: the request is
+    answered empty, like a cancelled one."""
+
+
+class OutOfMemory(DiffuError):
+    """The model ran out of memory on a job (here, in the daemon, or on a replica)."""
+
+
+class ModelLoadFailed(DiffuError):
+    """A model could not be loaded; the message says why in one line."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """:class:`OutOfMemory`, or torch's ``OutOfMemoryError`` (checked only if torch is loaded)."""
+    if isinstance(error, OutOfMemory):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return oom is not None and isinstance(error, oom)
+
+
+def first_line(error: BaseException) -> str:
+    """An error in one line for the user: its message's first line, else its type's name."""
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,160 @@
+"""The rooms below the LSP layer, without a server: errors, the engine contract, the session."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffu_lsp import errors, features
+from diffu_lsp.settings import Settings
+
+
+# ------------------------------------------------------------------ errors
+
+def test_every_cancellation_is_a_job_cancelled():
+    from diffu_lsp.cluster.client import ClusterLost
+    from diffu_lsp.daemon.client import DaemonLost, DaemonStuck
+    from diffu_lsp.jobs import JobCancelled
+    from diffu_lsp.models import DenoiseCancelled
+
+    assert JobCancelled is errors.JobCancelled  # still importable from jobs
+    for cls in (DenoiseCancelled, DaemonLost, DaemonStuck, ClusterLost):
+        assert issubclass(cls, errors.JobCancelled), cls
+    for cls in (DaemonLost, DaemonStuck, ClusterLost):
+        assert issubclass(cls, errors.EngineLost) and issubclass(cls, errors.EngineUnavailable), cls
+
+
+def test_errors_are_recognised_by_type_not_by_name_or_text():
+    import torch
+
+    from diffu_lsp.cluster import ClusterError
+    from diffu_lsp.cluster.client import OutOfMemoryError as ClusterOom
+    from diffu_lsp.daemon import DaemonError
+    from diffu_lsp.daemon.client import OutOfMemoryError as DaemonOom, RemoteLoadError
+    from diffu_lsp.models import ModelLoadError
+
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), DaemonOom("x"), ClusterOom("x"), errors.OutOfMemory()):
+        assert errors.is_out_of_memory(error), error
+
+    class OutOfMemoryError(RuntimeError):  # the same name, another type
+        pass
+
+    assert not errors.is_out_of_memory(OutOfMemoryError("out of memory"))
+    assert not errors.is_out_of_memory(RuntimeError("CUDA out of memory"))
+    assert issubclass(ModelLoadError, errors.ModelLoadFailed) and issubclass(RemoteLoadError, errors.ModelLoadFailed)
+    assert issubclass(DaemonError, errors.EngineUnavailable) and issubclass(ClusterError, errors.EngineUnavailable)
+    assert all(issubclass(cls, errors.DiffuError) for cls in (ModelLoadError, DaemonError, ClusterError, DaemonOom))
+
+
+def test_out_of_memory_from_any_engine_is_retried_once():
+    from diffu_lsp.daemon.client import OutOfMemoryError as DaemonOom
+
+    calls = []
+
+    def run(settings):
+        calls.append(settings)
+        if len(calls) == 1:
+            raise DaemonOom("the daemon ran out of memory")
+        return "ok"
+
+    assert features.retry_on_oom(run, Settings()) == "ok" and len(calls) == 2
+
+
+def _fake_daemon(answer):
+    """A Connection over a socketpair whose far end answers each call with ``answer(id)``."""
+    import socket
+    import threading
+
+    from diffu_lsp.daemon import wire
+    from diffu_lsp.daemon.client import Connection
+
+    near, far = socket.socketpair()
+    far.settimeout(10)
+
+    def serve():
+        with far:
+            while (msg := wire.read_frame(far)) is not None:
+                far.sendall(wire.encode(answer(msg.id)))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return Connection(near, wire.Welcome(wire.PROTOCOL, "test", 0, 1), on_lost=lambda reason: None)
+
+
+@pytest.mark.parametrize("kind", ["error", "oom"])
+def test_the_daemon_client_turns_a_failed_load_into_model_load_failed(kind):
+    from diffu_lsp.daemon import wire
+    from diffu_lsp.engine import ModelKey
+
+    conn = _fake_daemon(lambda id: wire.Failed(id, kind, "unsupported model_type 'gpt2'"))
+    try:
+        with pytest.raises(errors.ModelLoadFailed, match="unsupported model_type"):
+            conn.load(ModelKey("some/model"))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("kind, expected", [("oom", errors.OutOfMemory), ("cancelled", errors.JobCancelled)])
+def test_the_daemon_client_turns_a_failed_job_into_its_type(kind, expected):
+    from diffu_lsp.daemon import wire
+    from diffu_lsp.engine import ModelKey, Request
+    from diffu_lsp.jobs import CancelToken
+
+    conn = _fake_daemon(lambda id: wire.Failed(id, kind, "no"))
+    try:
+        with pytest.raises(expected):
+            conn.submit("file:///a.py", ModelKey(None), Request("suggest", "x", 1, 1, Settings()), CancelToken())
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ the engine contract
+
+def _engines():
+    from diffu_lsp.cluster.client import ClusterEngine
+    from diffu_lsp.daemon.client import DaemonEngine
+    from diffu_lsp.engine import LocalEngine
+
+    return [LocalEngine(), DaemonEngine(), ClusterEngine("http://127.0.0.1:9")]
+
+
+@pytest.mark.parametrize("engine", _engines(), ids=lambda e: type(e).__name__)
+def test_each_runner_implements_the_engine_contract(engine):
+    import inspect
+
+    from diffu_lsp.engine import Engine
+
+    assert isinstance(engine, Engine) and isinstance(engine.name, str)
+    for method in ("load", "run", "configure", "describe", "close"):
+        wanted = inspect.signature(getattr(Engine, method))
+        got = inspect.signature(getattr(type(engine), method))
+        assert list(got.parameters) == list(wanted.parameters), (method, got)
+        for name, parameter in wanted.parameters.items():
+            assert got.parameters[name].kind == parameter.kind, (method, name)
+            if parameter.default is not inspect.Parameter.empty:
+                assert got.parameters[name].default == parameter.default, (method, name)
+    engine.close()
+
+
+def test_the_job_types_module_imports_nothing_from_the_package_but_settings():
+    import ast
+    from pathlib import Path
+
+    import diffu_lsp.job as job
+
+    imported = set()
+    for node in ast.walk(ast.parse(Path(job.__file__).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            imported.add(node.module)
+    assert imported == {"settings"}
+    settings_tree = ast.parse(Path(job.__file__).with_name("settings.py").read_text())
+    assert not [n for n in ast.walk(settings_tree) if isinstance(n, ast.ImportFrom) and n.level]
+
+
+def test_features_does_not_import_the_engine():
+    import ast
+    from pathlib import Path
+
+    import diffu_lsp.features as features_module
+
+    tree = ast.parse(Path(features_module.__file__).read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+    assert "engine" not in modules and "job" in modules
