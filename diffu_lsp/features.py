@@ -81,9 +81,7 @@ def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, ca
                on_step=None) -> list[Replacement]:
     """Every hole marker in [start, end) (or the enclosing def/class when the range is empty),
     denoised together in one canvas so each hole sees the others' context."""
-    if start == end:
-        start, end = infill.enclosing_block(text, start)
-    holes = infill.find_holes(text, start, end, settings.hole_markers)
+    holes = infill.holes_in_range(text, start, end, settings.hole_markers)
     if not holes:
         return []
     canvas = infill.fill_canvas(text, holes, model.encode, settings.multi_line_tokens,

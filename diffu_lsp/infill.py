@@ -394,3 +394,11 @@ def fill_canvas(
     segments += [text[left.end : right.start] for left, right in zip(holes, holes[1:])]
     segments.append(_suffix_window(text, holes[-1].end, encode, suffix_tokens))
     return HoleCanvas(segments=segments, hole_tokens=hole_tokens)
+
+
+def holes_in_range(text: str, start: int, end: int, markers: Sequence[str]) -> list[Hole]:
+    """The holes in [start, end), or in the enclosing def/class when the range is empty: what
+    ``fill holes`` fills (the server's code action and the job itself ask this one function)."""
+    if start == end:
+        start, end = enclosing_block(text, start)
+    return find_holes(text, start, end, markers)

@@ -27,7 +27,7 @@ import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote
 
 import attrs
@@ -42,11 +42,12 @@ from pygls.protocol.language_server import lsp_method
 from pygls.uris import to_fs_path
 from pygls.workspace import TextDocument, Workspace
 
-from . import __version__, infill
+from . import __version__
 from . import settings as config
 from .daemon import DaemonError
-from .engine import LocalEngine, ModelInfo, ModelKey, Request, first_line, is_oom
-from .jobs import JobCancelled, Scheduler
+from .engine import Engine, LocalEngine, ModelKey
+from .errors import JobCancelled, first_line, is_out_of_memory
+from .session import Session, Target, find_holes, refine_verdict
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("diffu_lsp.server")
@@ -211,32 +212,6 @@ def _envelope_problem(data: dict) -> str:
 # ------------------------------------------------------------------ helpers
 
 @dataclasses.dataclass
-class _Shown:
-    """The last suggestion shown in a document, for typed-through reuse."""
-
-    prefix: str  # document text before the cursor
-    suffix: str  # document text after the cursor
-    text: str
-    replace_after: int
-
-
-@dataclasses.dataclass
-class _Target:
-    """A command's starting point (offsets into `text`; `clipped` starts at offset `base`)."""
-    doc: TextDocument
-    text: str
-    version: int | None
-    start: int
-    end: int
-    settings: Settings
-    clipped: str
-    base: int
-
-    def request(self, kind: str) -> Request:
-        return Request(kind, self.clipped, self.start - self.base, self.end - self.base, self.settings)
-
-
-@dataclasses.dataclass
 class _Answer:
     text: str
     start: lsp.Position
@@ -254,14 +229,6 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def _utf8_size_over(text: str, limit: int) -> bool:
-    if len(text) * 4 <= limit:
-        return False
-    return len(text.encode("utf-8", "surrogatepass")) > limit
-
-
-# ------------------------------------------------------------------ the server
-
 class DiffuServer(LanguageServer):
     """State behind the handlers: settings layers, the model, the scheduler, reuse."""
 
@@ -272,24 +239,8 @@ class DiffuServer(LanguageServer):
         cli = {"model": model, "device": device, "dtype": dtype}
         self.raw_layers: dict[str, Any] = {"cli": {k: v for k, v in cli.items() if v is not None}}
         self.layers: dict[str, dict[str, Any]] = {name: {} for name in LAYERS}
-        self.settings = Settings()
-        self.sched = Scheduler(debounce_s=self.settings.debounce_ms / 1000)
-        if daemon:
-            from .daemon.client import DaemonEngine
-            self.engine = DaemonEngine(on_lost=self._daemon_lost, on_state=self._daemon_state)
-        else:
-            self.engine = LocalEngine()
-        self.engine_setting = "daemon"  # the setting `engine` the current engine was chosen for
-        self.model_info: ModelInfo | None = None
-        self.model_state = "loading"
-        self.model_message = "waiting for the client"
-        self.ready_message = ""
-        self.model_spec: tuple | None = None
-        self.counters = dict(typed_through_hits=0, repeat_hits=0, model_loads=0, model_load_failures=0,
-                             oom_retries=0, oom_failures=0, daemon_lost=0, daemon_stuck=0)
-        self.shown: dict[str, _Shown] = {}
+        self.session = Session(self.make_engine("daemon") if daemon else LocalEngine(), self.make_engine)
         self.started = False
-        self._load_generation = 0
         self._load_lock = threading.Lock()  # one load at a time
         self._tasks: set[asyncio.Task] = set()
         self._stop_watching: asyncio.Event | None = None
@@ -304,7 +255,7 @@ class DiffuServer(LanguageServer):
     # ------------------------------------------------------------ messages
 
     def status(self, state: str, label: str, message: str = "") -> None:
-        self.model_state, self.model_message = state, message
+        self.session.set_state(state, message)
         self.protocol.notify(STATUS, {"state": state, "model": label, "message": message})
 
     def log_client(self, message: str, kind: lsp.MessageType = lsp.MessageType.Info) -> None:
@@ -362,20 +313,14 @@ class DiffuServer(LanguageServer):
         for error in errors:  # cannot happen: layers are validated on the way in
             log.warning("ignored setting: %s", error)
         settings = self.without_download(settings)
-        changed = settings != self.settings
-        self.sched.debounce_s = settings.debounce_ms / 1000
-        if settings.engine != self.engine_setting:
-            self.switch_engine(settings.engine)
-        self.engine.configure(settings)
+        old = msgspec.to_builtins(self.session.settings)
         logging.getLogger("diffu_lsp").setLevel(settings.log_level.upper())
-        if changed:
-            old, new = msgspec.to_builtins(self.settings), msgspec.to_builtins(settings)
+        if self.session.use_settings(settings):
+            new = msgspec.to_builtins(settings)
             log.info("settings: %s", msgspec.json.encode(settings).decode())
             if self.started:
                 keys = ", ".join(f"{k}={new[k]!r}" for k in new if new[k] != old.get(k))
                 self.log_client(f"diffu-lsp: settings changed: {keys}")
-            self.shown.clear()  # cached suggestions were made under the old settings
-        self.settings = settings
         if self.started:
             self.ensure_model()
 
@@ -491,48 +436,38 @@ class DiffuServer(LanguageServer):
     # ------------------------------------------------------------ model
 
     def ensure_model(self) -> None:
-        s = self.settings
-        spec = (s.model, s.device, s.dtype)
-        if spec != self.model_spec:
-            self.model_spec = spec
-            self._load_generation += 1
-            self.spawn(self.load_model(spec, self._load_generation))
+        load = self.session.load_needed()
+        if load is not None:
+            self.spawn(self.load_model(*load))
 
-    async def load_model(self, spec: tuple, generation: int) -> None:
-        key = ModelKey(*spec)
+    async def load_model(self, key: ModelKey, generation: int) -> None:
+        session = self.session
         label = key.label
         self.status("loading", label, f"loading {label} ({key.device}, {key.dtype})")
         token = await self.begin_progress(f"Loading model {label}", cancellable=False)
         loop = asyncio.get_running_loop()
         try:
             try:
-                info = await _in_daemon_thread(loop, self._load_lock, self.engine.load, key)
+                info = await _in_daemon_thread(loop, self._load_lock, session.engine.load, key)
             except DaemonError as error:  # no daemon to be had: this window holds the model itself
                 self.show(f"diffu-lsp: the model daemon is unavailable ({error}); loading the model in this "
                           "window instead", lsp.MessageType.Warning)
-                self.engine.close()
-                self.engine = LocalEngine()
-                info = await _in_daemon_thread(loop, self._load_lock, self.engine.load, key)
-        except Exception as error:  # noqa: BLE001 - ModelLoadError, the daemon's report of one, anything else
+                session.fall_back_to_local()
+                info = await _in_daemon_thread(loop, self._load_lock, session.engine.load, key)
+        except Exception as error:  # noqa: BLE001 - ModelLoadFailed (local, daemon, cluster), anything else
             reason = first_line(error)
             self.end_progress(token, "failed")
-            if generation != self._load_generation:
+            if not session.load_failed(generation):
                 return
-            self.counters["model_load_failures"] += 1
-            self.model_info = None
             self.status("error", label, reason)
             self.show(f"diffu-lsp could not load the model {label}: {reason}", lsp.MessageType.Error)
             return
         self.end_progress(token, "ready")
-        if generation != self._load_generation:
+        if not session.loaded(info, generation):
             return  # the settings changed again while this one loaded
-        self.model_info = info
-        self.counters["model_loads"] += 1
-        self.shown.clear()
-        message = f"{info.family} model {label} on {info.device}"
-        self.ready_message = message
+        message = session.ready_message
         self.status("ready", label, message)
-        where = f" in the {self.engine.name}" if self.engine.name != "in-process" else ""
+        where = f" in the {session.engine.name}" if session.engine.name != "in-process" else ""
         if info.shared:
             self.log_client(f"diffu-lsp: using {message}, already loaded{where}")
         else:
@@ -545,41 +480,37 @@ class DiffuServer(LanguageServer):
         """The daemon stopped answering (``stuck``), is being replaced (``restarting``) or answers
         again (``ready``); called on a worker thread. ``stuck`` is told once per episode."""
         def tell() -> None:
-            if self.model_info is None:
+            session = self.session
+            if session.model_info is None:
                 return  # still loading: load_model reports how that ends
-            label = self.model_info.label
+            label = session.model_info.label
             if state == "ready":
-                self.status("ready", label, self.ready_message)
+                self.status("ready", label, session.ready_message)
                 return
             self.status(state, label, message)
             if state == "stuck":
-                self.counters["daemon_stuck"] += 1
+                self.session.counters["daemon_stuck"] += 1
                 self.show(f"diffu-lsp: the model daemon is not responding ({message})", lsp.MessageType.Warning)
         try:
             self._loop.call_soon_threadsafe(tell)
         except (AttributeError, RuntimeError):  # no loop yet, or closed: the server is exiting
             pass
 
-    def switch_engine(self, choice: str) -> None:
-        """The setting ``engine`` changed ("daemon", "local" or a cluster URL): the model is loaded
-        again through the new runner."""
+    def make_engine(self, choice: str) -> Engine:
+        """The runner for the setting ``engine`` ("daemon", "local" or a cluster URL), wired to
+        this window's messages."""
         from .daemon.client import DaemonEngine
 
         def daemon() -> DaemonEngine:
             return DaemonEngine(on_lost=self._daemon_lost, on_state=self._daemon_state)
 
-        old = self.engine
         if choice == "local":
-            self.engine = LocalEngine()
-        elif choice == "daemon":
-            self.engine = daemon()
-        else:
-            from .cluster.client import ClusterEngine
+            return LocalEngine()
+        if choice == "daemon":
+            return daemon()
+        from .cluster.client import ClusterEngine
 
-            self.engine = ClusterEngine(choice, on_message=self.warn_from_thread, fallback=daemon)
-        self.engine_setting = choice
-        self.model_spec = None  # ensure_model loads through the new engine
-        old.close()
+        return ClusterEngine(choice, on_message=self.warn_from_thread, fallback=daemon)
 
     def warn_from_thread(self, message: str) -> None:
         try:
@@ -590,7 +521,7 @@ class DiffuServer(LanguageServer):
     def _daemon_lost(self, reason: str) -> None:
         """The daemon connection broke (called on the client's reader thread, once per connection)."""
         def tell() -> None:
-            self.counters["daemon_lost"] += 1
+            self.session.counters["daemon_lost"] += 1
             self.show(f"diffu-lsp: the model daemon stopped ({reason}); pending requests were answered "
                       "empty and the next one starts a new daemon", lsp.MessageType.Warning)
         try:
@@ -676,20 +607,6 @@ class DiffuServer(LanguageServer):
             out.append(doc.position_to_client_units(lsp.Position(line=number, character=column)))
         return out
 
-    @staticmethod
-    def clip(text: str, start: int, end: int, settings: Settings) -> tuple[str, int]:
-        """(text, base): a document over ``max_document_bytes`` is cut to whole lines around
-        [start, end) as wide as the context budgets, so nothing scans or encodes all of it."""
-        if not _utf8_size_over(text, settings.max_document_bytes):
-            return text, 0
-        lo = max(0, start - settings.prefix_tokens * infill.MAX_CHARS_PER_TOKEN)
-        hi = min(len(text), end + settings.suffix_tokens * infill.MAX_CHARS_PER_TOKEN)
-        if lo > 0 and (newline := text.find("\n", lo, start)) >= 0:
-            lo = newline + 1
-        if hi < len(text) and (newline := text.rfind("\n", end, hi)) >= 0:
-            hi = newline
-        return text[lo:hi], lo
-
     def snapshot(self, uri: str) -> tuple[TextDocument, str] | None:
         """(document, text) if the document is open and is text (no NUL bytes)."""
         doc = self.document(uri)
@@ -706,22 +623,6 @@ class DiffuServer(LanguageServer):
 
     # ------------------------------------------------------------ suggestions
 
-    def typed_through(self, uri: str, text: str, cursor: int) -> tuple[str, int] | None:
-        """The rest of the shown suggestion if the user typed a prefix of it (or nothing)."""
-        shown = self.shown.get(uri)
-        if shown is None:
-            return None
-        n = len(shown.prefix)
-        if cursor < n or len(text) - cursor != len(shown.suffix):
-            return None
-        typed = text[n:cursor]
-        if len(typed) >= len(shown.text) or not shown.text.startswith(typed):
-            return None
-        if not (text.startswith(shown.prefix) and text.endswith(shown.suffix)):
-            return None
-        self.counters["typed_through_hits" if typed else "repeat_hits"] += 1
-        return shown.text[len(typed):], shown.replace_after
-
     async def suggest_at(self, uri: str, position: lsp.Position, *, debounce: bool) -> _Answer | None:
         snap = self.snapshot(uri)
         if snap is None:
@@ -733,30 +634,13 @@ class DiffuServer(LanguageServer):
             log.info("position %s is past the end of %s", position, uri)
             return None
         cursor, pos = at
-        reused = self.typed_through(uri, text, cursor)
-        if reused is not None:
-            suggestion, replace_after = reused
-        else:
-            if self.model_info is None:
-                return None
-            clipped, base = self.clip(text, cursor, cursor, self.settings)
-            request = Request("suggest", clipped, cursor - base, cursor - base, self.settings)
-            engine = self.engine
-            result = await self.sched.submit(
-                uri, lambda token: engine.run(request, token, on_oom_retry=self._count_oom_retry, key=uri),
-                version=version, debounce=debounce)
-            if not self.sched.is_current(uri, version):  # a didChange may have run since the job ended
-                return None
-            suggestion, replace_after = result.text, result.replace_after
-            if not suggestion:
-                return None
-            self.shown[uri] = _Shown(text[:cursor], text[cursor:], suggestion, replace_after)
+        answer = await self.session.suggest(uri, text, cursor, version, debounce=debounce)
+        if answer is None:
+            return None
+        suggestion, replace_after = answer
         tail = text[cursor:cursor + replace_after]
         end = lsp.Position(line=pos.line, character=pos.character + doc.position_codec.client_num_units(tail))
         return _Answer(suggestion, pos, end)
-
-    def _count_oom_retry(self) -> None:
-        self.counters["oom_retries"] += 1  # worker thread; a lost increment would only skew a counter
 
     # ------------------------------------------------------------ commands
 
@@ -798,11 +682,12 @@ class DiffuServer(LanguageServer):
                 f'expected [{{"textDocument": {{"uri": ...}}, "{key}": ...}}]: {type(error).__name__}: {error}') from None
         return uri, target
 
-    def _command_target(self, uri: str, label: str, start: lsp.Position, end: lsp.Position) -> "_Target | None":
+    def _command_target(self, uri: str, label: str, start: lsp.Position, end: lsp.Position) -> Target | None:
         """What every command starts from: the document now, the range as offsets, the model and
         settings of this moment, and the text clipped around the range."""
-        if self.model_info is None:
-            self.show(f"diffu-lsp: {label}: the model is not ready ({self.model_state}: {self.model_message})",
+        session = self.session
+        if session.model_info is None:
+            self.show(f"diffu-lsp: {label}: the model is not ready ({session.model_state}: {session.model_message})",
                       lsp.MessageType.Info)
             return None
         snap = self.snapshot(uri)
@@ -814,23 +699,13 @@ class DiffuServer(LanguageServer):
             self.log_client(f"diffu-lsp: {label}: line {start.line + 1} is past the end of the document")
             return None
         (start_offset, _), (end_offset, _) = first, last
-        start_offset, end_offset = min(start_offset, end_offset), max(start_offset, end_offset)
-        settings = self.settings
-        clipped, base = self.clip(text, start_offset, end_offset, settings)
-        return _Target(doc, text, doc.version, start_offset, end_offset, settings, clipped, base)
-
-    def _submit_command(self, uri: str, target: "_Target", kind: str, on_step: Callable[[Any], None] | None = None):
-        """Run the target as the document's command job of `kind` (no debounce; the engine retries
-        once with smaller holes after running out of memory)."""
-        request, engine, key = target.request(kind), self.engine, f"{uri}#command"
-        return self.sched.submit(key, lambda token: engine.run(request, token, on_step, self._count_oom_retry, key=key),
-                                 debounce=False, version=target.version)
+        return session.target(doc, text, doc.version, start_offset, end_offset)
 
     async def complete_block(self, uri: str, position: lsp.Position) -> bool:
         target = self._command_target(uri, "complete block", position, position)
         if target is None:
             return False
-        result = await self._submit_command(uri, target, "block")
+        result = await self.session.submit_command(uri, target, "block")
         if not result.text:
             self.log_client("diffu-lsp: complete block: the model produced nothing")
             return False
@@ -838,25 +713,18 @@ class DiffuServer(LanguageServer):
         return await self.apply_edits(uri, target.doc, target.version,
                                       [(cursor, cursor + result.replace_after, result.text)], "diffu: complete block")
 
-    def find_holes(self, text: str, start: int, end: int, settings: Settings) -> list[infill.Hole]:
-        clipped, base = self.clip(text, start, end, settings)
-        start, end = start - base, end - base
-        if start == end:
-            start, end = infill.enclosing_block(clipped, start)
-        return infill.find_holes(clipped, start, end, settings.hole_markers)
-
     async def fill_holes(self, uri: str, rng: lsp.Range) -> bool:
         target = self._command_target(uri, "fill holes", rng.start, rng.end)
         if target is None:
             return False
-        holes = self.find_holes(target.text, target.start, target.end, target.settings)
+        holes = find_holes(target.text, target.start, target.end, target.settings)
         if not holes:
             markers = ", ".join(repr(m) for m in target.settings.hole_markers)
             where = "in the selection" if target.start != target.end else "in the enclosing def/class"
             self.show(f"diffu-lsp: fill holes: no hole marker {where}. Markers (setting holeMarkers): {markers}; "
                       "'...' counts only as a whole statement, not inside an expression", lsp.MessageType.Info)
             return False
-        replacements = await self._submit_command(uri, target, "fill_holes")
+        replacements = await self.session.submit_command(uri, target, "fill_holes")
         if not replacements:
             self.show(f"diffu-lsp: fill holes: the model produced nothing for the {len(holes)} hole(s) found; "
                       "nothing was changed", lsp.MessageType.Info)
@@ -884,7 +752,7 @@ class DiffuServer(LanguageServer):
         def on_step(draft) -> None:  # worker thread
             loop.call_soon_threadsafe(step, draft.step, draft.masked)
 
-        job = self._submit_command(uri, target, "refine", on_step)
+        job = self.session.submit_command(uri, target, "refine", on_step)
         cancelled_by_client = self.work_done_progress.tokens.get(token) if token else None
         if cancelled_by_client is not None:
             cancelled_by_client.add_done_callback(
@@ -898,10 +766,9 @@ class DiffuServer(LanguageServer):
             raise
         finally:
             self.end_progress(token, outcome)
-        selected = target.text[target.start:target.end]
-        if new_text == selected or (not new_text.strip() and selected.strip()):
-            self.log_client("diffu-lsp: refine: the model kept the selection as it was" if new_text == selected
-                            else "diffu-lsp: refine: the model produced nothing; keeping the selection")
+        verdict = refine_verdict(target.text[target.start:target.end], new_text)
+        if verdict:
+            self.log_client(f"diffu-lsp: refine: {verdict}")
             return False
         return await self.apply_edits(uri, target.doc, target.version, [(target.start, target.end, new_text)],
                                       "diffu: refine selection")
@@ -929,15 +796,13 @@ class DiffuServer(LanguageServer):
     async def stop(self) -> None:
         if self._stop_watching is not None:
             self._stop_watching.set()
-        await self.sched.close(timeout=5)
-        self.engine.close()
+        await self.session.close()
 
     def stats(self) -> dict[str, Any]:
         return {
-            **self.sched.stats, **self.counters, **self.engine.describe(),
-            "model_state": self.model_state, "model_message": self.model_message,
-            "settings": msgspec.to_builtins(self.settings),
-            "records": [dataclasses.asdict(r) for r in list(self.sched.records)[-50:]],
+            **self.session.stats(),
+            "settings": msgspec.to_builtins(self.session.settings),
+            "records": [dataclasses.asdict(r) for r in list(self.session.sched.records)[-50:]],
         }
 
 
@@ -989,8 +854,8 @@ def guarded(empty: Any = None, *, user_facing: bool = False):
         return empty() if callable(empty) else empty
 
     def failed(ls: DiffuServer, name: str, error: Exception):
-        if is_oom(error):
-            ls.counters["oom_failures"] += 1
+        if is_out_of_memory(error):
+            ls.session.counters["oom_failures"] += 1
             ls.show("diffu-lsp: out of memory even with a smaller hole; try a smaller model, "
                     "dtype, or context (prefixTokens/suffixTokens)", lsp.MessageType.Error)
             return answer_empty()
@@ -1030,6 +895,16 @@ def guarded(empty: Any = None, *, user_facing: bool = False):
     return decorate
 
 
+def _command(method, key: str):
+    """The handler of a command whose one argument is ``{"textDocument": ..., key: ...}``."""
+    async def handler(ls: DiffuServer, *args):
+        uri, target = ls.command_target(args, key)
+        return {"applied": await method(ls, uri, target)}
+
+    handler.__name__ = handler.__qualname__ = method.__name__  # for the guard's messages
+    return handler
+
+
 def _only(context: lsp.CodeActionContext, kind: str) -> bool:
     if not context.only:
         return True
@@ -1064,24 +939,20 @@ def create_server(*, model: str | None = None, device: str | None = None, dtype:
     @guarded(None)
     def did_open(ls: DiffuServer, params: lsp.DidOpenTextDocumentParams):
         uri, version = params.text_document.uri, params.text_document.version
-        ls.sched.note_version(uri, version)
-        ls.sched.note_version(f"{uri}#command", version)
-        ls.shown.pop(uri, None)
+        ls.session.note_version(uri, version)
+        ls.session.forget(uri)
 
     @server.feature(lsp.TEXT_DOCUMENT_DID_CHANGE)
     @guarded(None)
     def did_change(ls: DiffuServer, params: lsp.DidChangeTextDocumentParams):
         uri, version = params.text_document.uri, params.text_document.version
-        ls.sched.note_version(uri, version)
-        ls.sched.note_version(f"{uri}#command", version)
+        ls.session.note_version(uri, version)
 
     @server.feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
     @guarded(None)
     def did_close(ls: DiffuServer, params: lsp.DidCloseTextDocumentParams):
         uri = params.text_document.uri
-        ls.sched.forget(uri)
-        ls.sched.forget(f"{uri}#command")
-        ls.shown.pop(uri, None)
+        ls.session.closed(uri)
 
     @server.feature(lsp.WORKSPACE_DID_CHANGE_CONFIGURATION)
     @guarded(None)
@@ -1148,29 +1019,16 @@ def create_server(*, model: str | None = None, device: str | None = None, dtype:
 
         if start < end:
             offer(KIND_REFINE, "Diffu: Refine selection", CMD_REFINE, {"range": selection})
-        if _only(params.context, KIND_FILL_HOLES) and ls.find_holes(text, start, end, ls.settings):
+        if _only(params.context, KIND_FILL_HOLES) and find_holes(text, start, end, ls.session.settings):
             offer(KIND_FILL_HOLES, "Diffu: Fill holes", CMD_FILL_HOLES, {"range": selection})
         offer(KIND_COMPLETE_BLOCK, "Diffu: Complete block", CMD_COMPLETE_BLOCK,
               {"position": as_json(start_pos)})
         return actions
 
-    @server.command(CMD_COMPLETE_BLOCK)
-    @guarded(lambda: {"applied": False}, user_facing=True)
-    async def complete_block(ls: DiffuServer, *args):
-        uri, position = ls.command_target(args, "position")
-        return {"applied": await ls.complete_block(uri, position)}
-
-    @server.command(CMD_FILL_HOLES)
-    @guarded(lambda: {"applied": False}, user_facing=True)
-    async def fill_holes(ls: DiffuServer, *args):
-        uri, rng = ls.command_target(args, "range")
-        return {"applied": await ls.fill_holes(uri, rng)}
-
-    @server.command(CMD_REFINE)
-    @guarded(lambda: {"applied": False}, user_facing=True)
-    async def refine_selection(ls: DiffuServer, *args):
-        uri, rng = ls.command_target(args, "range")
-        return {"applied": await ls.refine_selection(uri, rng)}
+    for name, key, method in ((CMD_COMPLETE_BLOCK, "position", DiffuServer.complete_block),
+                              (CMD_FILL_HOLES, "range", DiffuServer.fill_holes),
+                              (CMD_REFINE, "range", DiffuServer.refine_selection)):
+        server.command(name)(guarded(lambda: {"applied": False}, user_facing=True)(_command(method, key)))
 
     @server.feature(STATS)
     @guarded(None)

@@ -672,17 +672,26 @@ async def test_huge_document_is_windowed(client):
     text += "def last(x):\n    return "
     uri = open_doc(client, text)
     started = time.monotonic()
+    before = await stats(client)
     await inline(client, uri, end_of(text))  # a suggestion or None; either way answered
     st = await stats(client)
     (job,) = jobs_of(st, uri)
     assert job["outcome"] == "completed" and job["forwards"] >= 1
+    assert st["documents_clipped"] == before["documents_clipped"] + 1  # the model saw a window, not 4.6 MB
     assert time.monotonic() - started < WAIT_S
     client.text_document_did_close(lsp.DidCloseTextDocumentParams(text_document=lsp.TextDocumentIdentifier(uri=uri)))
 
 
 @aio
 async def test_server_survives_bad_input(client):
-    """After everything above, the shared server still answers with the model."""
+    """After bad input of every kind, the shared server still answers with the model."""
+    with pytest.raises(JsonRpcException):
+        await raw_request(client, lsp.TEXT_DOCUMENT_INLINE_COMPLETION, {"textDocument": {"uri": 5}, "position": "x"})
+    client.protocol._send_data({"jsonrpc": "2.0", "method": lsp.TEXT_DOCUMENT_DID_OPEN, "params": {"x": 1}})
+    client.protocol._send_data({"jsonrpc": "2.0", "id": "bad", "method": 7})
+    assert await inline(client, "file:///virtual/never-opened.py", lsp.Position(line=0, character=0)) is None
+    binary = "data = b'\x00'\nvalue = "
+    assert await inline(client, open_doc(client, binary), end_of(binary)) is None
     await model_suggestion(client)
     assert client.error is None
 

@@ -158,3 +158,119 @@ def test_features_does_not_import_the_engine():
     tree = ast.parse(Path(features_module.__file__).read_text())
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
     assert "engine" not in modules and "job" in modules
+
+
+# ------------------------------------------------------------------ the window's session
+
+class RecordingEngine:
+    """An engine that answers every suggest with ``text`` and keeps the requests it was given."""
+
+    name = "recording"
+
+    def __init__(self, text: str = "value"):
+        self.text, self.requests, self.closed = text, [], False
+
+    def load(self, key):
+        from diffu_lsp.job import ModelInfo
+
+        return ModelInfo(key.label, "test", "cpu", 4096, 1, 0.0)
+
+    def run(self, request, cancel, on_step=None, on_oom_retry=None, *, key=""):
+        from diffu_lsp.job import Suggestion
+
+        self.requests.append(request)
+        return Suggestion(self.text, 0, False, 1, 1, 0.0)
+
+    def configure(self, settings):
+        pass
+
+    def describe(self):
+        return {"engine": self.name}
+
+    def close(self):
+        self.closed = True
+
+
+def _ready_session(engine):
+    from diffu_lsp.session import Session
+
+    session = Session(engine, make_engine=lambda choice: RecordingEngine())
+    key, generation = session.load_needed()
+    assert session.loaded(engine.load(key), generation)
+    return session
+
+
+def test_session_suggests_then_reuses_what_the_user_typed_through():
+    import asyncio
+
+    from diffu_lsp.engine import Engine
+
+    engine = RecordingEngine("value + 1")
+    assert isinstance(engine, Engine)
+    session = _ready_session(engine)
+    text = "def f(value):\n    return \n"
+    cursor = text.index("return ") + len("return ")
+
+    async def go():
+        first = await session.suggest("file:///a.py", text, cursor, 1, debounce=False)
+        typed = text[:cursor] + "val" + text[cursor:]
+        second = await session.suggest("file:///a.py", typed, cursor + 3, 2, debounce=False)
+        await session.close()
+        return first, second
+
+    first, second = asyncio.run(go())
+    assert first == ("value + 1", 0) and second == ("ue + 1", 0)
+    assert len(engine.requests) == 1 and session.counters["typed_through_hits"] == 1 and engine.closed
+
+
+def test_a_huge_document_reaches_the_engine_clipped():
+    import asyncio
+
+    engine = RecordingEngine()
+    session = _ready_session(engine)
+    body = "def f{0}(x):\n    return x + {0}\n\n\n"
+    text = "".join(body.format(i) for i in range(40_000)) + "def last(x):\n    return "
+    session.use_settings(Settings(max_document_bytes=100_000))
+    asyncio.run(session.suggest("file:///big.py", text, len(text), 1, debounce=False))
+    (request,) = engine.requests
+    assert len(text.encode()) > 1_000_000 and len(request.text) < 100_000
+    assert text.endswith(request.text) and request.start == request.end == len(request.text)
+
+
+def test_clip_keeps_whole_lines_around_the_range():
+    from diffu_lsp.session import clip
+
+    text = "".join(f"line {i}\n" for i in range(10_000))
+    settings = Settings(max_document_bytes=1_000, prefix_tokens=10, suffix_tokens=10)
+    at = text.index("line 5000\n")
+    clipped, base = clip(text, at, at, settings)
+    assert text[base:base + len(clipped)] == clipped and base <= at < base + len(clipped)
+    assert base == 0 or text[base - 1] == "\n"
+    assert clip("small", 0, 0, Settings()) == ("small", 0)
+
+
+def test_switching_engines_closes_the_old_one_and_asks_for_a_load():
+    engine = RecordingEngine()
+    session = _ready_session(engine)
+    assert session.load_needed() is None
+    session.use_settings(Settings(engine="local"))
+    assert engine.closed and session.engine is not engine and session.engine_setting == "local"
+    assert session.load_needed() is not None
+
+
+def test_refine_verdict():
+    from diffu_lsp.session import refine_verdict
+
+    assert refine_verdict("x = 1", "x = 1") == "the model kept the selection as it was"
+    assert refine_verdict("x = 1", "  \n") == "the model produced nothing; keeping the selection"
+    assert refine_verdict("x = 1", "x = 2") == ""
+
+
+def test_find_holes_is_the_job_s_own_rule():
+    from diffu_lsp import infill
+    from diffu_lsp.session import find_holes
+
+    text = "def f(x):\n    ...\n    return x\n"
+    settings = Settings()
+    assert find_holes(text, 12, 12, settings) == infill.holes_in_range(text, 12, 12, settings.hole_markers)
+    assert find_holes(text, 12, 12, settings)

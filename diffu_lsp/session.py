@@ -1,0 +1,259 @@
+"""One editor window's state and the non-protocol part of its work: no pygls, no lsprotocol.
+
+A :class:`Session` holds the window's settings, its engine (and the choice and fallback between
+engines), the model's state, the scheduler of its jobs, the suggestion cache (typed-through
+reuse) and the counters behind ``diffu/stats``. The LSP layer (server.py) turns positions into
+character offsets, calls in here, and turns the answers back into LSP values and messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from . import infill
+from .engine import Engine, LocalEngine
+from .job import ModelInfo, ModelKey, Request, Step, Suggestion
+from .jobs import Scheduler
+from .settings import Settings
+
+COUNTERS = ("typed_through_hits", "repeat_hits", "model_loads", "model_load_failures", "oom_retries", "oom_failures",
+            "daemon_lost", "daemon_stuck", "documents_clipped")
+
+
+def utf8_size_over(text: str, limit: int) -> bool:
+    if len(text) * 4 <= limit:
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+def clip(text: str, start: int, end: int, settings: Settings) -> tuple[str, int]:
+    """(text, base): a document over ``max_document_bytes`` is cut to whole lines around
+    [start, end) as wide as the context budgets, so nothing scans or encodes all of it."""
+    if not utf8_size_over(text, settings.max_document_bytes):
+        return text, 0
+    lo = max(0, start - settings.prefix_tokens * infill.MAX_CHARS_PER_TOKEN)
+    hi = min(len(text), end + settings.suffix_tokens * infill.MAX_CHARS_PER_TOKEN)
+    if lo > 0 and (newline := text.find("\n", lo, start)) >= 0:
+        lo = newline + 1
+    if hi < len(text) and (newline := text.rfind("\n", end, hi)) >= 0:
+        hi = newline
+    return text[lo:hi], lo
+
+
+def find_holes(text: str, start: int, end: int, settings: Settings) -> list[infill.Hole]:
+    """The holes ``fill holes`` would fill in [start, end) of ``text`` (the enclosing def/class
+    when the range is empty), found in the clipped text as the job finds them."""
+    clipped, base = clip(text, start, end, settings)
+    return infill.holes_in_range(clipped, start - base, end - base, settings.hole_markers)
+
+
+def refine_verdict(selected: str, new_text: str) -> str:
+    """Why a refinement is not applied ("" when it is): the model kept the selection as it was,
+    or produced nothing for a selection that had something."""
+    if new_text == selected:
+        return "the model kept the selection as it was"
+    if not new_text.strip() and selected.strip():
+        return "the model produced nothing; keeping the selection"
+    return ""
+
+
+@dataclasses.dataclass
+class Shown:
+    """The last suggestion shown in a document, for typed-through reuse."""
+
+    prefix: str  # document text before the cursor
+    suffix: str  # document text after the cursor
+    text: str
+    replace_after: int
+
+
+@dataclasses.dataclass
+class Target:
+    """A command's starting point (offsets into ``text``; ``clipped`` starts at offset ``base``).
+    ``doc`` is the LSP layer's document object, carried for its answer; never looked into here."""
+
+    doc: Any
+    text: str
+    version: int | None
+    start: int
+    end: int
+    settings: Settings
+    clipped: str
+    base: int
+
+    def request(self, kind: str) -> Request:
+        return Request(kind, self.clipped, self.start - self.base, self.end - self.base, self.settings)
+
+
+class Session:
+    """One window: settings, engine, model state, jobs, suggestion cache and counters.
+
+    ``make_engine(choice)`` builds the engine for the setting ``engine`` ("daemon", "local" or a
+    cluster URL)."""
+
+    def __init__(self, engine: Engine, make_engine: Callable[[str], Engine]):
+        self.settings = Settings()
+        self.sched = Scheduler(debounce_s=self.settings.debounce_ms / 1000)
+        self.engine = engine
+        self.make_engine = make_engine
+        self.engine_setting = "daemon"  # the setting `engine` the current engine was chosen for
+        self.model_info: ModelInfo | None = None
+        self.model_state = "loading"
+        self.model_message = "waiting for the client"
+        self.ready_message = ""
+        self.model_spec: tuple | None = None
+        self.load_generation = 0
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.shown: dict[str, Shown] = {}
+
+    # ------------------------------------------------------------ settings and engine
+
+    def use_settings(self, settings: Settings) -> bool:
+        """Take ``settings``; True if they differ from the previous ones (the cache is dropped:
+        its suggestions were made under the old settings)."""
+        changed = settings != self.settings
+        self.sched.debounce_s = settings.debounce_ms / 1000
+        if settings.engine != self.engine_setting:
+            self.switch_engine(settings.engine)
+        self.engine.configure(settings)
+        if changed:
+            self.shown.clear()
+        self.settings = settings
+        return changed
+
+    def switch_engine(self, choice: str) -> None:
+        """The model is loaded again through the engine for ``choice``."""
+        old, self.engine = self.engine, self.make_engine(choice)
+        self.engine_setting = choice
+        self.model_spec = None  # the next load_needed() says yes
+        old.close()
+
+    def fall_back_to_local(self) -> None:
+        """No daemon to be had: this window holds the model itself."""
+        self.engine.close()
+        self.engine = LocalEngine()
+
+    # ------------------------------------------------------------ model state
+
+    def load_needed(self) -> tuple[ModelKey, int] | None:
+        """(key, generation) when the settings name another model than the last load did."""
+        s = self.settings
+        spec = (s.model, s.device, s.dtype)
+        if spec == self.model_spec:
+            return None
+        self.model_spec = spec
+        self.load_generation += 1
+        return ModelKey(*spec), self.load_generation
+
+    def load_failed(self, generation: int) -> bool:
+        """Record a failed load; False if a newer load has started meanwhile (nothing to say)."""
+        if generation != self.load_generation:
+            return False
+        self.counters["model_load_failures"] += 1
+        self.model_info = None
+        return True
+
+    def loaded(self, info: ModelInfo, generation: int) -> bool:
+        """Record a finished load; False if the settings changed again while it loaded."""
+        if generation != self.load_generation:
+            return False
+        self.model_info = info
+        self.counters["model_loads"] += 1
+        self.shown.clear()
+        self.ready_message = f"{info.family} model {info.label} on {info.device}"
+        return True
+
+    def set_state(self, state: str, message: str) -> None:
+        self.model_state, self.model_message = state, message
+
+    # ------------------------------------------------------------ suggestions
+
+    def typed_through(self, uri: str, text: str, cursor: int) -> tuple[str, int] | None:
+        """The rest of the shown suggestion if the user typed a prefix of it (or nothing)."""
+        shown = self.shown.get(uri)
+        if shown is None:
+            return None
+        n = len(shown.prefix)
+        if cursor < n or len(text) - cursor != len(shown.suffix):
+            return None
+        typed = text[n:cursor]
+        if len(typed) >= len(shown.text) or not shown.text.startswith(typed):
+            return None
+        if not (text.startswith(shown.prefix) and text.endswith(shown.suffix)):
+            return None
+        self.counters["typed_through_hits" if typed else "repeat_hits"] += 1
+        return shown.text[len(typed):], shown.replace_after
+
+    def forget(self, uri: str) -> None:
+        self.shown.pop(uri, None)
+
+    async def suggest(self, uri: str, text: str, cursor: int, version: int | None, *,
+                      debounce: bool) -> tuple[str, int] | None:
+        """(text, characters after the cursor it replaces) to show at ``cursor``, or None: from
+        the cache when the user typed through the last suggestion, else from the model.
+        Raises JobCancelled when superseded."""
+        reused = self.typed_through(uri, text, cursor)
+        if reused is not None:
+            return reused
+        if self.model_info is None:
+            return None
+        clipped, base = self.clip(text, cursor, cursor, self.settings)
+        request = Request("suggest", clipped, cursor - base, cursor - base, self.settings)
+        engine = self.engine
+        result: Suggestion = await self.sched.submit(
+            uri, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=uri),
+            version=version, debounce=debounce)
+        if not self.sched.is_current(uri, version):  # a didChange may have run since the job ended
+            return None
+        if not result.text:
+            return None
+        self.shown[uri] = Shown(text[:cursor], text[cursor:], result.text, result.replace_after)
+        return result.text, result.replace_after
+
+    def clip(self, text: str, start: int, end: int, settings: Settings) -> tuple[str, int]:
+        clipped, base = clip(text, start, end, settings)
+        if len(clipped) < len(text):
+            self.counters["documents_clipped"] += 1
+        return clipped, base
+
+    def count_oom_retry(self) -> None:
+        self.counters["oom_retries"] += 1  # worker thread; a lost increment would only skew a counter
+
+    # ------------------------------------------------------------ commands
+
+    def target(self, doc: Any, text: str, version: int | None, start: int, end: int) -> Target:
+        """What every command starts from: the text now, the range as offsets, the settings of
+        this moment, and the text clipped around the range."""
+        start, end = min(start, end), max(start, end)
+        settings = self.settings
+        clipped, base = self.clip(text, start, end, settings)
+        return Target(doc, text, version, start, end, settings, clipped, base)
+
+    def submit_command(self, uri: str, target: Target, kind: str, on_step: Callable[[Step], None] | None = None):
+        """Run the target as the document's command job of ``kind`` (no debounce; the engine
+        retries once with smaller holes after running out of memory)."""
+        request, engine, key = target.request(kind), self.engine, f"{uri}#command"
+        return self.sched.submit(key, lambda token: engine.run(request, token, on_step, self.count_oom_retry, key=key),
+                                 debounce=False, version=target.version)
+
+    def note_version(self, uri: str, version: int | None) -> None:
+        """A didOpen/didChange: jobs for older versions of the document are stale (the cache
+        stays: typing through a suggestion is a didChange)."""
+        self.sched.note_version(uri, version)
+        self.sched.note_version(f"{uri}#command", version)
+
+    def closed(self, uri: str) -> None:
+        self.sched.forget(uri)
+        self.sched.forget(f"{uri}#command")
+        self.forget(uri)
+
+    # ------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.sched.stats, **self.counters, **self.engine.describe(),
+                "model_state": self.model_state, "model_message": self.model_message}
+
+    async def close(self) -> None:
+        await self.sched.close(timeout=5)
+        self.engine.close()
