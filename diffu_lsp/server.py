@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import contextvars
 import functools
 import ipaddress
 import logging
@@ -68,6 +69,9 @@ CONFIG_SECTION = "diffu"
 
 # ------------------------------------------------------------------ protocol layer
 
+# The workDoneToken the client sent with the workspace/executeCommand being handled (or None).
+COMMAND_PROGRESS_TOKEN: contextvars.ContextVar[int | str | None] = contextvars.ContextVar("diffu_command_progress",
+                                                                                           default=None)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 
@@ -178,6 +182,14 @@ class DiffuProtocol(LanguageServerProtocol):
         log.warning("invalid request (id %r): %s", msg_id, problem)
         error = {"code": JsonRpcInvalidRequest.CODE, "message": problem}
         self._send_data({"jsonrpc": "2.0", "id": msg_id, "error": error})  # a dict: keeps "id": null
+
+    @lsp_method(lsp.WORKSPACE_EXECUTE_COMMAND)
+    def lsp_workspace__execute_command(self, params: lsp.ExecuteCommandParams):
+        """pygls's, remembering the client's workDoneToken for the command: pygls hands a command
+        handler only its arguments (no public API for the rest of the params). The handler's task
+        is created within this call, so it sees this value of the context variable."""
+        COMMAND_PROGRESS_TOKEN.set(params.work_done_token)
+        return (yield from super().lsp_workspace__execute_command(params))
 
     @lsp_method(lsp.SHUTDOWN)
     def lsp_shutdown(self, *args):
@@ -531,15 +543,21 @@ class DiffuServer(LanguageServer):
 
     # ------------------------------------------------------------ progress
 
-    async def begin_progress(self, title: str, *, cancellable: bool) -> str | None:
-        if not self.client_has("window.work_done_progress"):
+    async def begin_progress(self, title: str, *, cancellable: bool, client_token: int | str | None = None
+                             ) -> int | str | None:
+        """A progress token: the client's own (``client_token``, the request's workDoneToken),
+        else one this server creates if the client supports that."""
+        if client_token is not None:
+            token = client_token
+        elif not self.client_has("window.work_done_progress"):
             return None
-        token = f"diffu-{uuid.uuid4().hex[:12]}"
-        try:
-            await asyncio.wait_for(self.work_done_progress.create_async(token), 10)
-        except Exception as error:  # noqa: BLE001
-            log.info("work done progress refused: %r", error)
-            return None
+        else:
+            token = f"diffu-{uuid.uuid4().hex[:12]}"
+            try:
+                await asyncio.wait_for(self.work_done_progress.create_async(token), 10)
+            except Exception as error:  # noqa: BLE001
+                log.info("work done progress refused: %r", error)
+                return None
         self.work_done_progress.begin(token, lsp.WorkDoneProgressBegin(
             title=title, cancellable=cancellable, percentage=0))
         return token
@@ -739,7 +757,8 @@ class DiffuServer(LanguageServer):
         if target is None or target.start == target.end:
             return False
         loop = asyncio.get_running_loop()
-        token = await self.begin_progress("Refining selection", cancellable=True)
+        token = await self.begin_progress("Refining selection", cancellable=True,
+                                          client_token=COMMAND_PROGRESS_TOKEN.get())
         seen = {"first": None}
 
         def step(step: int, masked: int) -> None:
@@ -753,7 +772,7 @@ class DiffuServer(LanguageServer):
             loop.call_soon_threadsafe(step, draft.step, draft.masked)
 
         job = self.session.submit_command(uri, target, "refine", on_step)
-        cancelled_by_client = self.work_done_progress.tokens.get(token) if token else None
+        cancelled_by_client = self.work_done_progress.tokens.get(token) if token is not None else None
         if cancelled_by_client is not None:
             cancelled_by_client.add_done_callback(
                 lambda f: f.cancelled() and job.cancel("cancelled from the progress UI"))

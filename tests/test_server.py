@@ -554,6 +554,22 @@ async def test_refine_reports_progress_and_edits_the_selection(mechanic):
 
 
 @aio
+@pytest.mark.filterwarnings("ignore:Unknown progress token")  # pygls's test client knows only tokens it created
+async def test_refine_reports_progress_on_the_client_s_work_done_token(mechanic):
+    client = mechanic
+    uri = open_doc(client, HOLES)
+    tokens_before = set(client.progress_reports)
+    arg = {"textDocument": {"uri": uri}, "range": {"start": {"line": 8, "character": 0},
+                                                   "end": {"line": 9, "character": 21}}}
+    result = await client.workspace_execute_command_async(lsp.ExecuteCommandParams(
+        command=server_mod.CMD_REFINE, arguments=[arg], work_done_token="client-token-7"))
+    assert plain(result) == {"applied": True}
+    assert set(client.progress_reports) - tokens_before == {"client-token-7"}  # no token of the server's own
+    reports = client.progress_reports["client-token-7"]
+    assert isinstance(reports[0], lsp.WorkDoneProgressBegin) and isinstance(reports[-1], lsp.WorkDoneProgressEnd)
+
+
+@aio
 async def test_cancelling_refine_progress_stops_the_job(mechanic):
     client = mechanic
     uri = open_doc(client, SAMPLE)
