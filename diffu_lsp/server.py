@@ -28,7 +28,7 @@ import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote
 
 import attrs
@@ -45,11 +45,12 @@ from pygls.workspace import TextDocument, Workspace
 
 from . import __version__
 from . import settings as config
+from .configuration import Configuration, watch
 from .daemon import DaemonError
 from .engine import Engine, LocalEngine, ModelKey
 from .errors import JobCancelled, first_line, is_out_of_memory
 from .session import Session, Target, find_holes, refine_verdict
-from .settings import Settings, SettingsError
+from .settings import Settings  # noqa: F401 - importable from here (tests use server.Settings)
 
 log = logging.getLogger("diffu_lsp.server")
 
@@ -62,8 +63,6 @@ KIND_COMPLETE_BLOCK = "refactor.rewrite.diffu.completeBlock"
 STATUS = "diffu/status"
 STATS = "diffu/stats"
 
-# Settings layers, lowest first.
-LAYERS = ("user", "workspace", "initializationOptions", "configuration", "cli")
 CONFIG_SECTION = "diffu"
 
 
@@ -249,19 +248,14 @@ class DiffuServer(LanguageServer):
         super().__init__("diffu-lsp", __version__, protocol_cls=DiffuProtocol,
                          text_document_sync_kind=lsp.TextDocumentSyncKind.Incremental)
         cli = {"model": model, "device": device, "dtype": dtype}
-        self.raw_layers: dict[str, Any] = {"cli": {k: v for k, v in cli.items() if v is not None}}
-        self.layers: dict[str, dict[str, Any]] = {name: {} for name in LAYERS}
+        self.cli_layer = {k: v for k, v in cli.items() if v is not None}
+        self.config = Configuration(warn=lambda message: self.show(message, lsp.MessageType.Warning))
         self.session = Session(self.make_engine("daemon") if daemon else LocalEngine(), self.make_engine)
         self.started = False
         self._load_lock = threading.Lock()  # one load at a time
         self._tasks: set[asyncio.Task] = set()
         self._stop_watching: asyncio.Event | None = None
-        self._file_raw: dict[str, Any] = {}
         self._init_options: Any = None
-        self.trusted_folders: list[Path] = []  # the user's TOML trustedWorkspaces
-        self.workspace_trusted: bool | None = None  # the editor's word (initializationOptions workspaceTrusted)
-        self._untrusted_reported: set[str] = set()
-        self._hub_reported: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------ messages
@@ -294,37 +288,12 @@ class DiffuServer(LanguageServer):
     # ------------------------------------------------------------ settings
 
     def set_layer(self, name: str, raw: Any, source: str) -> None:
-        """Replace one settings layer. A bad key is reported and keeps its previous value."""
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            self.warn_setting(SettingsError("", f"Expected an object, got {raw!r}"), source)
-            return
-        _, errors = config.resolve([raw])
-        bad = {config.camel_case(e.key) for e in errors}
-        previous = self.layers[name]
-        layer: dict[str, Any] = {}
-        for key, value in raw.items():
-            key = config.camel_case(str(key))
-            if key not in bad:
-                layer[key] = value
-            elif key in previous:
-                layer[key] = previous[key]
-        self.layers[name] = layer
-        for error in errors:
-            self.warn_setting(error, source)
+        """Replace one settings layer (a bad key is reported and keeps its previous value)."""
+        self.config.set_layer(name, raw, source)
         self.apply_settings()
 
-    def warn_setting(self, error: SettingsError, source: str) -> None:
-        what = f"setting {error.key!r}" if error.key else "settings"
-        self.show(f"diffu-lsp: invalid {what} in {source}: {error.problem}. Keeping the previous value.",
-                  lsp.MessageType.Warning)
-
     def apply_settings(self) -> None:
-        settings, errors = config.resolve([self.layers[name] for name in LAYERS])
-        for error in errors:  # cannot happen: layers are validated on the way in
-            log.warning("ignored setting: %s", error)
-        settings = self.without_download(settings)
+        settings = self.config.resolve()
         old = msgspec.to_builtins(self.session.settings)
         logging.getLogger("diffu_lsp").setLevel(settings.log_level.upper())
         if self.session.use_settings(settings):
@@ -335,21 +304,6 @@ class DiffuServer(LanguageServer):
                 self.log_client(f"diffu-lsp: settings changed: {keys}")
         if self.started:
             self.ensure_model()
-
-    def without_download(self, settings: Settings) -> Settings:
-        """A hub id is loaded from the local cache (its snapshot folder) unless allowDownload is on;
-        one that is not cached is told once, and the bundled model is used meanwhile."""
-        if settings.allow_download or not config.is_hub_id(settings.model):
-            return settings
-        folder = cached_snapshot(settings.model)
-        if folder is None:
-            if settings.model not in self._hub_reported:
-                self._hub_reported.add(settings.model)
-                self.show(f"diffu-lsp: the model {settings.model!r} is not in the local Hugging Face cache and "
-                          f"downloads are off: run `diffu-lsp pull {settings.model}`, or set allowDownload = true "
-                          "in your own settings. Using the bundled model meanwhile.", lsp.MessageType.Warning)
-            return msgspec.structs.replace(settings, model=None)
-        return msgspec.structs.replace(settings, model=folder)
 
     def config_files(self) -> dict[str, Path]:
         files = {"user": config.user_config_file()}
@@ -365,39 +319,8 @@ class DiffuServer(LanguageServer):
         return files
 
     def reload_files(self, *, force: bool = False) -> None:
-        for name, path in self.config_files().items():
-            try:
-                raw = config.read_toml(path)
-            except SettingsError as error:
-                self.show(f"diffu-lsp: cannot use {path}: {error.problem}. Keeping the previous settings.",
-                          lsp.MessageType.Warning)
-                continue
-            if force or raw != self._file_raw.get(name):
-                self._file_raw[name] = raw
-                trusted = self.trusted_folders
-                self.set_layer(name, self.trusted_part(name, path, raw), str(path))
-                force = force or self.trusted_folders != trusted  # re-read the workspace's file under the new trust
-
-    def trusted_part(self, name: str, path: Path, raw: dict) -> dict:
-        """What a settings file may set. The user's TOML: everything (its ``trustedWorkspaces`` is
-        kept apart). A workspace's TOML: the PROTECTED keys only if the user trusts that folder
-        (``trustedWorkspaces`` in the user's TOML, or the editor's own workspace trust); else they
-        are dropped and reported once. A relative ``model`` path resolves against the file's folder."""
-        folder = Path(path).parent
-        if name == "user":
-            self.trusted_folders = config.trusted_folders(raw, folder)
-            return config.model_relative_to(config.without_trust_key(raw), folder)
-        kept, dropped = config.split_protected(raw)
-        if self.workspace_trusted is True or config.is_trusted(folder, self.trusted_folders):
-            kept, dropped = config.without_trust_key(raw), [k for k in dropped if k == config.TRUST_KEY]
-        if dropped and str(path) not in self._untrusted_reported:
-            self._untrusted_reported.add(str(path))
-            self.show(f"diffu-lsp: ignoring {', '.join(dropped)} in {path}: this folder is not trusted, so its "
-                      "settings may not choose the model, device, engine or downloads. To trust it, add "
-                      f'trustedWorkspaces = ["{folder}"] to your own {config.user_config_file()}, or trust '
-                      "the workspace in your editor (VS Code: Workspaces: Manage Workspace Trust; "
-                      "Neovim: :trust on the file)", lsp.MessageType.Warning)
-        return config.model_relative_to(kept, folder)
+        if self.config.reload_files(self.config_files(), force=force):
+            self.apply_settings()
 
     async def pull_configuration(self) -> None:
         if not self.client_has("workspace.configuration"):
@@ -412,38 +335,9 @@ class DiffuServer(LanguageServer):
         self.set_layer("configuration", value, f"workspace/configuration section {CONFIG_SECTION!r}")
 
     async def watch_config_files(self) -> None:
-        """Re-apply the TOML files when they change (watchfiles on their parent folders)."""
-        try:
-            from watchfiles import awatch
-        except ImportError:
-            log.warning("watchfiles is not installed; settings files are read at start-up only")
-            return
+        """Re-apply the TOML files when they change."""
         self._stop_watching = stop = asyncio.Event()
-        files = list(self.config_files().values())
-
-        def folder(path: Path) -> Path:
-            while not path.exists() and path.parent != path:
-                path = path.parent
-            return path
-
-        def wanted(_change, changed: str) -> bool:
-            p = Path(changed)
-            return any(p == f or p in f.parents for f in files)
-
-        while not stop.is_set():
-            folders = {folder(f.parent) for f in files}
-            try:
-                async for _changes in awatch(*folders, watch_filter=wanted, debounce=400, step=50,
-                                             recursive=False, stop_event=stop):
-                    self.reload_files()
-                    if {folder(f.parent) for f in files} != folders:
-                        break  # a settings folder appeared or vanished: watch the new set
-                self.reload_files()  # whatever happened while we switched watchers
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # noqa: BLE001
-                log.warning("watching settings files failed (%r); retrying in 2 s", error)
-                await asyncio.sleep(2)
+        await watch(list(self.config_files().values()), self.reload_files, stop)
 
     # ------------------------------------------------------------ model
 
@@ -802,11 +696,11 @@ class DiffuServer(LanguageServer):
             options = options[CONFIG_SECTION]
         if isinstance(options, Mapping) and "workspaceTrusted" in options:  # the editor's workspace trust
             options = dict(options)
-            self.workspace_trusted = options.pop("workspaceTrusted") is True
+            self.config.workspace_trusted = options.pop("workspaceTrusted") is True
         self.reload_files(force=True)
         if options is not None:
             self.set_layer("initializationOptions", _to_plain(options), "initializationOptions")
-        self.set_layer("cli", self.raw_layers["cli"], "the command line")
+        self.set_layer("cli", self.cli_layer, "the command line")
         await self.pull_configuration()
         self.started = True
         self.ensure_model()
@@ -823,18 +717,6 @@ class DiffuServer(LanguageServer):
             "settings": msgspec.to_builtins(self.session.settings),
             "records": [dataclasses.asdict(r) for r in list(self.session.sched.records)[-50:]],
         }
-
-
-def cached_snapshot(hub_id: str) -> str | None:
-    """The local snapshot folder of a hub model, or None when it is not cached (never fetches)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        return None
-    try:
-        return snapshot_download(hub_id, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not cached, bad id, unreadable cache
-        return None
 
 
 def _in_daemon_thread(loop: asyncio.AbstractEventLoop, lock: threading.Lock, fn, *args) -> asyncio.Future:
@@ -930,130 +812,156 @@ def _only(context: lsp.CodeActionContext, kind: str) -> bool:
     return any(kind == want or kind.startswith(f"{want}.") for want in context.only)
 
 
+# ------------------------------------------------------------------ handlers: each a few lines over the session
+
+FEATURES: list[tuple[str, Any, Callable]] = []  # (method, options, handler), registered by create_server
+
+
+def feature(method: str, options: Any = None):
+    def register(handler):
+        FEATURES.append((method, options, handler))
+        return handler
+    return register
+
+
+@feature(lsp.INITIALIZE)
+def initialize(ls: DiffuServer, params: lsp.InitializeParams):
+    ws = ls.workspace
+    if type(ws) is Workspace:  # before any document exists: use LSP line breaks
+        ws.__class__ = LspWorkspace
+    ls._init_options = params.initialization_options
+
+
+@feature(lsp.INITIALIZED)
+async def initialized(ls: DiffuServer, params: lsp.InitializedParams):
+    try:
+        await ls.startup()
+    except Exception:  # noqa: BLE001
+        log.exception("start-up failed")
+        ls.started = True
+        ls.ensure_model()
+
+
+@feature(lsp.SHUTDOWN)
+async def shutdown(ls: DiffuServer, params):
+    await ls.stop()
+
+
+@feature(lsp.TEXT_DOCUMENT_DID_OPEN)
+@guarded(None)
+def did_open(ls: DiffuServer, params: lsp.DidOpenTextDocumentParams):
+    uri, version = params.text_document.uri, params.text_document.version
+    ls.session.note_version(uri, version)
+    ls.session.forget(uri)
+
+
+@feature(lsp.TEXT_DOCUMENT_DID_CHANGE)
+@guarded(None)
+def did_change(ls: DiffuServer, params: lsp.DidChangeTextDocumentParams):
+    uri, version = params.text_document.uri, params.text_document.version
+    ls.session.note_version(uri, version)
+
+
+@feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
+@guarded(None)
+def did_close(ls: DiffuServer, params: lsp.DidCloseTextDocumentParams):
+    uri = params.text_document.uri
+    ls.session.closed(uri)
+
+
+@feature(lsp.WORKSPACE_DID_CHANGE_CONFIGURATION)
+@guarded(None)
+async def did_change_configuration(ls: DiffuServer, params: lsp.DidChangeConfigurationParams):
+    if ls.client_has("workspace.configuration"):
+        await ls.pull_configuration()
+    else:
+        pushed = _to_plain(params.settings)
+        if isinstance(pushed, Mapping) and CONFIG_SECTION in pushed:
+            ls.set_layer("configuration", pushed[CONFIG_SECTION], "workspace/didChangeConfiguration")
+
+
+@feature(lsp.TEXT_DOCUMENT_INLINE_COMPLETION, lsp.InlineCompletionOptions())
+@guarded(None)
+async def inline_completion(ls: DiffuServer, params: lsp.InlineCompletionParams):
+    explicit = params.context.trigger_kind == lsp.InlineCompletionTriggerKind.Invoked
+    answer = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
+    if answer is None:
+        return None
+    return lsp.InlineCompletionList(items=[lsp.InlineCompletionItem(
+        insert_text=answer.text, range=lsp.Range(start=answer.start, end=answer.end))])
+
+
+@feature(lsp.TEXT_DOCUMENT_COMPLETION, lsp.CompletionOptions())
+@guarded(None)
+async def completion(ls: DiffuServer, params: lsp.CompletionParams):
+    explicit = params.context is not None and params.context.trigger_kind == lsp.CompletionTriggerKind.Invoked
+    answer = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
+    if answer is None:
+        return None
+    first = next((line.strip() for line in answer.text.splitlines() if line.strip()), answer.text.strip())
+    doc = ls.document(params.text_document.uri)
+    language = (doc.language_id if doc is not None else None) or ""
+    item = lsp.CompletionItem(
+        label=f"⟡ diffu: {first[:60]}", kind=lsp.CompletionItemKind.Snippet, detail="diffusion model",
+        documentation=lsp.MarkupContent(kind=lsp.MarkupKind.Markdown,
+                                        value=f"```{language}\n{answer.text}\n```"),
+        sort_text="0", filter_text=answer.text, insert_text_format=lsp.InsertTextFormat.PlainText,
+        text_edit=lsp.TextEdit(range=lsp.Range(start=answer.start, end=answer.end), new_text=answer.text))
+    return lsp.CompletionList(is_incomplete=True, items=[item])
+
+
+@feature(lsp.TEXT_DOCUMENT_CODE_ACTION, lsp.CodeActionOptions(
+    code_action_kinds=[KIND_REFINE, KIND_FILL_HOLES, KIND_COMPLETE_BLOCK]))
+@guarded(list)
+async def code_action(ls: DiffuServer, params: lsp.CodeActionParams):
+    uri = params.text_document.uri
+    snap = ls.snapshot(uri)
+    if snap is None:
+        return []
+    doc, text = snap
+    first = ls.offset_at(doc, params.range.start)
+    if first is None:
+        return []
+    (start, start_pos), (end, end_pos) = first, ls.offset_at(doc, params.range.end, end_of_range=True)
+    if start > end:
+        (start, start_pos), (end, end_pos) = (end, end_pos), (start, start_pos)
+    document = {"uri": uri}
+    as_json = lambda p: {"line": p.line, "character": p.character}  # noqa: E731
+    selection = {"start": as_json(start_pos), "end": as_json(end_pos)}
+    actions = []
+
+    def offer(kind: str, title: str, command: str, arg: dict) -> None:
+        if _only(params.context, kind):
+            actions.append(lsp.CodeAction(title=title, kind=kind, command=lsp.Command(
+                title=title, command=command, arguments=[{"textDocument": document, **arg}])))
+
+    if start < end:
+        offer(KIND_REFINE, "Diffu: Refine selection", CMD_REFINE, {"range": selection})
+    if _only(params.context, KIND_FILL_HOLES) and find_holes(text, start, end, ls.session.settings):
+        offer(KIND_FILL_HOLES, "Diffu: Fill holes", CMD_FILL_HOLES, {"range": selection})
+    offer(KIND_COMPLETE_BLOCK, "Diffu: Complete block", CMD_COMPLETE_BLOCK,
+          {"position": as_json(start_pos)})
+    return actions
+
+
+@feature(STATS)
+@guarded(None)
+def stats(ls: DiffuServer, params):
+    return ls.stats()
+
+
+COMMANDS = ((CMD_COMPLETE_BLOCK, "position", DiffuServer.complete_block),
+            (CMD_FILL_HOLES, "range", DiffuServer.fill_holes),
+            (CMD_REFINE, "range", DiffuServer.refine_selection))
+
+
 def create_server(*, model: str | None = None, device: str | None = None, dtype: str | None = None,
                   daemon: bool = True) -> DiffuServer:
     server = DiffuServer(model=model, device=device, dtype=dtype, daemon=daemon)
-
-    @server.feature(lsp.INITIALIZE)
-    def initialize(ls: DiffuServer, params: lsp.InitializeParams):
-        ws = ls.protocol._workspace
-        if type(ws) is Workspace:  # before any document exists: use LSP line breaks
-            ws.__class__ = LspWorkspace
-        ls._init_options = params.initialization_options
-
-    @server.feature(lsp.INITIALIZED)
-    async def initialized(ls: DiffuServer, params: lsp.InitializedParams):
-        try:
-            await ls.startup()
-        except Exception:  # noqa: BLE001
-            log.exception("start-up failed")
-            ls.started = True
-            ls.ensure_model()
-
-    @server.feature(lsp.SHUTDOWN)
-    async def shutdown(ls: DiffuServer, params):
-        await ls.stop()
-
-    @server.feature(lsp.TEXT_DOCUMENT_DID_OPEN)
-    @guarded(None)
-    def did_open(ls: DiffuServer, params: lsp.DidOpenTextDocumentParams):
-        uri, version = params.text_document.uri, params.text_document.version
-        ls.session.note_version(uri, version)
-        ls.session.forget(uri)
-
-    @server.feature(lsp.TEXT_DOCUMENT_DID_CHANGE)
-    @guarded(None)
-    def did_change(ls: DiffuServer, params: lsp.DidChangeTextDocumentParams):
-        uri, version = params.text_document.uri, params.text_document.version
-        ls.session.note_version(uri, version)
-
-    @server.feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
-    @guarded(None)
-    def did_close(ls: DiffuServer, params: lsp.DidCloseTextDocumentParams):
-        uri = params.text_document.uri
-        ls.session.closed(uri)
-
-    @server.feature(lsp.WORKSPACE_DID_CHANGE_CONFIGURATION)
-    @guarded(None)
-    async def did_change_configuration(ls: DiffuServer, params: lsp.DidChangeConfigurationParams):
-        if ls.client_has("workspace.configuration"):
-            await ls.pull_configuration()
-        else:
-            pushed = _to_plain(params.settings)
-            if isinstance(pushed, Mapping) and CONFIG_SECTION in pushed:
-                ls.set_layer("configuration", pushed[CONFIG_SECTION], "workspace/didChangeConfiguration")
-
-    @server.feature(lsp.TEXT_DOCUMENT_INLINE_COMPLETION, lsp.InlineCompletionOptions())
-    @guarded(None)
-    async def inline_completion(ls: DiffuServer, params: lsp.InlineCompletionParams):
-        explicit = params.context.trigger_kind == lsp.InlineCompletionTriggerKind.Invoked
-        answer = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
-        if answer is None:
-            return None
-        return lsp.InlineCompletionList(items=[lsp.InlineCompletionItem(
-            insert_text=answer.text, range=lsp.Range(start=answer.start, end=answer.end))])
-
-    @server.feature(lsp.TEXT_DOCUMENT_COMPLETION, lsp.CompletionOptions())
-    @guarded(None)
-    async def completion(ls: DiffuServer, params: lsp.CompletionParams):
-        explicit = params.context is not None and params.context.trigger_kind == lsp.CompletionTriggerKind.Invoked
-        answer = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
-        if answer is None:
-            return None
-        first = next((line.strip() for line in answer.text.splitlines() if line.strip()), answer.text.strip())
-        doc = ls.document(params.text_document.uri)
-        language = (doc.language_id if doc is not None else None) or ""
-        item = lsp.CompletionItem(
-            label=f"⟡ diffu: {first[:60]}", kind=lsp.CompletionItemKind.Snippet, detail="diffusion model",
-            documentation=lsp.MarkupContent(kind=lsp.MarkupKind.Markdown,
-                                            value=f"```{language}\n{answer.text}\n```"),
-            sort_text="0", filter_text=answer.text, insert_text_format=lsp.InsertTextFormat.PlainText,
-            text_edit=lsp.TextEdit(range=lsp.Range(start=answer.start, end=answer.end), new_text=answer.text))
-        return lsp.CompletionList(is_incomplete=True, items=[item])
-
-    @server.feature(lsp.TEXT_DOCUMENT_CODE_ACTION, lsp.CodeActionOptions(
-        code_action_kinds=[KIND_REFINE, KIND_FILL_HOLES, KIND_COMPLETE_BLOCK]))
-    @guarded(list)
-    async def code_action(ls: DiffuServer, params: lsp.CodeActionParams):
-        uri = params.text_document.uri
-        snap = ls.snapshot(uri)
-        if snap is None:
-            return []
-        doc, text = snap
-        first = ls.offset_at(doc, params.range.start)
-        if first is None:
-            return []
-        (start, start_pos), (end, end_pos) = first, ls.offset_at(doc, params.range.end, end_of_range=True)
-        if start > end:
-            (start, start_pos), (end, end_pos) = (end, end_pos), (start, start_pos)
-        document = {"uri": uri}
-        as_json = lambda p: {"line": p.line, "character": p.character}  # noqa: E731
-        selection = {"start": as_json(start_pos), "end": as_json(end_pos)}
-        actions = []
-
-        def offer(kind: str, title: str, command: str, arg: dict) -> None:
-            if _only(params.context, kind):
-                actions.append(lsp.CodeAction(title=title, kind=kind, command=lsp.Command(
-                    title=title, command=command, arguments=[{"textDocument": document, **arg}])))
-
-        if start < end:
-            offer(KIND_REFINE, "Diffu: Refine selection", CMD_REFINE, {"range": selection})
-        if _only(params.context, KIND_FILL_HOLES) and find_holes(text, start, end, ls.session.settings):
-            offer(KIND_FILL_HOLES, "Diffu: Fill holes", CMD_FILL_HOLES, {"range": selection})
-        offer(KIND_COMPLETE_BLOCK, "Diffu: Complete block", CMD_COMPLETE_BLOCK,
-              {"position": as_json(start_pos)})
-        return actions
-
-    for name, key, method in ((CMD_COMPLETE_BLOCK, "position", DiffuServer.complete_block),
-                              (CMD_FILL_HOLES, "range", DiffuServer.fill_holes),
-                              (CMD_REFINE, "range", DiffuServer.refine_selection)):
+    for method, options, handler in FEATURES:
+        server.feature(method, options)(handler)
+    for name, key, method in COMMANDS:
         server.command(name)(guarded(lambda: {"applied": False}, user_facing=True)(_command(method, key)))
-
-    @server.feature(STATS)
-    @guarded(None)
-    def stats(ls: DiffuServer, params):
-        return ls.stats()
-
     return server
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "diffu_lsp"
 
 # Below the LSP layer: none of these may import pygls or lsprotocol.
-BELOW_LSP = ["session.py", "engine.py", "job.py", "errors.py", "jobs.py", "features.py", "infill.py", "postprocess.py",
+BELOW_LSP = ["session.py", "configuration.py", "engine.py", "job.py", "errors.py", "jobs.py", "features.py", "infill.py", "postprocess.py",
              "sampler.py", "settings.py", "daemon", "cluster/client.py", "cluster/__init__.py", "models"]
 # Tools beside the server (training, benchmarks) may build models with transformers themselves.
 # cli.py imports it only to print its version (could be importlib.metadata.version: cli.py is not this test's).
@@ -66,6 +66,6 @@ def test_the_session_and_engines_do_not_import_the_server():
 def test_the_rooms_named_in_the_readme_exist():
     readme = (PACKAGE.parent / "README.md").read_text()
     section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
-    for name in ("server.py", "session.py", "engine.py", "job.py", "errors.py", "features.py", "jobs.py", "models/"):
+    for name in ("server.py", "session.py", "configuration.py", "engine.py", "job.py", "errors.py", "features.py", "jobs.py", "models/"):
         assert f"`diffu_lsp/{name}`" in section, name
         assert (PACKAGE / name).exists(), name

@@ -808,6 +808,21 @@ async def test_model_folder_that_fails_to_load(tmp_path):
 
 # ------------------------------------------------------------------ in-process units
 
+def test_handlers_are_module_functions_over_the_session():
+    from diffu_lsp.session import Shown
+
+    ls = server_mod.DiffuServer(daemon=False)
+    uri = "file:///a.py"
+    ls.session.shown[uri] = Shown("x = ", "", "1", 0)
+    doc = lsp.VersionedTextDocumentIdentifier(uri=uri, version=2)
+    server_mod.did_change(ls, lsp.DidChangeTextDocumentParams(text_document=doc, content_changes=[]))
+    assert ls.session.sched.is_current(uri, 2) and not ls.session.sched.is_current(uri, 1)
+    assert uri in ls.session.shown  # typing through a suggestion keeps it
+    server_mod.did_close(ls, lsp.DidCloseTextDocumentParams(text_document=lsp.TextDocumentIdentifier(uri=uri)))
+    assert uri not in ls.session.shown
+    assert {method for method, _, _ in server_mod.FEATURES} >= {lsp.TEXT_DOCUMENT_INLINE_COMPLETION, server_mod.STATS}
+
+
 def test_oom_retry_uses_a_smaller_hole_once():
     from torch import OutOfMemoryError  # what torch raises, recognised by type (errors.is_out_of_memory)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from lsprotocol import types as lsp
 
-from diffu_lsp import server as server_mod
+from diffu_lsp import configuration, server as server_mod
 from diffu_lsp import settings as config
 from tests.test_server import (SAMPLE, aio, end_of, inline, open_doc, start_server, stats, stop_server, until,
                                wait_status)
@@ -87,43 +87,43 @@ def test_workspace_model_is_ignored_unless_trusted(window, tmp_path, model):
     toml = tmp_path / "ws" / "diffu-lsp.toml"
     raw = {"model": model, "device": "cuda", "engine": "http://evil:1", "engineTokenFile": "/x",
            "trustedWorkspaces": ["/"], "threshold": 0.5}
-    assert window.trusted_part("workspace", toml, raw) == {"threshold": 0.5}
-    assert window.trusted_part("workspace", toml, raw) == {"threshold": 0.5}
+    assert window.config.trusted_part("workspace", toml, raw) == {"threshold": 0.5}
+    assert window.config.trusted_part("workspace", toml, raw) == {"threshold": 0.5}
     (message,) = window.shown_messages  # once per file
     for key in ("model", "device", "engine", "engineTokenFile", "trustedWorkspaces"):
         assert key in message
 
-    window.trusted_part("user", tmp_path / "xdg" / "diffu-lsp.toml", {"trustedWorkspaces": [str(tmp_path)]})
-    kept = window.trusted_part("workspace", toml, raw)
+    window.config.trusted_part("user", tmp_path / "xdg" / "diffu-lsp.toml", {"trustedWorkspaces": [str(tmp_path)]})
+    kept = window.config.trusted_part("workspace", toml, raw)
     assert "trustedWorkspaces" not in kept and kept["device"] == "cuda"
     expected = str((tmp_path / "ws" / "evil-model").resolve()) if model.startswith("./") else model
     assert kept["model"] == expected
 
 
 def test_editor_workspace_trust_is_honoured(window, tmp_path):
-    window.workspace_trusted = True
-    kept = window.trusted_part("workspace", tmp_path / "diffu-lsp.toml", {"model": "org/m", "device": "cpu"})
+    window.config.workspace_trusted = True
+    kept = window.config.trusted_part("workspace", tmp_path / "diffu-lsp.toml", {"model": "org/m", "device": "cpu"})
     assert kept == {"model": "org/m", "device": "cpu"} and not window.shown_messages
 
 
 def test_user_toml_relative_model_resolves_against_its_folder(window, tmp_path):
     (tmp_path / "xdg" / "mine").mkdir(parents=True)
-    kept = window.trusted_part("user", tmp_path / "xdg" / "diffu-lsp.toml", {"model": "mine"})
+    kept = window.config.trusted_part("user", tmp_path / "xdg" / "diffu-lsp.toml", {"model": "mine"})
     assert kept == {"model": str(tmp_path / "xdg" / "mine")}
 
 
 def test_hub_id_not_cached_is_not_downloaded(window):
     s = config.Settings(model="attacker-org/evil-diffusion")
-    assert window.without_download(s).model is None  # the bundled model meanwhile
-    assert window.without_download(s).model is None
+    assert window.config.without_download(s).model is None  # the bundled model meanwhile
+    assert window.config.without_download(s).model is None
     (message,) = window.shown_messages
     assert "not in the local Hugging Face cache" in message and "diffu-lsp pull" in message
     allowed = config.Settings(model="attacker-org/evil-diffusion", allow_download=True)
-    assert window.without_download(allowed).model == "attacker-org/evil-diffusion"
+    assert window.config.without_download(allowed).model == "attacker-org/evil-diffusion"
 
 
 def test_hub_id_in_the_cache_loads_from_its_snapshot(window, monkeypatch, tmp_path):
     snapshot = tmp_path / "snap"
-    monkeypatch.setattr(server_mod, "cached_snapshot", lambda hub_id: str(snapshot))
-    assert window.without_download(config.Settings(model="org/model")).model == str(snapshot)
+    monkeypatch.setattr(configuration, "cached_snapshot", lambda hub_id: str(snapshot))
+    assert window.config.without_download(config.Settings(model="org/model")).model == str(snapshot)
     assert not window.shown_messages
