@@ -1,30 +1,70 @@
 """The job types: what a window asks of a model and what it gets back, as plain data.
 
-These travel to the daemon and the cluster (msgspec structs). No imports from the package
-but :mod:`diffu_lsp.settings` (itself a leaf: stdlib and msgspec only), so every room can
-import this module without pulling in any other.
+These travel to the daemon and the cluster (msgspec structs). No imports from the package, so
+every room can import this module without pulling in any other.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
-
-from .settings import Settings
 
 Kind = Literal["suggest", "block", "fill_holes", "refine"]
 
 
+class JobSettings(msgspec.Struct, kw_only=True, rename="camel", frozen=True):
+    """The settings a job needs (decoding, context budgets, hole sizes, post-processing), taken
+    from the window's validated :class:`~diffu_lsp.settings.Settings` by :func:`job_settings`.
+    Editor and process settings (model, engine, debounce, daemon, downloads, ...) stay in the
+    window: adding one does not change what travels to the daemon or the cluster."""
+
+    algorithm: Literal["threshold", "factor", "entropy", "maskgit_plus", "topk_margin"] | None
+    steps: int | None
+    threshold: float | None
+    factor: float | None
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    block_length: int | None
+    eos_penalty: float | None
+    early_exit: bool
+    kv_cache: Literal["none", "prefix", "dual", "delayed"]
+    cache_refresh_steps: int | None
+    compile: bool
+    reuse_keys: bool
+    prefix_tokens: int
+    suffix_tokens: int
+    single_line_tokens: int
+    multi_line_tokens: int
+    block_tokens: int
+    tail_confidence: float
+    hole_markers: tuple[str, ...]
+    refine_mode: Literal["all", "low_confidence"]
+    refine_confidence: float
+
+
+def job_settings(settings: Any) -> JobSettings:
+    """The job's part of ``settings`` (a Settings, or a JobSettings already)."""
+    if isinstance(settings, JobSettings):
+        return settings
+    return JobSettings(**{name: getattr(settings, name) for name in JobSettings.__struct_fields__})
+
+
 class Request(msgspec.Struct, frozen=True):
     """One job: ``text`` is the (possibly clipped) document, ``start``/``end`` offsets into it
-    (the cursor twice for ``suggest``/``block``)."""
+    (the cursor twice for ``suggest``/``block``). ``settings`` may be given as the window's
+    Settings: only its :class:`JobSettings` part is kept."""
 
     kind: Kind
     text: str
     start: int
     end: int
-    settings: Settings
+    settings: JobSettings
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.settings, JobSettings):
+            msgspec.structs.force_setattr(self, "settings", job_settings(self.settings))
 
 
 class Suggestion(msgspec.Struct, frozen=True):

@@ -134,19 +134,24 @@ def test_each_runner_implements_the_engine_contract(engine):
     engine.close()
 
 
-def test_the_job_types_module_imports_nothing_from_the_package_but_settings():
-    import ast
-    from pathlib import Path
+def test_only_the_job_settings_travel_to_the_daemon():
+    import msgspec
 
-    import diffu_lsp.job as job
+    from diffu_lsp.daemon import wire
+    from diffu_lsp.job import JobSettings, Request
 
-    imported = set()
-    for node in ast.walk(ast.parse(Path(job.__file__).read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            imported.add(node.module)
-    assert imported == {"settings"}
-    settings_tree = ast.parse(Path(job.__file__).with_name("settings.py").read_text())
-    assert not [n for n in ast.walk(settings_tree) if isinstance(n, ast.ImportFrom) and n.level]
+    window = Settings(model="org/m", engine="local", debounce_ms=5, log_level="debug", single_line_tokens=20,
+                      hole_markers=("<FILL>",))
+    request = Request("suggest", "x = ", 4, 4, window)
+    assert isinstance(request.settings, JobSettings)
+    assert request.settings.single_line_tokens == 20 and request.settings.hole_markers == ("<FILL>",)
+    frame = wire.decode(wire.encode(wire.Submit(1, "file:///a.py", wire.ModelKey(None), request))[wire.HEADER.size:])
+    assert frame.request == request
+    sent = msgspec.to_builtins(request)["settings"]
+    for editor_only in ("model", "engine", "debounceMs", "logLevel", "daemonIdleSeconds", "maxDocumentBytes",
+                        "allowDownload", "engineTokenFile"):
+        assert editor_only not in sent, editor_only
+    assert set(JobSettings.__struct_fields__) <= set(Settings.__struct_fields__)
 
 
 def test_features_does_not_import_the_engine():
