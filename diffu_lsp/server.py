@@ -22,7 +22,6 @@ import functools
 import ipaddress
 import logging
 import os
-import re
 import sys
 import threading
 import uuid
@@ -46,6 +45,7 @@ from pygls.workspace import TextDocument, Workspace
 from . import __version__
 from . import settings as config
 from .configuration import Configuration, watch
+from .documents import LspTextDocument, LspWorkspace, model_text, offset_at, position_at  # noqa: F401 - re-exported
 from .daemon import DaemonError
 from .engine import Engine, LocalEngine, ModelKey
 from .errors import JobCancelled, first_line, is_out_of_memory
@@ -71,28 +71,6 @@ CONFIG_SECTION = "diffu"
 # The workDoneToken the client sent with the workspace/executeCommand being handled (or None).
 COMMAND_PROGRESS_TOKEN: contextvars.ContextVar[int | str | None] = contextvars.ContextVar("diffu_command_progress",
                                                                                            default=None)
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
-
-
-class LspTextDocument(TextDocument):
-    """pygls's TextDocument, with lines broken at LSP's line ends only (\\n, \\r\\n, \\r).
-
-    pygls uses ``str.splitlines``, which also breaks at form feeds, \\x1c-\\x1e, \\x85 and
-    U+2028/9: a position after such a character (the stdlib has form feeds) would land on
-    the wrong line, and incremental edits there would corrupt the text."""
-
-    @property
-    def lines(self):
-        return tuple(_LSP_LINE.findall(self.source))
-
-
-class LspWorkspace(Workspace):
-    def _create_text_document(self, doc_uri, source=None, version=None, language_id=None):
-        return LspTextDocument(doc_uri, source=source, version=version, language_id=language_id,
-                               sync_kind=self._sync_kind, position_codec=self._position_codec)
-
-
 @attrs.define
 class _Unreadable:
     """A message whose params (or result) do not fit its method's types."""
@@ -474,50 +452,8 @@ class DiffuServer(LanguageServer):
         except RuntimeError:  # before initialize
             return None
 
-    @staticmethod
-    def offset_at(doc: TextDocument, position: lsp.Position, *, end_of_range: bool = False
-                  ) -> tuple[int, lsp.Position] | None:
-        """Character offset of a client position and the client position of that offset (one
-        inside a UTF-16 surrogate pair moves after the pair, so both agree). A column past a
-        line's end is that end (LSP); a line past the document's end is None (a range's end
-        there, ``end_of_range``, is the end of the document)."""
-        lines = doc.lines
-        last = len(lines) if not lines or lines[-1].endswith(("\n", "\r")) else len(lines) - 1
-        if position.line > last:
-            if not end_of_range:
-                return None
-            offset = len(doc.source)
-            return offset, DiffuServer.position_at(doc, [offset])[0]
-        if position.line == len(lines):  # the empty line after a final line break
-            return len(doc.source), lsp.Position(line=position.line, character=0)
-        body = lines[position.line].rstrip("\r\n")
-        codec = doc.position_codec
-        width = codec.client_num_units(body)
-        clamped = lsp.Position(line=position.line, character=min(position.character, width))
-        column = codec.position_from_client_units(lines, clamped).character if body else 0
-        return doc.offset_at_position(clamped), lsp.Position(line=position.line,
-                                                             character=codec.client_num_units(body[:column]))
-
-    @staticmethod
-    def position_at(doc: TextDocument, offsets: list[int]) -> list[lsp.Position]:
-        """Client positions of character offsets (pygls's own helper is off by a line at the
-        end of a document without a final newline)."""
-        lines = doc.lines
-        out = []
-        for offset in offsets:
-            start = 0
-            for number, line in enumerate(lines):
-                if offset < start + len(line):
-                    column = min(offset - start, len(line.rstrip("\r\n")))
-                    break
-                start += len(line)
-            else:
-                if lines and not lines[-1].endswith(("\n", "\r")):
-                    number, column = len(lines) - 1, len(lines[-1])
-                else:
-                    number, column = len(lines), 0
-            out.append(doc.position_to_client_units(lsp.Position(line=number, character=column)))
-        return out
+    offset_at = staticmethod(offset_at)  # kept reachable here (tests call DiffuServer.offset_at)
+    position_at = staticmethod(position_at)
 
     def snapshot(self, uri: str) -> tuple[TextDocument, str] | None:
         """(document, text) if the document is open and is text (no NUL bytes)."""
@@ -525,12 +461,10 @@ class DiffuServer(LanguageServer):
         if doc is None:
             log.info("request for unknown document %s", uri)
             return None
-        text = doc.source
-        if "\x00" in text:
+        text = model_text(doc.source)
+        if text is None:
             log.info("binary content in %s; not completing", uri)
             return None
-        if not text.isascii():  # a lone UTF-16 surrogate (no pair) cannot be encoded or tokenized:
-            text = _LONE_SURROGATE.sub("\ufffd", text)  # one character for one, so offsets stay
         return doc, text
 
     # ------------------------------------------------------------ suggestions

@@ -66,6 +66,6 @@ def test_the_session_and_engines_do_not_import_the_server():
 def test_the_rooms_named_in_the_readme_exist():
     readme = (PACKAGE.parent / "README.md").read_text()
     section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
-    for name in ("server.py", "session.py", "configuration.py", "engine.py", "job.py", "errors.py", "features.py", "jobs.py", "models/"):
+    for name in ("server.py", "documents.py", "session.py", "configuration.py", "engine.py", "job.py", "errors.py", "features.py", "jobs.py", "models/"):
         assert f"`diffu_lsp/{name}`" in section, name
         assert (PACKAGE / name).exists(), name
