@@ -88,7 +88,10 @@ class DiffuProtocol(LanguageServerProtocol):
     pygls logs "Unable to deserialize message" and drops a message whose params fail
     validation, so the client waits forever. Here such a request gets an InvalidParams
     error, such a notification is logged and ignored, and an unreadable response to one
-    of our requests fails that request instead of leaving it pending."""
+    of our requests fails that request instead of leaving it pending.
+
+    pygls has no public hooks for any of this: the overrides below use its protocol's private
+    state (_shutdown, _request_futures, _send_data, _send_response, _handle_response)."""
 
     _shutdown_requested = False
 
@@ -522,6 +525,7 @@ class DiffuServer(LanguageServer):
             uri = arg["textDocument"]["uri"]
             if not isinstance(uri, str):
                 raise TypeError("textDocument.uri must be a string")
+            # pygls 2.1 offers its cattrs converter only as the protocol's private _converter
             target = self.protocol._converter.structure(arg[key], lsp.Range if key == "range" else lsp.Position)
         except Exception as error:  # noqa: BLE001
             raise JsonRpcInvalidParams(
@@ -969,4 +973,4 @@ def serve(*, model: str | None = None, device: str | None = None, dtype: str | N
         sys.stdout = sys.stderr
         log.info("diffu-lsp %s on stdio", __version__)
         server.start_io(sys.stdin.buffer, protocol_out)
-    return 0 if server.protocol._shutdown else 1
+    return 0 if server.protocol._shutdown else 1  # pygls exposes no public "shutdown was requested"
