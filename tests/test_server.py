@@ -823,6 +823,28 @@ def test_handlers_are_module_functions_over_the_session():
     assert {method for method, _, _ in server_mod.FEATURES} >= {lsp.TEXT_DOCUMENT_INLINE_COMPLETION, server_mod.STATS}
 
 
+def test_the_guard_turns_errors_into_answers_by_type():
+    import asyncio
+
+    from diffu_lsp import errors
+    from diffu_lsp.daemon.client import DaemonStuck, OutOfMemoryError
+
+    ls = server_mod.DiffuServer(daemon=False)
+    shown = []
+    ls.show = lambda message, kind: shown.append(message)
+    ls.log_client = lambda message, kind=None: shown.append(message)
+
+    def answer(error):
+        async def handler(ls, params):
+            raise error
+        return asyncio.run(server_mod.guarded("empty")(handler)(ls, None))
+
+    assert answer(DaemonStuck("silent for 10 s")) == "empty" and not shown  # a lost engine: answered empty, quietly
+    assert answer(OutOfMemoryError("the daemon ran out")) == "empty"
+    assert ls.session.counters["oom_failures"] == 1 and "out of memory" in shown[-1]
+    assert answer(errors.ModelLoadFailed("no model is loaded")) == "empty" and "no model is loaded" in shown[-1]
+
+
 def test_oom_retry_uses_a_smaller_hole_once():
     from torch import OutOfMemoryError  # what torch raises, recognised by type (errors.is_out_of_memory)
 
