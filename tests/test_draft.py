@@ -1,0 +1,96 @@
+"""Warm start alignment (diffu_lsp/draft.py): exact expectations on a toy vocabulary."""
+
+from diffu_lsp.draft import Canvas, Drafts, align, canvas_of
+
+MASK, EOS = 0, 1
+VOCAB = {2: "return", 3: " x", 4: " +", 5: " 1", 6: "\n", 7: " y", 8: "re"}
+M = MASK
+
+
+def piece(token: int) -> str:
+    return VOCAB[token]
+
+
+DOC = "def f(x):\n    " + "" + "\nprint(f(2))\n"
+CURSOR = DOC.index("\nprint")
+
+
+def previous(ids, text=DOC, cursor=CURSOR):
+    return canvas_of(text, cursor, cursor, ids)
+
+
+def typed(chars: str, text=DOC, cursor=CURSOR):
+    return text[:cursor] + chars + text[cursor:], cursor + len(chars)
+
+
+def run(ids, chars, length=6, **kw):
+    text, cursor = typed(chars)
+    return align(previous(ids), text, cursor, cursor, length, mask_id=MASK, piece=piece, stop_ids=(EOS,), **kw)
+
+
+def test_nothing_typed_keeps_every_token_provisional_and_masks_as_masks():
+    got = run([2, 3, M, 5, EOS, EOS], "")
+    assert got.ids == [2, 3, M, 5, EOS, EOS]
+    assert got.provisional == [True, True, False, True, True, True]
+    assert (got.consumed, got.remasked) == (0, 0)
+
+
+def test_typing_that_agrees_consumes_whole_tokens_and_pads_the_hole_with_masks():
+    got = run([2, 3, 4, 5, 6, EOS], "return x")
+    assert got.ids == [4, 5, 6, EOS, M, M]
+    assert got.provisional == [True, True, True, True, False, False]
+    assert (got.consumed, got.remasked) == (2, 0)
+
+
+def test_a_divergent_character_remasks_the_conflict_and_a_window_after_it_only():
+    got = run([2, 3, 4, 5, 6, 7, EOS, EOS], "return y", length=8, window=2)
+    # "return" agrees; " y" meets " x": " x", " +", " 1" are re-masked, the rest stays provisional
+    assert got.ids == [M, M, M, 6, 7, EOS, EOS, M]
+    assert got.provisional == [False, False, False, True, True, True, True, False]
+    assert (got.consumed, got.remasked) == (1, 3)
+
+
+def test_a_token_covered_only_in_part_is_a_conflict():
+    got = run([2, 3, 4, 5], "ret", length=4, window=1)
+    assert got.ids == [M, M, 4, 5]
+    assert (got.consumed, got.remasked) == (0, 2)
+
+
+def test_typing_into_a_mask_or_past_an_eos_is_a_conflict():
+    assert run([2, M, 4, 5], "return x", length=4, window=1).ids == [M, M, 5, M]
+    assert run([2, EOS, EOS, EOS], "return(", length=4, window=0).ids == [M, EOS, EOS, M]
+
+
+def test_the_draft_is_cut_to_a_shorter_hole():
+    assert run([2, 3, 4, 5, 6, 7], "", length=3).ids == [2, 3, 4]
+
+
+def test_no_draft_when_the_place_or_the_text_around_it_changed():
+    assert run([2, 3], "return x + 1\n") is None  # typed past the whole draft
+    text, cursor = typed("return")
+    other_after = text[:cursor] + "\nprint(g(2))\n"
+    assert align(previous([2, 3, 4]), other_after, cursor, cursor, 4, mask_id=MASK, piece=piece) is None
+    other_before = "def g" + text[5:]
+    assert align(previous([2, 3, 4]), other_before, cursor, cursor, 4, mask_id=MASK, piece=piece) is None
+    assert align(previous([2, 3, 4]), DOC, CURSOR - 1, CURSOR - 1, 4, mask_id=MASK, piece=piece) is None
+    assert run([M, M, M], "") is None  # all masks: nothing to start from
+
+
+def test_healed_blanks_are_part_of_what_is_consumed():
+    # the old hole began before the indentation's last blank ("    |" healed to "   " + " return")
+    text = "if a:\n    \nb\n"
+    start, cursor = text.index("\nb") - 1, text.index("\nb")
+    vocab_piece = {2: " return", 3: " x"}.get
+    canvas = canvas_of(text, start, cursor, [2, 3])
+    assert canvas == Canvas((2, 3), start, cursor, text[:start], text[cursor:])
+    new = text[:cursor] + "return" + text[cursor:]
+    got = align(canvas, new, cursor + 6, cursor + 6, 3, mask_id=MASK, piece=vocab_piece)
+    assert got.ids == [3, M, M] and got.consumed == 1
+
+
+def test_store_keeps_the_last_canvas_per_key_and_forgets_the_oldest():
+    drafts = Drafts(limit=2)
+    for key in "abc":
+        drafts.put(key, previous([2]))
+    drafts.put("b", previous([3]))
+    assert drafts.get("a") is None and drafts.get("b").ids == (3,) and drafts.get("c").ids == (2,)
