@@ -29,6 +29,13 @@ Cancellation is cooperative: `cancel.cancelled` is read before every forward pas
 cancelled job returns within one forward. `on_step(draft)` sees the canvas after every step and may
 return True to stop early: the current block's remaining positions take the last forward's best
 guesses, later blocks stay masked.
+
+Warm start (`provisional`): the canvas may arrive with draft tokens in its holes (the previous
+job's, diffu_lsp/draft.py). Each forward scores them with the masked positions, and a draft token
+whose p(token) under the current canvas is below `remask` is masked again, to be decoded like any
+other (ReMDM's remasking, LLaDA 2.1's token editing): a stale draft does not survive just because
+it was there. A block ends when no mask is left and its last forward re-masked nothing (a draft
+with no masks takes one forward to check it). Without provisional tokens nothing changes.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class Sampling:
     block_length: Optional[int] = None   # semi-autoregressive blocks over the masked positions
     eos_penalty: float = 0.0             # subtracted from the logits of `stop_ids`
     early_exit: bool = False             # a revealed EOS/pad ends its hole: later slots become pad
+    remask: float = 0.5                  # warm start: a draft token scored below this is masked again
 
     def __post_init__(self):
         if self.alg not in ALGS:
@@ -75,6 +83,8 @@ class Sampling:
             raise ValueError("top_k must be >= 1")
         if self.block_length is not None and self.block_length < 1:
             raise ValueError("block_length must be >= 1")
+        if not 0.0 <= self.remask <= 1.0:
+            raise ValueError("remask must be in [0, 1]")
 
     def with_options(self, **options) -> "Sampling":
         """A copy with the given fields replaced; None values are ignored."""
@@ -104,6 +114,8 @@ class Denoised:
     refreshes: int = 0         # of the forwards, those over the whole canvas that (re)filled a K/V cache
     reused: int = 0            # canvas rows whose keys/values came from the previous job (reuse_prefix)
     rows: int = 0              # canvas rows run through the network, over all forwards
+    drafted: int = 0           # warm start: provisional (draft) tokens the canvas arrived with
+    remasked: int = 0          # of those, the ones masked again (their confidence dropped)
 
 
 # (canvas [L], positions [N]) -> [N, V]: logits scoring the tokens at those positions (on any device)
@@ -200,9 +212,10 @@ def contiguous_runs(positions: torch.Tensor) -> list[torch.Tensor]:
     return list(torch.tensor_split(positions, breaks))
 
 
-def pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id: int, stop_ids) -> None:
+def pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id: int, stop_ids, provisional=None) -> None:
     """Early exit: in each hole, every still-masked slot after a revealed EOS/pad becomes that
-    token, as the model was trained to leave a hole's unused tail (saves the steps to get there)."""
+    token, as the model was trained to leave a hole's unused tail (saves the steps to get there).
+    After a provisional (draft) EOS the slots are provisional too."""
     stops = torch.tensor(stop_ids)
     for run in hole_runs:
         tokens = canvas[run]
@@ -214,6 +227,8 @@ def pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id: int, st
         canvas[tail] = int(tokens[first])
         confidence[tail] = float(confidence[run[first]])
         reveal_step[tail] = int(reveal_step[run[first]])
+        if provisional is not None:
+            provisional[tail] = bool(provisional[run[first]])
 
 
 def denoise(
@@ -226,13 +241,19 @@ def denoise(
     on_step: Callable[[Draft], bool | None] | None = None,
     stop_ids: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
+    provisional: torch.Tensor | None = None,
 ) -> Denoised:
-    """Fill every `mask_id` position of `canvas` ([L] ids) by iterative denoising."""
+    """Fill every `mask_id` position of `canvas` ([L] ids) by iterative denoising; `provisional`
+    ([L] bool) marks draft tokens to check each forward and mask again if they lost confidence."""
     canvas = canvas.clone()
     length = canvas.shape[0]
     confidence = torch.ones(length)
     reveal_step = torch.zeros(length, dtype=torch.long)
-    hole_positions = (canvas == mask_id).nonzero().squeeze(-1)
+    if provisional is None:
+        provisional = torch.zeros(length, dtype=torch.bool)
+    provisional = provisional.clone() & (canvas != mask_id)
+    drafted, remasked = int(provisional.sum()), 0
+    hole_positions = ((canvas == mask_id) | provisional).nonzero().squeeze(-1)
     blocks = blocks_of(hole_positions, sampling.block_length)
     hole_runs = contiguous_runs(hole_positions)
     forwards = 0
@@ -240,29 +261,49 @@ def denoise(
     total_steps = sampling.steps or len(hole_positions)
     steps_per_block = max(1, total_steps // len(blocks)) if dream else None
 
+    if sampling.early_exit and stop_ids and drafted:  # masks after a draft EOS/pad: provisional pad
+        pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id, stop_ids, provisional)
+
     def result(**flags) -> Denoised:
-        return Denoised(canvas, confidence, reveal_step, forwards, **flags)
+        return Denoised(canvas, confidence, reveal_step, forwards, drafted=drafted, remasked=remasked, **flags)
 
     for block in blocks:
         step = 0
+        remasked_last: int | None = None  # draft tokens the block's last forward masked again
         while True:
             still_masked = block[canvas[block] == mask_id]
-            if len(still_masked) == 0:
+            draft = block[provisional[block]]
+            if len(still_masked) == 0 and (len(draft) == 0 or remasked_last == 0):
                 break
-            if dream:
+            if dream and len(still_masked):
                 count = dream_reveal_count(len(still_masked), step, steps_per_block)
                 step += 1
                 if count == 0:
                     continue
             if cancel is not None and cancel.cancelled:
                 return result(cancelled=True)
-            logits = logits_fn(canvas, still_masked)
+            scored = torch.cat([still_masked, draft]) if len(draft) else still_masked
+            logits = logits_fn(canvas, scored)
             forwards += 1
             if cancel is not None and hasattr(cancel, "forwards"):
                 cancel.forwards += 1
             logits[:, mask_id] = float("-inf")  # a revealed position must not stay a mask
             if sampling.eos_penalty and stop_ids:
                 logits[:, list(stop_ids)] -= sampling.eos_penalty
+            if len(draft):  # warm start: p(draft token) under the current canvas; below `remask`: masked
+                logits, draft_logits = logits[:len(still_masked)], logits[len(still_masked):]
+                now = canvas[draft].to(draft_logits.device)
+                draft_prob = torch.softmax(draft_logits.float(), dim=-1).gather(1, now[:, None]).squeeze(1).cpu()
+                drop = draft_prob < sampling.remask
+                canvas[draft[drop]] = mask_id
+                provisional[draft[drop]] = False
+                confidence[draft] = draft_prob.masked_fill(drop, 1.0)
+                remasked_last = int(drop.sum())
+                remasked += remasked_last
+                if len(still_masked) == 0:
+                    continue
+            else:
+                remasked_last = 0
             if generator is not None and generator.device != logits.device:
                 logits = logits.to(generator.device)  # sampling draws from the caller's generator
             # logits stay where the network left them; only these [N] results come to the host
@@ -278,7 +319,7 @@ def denoise(
             confidence[positions] = token_prob[reveal]
             reveal_step[positions] = forwards
             if sampling.early_exit and stop_ids:
-                pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id, stop_ids)
+                pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id, stop_ids, provisional)
             if on_step is not None:
                 masked_left = int((canvas == mask_id).sum())
                 if on_step(Draft(canvas, forwards, masked_left)):

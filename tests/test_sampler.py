@@ -328,3 +328,97 @@ def test_reuse_prefix_starts_from_the_previous_jobs_keys(bundled):
     assert bundled.fill(typed, sampling, cache="dual", reuse_prefix=True).refreshes == 1
     starts = [bundled.fill(typed, sampling, cache="dual", reuse_prefix=True).reused > 0 for _ in range(REUSE_LIMIT + 1)]
     assert starts == [True] * REUSE_LIMIT + [False]
+
+
+# ---------------------------------------------------------------- warm start (provisional draft tokens)
+
+class Wants:
+    """A context model: every scored position prefers `want[i]` (p ~ 0.94 over the 10 tokens),
+    so a draft token that differs scores ~0.006 there. Records the masked positions at each forward."""
+
+    def __init__(self, want):
+        self.want = want
+        self.masked_at = []
+
+    def __call__(self, canvas, positions):
+        self.masked_at.append((canvas == MASK).nonzero().squeeze(-1).tolist())
+        logits = torch.zeros(len(positions), VOCAB)
+        logits[torch.arange(len(positions)), torch.tensor(self.want)[positions]] = 5.0
+        return logits
+
+
+def test_no_provisional_tokens_decode_as_before():
+    canvas = torch.tensor([1, MASK, MASK, MASK, 2])
+    model = Wants([1, 3, 4, 5, 2])
+    plain = denoise(model, canvas, MASK, Sampling(threshold=0.99))
+    none_drafted = denoise(Wants([1, 3, 4, 5, 2]), canvas, MASK, Sampling(threshold=0.99),
+                           provisional=torch.zeros(5, dtype=torch.bool))
+    assert plain.canvas.tolist() == none_drafted.canvas.tolist() == [1, 3, 4, 5, 2]
+    assert plain.forwards == none_drafted.forwards == 3 and none_drafted.remasked == 0
+
+
+def test_a_draft_the_model_agrees_with_takes_one_forward_and_stays():
+    canvas = torch.tensor([1, 3, 4, 5, 2])
+    model = Wants([1, 3, 4, 5, 2])
+    result = denoise(model, canvas, MASK, Sampling(threshold=0.99), provisional=torch.tensor([0, 1, 1, 1, 0]).bool())
+    assert result.canvas.tolist() == [1, 3, 4, 5, 2]
+    assert (result.forwards, result.drafted, result.remasked) == (1, 3, 0)
+
+
+def test_typing_a_divergent_character_remasks_only_the_conflict_window_and_stale_draft_tokens():
+    """The old suggestion was "return x + 1\\n"; the user typed "return y". draft.align re-masks the
+    conflict (" x") and one token after it; " 1" and "\\n" stay provisional. Under the new context
+    the model wants " * 2\\n": " 1" has lost its confidence and is re-masked at the first forward,
+    "\\n" is kept; the hole ends as the new context wants it."""
+    from diffu_lsp.draft import align, canvas_of
+
+    vocab = {2: "return", 3: " x", 4: " +", 5: " 1", 6: "\n", 7: " y", 8: " *", 1: " 2"}
+    old_text = "def f(x):\n    \n"
+    cursor = old_text.index("\n", 10)
+    previous = canvas_of(old_text, cursor, cursor, [2, 3, 4, 5, 6])
+    new_text = old_text[:cursor] + "return y" + old_text[cursor:]
+    new_cursor = cursor + len("return y")
+    aligned = align(previous, new_text, new_cursor, new_cursor, 5, mask_id=MASK, piece=vocab.get, window=1)
+    assert aligned.ids == [MASK, MASK, 5, 6, MASK] and aligned.remasked == 2
+    # canvas: [prefix token 0] + hole of 5 + [suffix token 0]; the new context wants " * 2\n" and a pad (0)
+    canvas = torch.tensor([0] + aligned.ids + [0])
+    model = Wants([0, 8, 1, 1, 6, 0, 0])
+    result = denoise(model, canvas, MASK, Sampling(threshold=0.9),
+                     provisional=torch.tensor([False] + aligned.provisional + [False]))
+    assert model.masked_at[0] == [1, 2, 5]       # the conflict window and the empty tail, nothing else
+    assert 3 in model.masked_at[1]               # " 1" was re-masked: its confidence dropped
+    assert 4 not in model.masked_at[1]           # "\n" kept its place
+    assert result.canvas.tolist() == [0, 8, 1, 1, 6, 0, 0]
+    assert (result.drafted, result.remasked) == (2, 1)
+
+
+def test_draft_eos_pads_the_masks_after_it_with_early_exit():
+    canvas = torch.tensor([3, 0, MASK, MASK])
+    model = Wants([3, 0, 0, 0])
+    result = denoise(model, canvas, MASK, Sampling(threshold=0.9, early_exit=True), stop_ids=(0,),
+                     provisional=torch.tensor([True, True, False, False]))
+    assert result.canvas.tolist() == [3, 0, 0, 0] and result.forwards == 1
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual", "delayed"])
+def test_warm_start_on_the_bundled_model_in_every_cache_mode(bundled, cache):
+    """No provisional tokens: tokens identical to a cold job. A draft equal to what cold decoding
+    produced is checked, not kept blindly; where the model keeps all of it the result is the same."""
+    sampling = Sampling(alg="factor", factor=3.0, early_exit=True)
+    kept = 0
+    for reuse, before in ((False, PREFIX), (True, PREFIX), (False, PREFIX + "return f.read"), (True, PREFIX + "return f.read")):
+        prefix, suffix, hole = bundled.encode(before), bundled.encode(SUFFIX), 16
+        canvas = prefix + [bundled.mask_token_id] * hole + suffix
+        bundled.last_keys = None
+        cold = bundled.fill(canvas, sampling, cache=cache, reuse_prefix=reuse)
+        bundled.last_keys = None
+        off = bundled.fill(canvas, sampling, cache=cache, reuse_prefix=reuse, provisional=[False] * len(canvas))
+        assert off.canvas.tolist() == cold.canvas.tolist() and off.forwards == cold.forwards
+        draft = cold.canvas.tolist()
+        marks = [False] * len(prefix) + [True] * hole + [False] * len(suffix)
+        warm = bundled.fill(draft, sampling, cache=cache, reuse_prefix=reuse, provisional=marks)
+        assert warm.drafted == hole and bundled.mask_token_id not in warm.canvas.tolist()
+        if warm.remasked == 0:
+            kept += 1
+            assert warm.canvas.tolist() == cold.canvas.tolist() and warm.forwards == 1
+    assert kept >= 1  # the hole the model ends at once ("return f.read|"): its draft is kept, same result

@@ -127,6 +127,7 @@ class DiffusionModel:
         refresh_every: int | None = None,
         reuse_prefix: bool = False,
         compiled: bool = False,
+        provisional: list[bool] | torch.Tensor | None = None,
         **options,
     ) -> Denoised:
         """Denoise every mask position of the canvas. The result is on the CPU, canvas-aligned.
@@ -135,11 +136,17 @@ class DiffusionModel:
         refresh_every: with a cache, every N-th step is a full forward (1 = exact, as uncached);
         reuse_prefix: with a cache, start from the previous cached job's keys/values of the tokens
         this canvas shares with it at its start (the previous request of a typing user) instead of a
-        full forward (see CachedForward); compiled: run the network through torch.compile (see forward)."""
+        full forward (see CachedForward); compiled: run the network through torch.compile (see forward);
+        provisional: warm start, the canvas positions holding draft tokens (see sampler.denoise)."""
         canvas = torch.as_tensor(canvas_ids, dtype=torch.long)
-        needs_bos = self.shift_logits and len(canvas) > 0 and int(canvas[0]) == self.mask_token_id
+        if provisional is not None:
+            provisional = torch.as_tensor(provisional, dtype=torch.bool)
+        needs_bos = self.shift_logits and len(canvas) > 0 and (
+            int(canvas[0]) == self.mask_token_id or (provisional is not None and bool(provisional[0])))
         if needs_bos:  # with shifted logits position 0 has nothing to its left to be scored from
             canvas = torch.cat([torch.tensor([self._bos_id()]), canvas])
+            if provisional is not None:
+                provisional = torch.cat([torch.tensor([False]), provisional])
         if len(canvas) > self.max_length:
             raise ValueError(f"canvas of {len(canvas)} tokens exceeds the model's {self.max_length}")
         if cache not in CACHE_MODES:
@@ -152,6 +159,7 @@ class DiffusionModel:
             result = denoise(
                 logits_fn, canvas, self.mask_token_id, self.sampling(sampling, **options),
                 cancel=cancel, on_step=on_step, stop_ids=self.eos_token_ids, generator=generator,
+                provisional=provisional,
             )
             if reuse_prefix and cache != "none" and logits_fn.kv.layers:
                 self.last_keys = logits_fn.kept()  # kept only for callers that reuse (it holds a canvas of K/V)
