@@ -504,6 +504,33 @@ async def test_fill_holes_sends_one_edit_for_all_holes(mechanic):
 
 
 @aio
+async def test_fill_holes_with_an_empty_range_fills_the_enclosing_function(mechanic):
+    """The editors send the cursor as an empty range; the server decides it means the enclosing
+    def (issue #15): only `perimeter`'s hole is filled, not `area`'s, and in `describe` (no
+    marker) nothing is, with a message that names the enclosing def/class."""
+    client = mechanic
+    uri = open_doc(client, HOLES)
+    client.edits.clear()
+    client.messages.clear()
+    cursor = {"line": 5, "character": 2}  # in perimeter's body, before its `...`
+    result = await execute(client, server_mod.CMD_FILL_HOLES, textDocument={"uri": uri},
+                           range={"start": cursor, "end": cursor})
+    assert result == {"applied": True}
+    (params,) = client.edits
+    (change,) = params.edit.document_changes
+    assert [e.range for e in change.edits] == [rng(5, 4, 5, 7)]  # perimeter's `...` only
+    assert change.edits[0].new_text and "..." not in change.edits[0].new_text
+
+    client.edits.clear()
+    cursor = {"line": 9, "character": 4}  # in describe: no marker in it
+    result = await execute(client, server_mod.CMD_FILL_HOLES, textDocument={"uri": uri},
+                           range={"start": cursor, "end": cursor})
+    assert result == {"applied": False} and not client.edits
+    (message,) = await until(lambda: [m.message for m in client.messages if "fill holes" in m.message], "a message")
+    assert "enclosing def/class" in message
+
+
+@aio
 async def test_fill_holes_without_a_marker_says_which_markers_count(mechanic):
     client = mechanic
     uri = open_doc(client, "def f(x):\n    return x[...]\n")
