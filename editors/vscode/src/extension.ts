@@ -3,7 +3,9 @@
 // Thin on purpose: vscode-languageclient (v11) already provides inline completion (ghost text),
 // completion, code actions, executeCommand, workspace/applyEdit and work-done progress. This file
 // only starts the server, forwards the `diffu.*` settings, adds palette/context-menu commands that
-// call the server's commands, and shows the model state in the status bar.
+// call the server's commands, and shows the model state the server sends (`diffu/status`) in the
+// status bar. What a command applies to is the server's decision: Fill Holes sends the selection
+// as it is, and an empty one means the enclosing function.
 
 import * as fs from "node:fs";
 import * as path from "node:path";
@@ -16,13 +18,9 @@ import {
   ExecuteCommandRequest,
   LanguageClient,
   LanguageClientOptions,
-  ProgressToken,
   ServerOptions,
   State,
   WorkDoneProgress,
-  WorkDoneProgressBegin,
-  WorkDoneProgressEnd,
-  WorkDoneProgressReport,
 } from "vscode-languageclient/node";
 
 const SECTION = "diffu";
@@ -241,7 +239,6 @@ function createClient(context: vscode.ExtensionContext): LanguageClient {
     { scheme: "file", language },
     { scheme: "untitled", language },
   ]);
-  let loadingToken: ProgressToken | undefined;
   let self: LanguageClient | undefined;
 
   const clientOptions: LanguageClientOptions = {
@@ -272,23 +269,6 @@ function createClient(context: vscode.ExtensionContext): LanguageClient {
           }
           return results;
         },
-      },
-      // Mirror the server's "Loading model" work-done progress in the status bar.
-      handleWorkDoneProgress: (
-        token: ProgressToken,
-        params: WorkDoneProgressBegin | WorkDoneProgressReport | WorkDoneProgressEnd,
-        next,
-      ) => {
-        if (params.kind === "begin" && /load/i.test(params.title)) {
-          loadingToken = token;
-          setStatus("loading", undefined, params.message ?? params.title);
-        } else if (token === loadingToken && params.kind === "report" && statusBar) {
-          const pct = params.percentage !== undefined ? ` ${params.percentage}%` : "";
-          statusBar.text = `$(loading~spin) Diffu: loading${pct}`;
-        } else if (token === loadingToken && params.kind === "end") {
-          loadingToken = undefined;
-        }
-        next(token, params);
       },
     },
   };
@@ -366,8 +346,8 @@ async function runServerCommand(
   await vscode.window.withProgress(
     { location: vscode.ProgressLocation.Notification, title, cancellable: true },
     async (progress, token) => {
-      // Offer a client-side work-done token: a server that reports on it shows up in this
-      // notification; cancelling it sends $/cancelRequest for the executeCommand request.
+      // Offer a client-side work-done token: the server reports the command's progress on it
+      // (shown in this notification); cancelling sends $/cancelRequest for the request.
       const workDoneToken = `diffu-client-${process.pid}-${++tokenCounter}`;
       let lastPct = 0;
       const sub = c.onProgress(WorkDoneProgress.type, workDoneToken, (v) => {
@@ -401,37 +381,6 @@ async function runServerCommand(
   );
 }
 
-/** Range of the innermost function/method symbol around `pos`, if a symbol provider knows one. */
-async function enclosingFunction(doc: vscode.TextDocument, pos: vscode.Position): Promise<vscode.Range | undefined> {
-  let symbols: (vscode.DocumentSymbol | vscode.SymbolInformation)[] | undefined;
-  try {
-    symbols = await vscode.commands.executeCommand<(vscode.DocumentSymbol | vscode.SymbolInformation)[]>(
-      "vscode.executeDocumentSymbolProvider",
-      doc.uri,
-    );
-  } catch {
-    return undefined;
-  }
-  const kinds = new Set([vscode.SymbolKind.Function, vscode.SymbolKind.Method, vscode.SymbolKind.Constructor]);
-  let best: vscode.Range | undefined;
-  const visit = (list: (vscode.DocumentSymbol | vscode.SymbolInformation)[]): void => {
-    for (const s of list) {
-      const range = "range" in s ? s.range : s.location.range;
-      if (!range.contains(pos)) {
-        continue;
-      }
-      if (kinds.has(s.kind) && (!best || best.contains(range))) {
-        best = range;
-      }
-      if ("children" in s && s.children) {
-        visit(s.children);
-      }
-    }
-  };
-  visit(symbols ?? []);
-  return best;
-}
-
 function registerCommands(context: vscode.ExtensionContext): void {
   const reg = (id: string, fn: () => unknown): void => {
     context.subscriptions.push(vscode.commands.registerCommand(id, fn));
@@ -457,16 +406,10 @@ function registerCommands(context: vscode.ExtensionContext): void {
     if (!editor || !c) {
       return;
     }
-    const doc = editor.document;
-    let range: vscode.Range = editor.selection;
-    if (editor.selection.isEmpty) {
-      range =
-        (await enclosingFunction(doc, editor.selection.active)) ??
-        new vscode.Range(0, 0, doc.lineCount, 0).with({ end: doc.lineAt(doc.lineCount - 1).range.end });
-    }
+    // An empty selection is sent as it is: the server fills the holes of the enclosing function.
     await runServerCommand("Diffu: Fill Holes", SERVER_COMMANDS.fillHoles, {
-      textDocument: { uri: c.code2ProtocolConverter.asUri(doc.uri) },
-      range: c.code2ProtocolConverter.asRange(range),
+      textDocument: { uri: c.code2ProtocolConverter.asUri(editor.document.uri) },
+      range: c.code2ProtocolConverter.asRange(editor.selection),
     });
   });
 

@@ -37,7 +37,7 @@ const config = {};  // user-set values
 const statusItems = [];
 const commands = new Map();
 const notifications = [];
-const docText = process.env.SMOKE_TEXT || 'import os\n\n\ndef count_words(text):\n    words = text.split()\n    return len(words)\n';
+const docText = process.env.SMOKE_TEXT || 'import os\n\n\ndef count_words(text):\n    words = text.split()\n    return len(words)\n\n\ndef count_lines(text):\n    ...\n';
 const docUri = Uri.file(path.join(process.env.SMOKE_DIR || require('os').tmpdir(), 'diffu_smoke.py'));
 const document = { uri: docUri, languageId: 'python', version: 1, getText: () => docText, lineCount: docText.split('\n').length, isClosed: false, isUntitled: false, fileName: docUri.fsPath, lineAt: (l) => ({ range: new Range(l, 0, l, docText.split('\n')[l].length) }) };
 const edits = [];
@@ -124,6 +124,18 @@ Module._load = function (request, parent, isMain) { if (request === 'vscode') re
   const afterRefine = edits.length;
   await commands.get('diffu.client.completeBlock')();
   log('after Complete Block, edits applied via workspace.applyEdit:', edits.length);
+  // Fill Holes with an empty selection (the cursor in count_lines): the client sends it as it is
+  // and the server decides it means the enclosing function.
+  const beforeFill = edits.length;
+  vscode.window.activeTextEditor.selection = new Selection(new Position(9, 2), new Position(9, 2));
+  await commands.get('diffu.client.fillHoles')();
+  const fillEdits = edits.slice(beforeFill);
+  log('after Fill Holes (empty selection), edits:', fillEdits.length);
+  if (process.env.SMOKE_MODEL) {
+    if (fillEdits.length !== 1) throw new Error('Fill Holes with an empty selection applied ' + fillEdits.length + ' edits');
+    const ranges = JSON.stringify(fillEdits[0].__entries);
+    if (!/"line":9,"character":4\}.*"line":9,"character":7\}/.test(ranges)) throw new Error('Fill Holes did not replace the `...` of count_lines: ' + ranges);
+  }
   sb.text = '';
   await commands.get('diffu.client.restartServer')();
   const deadline2 = Date.now() + Number(process.env.SMOKE_TIMEOUT || 120000);
