@@ -369,6 +369,36 @@ def test_refine_visual_range_changes_only_that_range(editor_factory):
     assert after != before
 
 
+# ---------------------------------------------------------------- 3b. :DiffuFill
+
+HOLES = """\
+def area(width, height):
+    ...
+
+
+def perimeter(width, height):
+    ...
+"""
+
+
+def test_fill_without_a_range_sends_the_cursor_and_the_server_picks_the_function(editor_factory):
+    """:DiffuFill with no range sends an empty range at the cursor (the client computes no
+    enclosing function); the server fills only the hole of the def around it."""
+    ed = editor_factory(text=HOLES, mechanic=True)
+    ed.input("<Esc>")
+    ed.nvim.command("normal! 6G0ll")  # in perimeter's body, before its `...`
+    ed.nvim.command("DiffuFill")
+    done = wait_for(lambda: ed.lua("return _G.diffu_test.done[1]"), REQUEST_TIMEOUT, what=":DiffuFill to finish")
+    (sent,) = [c for c in ed.lua("return _G.diffu_test.commands") if c["command"] == "diffu.fillHoles"]
+    cursor = {"line": 5, "character": 2}
+    assert sent["arguments"] == [{"textDocument": {"uri": ed.lua("return vim.uri_from_bufnr(0)")},
+                                  "range": {"start": cursor, "end": cursor}}], sent
+    assert done["result"] == {"applied": True}, done
+    after = ed.lines()
+    assert after[:5] == HOLES.splitlines()[:5]  # area's `...` is kept
+    assert after[5:] != ["    ..."]
+
+
 # ---------------------------------------------------------------- 4. code actions
 
 def collect_code_actions(ed: Editor, keys: str) -> list[dict]:

@@ -313,92 +313,6 @@ local function command_range(opts, bufnr, client)
   return M.range_from_marks(bufnr, client, opts.line1, 0, opts.line2, 0, true)
 end
 
-local FUNC_NODE = {
-  function_definition = true, -- python, c, cpp, lua (some grammars)
-  function_declaration = true, -- js/ts, go, lua
-  method_definition = true,
-  method_declaration = true,
-  function_item = true, -- rust
-  arrow_function = true,
-  ['function'] = true,
-  function_expression = true,
-  local_function = true,
-  func_literal = true,
-  constructor_declaration = true,
-}
-
-local DEF_PATTERNS = {
-  '^%s*async%s+def%s',
-  '^%s*def%s',
-  '^%s*local%s+function[%s(]',
-  '^%s*function[%s(]',
-  '^.-[%s=]function[%s(]',
-  '^%s*pub[%w()%s]*fn%s',
-  '^%s*async%s+fn%s',
-  '^%s*fn%s',
-  '^%s*func%s',
-  '^%s*export%s+',
-}
-
---- 1-based (first, last) lines of the function around `row` (1-based), or nil.
-function M.enclosing_function(bufnr, row)
-  -- Tree-sitter, when a parser for the buffer is installed.
-  local ok, node = pcall(vim.treesitter.get_node, { bufnr = bufnr, pos = { row - 1, 0 } })
-  if ok and node then
-    local best
-    while node do
-      if FUNC_NODE[node:type()] then
-        best = node
-        break
-      end
-      node = node:parent()
-    end
-    if best then
-      local sr, _, er, ec = best:range()
-      if ec == 0 and er > sr then
-        er = er - 1
-      end
-      return sr + 1, er + 1
-    end
-  end
-  -- Indentation heuristic: the nearest definition line above whose body contains `row`.
-  local lines = vim.api.nvim_buf_get_lines(bufnr, 0, -1, false)
-  local function indent(l)
-    return #(l:match('^%s*'))
-  end
-  local function is_def(l)
-    for _, p in ipairs(DEF_PATTERNS) do
-      if l:match(p) and (l:find('def', 1, true) or l:find('fn', 1, true) or l:find('func', 1, true)) then
-        return true
-      end
-    end
-    return false
-  end
-  for start = row, 1, -1 do
-    local l = lines[start]
-    if is_def(l) then
-      local base = indent(l)
-      local last = start
-      for i = start + 1, #lines do
-        local li = lines[i]
-        if li:match('%S') then
-          if indent(li) <= base then
-            if li:match('^%s*[}%])]') or li:match('^%s*end%f[%W]') then
-              last = i
-            end
-            break
-          end
-          last = i
-        end
-      end
-      if last >= row then
-        return start, last
-      end
-    end
-  end
-  return nil
-end
-
 -- ------------------------------------------------------------------ server commands
 
 -- Commands in flight: { client_id, id, command, title, bufnr, cancelled }
@@ -462,7 +376,8 @@ function M.refine(range, bufnr)
   exec(bufnr, client, COMMANDS.refine, { range = range }, 'Diffu: Refine Selection')
 end
 
---- Fill holes in `range` (LSP range); default the enclosing function, else the whole buffer.
+--- Fill holes in `range` (LSP range); default the cursor as an empty range, which the server
+--- takes as the enclosing function (it decides what that is, for every editor alike).
 function M.fill(range, bufnr)
   bufnr = resolve_bufnr(bufnr)
   local client = get_client(bufnr)
@@ -470,12 +385,8 @@ function M.fill(range, bufnr)
     return
   end
   if not range then
-    local row = vim.api.nvim_win_get_cursor(0)[1]
-    local first, last = M.enclosing_function(bufnr, row)
-    if not first then
-      first, last = 1, vim.api.nvim_buf_line_count(bufnr)
-    end
-    range = M.range_from_marks(bufnr, client, first, 0, last, 0, true)
+    local position = vim.lsp.util.make_position_params(0, client.offset_encoding).position
+    range = { start = position, ['end'] = position }
   end
   exec(bufnr, client, COMMANDS.fill, { range = range }, 'Diffu: Fill Holes')
 end
