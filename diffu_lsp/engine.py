@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, runtime_checkable
 
+from .draft import Drafts
 from .errors import ModelLoadFailed, first_line, is_out_of_memory  # noqa: F401 - re-exported
 from .job import Answer, Kind, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion  # noqa: F401 - re-exported
 from .settings import Settings
@@ -63,11 +64,13 @@ class LocalEngine:
 
     def __init__(self) -> None:
         self.model = None
+        self.drafts = Drafts()  # the last suggestion canvas per document (warm start)
 
     def load(self, key: ModelKey) -> ModelInfo:
         from .models import load_model  # torch is imported here, on the loading thread
 
         self.model = None  # let the previous model go before the next one loads
+        self.drafts.clear()  # token ids of another model
         self.model = load_model(key.model, device=key.device, dtype=key.dtype)
         return model_info(self.model, key)
 
@@ -78,7 +81,7 @@ class LocalEngine:
         if self.model is None:
             raise ModelLoadFailed("no model is loaded")
         return features.run(self.model, request, cancel=cancel, on_step=on_step,
-                            on_oom_retry=on_oom_retry or (lambda: None))
+                            on_oom_retry=on_oom_retry or (lambda: None), drafts=self.drafts, key=key)
 
     def configure(self, settings: Settings) -> None:
         pass

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import msgspec
 
-from . import infill
+from . import draft, infill
 from .errors import is_out_of_memory
 from .job import Answer, Replacement, Request, Suggestion
 from .models import DenoiseCancelled
@@ -29,10 +29,13 @@ def sampling_for(model, settings: Settings, **overrides) -> Sampling:
     return model.sampling(**sampling_options(settings), **overrides)
 
 
-def _denoise(model, canvas: list[int], settings: Settings, cancel, on_step=None):
+def _denoise(model, canvas: list[int], settings: Settings, cancel, on_step=None, provisional=None, keep=None):
+    """The filled canvas; `keep(result)` sees it first, also when the job was cancelled (warm start)."""
     result = model.fill(canvas, sampling_for(model, settings), cancel=cancel, on_step=on_step,
                         cache=settings.kv_cache, refresh_every=settings.cache_refresh_steps, compiled=settings.compile,
-                        reuse_prefix=settings.reuse_keys)
+                        reuse_prefix=settings.reuse_keys, provisional=provisional)
+    if keep is not None:
+        keep(result)
     if result.cancelled:
         raise DenoiseCancelled()
     return result
@@ -57,14 +60,29 @@ def _split_trailing_blanks(prefix: str) -> tuple[str, str]:
 
 
 def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, block: bool = False,
-            on_step=None) -> Suggestion:
-    """The block to show at `cursor` (single- or multi-line, decided from the code around it)."""
+            on_step=None, drafts: draft.Drafts | None = None, key: str = "") -> Suggestion:
+    """The block to show at `cursor` (single- or multi-line, decided from the code around it).
+    With `drafts` and `settings.warm_start`, the hole starts from the last canvas kept under `key`
+    (diffu_lsp/draft.py), and this job's canvas is kept there for the next one, even if cancelled."""
     started = time.perf_counter()
     request = infill.build_request(text, cursor, model.encode, settings, block=block)
     model_prefix, healed = _split_trailing_blanks(request.prefix)
     prefix_ids, suffix_ids = model.encode(model_prefix), model.encode(request.suffix)
     length = request.hole_tokens
-    result = _denoise(model, prefix_ids + [model.mask_token_id] * length + suffix_ids, settings, cancel, on_step)
+    hole, provisional, keep = [model.mask_token_id] * length, None, None
+    if drafts is not None and settings.warm_start:
+        hole_start = cursor - len(healed)
+        aligned = draft.align(drafts.get(key), text, hole_start, cursor, length, mask_id=model.mask_token_id,
+                              piece=lambda token: model.decode([token]), stop_ids=model.eos_token_ids)
+        if aligned is not None:
+            hole = aligned.ids
+            provisional = [False] * len(prefix_ids) + aligned.provisional + [False] * len(suffix_ids)
+
+        def keep(result) -> None:
+            at = len(prefix_ids)
+            drafts.put(key, draft.canvas_of(text, hole_start, cursor, result.canvas[at:at + length].tolist()))
+
+    result = _denoise(model, prefix_ids + hole + suffix_ids, settings, cancel, on_step, provisional, keep)
     raw = _hole_text(model, result, len(prefix_ids), length, settings)
     if healed:
         raw = raw[len(healed):] if raw.startswith(healed) else raw.lstrip(" \t")
@@ -73,7 +91,7 @@ def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, b
     return Suggestion(
         text=completion, replace_after=auto_closed_tail(context.line_after, completion) if completion else 0,
         multiline=request.multiline, forwards=result.forwards, hole_tokens=length,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, drafted=result.drafted, remasked=result.remasked,
     )
 
 
@@ -127,14 +145,17 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
 
 # ------------------------------------------------------------------ one request, whichever kind
 
-def run(model, request: Request, *, cancel=None, on_step=None, on_oom_retry: Callable[[], Any] = lambda: None) -> Answer:
+def run(model, request: Request, *, cancel=None, on_step=None, on_oom_retry: Callable[[], Any] = lambda: None,
+        drafts: draft.Drafts | None = None, key: str = "") -> Answer:
     """Run one :class:`~diffu_lsp.engine.Request`: settings fitted to the model's positions,
-    and after running out of memory, once more with smaller holes."""
+    and after running out of memory, once more with smaller holes. `drafts`: the engine's last
+    canvas per document (`key`), for warm start."""
     text, start, end = request.text, request.start, request.end
 
     def once(settings: Settings) -> Answer:
         if request.kind in ("suggest", "block"):
-            return suggest(model, text, start, settings, cancel=cancel, block=request.kind == "block", on_step=on_step)
+            return suggest(model, text, start, settings, cancel=cancel, block=request.kind == "block", on_step=on_step,
+                           drafts=drafts, key=key)
         if request.kind == "fill_holes":
             return fill_holes(model, text, start, end, settings, cancel=cancel, on_step=on_step)
         return refine(model, text, start, end, settings, cancel=cancel, on_step=on_step)

@@ -33,6 +33,7 @@ class JobSettings(msgspec.Struct, kw_only=True, rename="camel", frozen=True):
     cache_refresh_steps: int | None
     compile: bool
     reuse_keys: bool
+    warm_start: bool
     prefix_tokens: int
     suffix_tokens: int
     single_line_tokens: int
@@ -74,6 +75,8 @@ class Suggestion(msgspec.Struct, frozen=True):
     forwards: int
     hole_tokens: int
     seconds: float
+    drafted: int = 0       # warm start: draft tokens the hole started with (provisional)
+    remasked: int = 0      # of those, the ones masked again because the model no longer agreed
 
 
 class Replacement(msgspec.Struct, frozen=True):

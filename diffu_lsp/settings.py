@@ -51,6 +51,9 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     cache_refresh_steps: Positive | None = None  # also rebuild the cache every N steps (None: per block)
     compile: bool = False  # run the network through torch.compile (first jobs of each new shape pay for compiling)
     reuse_keys: bool = True  # start a job from the previous job's keys/values of the canvas start both share
+    # start a suggestion from the last one's tokens in the same document (what you typed consumed, the rest
+    # kept where the model still agrees): suggestions update in place instead of starting over
+    warm_start: bool = False
     prefix_tokens: Positive = 768  # token budget for context before the cursor
     suffix_tokens: NonNegative = 256  # token budget after the cursor
     single_line_tokens: Positive = 16  # hole size for a single-line suggestion

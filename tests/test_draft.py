@@ -94,3 +94,54 @@ def test_store_keeps_the_last_canvas_per_key_and_forgets_the_oldest():
         drafts.put(key, previous([2]))
     drafts.put("b", previous([3]))
     assert drafts.get("a") is None and drafts.get("b").ids == (3,) and drafts.get("c").ids == (2,)
+
+
+# ---------------------------------------------------------------- through the job path, bundled model
+
+def test_a_window_engine_starts_the_next_suggestion_from_the_last_canvas():
+    import pytest
+
+    from diffu_lsp.engine import LocalEngine
+    from diffu_lsp.errors import JobCancelled
+    from diffu_lsp.job import ModelKey, Request
+    from diffu_lsp.settings import Settings
+
+    engine = LocalEngine()
+    engine.load(ModelKey(None))
+    model = engine.model
+    text = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        lines\n\n\ndef main():\n    pass\n"
+    cursor = text.index("\n\n\ndef main")  # after "lines": no blanks to heal, the hole starts at the cursor
+    settings = Settings(warm_start=True, early_exit=False)
+    first = engine.run(Request("suggest", text, cursor, cursor, settings), None, key="a.py")
+    assert first.drafted == 0
+    kept = engine.drafts.get("a.py")
+    assert kept is not None and kept.cursor == cursor and model.mask_token_id not in kept.ids
+    # type the hole's first tokens past the blanks it began with: the next job starts from the rest of it
+    pieces = [model.decode([t]) for t in kept.ids]
+    assert kept.start == cursor
+    k = next(k for k in range(1, len(pieces)) if pieces[k - 1].strip() and not pieces[k - 1].endswith((" ", "\t")))
+    typed = "".join(pieces[:k])
+    new_text, new_cursor = text[:cursor] + typed + text[cursor:], cursor + len(typed)
+    second = engine.run(Request("suggest", new_text, new_cursor, new_cursor, settings), None, key="a.py")
+    assert second.drafted == sum(1 for t in kept.ids[k:k + second.hole_tokens] if t != model.mask_token_id) > 0
+    assert engine.drafts.get("a.py").start == new_cursor
+    # warm start off: the same request decodes cold; another document has no draft
+    cold = engine.run(Request("suggest", new_text, new_cursor, new_cursor, Settings(early_exit=False)), None, key="a.py")
+    assert cold.drafted == 0
+    assert engine.run(Request("suggest", new_text, new_cursor, new_cursor, settings), None, key="b.py").drafted == 0
+
+    # a job cancelled mid-way leaves its partial canvas (masks where it had not decoded yet)
+    class Flag:
+        cancelled = False
+
+    flag = Flag()
+
+    def stop(step) -> None:
+        flag.cancelled = True
+
+    engine.drafts.clear()
+    with pytest.raises(JobCancelled):
+        engine.run(Request("suggest", text, cursor, cursor, Settings(warm_start=True, algorithm="entropy", steps=16)),
+                   flag, on_step=stop, key="a.py")
+    partial = engine.drafts.get("a.py").ids
+    assert model.mask_token_id in partial and any(t != model.mask_token_id for t in partial)

@@ -37,6 +37,7 @@ from typing import Any
 import msgspec
 
 from .. import __version__
+from ..draft import Drafts
 from ..engine import ModelInfo, ModelKey, first_line, is_oom, model_info
 from ..jobs import Job, JobCancelled, Scheduler
 from . import DaemonError, Paths, open_private, peer_uid, private_folder, runtime_paths
@@ -61,6 +62,7 @@ class HeldModel:
     bytes: int
     last_used: float = field(default_factory=time.monotonic)
     jobs: int = 0
+    drafts: Drafts = field(default_factory=Drafts)  # the last suggestion canvas per window and document
 
 
 @dataclass
@@ -302,7 +304,8 @@ class Daemon:
             held.last_used = time.monotonic()
             held.jobs += 1
             return features.run(held.model, message.request, cancel=token,
-                                on_step=progress if message.progress else None, on_oom_retry=count_oom_retry)
+                                on_step=progress if message.progress else None, on_oom_retry=count_oom_retry,
+                                drafts=held.drafts, key=f"{client.id}:{message.key}")
 
         job = self.sched.submit(f"{client.id}:{message.key}", work, debounce=False)
         client.jobs[message.id] = job
