@@ -125,6 +125,28 @@ def test_replay_analysis_tells_stale_from_crossed():
     assert replay.analyse(log)[0]["stale"]
 
 
+def test_replay_warm_start_comparison_pairs_suggestions_by_version():
+    text = "x" * 100 + "abcdef" + "\n"
+    point = replay.Point("f.py", text, 100)
+
+    def run(guesses):
+        log = replay.PointLog(point, change_times={2: 1.0, 3: 2.0})
+        log.sent = [_sent(2, 1.0, 1.5, guesses[0], 1.01), _sent(3, 2.0, 2.5, guesses[1], 2.01)]
+        records = replay.analyse(log)
+        summary = replay.summarise(common.Options(), [point], 2, [log], {"forwards": 6}, None, 0.0, None)["summary"]
+        return {"summary": summary, "records": records}
+
+    cold, warm = run(["bcdef", "cdef"]), run(["bcdxx", ""])
+    assert warm["records"][0]["similarity"] == 60.0 and cold["records"][0]["similarity"] == 100.0
+    table = replay.compare_warm(cold, warm)
+    rows = {row[0]: row[1:] for row in table["rows"]}
+    assert rows["forward passes per keystroke"][:2] == [3.0, 3.0]
+    assert rows["vs typed next: exact match (%)"][:2] == [100.0, 0.0]
+    same = next(v for k, v in rows.items() if k.startswith("vs the cold start"))
+    assert "(1 versions shown by both)" in next(k for k in rows if k.startswith("vs the cold start"))
+    assert same[1] == "60.00 / 0.00"  # version 2: "bcdxx" against the cold "bcdef"; version 3 only cold showed
+
+
 def test_replay_consistency_check_uses_the_item_range():
     text = "x" * 100 + "abcdef\n"
     point = replay.Point("f.py", text, 100)

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--cps", type=float, default=8.0, help="typing speed, characters per second (default 8)")
     group.add_argument("--chars", type=int, help="characters typed per point (default 40, quick 12)")
     group.add_argument("--points", type=int, help="typing points (default 8, quick 1)")
+    group.add_argument("--warm-start", action="store_true", help="replay with warmStart off, then on, and compare")
     group.add_argument("--baseline", metavar="JSON", help='replay first under these settings too and compare, '
                        'e.g. \'{"kvCache": "none", "earlyExit": false}\'')
     group = parser.add_argument_group("speed / memory")
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         options.extra["contexts"] = tuple(int(c) for c in args.contexts.split(","))
     if args.per_forward:
         options.extra["per_forward"] = tuple(int(k) for k in args.per_forward.split(","))
+    if args.warm_start:
+        options.extra["warm_start"] = True
     for name in ("minutes", "windows", "fault_every", "deadline"):
         if getattr(args, name) is not None:
             options.extra[name] = getattr(args, name)

@@ -180,7 +180,7 @@ def analyse(log: PointLog) -> list[dict]:
     versions = sorted(log.change_times)
     barrier_by_version = {s.version: s.barrier_received for s in log.sent}
     for s in log.sent:
-        record = {"file": point.file, "version": s.version, "answered": s.response is not None}
+        record = {"file": point.file, "point": point.offset, "version": s.version, "answered": s.response is not None}
         response = s.response
         if response is None:
             records.append(record)
@@ -211,8 +211,9 @@ def analyse(log: PointLog) -> list[dict]:
         record["consistent"] = start <= s.cursor <= max(end, s.cursor) and text.startswith(typed_part)
         shown = text[len(typed_part):] if record["consistent"] else ""
         actual = point.text[s.cursor:s.cursor + len(shown)]
-        record.update(shown=True, latency=response.received - s.key_time, shown_chars=len(shown),
-                      matched=common_prefix(shown, actual), whole=bool(shown) and shown == actual)
+        record.update(shown=True, latency=response.received - s.key_time, shown_chars=len(shown), text=shown,
+                      matched=common_prefix(shown, actual), whole=bool(shown) and shown == actual,
+                      similarity=common.edit_similarity(shown, actual))
         records.append(record)
     return records
 
@@ -355,6 +356,8 @@ def summarise(options, points, chars, logs, delta, stats, warmup_s, peak_kib, jo
         "pct_shown_with_match": 100.0 * sum(m >= 1 for m in matched) / len(matched) if matched else float("nan"),
         "pct_shown_whole_match": 100.0 * sum(r["whole"] for r in shown) / len(shown) if shown else float("nan"),
         "mean_shown_chars": sum(r["shown_chars"] for r in shown) / len(shown) if shown else float("nan"),
+        "mean_similarity": sum(r["similarity"] for r in shown) / len(shown) if shown else float("nan"),
+        "forwards_per_keystroke": stat(delta, "forwards") / requests if stat(delta, "forwards") and requests else None,
         "warmup_s": warmup_s, "model_ready_s": ready_s, "server_peak_rss_mib": peak_kib / 1024 if peak_kib else None,
     }
     s = summary
@@ -418,6 +421,14 @@ def run(options: common.Options) -> dict:
     comparing the two (same points, same run)."""
     started = time.perf_counter()
     baseline = options.extra.get("baseline")
+    if options.extra.get("warm_start"):  # the same points with warmStart off, then on (over --baseline, if any)
+        cold = asyncio.run(replay(options, settings={**(baseline or {}), "warmStart": False}))
+        result = asyncio.run(replay(options, settings={**(baseline or {}), "warmStart": True}))
+        result["tables"].append(compare_warm(cold, result))
+        result["cold_summary"] = cold["summary"]
+        result["cold_records"] = cold["records"]
+        result["seconds"] = time.perf_counter() - started
+        return result
     before = asyncio.run(replay(options, settings=baseline)) if baseline else None
     result = asyncio.run(replay(options))
     if before is not None:
@@ -425,6 +436,32 @@ def run(options: common.Options) -> dict:
         result["baseline_summary"] = before["summary"]
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def compare_warm(cold: dict, warm: dict) -> dict:
+    """warmStart off and on over the same points: speed, and the shown suggestions' quality against
+    what the user typed next and against the cold start's suggestion at the same document version."""
+    a, b = cold["summary"], warm["summary"]
+    cold_shown = {(r["file"], r["point"], r["version"]): r["text"] for r in cold["records"] if r.get("shown")}
+    both = [(cold_shown[key], r["text"]) for r in warm["records"] if r.get("shown")
+            and (key := (r["file"], r["point"], r["version"])) in cold_shown]
+    same_sim = sum(common.edit_similarity(c, w) for c, w in both) / len(both) if both else None
+    same_exact = 100.0 * sum(c == w for c, w in both) / len(both) if both else None
+    rows = []
+    for label, key in (("stale suggestions (must be 0)", "stale"), ("suggestions shown", "shown"),
+                       ("forward passes per keystroke", "forwards_per_keystroke"),
+                       ("keystroke -> shown suggestion p50 (ms)", "latency_p50_ms"),
+                       ("keystroke -> shown suggestion p95 (ms)", "latency_p95_ms"),
+                       ("vs typed next: edit similarity (mean, 0-100)", "mean_similarity"),
+                       ("vs typed next: exact match (%)", "pct_shown_whole_match"),
+                       ("vs typed next: chars matched (mean)", "mean_chars_matched")):
+        x, y = a.get(key), b.get(key)
+        ratio = y / x if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x else None
+        rows.append([label, x, y, ratio])
+    rows.append([f"vs the cold start's suggestion at the same version ({len(both)} versions shown by both): "
+                 "edit similarity / exact match (%)", 100.0, f"{common.fmt(same_sim)} / {common.fmt(same_exact)}", None])
+    return common.table("warmStart off (cold start) and on, same points, same run",
+                        ["measure", "warmStart off", "warmStart on", "on / off"], rows)
 
 
 def compare(before: dict, after: dict, baseline: dict) -> dict:
