@@ -35,8 +35,8 @@ local defaults = {
   settings = {},
   --- Show suggestions as ghost text (needs vim.lsp.inline_completion, Neovim 0.12+).
   inline_completion = true,
-  --- Drop inline-completion responses computed for text that has changed since, and hide a
-  --- suggestion that the text typed since no longer matches.
+  --- Cancel inline-completion requests in flight when the text changes, and let <Tab> accept a
+  --- suggestion only at the position it was computed for (the server answers the new position).
   drop_stale = true,
   --- Echo the server's work-done progress (model loading, refine) in the command line.
   progress = true,
@@ -55,9 +55,9 @@ M.config = vim.deepcopy(defaults)
 ---@type table<integer, {state: string, model?: string, message?: string}>
 local statuses = {}
 
--- Per buffer: the request that produced the inline-completion items being shown.
----@type table<integer, {tick: integer, row: integer, col: integer}>
-local shown_request = {}
+-- Per client: the cancellable work-done progress tokens in flight (for :DiffuCancel).
+---@type table<integer, table<string|integer, true>>
+local progress_tokens = {}
 
 local augroup = vim.api.nvim_create_augroup('diffu', { clear = true })
 
@@ -107,106 +107,31 @@ function M.statusline()
   return s and ('diffu:' .. s.state) or ''
 end
 
--- Private handle on the native inline-completion state of a buffer (Neovim 0.12).
-local function completor(bufnr)
-  local ok, cap = pcall(require, 'vim.lsp._capability')
-  if not ok or type(cap) ~= 'table' or type(cap.all) ~= 'table' then
-    return nil
-  end
-  local C = cap.all.inline_completion
-  return C and C.active and C.active[bufnr] or nil
-end
-
---- The suggestion currently offered in `bufnr`: { text = string, client_id = integer } or nil.
----@param bufnr? integer
-function M.current_suggestion(bufnr)
-  bufnr = resolve_bufnr(bufnr)
-  local c = completor(bufnr)
-  local item = c and c.current
-  if not item then
-    return nil
-  end
+-- Accepting goes through the public vim.lsp.inline_completion.get(). Its own accept replaces the
+-- range the server answered, so characters typed after the request but before <Tab> would stay
+-- behind the inserted text (neovim/neovim#36529, fixed upstream by #41434, later than the 0.12
+-- builds we test). The client does no range arithmetic of its own: it applies an item only at the
+-- position the server computed it for (its range starts at the cursor); <Tab> on an older one
+-- dismisses it, and the server's answer for the new position (a suggestion typed through comes
+-- from its cache) is the one to accept.
+local function apply_item(bufnr, item)
+  local win = vim.fn.bufwinid(bufnr)
   local text = item.insert_text
   if type(text) == 'table' then
-    text = text.value
-  end
-  return { text = text, client_id = item.client_id, range = item.range }
-end
-
--- Byte column of an LSP position on `row` (0-based) of `bufnr`.
-local function byte_col(bufnr, row, character, encoding)
-  local line = vim.api.nvim_buf_get_lines(bufnr, row, row + 1, false)[1] or ''
-  local ok, col = pcall(vim.str_byteindex, line, encoding, character, false)
-  return ok and col or math.min(character, #line)
-end
-
---- Anchor (0-based row, byte col) where the suggestion's text starts.
-local function anchor_of(bufnr, item)
-  if item.range then
-    return item.range.start.row, item.range.start.col
-  end
-  local req = shown_request[bufnr]
-  if req then
-    return req.row, req.col
-  end
-  return nil
-end
-
---- Is the text typed between the suggestion's anchor and the cursor a prefix of the suggestion?
-local function consistent(bufnr, item)
-  local row, col = anchor_of(bufnr, item)
-  if not row then
-    return true
-  end
-  local win = vim.fn.bufwinid(bufnr)
-  if win == -1 then
-    return false
-  end
-  local cur = vim.api.nvim_win_get_cursor(win)
-  local crow, ccol = cur[1] - 1, cur[2]
-  if crow ~= row or ccol < col then
-    return false
-  end
-  local text = type(item.insert_text) == 'string' and item.insert_text
-    or (type(item.insert_text) == 'table' and item.insert_text.value)
-    or ''
-  local line = vim.api.nvim_buf_get_lines(bufnr, row, row + 1, false)[1] or ''
-  local typed = line:sub(col + 1, ccol)
-  return vim.startswith(text, typed)
-end
-
---- Accept `item`: replace anchor..max(range end, cursor) with its text, so characters typed
---- since the request (a prefix of the suggestion) are not duplicated.
-local function accept_item(bufnr, item)
-  local text = item.insert_text
-  local win = vim.fn.bufwinid(bufnr)
-  if type(text) ~= 'string' then
-    if type(text) == 'table' and text.kind == 'snippet' then
+    if text.kind == 'snippet' then
       vim.snippet.expand(text.value)
     end
-  else
+  elseif item.range then
     local cur = vim.api.nvim_win_get_cursor(win)
-    local crow, ccol = cur[1] - 1, cur[2]
-    local srow, scol = anchor_of(bufnr, item)
-    srow, scol = srow or crow, scol or ccol
-    local erow, ecol = crow, ccol
-    local req = shown_request[bufnr]
-    if item.range then
-      erow, ecol = item.range.end_.row, item.range.end_.col
-      if req and req.row == crow and erow == crow and ecol >= req.col then
-        -- text typed at the cursor since the request moved the end of the range along with it
-        ecol = math.max(ecol + (ccol - req.col), ccol)
-      elseif erow == crow and ccol > ecol then
-        ecol = ccol
-      elseif erow < crow then
-        erow, ecol = crow, ccol
-      end
+    local start = item.range.start
+    if M.config.drop_stale and (start.row ~= cur[1] - 1 or start.col ~= cur[2]) then
+      return -- computed for another position: the server's next answer takes its place
     end
     local lines = vim.split(text, '\n', { plain = true })
-    vim.api.nvim_buf_set_text(bufnr, srow, scol, erow, ecol, lines)
-    local last_row = srow + #lines - 1
-    local last_col = (#lines == 1 and scol or 0) + #lines[#lines]
-    vim.api.nvim_win_set_cursor(win, { last_row + 1, last_col })
+    vim.api.nvim_buf_set_text(bufnr, start.row, start.col, item.range.end_.row, item.range.end_.col, lines)
+    vim.api.nvim_win_set_cursor(win, { start.row + #lines, (#lines == 1 and start.col or 0) + #lines[#lines] })
+  else
+    vim.api.nvim_paste(text, false, -1)
   end
   if item.command then
     local client = vim.lsp.get_client_by_id(item.client_id)
@@ -222,16 +147,10 @@ function M.accept()
     return false
   end
   local bufnr = vim.api.nvim_get_current_buf()
-  if M.config.drop_stale then
-    local c = completor(bufnr)
-    if c and c.current and not consistent(bufnr, c.current) then
-      return false
-    end
-  end
   return vim.lsp.inline_completion.get({
     bufnr = bufnr,
     on_accept = function(item)
-      accept_item(bufnr, item)
+      apply_item(bufnr, item)
     end,
   })
 end
@@ -421,7 +340,7 @@ function M.cancel(bufnr)
       if client then
         -- the server stops the job on either: the request's $/cancelRequest, or the progress'
         -- window/workDoneProgress/cancel
-        for token in pairs(client._diffu_progress or {}) do
+        for token in pairs(progress_tokens[client.id] or {}) do
           client:notify('window/workDoneProgress/cancel', { token = token })
         end
         local req = client.requests[entry.id]
@@ -466,67 +385,6 @@ function M.restart()
 end
 
 -- ------------------------------------------------------------------ attach
-
--- Wrap the client's request() so inline-completion responses computed for text that has since
--- changed are dropped, cancellations are silent, and the anchor of shown items is remembered.
-local function guard_requests(client)
-  if client._diffu_guarded then
-    return
-  end
-  client._diffu_guarded = true
-  local request = client.request
-  client.request = function(self, method, params, handler, bufnr)
-    if method ~= 'textDocument/inlineCompletion' or not handler then
-      return request(self, method, params, handler, bufnr)
-    end
-    -- only the native ghost-text requests (not e.g. request_sync from user code)
-    local native = false
-    for level = 2, 6 do
-      local info = debug.getinfo(level, 'S')
-      if not info then
-        break
-      end
-      if info.source and info.source:find('lsp/inline_completion', 1, true) then
-        native = true
-        break
-      end
-    end
-    if not native then
-      return request(self, method, params, handler, bufnr)
-    end
-    -- Neovim's inline completion asks for every attached buffer with the current window's cursor
-    -- (its autocmds are global): only the current buffer's request is real; the others would
-    -- name a position in another buffer (and raise "Index out of bounds" when it comes back).
-    local uri = params and params.textDocument and params.textDocument.uri
-    local buf = uri and vim.uri_to_bufnr(uri) or resolve_bufnr(bufnr)
-    if buf ~= vim.api.nvim_get_current_buf() then
-      return false, nil
-    end
-    if not M.config.drop_stale then
-      return request(self, method, params, handler, bufnr)
-    end
-    local tick = vim.api.nvim_buf_get_changedtick(buf)
-    local pos = params and params.position
-    local row = pos and pos.line
-    local col = pos and byte_col(buf, pos.line, pos.character, self.offset_encoding)
-    local wrapped = function(err, result, ctx)
-      if err and err.code == REQUEST_CANCELLED then
-        return
-      end
-      if not vim.api.nvim_buf_is_valid(buf) then
-        return
-      end
-      if vim.api.nvim_buf_get_changedtick(buf) ~= tick or not vim.api.nvim_get_mode().mode:match('^i') then
-        return -- stale: a newer request is on its way (or insert mode was left)
-      end
-      if result and row then
-        shown_request[buf] = { tick = tick, row = row, col = col }
-      end
-      return handler(err, result, ctx)
-    end
-    return request(self, method, params, wrapped, bufnr)
-  end
-end
 
 local function cancel_inline_requests(client, bufnr)
   for id, req in pairs(client.requests) do
@@ -577,30 +435,38 @@ local function set_buffer_keymaps(bufnr)
   end
 end
 
+-- Inline completion on in the current buffer only. Neovim builds before neovim/neovim#35965
+-- (0.12-dev) registered the inline-completion autocmds for every buffer, so each attached buffer
+-- asked for a suggestion at the current window's cursor ("Index out of bounds" in a shorter one);
+-- enabling it per buffer as the buffer is entered is the public way round that.
+local function follow_current_buffer(bufnr)
+  local function set(enable)
+    if vim.api.nvim_buf_is_valid(bufnr) then
+      vim.lsp.inline_completion.enable(enable, { bufnr = bufnr })
+    end
+  end
+  set(bufnr == vim.api.nvim_get_current_buf())
+  vim.api.nvim_create_autocmd('BufEnter', { group = augroup, buffer = bufnr, callback = function() set(true) end })
+  vim.api.nvim_create_autocmd('BufLeave', { group = augroup, buffer = bufnr, callback = function() set(false) end })
+end
+
 local function on_attach(client, bufnr)
   vim.api.nvim_clear_autocmds({ group = augroup, buffer = bufnr })
-  guard_requests(client)
   if vim.lsp.inline_completion and M.config.inline_completion then
-    vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
+    follow_current_buffer(bufnr)
   end
   set_buffer_keymaps(bufnr)
 
   if M.config.drop_stale and vim.lsp.inline_completion then
-    vim.api.nvim_create_autocmd({ 'TextChangedI', 'CursorMovedI' }, {
+    -- A request for text that has changed since is of no use: cancel it (the server stops its
+    -- job). Neovim 0.12 has no public way to drop the suggestion already shown: the native
+    -- handler keeps an expired item until the next answer (on purpose upstream, see
+    -- neovim/neovim#35990 and #35992); accepting checks its position instead.
+    vim.api.nvim_create_autocmd('TextChangedI', {
       group = augroup,
       buffer = bufnr,
-      callback = function(args)
-        if args.event == 'TextChangedI' then
-          cancel_inline_requests(client, bufnr)
-        end
-        -- after the native handler re-rendered the suggestion: hide it if it no longer fits
-        vim.schedule(function()
-          local c = completor(bufnr)
-          if c and c.current and not consistent(bufnr, c.current) then
-            c.current = nil
-            pcall(c.hide, c)
-          end
-        end)
+      callback = function()
+        cancel_inline_requests(client, bufnr)
       end,
     })
   end
@@ -712,11 +578,12 @@ function M.setup(opts)
       end
       local params = args.data.params or {}
       local value = params.value or {}
-      client._diffu_progress = client._diffu_progress or {}
+      local tokens = progress_tokens[client.id] or {}
+      progress_tokens[client.id] = tokens
       if value.kind == 'end' then
-        client._diffu_progress[params.token] = nil
+        tokens[params.token] = nil
       elseif value.kind == 'begin' and value.cancellable then
-        client._diffu_progress[params.token] = true
+        tokens[params.token] = true
       end
       if M.config.progress then
         local msg = value.kind == 'end' and (value.message or 'done')
@@ -728,15 +595,6 @@ function M.setup(opts)
             value.percentage and (value.percentage .. '%') or nil,
           }), ' ')
         vim.api.nvim_echo({ { 'diffu: ' .. msg } }, false, {})
-      end
-    end,
-  })
-  vim.api.nvim_create_autocmd('LspDetach', {
-    group = augroup,
-    callback = function(args)
-      local client = vim.lsp.get_client_by_id(args.data.client_id)
-      if client and client.name == NAME then
-        shown_request[args.buf] = nil
       end
     end,
   })
