@@ -31,55 +31,118 @@ Marker = Annotated[str, msgspec.Meta(min_length=1)]
 class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True, frozen=True):
     """Everything a user can configure. Field names are snake_case, keys camelCase."""
 
-    model: str | None = None  # None = bundled tiny model; else local folder or hub id
+    #: Diffusion code model: a local folder (Dream, DiffuCoder or LLaDA checkpoint) or a Hugging
+    #: Face id, loaded from the local cache, or downloaded when it is not cached and `allowDownload`
+    #: is on (`diffu-lsp pull ID` fetches one ahead). `null` uses the small model bundled with
+    #: diffu-lsp.
+    model: str | None = None
+    #: Device the model runs on.
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    #: Weights dtype. `auto`: bfloat16 on a GPU and on a CPU with bfloat16 matrix hardware (Intel
+    #: AMX), else float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Decoding: None defers to the model's own choice (its generation_config.json), else to the
     # sampler's defaults (threshold 0.9; factor 1). The bundled model ships the factor rule f=8,
     # chosen for it by `diffu-lsp bench quality` (BENCHMARKS.md, Quality).
+    #: Denoising algorithm: which masked positions are revealed at each step. `null`: the model's
+    #: own choice (its `generation_config.json`; the bundled model's is `factor` with factor 8),
+    #: else `threshold`.
     algorithm: Literal["threshold", "factor", "entropy", "maskgit_plus", "topk_margin"] | None = None
-    steps: Positive | None = None  # Dream schedule steps; None = one per hole token
-    threshold: Probability | None = None  # confidence threshold for "threshold" decoding
-    factor: Annotated[float, msgspec.Meta(gt=0.0)] | None = None  # "factor": top n while c_(n) >= 1 - factor/(n+1)
+    #: Denoising steps for the Dream-schedule algorithms. `null`: one step per masked token.
+    steps: Positive | None = None
+    #: Confidence a token needs to be revealed with the `threshold` algorithm (at least one token is
+    #: revealed per step). `null`: the model's own, else 0.9.
+    threshold: Probability | None = None
+    #: With the `factor` algorithm: reveal the n most confident positions for the largest n whose
+    #: n-th highest confidence is at least 1 - factor/(n+1) (at least one per step); larger reveals
+    #: more per step. `null`: the model's own, else 1.
+    factor: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    #: Sampling temperature; 0 is greedy (deterministic).
     temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    #: Nucleus sampling cut-off (used when temperature > 0). `null` disables it.
     top_p: Probability | None = None
+    #: Top-k sampling cut-off (used when temperature > 0). `null` disables it.
     top_k: Positive | None = None
-    block_length: Positive | None = None  # semi-autoregressive block size, None = whole hole
-    eos_penalty: Annotated[float, msgspec.Meta(ge=0.0)] | None = None  # None: the model's own default
-    early_exit: bool = True  # a revealed EOS/pad ends its hole (the rest becomes pad, no more steps)
-    kv_cache: Literal["none", "prefix", "dual", "delayed"] = "delayed"  # reuse context keys/values between steps
-    cache_refresh_steps: Positive | None = None  # also rebuild the cache every N steps (None: per block)
-    compile: bool = False  # run the network through torch.compile (first jobs of each new shape pay for compiling)
-    reuse_keys: bool = True  # start a job from the previous job's keys/values of the canvas start both share
-    # start a suggestion from the last one's tokens in the same document (what you typed consumed, the rest
-    # kept where the model still agrees): suggestions update in place instead of starting over
+    #: Semi-autoregressive block length: masked tokens are generated block by block, left to right.
+    #: `null`: a single block.
+    block_length: Positive | None = None
+    #: Subtracted from the EOS/pad logits before choosing tokens (fights holes that fill with pad).
+    #: `null`: the model's own default from its `generation_config.json` (the bundled model ships
+    #: 3.0), else 0.
+    eos_penalty: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
+    #: A revealed end-of-text token ends its hole: the rest becomes padding and no more denoising
+    #: steps are spent on it.
+    early_exit: bool = True
+    #: Reuse the context's attention keys/values between denoising steps.
+    kv_cache: Literal["none", "prefix", "dual", "delayed"] = "delayed"
+    #: Also rebuild the key/value cache every N steps. `null`: once per block.
+    cache_refresh_steps: Positive | None = None
+    #: Run the model through `torch.compile` (for a GPU). The first suggestions of each new shape
+    #: wait for compiling (over a minute on a CPU); if compiling fails the server logs why and runs
+    #: the model as usual.
+    compile: bool = False
+    #: Start each job from the previous job's attention keys/values of the text both share at their
+    #: start (a typing user's next request), instead of recomputing them: a cheaper first step for a
+    #: typing user, at the cost of an approximation (those keys saw the previous document after
+    #: them). BENCHMARKS.md (speed: across keystrokes) measures the latency saved and the edit
+    #: similarity it costs.
+    reuse_keys: bool = True
+    #: Start a suggestion from the last one's tokens in the same document: what you typed is
+    #: consumed where it agrees with them, the token it contradicts and a few after it are decoded
+    #: again, and the rest is kept where the model still agrees (re-checked every step). Suggestions
+    #: update in place instead of starting over. BENCHMARKS.md (typing replay) measures it against a
+    #: cold start.
     warm_start: bool = False
-    prefix_tokens: Positive = 768  # token budget for context before the cursor
-    suffix_tokens: NonNegative = 256  # token budget after the cursor
-    single_line_tokens: Positive = 16  # hole size for a single-line suggestion
-    multi_line_tokens: Positive = 48  # hole size at a block opener / empty body
-    block_tokens: Positive = 96  # hole size for the "complete block" command
+    #: Maximum tokens of context taken before the cursor.
+    prefix_tokens: Positive = 768
+    #: Maximum tokens of context taken after the cursor.
+    suffix_tokens: NonNegative = 256
+    #: Hole size (masked tokens) for a single-line suggestion.
+    single_line_tokens: Positive = 16
+    #: Hole size (masked tokens) for a multi-line suggestion, at a block opener or in an empty body.
+    multi_line_tokens: Positive = 48
+    #: Hole size (masked tokens) for **Diffu: Complete Block**.
+    block_tokens: Positive = 96
+    #: Delay after the last keystroke before an inline completion is computed, in milliseconds.
     debounce_ms: NonNegative = 60
-    tail_confidence: Fraction = 0.0  # tail tokens revealed below this are dropped
+    #: Tokens at the end of a suggestion revealed with a confidence below this are dropped (0 keeps
+    #: everything).
+    tail_confidence: Fraction = 0.0
+    #: Markers that **Diffu: Fill Holes** replaces with generated code.
     hole_markers: tuple[Marker, ...] = ("...", "pass  # TODO", "# TODO: fill")
+    #: What **Diffu: Refine Selection** regenerates.
     refine_mode: Literal["all", "low_confidence"] = "all"
-    refine_confidence: Fraction = 0.6  # low_confidence mode re-masks tokens scored below this
+    #: With `low_confidence` refinement, tokens the model scores below this are regenerated.
+    refine_confidence: Fraction = 0.6
+    #: Documents larger than this (in bytes) still get completions and commands, from the whole
+    #: lines around the cursor (or the command's range) that `prefixTokens`/`suffixTokens` can use:
+    #: the rest of the document is not scanned or encoded.
     max_document_bytes: Positive = 4_000_000
+    #: Server log level (shown in the **Diffu LSP** output channel).
     log_level: Literal["error", "warning", "info", "debug"] = "info"
 
-    daemon_idle_seconds: NonNegative = 900  # the model daemon exits this long after its last window (0: never)
-    daemon_memory_mb: NonNegative = 0  # the daemon unloads least recently used models past this (0: no budget)
-    # a job that hears nothing from the model daemon (no answer, no reply to a ping) for this long is
-    # answered empty and the daemon is reported not responding; the next request reconnects, and
-    # replaces a daemon that still does not answer
+    #: The shared model daemon exits this many seconds after its last editor window disconnects
+    #: (`0`: it stays until `diffu-lsp daemon stop`). Read when the daemon starts.
+    daemon_idle_seconds: NonNegative = 900
+    #: Memory budget of the shared model daemon: past it, loading another model unloads the least
+    #: recently used one (`0`: no budget). Read when the daemon starts.
+    daemon_memory_mb: NonNegative = 0
+    #: A job that hears nothing from the model daemon (no answer, no reply to a ping) for this many
+    #: seconds is answered empty and the status shows `stuck`; the next request reconnects, and
+    #: replaces a daemon that still does not answer.
     daemon_deadline_seconds: Annotated[float, msgspec.Meta(ge=1.0)] = 10.0
-    # who runs the model: "daemon" (the machine's model daemon), "local" (this window, as --no-daemon),
-    # or a cluster's URL (`diffu-lsp cluster start`); the cluster's token is read from engineTokenFile,
-    # else from the token file `cluster start` wrote on this machine
+    #: Who runs the model: `daemon` (this machine's shared model daemon), `local` (this window, like
+    #: `--no-daemon`), or the URL of a team cluster started with `diffu-lsp cluster start` (e.g.
+    #: `http://127.0.0.1:8270`). When the cluster cannot be reached the server falls back to the
+    #: local daemon and says so once.
     engine: Annotated[str, msgspec.Meta(pattern=r"^(daemon|local|https?://\S+)$")] = "daemon"
+    #: File holding the cluster's token (for `engine` set to a URL). Empty: the token file
+    #: `diffu-lsp cluster start` wrote on this machine (`~/.config/diffu-lsp/cluster-token`). Remote
+    #: users copy that file (keep it mode 600) and point this at it.
     engine_token_file: str = ""
-    # fetch a hub model that is not in the local Hugging Face cache (`diffu-lsp pull ID` is the explicit
-    # way); off: a hub id must already be cached, and nothing is downloaded
+    #: Fetch a Hugging Face model that is not in the local cache. Off: a hub id must already be
+    #: cached (`diffu-lsp pull ID` is the explicit way) and nothing is downloaded. Honoured only
+    #: from trusted settings.
     allow_download: bool = False
 
 class SettingsError(ValueError):

@@ -154,3 +154,31 @@ def test_sampling_options():
         "early_exit": False,
         "eos_penalty": None,
     }
+
+
+def _check_settings_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "editors" / "vscode" / "scripts" / "check_settings.py"
+    spec = importlib.util.spec_from_file_location("check_settings", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_package_json_descriptions_are_the_settings_py_comments(monkeypatch, capsys):
+    """editors/vscode/package.json matches Settings (keys, defaults, enums) and each description is
+    the `#:` comment above the field (issue #15); a changed comment is reported as drift."""
+    check = _check_settings_module()
+    assert check.main([]) == 0, capsys.readouterr().out
+    described = check.field_descriptions()
+    import json
+
+    import diffu_lsp
+
+    bundled = json.loads((Path(diffu_lsp.__file__).parent / "assets" / "tiny-dream" / "generation_config.json").read_text())
+    assert f"`{bundled['alg']}` with factor {bundled['factor']:g}" in described["algorithm"]
+    edited = dict(described, max_document_bytes="Documents larger than this get no completions.")
+    monkeypatch.setattr(check, "field_descriptions", lambda: edited)
+    assert check.main([]) == 1
+    assert "diffu.maxDocumentBytes: description differs" in capsys.readouterr().out

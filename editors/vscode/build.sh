@@ -2,7 +2,8 @@
 # Type-check and package the VS Code extension from a clean checkout (needs node >= 20 and the
 # npm registry only). Produces editors/vscode/diffu-lsp-<version>.vsix.
 # When the diffu_lsp package is importable (CI's virtualenv), also checks that package.json's
-# settings match the server's (keys, defaults, enums).
+# settings match the server's (keys, defaults, enums, and descriptions: the `#:` comments above
+# the fields in diffu_lsp/settings.py; scripts/check_settings.py --write copies them over).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
