@@ -182,3 +182,14 @@ def test_package_json_descriptions_are_the_settings_py_comments(monkeypatch, cap
     monkeypatch.setattr(check, "field_descriptions", lambda: edited)
     assert check.main([]) == 1
     assert "diffu.maxDocumentBytes: description differs" in capsys.readouterr().out
+
+
+def test_vscode_readme_shows_the_defaults(monkeypatch, capsys):
+    """editors/vscode/README.md's settings example shows the real defaults (it once showed
+    `"diffu.threshold": 0.9`, whose default is null); the check reads and compares them."""
+    check = _check_settings_module()
+    shown = check.readme_defaults()
+    assert {"model", "algorithm", "threshold", "debounceMs", "holeMarkers"} <= set(shown)
+    monkeypatch.setattr(check, "readme_defaults", lambda: dict(shown, threshold=0.9))
+    assert check.main([]) == 1
+    assert "README.md: diffu.threshold shown as 0.9, the default is None" in capsys.readouterr().out

@@ -42,6 +42,15 @@ def field_descriptions() -> dict[str, str]:
     return out
 
 
+def readme_defaults() -> dict[str, object]:
+    """`"diffu.KEY": VALUE` lines of the settings example in editors/vscode/README.md."""
+    readme = (PACKAGE_JSON.parent / "README.md").read_text()
+    out = {}
+    for match in re.finditer(r'^\s*"diffu\.([\w.]+)":\s*(.+?),?\s*(?://.*)?$', readme, re.M):
+        out[match.group(1)] = json.loads(match.group(2))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     write = "--write" in (sys.argv[1:] if argv is None else argv)
     pkg = json.loads(PACKAGE_JSON.read_text())
@@ -80,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         if typing.get_origin(hint) is typing.Literal:
             if sorted(prop.get("enum", [])) != sorted(typing.get_args(hint)):
                 problems.append(f"diffu.{key}: enum {prop.get('enum')} in package.json, {list(typing.get_args(hint))} in the server")
+    for key, value in readme_defaults().items():
+        prop = props.get(f"diffu.{key}")
+        if prop is None:
+            problems.append(f"README.md: diffu.{key} is not a setting")
+        elif prop.get("default") != value:
+            problems.append(f"README.md: diffu.{key} shown as {value!r}, the default is {prop.get('default')!r}")
     for p in problems:
         print(p)
     print(f"{len(fields)} server settings checked: {'OK' if not problems else f'{len(problems)} problem(s)'}")
