@@ -252,7 +252,6 @@ def denoise(
     if provisional is None:
         provisional = torch.zeros(length, dtype=torch.bool)
     provisional = provisional.clone() & (canvas != mask_id)
-    drafted, remasked = int(provisional.sum()), 0
     hole_positions = ((canvas == mask_id) | provisional).nonzero().squeeze(-1)
     blocks = blocks_of(hole_positions, sampling.block_length)
     hole_runs = contiguous_runs(hole_positions)
@@ -261,8 +260,9 @@ def denoise(
     total_steps = sampling.steps or len(hole_positions)
     steps_per_block = max(1, total_steps // len(blocks)) if dream else None
 
-    if sampling.early_exit and stop_ids and drafted:  # masks after a draft EOS/pad: provisional pad
+    if sampling.early_exit and stop_ids and provisional.any():  # masks after a draft EOS/pad: provisional pad
         pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id, stop_ids, provisional)
+    drafted, remasked = int(provisional.sum()), 0
 
     def result(**flags) -> Denoised:
         return Denoised(canvas, confidence, reveal_step, forwards, drafted=drafted, remasked=remasked, **flags)

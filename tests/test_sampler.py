@@ -398,6 +398,7 @@ def test_draft_eos_pads_the_masks_after_it_with_early_exit():
     result = denoise(model, canvas, MASK, Sampling(threshold=0.9, early_exit=True), stop_ids=(0,),
                      provisional=torch.tensor([True, True, False, False]))
     assert result.canvas.tolist() == [3, 0, 0, 0] and result.forwards == 1
+    assert (result.drafted, result.remasked) == (4, 0)  # the padded slots are draft tokens too
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual", "delayed"])
