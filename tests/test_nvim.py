@@ -217,6 +217,31 @@ def test_inline_completion_shown_and_accepted_with_tab(editor_factory):
     assert not s or s["text"] != text or s["tick"] != shown["tick"]
 
 
+def test_tab_right_after_typing_does_not_apply_a_suggestion_computed_before(editor_factory):
+    """A character typed after the shown suggestion's request, then <Tab> before the server's
+    answer for the new position: the client applies no item at a position it was not computed for
+    (Neovim's own accept would put it at the old position, the typed character left after it,
+    neovim/neovim#36529); the buffer holds just what was typed."""
+    ed = editor_factory(mechanic=True)
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+    shown = None
+    for keys, _desc in POSITIONS:
+        before = inline_counts(ed)
+        goto_insert(ed, keys)
+        shown = wait_answered(ed, before, REQUEST_TIMEOUT)
+        if shown:
+            break
+    assert shown, "the server offered no inline completion at any position tried"
+    before = ed.lines()
+    row, col = ed.cursor()
+    ed.input("Q<Tab>")  # one batch: <Tab> runs before any answer for the new text
+    wait_for(lambda: ed.lines() != before, 10, what="the typed character")
+    time.sleep(0.5)  # let a wrongly scheduled accept run
+    assert ed.lines() == apply_suggestion(before, row - 1, col, col, "Q"), shown
+    assert ed.cursor() == (row, col + 1)
+
+
 def test_two_buffers_inline_request_only_for_the_current_one(editor_factory):
     """Neovim's inline completion asks for every attached buffer with the current window's cursor;
     the client sends only the current buffer's request (a short other buffer got a request at a
