@@ -386,44 +386,37 @@ function registerCommands(context: vscode.ExtensionContext): void {
     context.subscriptions.push(vscode.commands.registerCommand(id, fn));
   };
 
-  reg("diffu.client.refineSelection", async () => {
-    const editor = vscode.window.activeTextEditor;
-    const c = runningClient();
-    if (!editor || !c) {
-      return;
-    }
+  // A palette command that runs a server command on the active editor's document.
+  const regEditor = (
+    id: string,
+    title: string,
+    command: string,
+    args: (editor: vscode.TextEditor, c: LanguageClient) => Record<string, unknown>,
+  ): void =>
+    reg(id, async () => {
+      const editor = vscode.window.activeTextEditor;
+      const c = runningClient();
+      if (!editor || !c) {
+        return;
+      }
+      await runServerCommand(title, command, {
+        textDocument: { uri: c.code2ProtocolConverter.asUri(editor.document.uri) },
+        ...args(editor, c),
+      });
+    });
+
+  regEditor("diffu.client.refineSelection", "Diffu: Refine Selection", SERVER_COMMANDS.refineSelection, (editor, c) => {
     const sel = editor.selection;
     const range = sel.isEmpty ? editor.document.lineAt(sel.active.line).range : sel;
-    await runServerCommand("Diffu: Refine Selection", SERVER_COMMANDS.refineSelection, {
-      textDocument: { uri: c.code2ProtocolConverter.asUri(editor.document.uri) },
-      range: c.code2ProtocolConverter.asRange(range),
-    });
+    return { range: c.code2ProtocolConverter.asRange(range) };
   });
-
-  reg("diffu.client.fillHoles", async () => {
-    const editor = vscode.window.activeTextEditor;
-    const c = runningClient();
-    if (!editor || !c) {
-      return;
-    }
-    // An empty selection is sent as it is: the server fills the holes of the enclosing function.
-    await runServerCommand("Diffu: Fill Holes", SERVER_COMMANDS.fillHoles, {
-      textDocument: { uri: c.code2ProtocolConverter.asUri(editor.document.uri) },
-      range: c.code2ProtocolConverter.asRange(editor.selection),
-    });
-  });
-
-  reg("diffu.client.completeBlock", async () => {
-    const editor = vscode.window.activeTextEditor;
-    const c = runningClient();
-    if (!editor || !c) {
-      return;
-    }
-    await runServerCommand("Diffu: Complete Block", SERVER_COMMANDS.completeBlock, {
-      textDocument: { uri: c.code2ProtocolConverter.asUri(editor.document.uri) },
-      position: c.code2ProtocolConverter.asPosition(editor.selection.active),
-    });
-  });
+  // An empty selection is sent as it is: the server fills the holes of the enclosing function.
+  regEditor("diffu.client.fillHoles", "Diffu: Fill Holes", SERVER_COMMANDS.fillHoles, (editor, c) => ({
+    range: c.code2ProtocolConverter.asRange(editor.selection),
+  }));
+  regEditor("diffu.client.completeBlock", "Diffu: Complete Block", SERVER_COMMANDS.completeBlock, (editor, c) => ({
+    position: c.code2ProtocolConverter.asPosition(editor.selection.active),
+  }));
 
   reg("diffu.client.restartServer", async () => {
     if (client) {

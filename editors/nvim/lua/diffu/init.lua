@@ -280,54 +280,46 @@ local function exec(bufnr, client, command, args, title)
   end
 end
 
---- Refine (regenerate) a range: `range` is an LSP range; default the last visual selection.
-function M.refine(range, bufnr)
+-- Run a server command on `bufnr`: its one argument `arg` is `value`, else `default(bufnr, client)`.
+local function run_command(bufnr, command, title, arg, value, default)
   bufnr = resolve_bufnr(bufnr)
   local client = get_client(bufnr)
-  if not client then
-    return
+  if client then
+    exec(bufnr, client, command, { [arg] = value or default(bufnr, client) }, title)
   end
-  if not range then
-    local vs = vim.api.nvim_buf_get_mark(bufnr, '<')
-    local ve = vim.api.nvim_buf_get_mark(bufnr, '>')
-    range = M.range_from_marks(bufnr, client, vs[1], vs[2], ve[1], ve[2], vim.fn.visualmode() == 'V')
-  end
-  exec(bufnr, client, COMMANDS.refine, { range = range }, 'Diffu: Refine Selection')
+end
+
+--- Refine (regenerate) a range: `range` is an LSP range; default the last visual selection.
+function M.refine(range, bufnr)
+  run_command(bufnr, COMMANDS.refine, 'Diffu: Refine Selection', 'range', range, function(buf, client)
+    local vs = vim.api.nvim_buf_get_mark(buf, '<')
+    local ve = vim.api.nvim_buf_get_mark(buf, '>')
+    return M.range_from_marks(buf, client, vs[1], vs[2], ve[1], ve[2], vim.fn.visualmode() == 'V')
+  end)
 end
 
 --- Fill holes in `range` (LSP range); default the cursor as an empty range, which the server
 --- takes as the enclosing function (it decides what that is, for every editor alike).
 function M.fill(range, bufnr)
-  bufnr = resolve_bufnr(bufnr)
-  local client = get_client(bufnr)
-  if not client then
-    return
-  end
-  if not range then
+  run_command(bufnr, COMMANDS.fill, 'Diffu: Fill Holes', 'range', range, function(_, client)
     local position = vim.lsp.util.make_position_params(0, client.offset_encoding).position
-    range = { start = position, ['end'] = position }
-  end
-  exec(bufnr, client, COMMANDS.fill, { range = range }, 'Diffu: Fill Holes')
+    return { start = position, ['end'] = position }
+  end)
 end
 
 --- Complete a block at `position` (LSP position); default the cursor (after the last character
 --- of the line when the cursor is on it in normal mode).
 function M.complete(position, bufnr)
-  bufnr = resolve_bufnr(bufnr)
-  local client = get_client(bufnr)
-  if not client then
-    return
-  end
-  if not position then
-    position = vim.lsp.util.make_position_params(0, client.offset_encoding).position
+  run_command(bufnr, COMMANDS.complete, 'Diffu: Complete Block', 'position', position, function(_, client)
+    local at = vim.lsp.util.make_position_params(0, client.offset_encoding).position
     local mode = vim.api.nvim_get_mode().mode
     local line = vim.api.nvim_get_current_line()
     local col = vim.api.nvim_win_get_cursor(0)[2]
     if mode:sub(1, 1) == 'n' and #line > 0 and col + vim.str_utf_end(line, col + 1) + 1 >= #line then
-      position.character = vim.str_utfindex(line, client.offset_encoding, #line, false)
+      at.character = vim.str_utfindex(line, client.offset_encoding, #line, false)
     end
-  end
-  exec(bufnr, client, COMMANDS.complete, { position = position }, 'Diffu: Complete Block')
+    return at
+  end)
 end
 
 --- Cancel diffu commands (refine, fill, complete) still running for `bufnr`.
