@@ -8,7 +8,9 @@ Model
 -----
 * All work runs in ONE dedicated daemon thread (``diffu-model``), so only one
   job ever touches the model, and the asyncio event loop stays free (torch
-  releases the GIL during forward passes).
+  releases the GIL during forward passes).  ``workers=N`` runs up to N jobs
+  of different keys at once (a replica whose model batches their forwards,
+  diffu_lsp/models/batching.py); latest-wins and cancellation are unchanged.
 * Every job has a *key* (normally the document URI; use ``f"{uri}#kind"`` if
   two kinds of request on one document must not supersede each other).  At
   most one unanswered job exists per key: submitting a new one **supersedes**
@@ -81,7 +83,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Generator, Generic, Optional, TypeVar
+from typing import Any, Callable, Deque, Dict, Generator, Generic, List, Optional, TypeVar
 
 from .errors import JobCancelled  # defined with the other errors; importable from here as before
 
@@ -244,9 +246,10 @@ class Scheduler:
     """
 
     def __init__(self, debounce_s: float = 0.06, *, starvation_limit: int = 4,
-                 history: int = 200, thread_name: str = "diffu-model") -> None:
-        if debounce_s < 0 or starvation_limit < 0:
-            raise ValueError("debounce_s and starvation_limit must be >= 0")
+                 history: int = 200, thread_name: str = "diffu-model", workers: int = 1) -> None:
+        if debounce_s < 0 or starvation_limit < 0 or workers < 1:
+            raise ValueError("debounce_s and starvation_limit must be >= 0, workers >= 1")
+        self.workers = workers  # > 1: jobs of different keys run at once (a replica batching their forwards)
         self.debounce_s = debounce_s
         self.starvation_limit = starvation_limit
         self.thread_name = thread_name
@@ -254,12 +257,13 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[int] = None
-        self._thread: Optional[threading.Thread] = None
+        self._thread: Optional[threading.Thread] = None  # the first worker
+        self._threads: List[threading.Thread] = []
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         # under _lock (shared with the worker):
         self._ready: Dict[int, Job[Any]] = {}
-        self._running: Optional[Job[Any]] = None
+        self._running: Dict[int, Job[Any]] = {}
         self._stopping = False
         self._started = 0
         # loop thread only:
@@ -347,13 +351,14 @@ class Scheduler:
         current ``running`` job id, ``ready`` and ``pending`` (unanswered) counts."""
         with self._lock:
             started = self._started
-            running = self._running.id if self._running is not None else None
+            running = max(self._running) if self._running else None
+            running_jobs = len(self._running)
             ready = len(self._ready)
         out: Dict[str, Any] = dict(self._counts)
         out.update(started=started, forwards=self._forwards,
                    forwards_after_cancel=self._forwards_after_cancel,
                    max_forwards_after_cancel=self._max_forwards_after_cancel,
-                   running=running, ready=ready, pending=len(self._by_id))
+                   running=running, running_jobs=running_jobs, ready=ready, pending=len(self._by_id))
         return out
 
     def record(self, job_id: int) -> Optional[JobRecord]:
@@ -373,16 +378,14 @@ class Scheduler:
             self._cancel(job, "scheduler closed", "cancelled")
         with self._cond:
             self._stopping = True
-            running = self._running
+            running = list(self._running.values())
             self._cond.notify_all()
-        if running is not None:  # e.g. cancelled earlier but still returning
-            running.token.cancel("scheduler closed")
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            deadline = None if timeout is None else time.monotonic() + timeout
-            # Poll rather than use an executor: works during loop shutdown too.
-            while thread.is_alive() and (deadline is None or time.monotonic() < deadline):
-                await asyncio.sleep(0.002)
+        for job in running:  # e.g. cancelled earlier but still returning
+            job.token.cancel("scheduler closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Poll rather than use an executor: works during loop shutdown too.
+        while any(t.is_alive() for t in self._threads) and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.002)
         await asyncio.sleep(0)  # let the worker's last call_soon_threadsafe run
 
     # ------------------------------------------------------------ internals
@@ -395,9 +398,12 @@ class Scheduler:
         elif self._loop is not loop:
             raise RuntimeError("Scheduler is bound to another event loop")
         if self._thread is None and not self._closed:
-            self._thread = threading.Thread(target=self._worker, name=self.thread_name,
-                                            daemon=True)
-            self._thread.start()
+            for index in range(self.workers):
+                name = self.thread_name if index == 0 else f"{self.thread_name}-{index}"
+                thread = threading.Thread(target=self._worker, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            self._thread = self._threads[0]
         return loop
 
     def _check_thread(self) -> None:
@@ -472,7 +478,7 @@ class Scheduler:
                     return
                 job = self._pick()
                 job.state = _RUNNING
-                self._running = job
+                self._running[job.id] = job
             result: Any = None
             exc: Optional[BaseException] = None
             job.started_at = time.monotonic()
@@ -490,7 +496,7 @@ class Scheduler:
             job.finished_at = time.monotonic()
             with self._lock:
                 job.state = _DONE
-                self._running = None
+                self._running.pop(job.id, None)
             try:
                 self._loop.call_soon_threadsafe(self._on_worker_done, job, result, exc)  # type: ignore[union-attr]
             except RuntimeError:  # event loop already closed

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import JobCancelled, is_out_of_memory
 from ..sampler import Denoised, Draft, Sampling, denoise
+from .batching import ForwardBatcher
 
 
 log = logging.getLogger("diffu_lsp.models")
@@ -40,6 +41,7 @@ class DiffusionModel:
     last_keys: "KeptKeys | None" = field(default=None, repr=False)  # the last reuse_prefix job's keys/values
     compiled_network: Callable | None = field(default=None, repr=False)  # torch.compile(network), made on first use
     compile_error: str | None = None  # why compiling failed; the eager network serves from then on
+    batcher: "ForwardBatcher | None" = field(default=None, repr=False)  # set: concurrent jobs share forwards (batching.py)
 
     @property
     def device(self) -> torch.device:
@@ -109,6 +111,31 @@ class DiffusionModel:
                            use_cache=False, logits_to_keep=self._rows(positions).to(self.device))
         return out.logits[0].float()
 
+    @torch.no_grad()
+    def batch_position_logits(self, canvases: list[torch.Tensor], positions: list[torch.Tensor],
+                              compiled: bool = False) -> list[torch.Tensor]:
+        """One padded forward for several canvases: for each, float [N_i, V] logits scoring its
+        `positions`, as position_logits gives alone (within float tolerance). Each canvas is
+        right-padded to the longest; the pad keys are masked out of every row's attention and the
+        position ids count from 0 in every row, so a real token sees exactly what it sees alone.
+        The LM head runs on the union of the rows any canvas scores (a few dozen; the body dominates)."""
+        lengths = torch.tensor([len(c) for c in canvases])
+        batch, length = len(canvases), int(lengths.max())
+        ids = torch.full((batch, length), self.mask_token_id, dtype=torch.long)
+        for row, canvas in enumerate(canvases):
+            ids[row, :len(canvas)] = canvas
+        key_is_pad = torch.arange(length)[None, :] >= lengths[:, None]                        # [B, L]
+        attention = torch.zeros(batch, 1, length, length, dtype=self.dtype)
+        attention = attention.masked_fill(key_is_pad[:, None, None, :], torch.finfo(self.dtype).min)
+        wanted = [self._rows(p) for p in positions]
+        kept = torch.unique(torch.cat(wanted))                                                  # sorted
+        with self.lock:
+            out = self.forward(compiled, input_ids=ids.to(self.device), attention_mask=attention.to(self.device),
+                               position_ids=torch.arange(length, device=self.device).expand(batch, length),
+                               use_cache=False, logits_to_keep=kept.to(self.device))
+        at = [torch.searchsorted(kept, rows).to(self.device) for rows in wanted]
+        return [out.logits[row, at[row]].float() for row in range(batch)]
+
     # ---------------------------------------------------------------- denoising
 
     def sampling(self, sampling: Sampling | None = None, **options) -> Sampling:
@@ -137,7 +164,9 @@ class DiffusionModel:
         reuse_prefix: with a cache, start from the previous cached job's keys/values of the tokens
         this canvas shares with it at its start (the previous request of a typing user) instead of a
         full forward (see CachedForward); compiled: run the network through torch.compile (see forward);
-        provisional: warm start, the canvas positions holding draft tokens (see sampler.denoise)."""
+        provisional: warm start, the canvas positions holding draft tokens (see sampler.denoise).
+        With a `batcher` (models/batching.py) the job runs concurrently with others, its forwards
+        batched with theirs, and uncached: cache, refresh_every, reuse_prefix and compiled are not used."""
         canvas = torch.as_tensor(canvas_ids, dtype=torch.long)
         if provisional is not None:
             provisional = torch.as_tensor(provisional, dtype=torch.bool)
@@ -151,6 +180,23 @@ class DiffusionModel:
             raise ValueError(f"canvas of {len(canvas)} tokens exceeds the model's {self.max_length}")
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+        if self.batcher is not None:  # batched jobs run uncached and concurrently (see batching.py)
+            with self.batcher.job():
+                result = denoise(self.batcher.logits_fn(cancel), canvas, self.mask_token_id,
+                                 self.sampling(sampling, **options), cancel=cancel, on_step=on_step,
+                                 stop_ids=self.eos_token_ids, generator=generator, provisional=provisional)
+            result.rows = result.forwards * len(canvas)
+        else:
+            result = self._fill_alone(canvas, sampling, options, cancel, on_step, generator, cache, refresh_every,
+                                      reuse_prefix, compiled, provisional)
+        if needs_bos:
+            result.canvas, result.confidence = result.canvas[1:], result.confidence[1:]
+            result.reveal_step = result.reveal_step[1:]
+        return result
+
+    def _fill_alone(self, canvas, sampling, options, cancel, on_step, generator, cache, refresh_every,
+                    reuse_prefix, compiled, provisional) -> Denoised:
+        """One job on the model, holding its lock: uncached, or with its K/V cache."""
         with self.lock:
             if cache == "none":
                 logits_fn = partial(self.position_logits, compiled=compiled)
@@ -166,9 +212,6 @@ class DiffusionModel:
         result.refreshes = getattr(logits_fn, "refreshes", 0)
         result.reused = getattr(logits_fn, "reused", 0)
         result.rows = getattr(logits_fn, "rows", result.forwards * len(canvas))
-        if needs_bos:
-            result.canvas, result.confidence = result.canvas[1:], result.confidence[1:]
-            result.reveal_step = result.reveal_step[1:]
         return result
 
     def infill_ids(self, prefix_ids: list[int], suffix_ids: list[int], length: int, **sampling) -> list[int]:
