@@ -183,6 +183,10 @@ def test_speed_suite_structure(model):
     assert by_key[delayed.key]["rows_per_forward"] <= by_key[dual.key]["rows_per_forward"]  # a subset of the span
     ar = next(r for r in result["records"] if r["setting"] == "ar")
     assert ar["forwards"] == 8 and ar["tokens_per_forward"] == 1.0 and ar["vs_ar"] == 1.0
+    warm = result["summary"]["warm_start"]  # warmStart off and on over the same keystrokes
+    assert warm["keystrokes"] == 3 and warm["cold_forwards"] >= 1 and warm["warm_forwards"] >= 1
+    assert warm["drafted"] > 0 and 0 <= warm["remasked"] <= warm["drafted"]
+    assert common.find_table(result, "Across keystrokes: warm start")
     quarter = next(r for r in result["records"] if r["setting"] == "steps=L/4")
     assert quarter["forwards"] <= 2
     assert result["machine"]["cores"] >= 1 and result["machine"]["torch"]

@@ -150,6 +150,51 @@ def keystrokes(model, seed: int, files: int, keys: int) -> dict:
             "similarity_reuse": sum(similarity["reuse"]) / len(ratios)}
 
 
+def warm_keystrokes(model, seed: int, files: int, keys: int) -> dict:
+    """Typing the rest of the line at the middle of held-out files, each keystroke suggested through
+    the job path twice: cold (warmStart off) and warm (warmStart on, the previous warm suggestion's
+    canvas as its draft). Forwards, seconds, and the suggestion against what is typed next and
+    against the cold suggestion."""
+    from .. import features
+    from ..draft import Drafts
+    from ..settings import Settings
+
+    cold_settings, warm_settings = Settings(), Settings(warm_start=True)
+    rows: dict[str, list] = {"cold_forwards": [], "warm_forwards": [], "ratio": [], "drafted": [], "remasked": [],
+                             "cold_similarity": [], "warm_similarity": [], "cold_exact": [], "warm_exact": [],
+                             "same_similarity": [], "same": []}
+    for path in common.sample_files(seed + 1, files, min_chars=20000):
+        text = common.read_text(path)
+        middle, drafts = len(text) // 2, Drafts()
+        line_end = text.find("\n", middle) if "\n" in text[middle:] else len(text)
+        for k in range(keys + 1):  # the rest of the line is typed, not there yet; the lines after it are
+            document, cursor = text[:middle + k] + text[line_end:], middle + k
+            started = time.perf_counter()
+            cold = features.suggest(model, document, cursor, cold_settings)
+            cold_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            warm = features.suggest(model, document, cursor, warm_settings, drafts=drafts, key=path.name)
+            warm_seconds = time.perf_counter() - started
+            if k == 0:  # the first keystroke has no draft
+                continue
+            typed_next = text[cursor:line_end]
+            for name, suggestion in (("cold", cold), ("warm", warm)):
+                first = suggestion.text.split("\n")[0]
+                rows[f"{name}_forwards"].append(suggestion.forwards)
+                rows[f"{name}_similarity"].append(common.edit_similarity(first, typed_next))
+                rows[f"{name}_exact"].append(bool(first.strip()) and first == typed_next[:len(first)])
+            rows["ratio"].append(warm_seconds / cold_seconds)
+            rows["drafted"].append(warm.drafted)
+            rows["remasked"].append(warm.remasked)
+            rows["same_similarity"].append(common.edit_similarity(warm.text, cold.text))
+            rows["same"].append(warm.text == cold.text)
+    mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
+    n = len(rows["ratio"])
+    return {"keystrokes": n, "latency_ratio": common.median(rows["ratio"]),
+            **{key: 100 * mean(values) if key.endswith(("exact", "same")) else mean(values)
+               for key, values in rows.items() if key != "ratio"}}
+
+
 def run(options: common.Options, model=None) -> dict:
     started = time.perf_counter()
     model = model or common.load(options)
@@ -232,6 +277,20 @@ def run(options: common.Options, model=None) -> dict:
          ["suggestions identical to the fill without reuse (%)", typing["same_suggestion"]],
          ["edit similarity to the line typed next, without reuse (mean %)", typing["similarity_plain"]],
          ["edit similarity to the line typed next, with reuse (mean %)", typing["similarity_reuse"]]])
+    warm = warm_keystrokes(model, options.seed, 1 if options.quick else 6, 3 if options.quick else 10)
+    common.progress("speed: warm start done")
+    warm_table = common.table(
+        f"Across keystrokes: warm start (`warmStart`) against a cold start ({warm['keystrokes']} keystrokes, "
+        "server defaults otherwise, suggestions run to completion)", ["measure", "warmStart off", "warmStart on"],
+        [["forward passes per suggestion (mean)", warm["cold_forwards"], warm["warm_forwards"]],
+         ["latency on / off (median)", "", warm["latency_ratio"]],
+         ["draft tokens per suggestion / re-masked (mean)", "", f"{common.fmt(warm['drafted'])} / "
+                                                                 f"{common.fmt(warm['remasked'])}"],
+         ["edit similarity of the first line to the line typed next (mean %)", warm["cold_similarity"],
+          warm["warm_similarity"]],
+         ["first line typed next exactly (%)", warm["cold_exact"], warm["warm_exact"]],
+         ["against the cold suggestion: edit similarity / identical (%)", "",
+          f"{common.fmt(warm['same_similarity'])} / {common.fmt(warm['same'])}"]])
     settings_table = common.table("Settings", ["setting", "what", "server default"],
                                   [[s.key, s.label, s.key == server.key] for s in compared])
     default = {r["block"]: r for r in records if r["setting"] == server.key}
@@ -245,10 +304,10 @@ def run(options: common.Options, model=None) -> dict:
         "tables": [common.table(f"Infill block decoding at {PREFIX_TOKENS} prefix + {SUFFIX_TOKENS} suffix tokens, "
                                 f"weights in {str(model.dtype).replace('torch.', '')}, AR in the same dtype "
                                 f"(medians over {len(places)} position(s) x {repeats} repeat(s))", columns, rows),
-                   settings_table, dtype_table, long_table, typing_table],
+                   settings_table, dtype_table, long_table, typing_table, warm_table],
         "records": records,
         "headline": headline,
-        "summary": {"default": server.key, "keystrokes": typing, "long_context": long, "dtypes": dtypes, "sizes": list(sizes), "settings": [s.key for s in compared], "repeats": repeats,
+        "summary": {"default": server.key, "keystrokes": typing, "warm_start": warm, "long_context": long, "dtypes": dtypes, "sizes": list(sizes), "settings": [s.key for s in compared], "repeats": repeats,
                     "positions": [f"{n}@{p}" for n, _, p in places]},
         "notes": [
             f"Context: {PREFIX_TOKENS} tokens of a held-out stdlib file before the block, the {SUFFIX_TOKENS} tokens "
@@ -287,6 +346,9 @@ def run(options: common.Options, model=None) -> dict:
             "(the server's `reuseKeys` setting, on by default). Identical = the same hole tokens as the fill without reuse. "
             "Edit similarity (as in the quality suite) compares the first line of each fill with the rest of the "
             "line the user goes on to type: the quality that reuse's approximation costs.",
+            "Warm start: the same typing, each keystroke suggested through the job path (features.suggest) "
+            "with `warmStart` off and on; on, the hole starts from the previous keystroke's canvas (what was typed "
+            "consumed, the rest provisional and re-checked every forward; see README, Sampling).",
         ],
         "seconds": time.perf_counter() - started,
     }
