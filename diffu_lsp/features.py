@@ -77,11 +77,8 @@ def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, b
         if aligned is not None:
             hole = aligned.ids
             provisional = [False] * len(prefix_ids) + aligned.provisional + [False] * len(suffix_ids)
-
-        def keep(result) -> None:
-            at = len(prefix_ids)
-            drafts.put(key, draft.canvas_of(text, hole_start, cursor, result.canvas[at:at + length].tolist()))
-
+        keep = lambda result: drafts.put(key, draft.canvas_of(  # noqa: E731 - finished or cancelled, for the next job
+            text, hole_start, cursor, result.canvas[len(prefix_ids):len(prefix_ids) + length].tolist()))
     result = _denoise(model, prefix_ids + hole + suffix_ids, settings, cancel, on_step, provisional, keep)
     raw = _hole_text(model, result, len(prefix_ids), length, settings)
     if healed:

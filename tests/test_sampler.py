@@ -407,7 +407,8 @@ def test_warm_start_on_the_bundled_model_in_every_cache_mode(bundled, cache):
     produced is checked, not kept blindly; where the model keeps all of it the result is the same."""
     sampling = Sampling(alg="factor", factor=3.0, early_exit=True)
     kept = 0
-    for reuse, before in ((False, PREFIX), (True, PREFIX), (False, PREFIX + "return f.read"), (True, PREFIX + "return f.read")):
+    ends_at_once = PREFIX + "return f.read"
+    for reuse, before in ((False, PREFIX), (True, PREFIX), (False, ends_at_once), (True, ends_at_once)):
         prefix, suffix, hole = bundled.encode(before), bundled.encode(SUFFIX), 16
         canvas = prefix + [bundled.mask_token_id] * hole + suffix
         bundled.last_keys = None
