@@ -395,3 +395,23 @@ def test_models_are_shared_by_key_and_evicted_past_the_memory_budget(runtime, ra
         assert isinstance(conn.submit("doc", BUNDLED, suggest_request(), CancelToken()), Suggestion)
     finally:
         conn.close()
+
+
+def test_the_daemon_keeps_each_documents_last_canvas_for_warm_start(runtime):
+    conn = connect_or_start(runtime)
+    try:
+        conn.load(BUNDLED)
+        first = conn.submit("doc", BUNDLED, suggest_request(warmStart=True), CancelToken())
+        assert first.drafted == 0 and first.text
+        typed = first.text[:2]  # the user types two characters of the suggestion
+        text, cursor = SAMPLE[:CURSOR] + typed + SAMPLE[CURSOR:], CURSOR + len(typed)
+
+        def after_typing(key: str, warm: bool) -> Suggestion:
+            request = Request("suggest", text, cursor, cursor, Settings(warm_start=warm))
+            return conn.submit(key, BUNDLED, request, CancelToken())
+
+        assert after_typing("other", True).drafted == 0  # another document has no canvas of its own
+        assert after_typing("doc", False).drafted == 0   # the setting off: a cold start
+        assert after_typing("doc", True).drafted > 0     # the hole starts from the last canvas
+    finally:
+        conn.close()
