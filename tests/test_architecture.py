@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "diffu_lsp"
 
 # Below the LSP layer: none of these may import pygls or lsprotocol.
 BELOW_LSP = ["session.py", "configuration.py", "engine.py", "job.py", "errors.py", "jobs.py", "features.py", "infill.py", "postprocess.py",
+             "draft.py",
              "sampler.py", "settings.py", "daemon", "cluster/client.py", "cluster/__init__.py", "models"]
 # Tools beside the server (training, benchmarks) may build models with transformers themselves.
 # cli.py imports it only to print its version (could be importlib.metadata.version: cli.py is not this test's).
@@ -56,6 +57,8 @@ def test_leaf_modules_import_nothing_from_the_package():
     assert relative_imports(PACKAGE / "errors.py") == set()
     assert relative_imports(PACKAGE / "settings.py") == set()
     assert relative_imports(PACKAGE / "job.py") == set()
+    assert relative_imports(PACKAGE / "draft.py") == set()
+    assert not imported(PACKAGE / "draft.py") & {"torch", "transformers"}  # light: the engines import it
 
 
 def test_the_session_and_engines_do_not_import_the_server():
