@@ -138,3 +138,37 @@ def test_a_job_cancelled_while_its_request_waits_leaves_the_batch(model):
     assert left_after < 0.3
     time.sleep(0.05)
     assert batcher.batches == 0  # nothing ran for it
+
+
+def test_a_scheduler_with_two_workers_runs_two_documents_at_once_and_latest_wins_per_document():
+    import asyncio
+
+    from diffu_lsp.jobs import JobCancelled, Scheduler
+
+    both_running = threading.Barrier(2, timeout=5)
+
+    def together(token):
+        both_running.wait()  # only returns if the other job runs at the same time
+        return "done"
+
+    def until_cancelled(token):
+        deadline = time.monotonic() + 5
+        while not token.cancelled and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return "not cancelled"
+
+    async def main():
+        sched = Scheduler(debounce_s=0, workers=2)
+        a, b = sched.submit("a", together, debounce=False), sched.submit("b", together, debounce=False)
+        assert await a == "done" and await b == "done"
+        old = sched.submit("a", until_cancelled, debounce=False)
+        await asyncio.sleep(0.05)
+        new = sched.submit("a", lambda token: "new", debounce=False)
+        with pytest.raises(JobCancelled):
+            await old
+        assert await new == "new"
+        await sched.close()
+        return sched.stats
+
+    stats = asyncio.run(main())
+    assert stats["completed"] == 3 and stats["superseded"] == 1

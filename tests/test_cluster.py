@@ -74,7 +74,7 @@ def cluster(tmp_path_factory):
     os.environ["XDG_CONFIG_HOME"] = str(config)
     try:
         state = cluster_cli.start(replicas=2, device="cpu", dtype="float32", cpus_per_replica=0.5, threads=1,
-                                  port=PORT, num_cpus=2)
+                                  port=PORT, num_cpus=2, batch_size=4)
         yield state
     finally:
         if ray_processes():
@@ -193,6 +193,42 @@ def test_cancellation_reaches_the_replica_within_one_forward(cluster):
     stats = wait_for(replica_counted, "the replica to count the cancelled job", timeout=30)
     assert stats["forwards_after_cancel_max"] <= 1
     assert len(steps) < 400  # it stopped long before the end
+
+
+def test_jobs_of_several_editors_run_batched_on_a_replica_and_each_cancel_stops_within_one_forward(cluster):
+    engines = [engine() for _ in range(4)]
+    before = replica_stats()
+    runs = []
+    for index, cluster_engine in enumerate(engines):  # 4 jobs on 2 replicas: at least 2 share one
+        token, out, steps = CancelToken(), {}, []
+
+        def run(cluster_engine=cluster_engine, token=token, out=out, steps=steps, index=index):
+            try:
+                out["value"] = cluster_engine.run(request(**SLOW), token, on_step=steps.append,
+                                                  key=f"file:///editor{index}.py")
+            except BaseException as error:  # noqa: BLE001
+                out["error"] = error
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        runs.append((token, out, steps, thread))
+    wait_for(lambda: all(len(steps) >= 3 for _, _, steps, _ in runs), "every job to run a few forwards", timeout=120)
+    for token, _, _, _ in runs:
+        token.cancel("superseded")
+    for _, out, _, thread in runs:
+        thread.join(30)
+        assert isinstance(out.get("error"), JobCancelled)
+
+    def all_counted():
+        stats = replica_stats()
+        cancelled = sum(r["cancelled"] for r in stats.values()) - sum(r["cancelled"] for r in before.values())
+        return stats if cancelled >= 4 else None
+
+    stats = wait_for(all_counted, "the replicas to count the 4 cancelled jobs", timeout=60)
+    assert max(r["forwards_after_cancel_max"] for r in stats.values()) <= 1
+    rows = sum(r.get("batched_rows", 0) - before.get(pid, {}).get("batched_rows", 0) for pid, r in stats.items())
+    batches = sum(r.get("batches", 0) - before.get(pid, {}).get("batches", 0) for pid, r in stats.items())
+    assert rows > batches > 0  # some forwards served two jobs or more
 
 
 def test_a_replica_killed_mid_job_answers_it_and_the_next_request_is_served(cluster):

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--warm-start", action="store_true", help="replay with warmStart off, then on, and compare")
     group.add_argument("--baseline", metavar="JSON", help='replay first under these settings too and compare, '
                        'e.g. \'{"kvCache": "none", "earlyExit": false}\'')
+    group = parser.add_argument_group("cluster")
+    group.add_argument("--batching", choices=("both", "on", "off"), default="both",
+                       help="cluster: replicas with forward batching, without, or both (default)")
     group = parser.add_argument_group("speed / memory")
     group.add_argument("--sizes", help="comma-separated block sizes (default 16,32,64,128; quick 16)")
     group.add_argument("--repeats", type=int, help="timed repeats (default 3, quick 1)")
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     options = options_from(args, argv)
     options.extra["out"] = str(args.out.resolve())
+    options.extra["batching"] = args.batching
     if args.shapes:
         options.extra["shapes"] = tuple(args.shapes.split(","))
     if args.contexts:

@@ -7,10 +7,13 @@ sees a disconnect, the daemon a Cancel frame) and submits a suggestion job for t
 Counted per run: answers (jobs that returned for the current text), superseded (cancelled by the
 next keystroke; "late" of them: the answer came back but after the next keystroke, and is dropped
 as the server drops it), stale (an answer kept for a text no longer current: must be 0), p50/p95 keystroke ->
-suggestion for the answers, jobs answered per second, forwards per answered job.
+suggestion for the answers, jobs answered per second, forwards per answered job (the job's own
+steps), and network forwards per answered job (what the replicas ran, superseded jobs included:
+with batching one network forward serves several jobs' steps).
 
-Not measured: batching. The replicas run one job at a time through our scheduler; a batched
-canvas forward across editors is not built (see BENCHMARKS.md).
+Each replica count runs without batching (``--batch-size 1``: one job at a time, with the K/V
+cache of the settings) and with it (``--batch-size 8``: up to 8 jobs at once, their forwards
+batched, uncached); ``--batching on|off`` runs one of the two.
 """
 
 from __future__ import annotations
@@ -25,6 +28,19 @@ from . import common
 PORT = 8278
 TEXT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        "
 TYPED = "lines = [line.rstrip() for line in f if line.strip()]\n        return lines\n"
+
+
+def network_forwards(url: str) -> int:
+    """Forwards the cluster's replicas ran so far: batched forwards where batching is on, else job steps."""
+    import json
+    import urllib.request
+
+    from ..cluster import read_token
+
+    request = urllib.request.Request(url + "/status", headers={"Authorization": f"Bearer {read_token()}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        replicas = json.loads(response.read()).get("replicas", {})
+    return sum(r.get("batches", r.get("forwards", 0)) for r in replicas.values())
 
 
 def editor(engine_for, index: int, chars: int, cps: float, out: list, ready: threading.Barrier) -> None:
@@ -43,7 +59,7 @@ def editor(engine_for, index: int, chars: int, cps: float, out: list, ready: thr
         try:
             engine.run(Request("suggest", text, len(text), len(text), settings), token, key=f"editor{index}")
         except JobCancelled:
-            out.append({"outcome": "superseded"})
+            out.append({"outcome": "superseded", "forwards": token.forwards})
             return
         except Exception as error:  # noqa: BLE001
             out.append({"outcome": "error", "error": repr(error)})
@@ -74,7 +90,8 @@ def editor(engine_for, index: int, chars: int, cps: float, out: list, ready: thr
         engine.close()
 
 
-def typing_run(engine_for, editors: int, chars: int, cps: float) -> dict:
+def typing_run(engine_for, editors: int, chars: int, cps: float, counter=None) -> dict:
+    """`counter()`: the network forwards the engine has run so far (None: each job step is one)."""
     out: list = []
     ready = threading.Barrier(editors + 1)
     threads = [threading.Thread(target=editor, args=(engine_for, i, chars, cps, out, ready), daemon=True)
@@ -83,9 +100,12 @@ def typing_run(engine_for, editors: int, chars: int, cps: float) -> dict:
         thread.start()
     ready.wait(300)
     started = time.perf_counter()
+    before = counter() if counter else 0
     for thread in threads:
         thread.join(180)
     wall = time.perf_counter() - started
+    time.sleep(0.5)  # the replicas count a cancelled job's forwards when it returns
+    network = counter() - before if counter else sum(r.get("forwards", 0) for r in out)
     answered = [r for r in out if r["outcome"] == "answered"]
     latencies = [r["latency"] for r in answered]
     return {
@@ -97,6 +117,7 @@ def typing_run(engine_for, editors: int, chars: int, cps: float) -> dict:
         "p95_ms": 1000 * common.percentile(latencies, 95) if latencies else None,
         "jobs_per_s": len(answered) / wall,
         "forwards_per_job": sum(r["forwards"] for r in answered) / len(answered) if answered else None,
+        "network_per_job": network / len(answered) if answered else None,
         "first_error": next((r["error"] for r in out if r["outcome"] == "error"), ""),
     }
 
@@ -115,17 +136,21 @@ def run(options: common.Options) -> dict:
     chars = options.chars or (8 if options.quick else 24)
     cps = options.cps
     replica_counts = (1,) if options.quick else (1, 2)
+    batching = options.extra.get("batching", "both")
+    batch_sizes = {"both": (1, cluster_cli.BATCH_SIZE), "on": (cluster_cli.BATCH_SIZE,), "off": (1,)}[batching]
     runs: list[tuple[str, dict]] = []
     previous = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="diffu-bench-cluster-") as folder:
         os.environ.update(common.subprocess_env(options), XDG_RUNTIME_DIR=f"{folder}/run",
                           XDG_CONFIG_HOME=f"{folder}/config")
         try:
-            for replicas in replica_counts:
-                common.progress(f"cluster: starting {replicas} replica(s)")
+            for replicas, batch_size in [(r, b) for r in replica_counts for b in batch_sizes]:
+                target = f"cluster, {replicas} replica(s), " + (f"batch {batch_size}" if batch_size > 1 else "no batching")
+                common.progress(f"{target}: starting")
                 cluster_cli.start(replicas=replicas, model=options.model, device=key.device, dtype=key.dtype,
                                   cpus_per_replica=0.5, threads=options.threads or 1, port=PORT,
-                                  num_cpus=2 * max(replica_counts))
+                                  num_cpus=2 * max(replica_counts), batch_size=batch_size,
+                                  batch_wait_ms=cluster_cli.BATCH_WAIT_MS)
 
                 def cluster_engine() -> ClusterEngine:
                     engine = ClusterEngine(f"http://127.0.0.1:{PORT}")
@@ -135,8 +160,9 @@ def run(options: common.Options) -> dict:
 
                 try:
                     for editors in editor_counts:
-                        common.progress(f"cluster: {editors} editor(s), {replicas} replica(s)")
-                        runs.append((f"cluster, {replicas} replica(s)", typing_run(cluster_engine, editors, chars, cps)))
+                        common.progress(f"{target}: {editors} editor(s)")
+                        runs.append((target, typing_run(cluster_engine, editors, chars, cps,
+                                                        lambda: network_forwards(f"http://127.0.0.1:{PORT}"))))
                 finally:
                     cluster_cli.stop()
 
@@ -156,15 +182,16 @@ def run(options: common.Options) -> dict:
             os.environ.clear()
             os.environ.update(previous)
     rows = [[target, r["editors"], r["jobs"], r["answered"], r["superseded"], r["late"], r["stale"], r["errors"], r["p50_ms"],
-             r["p95_ms"], r["jobs_per_s"], r["forwards_per_job"]] for target, r in runs]
+             r["p95_ms"], r["jobs_per_s"], r["forwards_per_job"], r["network_per_job"]] for target, r in runs]
     return {
         "suite": "cluster",
         "title": "Team cluster (Ray Serve) vs the local daemon",
         "tables": [common.table(
             f"Simulated editors typing {chars} characters each at {cps:g} chars/s, every keystroke superseding "
-            "the editor's running job (ms; no batching: replicas run one job at a time)",
+            "the editor's running job (ms). forwards/answer: the answered job's own steps; network forwards/answer: "
+            "forwards the engine ran (superseded jobs included; a batched forward counts once) per answer",
             ["engine", "editors", "jobs", "answered", "superseded", "late", "stale", "errors", "p50", "p95", "answers/s",
-             "forwards/answer"], rows)],
+             "forwards/answer", "network forwards/answer"], rows)],
         "summary": {"stale": sum(r["stale"] for _, r in runs), "errors": sum(r["errors"] for _, r in runs),
                     "first_error": next((r["first_error"] for _, r in runs if r["first_error"]), "")},
         "notes": notes(runs),
@@ -175,21 +202,36 @@ def run(options: common.Options) -> dict:
 def notes(runs: list[tuple[str, dict]]) -> list[str]:
     by = {(target, r["editors"]): r for target, r in runs}
     lines = [f"Stale answers (kept for a text no longer current): {sum(r['stale'] for _, r in runs)} in all rows."]
-    one, daemon = by.get(("cluster, 1 replica(s)", 1)), by.get(("local daemon", 1))
+    one, daemon = by.get(("cluster, 1 replica(s), no batching", 1)), by.get(("local daemon", 1))
     if one and daemon and one["p50_ms"] is not None and daemon["p50_ms"] is not None:
         lines.append(f"One editor: the cluster answers in {one['p50_ms']:.0f} ms p50 against the daemon's "
                      f"{daemon['p50_ms']:.0f} ms (HTTP through Ray's proxy, one connection per job, against the "
                      "daemon's Unix socket).")
+    for target, editors in by:
+        if "batch " not in target:
+            continue
+        on, off = by[(target, editors)], by.get((target.split(", batch")[0] + ", no batching", editors))
+        if not off or not on["answered"] or not off["answered"]:
+            continue
+        lines.append(
+            f"{target.split(', batch')[0]}, {editors} editor(s): batching on vs off: answers/s "
+            f"{off['jobs_per_s']:.2f} -> {on['jobs_per_s']:.2f}, p50 {off['p50_ms']:.0f} -> {on['p50_ms']:.0f} ms, "
+            f"p95 {off['p95_ms']:.0f} -> {on['p95_ms']:.0f} ms, network forwards per answer "
+            f"{off['network_per_job']:.1f} -> {on['network_per_job']:.1f}.")
     lines += [
+        "Batching (diffu_lsp/models/batching.py): a replica with --batch-size N runs up to N jobs at once, each "
+        "with its own sampler thread; their forwards are gathered (at once when every running job has asked, "
+        "else at most --batch-wait-ms) into one right-padded forward, pad keys masked. Batched jobs run "
+        "uncached (a K/V-cached step covers its own span of its own buffer; typing users' spans never match), "
+        "so a batched job takes full forwards where an unbatched one (batch 1, kvCache delayed by default) "
+        "takes cached ones: batching pays where a forward of 8 canvases costs about one, i.e. on a GPU.",
         f"Machine load: {os.cpu_count()} cores shared by the editors, Ray's proxy and every replica (and whatever "
-        "else runs): 2 replicas can only beat 1 where each gets its own GPU or cores.",
-        "Batching is not built: each replica runs one job at a time through our scheduler (latest-wins per "
-        "editor document), so there is no with/without batching column; jobs from different editors are spread "
-        "over replicas, not stepped together in one forward (that needs the sampler to step several canvases, "
-        "each with its own holes, cache and early exit, in lockstep).",
+        "else runs): 2 replicas can only beat 1 where each gets its own GPU or cores, and a CPU forward of 8 "
+        "canvases costs about 8 (the tiny model's forward is mostly fixed overhead, so less here).",
         "Run with --threads 1 on a CPU: with torch's default threads per process, several processes on few "
         "cores oversubscribe them (a first run here: the daemon took seconds per job).",
         "Cancellation reaching the replica within one forward is checked by tests/test_cluster.py (forwards "
-        "after cancel, counted on the replica).",
+        "after cancel, counted on the replica, batching on) and tests/test_batching.py (a job cancelled in a "
+        "batch: at most one forward after cancel, the others' tokens unchanged).",
     ]
     return lines

@@ -1,9 +1,12 @@
 """The Ray Serve application: replicas that each hold a warm model and run our own job path.
 
 Every replica loads the model once (``__init__``) and runs jobs through one
-:class:`~diffu_lsp.jobs.Scheduler` (one worker thread, latest-wins per editor document), calling
+:class:`~diffu_lsp.jobs.Scheduler` (latest-wins per editor document), calling
 :func:`diffu_lsp.features.run` exactly as the daemon does: infill canvases, both sides of the
-cursor, a cancel token read before every forward.
+cursor, a cancel token read before every forward. With ``batch_size`` > 1 the scheduler runs up to
+that many jobs at once, each in its own worker thread, and the model's
+:class:`~diffu_lsp.models.batching.ForwardBatcher` runs their forwards as one padded batched
+forward (uncached); with 1, one job at a time, with the K/V cache the settings ask for.
 
 HTTP (Ray Serve's proxy, one route prefix ``/``), every route behind ``Authorization: Bearer``:
 
@@ -39,6 +42,7 @@ APP_NAME = "diffu-lsp"
 STATS_ACTOR = "diffu-lsp-stats"
 NAMESPACE = "diffu-lsp"
 BEAT_SECONDS = 1.0
+GPU_BATCH_SIZE = 8  # batch_size 0 (auto): this on a GPU; 1 on a CPU, where 8 canvases cost ~7x one (BENCHMARKS.md)
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -58,17 +62,22 @@ def line(value) -> bytes:
 
 @serve.deployment(name="ModelReplica")
 class ModelReplica:
-    def __init__(self, token: str, model: str | None, device: str, dtype: str, threads: int = 1):
+    def __init__(self, token: str, model: str | None, device: str, dtype: str, threads: int = 1,
+                 batch_size: int = 0, batch_wait_ms: float = 5.0):
         import torch
 
-        from ..jobs import Scheduler
-        from ..models import load_model
+        from ..models import ForwardBatcher, load_model
 
         if threads:
             torch.set_num_threads(threads)
         self.token = token
         self.key = ModelKey(model, device, dtype)
         self.model = load_model(model, device=device, dtype=dtype)
+        if batch_size == 0:
+            batch_size = GPU_BATCH_SIZE if self.model.device.type == "cuda" else 1
+        self.batch_size = batch_size
+        if batch_size > 1:
+            self.model.batcher = ForwardBatcher(self.model, batch_size, batch_wait_ms / 1000)
         self.info = model_info(self.model, self.key)
         self.sched: Scheduler | None = None  # made on the event loop, at the first job
         self.stats = dict(pid=os.getpid(), jobs=0, answered=0, cancelled=0, failed=0, forwards=0,
@@ -95,7 +104,7 @@ class ModelReplica:
         from ..jobs import Scheduler
 
         if self.sched is None:
-            self.sched = Scheduler(debounce_s=0, thread_name="diffu-cluster-model")
+            self.sched = Scheduler(debounce_s=0, thread_name="diffu-cluster-model", workers=self.batch_size)
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue = asyncio.Queue()
 
@@ -153,6 +162,9 @@ class ModelReplica:
     def _report(self) -> None:
         import ray
 
+        if self.model.batcher is not None:  # network forwards run, and the requests they served
+            self.stats.update(batches=self.model.batcher.batches, batched_rows=self.model.batcher.rows)
+
         try:
             ray.get_actor(STATS_ACTOR, namespace=NAMESPACE).report.remote(self.stats["pid"], dict(self.stats))
         except Exception:  # noqa: BLE001 - stats are best effort
@@ -188,8 +200,8 @@ def stats_actor_class():
 
 
 def build(token: str, *, model: str | None, device: str, dtype: str, replicas: int, gpus_per_replica: float,
-          cpus_per_replica: float, threads: int):
+          cpus_per_replica: float, threads: int, batch_size: int = 0, batch_wait_ms: float = 5.0):
     return ModelReplica.options(
         num_replicas=replicas, max_ongoing_requests=32,
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
-    ).bind(token, model, device, dtype, threads)
+    ).bind(token, model, device, dtype, threads, batch_size, batch_wait_ms)

@@ -14,6 +14,8 @@ from . import ClusterError, DEFAULT_PORT, new_token, read_state, read_token, sta
 
 RAY_PORT = 6379
 STOP_SECONDS = 60
+BATCH_SIZE = 0        # auto: app.GPU_BATCH_SIZE on a GPU, 1 (no batching) on a CPU; BENCHMARKS.md "cluster"
+BATCH_WAIT_MS = 5.0
 
 
 def ray_command() -> list[str]:
@@ -24,7 +26,7 @@ def ray_command() -> list[str]:
 def start(*, replicas: int = 1, model: str | None = None, device: str = "auto", dtype: str = "auto",
           gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0, threads: int = 0, host: str = "127.0.0.1",
           port: int = DEFAULT_PORT, address: str | None = None, num_cpus: int | None = None,
-          ssl_keyfile: str | None = None, ssl_certfile: str | None = None) -> dict:
+          batch_size: int = BATCH_SIZE, batch_wait_ms: float = BATCH_WAIT_MS, ssl_keyfile: str | None = None, ssl_certfile: str | None = None) -> dict:
     """Start a Ray head (or join ``address``), deploy the application, write the token; the state."""
     import ray
     from ray import serve
@@ -48,7 +50,8 @@ def start(*, replicas: int = 1, model: str | None = None, device: str = "auto", 
         tls = {"ssl_keyfile": ssl_keyfile, "ssl_certfile": ssl_certfile} if ssl_keyfile and ssl_certfile else {}
         serve.start(http_options={"host": host, "port": port, **tls})
         serve.run(build(token, model=model, device=device, dtype=dtype, replicas=replicas,
-                        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, threads=threads),
+                        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, threads=threads,
+                        batch_size=batch_size, batch_wait_ms=batch_wait_ms),
                   name=APP_NAME, route_prefix="/")
     finally:
         ray.shutdown()
@@ -56,7 +59,8 @@ def start(*, replicas: int = 1, model: str | None = None, device: str = "auto", 
     scheme = "https" if ssl_keyfile and ssl_certfile else "http"
     state = {"url": f"{scheme}://{shown_host}:{port}", "address": address, "started_head": started_head,
              "replicas": replicas, "model": model or "bundled tiny model", "device": device, "dtype": dtype,
-             "gpus_per_replica": gpus_per_replica, "token_file": str(token_file()), "started": time.time()}
+             "gpus_per_replica": gpus_per_replica, "batch_size": batch_size, "batch_wait_ms": batch_wait_ms,
+             "token_file": str(token_file()), "started": time.time()}
     write_state(state)
     return state
 
@@ -140,7 +144,8 @@ def main(args) -> int:
             state = start(replicas=args.replicas, model=args.model, device=args.device, dtype=args.dtype,
                           gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                           threads=args.threads, host=args.host, port=args.port, address=args.address,
-                          num_cpus=args.num_cpus, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+                          num_cpus=args.num_cpus, batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
+                          ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
             print(f"diffu-lsp cluster: {state['replicas']} replica(s) of {state['model']} at {state['url']}")
             print(f"token: {state['token_file']} (owner-only; remote users copy it and set engineTokenFile)")
             print(f'editors: set "engine": "{state["url"]}"')
@@ -175,6 +180,11 @@ def add_parser(subparsers) -> None:
     begin.add_argument("--gpus-per-replica", type=float, default=0.0)
     begin.add_argument("--cpus-per-replica", type=float, default=1.0)
     begin.add_argument("--threads", type=int, default=0, help="torch threads per replica (0: torch's default)")
+    begin.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                       help="jobs a replica runs at once, their forwards batched into one (1: one job at a time, "
+                            "with the K/V cache; batched jobs run uncached; 0, default: 8 on a GPU, 1 on a CPU)")
+    begin.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
+                       help="longest a batch waits for the running jobs' next forwards")
     begin.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray head offers")
     begin.add_argument("--host", default="127.0.0.1", help="HTTP bind address (127.0.0.1 unless you mean it)")
     begin.add_argument("--port", type=int, default=DEFAULT_PORT)
