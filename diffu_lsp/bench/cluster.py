@@ -224,10 +224,11 @@ def notes(runs: list[tuple[str, dict]]) -> list[str]:
         "else at most --batch-wait-ms) into one right-padded forward, pad keys masked. Batched jobs run "
         "uncached (a K/V-cached step covers its own span of its own buffer; typing users' spans never match), "
         "so a batched job takes full forwards where an unbatched one (batch 1, kvCache delayed by default) "
-        "takes cached ones: batching pays where a forward of 8 canvases costs about one, i.e. on a GPU.",
+        "takes cached ones. Batching pays where a forward of 8 canvases costs about one: expected on a GPU, where "
+        "a 7B model's step over a few hundred tokens is bound by reading the weights (not measured here).",
         f"Machine load: {os.cpu_count()} cores shared by the editors, Ray's proxy and every replica (and whatever "
-        "else runs): 2 replicas can only beat 1 where each gets its own GPU or cores, and a CPU forward of 8 "
-        "canvases costs about 8 (the tiny model's forward is mostly fixed overhead, so less here).",
+        "else runs): 2 replicas can only beat 1 where each gets its own GPU or cores, and on a CPU a forward of 8 "
+        "canvases costs about 7 of one (tiny model, 120 tokens, 1 thread: 131 ms against 18 ms).",
         "Run with --threads 1 on a CPU: with torch's default threads per process, several processes on few "
         "cores oversubscribe them (a first run here: the daemon took seconds per job).",
         "Cancellation reaching the replica within one forward is checked by tests/test_cluster.py (forwards "
