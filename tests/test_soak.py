@@ -19,6 +19,7 @@ def test_soak_types_through_every_fault_kind():
     # every request answered exactly once, within the bound
     assert s["requests"] > 200 and s["unanswered"] == 0 and s["duplicates"] == 0 and s["late"] == 0
     assert s["worst_answer_s"] <= s["bound_s"]
+    assert s["errors"] == 0, s["error_messages"]  # faults answer empty, never with an error
     # every fault kind happened, and every fault was followed by suggestions in every window
     injected = {f["kind"] for f in result["faults"] if not f.get("skipped")}
     assert injected == set(soak.FAULT_KINDS), result["faults"]

@@ -163,6 +163,8 @@ class LspClient:
             result: Any = [None] * len(params.get("items", []))
         elif method in ("workspace/workspaceFolders",):
             result = []
+        elif method == "workspace/applyEdit":  # declined: the bench's documents stay as it typed them
+            result = {"applied": False, "failureReason": "the bench client applies no edits"}
         else:  # window/workDoneProgress/create, client/registerCapability, window/showMessageRequest ...
             result = None
         self._write({"jsonrpc": "2.0", "id": message["id"], "result": result})

@@ -86,6 +86,7 @@ class Run:
     engines: list[tuple[float, int, str]] = field(default_factory=list)  # (when, window, the server's engine)
     two_daemons_s: float = 0.0  # longest stretch with more than one daemon alive
     server_exits: list[str] = field(default_factory=list)
+    rss: list[tuple[float, list[int | None]]] = field(default_factory=list)  # (when, each server's VmRSS KiB)
 
 
 # ---------------------------------------------------------------- processes
@@ -337,10 +338,15 @@ async def inject_faults(run: Run, rng: random.Random, every: float, deadline: fl
         run.faults.append(fault)
 
 
+RSS_EVERY = 60.0  # seconds between samples of the servers' RSS
+
+
 async def monitor(run: Run, clients: list[LspClient]) -> None:
     several_since = None
     while time.perf_counter() < run.stop_at + run.bound:
         now = time.perf_counter()
+        if not run.rss or now - run.rss[-1][0] >= RSS_EVERY:
+            run.rss.append((now, [proc_status(c.pid, "VmRSS") for c in clients]))
         count = len(daemons_of(run.folder))
         run.daemon_counts.append((now, count))
         if count > 1:
@@ -519,6 +525,8 @@ def summarise(run: Run, start: dict, end: dict, duplicates: int, seconds: float,
     memory_rows = [[f"server {i}", mib(a), mib(b), ta, tb] for i, (a, b, ta, tb)
                    in enumerate(zip(start["rss"], end["rss"], start["threads"], end["threads"]))]
     memory_rows.append(["daemon (the one alive)", mib(start["daemon_rss"]), mib(end["daemon_rss"]), "", ""])
+    rss_rows = [[f"{(when - run.began) / 60:.0f}"] + [mib(kib) for kib in values]
+                for when, values in run.rss[::max(1, len(run.rss) // 12)]]
     summary = {
         "minutes": seconds / 60, "windows": run.windows, "keystrokes": run.keystrokes, "requests": len(run.sent),
         "answered": len(answered), "unanswered": len(unanswered), "duplicates": duplicates,
@@ -529,6 +537,7 @@ def summarise(run: Run, start: dict, end: dict, duplicates: int, seconds: float,
         "faults": len([f for f in faults if not f.get("skipped")]), "opens": run.opens, "closes": run.closes,
         "max_daemons": max((c for _, c in run.daemon_counts), default=0), "two_daemons_s": run.two_daemons_s,
         "failures": failures,
+        "rss_mib": [[round(when - run.began), [mib(kib) for kib in values]] for when, values in run.rss],
         "error_messages": sorted({f"{s.method}: {s.future.result().error.get('code')} "
                                   f"{s.future.result().error.get('message')}" for s in errors})[:10],
     }
@@ -543,6 +552,8 @@ def summarise(run: Run, start: dict, end: dict, duplicates: int, seconds: float,
                          ["kind", "injected", "skipped", "recovered", "p50", "p95", "worst"], fault_rows),
             common.table("Servers and daemon at start and end (RSS MiB, threads)",
                          ["process", "RSS start", "RSS end", "threads start", "threads end"], memory_rows),
+            common.table("Servers' RSS during the run (MiB, sampled every minute)",
+                         ["minute"] + [f"server {i}" for i in range(run.windows)], rss_rows),
         ],
         "summary": summary,
         "faults": [{k: (v - run.began if k == "at" else v) for k, v in f.items()}
