@@ -26,6 +26,7 @@ import time
 from . import common
 
 PORT = 8278
+BATCH_ON = 8  # --batch-size of the "with batching" rows (the cluster's own default is 1 on a CPU)
 TEXT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        "
 TYPED = "lines = [line.rstrip() for line in f if line.strip()]\n        return lines\n"
 
@@ -38,7 +39,7 @@ def network_forwards(url: str) -> int:
     from ..cluster import read_token
 
     request = urllib.request.Request(url + "/status", headers={"Authorization": f"Bearer {read_token()}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=120) as response:
         replicas = json.loads(response.read()).get("replicas", {})
     return sum(r.get("batches", r.get("forwards", 0)) for r in replicas.values())
 
@@ -98,9 +99,12 @@ def typing_run(engine_for, editors: int, chars: int, cps: float, counter=None) -
                for i in range(editors)]
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + 300
+    while ready.n_waiting < editors and time.monotonic() < deadline:  # every editor warmed up, none typing yet
+        time.sleep(0.05)
+    before = counter() if counter else 0
     ready.wait(300)
     started = time.perf_counter()
-    before = counter() if counter else 0
     for thread in threads:
         thread.join(180)
     wall = time.perf_counter() - started
@@ -118,6 +122,7 @@ def typing_run(engine_for, editors: int, chars: int, cps: float, counter=None) -
         "jobs_per_s": len(answered) / wall,
         "forwards_per_job": sum(r["forwards"] for r in answered) / len(answered) if answered else None,
         "network_per_job": network / len(answered) if answered else None,
+        "network_forwards": network, "job_forwards": sum(r.get("forwards", 0) for r in out),
         "first_error": next((r["error"] for r in out if r["outcome"] == "error"), ""),
     }
 
@@ -137,7 +142,7 @@ def run(options: common.Options) -> dict:
     cps = options.cps
     replica_counts = (1,) if options.quick else (1, 2)
     batching = options.extra.get("batching", "both")
-    batch_sizes = {"both": (1, cluster_cli.BATCH_SIZE), "on": (cluster_cli.BATCH_SIZE,), "off": (1,)}[batching]
+    batch_sizes = {"both": (1, BATCH_ON), "on": (BATCH_ON,), "off": (1,)}[batching]
     runs: list[tuple[str, dict]] = []
     previous = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="diffu-bench-cluster-") as folder:

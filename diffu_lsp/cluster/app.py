@@ -79,7 +79,7 @@ class ModelReplica:
         if batch_size > 1:
             self.model.batcher = ForwardBatcher(self.model, batch_size, batch_wait_ms / 1000)
         self.info = model_info(self.model, self.key)
-        self.sched: Scheduler | None = None  # made on the event loop, at the first job
+        self.sched = None  # a jobs.Scheduler, made on the event loop at the first job
         self.stats = dict(pid=os.getpid(), jobs=0, answered=0, cancelled=0, failed=0, forwards=0,
                           forwards_after_cancel_max=0, started=time.time())
 
@@ -164,6 +164,7 @@ class ModelReplica:
 
         if self.model.batcher is not None:  # network forwards run, and the requests they served
             self.stats.update(batches=self.model.batcher.batches, batched_rows=self.model.batcher.rows)
+        self.stats["seq"] = self.stats.get("seq", 0) + 1  # reports may arrive out of order: the newest wins
 
         try:
             ray.get_actor(STATS_ACTOR, namespace=NAMESPACE).report.remote(self.stats["pid"], dict(self.stats))
@@ -191,7 +192,8 @@ def stats_actor_class():
             self.replicas: dict[str, dict] = {}
 
         def report(self, pid: int, stats: dict) -> None:
-            self.replicas[str(pid)] = stats
+            if stats.get("seq", 0) >= self.replicas.get(str(pid), {}).get("seq", 0):
+                self.replicas[str(pid)] = stats
 
         def summary(self) -> dict:
             return self.replicas

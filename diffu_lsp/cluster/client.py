@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ..job import Answer, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion
-from ..errors import EngineLost, JobCancelled, ModelLoadFailed, OutOfMemory
+from ..errors import EngineLost, JobCancelled, OutOfMemory
 from ..settings import Settings
 from . import ClusterError, read_token
 
