@@ -31,6 +31,10 @@ TEXT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n       
 TYPED = "lines = [line.rstrip() for line in f if line.strip()]\n        return lines\n"
 
 
+def per_answer(row: dict) -> str:
+    return "unknown" if row["network_per_job"] is None else f"{row['network_per_job']:.1f}"
+
+
 def network_forwards(url: str) -> int:
     """Forwards the cluster's replicas ran so far: batched forwards where batching is on, else job steps."""
     import json
@@ -110,6 +114,8 @@ def typing_run(engine_for, editors: int, chars: int, cps: float, counter=None) -
     wall = time.perf_counter() - started
     time.sleep(0.5)  # the replicas count a cancelled job's forwards when it returns
     network = counter() - before if counter else sum(r.get("forwards", 0) for r in out)
+    if network < 0:  # the replicas' counters went back (a replica replaced, or a report lost): unknown
+        network = None
     answered = [r for r in out if r["outcome"] == "answered"]
     latencies = [r["latency"] for r in answered]
     return {
@@ -121,7 +127,7 @@ def typing_run(engine_for, editors: int, chars: int, cps: float, counter=None) -
         "p95_ms": 1000 * common.percentile(latencies, 95) if latencies else None,
         "jobs_per_s": len(answered) / wall,
         "forwards_per_job": sum(r["forwards"] for r in answered) / len(answered) if answered else None,
-        "network_per_job": network / len(answered) if answered else None,
+        "network_per_job": network / len(answered) if answered and network is not None else None,
         "network_forwards": network, "job_forwards": sum(r.get("forwards", 0) for r in out),
         "first_error": next((r["error"] for r in out if r["outcome"] == "error"), ""),
     }
@@ -222,7 +228,7 @@ def notes(runs: list[tuple[str, dict]]) -> list[str]:
             f"{target.split(', batch')[0]}, {editors} editor(s): batching on vs off: answers/s "
             f"{off['jobs_per_s']:.2f} -> {on['jobs_per_s']:.2f}, p50 {off['p50_ms']:.0f} -> {on['p50_ms']:.0f} ms, "
             f"p95 {off['p95_ms']:.0f} -> {on['p95_ms']:.0f} ms, network forwards per answer "
-            f"{off['network_per_job']:.1f} -> {on['network_per_job']:.1f}.")
+            f"{per_answer(off)} -> {per_answer(on)}.")
     lines += [
         "Batching (diffu_lsp/models/batching.py): a replica with --batch-size N runs up to N jobs at once, each "
         "with its own sampler thread; their forwards are gathered (at once when every running job has asked, "
