@@ -207,7 +207,7 @@ async def test_out_of_memory_retries_in_the_daemon_reach_the_window(tmp_path, mo
     from diffu_lsp.daemon import Paths, private_folder
     from diffu_lsp.daemon.host import Daemon, HeldModel
 
-    def run_with_one_retry(model, request, *, cancel=None, on_step=None, on_oom_retry=lambda: None):
+    def run_with_one_retry(model, request, *, cancel=None, on_step=None, on_oom_retry=lambda: None, **_job_options):
         on_oom_retry()
         return Suggestion("x", 0, False, 1, 16, 0.0)
 
