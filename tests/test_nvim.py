@@ -173,23 +173,26 @@ def wait_answered(ed: Editor, before: dict, timeout: float):
     return s if s.get("text") else None
 
 
-def test_inline_completion_shown_and_accepted_with_tab(editor_factory):
-    ed = editor_factory(mechanic=True)
-    if not has_inline_completion(ed):
-        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
-
-    shown = None
+def shown_somewhere(ed: Editor):
+    """Go to each of POSITIONS in turn until ghost text is shown there; that suggestion."""
     tried = []
     for keys, desc in POSITIONS:
         before = inline_counts(ed)
         goto_insert(ed, keys)
         shown = wait_answered(ed, before, REQUEST_TIMEOUT)
         if shown:
-            break
-        fresh = ed.fresh_inline_completion()
-        tried.append(f"{desc}: server answered {fresh}")
-    assert shown, "the server offered no inline completion at any position tried (its model " \
-        "returned no text): " + "; ".join(tried)
+            return shown
+        tried.append(f"{desc}: server answered {ed.fresh_inline_completion()}")
+    raise AssertionError("the server offered no inline completion at any position tried (its model "
+                         "returned no text): " + "; ".join(tried))
+
+
+def test_inline_completion_shown_and_accepted_with_tab(editor_factory):
+    ed = editor_factory(mechanic=True)
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+
+    shown = shown_somewhere(ed)
 
     before = ed.lines()
     row, col = ed.cursor()
@@ -225,14 +228,7 @@ def test_tab_right_after_typing_does_not_apply_a_suggestion_computed_before(edit
     ed = editor_factory(mechanic=True)
     if not has_inline_completion(ed):
         pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
-    shown = None
-    for keys, _desc in POSITIONS:
-        before = inline_counts(ed)
-        goto_insert(ed, keys)
-        shown = wait_answered(ed, before, REQUEST_TIMEOUT)
-        if shown:
-            break
-    assert shown, "the server offered no inline completion at any position tried"
+    shown = shown_somewhere(ed)
     before = ed.lines()
     row, col = ed.cursor()
     ed.input("Q<Tab>")  # one batch: <Tab> runs before any answer for the new text
