@@ -440,6 +440,16 @@ def run(options: common.Options) -> dict:
     return result
 
 
+def side_by_side(before: dict, after: dict, measures) -> list[list]:
+    """Rows [label, before, after, after / before] for each (label, summary key) of two replays."""
+    rows = []
+    for label, key in measures:
+        a, b = before.get(key), after.get(key)
+        ratio = b / a if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
+        rows.append([label, a, b, ratio])
+    return rows
+
+
 def compare_warm(cold: dict, warm: dict) -> dict:
     """warmStart off and on over the same points: speed, and the shown suggestions' quality against
     what the user typed next and against the cold start's suggestion at the same document version."""
@@ -449,17 +459,13 @@ def compare_warm(cold: dict, warm: dict) -> dict:
             and (key := (r["file"], r["point"], r["version"])) in cold_shown]
     same_sim = sum(common.edit_similarity(c, w) for c, w in both) / len(both) if both else None
     same_exact = 100.0 * sum(c == w for c, w in both) / len(both) if both else None
-    rows = []
-    for label, key in (("stale suggestions (must be 0)", "stale"), ("suggestions shown", "shown"),
-                       ("forward passes per keystroke", "forwards_per_keystroke"),
-                       ("keystroke -> shown suggestion p50 (ms)", "latency_p50_ms"),
-                       ("keystroke -> shown suggestion p95 (ms)", "latency_p95_ms"),
-                       ("vs typed next: edit similarity (mean, 0-100)", "mean_similarity"),
-                       ("vs typed next: exact match (%)", "pct_shown_whole_match"),
-                       ("vs typed next: chars matched (mean)", "mean_chars_matched")):
-        x, y = a.get(key), b.get(key)
-        ratio = y / x if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x else None
-        rows.append([label, x, y, ratio])
+    rows = side_by_side(a, b, (("stale suggestions (must be 0)", "stale"), ("suggestions shown", "shown"),
+                               ("forward passes per keystroke", "forwards_per_keystroke"),
+                               ("keystroke -> shown suggestion p50 (ms)", "latency_p50_ms"),
+                               ("keystroke -> shown suggestion p95 (ms)", "latency_p95_ms"),
+                               ("vs typed next: edit similarity (mean, 0-100)", "mean_similarity"),
+                               ("vs typed next: exact match (%)", "pct_shown_whole_match"),
+                               ("vs typed next: chars matched (mean)", "mean_chars_matched")))
     rows.append([f"vs the cold start's suggestion at the same version ({len(both)} versions shown by both): "
                  "edit similarity / exact match (%)", 100.0, f"{common.fmt(same_sim)} / {common.fmt(same_exact)}", None])
     return common.table("warmStart off (cold start) and on, same points, same run, each server with its "
@@ -468,16 +474,12 @@ def compare_warm(cold: dict, warm: dict) -> dict:
 
 
 def compare(before: dict, after: dict, baseline: dict) -> dict:
-    rows = []
-    for label, key in (("stale suggestions", "stale"), ("suggestions shown", "shown"),
-                       ("keystroke -> shown suggestion p50 (ms)", "latency_p50_ms"),
-                       ("keystroke -> shown suggestion p95 (ms)", "latency_p95_ms"),
-                       ("keystroke -> any current answer p50 (ms)", "answer_p50_ms"),
-                       ("keystroke -> any current answer p95 (ms)", "answer_p95_ms"),
-                       ("forward passes, all jobs", "forwards")):
-        a, b = before.get(key), after.get(key)
-        ratio = b / a if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
-        rows.append([label, a, b, ratio])
+    rows = side_by_side(before, after, (("stale suggestions", "stale"), ("suggestions shown", "shown"),
+                                        ("keystroke -> shown suggestion p50 (ms)", "latency_p50_ms"),
+                                        ("keystroke -> shown suggestion p95 (ms)", "latency_p95_ms"),
+                                        ("keystroke -> any current answer p50 (ms)", "answer_p50_ms"),
+                                        ("keystroke -> any current answer p95 (ms)", "answer_p95_ms"),
+                                        ("forward passes, all jobs", "forwards")))
     settings = ", ".join(f"{k}={v!r}" for k, v in baseline.items())
     return common.table(f"Against the baseline settings ({settings}), same points, same run",
                         ["measure", "baseline", "defaults", "defaults / baseline"], rows)
