@@ -293,6 +293,7 @@ class Daemon:
             loop.call_soon_threadsafe(client.send, wire.Progress(message.id, draft.step, draft.masked))
 
         oom_retries = 0
+        key = f"{client.id}:{message.key}"  # the window's document: latest-wins, and its warm-start canvas
 
         def count_oom_retry() -> None:
             nonlocal oom_retries
@@ -305,9 +306,9 @@ class Daemon:
             held.jobs += 1
             return features.run(held.model, message.request, cancel=token,
                                 on_step=progress if message.progress else None, on_oom_retry=count_oom_retry,
-                                drafts=held.drafts, key=f"{client.id}:{message.key}")
+                                drafts=held.drafts, key=key)
 
-        job = self.sched.submit(f"{client.id}:{message.key}", work, debounce=False)
+        job = self.sched.submit(key, work, debounce=False)
         client.jobs[message.id] = job
         try:
             value = await job
