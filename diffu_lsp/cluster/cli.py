@@ -65,24 +65,29 @@ def start(*, replicas: int = 1, model: str | None = None, device: str = "auto", 
     return state
 
 
-def status() -> dict:
-    """The cluster as this machine knows it: url, replicas and their state, model, jobs served."""
+def replica_stats(url: str, timeout: float = 10.0) -> dict:
+    """Each replica's counters (jobs, forwards, batches ...) from the cluster's ``/status``, with this
+    machine's token."""
     import urllib.request
 
+    request = urllib.request.Request(url + "/status", headers={"Authorization": f"Bearer {read_token()}"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read()).get("replicas", {})
+
+
+def status() -> dict:
+    """The cluster as this machine knows it: url, replicas and their state, model, jobs served."""
     state = read_state()
     if not state:
         return {"running": False, "message": "no cluster started from this machine (no cluster.json)"}
     result = {**state, "running": False}
     try:
-        request = urllib.request.Request(state["url"] + "/status",
-                                         headers={"Authorization": f"Bearer {read_token()}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            served = json.loads(response.read())
+        stats = replica_stats(state["url"])
     except (OSError, ValueError, ClusterError) as error:
         result["message"] = f"the cluster does not answer at {state['url']}: {error}"
         return result
     result["running"] = True
-    result["replica_stats"] = served.get("replicas", {})
+    result["replica_stats"] = stats
     result["jobs_served"] = sum(r.get("answered", 0) for r in result["replica_stats"].values())
     result["replica_states"] = replica_states(state.get("address"))
     return result
