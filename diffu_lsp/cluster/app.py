@@ -62,8 +62,8 @@ def line(value) -> bytes:
 
 @serve.deployment(name="ModelReplica")
 class ModelReplica:
-    def __init__(self, token: str, model: str | None, device: str, dtype: str, threads: int = 1,
-                 batch_size: int = 0, batch_wait_ms: float = 5.0):
+    def __init__(self, token: str, model: str | None, device: str, dtype: str, threads: int,
+                 batch_size: int, batch_wait_ms: float):  # defaults: cluster/cli.py
         import torch
 
         from ..models import ForwardBatcher, load_model
@@ -202,7 +202,7 @@ def stats_actor_class():
 
 
 def build(token: str, *, model: str | None, device: str, dtype: str, replicas: int, gpus_per_replica: float,
-          cpus_per_replica: float, threads: int, batch_size: int = 0, batch_wait_ms: float = 5.0):
+          cpus_per_replica: float, threads: int, batch_size: int, batch_wait_ms: float):
     return ModelReplica.options(
         num_replicas=replicas, max_ongoing_requests=32,
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
