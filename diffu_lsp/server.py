@@ -239,7 +239,10 @@ class DiffuServer(LanguageServer):
 
     def __init__(self, *, model: str | None = None, device: str | None = None, dtype: str | None = None,
                  daemon: bool = True):
-        super().__init__("diffu-lsp", __version__, protocol_cls=DiffuProtocol,
+        # pygls's thread pool only reads stdin (no handler runs on it: the model has its own
+        # threads). One worker: with more, each readline may start a new thread while the last
+        # one is still going idle, so the pool grows to its default of cpu+4 threads.
+        super().__init__("diffu-lsp", __version__, protocol_cls=DiffuProtocol, max_workers=1,
                          text_document_sync_kind=lsp.TextDocumentSyncKind.Incremental)
         cli = {"model": model, "device": device, "dtype": dtype}
         self.cli_layer = {k: v for k, v in cli.items() if v is not None}
@@ -668,6 +671,7 @@ class DiffuServer(LanguageServer):
             "settings": msgspec.to_builtins(self.session.settings),
             "records": [dataclasses.asdict(r) for r in list(self.session.sched.records)[-50:]],
             "handlers_pending": len(self.protocol._request_futures),  # requests and notifications not finished
+            "threads": sorted(thread.name for thread in threading.enumerate()),
         }
 
 

@@ -245,3 +245,22 @@ def test_offsets_and_positions_agree():
     assert DiffuServer.offset_at(doc, lsp.Position(line=2, character=0)) is None
     assert DiffuServer.offset_at(doc, lsp.Position(line=2, character=0), end_of_range=True) == (
         4, lsp.Position(line=1, character=2))
+
+
+def test_reading_stdin_keeps_one_thread(raw):
+    """pygls reads stdin on its thread pool; with more than one worker the pool grew a thread at a
+    time over a long session (the soak saw 6 -> 10 threads). Messages one by one, then bursts."""
+    raw.initialize()
+    raw.open("file:///t.py", "x = 1\n")
+    for msg_id in range(1, 101):
+        raw.request(msg_id, "diffu/stats")
+        raw.answer(msg_id)
+    for burst in range(20):
+        for version in range(2, 12):
+            raw.notify("textDocument/didChange", {"textDocument": {"uri": "file:///t.py", "version": 10 * burst + version},
+                                                  "contentChanges": [{"text": f"x = {version}\n"}]})
+        raw.request(1000 + burst, "diffu/stats")
+        raw.answer(1000 + burst)
+    raw.request(2000, "diffu/stats")
+    threads = raw.answer(2000)["result"]["threads"]
+    assert len([name for name in threads if name.startswith("ThreadPoolExecutor")]) == 1, threads

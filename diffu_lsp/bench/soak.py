@@ -28,6 +28,7 @@ processes of this run alive for more than 2 s; server threads and RSS at start a
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import random
 import shutil
@@ -122,6 +123,14 @@ def proc_status(pid: int, key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+async def thread_names(client: LspClient, timeout: float) -> list[str]:
+    """The server's Python threads by name (``diffu/stats``); empty if it does not say."""
+    try:
+        return (await client.request("diffu/stats", timeout=timeout)).get("threads", [])
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return []
 
 
 # ---------------------------------------------------------------- the simulated editor
@@ -392,7 +401,8 @@ async def soak(options: common.Options, minutes: float, windows: int, every: flo
         if not all(canaries):
             raise RuntimeError("soak: the model suggested nothing at the canary's place at warm-up")
         start = {"rss": [proc_status(c.pid, "VmRSS") for c in clients],
-                 "threads": [proc_status(c.pid, "Threads") for c in clients]}
+                 "threads": [proc_status(c.pid, "Threads") for c in clients],
+                 "thread_names": [await thread_names(c, bound) for c in clients]}
         daemon_pids = daemons_of(folder)
         start["daemon_rss"] = proc_status(daemon_pids[0], "VmRSS") if daemon_pids else None
         began = time.perf_counter()
@@ -410,7 +420,8 @@ async def soak(options: common.Options, minutes: float, windows: int, every: flo
             await asyncio.wait(pending, timeout=bound)
         await asyncio.wait_for(tasks[-1], 2 * bound)
         end = {"rss": [proc_status(c.pid, "VmRSS") for c in clients],
-               "threads": [proc_status(c.pid, "Threads") for c in clients]}
+               "threads": [proc_status(c.pid, "Threads") for c in clients],
+               "thread_names": [await thread_names(c, bound) for c in clients]}
         daemon_pids = daemons_of(folder)
         end["daemon_rss"] = proc_status(daemon_pids[0], "VmRSS") if daemon_pids else None
         duplicates = sum(c.unexpected_responses for c in clients)
@@ -501,7 +512,8 @@ def summarise(run: Run, start: dict, end: dict, duplicates: int, seconds: float,
     failures += run.server_exits
     for i, (a, b) in enumerate(zip(start["threads"], end["threads"])):
         if a is not None and b is not None and b > a + 3:
-            failures.append(f"window {i}: server threads {a} -> {b}")
+            added = collections.Counter(end["thread_names"][i]) - collections.Counter(start["thread_names"][i])
+            failures.append(f"window {i}: server threads {a} -> {b} (more: {dict(added)})")
     for i, (a, b) in enumerate(zip(start["rss"], end["rss"])):
         if a is not None and b is not None and b > 1.3 * a + 64 * 1024:
             failures.append(f"window {i}: server RSS {a / 1024:.0f} -> {b / 1024:.0f} MiB")
@@ -537,6 +549,7 @@ def summarise(run: Run, start: dict, end: dict, duplicates: int, seconds: float,
         "faults": len([f for f in faults if not f.get("skipped")]), "opens": run.opens, "closes": run.closes,
         "max_daemons": max((c for _, c in run.daemon_counts), default=0), "two_daemons_s": run.two_daemons_s,
         "failures": failures,
+        "server_threads": {"start": start["thread_names"], "end": end["thread_names"]},
         "rss_mib": [[round(when - run.began), [mib(kib) for kib in values]] for when, values in run.rss],
         "error_messages": sorted({f"{s.method}: {s.future.result().error.get('code')} "
                                   f"{s.future.result().error.get('message')}" for s in errors})[:10],
