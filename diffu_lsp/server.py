@@ -841,8 +841,8 @@ async def did_change_configuration(ls: DiffuServer, params: lsp.DidChangeConfigu
 async def inline_completion(ls: DiffuServer, params: lsp.InlineCompletionParams):
     explicit = params.context.trigger_kind == lsp.InlineCompletionTriggerKind.Invoked
     answer = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
-    if answer is None:
-        return None
+    if answer is None:  # nothing here: an empty list, so that a client drops the last ghost text
+        return lsp.InlineCompletionList(items=[])  # (null, for a superseded request, keeps it)
     return lsp.InlineCompletionList(items=[lsp.InlineCompletionItem(
         insert_text=answer.text, range=lsp.Range(start=answer.start, end=answer.end))])
 

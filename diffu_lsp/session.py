@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from . import infill
 from .engine import Engine, LocalEngine
+from .errors import JobCancelled
 from .job import ModelInfo, ModelKey, Request, Step, Suggestion
 from .jobs import Scheduler
 from .settings import Settings
@@ -190,9 +191,9 @@ class Session:
 
     async def suggest(self, uri: str, text: str, cursor: int, version: int | None, *,
                       debounce: bool) -> tuple[str, int] | None:
-        """(text, characters after the cursor it replaces) to show at ``cursor``, or None: from
-        the cache when the user typed through the last suggestion, else from the model.
-        Raises JobCancelled when superseded."""
+        """(text, characters after the cursor it replaces) to show at ``cursor``, or None when
+        there is nothing to show: from the cache when the user typed through the last suggestion,
+        else from the model. Raises JobCancelled when superseded."""
         reused = self.typed_through(uri, text, cursor)
         if reused is not None:
             return reused
@@ -205,7 +206,7 @@ class Session:
             uri, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=uri),
             version=version, debounce=debounce)
         if not self.sched.is_current(uri, version):  # a didChange may have run since the job ended
-            return None
+            raise JobCancelled("superseded: the document changed while the job ran")
         if not result.text:
             return None
         self.shown[uri] = Shown(text[:cursor], text[cursor:], result.text, result.replace_after)

@@ -281,6 +281,13 @@ async def inline(client: LanguageClient, uri: str, position: lsp.Position, *, in
         context=lsp.InlineCompletionContext(trigger_kind=kind)))
 
 
+def nothing_here(result) -> bool:
+    """The answer that says "no suggestion here": an empty list (a client drops its last ghost
+    text), not null (which a client such as Neovim reads as "keep what you show")."""
+    items = result.items if isinstance(result, lsp.InlineCompletionList) else result
+    return items is not None and len(items) == 0
+
+
 def inline_text(result) -> str | None:
     if result is None:
         return None
@@ -433,7 +440,7 @@ async def test_burst_of_edits_newest_version_wins(scratch):
         requests.append(asyncio.ensure_future(inline(client, uri, end_of(text), invoked=False)))
         await asyncio.sleep(0.3)  # the job of this request starts (60 ms debounce) and runs
     answers = await asyncio.wait_for(asyncio.gather(*requests), WAIT_S)
-    assert all(inline_text(a) is None for a in answers[:-1]), answers
+    assert all(a is None for a in answers[:-1]), answers  # superseded: null, not "nothing here"
     # The last answer is what the model says for the newest text (same content, fresh document).
     reference = inline_text(await inline(client, open_doc(client, text), end_of(text)))
     assert inline_text(answers[-1]) == reference
@@ -688,7 +695,7 @@ async def test_unknown_method_gets_method_not_found(client):
 @aio
 async def test_unknown_uri_gets_an_empty_answer(client):
     uri = "file:///virtual/never-opened.py"
-    assert await inline(client, uri, lsp.Position(line=0, character=0)) is None
+    assert nothing_here(await inline(client, uri, lsp.Position(line=0, character=0)))
     assert not await code_actions(client, uri, rng(0, 0, 0, 0))
     assert await execute(client, server_mod.CMD_COMPLETE_BLOCK, textDocument={"uri": uri},
                          position={"line": 0, "character": 0}) == {"applied": False}
@@ -702,8 +709,8 @@ async def test_positions_past_the_end_are_clamped(client):
     actions = await code_actions(client, uri, rng(0, 500, 0, 500), only=[server_mod.KIND_COMPLETE_BLOCK])
     assert plain(actions[0].command.arguments)[0]["position"] == {"line": 0, "character": len('name = "héllo"'.encode())}
     # Past the last line: an empty answer, never an item clamped onto another line.
-    assert await inline(client, uri, lsp.Position(line=99, character=99)) is None
-    assert await inline(client, uri, lsp.Position(line=2, character=0)) is None
+    assert nothing_here(await inline(client, uri, lsp.Position(line=99, character=99)))
+    assert nothing_here(await inline(client, uri, lsp.Position(line=2, character=0)))
     assert not await code_actions(client, uri, rng(99, 0, 99, 9), only=[server_mod.KIND_COMPLETE_BLOCK])
     # A range that ends past the end (select all) ends at the end of the document.
     actions = await code_actions(client, uri, rng(1, 0, 99, 0), only=[server_mod.KIND_REFINE])
@@ -715,7 +722,7 @@ async def test_binary_content_gets_an_empty_answer(client):
     text = "data = b'\x00\x01\x02'\nvalue = "
     uri = open_doc(client, text)
     before = await stats(client)
-    assert await inline(client, uri, end_of(text)) is None
+    assert nothing_here(await inline(client, uri, end_of(text)))
     assert not await code_actions(client, uri, rng(0, 0, 1, 3))
     assert (await stats(client))["submitted"] == before["submitted"]
 
@@ -745,9 +752,9 @@ async def test_server_survives_bad_input(client):
         await raw_request(client, lsp.TEXT_DOCUMENT_INLINE_COMPLETION, {"textDocument": {"uri": 5}, "position": "x"})
     client.protocol._send_data({"jsonrpc": "2.0", "method": lsp.TEXT_DOCUMENT_DID_OPEN, "params": {"x": 1}})
     client.protocol._send_data({"jsonrpc": "2.0", "id": "bad", "method": 7})
-    assert await inline(client, "file:///virtual/never-opened.py", lsp.Position(line=0, character=0)) is None
+    assert nothing_here(await inline(client, "file:///virtual/never-opened.py", lsp.Position(line=0, character=0)))
     binary = "data = b'\x00'\nvalue = "
-    assert await inline(client, open_doc(client, binary), end_of(binary)) is None
+    assert nothing_here(await inline(client, open_doc(client, binary), end_of(binary)))
     await model_suggestion(client)
     assert client.error is None
 
@@ -819,7 +826,7 @@ async def test_model_setting_change_reloads_in_the_background(configured, tmp_pa
     shown = await until(lambda: [m for m in client.messages if m.type == lsp.MessageType.Error], "an error message")
     assert "could not load the model" in shown[0].message
     uri = open_doc(client, SAMPLE)
-    assert await inline(client, uri, end_of(SAMPLE)) is None  # no model: empty, not an error
+    assert nothing_here(await inline(client, uri, end_of(SAMPLE)))  # no model: empty, not an error
     seen = len(client.statuses)
     await configure(client, {"suffixTokens": 100, "model": None})
     await wait_status(client, "ready", after=seen)
@@ -838,7 +845,7 @@ async def test_model_folder_that_fails_to_load(tmp_path):
         assert error["model"] == str(broken)
         await until(lambda: [m for m in client.messages if m.type == lsp.MessageType.Error], "an error message")
         uri = open_doc(client, SAMPLE)
-        assert await inline(client, uri, end_of(SAMPLE)) is None
+        assert nothing_here(await inline(client, uri, end_of(SAMPLE)))
         assert await execute(client, server_mod.CMD_COMPLETE_BLOCK, textDocument={"uri": uri},
                              position={"line": 0, "character": 0}) == {"applied": False}
         assert (await stats(client))["model_state"] == "error"
