@@ -238,6 +238,30 @@ def test_tab_right_after_typing_does_not_apply_a_suggestion_computed_before(edit
     assert ed.cursor() == (row, col + 1)
 
 
+def test_tab_right_after_typing_into_the_suggestion_accepts_the_rest(editor_factory):
+    """The next character of the shown suggestion typed, then <Tab> at once (before Neovim asks
+    again, 200 ms after the key): the rest is accepted, as the server answers it for the new
+    cursor from its cache, and the buffer ends as if the suggestion had been accepted whole.
+    The bundled model: the random one's text starts with a NUL, which cannot be typed."""
+    ed = editor_factory()
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+    shown = shown_somewhere(ed)
+    before = ed.lines()
+    row, col = ed.cursor()
+    anchor_row, anchor_col = shown["anchor"] or (row - 1, col)
+    assert anchor_row == row - 1, shown
+    if not shown["drawn"][0]:
+        pytest.skip(f"the suggestion starts with a line break: no character of it to type ({shown})")
+    next_char = shown["drawn"][0][0]
+    ed.input(next_char.replace("<", "<lt>") + "<Tab>")  # one batch: <Tab> before any new request
+    expected = apply_suggestion(before, row - 1, anchor_col, col, shown["text"])
+    wait_for(lambda: ed.lines() == expected, 10,
+             what=f"the rest of {shown['text']!r} accepted after typing {next_char!r} (buffer: {ed.lines()[row - 1]!r})")
+    lines = shown["text"].split("\n")
+    assert ed.cursor() == (row + len(lines) - 1, (anchor_col if len(lines) == 1 else 0) + len(lines[-1].encode()))
+
+
 def test_two_buffers_inline_request_only_for_the_current_one(editor_factory):
     """Neovim's inline completion asks for every attached buffer with the current window's cursor;
     the client sends only the current buffer's request (a short other buffer got a request at a

@@ -36,7 +36,8 @@ local defaults = {
   --- Show suggestions as ghost text (needs vim.lsp.inline_completion, Neovim 0.12+).
   inline_completion = true,
   --- Cancel inline-completion requests in flight when the text changes, and let <Tab> accept a
-  --- suggestion only at the position it was computed for (the server answers the new position).
+  --- suggestion only at the position it was computed for, or, typed into since, the rest of it
+  --- as the server answers it for the cursor now.
   drop_stale = true,
   --- Echo the server's work-done progress (model loading, refine) in the command line.
   progress = true,
@@ -111,9 +112,47 @@ end
 -- range the server answered, so characters typed after the request but before <Tab> would stay
 -- behind the inserted text (neovim/neovim#36529, fixed upstream by #41434, later than the 0.12
 -- builds we test). The client does no range arithmetic of its own: it applies an item only at the
--- position the server computed it for (its range starts at the cursor); <Tab> on an older one
--- dismisses it, and the server's answer for the new position (a suggestion typed through comes
--- from its cache) is the one to accept.
+-- position the server computed it for (its range starts at the cursor). <Tab> on an older one,
+-- typed into since (Neovim asks again only 200 ms after the last key), asks the server for the
+-- cursor now: a suggestion typed through comes from its cache at once.
+
+-- Apply an item the server answered for the cursor (its range starts there).
+local function apply_fresh(bufnr, win, client, fresh)
+  local cursor = vim.api.nvim_win_get_cursor(win)
+  local at = vim.lsp.util.make_position_params(win, client.offset_encoding).position
+  vim.lsp.util.apply_text_edits({ { range = fresh.range or { start = at, ['end'] = at }, newText = fresh.insertText } },
+    bufnr, client.offset_encoding)
+  local lines = vim.split(fresh.insertText, '\n', { plain = true })
+  vim.api.nvim_win_set_cursor(win, { cursor[1] + #lines - 1, (#lines == 1 and cursor[2] or 0) + #lines[#lines] })
+end
+
+-- <Tab> after typing the first characters of the shown item: accept the rest, as the server
+-- answers it for the cursor now, if it is exactly the rest of what was shown and nothing moved
+-- meanwhile. Typed text that differs from the item: nothing to accept (no request).
+local function accept_typed_through(bufnr, win, item)
+  local client = vim.lsp.get_client_by_id(item.client_id)
+  local cursor = vim.api.nvim_win_get_cursor(win)
+  local start = item.range.start
+  if not client or type(item.insert_text) ~= 'string' or start.row ~= cursor[1] - 1 or start.col > cursor[2] then
+    return
+  end
+  local typed = vim.api.nvim_buf_get_text(bufnr, start.row, start.col, start.row, cursor[2], {})[1]
+  if item.insert_text:sub(1, #typed) ~= typed then
+    return
+  end
+  local tick = vim.api.nvim_buf_get_changedtick(bufnr)
+  local params = vim.lsp.util.make_position_params(win, client.offset_encoding)
+  params.context = { triggerKind = vim.lsp.protocol.InlineCompletionTriggerKind.Invoked }
+  client:request('textDocument/inlineCompletion', params, function(err, result)
+    local fresh = not err and result and (result.items or result)[1]
+    if fresh and type(fresh.insertText) == 'string' and typed .. fresh.insertText == item.insert_text
+        and vim.api.nvim_buf_get_changedtick(bufnr) == tick
+        and vim.deep_equal(vim.api.nvim_win_get_cursor(win), cursor) then
+      apply_fresh(bufnr, win, client, fresh)
+    end
+  end, bufnr)
+end
+
 local function apply_item(bufnr, item)
   local win = vim.fn.bufwinid(bufnr)
   local text = item.insert_text
@@ -125,7 +164,7 @@ local function apply_item(bufnr, item)
     local cur = vim.api.nvim_win_get_cursor(win)
     local start = item.range.start
     if M.config.drop_stale and (start.row ~= cur[1] - 1 or start.col ~= cur[2]) then
-      return -- computed for another position: the server's next answer takes its place
+      return accept_typed_through(bufnr, win, item) -- computed for another position
     end
     local lines = vim.split(text, '\n', { plain = true })
     vim.api.nvim_buf_set_text(bufnr, start.row, start.col, item.range.end_.row, item.range.end_.col, lines)
