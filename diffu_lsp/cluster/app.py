@@ -42,6 +42,7 @@ APP_NAME = "diffu-lsp"
 STATS_ACTOR = "diffu-lsp-stats"
 NAMESPACE = "diffu-lsp"
 BEAT_SECONDS = 1.0
+STATUS_WAIT_SECONDS = 5.0  # GET /status: how long to wait for the stats actor
 GPU_BATCH_SIZE = 8  # batch_size 0 (auto): this on a GPU; 1 on a CPU, where 8 canvases cost ~7x one (BENCHMARKS.md)
 
 
@@ -82,6 +83,7 @@ class ModelReplica:
         self.sched = None  # a jobs.Scheduler, made on the event loop at the first job
         self.stats = dict(pid=os.getpid(), jobs=0, answered=0, cancelled=0, failed=0, forwards=0,
                           forwards_after_cancel_max=0, started=time.time())
+        self.stats_actor = stats_actor()  # looked up here: ray.get_actor blocks, so never on the event loop
 
     async def __call__(self, request: HttpRequest) -> Response:
         if not authorized(request, self.token):
@@ -160,33 +162,46 @@ class ModelReplica:
         return {"value": msgspec.to_builtins(value), "forwards": job.token.forwards}
 
     def _report(self) -> None:
-        import ray
-
         if self.model.batcher is not None:  # network forwards run, and the requests they served
             self.stats.update(batches=self.model.batcher.batches, batched_rows=self.model.batcher.rows)
         self.stats["seq"] = self.stats.get("seq", 0) + 1  # reports may arrive out of order: the newest wins
 
-        try:
-            ray.get_actor(STATS_ACTOR, namespace=NAMESPACE).report.remote(self.stats["pid"], dict(self.stats))
-        except Exception:  # noqa: BLE001 - stats are best effort
-            pass
+        if self.stats_actor is not None:  # stats are best effort; .remote() does not wait
+            try:
+                self.stats_actor.report.remote(self.stats["pid"], dict(self.stats))
+            except Exception:  # noqa: BLE001
+                pass
 
     async def summary(self) -> dict:
-        import ray
-
         self._report()
-        try:
-            replicas = await ray.get_actor(STATS_ACTOR, namespace=NAMESPACE).summary.remote()
-        except Exception:  # noqa: BLE001
-            replicas = {str(self.stats["pid"]): self.stats}
+        replicas = {str(self.stats["pid"]): self.stats}
+        if self.stats_actor is not None:
+            try:
+                replicas = await asyncio.wait_for(self.stats_actor.summary.remote(), STATUS_WAIT_SECONDS)
+            except Exception:  # noqa: BLE001 - an actor gone or slow: this replica's own figures
+                log.warning("the stats actor did not answer within %.0f s", STATUS_WAIT_SECONDS)
         return {"model": self.info.label, "family": self.info.family, "device": self.info.device,
                 "replicas": replicas}
+
+
+def stats_actor():
+    """The cluster's stats actor (made by ``cluster start``), or None where there is none."""
+    import ray
+
+    try:
+        return ray.get_actor(STATS_ACTOR, namespace=NAMESPACE)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def stats_actor_class():
     import ray
 
-    @ray.remote(num_cpus=0)
+    # Out of order: Ray cancels the tasks a cancelled request submitted (recursive cancel), so a
+    # report sent while a job's stream was being cancelled never arrives, and an ordered actor
+    # waited 30 s for its sequence number before running anything after it (GET /status hung).
+    # Reports carry their own order ("seq": the newest wins).
+    @ray.remote(num_cpus=0, allow_out_of_order_execution=True)
     class Stats:
         def __init__(self):
             self.replicas: dict[str, dict] = {}
