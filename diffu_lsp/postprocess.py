@@ -7,6 +7,7 @@ filters ``name(text, ctx) -> text`` run in order by ``postprocess_text``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,17 @@ TextFilter = Callable[[str, Context], str]
 
 def drop_whitespace_only(text: str, ctx: Context) -> str:
     return text if text.strip() else ""
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def cut_at_control_character(text: str, ctx: Context) -> str:
+    """The text before its first control character (tab and line breaks excepted): a byte-level
+    tokenizer can emit NUL, ESC and the like, which no one types into code and which an editor
+    would insert as they are (a random-weight checkpoint suggested "\\x00filler..." in Neovim)."""
+    found = _CONTROL.search(text)
+    return text if found is None else text[:found.start()]
 
 
 def first_line_only(text: str, ctx: Context) -> str:
@@ -231,6 +243,7 @@ def trim_trailing_whitespace(text: str, ctx: Context) -> str:
 
 DEFAULT_TEXT_FILTERS: tuple[TextFilter, ...] = (
     drop_whitespace_only,
+    cut_at_control_character,
     first_line_only,
     limit_scope_by_indentation,
     balance_brackets,

@@ -5,6 +5,7 @@ from diffu_lsp.postprocess import (
     Context,
     auto_closed_tail,
     balance_brackets,
+    cut_at_control_character,
     cut_at_stop,
     drop_low_confidence_tail,
     drop_suffix_duplicate,
@@ -67,6 +68,16 @@ def test_context_lines():
 @pytest.mark.parametrize("text, expected", [("", ""), ("  \n\t\n", ""), (" x ", " x ")])
 def test_drop_whitespace_only(text, expected):
     assert drop_whitespace_only(text, ctx("|")) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\x00filler149152\x00filler43088", ""),          # what a random-weight checkpoint suggested
+    ("name)\x1b[0m", "name)"),                         # an escape sequence: the text before it
+    ("if x:\n\treturn 1\r\n", "if x:\n\treturn 1\r\n"),  # tab and line breaks are code
+    ("a\x7fb", "a"),
+])
+def test_cut_at_control_character(text, expected):
+    assert cut_at_control_character(text, ctx("x = |")) == expected
 
 
 @pytest.mark.parametrize(

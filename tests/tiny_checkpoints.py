@@ -44,11 +44,13 @@ def _small_bpe(vocab_size: int = 400) -> tuple[dict[str, int], list[str]]:
 
 
 def _padded_vocab(size: int) -> tuple[dict[str, int], list[str]]:
-    """A byte-level BPE vocabulary with filler entries up to `size` (real merges for the rest)."""
+    """A byte-level BPE vocabulary with filler entries up to `size` (real merges for the rest).
+    A filler decodes to " filler<id>" ("\u0120" is the space byte): printable garbage, which the
+    post-processing keeps (its first byte was NUL, and suggestions are cut at a control character)."""
     vocab, merges = _small_bpe()
     next_id = len(vocab)
     while next_id < size:
-        vocab[f"\u0100filler{next_id}"] = next_id
+        vocab[f"\u0120filler{next_id}"] = next_id
         next_id += 1
     return vocab, merges
 
