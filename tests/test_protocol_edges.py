@@ -200,8 +200,8 @@ def test_positions_surrogates_and_quiet_cancels(raw):
 
     # A line past the end of the document: an empty answer, never an item on another line.
     raw.open("file:///p.py", "def f(x):\n    return ")
-    assert inline(raw, 3, "file:///p.py", 5, 0)["result"] is None
-    assert inline(raw, 4, "file:///p.py", 2, 0)["result"] is None
+    assert inline(raw, 3, "file:///p.py", 5, 0)["result"] == {"items": []}
+    assert inline(raw, 4, "file:///p.py", 2, 0)["result"] == {"items": []}
     assert "error" not in inline(raw, 5, "file:///p.py", 1, 999)  # past a line's end: clamped, answered
 
     # A lone surrogate in the document does not break the tokenizer: the model still answers.
