@@ -512,7 +512,10 @@ class Scheduler:
             elif exc is not None:
                 if isinstance(exc, (JobCancelled, asyncio.CancelledError)):
                     outcome, reason = "cancelled", str(exc) or "cancelled"
-                    exc = JobCancelled(reason, job_id=job.id, key=job.key)
+                    if isinstance(exc, JobCancelled):  # its type says why (a lost engine is EngineLost)
+                        exc.job_id, exc.key = job.id, job.key
+                    else:
+                        exc = JobCancelled(reason, job_id=job.id, key=job.key)
                 else:
                     outcome, reason = "failed", repr(exc)
                 fut.set_exception(exc)

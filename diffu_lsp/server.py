@@ -48,7 +48,7 @@ from .configuration import Configuration, watch
 from .documents import LspTextDocument, LspWorkspace, model_text, offset_at, position_at  # noqa: F401 - re-exported
 from .daemon import DaemonError
 from .engine import Engine, LocalEngine, ModelKey
-from .errors import JobCancelled, first_line, is_out_of_memory
+from .errors import EngineLost, JobCancelled, first_line, is_out_of_memory
 from .session import Session, Target, find_holes, refine_verdict
 from .settings import Settings  # noqa: F401 - importable from here (tests use server.Settings)
 
@@ -702,9 +702,13 @@ def _in_daemon_thread(loop: asyncio.AbstractEventLoop, lock: threading.Lock, fn,
 
 # ------------------------------------------------------------------ handlers
 
-def guarded(empty: Any = None, *, user_facing: bool = False):
+_EMPTY = object()
+
+
+def guarded(empty: Any = None, *, user_facing: bool = False, superseded: Any = _EMPTY):
     """An exception never escapes a handler: log it, tell the user if it is worth it, answer
-    ``empty`` (a value, or a factory). Superseded jobs answer ``empty``; protocol errors and
+    ``empty`` (a value, or a factory). Superseded jobs answer ``superseded`` where given, else
+    ``empty`` (a lost engine is a failure, not a newer request); protocol errors and
     $/cancelRequest pass through. ``user_facing`` (commands): failures are shown, not just logged."""
 
     def answer_empty():
@@ -734,6 +738,8 @@ def guarded(empty: Any = None, *, user_facing: bool = False):
                     raise
                 except JobCancelled as cancelled:
                     log.debug("%s: %s", fn.__name__, cancelled.reason)
+                    if superseded is not _EMPTY and not isinstance(cancelled, EngineLost):
+                        return superseded
                     return answer_empty()
                 except Exception as error:  # noqa: BLE001
                     return failed(ls, fn.__name__, error)
@@ -836,13 +842,19 @@ async def did_change_configuration(ls: DiffuServer, params: lsp.DidChangeConfigu
             ls.set_layer("configuration", pushed[CONFIG_SECTION], "workspace/didChangeConfiguration")
 
 
+def nothing_here() -> lsp.InlineCompletionList:
+    """No suggestion here: an empty list, so that a client drops the ghost text it shows (Neovim
+    0.12 keeps it on null). Null answers a superseded request: the newer one's answer replaces it."""
+    return lsp.InlineCompletionList(items=[])
+
+
 @feature(lsp.TEXT_DOCUMENT_INLINE_COMPLETION, lsp.InlineCompletionOptions())
-@guarded(None)
+@guarded(nothing_here, superseded=None)
 async def inline_completion(ls: DiffuServer, params: lsp.InlineCompletionParams):
     explicit = params.context.trigger_kind == lsp.InlineCompletionTriggerKind.Invoked
     answer = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
-    if answer is None:  # nothing here: an empty list, so that a client drops the last ghost text
-        return lsp.InlineCompletionList(items=[])  # (null, for a superseded request, keeps it)
+    if answer is None:
+        return nothing_here()
     return lsp.InlineCompletionList(items=[lsp.InlineCompletionItem(
         insert_text=answer.text, range=lsp.Range(start=answer.start, end=answer.end))])
 

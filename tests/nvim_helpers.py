@@ -54,11 +54,21 @@ vim.api.nvim_create_autocmd('LspAttach', {{
     client._test_wrapped = true
     vim.schedule(function() -- after diffu's own wrapper
       local request = client.request
-      client.request = function(self, method, params, ...)
+      client.request = function(self, method, params, handler, ...)
         if method == 'workspace/executeCommand' then
           table.insert(_G.diffu_test.commands, vim.deepcopy(params))
         end
-        return request(self, method, params, ...)
+        if method == 'textDocument/inlineCompletion' and type(handler) == 'function' then
+          local inner = handler
+          handler = function(err, result, ...) -- count the answers that carry items
+            local items = type(result) == 'table' and (result.items or result) or {{}}
+            if not err and #items > 0 then
+              _G.diffu_test.inline_items = (_G.diffu_test.inline_items or 0) + 1
+            end
+            return inner(err, result, ...)
+          end
+        end
+        return request(self, method, params, handler, ...)
       end
     end)
   end,

@@ -64,24 +64,29 @@ class Typist:
         self.ed.input("<CR>" if ch == "\n" else ch)
         time.sleep(0.2)
 
-    def burst(self) -> bool:
-        """Three characters, then a pause of up to PAUSE seconds; whether ghost text was shown.
-        Every diffu/status state seen meanwhile is kept in `states`."""
+    def answers_with_items(self) -> int:
+        return self.ed.lua("return _G.diffu_test.inline_items or 0")
+
+    def burst(self, after: int = -1) -> bool:
+        """Three characters, then a pause of up to PAUSE seconds; whether ghost text was shown
+        (from an answer with items later than the first `after` ones: a fresh suggestion, not
+        one shown before a fault). Every diffu/status state seen meanwhile is kept in `states`."""
         for _ in range(3):
             self.key()
         pause_end = time.monotonic() + PAUSE
         while time.monotonic() < pause_end:
             self.states.add((self.ed.status() or {}).get("state"))
-            if self.ed.suggestion():
+            if self.ed.suggestion() and self.answers_with_items() > after:
                 return True
             time.sleep(0.1)
         return False
 
     def until_suggestion(self, bound: float = RECOVERY_BOUND) -> float:
-        """Type in bursts until ghost text is shown; the seconds it took."""
-        start = time.monotonic()
+        """Type in bursts until ghost text from an answer given after this call is shown; the
+        seconds it took."""
+        start, after = time.monotonic(), self.answers_with_items()
         while time.monotonic() - start < bound:
-            if self.burst():
+            if self.burst(after):
                 return time.monotonic() - start
         raise AssertionError(f"no suggestion within {bound:.0f} s of typing (status {self.ed.status()})")
 
