@@ -305,6 +305,7 @@ def find_holes(text: str, start: int, end: int, markers: Sequence[str]) -> list[
     any other marker counts wherever it occurs. Markers are single-line.
     """
     found: list[Hole] = []
+    end = min(end, len(text))
     pos = text.rfind("\n", 0, start) + 1
     while pos < end:
         line_end = _line_end(text, pos)

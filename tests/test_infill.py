@@ -287,6 +287,27 @@ def test_find_holes_range_and_custom_marker():
     assert marked(text, holes) == ["<FILL>", "<FILL>"]
 
 
+def test_find_holes_with_a_range_past_the_end_stops_at_the_end():
+    """It looped forever when `end` was more than one past the text (a job for a changed text)."""
+    text = "a = <FILL>\n"
+    assert marked(text, find_holes(text, 0, len(text) + 50, ["<FILL>"])) == ["<FILL>"]
+    assert find_holes("x = 1", 0, 40, ["<FILL>"]) == []
+
+
+def test_a_job_s_offsets_must_be_a_range_of_its_text():
+    import msgspec
+
+    from diffu_lsp.job import Request
+
+    assert Request("refine", "abc", 1, 3, Settings()).end == 3
+    for start, end in ((0, 4), (-1, 2), (2, 1)):
+        with pytest.raises(ValueError, match="not a range of the text's 3 characters"):
+            Request("refine", "abc", start, end, Settings())
+    body = msgspec.json.encode(Request("suggest", "abc", 3, 3, Settings())).replace(b'"end":3', b'"end":9')
+    with pytest.raises(msgspec.ValidationError, match="not a range"):  # what a daemon or a replica decodes
+        msgspec.json.decode(body, type=Request)
+
+
 def test_find_holes_ignores_empty_marker():
     assert find_holes("x = 1\n", 0, 6, ["", "<FILL>"]) == []
 
