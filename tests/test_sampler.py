@@ -210,6 +210,16 @@ def test_cancel_stops_before_the_next_forward_on_the_bundled_model(bundled):
         bundled.infill_ids(bundled.encode(PREFIX), [], 8, cancel=flag)
 
 
+def test_the_step_callback_sees_the_caller_s_canvas_when_a_bos_is_put_in_front(bundled):
+    """A shifted model scores position 0 from a BOS the backend puts in front of a canvas that
+    starts masked; the callback (a command's streamed draft) must not see that extra position."""
+    canvas = [bundled.mask_token_id] * 8 + bundled.encode(SUFFIX)
+    seen = []
+    result = bundled.fill(canvas, Sampling(alg="entropy", steps=4), on_step=lambda draft: seen.append(draft.canvas.clone()))
+    assert len(seen) == 4 and all(len(step) == len(canvas) for step in seen)
+    assert torch.equal(seen[-1], result.canvas)
+
+
 def test_early_exit_pads_the_rest_of_a_hole_after_a_stop_token():
     stop = 0
     # hole of 4: slot 1 resolves to the stop token first; slots 2 and 3 need no forward of their own

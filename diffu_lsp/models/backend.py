@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable
 
@@ -176,6 +176,9 @@ class DiffusionModel:
             canvas = torch.cat([torch.tensor([self._bos_id()]), canvas])
             if provisional is not None:
                 provisional = torch.cat([torch.tensor([False]), provisional])
+            if on_step is not None:  # the callback sees the caller's canvas, as the result does
+                caller_on_step = on_step
+                on_step = lambda draft: caller_on_step(replace(draft, canvas=draft.canvas[1:]))  # noqa: E731
         if len(canvas) > self.max_length:
             raise ValueError(f"canvas of {len(canvas)} tokens exceeds the model's {self.max_length}")
         if cache not in CACHE_MODES:
