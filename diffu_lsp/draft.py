@@ -15,17 +15,22 @@ place, :func:`align` lines the old hole up with the new one:
 
 No draft is used (None) when the text before the old hole or after the old cursor changed, when
 the new hole starts before the old one, or when the typing ran past the whole draft.
+
+While a command runs, :func:`draft_text` is its holes' text so far (the streamed draft its
+progress shows).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import OrderedDict
 from typing import Callable
 
 CONTEXT_CHARS = 64   # text kept on each side of a hole to recognise the same place
 CONFLICT_WINDOW = 3  # draft tokens re-masked after the first token the typing disagrees with
 KEPT_DOCUMENTS = 64  # canvases a store keeps (least recently used ones go first)
+HIDDEN = "…"         # how a run of still-masked positions shows in a streamed draft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,21 +95,48 @@ def align(previous: Canvas | None, text: str, start: int, cursor: int, length: i
     return Aligned(kept, [t != mask_id for t in kept], at, remasked)
 
 
+def draft_text(ids, *, mask_id: int, decode: Callable[[list[int]], str], stop_ids=(), hidden: str = HIDDEN) -> str:
+    """A hole's text so far, for showing while it is denoised: the revealed tokens decoded, each
+    run of still-masked positions shown as `hidden`; the text ends at the first EOS/pad."""
+    pieces, run, in_mask = [], [], False
+    for token in ids:
+        if token in stop_ids:
+            break
+        if token == mask_id:
+            if run:
+                pieces.append(decode(run))
+                run = []
+            if not in_mask:
+                pieces.append(hidden)
+            in_mask = True
+        else:
+            run.append(token)
+            in_mask = False
+    if run:
+        pieces.append(decode(run))
+    return "".join(pieces)
+
+
 class Drafts:
-    """The last canvas per document key, for the engine that runs the jobs (bounded)."""
+    """The last canvas per document key, for the engine that runs the jobs (bounded; a cluster
+    replica runs several jobs at once, hence the lock)."""
 
     def __init__(self, limit: int = KEPT_DOCUMENTS):
         self.limit = limit
         self.canvases: OrderedDict[str, Canvas] = OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, key: str) -> Canvas | None:
-        return self.canvases.get(key)
+        with self.lock:
+            return self.canvases.get(key)
 
     def put(self, key: str, canvas: Canvas) -> None:
-        self.canvases[key] = canvas
-        self.canvases.move_to_end(key)
-        while len(self.canvases) > self.limit:
-            self.canvases.popitem(last=False)
+        with self.lock:
+            self.canvases[key] = canvas
+            self.canvases.move_to_end(key)
+            while len(self.canvases) > self.limit:
+                self.canvases.popitem(last=False)
 
     def clear(self) -> None:
-        self.canvases.clear()
+        with self.lock:
+            self.canvases.clear()

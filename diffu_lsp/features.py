@@ -14,7 +14,7 @@ import msgspec
 
 from . import draft, infill
 from .errors import is_out_of_memory
-from .job import Answer, Replacement, Request, Suggestion
+from .job import Answer, Replacement, Request, Step, Suggestion
 from .models import DenoiseCancelled
 from .postprocess import Context, auto_closed_tail, cut_at_stop, drop_low_confidence_tail, postprocess_text
 from .sampler import Sampling
@@ -22,6 +22,8 @@ from .settings import Settings, sampling_options
 
 
 log = logging.getLogger("diffu_lsp.features")
+
+BETWEEN_HOLES = " ┊ "  # joins the holes' drafts in a fill-holes job's streamed draft
 
 
 def sampling_for(model, settings: Settings, **overrides) -> Sampling:
@@ -39,6 +41,20 @@ def _denoise(model, canvas: list[int], settings: Settings, cancel, on_step=None,
     if result.cancelled:
         raise DenoiseCancelled()
     return result
+
+
+def _streamed(model, on_step: Callable[[Step], Any] | None, spans: list[tuple[int, int]]):
+    """The sampler's per-step callback for `on_step`: a :class:`Step` whose text is the draft so far
+    in the canvas `spans` ((start, length) of each hole): the streamed draft a command shows."""
+    if on_step is None:
+        return None
+
+    def step(state) -> bool | None:
+        texts = [draft.draft_text(state.canvas[start:start + length].tolist(), mask_id=model.mask_token_id,
+                                  decode=model.decode, stop_ids=model.eos_token_ids) for start, length in spans]
+        return on_step(Step(state.step, state.masked, BETWEEN_HOLES.join(texts)))
+
+    return step
 
 
 def _hole_text(model, result, start: int, length: int, settings: Settings) -> str:
@@ -79,7 +95,8 @@ def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, b
             provisional = [False] * len(prefix_ids) + aligned.provisional + [False] * len(suffix_ids)
         keep = lambda result: drafts.put(key, draft.canvas_of(  # noqa: E731 - finished or cancelled, for the next job
             text, hole_start, cursor, result.canvas[len(prefix_ids):len(prefix_ids) + length].tolist()))
-    result = _denoise(model, prefix_ids + hole + suffix_ids, settings, cancel, on_step, provisional, keep)
+    result = _denoise(model, prefix_ids + hole + suffix_ids, settings, cancel,
+                      _streamed(model, on_step, [(len(prefix_ids), length)]), provisional, keep)
     raw = _hole_text(model, result, len(prefix_ids), length, settings)
     if healed:
         raw = raw[len(healed):] if raw.startswith(healed) else raw.lstrip(" \t")
@@ -107,7 +124,8 @@ def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, ca
         if index < len(holes):
             hole_starts.append(len(ids))
             ids += [model.mask_token_id] * canvas.hole_tokens[index]
-    result = _denoise(model, ids, settings, cancel, on_step)
+    spans = list(zip(hole_starts, canvas.hole_tokens))
+    result = _denoise(model, ids, settings, cancel, _streamed(model, on_step, spans))
     replacements = []
     for hole, hole_start, length in zip(holes, hole_starts, canvas.hole_tokens):
         raw = _hole_text(model, result, hole_start, length, settings)
@@ -135,7 +153,8 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
             return selected
     else:  # room to grow a little; unused positions end as pad
         hole = [model.mask_token_id] * (len(selected_ids) + max(4, len(selected_ids) // 4))
-    result = _denoise(model, prefix_ids + hole + suffix_ids, settings, cancel, on_step)
+    result = _denoise(model, prefix_ids + hole + suffix_ids, settings, cancel,
+                      _streamed(model, on_step, [(len(prefix_ids), len(hole))]))
     new_ids = result.canvas[len(prefix_ids):len(prefix_ids) + len(hole)].tolist()
     return model.decode([t for t in new_ids if t not in model.eos_token_ids])
 

@@ -116,7 +116,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
 
 
 class Step(NamedTuple):
-    """Progress of a running job (the sampler's Draft carries the same two fields)."""
+    """Progress of a running job, after each denoising step."""
 
-    step: int     # forwards so far
-    masked: int   # positions still masked
+    step: int       # forwards so far
+    masked: int     # positions still masked
+    text: str = ""  # the draft so far: the holes' text, each run of masked positions shown as "…"

@@ -47,9 +47,9 @@ from . import settings as config
 from .configuration import Configuration, watch
 from .documents import LspTextDocument, LspWorkspace, model_text, offset_at, position_at  # noqa: F401 - re-exported
 from .daemon import DaemonError
-from .engine import Engine, LocalEngine, ModelKey
+from .engine import Engine, LocalEngine, ModelKey, Step
 from .errors import EngineLost, JobCancelled, first_line, is_out_of_memory
-from .session import Session, Target, find_holes, refine_verdict
+from .session import Session, Target, find_holes, progress_message, refine_verdict
 from .settings import Settings  # noqa: F401 - importable from here (tests use server.Settings)
 
 log = logging.getLogger("diffu_lsp.server")
@@ -571,7 +571,7 @@ class DiffuServer(LanguageServer):
         target = self._command_target(uri, "complete block", position, position)
         if target is None:
             return False
-        result = await self.session.submit_command(uri, target, "block")
+        result = await self._command_job("Completing block", uri, target, "block")
         if not result.text:
             self.log_client("diffu-lsp: complete block: the model produced nothing")
             return False
@@ -590,7 +590,7 @@ class DiffuServer(LanguageServer):
             self.show(f"diffu-lsp: fill holes: no hole marker {where}. Markers (setting holeMarkers): {markers}; "
                       "'...' counts only as a whole statement, not inside an expression", lsp.MessageType.Info)
             return False
-        replacements = await self.session.submit_command(uri, target, "fill_holes")
+        replacements = await self._command_job("Filling holes", uri, target, "fill_holes")
         if not replacements:
             self.show(f"diffu-lsp: fill holes: the model produced nothing for the {len(holes)} hole(s) found; "
                       "nothing was changed", lsp.MessageType.Info)
@@ -604,41 +604,43 @@ class DiffuServer(LanguageServer):
         target = self._command_target(uri, "refine", rng.start, rng.end)
         if target is None or target.start == target.end:
             return False
-        loop = asyncio.get_running_loop()
-        token = await self.begin_progress("Refining selection", cancellable=True,
-                                          client_token=COMMAND_PROGRESS_TOKEN.get())
-        seen = {"first": None}
-
-        def step(step: int, masked: int) -> None:
-            if seen["first"] is None:
-                seen["first"] = masked + 1
-            total = seen["first"]
-            self.report_progress(token, f"denoising step {step}: {masked} tokens left",
-                                 int(100 * (total - masked) / max(total, 1)))
-
-        def on_step(draft) -> None:  # worker thread
-            loop.call_soon_threadsafe(step, draft.step, draft.masked)
-
-        job = self.session.submit_command(uri, target, "refine", on_step)
-        cancelled_by_client = self.work_done_progress.tokens.get(token) if token is not None else None
-        if cancelled_by_client is not None:
-            cancelled_by_client.add_done_callback(
-                lambda f: f.cancelled() and job.cancel("cancelled from the progress UI"))
-        outcome = "failed"
-        try:
-            new_text = await job
-            outcome = "done"
-        except JobCancelled as error:
-            outcome = f"cancelled ({error.reason})"
-            raise
-        finally:
-            self.end_progress(token, outcome)
+        new_text = await self._command_job("Refining selection", uri, target, "refine")
         verdict = refine_verdict(target.text[target.start:target.end], new_text)
         if verdict:
             self.log_client(f"diffu-lsp: refine: {verdict}")
             return False
         return await self.apply_edits(uri, target.doc, target.version, [(target.start, target.end, new_text)],
                                       "diffu: refine selection")
+
+    async def _command_job(self, title: str, uri: str, target: Target, kind: str):
+        """The command's job, under a cancellable progress (the client's workDoneToken when it sent
+        one) that streams the draft as it firms up; the final edit then replaces it."""
+        loop = asyncio.get_running_loop()
+        token = await self.begin_progress(title, cancellable=True, client_token=COMMAND_PROGRESS_TOKEN.get())
+        first_masked = None
+
+        def report(step: Step) -> None:
+            nonlocal first_masked
+            if first_masked is None:
+                first_masked = step.masked + 1
+            done = first_masked - step.masked
+            self.report_progress(token, progress_message(step), int(100 * done / max(first_masked, 1)))
+
+        job = self.session.submit_command(uri, target, kind, lambda step: loop.call_soon_threadsafe(report, step))
+        cancelled_by_client = self.work_done_progress.tokens.get(token) if token is not None else None
+        if cancelled_by_client is not None:
+            cancelled_by_client.add_done_callback(
+                lambda f: f.cancelled() and job.cancel("cancelled from the progress UI"))
+        outcome = "failed"
+        try:
+            answer = await job
+            outcome = "done"
+        except JobCancelled as error:
+            outcome = f"cancelled ({error.reason})"
+            raise
+        finally:
+            self.end_progress(token, outcome)
+        return answer
 
     # ------------------------------------------------------------ lifecycle
 

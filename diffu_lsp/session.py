@@ -20,6 +20,7 @@ from .settings import Settings
 
 COUNTERS = ("typed_through_hits", "repeat_hits", "model_loads", "model_load_failures", "oom_retries", "oom_failures",
             "daemon_lost", "daemon_stuck", "documents_clipped")
+PROGRESS_DRAFT_CHARS = 100  # of a command's streamed draft, in one progress line
 
 
 def utf8_size_over(text: str, limit: int) -> bool:
@@ -57,6 +58,16 @@ def refine_verdict(selected: str, new_text: str) -> str:
     if not new_text.strip() and selected.strip():
         return "the model produced nothing; keeping the selection"
     return ""
+
+
+def progress_message(step: Step, width: int = PROGRESS_DRAFT_CHARS) -> str:
+    """A command's progress line: the step, the tokens left, and the draft so far on one line
+    (its lines joined by " ⏎ ", cut at `width` characters)."""
+    head = f"step {step.step}: {step.masked} tokens left"
+    draft = " ⏎ ".join(line.strip() for line in step.text.splitlines() if line.strip())
+    if len(draft) > width:
+        draft = draft[:width - 1] + "…"
+    return f"{head} · {draft}" if draft else head
 
 
 @dataclasses.dataclass

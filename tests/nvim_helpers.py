@@ -73,6 +73,14 @@ vim.api.nvim_create_autocmd('LspAttach', {{
     end)
   end,
 }})
+-- and what diffu echoes (progress), with the room the command line had for it
+_G.diffu_test.echoed = {{}}
+local echo = vim.api.nvim_echo
+vim.api.nvim_echo = function(chunks, history, opts)
+  local text = table.concat(vim.tbl_map(function(chunk) return chunk[1] end, chunks))
+  table.insert(_G.diffu_test.echoed, {{ text = text, width = vim.fn.strdisplaywidth(text), room = vim.v.echospace }})
+  return echo(chunks, history, opts)
+end
 vim.api.nvim_create_autocmd('User', {{
   pattern = 'DiffuCommandDone',
   callback = function(args) table.insert(_G.diffu_test.done, args.data) end,

@@ -193,6 +193,25 @@ def test_cancellation_reaches_the_replica_within_one_forward(cluster):
     stats = wait_for(replica_counted, "the replica to count the cancelled job", timeout=30)
     assert stats["forwards_after_cancel_max"] <= 1
     assert len(steps) < 400  # it stopped long before the end
+    assert "…" in steps[0].text  # the streamed draft: 399 positions still masked after the first step
+
+
+def test_a_replica_keeps_each_documents_last_canvas_for_warm_start(cluster):
+    cluster_engine = engine()
+    drafted = []
+    for _ in range(10):  # two replicas: the typed request must reach the one that kept the canvas
+        first = cluster_engine.run(request(warmStart=True), CancelToken(), key="file:///warm.py")
+        assert first.text
+        typed = first.text[:2]
+        text, cursor = SAMPLE[:CURSOR] + typed + SAMPLE[CURSOR:], CURSOR + len(typed)
+        second = cluster_engine.run(Request("suggest", text, cursor, cursor, Settings(warm_start=True)), CancelToken(),
+                                    key="file:///warm.py")
+        drafted.append(second.drafted)
+        if second.drafted:
+            break
+    assert drafted[-1] > 0, drafted
+    cold = cluster_engine.run(Request("suggest", text, cursor, cursor, Settings()), CancelToken(), key="file:///warm.py")
+    assert cold.drafted == 0
 
 
 def test_jobs_of_several_editors_run_batched_on_a_replica_and_each_cancel_stops_within_one_forward(cluster):

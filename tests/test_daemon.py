@@ -105,7 +105,7 @@ def test_every_message_survives_the_wire_and_bad_frames_are_refused():
     messages = [
         wire.Hello(wire.PROTOCOL, __version__, 12), wire.Welcome(wire.PROTOCOL, __version__, 34, 1),
         wire.Load(1, BUNDLED), wire.Submit(2, "file:///a.py", BUNDLED, suggest_request(), progress=True),
-        wire.Cancel(2, "superseded"), wire.Progress(2, 3, 10),
+        wire.Cancel(2, "superseded"), wire.Progress(2, 3, 10), wire.Progress(2, 4, 9, "def f(…\n"),
         wire.Result(2, Suggestion("x", 0, False, 3, 16, 0.1), 3), wire.Result(3, "refined", 1),
         wire.Failed(4, "oom", "CUDA out of memory", 2, 1), wire.StatusQuery(), wire.Stop(), wire.Error("no"),
     ]
@@ -414,5 +414,19 @@ def test_the_daemon_keeps_each_documents_last_canvas_for_warm_start(runtime):
         assert after_typing("other", True).drafted == 0  # another document has no canvas of its own
         assert after_typing("doc", False).drafted == 0   # the setting off: a cold start
         assert after_typing("doc", True).drafted > 0     # the hole starts from the last canvas
+    finally:
+        conn.close()
+
+
+def test_a_command_s_draft_streams_from_the_daemon_step_by_step(runtime):
+    conn = connect_or_start(runtime)
+    try:
+        conn.load(BUNDLED)
+        start, end = SAMPLE.index("def "), SAMPLE.index("\n", SAMPLE.index("def "))
+        refine = Request("refine", SAMPLE, start, end, Settings(algorithm="entropy", steps=6, early_exit=False))
+        steps = []
+        answer = conn.submit("doc", BUNDLED, refine, CancelToken(), steps.append)
+        assert [step.step for step in steps] == list(range(1, 7)) and steps[-1].masked == 0
+        assert "…" in steps[0].text and steps[-1].text == answer  # the final draft is the answer
     finally:
         conn.close()

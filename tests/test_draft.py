@@ -1,6 +1,6 @@
 """Warm start alignment (diffu_lsp/draft.py): exact expectations on a toy vocabulary."""
 
-from diffu_lsp.draft import Canvas, Drafts, align, canvas_of
+from diffu_lsp.draft import Canvas, Drafts, align, canvas_of, draft_text
 
 MASK, EOS = 0, 1
 VOCAB = {2: "return", 3: " x", 4: " +", 5: " 1", 6: "\n", 7: " y", 8: "re"}
@@ -96,6 +96,17 @@ def test_store_keeps_the_last_canvas_per_key_and_forgets_the_oldest():
     assert drafts.get("a") is None and drafts.get("b").ids == (3,) and drafts.get("c").ids == (2,)
 
 
+def test_draft_text_shows_each_run_of_masks_once_and_ends_at_eos():
+    def text(ids):
+        return draft_text(ids, mask_id=MASK, decode=lambda run: "".join(VOCAB[t] for t in run), stop_ids=(EOS,))
+
+    assert text([M, M, M]) == "…"
+    assert text([2, 3, M, M, 5, M]) == "return x… 1…"
+    assert text([M, 3, 4, 5, 6]) == "… x + 1\n"
+    assert text([2, 3, EOS, M, 7]) == "return x"  # after EOS is pad, masked or not
+    assert text([]) == ""
+
+
 # ---------------------------------------------------------------- through the job path, bundled model
 
 def test_a_window_engine_starts_the_next_suggestion_from_the_last_canvas():
@@ -145,3 +156,32 @@ def test_a_window_engine_starts_the_next_suggestion_from_the_last_canvas():
                    flag, on_step=stop, key="a.py")
     partial = engine.drafts.get("a.py").ids
     assert model.mask_token_id in partial and any(t != model.mask_token_id for t in partial)
+
+
+def test_every_kind_of_job_streams_its_draft_until_it_is_the_answer():
+    """on_step sees each step's draft: masks shown as "…" while any are left in the text so far,
+    and at the last step the hole's text itself (refine), one draft per hole (fill holes)."""
+    from diffu_lsp import features
+    from diffu_lsp.engine import LocalEngine
+    from diffu_lsp.job import ModelKey, Request
+    from diffu_lsp.settings import Settings
+
+    engine = LocalEngine()
+    engine.load(ModelKey(None))
+    settings = Settings(algorithm="entropy", steps=8, early_exit=False)  # 8 steps: the draft firms up in view
+    text = "def add(a, b):\n    total = a + b\n    return total\n\n\ndef sub(a, b):\n    ...\n    return a\n"
+    start, end = text.index("total = a"), text.index("\n    return total")
+
+    for kind, (s, e) in (("refine", (start, end)), ("suggest", (end, end)), ("block", (end, end)), ("fill_holes", (0, 0))):
+        steps = []
+        holes = text.replace("total = a + b", "...")  # and sub's "...": two holes
+        request = Request(kind, holes, 0, len(holes), settings) if kind == "fill_holes" else Request(kind, text, s, e, settings)
+        answer = engine.run(request, None, on_step=steps.append, key="a.py")
+        assert len(steps) == 8 and [st.step for st in steps] == list(range(1, 9)), kind
+        assert steps[-1].masked == 0 and "…" not in steps[-1].text, kind
+        assert all(st.masked > 0 for st in steps[:-1]), kind
+        assert "…" in steps[0].text, kind  # the first step revealed an eighth of the hole
+        if kind == "refine":
+            assert steps[-1].text == answer
+        if kind == "fill_holes":
+            assert all(st.text.count(features.BETWEEN_HOLES) == 1 for st in steps)  # two holes, two drafts

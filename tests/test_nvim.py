@@ -383,6 +383,11 @@ def test_refine_visual_range_changes_only_that_range(editor_factory):
                                   "range": {"start": start, "end": end}}], sent
 
     assert done["command"] == "diffu.refineSelection"
+    # the progress streamed the draft, each echo cut to one screen line
+    progress = [e for e in ed.lua("return _G.diffu_test.echoed") if "tokens left" in e["text"]]
+    assert progress and any(" · " in e["text"] for e in progress), progress
+    assert all(e["width"] <= e["room"] for e in progress), progress
+    assert any(e["text"].endswith("…") for e in progress), progress  # a long draft was cut
     result = done.get("result")
     assert isinstance(result, dict) and isinstance(result.get("applied"), bool), f"executeCommand result: {result!r}"
     edits = ed.lua("return _G.diffu_test.apply_edits")

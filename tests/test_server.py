@@ -33,6 +33,8 @@ from pytest_lsp.client import make_test_lsp_client
 
 from diffu_lsp import features
 from diffu_lsp import server as server_mod
+from diffu_lsp.job import Step
+from diffu_lsp.session import progress_message
 from diffu_lsp.settings import user_config_file
 
 aio = pytest.mark.asyncio(loop_scope="module")  # the tests share the module's server and loop
@@ -565,6 +567,24 @@ async def test_fill_holes_without_a_marker_says_which_markers_count(mechanic):
 
 
 @aio
+async def test_complete_block_and_fill_holes_stream_their_drafts_as_progress(mechanic):
+    client = mechanic
+    uri = open_doc(client, HOLES)
+    for command, where in ((server_mod.CMD_COMPLETE_BLOCK, {"position": {"line": 1, "character": 4}}),
+                           (server_mod.CMD_FILL_HOLES, {"range": {"start": {"line": 0, "character": 0},
+                                                                  "end": {"line": 10, "character": 0}}})):
+        tokens_before = set(client.progress_reports)
+        await execute(client, command, textDocument={"uri": uri}, **where)
+        (token,) = set(client.progress_reports) - tokens_before
+        reports = client.progress_reports[token]
+        assert isinstance(reports[0], lsp.WorkDoneProgressBegin) and reports[0].cancellable, command
+        steps = [r.message for r in reports if isinstance(r, lsp.WorkDoneProgressReport)]
+        assert steps and all(re.match(r"step \d+: \d+ tokens left", m) for m in steps), command
+        assert steps[-1].startswith(f"step {len(steps)}: 0 tokens left"), command
+        assert isinstance(reports[-1], lsp.WorkDoneProgressEnd) and reports[-1].message == "done", command
+
+
+@aio
 async def test_complete_block_inserts_at_the_cursor(mechanic):
     client = mechanic
     text = "def fibonacci(n):\n    \n\n\ndef main():\n    pass\n"
@@ -598,6 +618,11 @@ async def test_refine_reports_progress_and_edits_the_selection(mechanic):
     assert isinstance(reports[-1], lsp.WorkDoneProgressEnd) and reports[-1].message == "done"
     (job,) = jobs_of(await stats(client), uri)
     assert job["outcome"] == "completed" and job["forwards"] == len(steps)  # one report per forward
+    # the streamed draft: masked runs shown as "…" while it firms up, and at the end the edit's text
+    left = [int(re.search(r"(\d+) tokens left", r.message).group(1)) for r in steps]
+    assert left == sorted(left, reverse=True) and left[-1] == 0
+    assert any("…" in r.message for r in steps[:-1])
+    assert steps[-1].message == progress_message(Step(len(steps), 0, edit.new_text))
 
 
 @aio

@@ -279,3 +279,14 @@ def test_find_holes_is_the_job_s_own_rule():
     settings = Settings()
     assert find_holes(text, 12, 12, settings) == infill.holes_in_range(text, 12, 12, settings.hole_markers)
     assert find_holes(text, 12, 12, settings)
+
+
+def test_a_progress_line_puts_the_draft_on_one_line_and_cuts_it():
+    from diffu_lsp.job import Step
+    from diffu_lsp.session import progress_message
+
+    assert progress_message(Step(3, 12)) == "step 3: 12 tokens left"
+    assert progress_message(Step(3, 12, "    total = …\n\n    return total\n")) == \
+        "step 3: 12 tokens left · total = … ⏎ return total"
+    cut = progress_message(Step(1, 40, "x" * 300), width=20)
+    assert cut == "step 1: 40 tokens left · " + "x" * 19 + "…"

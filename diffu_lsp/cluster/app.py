@@ -6,12 +6,14 @@ Every replica loads the model once (``__init__``) and runs jobs through one
 cursor, a cancel token read before every forward. With ``batch_size`` > 1 the scheduler runs up to
 that many jobs at once, each in its own worker thread, and the model's
 :class:`~diffu_lsp.models.batching.ForwardBatcher` runs their forwards as one padded batched
-forward (uncached); with 1, one job at a time, with the K/V cache the settings ask for.
+forward (uncached); with 1, one job at a time, with the K/V cache the settings ask for. Each replica
+keeps its own last canvas per window and document, so with ``warmStart`` a suggestion starts from
+the last one's draft when the same replica served that one (else it starts cold).
 
 HTTP (Ray Serve's proxy, one route prefix ``/``), every route behind ``Authorization: Bearer``:
 
 - ``POST /job``: body ``{"key", "request"}`` (a :class:`~diffu_lsp.engine.Request`); the answer
-  streams as JSON lines: ``{"step", "masked"}`` per forward, ``{"beat": 1}`` every second while the
+  streams as JSON lines: ``{"step", "masked", "text"}`` per forward (text: the draft so far), ``{"beat": 1}`` every second while the
   job waits, then one ``{"value", "forwards"}`` or ``{"error", "oom"}`` or ``{"cancelled"}``. When the
   caller disconnects, Serve cancels the request; the replica turns that into our cancel token, so
   the sampler stops at its next forward.
@@ -34,6 +36,7 @@ from ray import serve
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..draft import Drafts
 from ..engine import ModelKey, Request, first_line, is_oom, model_info
 
 log = logging.getLogger("diffu_lsp.cluster")
@@ -80,6 +83,7 @@ class ModelReplica:
         if batch_size > 1:
             self.model.batcher = ForwardBatcher(self.model, batch_size, batch_wait_ms / 1000)
         self.info = model_info(self.model, self.key)
+        self.drafts = Drafts()  # the last suggestion canvas per window and document (warm start)
         self.sched = None  # a jobs.Scheduler, made on the event loop at the first job
         self.stats = dict(pid=os.getpid(), jobs=0, answered=0, cancelled=0, failed=0, forwards=0,
                           forwards_after_cancel_max=0, started=time.time())
@@ -110,11 +114,12 @@ class ModelReplica:
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue = asyncio.Queue()
 
-        def progress(draft) -> None:  # worker thread
-            loop.call_soon_threadsafe(lines.put_nowait, {"step": draft.step, "masked": draft.masked})
+        def progress(step) -> None:  # worker thread
+            loop.call_soon_threadsafe(lines.put_nowait, {"step": step.step, "masked": step.masked, "text": step.text})
 
         job = self.sched.submit(message.key, lambda token: features.run(self.model, message.request, cancel=token,
-                                                                         on_step=progress), debounce=False)
+                                                                         on_step=progress, drafts=self.drafts,
+                                                                         key=message.key), debounce=False)
         self.stats["jobs"] += 1
         job_task = asyncio.ensure_future(self._await(job))
         try:

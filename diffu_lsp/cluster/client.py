@@ -186,7 +186,7 @@ class ClusterEngine:
                 elif "step" in message:
                     cancel.forwards = message["step"]
                     if on_step is not None:
-                        on_step(Step(message["step"], message["masked"]))
+                        on_step(Step(message["step"], message["masked"], message.get("text", "")))
                 elif "value" in message:
                     cancel.report(message["forwards"])
                     self.jobs += 1

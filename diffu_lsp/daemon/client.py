@@ -107,7 +107,7 @@ class Connection:
         def progress(msg: wire.Progress) -> None:
             cancel.forwards = msg.step
             if on_step is not None:
-                on_step(Step(msg.step, msg.masked))
+                on_step(Step(msg.step, msg.masked, msg.text))
 
         answer = self._call(lambda id: wire.Submit(id, key, model, request, progress=on_step is not None),
                             progress, cancel)

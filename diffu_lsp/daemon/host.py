@@ -289,8 +289,8 @@ class Daemon:
             oldest.cancel(f"queue full: over {MAX_PENDING_PER_CLIENT} pending jobs from this window")
         loop = asyncio.get_running_loop()
 
-        def progress(draft) -> None:  # worker thread
-            loop.call_soon_threadsafe(client.send, wire.Progress(message.id, draft.step, draft.masked))
+        def progress(step) -> None:  # worker thread
+            loop.call_soon_threadsafe(client.send, wire.Progress(message.id, step.step, step.masked, step.text))
 
         oom_retries = 0
         key = f"{client.id}:{message.key}"  # the window's document: latest-wins, and its warm-start canvas

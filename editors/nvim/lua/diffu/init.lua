@@ -39,7 +39,8 @@ local defaults = {
   --- suggestion only at the position it was computed for, or, typed into since, the rest of it
   --- as the server answers it for the cursor now.
   drop_stale = true,
-  --- Echo the server's work-done progress (model loading, refine) in the command line.
+  --- Echo the server's work-done progress in the command line: the model loading, and a command's
+  --- draft as it firms up (cut to one screen line).
   progress = true,
   ---@type diffu.Keymaps
   keymaps = {
@@ -625,7 +626,13 @@ function M.setup(opts)
             value.message,
             value.percentage and (value.percentage .. '%') or nil,
           }), ' ')
-        vim.api.nvim_echo({ { 'diffu: ' .. msg } }, false, {})
+        msg = 'diffu: ' .. msg
+        -- a command's progress streams its draft: keep it to one screen line (no hit-enter prompt)
+        local room = math.max(vim.v.echospace, 10)
+        if vim.fn.strdisplaywidth(msg) > room then
+          msg = vim.fn.strcharpart(msg, 0, room - 1) .. '…'
+        end
+        vim.api.nvim_echo({ { msg } }, false, {})
       end
     end,
   })
