@@ -65,7 +65,8 @@ class Request(msgspec.Struct, frozen=True):
 
     def __post_init__(self) -> None:
         if not 0 <= self.start <= self.end <= len(self.text):  # from a daemon or cluster client too
-            raise ValueError(f"offsets {self.start}..{self.end} are not a range of the text's {len(self.text)} characters")
+            raise ValueError(f"offsets {self.start}..{self.end} are not a range of the text's "
+                             f"{len(self.text)} characters")
         if not isinstance(self.settings, JobSettings):
             msgspec.structs.force_setattr(self, "settings", job_settings(self.settings))
 

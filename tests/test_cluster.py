@@ -210,7 +210,8 @@ def test_a_replica_keeps_each_documents_last_canvas_for_warm_start(cluster):
         if second.drafted:
             break
     assert drafted[-1] > 0, drafted
-    cold = cluster_engine.run(Request("suggest", text, cursor, cursor, Settings()), CancelToken(), key="file:///warm.py")
+    cold = cluster_engine.run(Request("suggest", text, cursor, cursor, Settings()), CancelToken(),
+                              key="file:///warm.py")
     assert cold.drafted == 0
 
 

@@ -172,10 +172,10 @@ def test_every_kind_of_job_streams_its_draft_until_it_is_the_answer():
     text = "def add(a, b):\n    total = a + b\n    return total\n\n\ndef sub(a, b):\n    ...\n    return a\n"
     start, end = text.index("total = a"), text.index("\n    return total")
 
-    for kind, (s, e) in (("refine", (start, end)), ("suggest", (end, end)), ("block", (end, end)), ("fill_holes", (0, 0))):
-        steps = []
-        holes = text.replace("total = a + b", "...")  # and sub's "...": two holes
-        request = Request(kind, holes, 0, len(holes), settings) if kind == "fill_holes" else Request(kind, text, s, e, settings)
+    holes = text.replace("total = a + b", "...")  # and sub's "...": two holes
+    for request in (Request("refine", text, start, end, settings), Request("suggest", text, end, end, settings),
+                    Request("block", text, end, end, settings), Request("fill_holes", holes, 0, len(holes), settings)):
+        kind, steps = request.kind, []
         answer = engine.run(request, None, on_step=steps.append, key="a.py")
         assert len(steps) == 8 and [st.step for st in steps] == list(range(1, 9)), kind
         assert steps[-1].masked == 0 and "…" not in steps[-1].text, kind

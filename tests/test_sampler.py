@@ -215,7 +215,8 @@ def test_the_step_callback_sees_the_caller_s_canvas_when_a_bos_is_put_in_front(b
     starts masked; the callback (a command's streamed draft) must not see that extra position."""
     canvas = [bundled.mask_token_id] * 8 + bundled.encode(SUFFIX)
     seen = []
-    result = bundled.fill(canvas, Sampling(alg="entropy", steps=4), on_step=lambda draft: seen.append(draft.canvas.clone()))
+    result = bundled.fill(canvas, Sampling(alg="entropy", steps=4),
+                          on_step=lambda draft: seen.append(draft.canvas.clone()))
     assert len(seen) == 4 and all(len(step) == len(canvas) for step in seen)
     assert torch.equal(seen[-1], result.canvas)
 

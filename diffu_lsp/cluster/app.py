@@ -13,8 +13,8 @@ the last one's draft when the same replica served that one (else it starts cold)
 HTTP (Ray Serve's proxy, one route prefix ``/``), every route behind ``Authorization: Bearer``:
 
 - ``POST /job``: body ``{"key", "request"}`` (a :class:`~diffu_lsp.engine.Request`); the answer
-  streams as JSON lines: ``{"step", "masked", "text"}`` per forward (text: the draft so far), ``{"beat": 1}`` every second while the
-  job waits, then one ``{"value", "forwards"}`` or ``{"error", "oom"}`` or ``{"cancelled"}``. When the
+  streams as JSON lines: ``{"step", "masked", "text"}`` per forward (text: the draft so far),
+  ``{"beat": 1}`` every second while the job waits, then one ``{"value", "forwards"}`` or ``{"error", "oom"}`` or ``{"cancelled"}``. When the
   caller disconnects, Serve cancels the request; the replica turns that into our cancel token, so
   the sampler stops at its next forward.
 - ``GET /info``: the loaded model (:class:`~diffu_lsp.engine.ModelInfo`).
