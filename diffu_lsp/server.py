@@ -71,6 +71,20 @@ CONFIG_SECTION = "diffu"
 # The workDoneToken the client sent with the workspace/executeCommand being handled (or None).
 COMMAND_PROGRESS_TOKEN: contextvars.ContextVar[int | str | None] = contextvars.ContextVar("diffu_command_progress",
                                                                                            default=None)
+def _cancelled_with(request, handler):
+    """`handler`, a coroutine function, as one whose task is cancelled when the `request`'s future is."""
+    if request is None or not asyncio.iscoroutinefunction(handler):
+        return handler
+
+    @functools.wraps(handler)
+    async def cancelled_with_the_request(*args, **kwargs):
+        task = asyncio.current_task()
+        request.add_done_callback(lambda future: future.cancelled() and task.cancel())
+        return await handler(*args, **kwargs)
+
+    return cancelled_with_the_request
+
+
 @attrs.define
 class _Unreadable:
     """A message whose params (or result) do not fit its method's types."""
@@ -153,13 +167,15 @@ class DiffuProtocol(LanguageServerProtocol):
         """pygls 2 files the future of every notification run by a generator, coroutine or thread
         handler (didOpen, didChange, didClose ...) in _request_futures under a fresh uuid and never
         takes it out: about 1 KiB per keystroke (the soak's servers grew ~30 MiB in 45 minutes).
-        A notification's future is dropped once it is done."""
-        if callback == self._check_handler_result:  # a notification (requests answer via _send_response)
-            check = callback
+        So does it with the handler a generator hands on to (an executeCommand's command). Such a
+        future is dropped once it is done (requests answer via _send_response, which drops theirs)."""
+        notification = callback == self._check_handler_result
+        if notification or getattr(callback, "func", None) == self._run_generator:
+            then = callback
 
             def callback(future, msg_id=msg_id):
                 self._request_futures.pop(msg_id, None)
-                check(future)
+                then(future)
         return super()._execute_handler(msg_id, handler, callback, args, kwargs)
 
     def _handle_cancel_notification(self, msg_id):
@@ -178,11 +194,17 @@ class DiffuProtocol(LanguageServerProtocol):
 
     @lsp_method(lsp.WORKSPACE_EXECUTE_COMMAND)
     def lsp_workspace__execute_command(self, params: lsp.ExecuteCommandParams):
-        """pygls's, remembering the client's workDoneToken for the command: pygls hands a command
-        handler only its arguments (no public API for the rest of the params). The handler's task
-        is created within this call, so it sees this value of the context variable."""
+        """pygls's, with two additions. The client's workDoneToken is kept for the command: pygls
+        hands a command handler only its arguments (no public API for the rest of the params); the
+        handler's task is created within this call, so it sees this value of the context variable.
+        And a $/cancelRequest for the executeCommand cancels the command's task: pygls runs it as a
+        task of its own, which cancelling the request's future does not reach."""
         COMMAND_PROGRESS_TOKEN.set(params.work_done_token)
-        return (yield from super().lsp_workspace__execute_command(params))
+        request = self._request_futures.get(self._ctx_msg_id.get())
+        commands = super().lsp_workspace__execute_command(params)
+        handler, args, kwargs = next(commands)
+        commands.close()
+        return (yield _cancelled_with(request, handler), args, kwargs)
 
     @lsp_method(lsp.SHUTDOWN)
     def lsp_shutdown(self, *args):
@@ -637,6 +659,9 @@ class DiffuServer(LanguageServer):
             outcome = "done"
         except JobCancelled as error:
             outcome = f"cancelled ({error.reason})"
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled (the request was cancelled)"
             raise
         finally:
             self.end_progress(token, outcome)

@@ -570,6 +570,7 @@ async def test_fill_holes_without_a_marker_says_which_markers_count(mechanic):
 async def test_complete_block_and_fill_holes_stream_their_drafts_as_progress(mechanic):
     client = mechanic
     uri = open_doc(client, HOLES)
+    pending_before = (await stats(client))["handlers_pending"]
     for command, where in ((server_mod.CMD_COMPLETE_BLOCK, {"position": {"line": 1, "character": 4}}),
                            (server_mod.CMD_FILL_HOLES, {"range": {"start": {"line": 0, "character": 0},
                                                                   "end": {"line": 10, "character": 0}}})):
@@ -582,6 +583,8 @@ async def test_complete_block_and_fill_holes_stream_their_drafts_as_progress(mec
         assert steps and all(re.match(r"step \d+: \d+ tokens left", m) for m in steps), command
         assert steps[-1].startswith(f"step {len(steps)}: 0 tokens left"), command
         assert isinstance(reports[-1], lsp.WorkDoneProgressEnd) and reports[-1].message == "done", command
+    # pygls filed each command's own task under a uuid and kept it: one entry per command, for good
+    assert (await stats(client))["handlers_pending"] == pending_before
 
 
 @aio
@@ -668,6 +671,34 @@ async def test_cancelling_refine_progress_stops_the_job(mechanic):
     assert job["outcome"] == "cancelled" and job["ran"]
     assert job["forwards_after_cancel"] <= 1
     assert job["forwards"] < 50  # stopped long before the end
+
+
+@aio
+async def test_cancel_request_on_a_command_stops_its_job(mechanic):
+    """VS Code cancels a command's notification with $/cancelRequest for the executeCommand."""
+    client = mechanic
+    uri = open_doc(client, SAMPLE)
+    client.edits.clear()
+    tokens_before = set(client.progress_reports)
+    msg_id = f"command-{uuid.uuid4().hex[:6]}"
+    arg = {"textDocument": {"uri": uri},
+           "range": {"start": {"line": 4, "character": 0}, "end": {"line": 20, "character": 0}}}
+    command = asyncio.ensure_future(client.protocol.send_request_async(
+        lsp.WORKSPACE_EXECUTE_COMMAND, lsp.ExecuteCommandParams(command=server_mod.CMD_REFINE, arguments=[arg]),
+        msg_id=msg_id))
+    await until(lambda: any(any(isinstance(r, lsp.WorkDoneProgressReport) for r in client.progress_reports[t])
+                            for t in set(client.progress_reports) - tokens_before), "a refine progress report")
+    client.protocol.notify(lsp.CANCEL_REQUEST, lsp.CancelParams(id=msg_id))
+    with pytest.raises(JsonRpcRequestCancelled):
+        await asyncio.wait_for(command, WAIT_S)
+    st = await until_stats(client, lambda st: jobs_of(st, uri), "the cancelled job to finish")
+    (job,) = jobs_of(st, uri)
+    assert job["outcome"] == "cancelled" and job["forwards_after_cancel"] <= 1 and job["forwards"] < 50
+    (token,) = set(client.progress_reports) - tokens_before
+    end = await until(lambda: isinstance(client.progress_reports[token][-1], lsp.WorkDoneProgressEnd)
+                      and client.progress_reports[token][-1], "the progress to end")
+    assert end.message == "cancelled (the request was cancelled)"
+    assert client.edits == []
 
 
 @aio
