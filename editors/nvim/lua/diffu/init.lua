@@ -622,9 +622,9 @@ function M.setup(opts)
           or table.concat(vim.tbl_filter(function(s)
             return s ~= nil and s ~= ''
           end, {
-            value.title,
-            value.message,
+            value.title and value.message and (value.title .. ':') or value.title,
             value.percentage and (value.percentage .. '%') or nil,
+            value.message,
           }), ' ')
         msg = 'diffu: ' .. msg
         -- a command's progress streams its draft: keep it to one screen line (no hit-enter prompt)
