@@ -303,6 +303,16 @@ async def execute(client: LanguageClient, command: str, **arg) -> dict:
     return plain(result)
 
 
+async def reporting_token(client: LanguageClient, tokens_before: set):
+    """The progress token, new since `tokens_before`, that a command has reported a step on."""
+    def reported():
+        for token in set(client.progress_reports) - tokens_before:
+            if any(isinstance(r, lsp.WorkDoneProgressReport) for r in client.progress_reports[token]):
+                return token
+
+    return await until(reported, "a command's progress report")
+
+
 def jobs_of(st: dict, uri: str) -> list[dict]:
     return [r for r in st["records"] if r["key"] in (uri, f"{uri}#command")]
 
@@ -654,12 +664,7 @@ async def test_cancelling_refine_progress_stops_the_job(mechanic):
         client, server_mod.CMD_REFINE, textDocument={"uri": uri},
         range={"start": {"line": 4, "character": 0}, "end": {"line": 20, "character": 0}}))
 
-    def reporting_token():
-        for token in set(client.progress_reports) - tokens_before:
-            if any(isinstance(r, lsp.WorkDoneProgressReport) for r in client.progress_reports[token]):
-                return token
-
-    token = await until(reporting_token, "a refine progress report")
+    token = await reporting_token(client, tokens_before)
     client.window_work_done_progress_cancel(lsp.WorkDoneProgressCancelParams(token=token))
     assert await asyncio.wait_for(command, WAIT_S) == {"applied": False}
     end = client.progress_reports[token][-1]
@@ -686,15 +691,13 @@ async def test_cancel_request_on_a_command_stops_its_job(mechanic):
     command = asyncio.ensure_future(client.protocol.send_request_async(
         lsp.WORKSPACE_EXECUTE_COMMAND, lsp.ExecuteCommandParams(command=server_mod.CMD_REFINE, arguments=[arg]),
         msg_id=msg_id))
-    await until(lambda: any(any(isinstance(r, lsp.WorkDoneProgressReport) for r in client.progress_reports[t])
-                            for t in set(client.progress_reports) - tokens_before), "a refine progress report")
+    token = await reporting_token(client, tokens_before)
     client.protocol.notify(lsp.CANCEL_REQUEST, lsp.CancelParams(id=msg_id))
     with pytest.raises(JsonRpcRequestCancelled):
         await asyncio.wait_for(command, WAIT_S)
     st = await until_stats(client, lambda st: jobs_of(st, uri), "the cancelled job to finish")
     (job,) = jobs_of(st, uri)
     assert job["outcome"] == "cancelled" and job["forwards_after_cancel"] <= 1 and job["forwards"] < 50
-    (token,) = set(client.progress_reports) - tokens_before
     end = await until(lambda: isinstance(client.progress_reports[token][-1], lsp.WorkDoneProgressEnd)
                       and client.progress_reports[token][-1], "the progress to end")
     assert end.message == "cancelled (the request was cancelled)"
