@@ -139,22 +139,26 @@ def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, ca
 
 
 def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel=None, on_step=None) -> str:
-    """The selection text[start:end] re-masked (all of it, or its low-confidence tokens) and
-    re-denoised with both sides as context."""
+    """The selection text[start:end] re-masked and re-denoised with both sides as context: all of
+    it, or (`low_confidence`) as a draft, the way warm start treats the last suggestion: the tokens
+    the model doubts, each scored while masked, are masked; the others stay as provisional tokens,
+    re-checked every forward and masked again once the model no longer supports them."""
     prefix, selected, suffix = infill.refine_request(text, start, end, model.encode,
                                                      settings.prefix_tokens, settings.suffix_tokens)
     prefix_ids, selected_ids, suffix_ids = model.encode(prefix), model.encode(selected), model.encode(suffix)
     if not selected_ids:
         return selected
+    provisional = None
     if settings.refine_mode == "low_confidence":
         scores = model.token_probabilities(prefix_ids, selected_ids, suffix_ids)
         hole = [model.mask_token_id if s < settings.refine_confidence else t for t, s in zip(selected_ids, scores)]
         if model.mask_token_id not in hole:
             return selected
+        provisional = [False] * len(prefix_ids) + [t != model.mask_token_id for t in hole] + [False] * len(suffix_ids)
     else:  # room to grow a little; unused positions end as pad
         hole = [model.mask_token_id] * (len(selected_ids) + max(4, len(selected_ids) // 4))
     result = _denoise(model, prefix_ids + hole + suffix_ids, settings, cancel,
-                      _streamed(model, on_step, [(len(prefix_ids), len(hole))]))
+                      _streamed(model, on_step, [(len(prefix_ids), len(hole))]), provisional)
     new_ids = result.canvas[len(prefix_ids):len(prefix_ids) + len(hole)].tolist()
     return model.decode([t for t in new_ids if t not in model.eos_token_ids])
 

@@ -185,3 +185,42 @@ def test_every_kind_of_job_streams_its_draft_until_it_is_the_answer():
             assert steps[-1].text == answer
         if kind == "fill_holes":
             assert all(st.text.count(features.BETWEEN_HOLES) == 1 for st in steps)  # two holes, two drafts
+
+
+def test_refine_low_confidence_keeps_the_tokens_it_trusts_as_a_provisional_draft(monkeypatch):
+    """refineMode low_confidence is the warm-start mechanism on the selection: the tokens the model
+    doubts (scored while masked) are masked, the rest go in as provisional tokens to be re-checked."""
+    import statistics
+
+    from diffu_lsp import features, infill
+    from diffu_lsp.models import load_model
+    from diffu_lsp.settings import Settings
+
+    model = load_model(None)
+    text = "def add(a, b):\n    total = a + b\n    return total\n\n\ndef main():\n    print(add(1, 2))\n"
+    start, end = text.index("total = a"), text.index("\n    return total")
+    prefix, selected, suffix = infill.refine_request(text, start, end, model.encode, 768, 256)
+    prefix_ids, selected_ids, suffix_ids = model.encode(prefix), model.encode(selected), model.encode(suffix)
+    scores = model.token_probabilities(prefix_ids, selected_ids, suffix_ids)
+    fills = []
+    real_fill = model.fill
+
+    def spy(canvas, *args, **kwargs):
+        result = real_fill(canvas, *args, **kwargs)
+        fills.append((list(canvas), kwargs.get("provisional"), result))
+        return result
+
+    monkeypatch.setattr(model, "fill", spy)
+    trusting = Settings(refine_mode="low_confidence", refine_confidence=0.0)
+    assert features.refine(model, text, start, end, trusting) == selected and not fills  # nothing doubted
+    doubting = Settings(refine_mode="low_confidence", refine_confidence=statistics.median(scores))
+    features.refine(model, text, start, end, doubting)
+    ((canvas, provisional, result),) = fills
+    at = slice(len(prefix_ids), len(prefix_ids) + len(selected_ids))
+    kept = [token != model.mask_token_id for token in canvas[at]]
+    assert kept == [score >= doubting.refine_confidence for score in scores] and any(kept) and not all(kept)
+    assert provisional[at] == kept and not any(provisional[:at.start]) and not any(provisional[at.stop:])
+    assert result.drafted == sum(kept)  # the sampler took them as drafts to re-check
+    fills.clear()
+    features.refine(model, text, start, end, Settings(refine_mode="all"))
+    assert fills[0][1] is None  # regenerating all of it has no draft
