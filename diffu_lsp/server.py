@@ -71,6 +71,8 @@ CONFIG_SECTION = "diffu"
 # The workDoneToken the client sent with the workspace/executeCommand being handled (or None).
 COMMAND_PROGRESS_TOKEN: contextvars.ContextVar[int | str | None] = contextvars.ContextVar("diffu_command_progress",
                                                                                            default=None)
+
+
 def _cancelled_with(request, handler):
     """`handler`, a coroutine function, as one whose task is cancelled when the `request`'s future is."""
     if request is None or not asyncio.iscoroutinefunction(handler):

@@ -14,9 +14,9 @@ HTTP (Ray Serve's proxy, one route prefix ``/``), every route behind ``Authoriza
 
 - ``POST /job``: body ``{"key", "request"}`` (a :class:`~diffu_lsp.engine.Request`); the answer
   streams as JSON lines: ``{"step", "masked", "text"}`` per forward (text: the draft so far),
-  ``{"beat": 1}`` every second while the job waits, then one ``{"value", "forwards"}`` or ``{"error", "oom"}`` or ``{"cancelled"}``. When the
-  caller disconnects, Serve cancels the request; the replica turns that into our cancel token, so
-  the sampler stops at its next forward.
+  ``{"beat": 1}`` every second while the job waits, then one ``{"value", "forwards"}`` or
+  ``{"error", "oom"}`` or ``{"cancelled"}``. When the caller disconnects, Serve cancels the
+  request; the replica turns that into our cancel token, so the sampler stops at its next forward.
 - ``GET /info``: the loaded model (:class:`~diffu_lsp.engine.ModelInfo`).
 - ``GET /status``: jobs served, cancelled, forwards after cancel, per replica (from the stats actor).
 
