@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,14 @@ def test_complete_fits_a_long_file_to_a_small_model_window(random_dream, tmp_pat
                "--dtype", "float32")
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert json.loads(done.stdout)["hole_tokens"] == 96
+
+
+def test_output_into_a_closed_pipe_exits_quietly():
+    """`diffu-lsp ... | head -1` closes the pipe early: no BrokenPipeError traceback (#31)."""
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before anything is written
+    done = subprocess.run([sys.executable, "-m", "diffu_lsp", "complete", f"{EXAMPLE}:7:9", "--block", "--json"],
+                          stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(writer)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 141
