@@ -30,7 +30,8 @@ local function workspace_file(root)
   local real_root = root and vim.uv.fs_realpath(root)
   local real = real_root and vim.uv.fs_realpath(root .. '/' .. WORKSPACE_FILE)
   local stat = real and vim.uv.fs_stat(real)
-  if stat and stat.type == 'file' and stat.size <= MAX_FILE_BYTES and vim.startswith(real, real_root .. '/') then
+  if stat and stat.type == 'file' and stat.size <= MAX_FILE_BYTES
+      and vim.startswith(vim.fs.normalize(real), vim.fs.normalize(real_root) .. '/') then
     return real
   end
 end
