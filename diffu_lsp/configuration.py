@@ -102,7 +102,8 @@ class Configuration:
         for error in errors:  # cannot happen: layers are validated on the way in
             log.warning("ignored setting: %s", error)
         if not config.token_paired(layers, settings):
-            source = next(name for name in reversed(LAYERS) if self.layers[name].get("engineTokenFile") is not None)
+            source = next((name for name in reversed(LAYERS) if self.layers[name].get("engineTokenFile") is not None),
+                          "other")
             if settings.engine.startswith(("http://", "https://")):
                 self.report_once(Path(settings.engine_token_file), settings.engine,
                                  f"diffu-lsp: not sending the token file {settings.engine_token_file} (set in the "
@@ -183,8 +184,9 @@ class Configuration:
         if why is None:
             # a later change is told again
             self._reported = {r for r in self._reported if r[0] != str(path) or r[1] == "trusted"}
-            kept = {k: v for k, v in raw.items() if config.camel_case(str(k)) not in (config.TRUST_KEY, *config.USER_ONLY)}
-            dropped = [k for k in dropped if k in (config.TRUST_KEY, *config.USER_ONLY)]
+            never = (config.TRUST_KEY, *config.USER_ONLY)
+            kept = {k: v for k, v in raw.items() if config.camel_case(str(k)) not in never}
+            dropped = [k for k in dropped if k in never]
             if dropped:
                 self.report_once(path, "trusted", f"diffu-lsp: ignoring {', '.join(dropped)} in {path}: only your "
                                  f"own {config.user_config_file()} may set them, even in a trusted folder.")
