@@ -10,7 +10,9 @@ previous value.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -44,11 +46,26 @@ class Configuration:
     def __init__(self, warn: Callable[[str], None] = lambda message: None):
         self.warn = warn
         self.layers: dict[str, dict[str, Any]] = {name: {} for name in LAYERS}
-        self.file_raw: dict[str, Any] = {}
+        self.file_state: dict[str, Any] = {}  # per file: what its layer was made from (content and trust)
         self.trusted_folders: list[Path] = []  # the user's TOML trustedWorkspaces
-        self.workspace_trusted: bool | None = None  # the editor's word (initializationOptions workspaceTrusted)
-        self._untrusted_reported: set[str] = set()
+        # The editor's word (initializationOptions workspaceTrusted, then diffu/workspaceTrust): True
+        # trusts the folder (VS Code's workspace trust), a SHA-256 only the workspace TOML with exactly
+        # that content (Neovim's :trust), anything else nothing.
+        self.workspace_trusted: bool | str = False
+        self._reported: set[tuple[str, str]] = set()
         self._hub_reported: set[str] = set()
+
+    def set_editor_trust(self, value: Any) -> None:
+        """The editor's workspace trust: ``true``, or the SHA-256 (hex) of the content it trusts."""
+        if isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            self.workspace_trusted = value.lower()
+        else:
+            self.workspace_trusted = value is True
+
+    def report_once(self, path: Path, why: str, message: str) -> None:
+        if (str(path), why) not in self._reported:
+            self._reported.add((str(path), why))
+            self.warn(message)
 
     # ------------------------------------------------------------ layers
 
@@ -78,10 +95,21 @@ class Configuration:
         self.warn(f"diffu-lsp: invalid {what} in {source}: {error.problem}. Keeping the previous value.")
 
     def resolve(self) -> Settings:
-        """The settings of every layer, a hub model only from the local cache unless downloads are on."""
-        settings, errors = config.resolve([self.layers[name] for name in LAYERS])
+        """The settings of every layer, a hub model only from the local cache unless downloads are on,
+        and a token file only for the engine its own layer chose."""
+        layers = [self.layers[name] for name in LAYERS]
+        settings, errors = config.resolve(layers)
         for error in errors:  # cannot happen: layers are validated on the way in
             log.warning("ignored setting: %s", error)
+        if not config.token_paired(layers, settings):
+            source = next((name for name in reversed(LAYERS) if self.layers[name].get("engineTokenFile") is not None),
+                          "other")
+            if settings.engine.startswith(("http://", "https://")):
+                self.report_once(Path(settings.engine_token_file), settings.engine,
+                                 f"diffu-lsp: not sending the token file {settings.engine_token_file} (set in the "
+                                 f"{source} settings) to {settings.engine}: that engine was chosen elsewhere. A "
+                                 "token file goes only to the engine set next to it, in the same settings.")
+            settings = msgspec.structs.replace(settings, engine_token_file="")
         return self.without_download(settings)
 
     def without_download(self, settings: Settings) -> Settings:
@@ -102,42 +130,82 @@ class Configuration:
     # ------------------------------------------------------------ files
 
     def reload_files(self, files: dict[str, Path], *, force: bool = False) -> bool:
-        """Read the TOML ``files`` ({"user": ..., "workspace": ...}); True if a layer changed."""
+        """Read the TOML ``files`` ({"user": ..., "workspace": ...}, the user's first); True if a
+        layer changed. Each read decides the workspace file's trust again, from its current content
+        and the current trust."""
         changed = False
         for name, path in files.items():
             try:
-                raw = config.read_toml(path)
+                data = config.read_settings_file(path)
+                raw = config.decode_toml(data, path)
             except SettingsError as error:
                 self.warn(f"diffu-lsp: cannot use {path}: {error.problem}. Keeping the previous settings.")
                 continue
-            if force or raw != self.file_raw.get(name):
-                self.file_raw[name] = raw
-                trusted = self.trusted_folders
-                self.set_layer(name, self.trusted_part(name, path, raw), str(path))
+            state = (raw, self.untrusted(name, path, data))
+            if force or state != self.file_state.get(name):
+                self.file_state[name] = state
+                self.set_layer(name, self.trusted_part(name, path, raw, data), str(path))
                 changed = True
-                force = force or self.trusted_folders != trusted  # re-read the workspace's file under the new trust
         return changed
 
-    def trusted_part(self, name: str, path: Path, raw: dict) -> dict:
+    def untrusted(self, name: str, path: Path, data: bytes) -> str | None:
+        """Why the settings file ``path`` (its content ``data``) may not set the PROTECTED keys, or
+        None when it may. The user's own TOML always may. A workspace's TOML may when it is a regular
+        file inside the workspace (symlinks resolved) and the user trusts it: its folder is in
+        trustedWorkspaces, or the editor trusts the folder, or the editor trusts exactly this content."""
+        if name == "user":
+            return None
+        misplaced = config.misplaced(path)
+        if misplaced:
+            return misplaced
+        folder = Path(path).parent
+        if self.workspace_trusted is True or config.is_trusted(folder, self.trusted_folders):
+            return None
+        if isinstance(self.workspace_trusted, str):
+            if hashlib.sha256(data).hexdigest() == self.workspace_trusted:
+                return None
+            return "it changed since you trusted it"
+        return "this folder is not trusted"
+
+    def trusted_part(self, name: str, path: Path, raw: dict, data: bytes | None = None) -> dict:
         """What a settings file may set. The user's TOML: everything (its ``trustedWorkspaces`` is
-        kept apart). A workspace's TOML: the PROTECTED keys only if the user trusts that folder
-        (``trustedWorkspaces`` in the user's TOML, or the editor's own workspace trust); else they
-        are dropped and reported once. A relative ``model`` path resolves against the file's folder."""
+        kept apart). A workspace's TOML (``data`` its bytes, else read again): the PROTECTED keys
+        only if :meth:`untrusted` finds no reason against, USER_ONLY keys never; what is dropped is
+        reported once, until the file is trusted again. A relative ``model`` path resolves against
+        the file's folder."""
         folder = Path(path).parent
         if name == "user":
             self.trusted_folders = config.trusted_folders(raw, folder)
             return config.model_relative_to(config.without_trust_key(raw), folder)
+        if data is None:
+            data = config.read_settings_file(path)
+        why = self.untrusted(name, path, data)
         kept, dropped = config.split_protected(raw)
-        if self.workspace_trusted is True or config.is_trusted(folder, self.trusted_folders):
-            kept, dropped = config.without_trust_key(raw), [k for k in dropped if k == config.TRUST_KEY]
-        if dropped and str(path) not in self._untrusted_reported:
-            self._untrusted_reported.add(str(path))
-            self.warn(f"diffu-lsp: ignoring {', '.join(dropped)} in {path}: this folder is not trusted, so its "
-                      "settings may not choose the model, device, engine or downloads. To trust it, add "
-                      f'trustedWorkspaces = ["{folder}"] to your own {config.user_config_file()}, or trust '
-                      "the workspace in your editor (VS Code: Workspaces: Manage Workspace Trust; "
-                      "Neovim: :trust on the file)")
+        if why is None:
+            # a later change is told again
+            self._reported = {r for r in self._reported if r[0] != str(path) or r[1] == "trusted"}
+            never = (config.TRUST_KEY, *config.USER_ONLY)
+            kept = {k: v for k, v in raw.items() if config.camel_case(str(k)) not in never}
+            dropped = [k for k in dropped if k in never]
+            if dropped:
+                self.report_once(path, "trusted", f"diffu-lsp: ignoring {', '.join(dropped)} in {path}: only your "
+                                 f"own {config.user_config_file()} may set them, even in a trusted folder.")
+        elif dropped:
+            self.report_once(path, why, f"diffu-lsp: ignoring {', '.join(dropped)} in {path}: {why}, so its settings "
+                             "may not choose the model, device, engine or downloads. " + self.how_to_trust(path, why))
         return config.model_relative_to(kept, folder)
+
+    @staticmethod
+    def how_to_trust(path: Path, why: str) -> str:
+        folder = Path(path).parent
+        if why == "it changed since you trusted it":
+            return ("They are ignored until you trust it again: review the file, then :trust it in Neovim "
+                    f'(or add trustedWorkspaces = ["{folder}"] to your own {config.user_config_file()}).')
+        if why == "this folder is not trusted":
+            return (f'To trust it, add trustedWorkspaces = ["{folder}"] to your own {config.user_config_file()}, '
+                    "or trust the workspace in your editor (VS Code: Workspaces: Manage Workspace Trust; "
+                    "Neovim: :trust on the file).")
+        return "Only a regular file inside the workspace can be trusted."
 
 
 async def watch(files: list[Path], on_change: Callable[[], None], stop: asyncio.Event) -> None:

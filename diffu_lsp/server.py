@@ -62,6 +62,7 @@ KIND_FILL_HOLES = "refactor.rewrite.diffu.fillHoles"
 KIND_COMPLETE_BLOCK = "refactor.rewrite.diffu.completeBlock"
 STATUS = "diffu/status"
 STATS = "diffu/stats"
+WORKSPACE_TRUST = "diffu/workspaceTrust"  # the editor's trust changed: {"workspaceTrusted": true | SHA-256 | false}
 
 CONFIG_SECTION = "diffu"
 
@@ -679,7 +680,7 @@ class DiffuServer(LanguageServer):
             options = options[CONFIG_SECTION]
         if isinstance(options, Mapping) and "workspaceTrusted" in options:  # the editor's workspace trust
             options = dict(options)
-            self.config.workspace_trusted = options.pop("workspaceTrusted") is True
+            self.config.set_editor_trust(options.pop("workspaceTrusted"))
         self.reload_files(force=True)
         if options is not None:
             self.set_layer("initializationOptions", _to_plain(options), "initializationOptions")
@@ -869,6 +870,16 @@ async def did_change_configuration(ls: DiffuServer, params: lsp.DidChangeConfigu
         pushed = _to_plain(params.settings)
         if isinstance(pushed, Mapping) and CONFIG_SECTION in pushed:
             ls.set_layer("configuration", pushed[CONFIG_SECTION], "workspace/didChangeConfiguration")
+
+
+@feature(WORKSPACE_TRUST)
+@guarded(None)
+def workspace_trust(ls: DiffuServer, params: Any):
+    """The editor's workspace trust changed (Neovim: :trust on the workspace's diffu-lsp.toml):
+    decide the workspace file's trust again."""
+    params = _to_plain(params)
+    ls.config.set_editor_trust(params.get("workspaceTrusted") if isinstance(params, Mapping) else None)
+    ls.reload_files()
 
 
 def nothing_here() -> lsp.InlineCompletionList:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -231,18 +232,47 @@ def workspace_config_file(root: Path) -> Path:
     return Path(root) / "diffu-lsp.toml"
 
 
-def read_toml(path: Path) -> dict:
-    """The TOML file as a dict; {} when missing. Unreadable or invalid -> SettingsError(key=path)."""
-    try:
-        data = Path(path).read_bytes()
+# A settings file larger than this is refused before it is read (they are a few lines).
+MAX_SETTINGS_BYTES = 1 << 20
+
+
+def read_settings_file(path: Path) -> bytes:
+    """The bytes of a settings file (following symlinks); b"" when missing. Anything that is not a
+    regular file (a FIFO would block the read forever), or is larger than MAX_SETTINGS_BYTES, or is
+    unreadable -> SettingsError(key=path)."""
+    try:  # non-blocking: opening a FIFO for reading would wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        return {}
+        return b""
     except OSError as e:
         raise SettingsError(str(path), f"Cannot read file: {e.strerror or e}", section="") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SettingsError(str(path), "Not a regular file", section="")
+        if st.st_size > MAX_SETTINGS_BYTES:
+            raise SettingsError(str(path), f"File too large ({st.st_size} bytes; at most {MAX_SETTINGS_BYTES})",
+                                section="")
+        try:
+            data = f.read(MAX_SETTINGS_BYTES + 1)
+        except OSError as e:
+            raise SettingsError(str(path), f"Cannot read file: {e.strerror or e}", section="") from None
+    if len(data) > MAX_SETTINGS_BYTES:
+        raise SettingsError(str(path), f"File too large (over {MAX_SETTINGS_BYTES} bytes)", section="")
+    return data
+
+
+def decode_toml(data: bytes, path: Path) -> dict:
     try:
         return msgspec.toml.decode(data)
     except msgspec.DecodeError as e:
         raise SettingsError(str(path), f"Invalid TOML: {e}", section="") from None
+
+
+def read_toml(path: Path) -> dict:
+    """The TOML file as a dict; {} when missing. Not a regular file, too large, unreadable or
+    invalid -> SettingsError(key=path)."""
+    return decode_toml(read_settings_file(path), path)
 
 
 # A workspace's own settings (its diffu-lsp.toml) may set these only when the user trusts that folder:
@@ -250,6 +280,9 @@ def read_toml(path: Path) -> dict:
 PROTECTED = ("model", "device", "engine", "engineTokenFile", "allowDownload")
 # The user's own TOML only: folders (and their subfolders) whose diffu-lsp.toml may set PROTECTED keys.
 TRUST_KEY = "trustedWorkspaces"
+# Never from a workspace's TOML, trusted or not: the token file's content is sent to the engine, so it
+# comes only from your own settings, next to the engine it is for (see token_paired).
+USER_ONLY = ("engineTokenFile",)
 
 
 def trusted_folders(user_raw: Mapping, base: Path) -> list[Path]:
@@ -265,6 +298,35 @@ def trusted_folders(user_raw: Mapping, base: Path) -> list[Path]:
 def is_trusted(folder: Path, trusted: Sequence[Path]) -> bool:
     folder = Path(folder).resolve()
     return any(folder == t or t in folder.parents for t in trusted)
+
+
+def misplaced(path: Path) -> str | None:
+    """Why a workspace's TOML ``path`` can never be trusted, or None: with symlinks resolved it must
+    be a regular file inside the workspace folder (``path``'s folder). A link to a file elsewhere
+    would carry the trust of that file's content, or of another folder."""
+    path = Path(path)
+    try:
+        real, folder = path.resolve(strict=True), path.parent.resolve(strict=True)
+        regular = stat.S_ISREG(real.stat().st_mode)
+    except (OSError, RuntimeError):  # missing, a symlink loop
+        return "it cannot be read"
+    if folder not in real.parents:
+        return f"it is a link to {real}, outside the workspace"
+    if not regular:
+        return "it is not a regular file"
+    return None
+
+
+def token_paired(layers: Sequence[Mapping], settings: Settings) -> bool:
+    """Whether ``settings.engine_token_file`` may be sent to ``settings.engine``: the layer that set
+    that token file (the last one to set it) also set that engine. A token file from one source never
+    goes to an engine another source chose."""
+    if not settings.engine_token_file:
+        return True
+    for layer in reversed(layers):
+        if layer.get("engineTokenFile") is not None:
+            return layer.get("engine") == settings.engine
+    return False
 
 
 def split_protected(raw: Mapping) -> tuple[dict, list[str]]:

@@ -11,6 +11,7 @@ CPU, so the waits are long (DIFFU_NVIM_READY_TIMEOUT / DIFFU_NVIM_REQUEST_TIMEOU
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -513,38 +514,20 @@ def test_code_actions_at_position_and_selection(editor_factory):
     assert "refactor.rewrite.diffu.completeBlock" in raw, raw
 
 
-# ---------------------------------------------------------------- workspace trust (issue #17)
+# ---------------------------------------------------------------- workspace trust (issues #17, #24)
 
-@pytest.mark.parametrize("trusted", [False, True])
-def test_workspace_toml_chooses_the_model_only_when_trusted_with_trust(tmp_path, trusted):
-    """A project's diffu-lsp.toml may set `model` only after the user ran :trust on it (Neovim's
-    vim.secure database); untrusted, the bundled model loads and one warning says how to trust."""
-    import hashlib
-    import json as _json
-
-    from nvim_helpers import READY_TIMEOUT
-
-    work = tmp_path / "work"
-    (work / "evil-model").mkdir(parents=True)
-    (work / "evil-model" / "config.json").write_text(_json.dumps({"model_type": "evil-diffusion"}))
-    toml = work / "diffu-lsp.toml"
-    toml.write_text('model = "./evil-model"\n')
-    (work / "sample.py").write_text(SAMPLE)
-    if trusted:  # what `:trust` writes: the SHA-256 of the file's content and its real path
-        db = work / ".xdg" / "state" / "nvim" / "trust"
-        db.parent.mkdir(parents=True)
-        db.write_text(f"{hashlib.sha256(toml.read_bytes()).hexdigest()} {toml.resolve()}\n")
-    nvim = start_nvim(write_init(work), work, {})
+@contextlib.contextmanager
+def trust_editor(work):
+    """Neovim in `work` with its server in the window (no shared daemon), recording what it
+    notifies (the server's window/showMessage) in _G.notified."""
+    nvim = start_nvim(write_init(work), work, {"cmd": ["diffu-lsp", "--no-daemon"]})
     try:
-        ed = Editor(nvim)
-        nvim.command(f"edit {work / 'sample.py'}")
-        status = wait_for(lambda: (ed.status() or {}).get("state") in ("ready", "error") and ed.status(),
-                          READY_TIMEOUT, what="the model to load or fail")
-        if trusted:
-            assert status["state"] == "error" and "evil-diffusion" in status["message"], status
-            assert status["model"] == str((work / "evil-model").resolve())
-        else:
-            assert status["state"] == "ready" and status["model"] == "bundled tiny model", status
+        nvim.exec_lua("""
+            _G.notified = {}
+            local notify = vim.notify
+            vim.notify = function(msg, ...) table.insert(_G.notified, msg); return notify(msg, ...) end
+        """)
+        yield nvim, Editor(nvim)
     finally:
         try:
             nvim.exec_lua("for _, c in ipairs(vim.lsp.get_clients()) do c:stop(true) end")
@@ -555,3 +538,101 @@ def test_workspace_toml_chooses_the_model_only_when_trusted_with_trust(tmp_path,
             nvim.close()
         except Exception:
             pass
+
+
+def trust(nvim, path) -> None:
+    """What a user does: open the file (as it is on disk now) and :trust it."""
+    nvim.command(f"edit {path}")
+    nvim.command("edit!")
+    nvim.command("trust")
+
+
+def settled_status(ed: Editor) -> dict:
+    from nvim_helpers import READY_TIMEOUT
+
+    return wait_for(lambda: (ed.status() or {}).get("state") in ("ready", "error") and ed.status(),
+                    READY_TIMEOUT, what="the model to load or fail")
+
+
+def evil_model(folder) -> None:
+    import json as _json
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(_json.dumps({"model_type": "evil-diffusion"}))
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_workspace_toml_chooses_the_model_only_when_trusted_with_trust(tmp_path, trusted):
+    """A project's diffu-lsp.toml may set `model` only after the user ran :trust on it (Neovim's
+    vim.secure database); untrusted, the bundled model loads and one warning says how to trust."""
+    work = tmp_path / "work"
+    evil_model(work / "evil-model")
+    toml = work / "diffu-lsp.toml"
+    toml.write_text('model = "./evil-model"\n')
+    (work / "sample.py").write_text(SAMPLE)
+    with trust_editor(work) as (nvim, ed):
+        if trusted:
+            trust(nvim, toml)
+        nvim.command(f"edit {work / 'sample.py'}")
+        status = settled_status(ed)
+        if trusted:
+            assert status["state"] == "error" and "evil-diffusion" in status["message"], status
+            assert status["model"] == str((work / "evil-model").resolve())
+        else:
+            assert status["state"] == "ready" and status["model"] == "bundled tiny model", status
+            assert [m for m in ed.lua("return _G.notified") if "this folder is not trusted" in m]
+
+
+def test_a_trusted_workspace_toml_edited_later_is_ignored_until_trusted_again(tmp_path):
+    """Finding 2 of #24: the user :trust-ed the workspace's diffu-lsp.toml; a `git pull` then points
+    engine at an attacker's URL and engineTokenFile at a secret. The change is ignored, one message
+    says so, and nothing reaches the URL; once the user :trust-s the new content the server uses that
+    engine (the client follows :trust), but never sends it the workspace's token file."""
+    from tests.test_trust import Listener, secret_file
+
+    work = tmp_path / "work"
+    work.mkdir()
+    toml = work / "diffu-lsp.toml"
+    toml.write_text('device = "cpu"\n')
+    (work / "sample.py").write_text(SAMPLE)
+    secret = secret_file(tmp_path)
+    listener = Listener()
+    with trust_editor(work) as (nvim, ed):
+        trust(nvim, toml)
+        nvim.command(f"edit {work / 'sample.py'}")
+        ed.wait_ready()
+        toml.write_text(f'device = "cpu"\nengine = "{listener.url}"\nengineTokenFile = "{secret}"\n')
+
+        def told():
+            return [m for m in ed.lua("return _G.notified") if "changed since you trusted it" in m]
+
+        wait_for(lambda: told() or listener.received, REQUEST_TIMEOUT, what="the server to read the changed file")
+        time.sleep(2)  # room for a connection the change would make
+        assert listener.received == []
+        (message,) = told()
+        assert str(toml) in message and "engine" in message and ":trust" in message
+
+        trust(nvim, toml)
+        wait_for(lambda: listener.received, REQUEST_TIMEOUT, what="the engine trusted again to be used")
+        assert b"hunter2" not in b"".join(listener.received)
+        assert len(told()) == 1
+    listener.close()
+
+
+def test_a_workspace_toml_linked_to_a_trusted_file_elsewhere_is_not_trusted(tmp_path):
+    """Finding 3 of #24: the workspace's diffu-lsp.toml is a symlink to another project's file that
+    the user trusted there; it does not inherit that trust (the model it names is not loaded, and one
+    message says why)."""
+    other = tmp_path / "other"
+    evil_model(other / "evil-model")
+    (other / "diffu-lsp.toml").write_text(f'model = "{other / "evil-model"}"\n')
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "diffu-lsp.toml").symlink_to(other / "diffu-lsp.toml")
+    (work / "sample.py").write_text(SAMPLE)
+    with trust_editor(work) as (nvim, ed):
+        trust(nvim, other / "diffu-lsp.toml")
+        nvim.command(f"edit {work / 'sample.py'}")
+        status = settled_status(ed)
+        assert status["state"] == "ready" and status["model"] == "bundled tiny model", status
+        assert [m for m in ed.lua("return _G.notified") if "outside the workspace" in m]

@@ -21,35 +21,71 @@ local function as_object(t)
   return t
 end
 
---- Whether the user trusted the workspace's diffu-lsp.toml with `:trust` (Neovim's vim.secure
---- database: the file's real path with the SHA-256 of its current content). Read only, never
---- prompts. Only a trusted workspace file may choose the model, device, engine or downloads.
-local function workspace_trusted(root)
-  local real = root and vim.uv.fs_realpath(root .. '/diffu-lsp.toml')
-  if not real then
-    return false
+local WORKSPACE_FILE = 'diffu-lsp.toml'
+local MAX_FILE_BYTES = 1024 * 1024 -- as the server: a settings file is a few lines
+
+--- The workspace's diffu-lsp.toml with symlinks resolved, when that is a regular file inside the
+--- workspace (a link to a file elsewhere would carry that file's trust); else nil: never trusted.
+local function workspace_file(root)
+  local real_root = root and vim.uv.fs_realpath(root)
+  local real = real_root and vim.uv.fs_realpath(root .. '/' .. WORKSPACE_FILE)
+  local stat = real and vim.uv.fs_stat(real)
+  if stat and stat.type == 'file' and stat.size <= MAX_FILE_BYTES
+      and vim.startswith(vim.fs.normalize(real), vim.fs.normalize(real_root) .. '/') then
+    return real
   end
-  local function read(path)
-    local f = io.open(path, 'rb')
-    if not f then
-      return nil
+end
+
+--- Your trust in the workspace's diffu-lsp.toml, as the server takes it: the SHA-256 of the content
+--- you trusted with `:trust` (Neovim's vim.secure), or false. The server compares it with the
+--- content it reads, each time it reads the file: a changed file is ignored until you `:trust` it
+--- again. vim.secure.read asks about an untrusted file, as for 'exrc'.
+local function workspace_trust(root)
+  local file = workspace_file(root)
+  local contents = file and vim.secure.read(file)
+  return type(contents) == 'string' and vim.fn.sha256(contents) or false
+end
+
+-- Per client: the watcher of Neovim's trust database and its timer.
+---@type table<integer, uv.uv_handle_t[]>
+local trust_watchers = {}
+
+--- Follow `:trust`: Neovim writes its trust database (stdpath('state')/trust, `:help trust`) each
+--- time a file is trusted, denied or removed. The client then works out its trust again and, when
+--- it changed, tells the server (diffu/workspaceTrust), which reads the file again under it.
+local function follow_trust(client)
+  local folder = vim.fn.stdpath('state')
+  vim.fn.mkdir(folder, 'p')
+  local watcher, timer = vim.uv.new_fs_event(), vim.uv.new_timer()
+  if not watcher or not timer then
+    return
+  end
+  local sent = client.config.diffu_workspace_trust
+  local function recheck()
+    if client:is_stopped() then
+      return
     end
-    local contents = f:read('*a')
-    f:close()
-    return contents
-  end
-  local contents, db = read(real), read(vim.fn.stdpath('state') .. '/trust')
-  if not contents or not db then
-    return false
-  end
-  local hash = vim.fn.sha256(contents)
-  for line in vim.gsplit(db, '\n') do
-    local h, file = line:match('^(%S+) (.+)$')
-    if file == real and h == hash then
-      return true
+    local trust = workspace_trust(client.root_dir)
+    if trust ~= sent then
+      sent = trust
+      client:notify('diffu/workspaceTrust', { workspaceTrusted = trust })
     end
   end
-  return false
+  watcher:start(folder, {}, function(err, filename)
+    if not err and vim.fs.basename(filename or '') == 'trust' then
+      timer:start(100, 0, vim.schedule_wrap(recheck)) -- the database is written in more than one step
+    end
+  end)
+  trust_watchers[client.id] = { watcher, timer }
+end
+
+local function stop_following_trust(client_id)
+  for _, handle in ipairs(trust_watchers[client_id] or {}) do
+    if not handle:is_closing() then
+      handle:close()
+    end
+  end
+  trust_watchers[client_id] = nil
 end
 
 ---@type vim.lsp.Config
@@ -77,13 +113,20 @@ return {
   before_init = function(params, config)
     config.settings = config.settings or {}
     config.settings.diffu = as_object(config.settings.diffu)
+    config.diffu_workspace_trust = workspace_trust(config.root_dir)
     params.initializationOptions =
-      vim.tbl_extend('force', {}, config.settings.diffu, { workspaceTrusted = workspace_trusted(config.root_dir) })
+      vim.tbl_extend('force', {}, config.settings.diffu, { workspaceTrusted = config.diffu_workspace_trust })
   end,
   on_init = function(client)
     -- Keep `settings.diffu` an object when the server pulls workspace/configuration.
     client.settings = client.settings or {}
     client.settings.diffu = as_object(client.settings.diffu)
+    if client.root_dir then
+      follow_trust(client)
+    end
+  end,
+  on_exit = function(_, _, client_id)
+    stop_following_trust(client_id)
   end,
   handlers = {
     -- The server reports the model's state: { state = 'loading'|'ready'|'error', model, message }.
