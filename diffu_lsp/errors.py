@@ -7,6 +7,10 @@
     ├── ModelLoadFailed     a model could not be loaded; the message says why in one line
     └── EngineUnavailable   no daemon or cluster to be had (cannot start, reach or use it)
 
+Every request is answered: a guard catches any ``BaseException`` but cancellation (asyncio's
+``CancelledError``, :class:`JobCancelled`) and :data:`EXITS`, so that e.g. the tokenizers
+library's ``PanicException`` (a ``BaseException``) fails its request instead of leaving it unanswered.
+
 Errors that arrive over the wire (daemon, cluster) are turned back into these types by the
 clients; the LSP handler guard (server.py) turns them into answers and messages. No imports from
 the package, and no torch: torch's out-of-memory error is recognised only if torch is loaded.
@@ -52,6 +56,10 @@ class OutOfMemory(DiffuError):
 
 class ModelLoadFailed(DiffuError):
     """A model could not be loaded; the message says why in one line."""
+
+
+#: Interpreter exit: passes through every guard (anything else fails only its own request).
+EXITS = (SystemExit, KeyboardInterrupt, GeneratorExit)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

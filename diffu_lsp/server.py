@@ -48,7 +48,7 @@ from .configuration import Configuration, watch
 from .documents import LspTextDocument, LspWorkspace, model_text, offset_at, position_at  # noqa: F401 - re-exported
 from .daemon import DaemonError
 from .engine import Engine, LocalEngine, ModelKey, Step
-from .errors import EngineLost, JobCancelled, first_line, is_out_of_memory
+from .errors import EXITS, EngineLost, JobCancelled, first_line, is_out_of_memory
 from .session import Session, Target, find_holes, progress_message, refine_verdict
 from .settings import Settings  # noqa: F401 - importable from here (tests use server.Settings)
 
@@ -381,7 +381,11 @@ class DiffuServer(LanguageServer):
                           "window instead", lsp.MessageType.Warning)
                 session.fall_back_to_local()
                 info = await _in_daemon_thread(loop, self._load_lock, session.engine.load, key)
-        except Exception as error:  # noqa: BLE001 - ModelLoadFailed (local, daemon, cluster), anything else
+        except asyncio.CancelledError:
+            raise
+        except EXITS:
+            raise
+        except BaseException as error:  # noqa: BLE001 - ModelLoadFailed (local, daemon, cluster), anything else
             reason = first_line(error)
             self.end_progress(token, "failed")
             if not session.load_failed(generation):
@@ -736,14 +740,15 @@ _EMPTY = object()
 
 def guarded(empty: Any = None, *, user_facing: bool = False, superseded: Any = _EMPTY):
     """An exception never escapes a handler: log it, tell the user if it is worth it, answer
-    ``empty`` (a value, or a factory). Superseded jobs answer ``superseded`` where given, else
+    ``empty`` (a value, or a factory). That holds for any ``BaseException`` but interpreter exit
+    (errors.EXITS), e.g. the tokenizers library's PanicException. Superseded jobs answer ``superseded`` where given, else
     ``empty`` (a lost engine is a failure, not a newer request); protocol errors and
     $/cancelRequest pass through. ``user_facing`` (commands): failures are shown, not just logged."""
 
     def answer_empty():
         return empty() if callable(empty) else empty
 
-    def failed(ls: DiffuServer, name: str, error: Exception):
+    def failed(ls: DiffuServer, name: str, error: BaseException):
         if is_out_of_memory(error):
             ls.session.counters["oom_failures"] += 1
             ls.show("diffu-lsp: out of memory even with a smaller hole; try a smaller model, "
@@ -770,16 +775,18 @@ def guarded(empty: Any = None, *, user_facing: bool = False, superseded: Any = _
                     if superseded is not _EMPTY and not isinstance(cancelled, EngineLost):
                         return superseded
                     return answer_empty()
-                except Exception as error:  # noqa: BLE001
+                except EXITS:
+                    raise
+                except BaseException as error:  # noqa: BLE001 - e.g. tokenizers' PanicException: still answered
                     return failed(ls, fn.__name__, error)
         else:
             @functools.wraps(fn)
             def handler(ls: DiffuServer, *args):
                 try:
                     return fn(ls, *args)
-                except JsonRpcException:
+                except (JsonRpcException, *EXITS):
                     raise
-                except Exception as error:  # noqa: BLE001
+                except BaseException as error:  # noqa: BLE001
                     return failed(ls, fn.__name__, error)
 
         return handler  # functools.wraps keeps fn's signature: pygls sees "ls" first
