@@ -388,9 +388,11 @@ class Daemon:
 
     def _load(self, key: ModelKey) -> HeldModel:
         from ..models import load_model  # torch is imported here, on the first load
+        from ..models.loading import check_checkpoint
 
-        with self._load_lock:
-            model = load_model(key.model, device=key.device, dtype=key.dtype)
+        checkpoint = check_checkpoint(key.model)  # config, weight files, sizes: a bad one fails here, lock-free
+        with self._load_lock:  # held only while the weights load
+            model = load_model(key.model, device=key.device, dtype=key.dtype, checkpoint=checkpoint)
         size = sum(t.numel() * t.element_size() for t in (*model.network.parameters(), *model.network.buffers()))
         return HeldModel(key, model, size)
 
