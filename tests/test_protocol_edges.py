@@ -264,3 +264,51 @@ def test_reading_stdin_keeps_one_thread(raw):
     raw.request(2000, "diffu/stats")
     threads = raw.answer(2000)["result"]["threads"]
     assert len([name for name in threads if name.startswith("ThreadPoolExecutor")]) == 1, threads
+
+
+PARSE_ERROR = -32700
+
+
+def test_malformed_json_gets_a_parse_error(raw):
+    """Before: pygls logged the error, showed 'Error in server' and answered nothing."""
+    raw.initialize()
+    for body in (b'{"jsonrpc": "2.0", "id": 1, "method": ', b'\xff\xfe{"a": 1}', b"[" * 100_000):
+        raw.send_bytes(body)
+        answer = raw.answer(None, timeout=30)
+        assert answer["error"]["code"] == PARSE_ERROR and answer["error"]["message"].startswith("Parse error"), answer
+    raw.request(2, "diffu/stats")
+    assert "model_state" in raw.answer(2)["result"]
+    assert not [m for m in raw.seen if m.get("method") == "window/showMessage"], raw.seen
+
+
+def test_oversized_headers_and_bodies_are_refused_and_the_server_stays_up(raw):
+    """Before: a body over the limit was read whole (a Content-Length of 50e9 ended the server
+    with MemoryError), and a header line was read whole however long it was."""
+    from diffu_lsp.server import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES
+
+    stdin = raw.proc.stdin
+    raw.initialize()
+    size = MAX_MESSAGE_BYTES + 1  # really sent: skipped in bounded reads, and the next message is read
+    stdin.write(b"Content-Length: %d\r\n\r\n" % size + b" " * size)
+    stdin.flush()
+    error = raw.answer(None, timeout=30)["error"]
+    assert error["code"] == INVALID_REQUEST and f"over the {MAX_MESSAGE_BYTES:,}-byte limit" in error["message"], error
+    raw.request(1, "diffu/stats")
+    assert "model_state" in raw.answer(1)["result"]
+
+    body = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "diffu/stats"}).encode()
+    stdin.write(b"X-Padding: " + b"x" * (4 * MAX_HEADER_BYTES) + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    stdin.flush()
+    error = raw.answer(None, timeout=30)["error"]
+    assert error["code"] == INVALID_REQUEST and "header line of" in error["message"], error
+    raw.request(3, "diffu/stats")
+    assert "model_state" in raw.answer(3)["result"]
+    assert raw.answers_to(2, 0.5) == []  # the message with the dropped header was not run
+
+    stdin.write(b"Content-Length: 50000000000\r\n\r\n{}")  # claimed, never sent
+    stdin.flush()
+    error = raw.answer(None, timeout=30)["error"]
+    assert "a message of 50,000,000,000 bytes" in error["message"], error
+    assert raw.proc.poll() is None
+    raw.close()  # the end of the input, inside the skipped body: the server exits
+    assert "MemoryError" not in raw.stderr()
