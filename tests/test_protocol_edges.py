@@ -312,3 +312,60 @@ def test_oversized_headers_and_bodies_are_refused_and_the_server_stays_up(raw):
     assert raw.proc.poll() is None
     raw.close()  # the end of the input, inside the skipped body: the server exits
     assert "MemoryError" not in raw.stderr()
+
+
+def test_incremental_edits_agree_with_pygls_and_cost_nothing_per_character(monkeypatch):
+    """didChange: the edit lands where pygls's own algorithm puts it (in every position encoding,
+    with LSP's line breaks, wide characters, columns inside a surrogate pair), a column past its
+    line's end is that end (LSP; pygls put it before the line's last character), and no Python
+    step is taken per character of the line: before, a 20 MB single-line file took seconds per
+    keystroke, a call per character to count code units."""
+    import random
+
+    from lsprotocol import types as lsp
+    from pygls.workspace import TextDocument
+    from pygls.workspace.position_codec import PositionCodec, Utf8, Utf16
+
+    from diffu_lsp.documents import LspTextDocument
+
+    def change(l1, c1, l2, c2, text):
+        return lsp.TextDocumentContentChangePartial(
+            range=lsp.Range(start=lsp.Position(line=l1, character=c1), end=lsp.Position(line=l2, character=c2)),
+            text=text)
+
+    pieces = ["ab", "😀", "é", "\r\n", "\n", "\r", "\x0c", "xyz", "中", " "]
+    rng = random.Random(24)
+    for encoding in ("utf-16", "utf-8", "utf-32"):
+        codec = PositionCodec(encoding)
+        for _ in range(300):
+            source = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+            doc = LspTextDocument("file:///t.py", source=source, position_codec=codec)
+            ref = LspTextDocument("file:///t.py", source=source, position_codec=codec)
+            lines = doc.lines
+            if not lines:
+                continue
+            spots = []
+            for _ in range(2):
+                line = rng.randrange(len(lines))
+                width = codec.client_num_units(lines[line].rstrip("\r\n"))
+                spots.append((line, rng.randint(0, width)))
+            (l1, c1), (l2, c2) = sorted(spots)
+            edit = change(l1, c1, l2, c2, rng.choice(["", "Q", "😀\n", "\r\nzz"]))
+            doc.apply_change(edit)
+            TextDocument._apply_incremental_change(ref, edit)  # pygls's own, on LSP lines
+            assert doc.source == ref.source, (encoding, source, edit)
+
+    doc = LspTextDocument("file:///p.py", source="abc\ndef")
+    doc.apply_change(change(0, 99, 0, 99, "!"))  # past the line's end: at its end
+    doc.apply_change(change(7, 0, 9, 3, "?"))  # past the document's end: at its end
+    assert doc.source == "abc!\ndef?"
+
+    calls = []
+    for unit in (Utf8, Utf16):
+        counted = unit.code_units_for_char
+        monkeypatch.setattr(unit, "code_units_for_char",
+                            lambda self, char, counted=counted: calls.append(1) or counted(self, char))
+    doc = LspTextDocument("file:///big.py", source="😀" + "x" * 1_000_000)
+    for column in (900_000, 900_001, 900_002):
+        doc.apply_change(change(0, column, 0, column + 1, "y"))
+    assert doc.source.count("y") == 3 and len(calls) < 20, len(calls)
