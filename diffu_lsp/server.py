@@ -810,9 +810,10 @@ _EMPTY = object()
 def guarded(empty: Any = None, *, user_facing: bool = False, superseded: Any = _EMPTY):
     """An exception never escapes a handler: log it, tell the user if it is worth it, answer
     ``empty`` (a value, or a factory). That holds for any ``BaseException`` but interpreter exit
-    (errors.EXITS), e.g. the tokenizers library's PanicException. Superseded jobs answer ``superseded`` where given, else
-    ``empty`` (a lost engine is a failure, not a newer request); protocol errors and
-    $/cancelRequest pass through. ``user_facing`` (commands): failures are shown, not just logged."""
+    (errors.EXITS), e.g. the tokenizers library's PanicException. Superseded jobs answer
+    ``superseded`` where given, else ``empty`` (a lost engine is a failure, not a newer request);
+    protocol errors and $/cancelRequest pass through. ``user_facing`` (commands): failures are
+    shown, not just logged."""
 
     def answer_empty():
         return empty() if callable(empty) else empty
