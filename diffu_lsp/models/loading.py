@@ -165,8 +165,9 @@ def refuse_pickled_weights(name: str) -> None:
     folder = Path(name).expanduser()
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES) if folder.is_dir() else []
     found = f"its weights are pickled ({pickled[0]}), and a pickle can run code when it is loaded. " if pickled else ""
+    where = "" if folder.is_dir() else " in the local cache (`diffu-lsp pull` fetches a hub checkpoint)"
     raise ModelLoadError(
-        f"{name!r} has no safetensors weights (model.safetensors); {found}diffu-lsp loads pickled weights "
+        f"{name!r} has no safetensors weights{where} (model.safetensors); {found}diffu-lsp loads pickled weights "
         f"only when started with --allow-pickled-weights (or {ALLOW_PICKLED_WEIGHTS}=1): convert the checkpoint "
         "to safetensors, or pass that flag if you trust it")
 
