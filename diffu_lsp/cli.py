@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tcp", metavar="HOST:PORT", help="serve over TCP on a loopback address (debugging)")
     parser.add_argument("--no-daemon", action="store_true",
                         help="hold the model in this process instead of sharing the machine's model daemon")
+    parser.add_argument("--allow-pickled-weights", action="store_true",
+                        help="also load checkpoints whose weights are pickled (.bin/.pt), which can run code when "
+                             "loaded: only for checkpoints you trust (default: safetensors only)")
     commands = parser.add_subparsers(dest="command")
 
     complete = commands.add_parser("complete", help="print the block that would be suggested at FILE:LINE:COL")
@@ -295,6 +298,8 @@ def _main(argv: list[str] | None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.allow_pickled_weights:  # read by models/loading.py, here and in the daemon this process starts
+        os.environ["DIFFU_LSP_ALLOW_PICKLED_WEIGHTS"] = "1"
     try:
         if args.command == "complete":
             return cmd_complete(args)

@@ -5,7 +5,12 @@
     │   └── EngineLost      the daemon or a cluster replica went away (or went silent) mid-job
     ├── OutOfMemory         the model ran out of memory (torch's own error is recognised too)
     ├── ModelLoadFailed     a model could not be loaded; the message says why in one line
-    └── EngineUnavailable   no daemon or cluster to be had (cannot start, reach or use it)
+    ├── EngineUnavailable   no daemon or cluster to be had (cannot start, reach or use it)
+    └── RequestTooLarge     a request over a bound (canvas, holes, selection): refused before any work
+
+Every request is answered: a guard catches any ``BaseException`` but cancellation (asyncio's
+``CancelledError``, :class:`JobCancelled`) and :data:`EXITS`, so that e.g. the tokenizers
+library's ``PanicException`` (a ``BaseException``) fails its request instead of leaving it unanswered.
 
 Errors that arrive over the wire (daemon, cluster) are turned back into these types by the
 clients; the LSP handler guard (server.py) turns them into answers and messages. No imports from
@@ -52,6 +57,15 @@ class OutOfMemory(DiffuError):
 
 class ModelLoadFailed(DiffuError):
     """A model could not be loaded; the message says why in one line."""
+
+
+class RequestTooLarge(DiffuError, ValueError):
+    """A request over one of the job path's bounds, refused before tokenizing; the message names
+    the bound."""
+
+
+#: Interpreter exit: passes through every guard (anything else fails only its own request).
+EXITS = (SystemExit, KeyboardInterrupt, GeneratorExit)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import msgspec
 
 from . import draft, infill
-from .errors import is_out_of_memory
+from .errors import RequestTooLarge, is_out_of_memory
 from .job import Answer, Replacement, Request, Step, Suggestion
 from .models import DenoiseCancelled
 from .postprocess import Context, auto_closed_tail, cut_at_stop, drop_low_confidence_tail, postprocess_text
@@ -24,6 +24,25 @@ from .settings import Settings, sampling_options
 log = logging.getLogger("diffu_lsp.features")
 
 BETWEEN_HOLES = " ┊ "  # joins the holes' drafts in a fill-holes job's streamed draft
+# Bounds checked before any tokenizing (a lower bound of the tokens from the characters), and on the
+# exact canvas before denoising: a fill-holes or refine job over a whole file tied a daemon up for
+# 46 s and 2.5 GB. The defaults make canvases of about 1,100 tokens.
+MAX_CANVAS_TOKENS = 8192  # positions of one job's canvas: context, holes and what lies between
+MAX_HOLES = 64  # holes of one fill-holes job
+
+
+def check_canvas(tokens: int, what: str, hint: str) -> None:
+    """Refuse a job whose canvas has (or, counted from characters, must have) over
+    :data:`MAX_CANVAS_TOKENS` tokens: one line naming the job, the size and what to do."""
+    if tokens > MAX_CANVAS_TOKENS:
+        raise RequestTooLarge(f"{what}: {tokens:,} tokens or more, over the {MAX_CANVAS_TOKENS:,} a job may "
+                              f"denoise at once; {hint}")
+
+
+def at_least_tokens(characters: int) -> int:
+    """The fewest tokens ``characters`` of text can be (no token covers more than
+    infill.MAX_CHARS_PER_TOKEN characters): known before tokenizing."""
+    return -(-characters // infill.MAX_CHARS_PER_TOKEN)
 
 
 def sampling_for(model, settings: Settings, **overrides) -> Sampling:
@@ -82,9 +101,11 @@ def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, b
     (diffu_lsp/draft.py), and this job's canvas is kept there for the next one, even if cancelled."""
     started = time.perf_counter()
     request = infill.build_request(text, cursor, model.encode, settings, block=block)
+    check_canvas(request.hole_tokens, "suggestion", "lower singleLineTokens, multiLineTokens or blockTokens")
     model_prefix, healed = _split_trailing_blanks(request.prefix)
     prefix_ids, suffix_ids = model.encode(model_prefix), model.encode(request.suffix)
     length = request.hole_tokens
+    check_canvas(len(prefix_ids) + length + len(suffix_ids), "suggestion", "lower prefixTokens or suffixTokens")
     hole, provisional, keep = [model.mask_token_id] * length, None, None
     if drafts is not None and settings.warm_start:
         hole_start = cursor - len(healed)
@@ -116,6 +137,11 @@ def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, ca
     holes = infill.holes_in_range(text, start, end, settings.hole_markers)
     if not holes:
         return []
+    if len(holes) > MAX_HOLES:
+        raise RequestTooLarge(f"fill holes: {len(holes):,} holes, over the {MAX_HOLES} one job fills; select fewer")
+    between = holes[-1].start - holes[0].end - sum(h.end - h.start for h in holes[1:-1])
+    check_canvas(len(holes) * settings.multi_line_tokens + at_least_tokens(between), "fill holes",
+                 "select fewer holes, closer together, or lower multiLineTokens")
     canvas = infill.fill_canvas(text, holes, model.encode, settings.multi_line_tokens,
                                 settings.prefix_tokens, settings.suffix_tokens)
     ids, hole_starts = [], []
@@ -125,6 +151,7 @@ def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, ca
             hole_starts.append(len(ids))
             ids += [model.mask_token_id] * canvas.hole_tokens[index]
     spans = list(zip(hole_starts, canvas.hole_tokens))
+    check_canvas(len(ids), "fill holes", "select fewer holes, closer together, or lower multiLineTokens")
     result = _denoise(model, ids, settings, cancel, _streamed(model, on_step, spans))
     replacements = []
     for hole, hole_start, length in zip(holes, hole_starts, canvas.hole_tokens):
@@ -143,11 +170,14 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
     it, or (`low_confidence`) as a draft, the way warm start treats the last suggestion: the tokens
     the model doubts, each scored while masked, are masked; the others stay as provisional tokens,
     re-checked every forward and masked again once the model no longer supports them."""
+    check_canvas(at_least_tokens(end - start), "refine", f"the selection has {end - start:,} characters: select less")
     prefix, selected, suffix = infill.refine_request(text, start, end, model.encode,
                                                      settings.prefix_tokens, settings.suffix_tokens)
     prefix_ids, selected_ids, suffix_ids = model.encode(prefix), model.encode(selected), model.encode(suffix)
     if not selected_ids:
         return selected
+    check_canvas(len(prefix_ids) + len(selected_ids) + max(4, len(selected_ids) // 4) + len(suffix_ids), "refine",
+                 f"the selection is {len(selected_ids):,} tokens: select less")
     provisional = None
     if settings.refine_mode == "low_confidence":
         scores = model.token_probabilities(prefix_ids, selected_ids, suffix_ids)

@@ -20,6 +20,7 @@ import dataclasses
 import contextvars
 import functools
 import ipaddress
+import json
 import logging
 import os
 import sys
@@ -48,7 +49,7 @@ from .configuration import Configuration, watch
 from .documents import LspTextDocument, LspWorkspace, model_text, offset_at, position_at  # noqa: F401 - re-exported
 from .daemon import DaemonError
 from .engine import Engine, LocalEngine, ModelKey, Step
-from .errors import EngineLost, JobCancelled, first_line, is_out_of_memory
+from .errors import EXITS, EngineLost, JobCancelled, first_line, is_out_of_memory
 from .session import Session, Target, find_holes, progress_message, refine_verdict
 from .settings import Settings  # noqa: F401 - importable from here (tests use server.Settings)
 
@@ -99,6 +100,63 @@ class _Unreadable:
     invalid_request: bool = False  # not valid JSON-RPC 2.0 (answered InvalidRequest, not InvalidParams)
 
 
+MAX_HEADER_BYTES = 8 * 1024  # one header line of a message
+MAX_MESSAGE_BYTES = 64 * 2**20  # a message's body (its Content-Length): a document over this is not opened
+PARSE_ERROR = -32700
+_REFUSED = "$diffu-lsp/refused"  # the key of what BoundedInput hands pygls in place of a refused message
+
+
+class BoundedInput:
+    """stdin as pygls reads it (``readline()`` for each header line, ``read(n)`` for a body of
+    Content-Length ``n``), with the framing bounded before anything is buffered: pygls reads a line
+    or a body whole, so a header line with no end, or a Content-Length of 50e9, ran the server out
+    of memory. A header line over :data:`MAX_HEADER_BYTES` is dropped; a body over
+    :data:`MAX_MESSAGE_BYTES`, or one after a dropped header line, is skipped in bounded reads. In
+    its place pygls gets ``{_REFUSED: reason}``, which :class:`DiffuProtocol` answers with an
+    InvalidRequest error (id null) at once, so the server stays up and says why."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.dropped = ""  # why the current message's header was dropped
+        self.skip = 0  # bytes of a refused body still to read and drop
+
+    def _drop(self, size: int) -> bool:
+        """Read and forget ``size`` bytes; False at the end of the input."""
+        while size > 0:
+            chunk = self.stream.read(min(size, 1 << 20))
+            if not chunk:
+                return False
+            size -= len(chunk)
+        return True
+
+    def readline(self) -> bytes:
+        if self.skip:
+            size, self.skip = self.skip, 0
+            if not self._drop(size):
+                return b""
+        line = self.stream.readline(MAX_HEADER_BYTES)
+        if len(line) < MAX_HEADER_BYTES or line.endswith(b"\n"):
+            return line
+        length = len(line)
+        while line and not line.endswith(b"\n"):
+            line = self.stream.readline(1 << 20)
+            length += len(line)
+        if not line:
+            return b""
+        self.dropped = f"a header line of {length:,} bytes is over the {MAX_HEADER_BYTES:,}-byte limit"
+        return b"X-Diffu-Dropped: 1\r\n"  # a header pygls ignores
+
+    def read(self, size: int) -> bytes:
+        reason, self.dropped = self.dropped, ""
+        if size > MAX_MESSAGE_BYTES:
+            reason = f"a message of {size:,} bytes (Content-Length) is over the {MAX_MESSAGE_BYTES:,}-byte limit"
+        if not reason:
+            return self.stream.read(size)
+        log.error("%s: the message is skipped", reason)
+        self.skip = size  # dropped on the next readline: the error is answered first
+        return json.dumps({_REFUSED: f"{reason}: the message was skipped"}).encode()
+
+
 class DiffuProtocol(LanguageServerProtocol):
     """pygls's protocol, except that every request is answered.
 
@@ -113,6 +171,8 @@ class DiffuProtocol(LanguageServerProtocol):
     _shutdown_requested = False
 
     def structure_message(self, data):
+        if isinstance(data, dict) and len(data) == 1 and isinstance(data.get(_REFUSED), str):  # BoundedInput's
+            return _Unreadable(None, True, None, data[_REFUSED], invalid_request=True)
         if isinstance(data, dict) and "jsonrpc" in data and "method" in data:  # a request or notification
             problem = _envelope_problem(data)
             if problem:
@@ -190,9 +250,9 @@ class DiffuProtocol(LanguageServerProtocol):
         elif future.cancel():
             log.debug("cancelled request %r", msg_id)
 
-    def _invalid_request(self, msg_id, problem: str) -> None:
+    def _invalid_request(self, msg_id, problem: str, code: int = JsonRpcInvalidRequest.CODE) -> None:
         log.warning("invalid request (id %r): %s", msg_id, problem)
-        error = {"code": JsonRpcInvalidRequest.CODE, "message": problem}
+        error = {"code": code, "message": problem}
         self._send_data({"jsonrpc": "2.0", "id": msg_id, "error": error})  # a dict: keeps "id": null
 
     @lsp_method(lsp.WORKSPACE_EXECUTE_COMMAND)
@@ -281,6 +341,15 @@ class DiffuServer(LanguageServer):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------ messages
+
+    def report_server_error(self, error: Exception, source) -> None:
+        """pygls's reader hands us the error of a body that is not JSON (or not UTF-8, or nested
+        past the parser's depth): JSON-RPC answers it with a Parse error (id null). pygls's own
+        answer is a showMessage popup and no response."""
+        if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, RecursionError)):
+            self.protocol._invalid_request(None, f"Parse error: {first_line(error)}", PARSE_ERROR)
+            return
+        super().report_server_error(error, source)
 
     def status(self, state: str, label: str, message: str = "") -> None:
         self.session.set_state(state, message)
@@ -382,7 +451,11 @@ class DiffuServer(LanguageServer):
                           "window instead", lsp.MessageType.Warning)
                 session.fall_back_to_local()
                 info = await _in_daemon_thread(loop, self._load_lock, session.engine.load, key)
-        except Exception as error:  # noqa: BLE001 - ModelLoadFailed (local, daemon, cluster), anything else
+        except asyncio.CancelledError:
+            raise
+        except EXITS:
+            raise
+        except BaseException as error:  # noqa: BLE001 - ModelLoadFailed (local, daemon, cluster), anything else
             reason = first_line(error)
             self.end_progress(token, "failed")
             if not session.load_failed(generation):
@@ -737,14 +810,16 @@ _EMPTY = object()
 
 def guarded(empty: Any = None, *, user_facing: bool = False, superseded: Any = _EMPTY):
     """An exception never escapes a handler: log it, tell the user if it is worth it, answer
-    ``empty`` (a value, or a factory). Superseded jobs answer ``superseded`` where given, else
-    ``empty`` (a lost engine is a failure, not a newer request); protocol errors and
-    $/cancelRequest pass through. ``user_facing`` (commands): failures are shown, not just logged."""
+    ``empty`` (a value, or a factory). That holds for any ``BaseException`` but interpreter exit
+    (errors.EXITS), e.g. the tokenizers library's PanicException. Superseded jobs answer
+    ``superseded`` where given, else ``empty`` (a lost engine is a failure, not a newer request);
+    protocol errors and $/cancelRequest pass through. ``user_facing`` (commands): failures are
+    shown, not just logged."""
 
     def answer_empty():
         return empty() if callable(empty) else empty
 
-    def failed(ls: DiffuServer, name: str, error: Exception):
+    def failed(ls: DiffuServer, name: str, error: BaseException):
         if is_out_of_memory(error):
             ls.session.counters["oom_failures"] += 1
             ls.show("diffu-lsp: out of memory even with a smaller hole; try a smaller model, "
@@ -771,16 +846,18 @@ def guarded(empty: Any = None, *, user_facing: bool = False, superseded: Any = _
                     if superseded is not _EMPTY and not isinstance(cancelled, EngineLost):
                         return superseded
                     return answer_empty()
-                except Exception as error:  # noqa: BLE001
+                except EXITS:
+                    raise
+                except BaseException as error:  # noqa: BLE001 - e.g. tokenizers' PanicException: still answered
                     return failed(ls, fn.__name__, error)
         else:
             @functools.wraps(fn)
             def handler(ls: DiffuServer, *args):
                 try:
                     return fn(ls, *args)
-                except JsonRpcException:
+                except (JsonRpcException, *EXITS):
                     raise
-                except Exception as error:  # noqa: BLE001
+                except BaseException as error:  # noqa: BLE001
                     return failed(ls, fn.__name__, error)
 
         return handler  # functools.wraps keeps fn's signature: pygls sees "ls" first
@@ -1042,5 +1119,5 @@ def serve(*, model: str | None = None, device: str | None = None, dtype: str | N
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
         sys.stdout = sys.stderr
         log.info("diffu-lsp %s on stdio", __version__)
-        server.start_io(sys.stdin.buffer, protocol_out)
+        server.start_io(BoundedInput(sys.stdin.buffer), protocol_out)
     return 0 if server.protocol._shutdown else 1  # pygls exposes no public "shutdown was requested"

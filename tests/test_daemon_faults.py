@@ -4,6 +4,7 @@ or was missing) before the never-hang work."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -231,3 +232,102 @@ async def test_out_of_memory_retries_in_the_daemon_reach_the_window(tmp_path, mo
         await asyncio.wait_for(serving, 10)
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().remove_signal_handler(sig)
+
+
+class Panic(BaseException):
+    """What the tokenizers library raises on some inputs (pyo3's PanicException): no Exception."""
+
+
+@contextlib.asynccontextmanager
+async def daemon_in_this_process(tmp_path):
+    """A daemon serving on its own runtime folder from this test's event loop, holding a stand-in
+    for the bundled model (the tests patch features.run, the one job path)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from diffu_lsp.daemon import Paths, private_folder
+    from diffu_lsp.daemon.host import Daemon, HeldModel
+
+    paths = Paths(tmp_path / "run")
+    private_folder(paths.folder)
+    daemon = Daemon(paths, idle_seconds=0)
+    fake = SimpleNamespace(family="dream", device="cpu", max_length=512, parameter_count=1, load_seconds=0.0)
+    daemon.models[BUNDLED] = HeldModel(BUNDLED, fake, 0)
+    serving = asyncio.ensure_future(daemon.serve())
+    try:
+        await asyncio.to_thread(wait_for, lambda: paths.socket.exists(), "the socket", 10)
+        yield daemon, paths
+    finally:
+        daemon._stop.set()
+        await asyncio.wait_for(serving, 10)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().remove_signal_handler(sig)
+
+
+@pytest.mark.asyncio
+async def test_a_job_raising_a_base_exception_is_answered_and_the_daemon_goes_on(tmp_path, monkeypatch):
+    # Before: run_job caught Exception only, so a Panic left the Submit unanswered for ever (and
+    # the window's pings, still answered, kept its deadline from firing).
+    import asyncio
+
+    from diffu_lsp import features
+
+    calls = []
+
+    def run(model, request, **job_options):
+        calls.append(1)
+        if len(calls) == 1:
+            raise Panic("called `Option::unwrap()` on a `None` value")
+        return Suggestion("x", 0, False, 1, 16, 0.0)
+
+    monkeypatch.setattr(features, "run", run)
+
+    def window(paths) -> list:
+        with raw_window(paths) as raw:
+            raw.settimeout(10)
+            raw.sendall(wire.encode(wire.Submit(1, "doc", BUNDLED, suggest_request())))
+            first = wire.read_frame(raw)
+            raw.sendall(wire.encode(wire.Submit(2, "doc", BUNDLED, suggest_request())))
+            return [first, wire.read_frame(raw)]
+
+    async with daemon_in_this_process(tmp_path) as (daemon, paths):
+        first, second = await asyncio.to_thread(window, paths)
+    assert isinstance(first, wire.Failed) and first.id == 1 and first.kind == "error", first
+    assert "Option::unwrap()" in first.message
+    assert isinstance(second, wire.Result) and second.id == 2 and second.value.text == "x", second
+
+
+@pytest.mark.asyncio
+async def test_a_window_that_reads_nothing_is_dropped_at_the_write_deadline(tmp_path, monkeypatch):
+    # Before: the deadline queued an Error frame and closed the writer, which waits for its buffer
+    # to flush: the socket stayed open (and the connection counted) for as long as the window did.
+    import asyncio
+    import select
+
+    from diffu_lsp.daemon import host
+
+    monkeypatch.setattr(host, "WRITE_SECONDS", 1.0)
+
+    def stall(paths) -> tuple[bool, float]:
+        raw = raw_window(paths)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(0.2)
+        query = wire.encode(wire.StatusQuery())
+        t0 = time.monotonic()
+        try:  # ask and never read, until the daemon stops reading from us
+            while time.monotonic() - t0 < 30:
+                raw.sendall(query * 64)
+        except (socket.timeout, BrokenPipeError, ConnectionResetError):
+            pass
+        poll = select.poll()
+        poll.register(raw, select.POLLRDHUP)
+        hung_up = bool(poll.poll(10_000))  # the daemon closed its end (nothing read here meanwhile)
+        raw.close()
+        return hung_up, time.monotonic() - t0
+
+    async with daemon_in_this_process(tmp_path) as (daemon, paths):
+        hung_up, seconds = await asyncio.to_thread(stall, paths)
+        assert hung_up, "the daemon kept the stalled window's socket open"
+        await asyncio.to_thread(wait_for, lambda: daemon._connections == 0 and not daemon.clients,
+                                "the connection to be counted out", 10)
+        assert seconds < 30

@@ -490,3 +490,32 @@ async def test_close_with_jobs_in_flight(make_sched):
     assert st["pending"] == 0 and st["started"] == 1 and st["never_ran"] == 7
     assert sched.record(running.id).forwards_after_cancel <= 1
     await sched.close()  # idempotent
+
+
+async def test_the_handler_guard_answers_a_base_exception_but_lets_exit_through(make_sched):
+    """A job raising a BaseException that is not an Exception (the tokenizers library's
+    PanicException) reaches the handler through the scheduler; the guard answers the request
+    (before: it escaped, and pygls never answered). Cancellation and interpreter exit pass."""
+    from types import SimpleNamespace
+
+    from diffu_lsp.server import guarded
+
+    sched = make_sched(debounce_s=0)
+    shown = []
+    ls = SimpleNamespace(show=lambda message, kind: shown.append(message),
+                         log_client=lambda message, kind=None: shown.append(message),
+                         session=SimpleNamespace(counters={"oom_failures": 0}))
+
+    @guarded(lambda: {"applied": False}, user_facing=True)
+    async def command(ls, exc):
+        return await sched.submit("doc", raising(exc))
+
+    assert await command(ls, Boom("called `Option::unwrap()` on a `None` value")) == {"applied": False}
+    assert len(shown) == 1 and "Boom" in shown[0] and "Option::unwrap()" in shown[0], shown
+    with pytest.raises(SystemExit):
+        await command(ls, SystemExit(3))
+    with pytest.raises(KeyboardInterrupt):
+        await command(ls, KeyboardInterrupt())
+    assert await command(ls, JobCancelled("superseded")) == {"applied": False}
+    assert len(shown) == 1  # neither the exits nor the cancel were reported as failures
+    assert await sched.submit("doc", denoise(1, "still serving")) == "still serving"

@@ -264,3 +264,108 @@ def test_reading_stdin_keeps_one_thread(raw):
     raw.request(2000, "diffu/stats")
     threads = raw.answer(2000)["result"]["threads"]
     assert len([name for name in threads if name.startswith("ThreadPoolExecutor")]) == 1, threads
+
+
+PARSE_ERROR = -32700
+
+
+def test_malformed_json_gets_a_parse_error(raw):
+    """Before: pygls logged the error, showed 'Error in server' and answered nothing."""
+    raw.initialize()
+    for body in (b'{"jsonrpc": "2.0", "id": 1, "method": ', b'\xff\xfe{"a": 1}', b"[" * 100_000):
+        raw.send_bytes(body)
+        answer = raw.answer(None, timeout=30)
+        assert answer["error"]["code"] == PARSE_ERROR and answer["error"]["message"].startswith("Parse error"), answer
+    raw.request(2, "diffu/stats")
+    assert "model_state" in raw.answer(2)["result"]
+    assert not [m for m in raw.seen if m.get("method") == "window/showMessage"], raw.seen
+
+
+def test_oversized_headers_and_bodies_are_refused_and_the_server_stays_up(raw):
+    """Before: a body over the limit was read whole (a Content-Length of 50e9 ended the server
+    with MemoryError), and a header line was read whole however long it was."""
+    from diffu_lsp.server import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES
+
+    stdin = raw.proc.stdin
+    raw.initialize()
+    size = MAX_MESSAGE_BYTES + 1  # really sent: skipped in bounded reads, and the next message is read
+    stdin.write(b"Content-Length: %d\r\n\r\n" % size + b" " * size)
+    stdin.flush()
+    error = raw.answer(None, timeout=30)["error"]
+    assert error["code"] == INVALID_REQUEST and f"over the {MAX_MESSAGE_BYTES:,}-byte limit" in error["message"], error
+    raw.request(1, "diffu/stats")
+    assert "model_state" in raw.answer(1)["result"]
+
+    body = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "diffu/stats"}).encode()
+    stdin.write(b"X-Padding: " + b"x" * (4 * MAX_HEADER_BYTES) + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    stdin.flush()
+    error = raw.answer(None, timeout=30)["error"]
+    assert error["code"] == INVALID_REQUEST and "header line of" in error["message"], error
+    raw.request(3, "diffu/stats")
+    assert "model_state" in raw.answer(3)["result"]
+    assert raw.answers_to(2, 0.5) == []  # the message with the dropped header was not run
+
+    stdin.write(b"Content-Length: 50000000000\r\n\r\n{}")  # claimed, never sent
+    stdin.flush()
+    error = raw.answer(None, timeout=30)["error"]
+    assert "a message of 50,000,000,000 bytes" in error["message"], error
+    assert raw.proc.poll() is None
+    raw.close()  # the end of the input, inside the skipped body: the server exits
+    assert "MemoryError" not in raw.stderr()
+
+
+def test_incremental_edits_agree_with_pygls_and_cost_nothing_per_character(monkeypatch):
+    """didChange: the edit lands where pygls's own algorithm puts it (in every position encoding,
+    with LSP's line breaks, wide characters, columns inside a surrogate pair), a column past its
+    line's end is that end (LSP; pygls put it before the line's last character), and no Python
+    step is taken per character of the line: before, a 20 MB single-line file took seconds per
+    keystroke, a call per character to count code units."""
+    import random
+
+    from lsprotocol import types as lsp
+    from pygls.workspace import TextDocument
+    from pygls.workspace.position_codec import PositionCodec, Utf8, Utf16
+
+    from diffu_lsp.documents import LspTextDocument
+
+    def change(l1, c1, l2, c2, text):
+        return lsp.TextDocumentContentChangePartial(
+            range=lsp.Range(start=lsp.Position(line=l1, character=c1), end=lsp.Position(line=l2, character=c2)),
+            text=text)
+
+    pieces = ["ab", "😀", "é", "\r\n", "\n", "\r", "\x0c", "xyz", "中", " "]
+    rng = random.Random(24)
+    for encoding in ("utf-16", "utf-8", "utf-32"):
+        codec = PositionCodec(encoding)
+        for _ in range(300):
+            source = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+            doc = LspTextDocument("file:///t.py", source=source, position_codec=codec)
+            ref = LspTextDocument("file:///t.py", source=source, position_codec=codec)
+            lines = doc.lines
+            if not lines:
+                continue
+            spots = []
+            for _ in range(2):
+                line = rng.randrange(len(lines))
+                width = codec.client_num_units(lines[line].rstrip("\r\n"))
+                spots.append((line, rng.randint(0, width)))
+            (l1, c1), (l2, c2) = sorted(spots)
+            edit = change(l1, c1, l2, c2, rng.choice(["", "Q", "😀\n", "\r\nzz"]))
+            doc.apply_change(edit)
+            TextDocument._apply_incremental_change(ref, edit)  # pygls's own, on LSP lines
+            assert doc.source == ref.source, (encoding, source, edit)
+
+    doc = LspTextDocument("file:///p.py", source="abc\ndef")
+    doc.apply_change(change(0, 99, 0, 99, "!"))  # past the line's end: at its end
+    doc.apply_change(change(7, 0, 9, 3, "?"))  # past the document's end: at its end
+    assert doc.source == "abc!\ndef?"
+
+    calls = []
+    for unit in (Utf8, Utf16):
+        counted = unit.code_units_for_char
+        monkeypatch.setattr(unit, "code_units_for_char",
+                            lambda self, char, counted=counted: calls.append(1) or counted(self, char))
+    doc = LspTextDocument("file:///big.py", source="😀" + "x" * 1_000_000)
+    for column in (900_000, 900_001, 900_002):
+        doc.apply_change(change(0, column, 0, column + 1, "y"))
+    assert doc.source.count("y") == 3 and len(calls) < 20, len(calls)

@@ -12,7 +12,8 @@ Bad frames, wrong versions and huge lengths get an :class:`~wire.Error` frame an
 connection; other connections are untouched. Every wait on a client is bounded: a peer of another
 uid is refused, the Hello must come within :data:`HANDSHAKE_SECONDS`, a frame's body within
 :data:`FRAME_SECONDS` of its header, at most :data:`MAX_CONNECTIONS` connections are open, and a
-client that does not read its answers is dropped once :data:`MAX_WRITE_BUFFER` bytes wait for it.
+client that does not read its answers is dropped (its transport aborted) when they have waited
+:data:`WRITE_SECONDS`, or at once when :data:`MAX_WRITE_BUFFER` bytes wait for it.
 Log lines are rate-limited. If the socket vanishes (the runtime folder was deleted) the daemon
 takes the folder back within :data:`WATCH_SECONDS`, or exits if another daemon took it.
 """
@@ -39,6 +40,7 @@ import msgspec
 from .. import __version__
 from ..draft import Drafts
 from ..engine import ModelInfo, ModelKey, first_line, is_oom, model_info
+from ..errors import EXITS
 from ..jobs import Job, JobCancelled, Scheduler
 from . import DaemonError, Paths, open_private, peer_uid, private_folder, runtime_paths
 from . import wire
@@ -71,16 +73,38 @@ class Client:
     writer: asyncio.StreamWriter
     jobs: dict[int, Job] = field(default_factory=dict)  # request id -> scheduler job, oldest first
     tasks: dict[int, asyncio.Task] = field(default_factory=dict)
+    write_watch: asyncio.Task | None = None  # waits for answers stuck in the buffer to go out
 
     def send(self, message) -> None:
         if self.writer.is_closing():
             return
-        if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             log.warning("window %d reads none of its answers (%d MiB waiting): dropping it", self.id,
                         MAX_WRITE_BUFFER // 2**20)
-            self.writer.transport.abort()
+            transport.abort()
             return
         self.writer.write(wire.encode(message))
+        if self.write_watch is None and transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+            self.write_watch = asyncio.ensure_future(self.drained_in_time())
+
+    async def drained_in_time(self) -> bool:
+        """Wait (at most :data:`WRITE_SECONDS`) for the answers to go out; a window that reads
+        none of them in that time is dropped: its transport is aborted at once, buffer and all
+        (closing it would wait for the buffer to flush, for ever), so its socket and its slot
+        among :data:`MAX_CONNECTIONS` are freed."""
+        try:
+            await asyncio.wait_for(self.writer.drain(), WRITE_SECONDS)
+            return True
+        except asyncio.TimeoutError:
+            log.warning("window %d: read none of its answers for %.0f s: dropping it", self.id, WRITE_SECONDS)
+            self.writer.transport.abort()
+            return False
+        except (ConnectionError, OSError):
+            return False
+        finally:
+            if self.write_watch is asyncio.current_task():
+                self.write_watch = None
 
 
 class Daemon:
@@ -200,20 +224,24 @@ class Daemon:
             log.info("window %d connected (pid %d); %d connected", client.id, hello.pid, len(self.clients))
             while True:
                 self.dispatch(client, await read_message(reader))
-                try:
-                    await asyncio.wait_for(writer.drain(), WRITE_SECONDS)
-                except asyncio.TimeoutError:
-                    raise wire.FrameError(f"the window read none of its answers for {WRITE_SECONDS:.0f} s") from None
+                if not await client.drained_in_time():  # no more requests from a window that reads no answers
+                    return
         except wire.FrameError as error:
             log.warning("window %d: %s", client.id, error)
             client.send(wire.Error(str(error)))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the window went away
-        except Exception:  # noqa: BLE001 - one connection's failure never takes the daemon down
+        except asyncio.CancelledError:
+            raise
+        except EXITS:
+            raise
+        except BaseException:  # noqa: BLE001 - one connection's failure never takes the daemon down
             log.exception("window %d: unexpected error", client.id)
         finally:
-            self._connections -= 1
-            await self.disconnect(client)
+            try:
+                await self.disconnect(client)
+            finally:
+                self._connections -= 1  # counted until its socket is closed
 
     async def disconnect(self, client: Client) -> None:
         for job in list(client.jobs.values()):
@@ -223,9 +251,13 @@ class Daemon:
         if self.clients.pop(client.id, None) is not None:
             log.info("window %d disconnected; %d connected", client.id, len(self.clients))
         self._arm_idle_timer()
+        if client.write_watch is not None:
+            client.write_watch.cancel()
         try:
-            client.writer.close()
-            await client.writer.wait_closed()
+            client.writer.close()  # flushes what is buffered first: bounded, then aborted
+            await asyncio.wait_for(client.writer.wait_closed(), WRITE_SECONDS)
+        except asyncio.TimeoutError:
+            client.writer.transport.abort()
         except (ConnectionError, OSError):
             pass
 
@@ -269,7 +301,9 @@ class Daemon:
         except asyncio.CancelledError:
             client.send(wire.Failed(message.id, "cancelled", "cancelled while loading"))
             return
-        except Exception as error:  # noqa: BLE001 - ModelLoadError and friends: the window shows it
+        except EXITS:
+            raise
+        except BaseException as error:  # noqa: BLE001 - ModelLoadError and friends: the window shows it
             client.send(wire.Failed(message.id, "oom" if is_oom(error) else "error", first_line(error)))
             return
         client.send(wire.Loaded(message.id, info))
@@ -281,7 +315,9 @@ class Daemon:
         except asyncio.CancelledError:
             client.send(wire.Failed(message.id, "cancelled", "cancelled while its model loaded"))
             return
-        except Exception as error:  # noqa: BLE001
+        except EXITS:
+            raise
+        except BaseException as error:  # noqa: BLE001
             client.send(wire.Failed(message.id, "error", f"loading the model failed: {first_line(error)}"))
             return
         pending = [job for job in client.jobs.values() if not job.done()]  # oldest first
@@ -318,7 +354,9 @@ class Daemon:
                                     job.token.forwards_after_cancel))
         except asyncio.CancelledError:
             job.cancel("the window disconnected")
-        except Exception as error:  # noqa: BLE001 - the job failed; the daemon goes on
+        except EXITS:
+            raise
+        except BaseException as error:  # noqa: BLE001 - the job failed (a PanicException too); the daemon goes on
             log.warning("job %d of window %d failed: %r", message.id, client.id, error)
             client.send(wire.Failed(message.id, "oom" if is_oom(error) else "error", first_line(error),
                                     job.token.forwards))
@@ -350,9 +388,11 @@ class Daemon:
 
     def _load(self, key: ModelKey) -> HeldModel:
         from ..models import load_model  # torch is imported here, on the first load
+        from ..models.loading import check_checkpoint
 
-        with self._load_lock:
-            model = load_model(key.model, device=key.device, dtype=key.dtype)
+        checkpoint = check_checkpoint(key.model)  # config, weight files, sizes: a bad one fails here, lock-free
+        with self._load_lock:  # held only while the weights load
+            model = load_model(key.model, device=key.device, dtype=key.dtype, checkpoint=checkpoint)
         size = sum(t.numel() * t.element_size() for t in (*model.network.parameters(), *model.network.buffers()))
         return HeldModel(key, model, size)
 

@@ -6,12 +6,20 @@ Families are told apart by `config.json` alone and never by running a checkpoint
 - plain `qwen2` diffusion checkpoints (Open-dCoder style): mask token from the tokenizer, shifted.
 - LLaDA: `model_type "llada"`, OLMo-style keys remapped onto Llama, no shift.
 The bundled tiny model is a Dream-format folder inside the package.
+
+Before anything is built (:func:`check_checkpoint`, cheap and outside any load lock): weights must be
+safetensors (a pickle can run code when it is loaded) unless pickled weights are allowed
+explicitly (:data:`ALLOW_PICKLED_WEIGHTS`), and config.json's sizes must be within
+:data:`CONFIG_BOUNDS` and describe no more parameters than the safetensors headers hold.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import struct
 import time
 from pathlib import Path
 
@@ -105,6 +113,139 @@ def _fetcher(name_or_path: str):
     return lambda name: cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
 
 
+ALLOW_PICKLED_WEIGHTS = "DIFFU_LSP_ALLOW_PICKLED_WEIGHTS"  # "1": load pickled weights (CLI --allow-pickled-weights)
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors format's own limit
+# Far above every supported checkpoint (Dream 7B: 28 layers, hidden 3584, vocab 152064, 131072 positions).
+CONFIG_BOUNDS = {"num_hidden_layers": 1024, "hidden_size": 65536, "intermediate_size": 1 << 20,
+                 "num_attention_heads": 1024, "num_key_value_heads": 1024, "vocab_size": 1 << 22,
+                 "max_position_embeddings": 1 << 24}
+_LAYER_INDEX = re.compile(r"\.(?:layers|blocks)\.(\d+)\.")
+
+
+def pickled_weights_allowed() -> bool:
+    """Whoever starts diffu-lsp says so (``--allow-pickled-weights``, or the environment variable
+    :data:`ALLOW_PICKLED_WEIGHTS` set to 1); no settings layer can, a workspace's least of all."""
+    return os.environ.get(ALLOW_PICKLED_WEIGHTS) == "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint checked before anything is built: its config, family and weight files."""
+
+    name: str
+    config: dict
+    family: str
+    safetensors: tuple[str, ...]  # local paths; empty when pickled weights are allowed and used
+
+    @property
+    def load_options(self) -> dict:
+        """from_pretrained's options for the weights: safetensors only, or (allowed) pickles
+        through torch's restricted unpickler, pinned here rather than left to a default."""
+        return {"use_safetensors": True} if self.safetensors else {"use_safetensors": False, "weights_only": True}
+
+
+def safetensors_files(name: str, fetch) -> tuple[str, ...]:
+    """The checkpoint's safetensors files (one, or the shards of its index); () when it has none."""
+    index = fetch("model.safetensors.index.json")
+    if index:
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        paths = tuple(fetch(shard) for shard in shards)
+        if not shards or not all(paths):
+            raise ModelLoadError(f"cannot load the weights of {name!r}: model.safetensors.index.json names "
+                                 "shards that are not there")
+        return paths
+    single = fetch("model.safetensors")
+    return (single,) if single else ()
+
+
+def refuse_pickled_weights(name: str) -> None:
+    """The error for a checkpoint without safetensors weights, naming its pickled file if it is a folder."""
+    folder = Path(name).expanduser()
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES) if folder.is_dir() else []
+    found = f"its weights are pickled ({pickled[0]}), and a pickle can run code when it is loaded. " if pickled else ""
+    where = "" if folder.is_dir() else " in the local cache (`diffu-lsp pull` fetches a hub checkpoint)"
+    raise ModelLoadError(
+        f"{name!r} has no safetensors weights{where} (model.safetensors); {found}diffu-lsp loads pickled weights "
+        f"only when started with --allow-pickled-weights (or {ALLOW_PICKLED_WEIGHTS}=1): convert the checkpoint "
+        "to safetensors, or pass that flag if you trust it")
+
+
+def safetensors_shapes(name: str, path: str) -> dict[str, list[int]]:
+    """Tensor name -> shape, from a safetensors file's header alone (no tensor is read)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < size <= MAX_SAFETENSORS_HEADER:
+            raise ModelLoadError(f"cannot load the weights of {name!r}: {Path(path).name} is not a safetensors file")
+        try:
+            header = json.loads(f.read(size))
+            return {key: [int(n) for n in entry["shape"]] for key, entry in header.items() if key != "__metadata__"}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise ModelLoadError(f"cannot load the weights of {name!r}: {Path(path).name} has a malformed "
+                                 "safetensors header") from None
+
+
+def check_sizes(name: str, network_config, shapes: dict[str, list[int]]) -> None:
+    """config.json's sizes within :data:`CONFIG_BOUNDS`, its layers those the weights have, and the
+    parameters it describes not many more than they hold: nothing is built from a config that
+    would take minutes and gigabytes to make what the weights cannot fill."""
+    sizes = {}
+    for field, bound in CONFIG_BOUNDS.items():
+        value = getattr(network_config, field, None)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= bound:
+            raise ModelLoadError(f"{name!r}: config.json's {field} is {value!r}; expected a whole number from 1 "
+                                 f"to {bound:,}")
+        sizes[field] = value
+    if not shapes:
+        return  # pickled weights (allowed): nothing to compare with before loading them
+    layers = {int(m.group(1)) for key in shapes if (m := _LAYER_INDEX.search(key))}
+    if layers and sizes["num_hidden_layers"] > len(layers):
+        raise ModelLoadError(f"{name!r}: config.json's num_hidden_layers is {sizes['num_hidden_layers']:,} but its "
+                             f"weights have {len(layers)} layers")
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    head_dim = getattr(network_config, "head_dim", None) or hidden // heads
+    attention = hidden * head_dim * 2 * (heads + sizes["num_key_value_heads"])
+    per_layer = attention + 3 * hidden * sizes["intermediate_size"]
+    tied = bool(getattr(network_config, "tie_word_embeddings", False))
+    described = sizes["num_hidden_layers"] * per_layer + sizes["vocab_size"] * hidden * (1 if tied else 2)
+    stored = sum(_product(shape) for shape in shapes.values())
+    if described > 1.5 * stored + 1_000_000:
+        raise ModelLoadError(f"{name!r}: config.json describes about {described:,} parameters, its weights hold "
+                             f"{stored:,}: check hidden_size, intermediate_size, vocab_size and the layer count")
+
+
+def _product(shape: list[int]) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
+
+
+def check_checkpoint(name_or_path: str | Path | None) -> Checkpoint:
+    """Read and check a checkpoint before loading it: config.json, its family, its weight files
+    (safetensors unless pickles are allowed) and their headers against the config. Cheap: no
+    weights are read, so the daemon does it outside its load lock."""
+    name = str(name_or_path) if name_or_path is not None else str(BUNDLED_MODEL)
+    config = read_config(name)
+    family = detect_family(config)
+    fetch = _fetcher(name)
+    files = safetensors_files(name, fetch)
+    if not files and not pickled_weights_allowed():
+        refuse_pickled_weights(name)
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        shapes.update(safetensors_shapes(name, path))
+    try:
+        network_config = llama_config_for_llada(config) if family == "llada" else qwen2_config_for_dream(config)
+    except Exception as error:  # noqa: BLE001 - missing keys, wrong types (transformers' strict dataclasses), ...
+        raise ModelLoadError(f"{name!r}: config.json does not describe a {family} network: "
+                             f"{type(error).__name__}: {error}".splitlines()[0]) from None
+    check_sizes(name, network_config, shapes)
+    return Checkpoint(name, config, family, files)
+
+
 def read_config(name_or_path: str) -> dict:
     try:
         path = _fetcher(name_or_path)("config.json")
@@ -196,24 +337,26 @@ def generation_defaults(fetch) -> dict:
     return defaults
 
 
-def load_model(name_or_path: str | Path | None = None, device=None, dtype=None) -> DiffusionModel:
+def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, *,
+               checkpoint: Checkpoint | None = None) -> DiffusionModel:
     """Load a diffusion code model. None = the bundled tiny model; else a local folder or hub id.
 
     device: None/"auto" (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:1", "mps".
     dtype: None/"auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16".
+    checkpoint: :func:`check_checkpoint`'s result when the caller checked it already.
     Raises ModelLoadError with a one-line reason on any failure.
     """
     started = time.perf_counter()
     name = str(name_or_path) if name_or_path is not None else str(BUNDLED_MODEL)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    config = read_config(name)
-    family = detect_family(config)
+    checkpoint = checkpoint if checkpoint is not None and checkpoint.name == name else check_checkpoint(name)
+    config, family = checkpoint.config, checkpoint.family
     try:
         tokenizer = load_tokenizer(_fetcher(name))
     except Exception as error:
         raise ModelLoadError(f"cannot build the tokenizer of {name!r}: {error}") from error
-    load = dict(dtype=dtype, trust_remote_code=False, output_loading_info=True)
+    load = dict(dtype=dtype, trust_remote_code=False, output_loading_info=True, **checkpoint.load_options)
     try:
         if family == "dream":
             network, info = Qwen2ForCausalLM.from_pretrained(name, config=qwen2_config_for_dream(config), **load)
