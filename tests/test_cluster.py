@@ -464,14 +464,19 @@ def test_requests_without_the_token_are_refused_before_they_reach_a_replica(clus
     assert flood not in text
 
 
-def test_a_body_that_is_not_a_job_gets_400(cluster):
-    """#24 finding 7: undecodable bodies (not JSON, not UTF-8, JSON of the wrong shape) get 400, not 500."""
+def test_a_body_that_is_not_a_job_gets_400_and_one_too_big_413(cluster):
+    """#24 finding 7: undecodable bodies (not JSON, not UTF-8, JSON of the wrong shape) get 400, not
+    500; a body announced bigger than 16 MiB gets 413 before any of it is read."""
     for body in (b"\xff\xfe{not json", b'{"key": 1, "request": {}}', b"[]"):
         call = urllib.request.Request(URL + "/job", data=body, method="POST",
                                       headers={"Authorization": f"Bearer {read_token()}"})
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(call, timeout=30)
         assert refused.value.code == 400, refused.value.read()
+    with socket.create_connection(("127.0.0.1", PORT), timeout=5) as sock:
+        sock.sendall(f"POST /job HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {read_token()}\r\n"
+                     f"Content-Length: {16 * 1024 * 1024 + 1}\r\n\r\n".encode())
+        assert sock.recv(100).startswith(b"HTTP/1.1 413")
 
 
 def test_clients_that_never_send_their_body_hold_no_replica_and_get_408(cluster):
