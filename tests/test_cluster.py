@@ -1,20 +1,27 @@
 """The cluster runner against a real local Ray (a head started by `cluster start`, 2 replicas of the
 bundled model, half a CPU each): LSP servers through it, the token, cancellation reaching the
-replica, a replica SIGKILLed mid-job, and `cluster stop` leaving no Ray process. One cluster for
-the module; every wait is bounded.
+replica, a replica SIGKILLed mid-job, and `cluster stop` leaving no Ray process. The attacks of
+#24 on it: Ray's own ports (as another local user, without Ray's token), unauthenticated and
+undecodable requests, bodies that never arrive. One cluster for the module; every wait is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import encodings.idna  # noqa: F401 - for a child that drops to a uid that cannot read the standard library
+import glob
+import http.client
+import ipaddress
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import msgspec
@@ -29,6 +36,8 @@ from diffu_lsp.cluster.client import ClusterEngine, ClusterLost  # noqa: E402
 from diffu_lsp.engine import LocalEngine, ModelKey, Request, Suggestion  # noqa: E402
 from diffu_lsp.jobs import CancelToken, JobCancelled  # noqa: E402
 from diffu_lsp.settings import Settings  # noqa: E402
+
+from test_runtime_security import OTHER, as_other_user  # noqa: E402
 
 PORT = 8279
 URL = f"http://127.0.0.1:{PORT}"
@@ -49,9 +58,39 @@ def ray_processes() -> list[str]:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if any(name in command for name in ("raylet", "gcs_server", "ray::", "ray/dashboard", "default_worker.py")):
+        if any(name in command for name in ("raylet", "gcs_server", "ray::", "/ray/", "ray.util.client",
+                                            "default_worker.py")):
             found.append(f"{pid} {command[:120]}")
     return found
+
+
+def listening_sockets(pids: set[str]) -> list[tuple[str, int, str]]:
+    """(address, port, pid) of every TCP socket the processes ``pids`` listen on."""
+    owner = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    owner[link[8:-1]] = pid
+        except OSError:
+            continue
+    found = []
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] != "0A" or fields[9] not in owner:  # 0A: LISTEN
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_address)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append((str(ipaddress.ip_address(raw)), int(hex_port, 16), owner[fields[9]]))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
 def wait_for(predicate, what: str, timeout: float = 60.0, every: float = 0.1):
@@ -265,7 +304,7 @@ def test_a_replica_killed_mid_job_answers_it_and_the_next_request_is_served(clus
     answer = cluster_engine.run(request(), CancelToken(), key="file:///next.py")
     assert isinstance(answer, Suggestion) and cluster_engine.replica_pid != victim
     # Ray replaces the replica: a new pid serves alongside the survivor.
-    states = wait_for(lambda: cluster_cli.replica_states(None).get("ModelReplica", {}).get("RUNNING") == 2,
+    states = wait_for(lambda: cluster_cli.replica_states().get("ModelReplica", {}).get("RUNNING") == 2,
                       "Ray to replace the killed replica", timeout=120, every=2)
     assert states
     status = cluster_cli.status()
@@ -323,6 +362,147 @@ async def test_a_server_whose_cluster_cannot_be_reached_falls_back_to_the_daemon
                 os.environ.pop("XDG_RUNTIME_DIR")
             else:
                 os.environ["XDG_RUNTIME_DIR"] = previous
+
+
+ATTACK = """
+import logging, os, sys
+os.environ["HOME"] = sys.argv[1]
+import ray
+import ray.util.client.worker  # noqa: F401
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("ray.util.client.worker").setLevel(logging.DEBUG)
+
+
+def whoami():
+    return os.getuid()
+
+
+def attempt(who, address):
+    try:
+        if address.startswith("ray://"):
+            ray.util.connect(address[len("ray://"):], connection_retries=1)
+        else:
+            ray.init(address=address, log_to_driver=False)
+        print(who, address, "RAN AS", ray.get(ray.remote(whoami).remote(), timeout=30), flush=True)
+    except Exception as error:
+        print(who, address, "REFUSED", type(error).__name__, flush=True)
+    finally:
+        if address.startswith("ray://"):
+            ray.util.disconnect()
+        else:
+            ray.shutdown()
+
+
+for address in sys.argv[3:]:  # without the token, as root first: that also imports what an attempt needs
+    attempt("root", address)
+os.setgid(int(sys.argv[2]))
+os.setuid(int(sys.argv[2]))
+for address in sys.argv[3:]:  # the GCS last: on a Ray without auth that attempt dies at the raylet's socket
+    attempt("other", address)
+"""
+
+
+def test_ray_listens_on_loopback_only_and_without_its_token_runs_nothing(cluster, tmp_path, monkeypatch):
+    """#24 finding 1: every port of the Ray that `cluster start` started is on 127.0.0.1, and a
+    client without Ray's token, here another local user, can neither submit a job through the
+    dashboard agent's job API nor connect a driver to the GCS."""
+    sockets = listening_sockets({entry.split()[0] for entry in ray_processes()})
+    assert {port for _, port, _ in sockets} >= {PORT, 6379} and 8265 not in {port for _, port, _ in sockets}
+    assert [s for s in sockets if not is_loopback(s[0])] == []  # (address, port, pid)
+
+    os.chmod(tmp_path, 0o777)
+    proof = tmp_path / "ran"
+
+    def submit_job():
+        conn = http.client.HTTPConnection("127.0.0.1", 52365, timeout=20)  # Ray's default agent port
+        conn.request("POST", "/api/job_agent/jobs/", body=msgspec.json.encode({"entrypoint": f"id > {proof}"}),
+                     headers={"Content-Type": "application/json"})
+        os._exit(0 if conn.getresponse().status in (401, 403) else 1)
+
+    pid = as_other_user(submit_job)
+    assert os.waitpid(pid, 0)[1] == 0  # refused
+    time.sleep(2)
+    assert not proof.exists()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_NUM_REDIS_GET_RETRIES="3")
+    if cluster.get("node_ip") == "127.0.0.1":  # reach the GCS as the owner's own drivers do
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    home = tmp_path / "home"
+    home.mkdir(mode=0o777)
+    client, gcs = "ray://127.0.0.1:10001", cluster["address"]  # Ray's client server, the GCS
+    done = subprocess.run([sys.executable, "-c", ATTACK, str(home), str(OTHER), client, gcs], env=env,
+                          capture_output=True, text=True, timeout=180)
+    said = done.stdout + done.stderr[-3000:]
+    assert f"other {client} REFUSED" in done.stdout and f"other {gcs} REFUSED" in done.stdout, said
+    assert "RAN AS" not in done.stdout, said
+    assert "Unauthenticated" in done.stderr, said  # refused for the token, not for another reason
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    assert cluster_cli.requires_token(gcs)  # so `cluster start --address` to it would not warn
+
+
+def test_requests_without_the_token_are_refused_before_they_reach_a_replica(cluster):
+    """#24 finding 7: the 401 is decided in Serve's proxy (the gate); no replica's access log
+    has the refused requests, while it has the authorized one sent after them."""
+    flood, control = f"flood-{uuid.uuid4().hex}", f"control-{uuid.uuid4().hex}"
+    for index, headers in enumerate([{}, {"Authorization": "Bearer wrong"}, {"Authorization": read_token()}] * 4):
+        call = urllib.request.Request(URL + "/job", data=b"{}", method="POST",
+                                      headers={**headers, "X-Request-ID": f"{flood}-{index}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(call, timeout=30)
+        assert refused.value.code == 401
+    call = urllib.request.Request(URL + "/info", headers={"Authorization": f"Bearer {read_token()}",
+                                                          "X-Request-ID": control})
+    with urllib.request.urlopen(call, timeout=30) as response:
+        assert response.status == 200
+    logs = f"{cluster.get('ray_temp_folder', '/tmp/ray')}/session_latest/logs/serve/replica_*.log"
+
+    def replica_log() -> str:
+        return "".join(Path(name).read_text(errors="replace") for name in glob.glob(logs))
+
+    text = wait_for(lambda: (lambda t: t if control in t else None)(replica_log()), "the replica's access log")
+    assert flood not in text
+
+
+def test_a_body_that_is_not_a_job_gets_400_and_one_too_big_413(cluster):
+    """#24 finding 7: undecodable bodies (not JSON, not UTF-8, JSON of the wrong shape) get 400, not
+    500; a body announced bigger than 16 MiB gets 413 before any of it is read."""
+    for body in (b"\xff\xfe{not json", b'{"key": 1, "request": {}}', b"[]"):
+        call = urllib.request.Request(URL + "/job", data=body, method="POST",
+                                      headers={"Authorization": f"Bearer {read_token()}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(call, timeout=30)
+        assert refused.value.code == 400, refused.value.read()
+    with socket.create_connection(("127.0.0.1", PORT), timeout=5) as sock:
+        sock.sendall(f"POST /job HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {read_token()}\r\n"
+                     f"Content-Length: {16 * 1024 * 1024 + 1}\r\n\r\n".encode())
+        assert sock.recv(100).startswith(b"HTTP/1.1 413")
+
+
+def test_clients_that_never_send_their_body_hold_no_replica_and_get_408(cluster):
+    """#24 finding 7: more authorized clients than the replicas have slots (2 x 32) announce a body
+    and never send it; a job is still answered at once, and each of them gets 408 after the
+    gate's deadline."""
+    from diffu_lsp.cluster.gate import BODY_SECONDS
+
+    stalled = []
+    for _ in range(70):
+        sock = socket.create_connection(("127.0.0.1", PORT), timeout=BODY_SECONDS + 20)
+        sock.sendall(f"POST /job HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {read_token()}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode())
+        stalled.append(sock)
+    try:
+        started = time.monotonic()
+        cluster_engine = ClusterEngine(URL)
+        cluster_engine.configure(msgspec.convert({"daemonDeadlineSeconds": BODY_SECONDS}, Settings))
+        assert isinstance(cluster_engine.run(request(), CancelToken(), key="file:///busy.py"), Suggestion)
+        assert time.monotonic() - started < BODY_SECONDS
+        for sock in stalled:
+            assert sock.recv(100).startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < BODY_SECONDS + 10
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 def test_cluster_stop_leaves_no_ray_process_and_servers_fall_back_saying_so_once(cluster):

@@ -20,13 +20,15 @@ HTTP (Ray Serve's proxy, one route prefix ``/``), every route behind ``Authoriza
 - ``GET /info``: the loaded model (:class:`~diffu_lsp.engine.ModelInfo`).
 - ``GET /status``: jobs served, cancelled, forwards after cancel, per replica (from the stats actor).
 
-A missing or wrong token gets 401 and runs nothing.
+A missing or wrong token gets 401 and runs nothing; a body that is not a job gets 400, one that does
+not arrive within ``gate.BODY_SECONDS`` 408. On a cluster that ``cluster start`` started, the proxy's
+:mod:`.gate` has already turned such requests away before they reach a replica; these checks are
+for a Ray cluster whose proxy runs without it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import time
@@ -38,6 +40,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..draft import Drafts
 from ..engine import ModelKey, Request, first_line, is_oom, model_info
+from . import authorized
+from .gate import BODY_SECONDS
 
 log = logging.getLogger("diffu_lsp.cluster")
 
@@ -54,12 +58,6 @@ class Job(msgspec.Struct, frozen=True):
     request: Request
 
 
-def authorized(request: HttpRequest, token: str) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-
-
 def line(value) -> bytes:
     return msgspec.json.encode(value) + b"\n"
 
@@ -72,6 +70,7 @@ class ModelReplica:
 
         from ..models import ForwardBatcher, load_model
 
+        bind_serve_grpc_to_node()
         if threads:
             torch.set_num_threads(threads)
         self.token = token
@@ -90,7 +89,7 @@ class ModelReplica:
         self.stats_actor = stats_actor()  # looked up here: ray.get_actor blocks, so never on the event loop
 
     async def __call__(self, request: HttpRequest) -> Response:
-        if not authorized(request, self.token):
+        if not authorized(request.headers.get("authorization", ""), self.token):
             return JSONResponse({"error": "missing or wrong token"}, status_code=401)
         path = request.url.path.rstrip("/")
         if request.method == "GET" and path.endswith("/info"):
@@ -99,9 +98,13 @@ class ModelReplica:
             return JSONResponse(await self.summary())
         if request.method == "POST" and path.endswith("/job"):
             try:
-                job = msgspec.json.decode(await request.body(), type=Job)
-            except msgspec.ValidationError as error:
-                return JSONResponse({"error": str(error)}, status_code=400)
+                body = await asyncio.wait_for(request.body(), BODY_SECONDS)
+            except asyncio.TimeoutError:
+                return JSONResponse({"error": f"the body did not arrive within {BODY_SECONDS:g} s"}, status_code=408)
+            try:
+                job = msgspec.json.decode(body, type=Job)
+            except msgspec.DecodeError as error:  # not JSON, or not a job (ValidationError is a DecodeError)
+                return JSONResponse({"error": f"not a job: {error}"}, status_code=400)
             return StreamingResponse(self.run(job), media_type="application/x-ndjson")
         return JSONResponse({"error": "no such route"}, status_code=404)
 
@@ -187,6 +190,28 @@ class ModelReplica:
                 log.warning("the stats actor did not answer within %.0f s", STATUS_WAIT_SECONDS)
         return {"model": self.info.label, "family": self.info.family, "device": self.info.device,
                 "replicas": replicas}
+
+
+def bind_serve_grpc_to_node() -> None:
+    """Have Serve bind this replica's inter-deployment gRPC server to the node's address, as Ray
+    binds its own servers, instead of every interface: Serve 2.60 asks for ``[::]:0`` whatever
+    the node's address (ray/serve/_private/replica.py, ``_on_initialized``, which runs after this
+    constructor). The server asks for Ray's token either way; this keeps a loopback-only head
+    loopback-only (tests/test_cluster_security.py). A Serve without that helper is left alone."""
+    import ray
+    from ray.serve._private import replica
+
+    add_port = getattr(replica, "add_port_to_grpc_server", None)
+    if add_port is None or getattr(add_port, "diffu_lsp", False):
+        return
+    node = ray.util.get_node_ip_address()
+    host = f"[{node}]" if ":" in node else node
+
+    def on_node(server, address: str):
+        return add_port(server, address.replace("[::]", host, 1) if address.startswith("[::]:") else address)
+
+    on_node.diffu_lsp = True
+    replica.add_port_to_grpc_server = on_node
 
 
 def stats_actor():

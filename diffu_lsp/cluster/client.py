@@ -29,7 +29,7 @@ import msgspec
 from ..job import Answer, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion
 from ..errors import EngineLost, JobCancelled, OutOfMemory
 from ..settings import Settings
-from . import ClusterError, read_token
+from . import ClusterError, read_state, read_token, same_url
 
 log = logging.getLogger("diffu_lsp.cluster.client")
 
@@ -136,7 +136,20 @@ class ClusterEngine:
                         "using this machine's model daemon instead")
 
     def _headers(self) -> dict:
-        return {"Authorization": f"Bearer {read_token(self.token_file or None)}", "Content-Type": "application/json"}
+        return {"Authorization": f"Bearer {self._token()}", "Content-Type": "application/json"}
+
+    def _token(self) -> str:
+        """The token for this URL: ``engineTokenFile``'s (an owner-only regular file, see
+        :func:`.read_token`), else this machine's token file, but only for the URL of the cluster
+        that ``cluster start`` started here: the default token never goes anywhere else."""
+        if self.token_file:
+            return read_token(self.token_file)
+        started_here = read_state().get("url", "")
+        if not started_here or not same_url(started_here, self.url):
+            raise ClusterError(f"no token for {self.url}: this machine's cluster token goes only to the cluster "
+                               f"started here ({started_here or 'none is'}); set engineTokenFile to that cluster's "
+                               "token file")
+        return read_token()
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         cls = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
