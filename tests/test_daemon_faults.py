@@ -176,6 +176,59 @@ def test_connect_returns_none_without_a_daemon_and_never_blocks(runtime):
     assert time.monotonic() - t0 < 1
 
 
+def resetting_listener(paths) -> tuple[socket.socket, threading.Thread]:
+    """A socket at the daemon's path that resets every connection: what a just-killed daemon's
+    listener does for a moment (the kernel accepts into its backlog, then resets)."""
+    paths.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(paths.socket))
+    listener.listen(8)
+    listener.settimeout(10)
+
+    def reset_one():
+        with contextlib.suppress(OSError):
+            peer, _ = listener.accept()
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            peer.recv(1)  # the hello has arrived: reset now, before the Welcome
+            peer.close()
+    thread = threading.Thread(target=reset_one, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_a_dying_daemons_reset_is_no_daemon_and_a_new_one_starts(runtime):
+    # Killing the daemon mid-job and typing on: the next connect could meet the dead daemon's
+    # listener, which resets. That was a DaemonError, so the keystroke failed with a traceback in
+    # the log and no new daemon started (test_daemon's kill test failed this way, now and then).
+    listener, thread = resetting_listener(runtime)
+    try:
+        assert daemon_pid(runtime) is None  # no live daemon holds the lock
+        assert connect(runtime) is None
+    finally:
+        thread.join(10)
+        listener.close()
+
+
+def test_a_reset_from_a_live_daemon_is_still_an_error(runtime):
+    listener, thread = resetting_listener(runtime)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(runtime.lock)!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, str(os.getpid()).encode())\n"
+        "print('held', flush=True)\n"
+        "time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(daemon_client.DaemonError, match="did not answer"):
+            connect(runtime)
+    finally:
+        holder.kill()
+        holder.wait()
+        thread.join(10)
+        listener.close()
+
+
 def test_a_start_while_the_old_daemon_is_stopping_ends_with_a_daemon(runtime):
     # The old daemon (played by a process holding daemon.lock for 3 s) still holds the lock when the
     # new one starts: the new one bows out, the lock comes free, and the starter starts another

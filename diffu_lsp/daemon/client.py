@@ -231,8 +231,8 @@ class Connection:
 
 def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
             deadline: float = DEFAULT_DEADLINE) -> Connection | None:
-    """A handshaken connection to the running daemon, or None when none listens. Only a socket
-    of ours with a peer of our uid is spoken to."""
+    """A handshaken connection to the running daemon, or None when none listens (or only a dead
+    daemon's socket resets). Only a socket of ours with a peer of our uid is spoken to."""
     try:
         check_socket_file(paths.socket)
     except FileNotFoundError:
@@ -262,6 +262,11 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
         sock.close()
         raise DaemonUnresponsive(f"the model daemon at {paths.socket} did not answer within {HELLO_SECONDS:.0f} s") \
             from None
+    except (ConnectionResetError, BrokenPipeError) as error:
+        sock.close()
+        if daemon_pid(paths) is None:  # a daemon just killed: its listener resets for a moment
+            return None
+        raise DaemonError(f"the model daemon at {paths.socket} did not answer: {error}") from None
     except (OSError, wire.FrameError) as error:
         sock.close()
         raise DaemonError(f"the model daemon at {paths.socket} did not answer: {error}") from None
