@@ -1,0 +1,298 @@
+"""Block diffusion models (SDAR): denoised one block at a time, the finished blocks an exact K/V cache.
+
+Attention is bidirectional inside a block of `block_size` tokens and causal across blocks (block
+k sees blocks 0..k). Blocks sit at fixed positions of the sequence: block k is [k*B, (k+1)*B), as
+in the authors' `block_diffusion_generate` (JetAstra/SDAR generate.py), so the first block to
+decode may start with the prompt's last few tokens, which stay as they are.
+
+Schedule: the prompt's whole blocks are run once and their keys/values kept; then each block is
+denoised by the sampler (sampler.denoise, one forward per step over the block's B rows, attending
+to the kept keys/values and to the block itself), and once no mask is left its final tokens are
+run once more to store its keys/values (exactly once per block). Generation ends after the block
+in which a stop token appears (the rest of the hole becomes that stop token) or at the hole's end.
+
+Decoding rule: SDAR's `low_confidence_dynamic` with `denoising_steps == block_length` (the
+authors' setting: block 4, 4 steps) reveals, per forward, every masked position with p > tau and
+at least the most confident one: the sampler's "threshold" rule; tau 0.9 as in the SDAR README's
+JetEngine example. The user's algorithm settings apply inside each block as for any model.
+
+Infill: a block model cannot see text after the block, so a hole is decoded as the middle of a
+fill-in-the-middle prompt: `<|fim_prefix|>` prefix `<|fim_suffix|>` suffix `<|fim_middle|>`
+middle (Qwen's format; SDAR keeps Qwen3's tokenizer and its FIM tokens; the authors document no
+infill format). A tokenizer without FIM tokens gets the prefix alone. Several holes in one canvas
+are filled one job each, left to right, each hole's suffix running to the next hole.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from transformers import Qwen3Config
+
+from ..sampler import Denoised, Draft, Sampling, denoise
+from .backend import DiffusionModel
+
+BLOCK_FAMILIES = ("sdar",)
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+SDAR_BLOCK_SIZE = 4          # config.json "block_size" of every SDAR checkpoint; the authors decode with it
+SDAR_SAMPLING = {"alg": "threshold", "threshold": 0.9}
+
+# SDAR's config.json fields that mean the same in Qwen3Config (the rest name the authors' training setup).
+QWEN3_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "attention_bias", "attention_dropout", "tie_word_embeddings",
+    "use_sliding_window", "sliding_window", "max_window_layers", "bos_token_id", "eos_token_id", "pad_token_id",
+)
+
+
+def qwen3_config_for_sdar(config: dict) -> Qwen3Config:
+    """SDAR is Qwen3 at inference (same weight names, q/k norms, GQA, RoPE); only the mask differs."""
+    return Qwen3Config(**{k: config[k] for k in QWEN3_FIELDS if k in config}, use_cache=False)
+
+
+def block_causal_mask(length: int, block_size: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """[1, 1, L, L] additive mask: position i sees position j when j's block is not after i's."""
+    block = torch.arange(length, device=device) // block_size
+    allowed = block[None, :] <= block[:, None]
+    mask = torch.zeros(length, length, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def stop_ids_of(config: dict, tokenizer, generation_config: str | None) -> tuple[int, ...]:
+    """EOS/pad of config.json and the tokenizer, then generation_config.json's eos list (SDAR-Chat's
+    `<|im_end|>`): what ends a generation."""
+    found = []
+    extra = []
+    if generation_config:
+        with open(generation_config, encoding="utf-8") as f:
+            extra = json.load(f).get("eos_token_id") or []
+    for value in (config.get("eos_token_id"), config.get("pad_token_id"), tokenizer.eos_token_id,
+                  tokenizer.pad_token_id, extra):
+        for token_id in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(token_id, int) and token_id not in found:
+                found.append(token_id)
+    return tuple(found)
+
+
+def fim_ids_of(tokenizer) -> tuple[int, int, int] | None:
+    vocab = tokenizer.get_vocab()
+    return tuple(vocab[t] for t in FIM_TOKENS) if all(t in vocab for t in FIM_TOKENS) else None
+
+
+class BlockKV:
+    """Keys/values of the finished blocks in one buffer per layer, sized for the whole sequence.
+    A forward writes its rows' keys/values right after the `done` rows and attends over all of
+    them; `keep(n)` makes the last n rows written part of the cache (a finished block), else the
+    next forward overwrites them (the block being denoised). No copy of the context per step."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.done = 0
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
+        if layer == len(self.layers):
+            shape = (*keys.shape[:2], self.capacity, keys.shape[3])
+            self.layers.append((keys.new_empty(shape), values.new_empty(shape)))
+        all_keys, all_values = self.layers[layer]
+        end = self.done + keys.shape[2]
+        all_keys[:, :, self.done:end] = keys
+        all_values[:, :, self.done:end] = values
+        return all_keys[:, :, :end], all_values[:, :, :end]
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        return self.done
+
+    def keep(self, rows: int) -> None:
+        self.done += rows
+
+
+def _holes(canvas: torch.Tensor, mask_id: int, provisional: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each run of masked or provisional positions."""
+    hole = ((canvas == mask_id) | provisional).tolist()
+    runs, start = [], None
+    for i, inside in enumerate(hole + [False]):
+        if inside and start is None:
+            start = i
+        elif not inside and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+@dataclass
+class BlockDiffusionModel(DiffusionModel):
+    """A DiffusionModel whose fill decodes block by block behind a fill-in-the-middle prompt."""
+
+    block_size: int = SDAR_BLOCK_SIZE
+    fim_ids: tuple[int, int, int] | None = None  # <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>
+    block_cache: bool = True                      # False: recompute the whole sequence every forward
+
+    def prompt_ids(self, prefix: list[int], suffix: list[int]) -> list[int]:
+        if self.fim_ids is None:
+            return list(prefix)
+        start, middle_of_suffix, middle = self.fim_ids
+        return [start, *prefix, middle_of_suffix, *suffix, middle]
+
+    # ---------------------------------------------------------------- forward
+
+    def _cache_keyword(self) -> str:
+        """transformers 5.17 calls the cache `past_key_values`, later versions `cache`."""
+        return "cache" if "cache" in inspect.signature(self.network.model.forward).parameters else "past_key_values"
+
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor, start: int, kv: BlockKV | None, compiled: bool,
+             rows: torch.Tensor | None = None):
+        """One forward of `ids` at positions start.. (attending per `mask`); logits of `rows` or none."""
+        device = self.device
+        inputs = dict(input_ids=ids[None].to(device), attention_mask=mask,
+                      position_ids=torch.arange(start, start + len(ids), device=device)[None],
+                      logits_to_keep=rows.to(device) if rows is not None else 1)
+        if kv is not None:
+            inputs.update({self._cache_keyword(): kv, "use_cache": True})
+        else:
+            inputs["use_cache"] = False
+        return self.forward(compiled, **inputs).logits[0].float()
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids -> float [B, L, V] logits under the block-causal mask (blocks from position 0)."""
+        input_ids = input_ids.to(self.device)
+        mask = block_causal_mask(input_ids.shape[1], self.block_size, self.dtype, self.device)
+        return self.network(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+
+    @torch.no_grad()
+    def position_logits(self, canvas: torch.Tensor, positions: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+        mask = block_causal_mask(len(canvas), self.block_size, self.dtype, self.device)
+        return self._run(canvas, mask, 0, None, compiled, positions)
+
+    # ---------------------------------------------------------------- decoding
+
+    def fill(self, canvas_ids, sampling: Sampling | None = None, *, cancel=None,
+             on_step: Callable[[Draft], bool | None] | None = None, generator=None, cache: str = "none",
+             refresh_every=None, reuse_prefix: bool = False, compiled: bool = False, provisional=None,
+             **options) -> Denoised:
+        """Every hole (run of masks / provisional tokens) of the canvas, one job each, left to right:
+        the text before it as the prefix, the text up to the next hole as the suffix. The
+        bidirectional K/V cache modes (cache, refresh_every, reuse_prefix) do not apply: the block
+        cache is exact. Runs alone (a `batcher` is not used). The result is canvas-aligned."""
+        canvas = torch.as_tensor(canvas_ids, dtype=torch.long).clone()
+        provisional = (torch.zeros(len(canvas), dtype=torch.bool) if provisional is None
+                       else torch.as_tensor(provisional, dtype=torch.bool).clone())
+        sampling = replace(self.sampling(sampling, **options), block_length=None)
+        holes = _holes(canvas, self.mask_token_id, provisional)
+        total = Denoised(canvas, torch.ones(len(canvas)), torch.zeros(len(canvas), dtype=torch.long), 0)
+        with self.lock:
+            for index, (start, end) in enumerate(holes):
+                stop = holes[index + 1][0] if index + 1 < len(holes) else len(canvas)
+                prompt = self.prompt_ids(canvas[:start].tolist(), canvas[end:stop].tolist())
+                self._fill_hole(total, prompt, start, end, provisional, sampling, cancel, on_step, generator, compiled)
+                if total.cancelled or total.stopped_early:
+                    break
+        return total
+
+    def _fill_hole(self, total: Denoised, prompt: list[int], start: int, end: int, provisional: torch.Tensor,
+                   sampling: Sampling, cancel, on_step, generator, compiled: bool) -> None:
+        """Decode canvas[start:end] of `total` (in place) after `prompt`, block by block."""
+        B, P, n = self.block_size, len(prompt), end - start
+        length = -(-(P + n) // B) * B  # whole blocks, as the authors' generate
+        if length > self.max_length:
+            raise ValueError(f"prompt and hole of {length} tokens exceed the model's {self.max_length}")
+        seq = torch.full((length,), self.mask_token_id, dtype=torch.long)
+        seq[:P] = torch.tensor(prompt, dtype=torch.long)
+        seq[P:P + n] = total.canvas[start:end]
+        draft = torch.zeros(length, dtype=torch.bool)
+        draft[P:P + n] = provisional[start:end]
+        kv = BlockKV(length) if self.block_cache else None
+        first = P // B
+        if kv is not None and first:  # the prompt's whole blocks, once
+            self._run(seq[:first * B], block_causal_mask(first * B, B, self.dtype, self.device), 0, kv, compiled)
+            kv.keep(first * B)
+            total.rows += first * B
+            total.refreshes += 1
+        for block in range(first, length // B):
+            low, high = block * B, (block + 1) * B
+            here = slice(max(low, P) - P + start, min(high, P + n) - P + start)  # this block's part of the hole
+            where = slice(max(low, P) - low, min(high, P + n) - low)
+
+            def logits_fn(ids: torch.Tensor, positions: torch.Tensor, low=low, high=high) -> torch.Tensor:
+                if kv is None:  # recompute everything before the block, and the block
+                    whole = torch.cat([seq[:low], ids])
+                    total.rows += high
+                    return self._run(whole, block_causal_mask(high, B, self.dtype, self.device), 0, None, compiled,
+                                     positions + low)
+                total.rows += B
+                return self._run(ids, torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device), low, kv,
+                                 compiled, positions)
+
+            def step(state: Draft, forwards_before=total.forwards) -> bool | None:
+                total.canvas[here] = state.canvas[where]
+                return on_step(Draft(total.canvas, forwards_before + state.step,
+                                     int((total.canvas == self.mask_token_id).sum())))
+
+            result = denoise(logits_fn, seq[low:high], self.mask_token_id, sampling, cancel=cancel,
+                             on_step=step if on_step is not None else None, stop_ids=self.eos_token_ids,
+                             generator=generator, provisional=draft[low:high])
+            seq[low:high] = result.canvas
+            total.canvas[here] = result.canvas[where]
+            total.confidence[here] = result.confidence[where]
+            revealed = result.reveal_step[where]
+            total.reveal_step[here] = torch.where(revealed > 0, revealed + total.forwards, revealed)
+            total.forwards += result.forwards
+            total.drafted += result.drafted
+            total.remasked += result.remasked
+            if result.cancelled or result.stopped_early:
+                total.cancelled, total.stopped_early = result.cancelled, result.stopped_early
+                return
+            finished = total.canvas[start:here.stop]
+            stops = torch.isin(finished, torch.tensor(self.eos_token_ids))
+            if stops.any():  # the family's stop: the rest of the hole is that stop token
+                first_stop = start + int(stops.nonzero()[0])
+                total.canvas[here.stop:end] = total.canvas[first_stop]
+                total.confidence[here.stop:end] = total.confidence[first_stop]
+                total.reveal_step[here.stop:end] = total.forwards
+                return
+            if kv is not None and high < P + n:  # the finished block's keys/values, exactly once
+                self._run(seq[low:high], torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device), low, kv,
+                          compiled)
+                kv.keep(B)
+                total.rows += B
+
+    def token_probabilities(self, prefix_ids: list[int], ids: list[int], suffix_ids: list[int]) -> list[float]:
+        """p(token) for each of `ids` as the middle of the FIM prompt, scored while it is masked: in
+        each block, the even positions masked, then the odd ones, the blocks before it clean (as
+        the model sees a block while decoding it); 2 forwards per block through the block cache."""
+        prompt = self.prompt_ids(prefix_ids, suffix_ids)
+        B, P = self.block_size, len(prompt)
+        seq = torch.tensor(prompt + list(ids), dtype=torch.long)
+        length = -(-len(seq) // B) * B
+        seq = torch.cat([seq, torch.full((length - len(seq),), self.mask_token_id, dtype=torch.long)])
+        if length > self.max_length:
+            raise ValueError(f"prompt and selection of {length} tokens exceed the model's {self.max_length}")
+        scores = [1.0] * len(ids)
+        kv, first = BlockKV(length), P // B
+        with self.lock:
+            if first:
+                self._run(seq[:first * B], block_causal_mask(first * B, B, self.dtype, self.device), 0, kv, False)
+                kv.keep(first * B)
+            for block in range(first, length // B):
+                low, high = block * B, (block + 1) * B
+                see = torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device)
+                inside = [i for i in range(max(low, P), min(high, P + len(ids)))]
+                for parity in (0, 1):
+                    chosen = [i for i in inside if (i - P) % 2 == parity]
+                    if not chosen:
+                        continue
+                    masked = seq[low:high].clone()
+                    masked[torch.tensor(chosen) - low] = self.mask_token_id
+                    probs = torch.softmax(self._run(masked, see, low, kv, False, torch.tensor(chosen) - low), -1)
+                    wanted = seq[chosen].to(probs.device)
+                    for i, p in zip(chosen, probs.gather(1, wanted[:, None]).squeeze(1).tolist()):
+                        scores[i - P] = p
+                self._run(seq[low:high], see, low, kv, False)
+                kv.keep(B)
+        return scores

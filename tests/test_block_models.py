@@ -1,0 +1,278 @@
+"""Block diffusion (SDAR) on a random tiny checkpoint of SDAR-4B-Chat's real layout.
+
+The oracles: the network is transformers' stock Qwen3 with the same weights under the authors'
+block-causal mask (SDAR's modeling file is Qwen3 at inference; it needs flash-attn and its own
+code, so it is not run here), and the decoding is the authors' own `block_diffusion_generate`
+from JetAstra/SDAR generate.py, run when that file is present at $SDAR_GENERATE_PY (default
+/tmp/oracles/sdar/generate.py; never part of this repository), on the stock Qwen3 with the
+`store_kv` cache semantics of SDAR's attention, greedy. Where the file is absent the same rule,
+recomputed in full every step (no cache), stands in (`recompute` below).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffu_lsp.models import load_model
+from diffu_lsp.models.block import BlockDiffusionModel
+from tiny_checkpoints import write_sdar
+
+GENERATE_PY = Path(os.environ.get("SDAR_GENERATE_PY", "/tmp/oracles/sdar/generate.py"))
+B = 4
+
+
+@pytest.fixture(scope="module")
+def sdar_pair(tmp_path_factory):
+    folder, reference = write_sdar(tmp_path_factory.mktemp("sdar"))
+    return load_model(folder, device="cpu", dtype="float32"), reference, folder
+
+
+def sdar_mask(length: int) -> torch.Tensor:
+    """The authors' mask (generate.py): tril over blocks, repeated per token; additive [1, 1, L, L]."""
+    blocks = -(-length // B)
+    allowed = torch.tril(torch.ones(blocks, blocks)).repeat_interleave(B, 0).repeat_interleave(B, 1)[:length, :length]
+    return torch.zeros(length, length).masked_fill(allowed == 0, torch.finfo(torch.float32).min)[None, None]
+
+
+def cache_keyword(qwen3) -> str:
+    return "cache" if "cache" in inspect.signature(qwen3.model.forward).parameters else "past_key_values"
+
+
+class StoreKV:
+    """SDAR's attention with a cache (modeling_sdar.py, eval path): store_kv=True appends this
+    forward's keys/values; otherwise they are attended to with the stored ones and dropped."""
+
+    def __init__(self):
+        self.keys, self.values, self.store = [], [], False
+
+    def update(self, keys, values, layer, *args, **kwargs):
+        if layer < len(self.keys):
+            keys, values = torch.cat([self.keys[layer], keys], 2), torch.cat([self.values[layer], values], 2)
+        if self.store:
+            if layer < len(self.keys):
+                self.keys[layer], self.values[layer] = keys, values
+            else:
+                self.keys.append(keys)
+                self.values.append(values)
+        return keys, values
+
+    def get_seq_length(self, layer=0):
+        return self.keys[0].shape[2] if self.keys else 0
+
+
+class SdarOnQwen3:
+    """What generate.py calls `model`: (ids, bool mask [1, q, k], position ids, cache, store_kv)."""
+
+    def __init__(self, qwen3):
+        self.qwen3, self.device, self.caches = qwen3, torch.device("cpu"), {}
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, store_kv):
+        cache = self.caches.setdefault(id(past_key_values), StoreKV())
+        cache.store = store_kv
+        mask = torch.zeros(attention_mask.shape).masked_fill(~attention_mask.bool(), torch.finfo(torch.float32).min)
+        return self.qwen3(input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids,
+                          use_cache=True, **{cache_keyword(self.qwen3): cache})
+
+
+def greedy(logits, temperature=1.0, top_k=0, top_p=1.0):
+    probs = F.softmax(logits.float(), dim=-1)
+    token_prob, token = probs.max(-1)
+    return token, token_prob
+
+
+def authors_generate(qwen3, prompt: list[int], gen_length: int, threshold: float, stop_ids):
+    spec = importlib.util.spec_from_file_location("sdar_generate_oracle", GENERATE_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.sample_with_temperature_topk_topp = greedy  # the README's "greedy decoding"
+    with torch.no_grad():
+        out = module.block_diffusion_generate(
+            SdarOnQwen3(qwen3), {"input_ids": torch.tensor([prompt])}, mask_id=151669, gen_length=gen_length,
+            block_length=B, denoising_steps=B, remasking_strategy="low_confidence_dynamic",
+            confidence_threshold=threshold, stopping_criteria_idx=list(stop_ids))
+    return out[0, len(prompt):len(prompt) + gen_length].tolist()
+
+
+def recompute(qwen3, prompt: list[int], gen_length: int, threshold: float, stop_ids):
+    """The same rule without a cache: every step a full forward under the block-causal mask."""
+    length = -(-(len(prompt) + gen_length) // B) * B
+    x = torch.full((length,), 151669)
+    x[:len(prompt)] = torch.tensor(prompt)
+    with torch.no_grad():
+        for block in range(len(prompt) // B, length // B):
+            low, high = block * B, block * B + B
+            while (x[low:high] == 151669).any():
+                logits = qwen3(input_ids=x[None, :high], attention_mask=sdar_mask(high)).logits[0, low:high]
+                token, p = greedy(logits)
+                p = torch.where(x[low:high] == 151669, p, -torch.inf)
+                reveal = p > threshold if (p > threshold).any() else F.one_hot(p.argmax(), B).bool()
+                x[low:high][reveal] = token[reveal]
+            if torch.isin(x[len(prompt):high], torch.tensor(stop_ids)).any():
+                break
+    return x[len(prompt):len(prompt) + gen_length].tolist()
+
+
+ORACLES = {"authors": authors_generate, "recompute": recompute}
+
+
+def test_sdar_layout_loads_as_a_block_model_without_its_code(sdar_pair):
+    model, reference, folder = sdar_pair
+    assert isinstance(model, BlockDiffusionModel) and model.family == "sdar" and not model.shift_logits
+    assert model.mask_token_id == 151669 == model.tokenizer.convert_tokens_to_ids("<|MASK|>")
+    assert model.eos_token_ids == (151643, 151645)  # <|endoftext|>, then generation_config's <|im_end|>
+    assert model.fim_ids == (151659, 151661, 151660) and model.block_size == 4
+    assert model.default_sampling == {"alg": "threshold", "threshold": 0.9}
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(model.network.state_dict()[key], tensor), key
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] and config["attn_implementation"] == "flex_attention"  # present, not used
+
+
+def test_sdar_logits_equal_qwen3_under_the_block_causal_mask(sdar_pair):
+    model, reference, _ = sdar_pair
+    ids = torch.tensor([[11, 12, 13, 14, 15, 16, 17, 18, 19, 20]])
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=sdar_mask(10)).logits
+    ours = model.logits(ids)
+    assert (ours - expected).abs().max() < 1e-5
+    later = ids.clone()
+    later[0, 9] = 99  # block 2: blocks 0 and 1 do not see it, position 8 (its own block) does
+    changed = model.logits(later)
+    assert torch.equal(changed[0, :8], ours[0, :8])
+    assert (changed[0, 8] - ours[0, 8]).abs().max() > 1e-4
+    positions = torch.tensor([1, 5, 9])
+    assert (model.position_logits(ids[0], positions) - expected[0, positions]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("oracle", ["authors", "recompute"])
+@pytest.mark.parametrize("threshold", [0.9, 1.07e-5])  # random weights: p ~ 1e-5, so the second reveals several at once
+@pytest.mark.parametrize("prefix", ["def f(x):\n    return ", "x = 1\n"])  # FIM prompts of 12 and 8 tokens
+def test_sdar_greedy_tokens_equal_the_reference(sdar_pair, oracle, threshold, prefix):
+    if oracle == "authors" and not GENERATE_PY.is_file():
+        pytest.skip(f"the authors' generate.py is not at {GENERATE_PY} (set SDAR_GENERATE_PY)")
+    model, reference, _ = sdar_pair
+    prefix_ids, hole = model.encode(prefix), 10
+    prompt = model.prompt_ids(prefix_ids, [])
+    result = model.fill(prefix_ids + [model.mask_token_id] * hole, threshold=threshold)
+    ours = result.canvas[len(prefix_ids):].tolist()
+    assert ours == ORACLES[oracle](reference, prompt, hole, threshold, model.eos_token_ids)
+    if threshold < 0.5:
+        assert result.forwards < hole  # some forward revealed more than one token
+
+
+def test_sdar_stops_after_the_block_with_a_stop_token(sdar_pair):
+    model, reference, _ = sdar_pair
+    prefix_ids = model.encode("x = 1\n")
+    canvas = prefix_ids + [model.mask_token_id] * 12
+    free = model.fill(canvas).canvas[len(prefix_ids):].tolist()
+    stop = free[5]  # the 6th token (2nd block of the middle) counts as a stop token from now on
+    stopping = replace(model, eos_token_ids=(stop,))
+    ours = stopping.fill(canvas).canvas[len(prefix_ids):].tolist()
+    P, first = len(model.prompt_ids(prefix_ids, [])), ours.index(stop)
+    end_of_block = (P + first) // B * B + B - P
+    assert end_of_block < 12 and ours[end_of_block:] == [stop] * (12 - end_of_block)  # the rest: the stop token
+    expected = recompute(reference, model.prompt_ids(prefix_ids, []), 12, 0.9, (stop,))
+    assert ours[:end_of_block] == expected[:end_of_block]
+    if GENERATE_PY.is_file():
+        authors = authors_generate(reference, model.prompt_ids(prefix_ids, []), 12, 0.9, (stop,))
+        assert authors[:end_of_block] == ours[:end_of_block] and authors[end_of_block:] == [151669] * (12 - end_of_block)
+
+
+def test_block_cache_gives_the_tokens_of_recomputation_and_stores_each_block_once(sdar_pair):
+    model, _, _ = sdar_pair
+    prefix_ids, hole = model.encode("def f(x):\n    return "), 14
+    canvas = prefix_ids + [model.mask_token_id] * hole
+    cached = model.fill(canvas, threshold=1.07e-5)
+    recomputed = replace(model, block_cache=False).fill(canvas, threshold=1.07e-5)
+    assert cached.canvas.tolist() == recomputed.canvas.tolist()
+    assert cached.forwards == recomputed.forwards
+    P = len(model.prompt_ids(prefix_ids, []))
+    blocks = -(-(P + hole) // B) - P // B
+    # the prompt's whole blocks once, B rows per denoising forward, each finished block but the last once
+    assert cached.rows == P // B * B + cached.forwards * B + (blocks - 1) * B
+    assert recomputed.rows > 2 * cached.rows
+
+
+def test_the_middle_is_decoded_after_the_suffix(sdar_pair):
+    model, _, _ = sdar_pair
+    assert model.prompt_ids([1, 2], [3]) == [151659, 1, 2, 151661, 3, 151660]
+    prefix, masks = model.encode("def f(x):\n    return "), [model.mask_token_id] * 4
+
+    def first_logits(suffix):
+        prompt = model.prompt_ids(prefix, suffix)
+        return model.position_logits(torch.tensor(prompt + masks), torch.tensor([len(prompt)]))
+
+    assert (first_logits(model.encode("\n")) - first_logits(model.encode("\nprint(1)\n"))).abs().max() > 1e-4
+
+
+def test_several_holes_are_one_job_each_left_to_right(sdar_pair):
+    model, _, _ = sdar_pair
+    a, b, c = model.encode("def f(x):\n    y = "), model.encode("\n    return "), model.encode("\n")
+    m = model.mask_token_id
+    both = model.fill(a + [m] * 5 + b + [m] * 6 + c).canvas.tolist()
+    assert m not in both
+    first_only = model.fill(a + [m] * 5 + b).canvas.tolist()  # hole 1's suffix runs to hole 2
+    assert both[:len(a) + 5] == first_only[:len(a) + 5]
+    second = model.fill(both[:len(a) + 5] + b + [m] * 6 + c).canvas.tolist()  # hole 2 after hole 1's text
+    assert both == second
+
+
+def test_token_probabilities_score_each_token_masked_in_its_block(sdar_pair):
+    model, _, _ = sdar_pair
+    prefix, ids, suffix = model.encode("def f(x):\n"), model.encode("    return x + 1"), model.encode("\n")
+    scores = model.token_probabilities(prefix, ids, suffix)
+    prompt = model.prompt_ids(prefix, suffix)
+    P = len(prompt)
+    for i in range(len(ids)):  # recomputed directly: its block's same-parity tokens masked, later blocks absent
+        end = (P + i) // B * B + B
+        seq = torch.tensor(prompt + ids + [model.mask_token_id] * B)[:end].clone()
+        for j in range((P + i) // B * B, end):
+            if j >= P and (j - P) % 2 == i % 2 and j - P < len(ids):
+                seq[j] = model.mask_token_id
+        probs = torch.softmax(model.logits(seq[None])[0, P + i], -1)
+        assert abs(float(probs[ids[i]]) - scores[i]) < 1e-5
+
+
+def test_suggest_fill_holes_and_refine_run_on_sdar(sdar_pair):
+    from diffu_lsp.features import run
+    from diffu_lsp.job import Request
+    from diffu_lsp.settings import Settings
+
+    model = sdar_pair[0]
+    text = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return \n"
+    cursor = text.rindex("return ") + len("return ")
+    settings = Settings(single_line_tokens=8, multi_line_tokens=12, block_tokens=12)
+    suggestion = run(model, Request("suggest", text, cursor, cursor, settings))
+    assert suggestion.text and suggestion.forwards >= 1 and suggestion.hole_tokens == 8
+    holed = "def f(x):\n    ...\n    # TODO: fill\n"
+    replacements = run(model, Request("fill_holes", holed, 0, len(holed), settings))
+    assert len(replacements) == 2 and all(r.text for r in replacements)
+    start, end = text.index("a + b"), text.index("a + b") + len("a + b")
+    assert run(model, Request("refine", text, start, end, settings)).strip()
+    low = Settings(refine_mode="low_confidence", refine_confidence=0.5)  # random weights doubt every token
+    assert run(model, Request("refine", text, start, end, low)).strip()
+
+
+def test_diffu_lsp_complete_runs_sdar(sdar_pair, tmp_path):
+    source = tmp_path / "a.py"
+    source.write_text("def add(a, b):\n    return \n")
+    out = subprocess.run([sys.executable, "-m", "diffu_lsp", "complete", f"{source}:2:12", "--model", str(sdar_pair[2]),
+                          "--device", "cpu", "--max-tokens", "8", "--json"],
+                         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["model"] == str(sdar_pair[2]) and answer["hole_tokens"] == 8 and answer["forwards"] >= 1
