@@ -276,3 +276,21 @@ def test_diffu_lsp_complete_runs_sdar(sdar_pair, tmp_path):
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
     assert answer["model"] == str(sdar_pair[2]) and answer["hole_tokens"] == 8 and answer["forwards"] >= 1
+
+
+@pytest.mark.asyncio
+async def test_the_language_server_completes_inline_with_sdar(sdar_pair, tmp_path):
+    from test_server import inline, inline_text, jobs_of, open_doc, position_of, start_server, stats, stop_server, wait_status
+
+    client = await start_server(tmp_path, "--model", str(sdar_pair[2]), "--no-daemon", encodings=["utf-16"],
+                                init_options={"singleLineTokens": 8, "multiLineTokens": 8, "blockTokens": 8})
+    try:
+        await wait_status(client, "ready")
+        text = "def add(a, b):\n    return \n"
+        uri = open_doc(client, text)
+        result = await inline(client, uri, position_of(text, text.index("\n    return ") + len("\n    return ")))
+        assert inline_text(result).strip()
+        (job,) = jobs_of(await stats(client), uri)
+        assert job["outcome"] == "completed" and job["forwards"] >= 1
+    finally:
+        await stop_server(client)
