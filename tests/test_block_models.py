@@ -294,3 +294,31 @@ async def test_the_language_server_completes_inline_with_sdar(sdar_pair, tmp_pat
         assert job["outcome"] == "completed" and job["forwards"] >= 1
     finally:
         await stop_server(client)
+
+
+@pytest.mark.parametrize("shape, billions", [("sdar-4b", 4.411), ("sdar-8b", 8.191)])
+def test_sdar_shapes_are_the_real_checkpoints(shape, billions):
+    from transformers import Qwen3ForCausalLM
+
+    from diffu_lsp.bench import shapes
+
+    config, mask_id, _ = shapes.SHAPES[shape]
+    family, net_config = shapes.network_config(config)
+    assert family == "sdar" and mask_id == 151669 and config["block_size"] == 4
+    with torch.device("meta"):
+        count = sum(p.numel() for p in Qwen3ForCausalLM(net_config).parameters())
+    assert abs(count / 1e9 - billions) < 0.001  # SDAR-4B-Chat's index: 8,822,848,512 bytes of bf16
+
+
+def test_bench_shapes_measures_the_block_cache_against_recomputation():
+    from diffu_lsp.bench import common, shapes
+
+    options = common.Options(quick=True, device="cpu", dtype="float32",
+                             extra={"shapes": ("tiny-sdar",), "contexts": (128,), "per_forward": (1, 4, 8), "layers": 1})
+    summary = shapes.run(options)["summary"]["shapes"]["tiny-sdar"]
+    jobs = {(j["cache"], j["per_forward"]): j for j in summary["jobs"]}
+    assert set(jobs) == {(cache, k) for cache in ("none", "block") for k in (1, 4)}  # at most a block per forward
+    for k in (1, 4):
+        assert jobs[("none", k)]["forwards"] == jobs[("block", k)]["forwards"] <= shapes.BLOCK // k + 4
+    model = shapes.build("tiny-sdar", "cpu", "float32", layers=1)
+    assert model.network.config.num_hidden_layers == 1 and model.block_size == 4

@@ -7,9 +7,11 @@ decode may start with the prompt's last few tokens, which stay as they are.
 
 Schedule: the prompt's whole blocks are run once and their keys/values kept; then each block is
 denoised by the sampler (sampler.denoise, one forward per step over the block's B rows, attending
-to the kept keys/values and to the block itself), and once no mask is left its final tokens are
-run once more to store its keys/values (exactly once per block). Generation ends after the block
-in which a stop token appears (the rest of the hole becomes that stop token) or at the hole's end.
+to the kept keys/values and to the block itself). Once no mask is left, the block's final tokens
+go through the network once more to store its keys/values (exactly once per block), riding along
+with the next block's first forward (2B rows; the finished block's rows do not see the new one),
+so a block costs only its denoising forwards. Generation ends after the block in which a stop
+token appears (the rest of the hole becomes that stop token) or at the hole's end.
 
 Decoding rule: SDAR's `low_confidence_dynamic` with `denoising_steps == block_length` (the
 authors' setting: block 4, 4 steps) reveals, per forward, every masked position with p > tau and
@@ -208,7 +210,7 @@ class BlockDiffusionModel(DiffusionModel):
         draft = torch.zeros(length, dtype=torch.bool)
         draft[P:P + n] = provisional[start:end]
         kv = BlockKV(length) if self.block_cache else None
-        first = P // B
+        first, to_store = P // B, []  # the finished block whose keys/values the next forward stores
         if kv is not None and first:  # the prompt's whole blocks, once
             self._run(seq[:first * B], block_causal_mask(first * B, B, self.dtype, self.device), 0, kv, compiled)
             kv.keep(first * B)
@@ -225,9 +227,18 @@ class BlockDiffusionModel(DiffusionModel):
                     total.rows += high
                     return self._run(whole, block_causal_mask(high, B, self.dtype, self.device), 0, None, compiled,
                                      positions + low)
+                see = torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device)
+                if to_store:  # the last finished block rides along: its keys/values, from its final tokens, kept
+                    done = to_store.pop()
+                    ids, see = torch.cat([seq[done:low], ids]), torch.zeros(1, 1, 2 * B, high, dtype=self.dtype,
+                                                                             device=self.device)
+                    see[:, :, :B, low:] = torch.finfo(self.dtype).min  # it does not see the block after it
+                    logits = self._run(ids, see, done, kv, compiled, positions + B)
+                    kv.keep(B)
+                    total.rows += 2 * B
+                    return logits
                 total.rows += B
-                return self._run(ids, torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device), low, kv,
-                                 compiled, positions)
+                return self._run(ids, see, low, kv, compiled, positions)
 
             def step(state: Draft, forwards_before=total.forwards) -> bool | None:
                 total.canvas[here] = state.canvas[where]
@@ -248,19 +259,15 @@ class BlockDiffusionModel(DiffusionModel):
             if result.cancelled or result.stopped_early:
                 total.cancelled, total.stopped_early = result.cancelled, result.stopped_early
                 return
-            finished = total.canvas[start:here.stop]
-            stops = torch.isin(finished, torch.tensor(self.eos_token_ids))
+            stops = torch.isin(total.canvas[start:here.stop], torch.tensor(self.eos_token_ids))
             if stops.any():  # the family's stop: the rest of the hole is that stop token
                 first_stop = start + int(stops.nonzero()[0])
                 total.canvas[here.stop:end] = total.canvas[first_stop]
                 total.confidence[here.stop:end] = total.confidence[first_stop]
                 total.reveal_step[here.stop:end] = total.forwards
                 return
-            if kv is not None and high < P + n:  # the finished block's keys/values, exactly once
-                self._run(seq[low:high], torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device), low, kv,
-                          compiled)
-                kv.keep(B)
-                total.rows += B
+            if kv is not None and high < P + n:  # its keys/values are stored (once) by the next block's first forward
+                to_store.append(low)
 
     def token_probabilities(self, prefix_ids: list[int], ids: list[int], suffix_ids: list[int]) -> list[float]:
         """p(token) for each of `ids` as the middle of the FIM prompt, scored while it is masked: in
