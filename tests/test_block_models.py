@@ -322,3 +322,23 @@ def test_bench_shapes_measures_the_block_cache_against_recomputation():
         assert jobs[("none", k)]["forwards"] == jobs[("block", k)]["forwards"] <= shapes.BLOCK // k + 4
     model = shapes.build("tiny-sdar", "cpu", "float32", layers=1)
     assert model.network.config.num_hidden_layers == 1 and model.block_size == 4
+
+
+def test_progress_sees_the_caller_s_canvas_and_can_stop_or_cancel_the_job(sdar_pair):
+    from types import SimpleNamespace
+
+    model = sdar_pair[0]
+    prefix_ids, m = model.encode("def f(x):\n    return "), model.mask_token_id
+    canvas = prefix_ids + [m] * 10
+    seen = []
+    result = model.fill(canvas, on_step=lambda draft: seen.append((len(draft.canvas), draft.step, draft.masked)))
+    assert [s[0] for s in seen] == [len(canvas)] * len(seen)  # the caller's layout, not the FIM prompt
+    assert [s[1] for s in seen] == list(range(1, result.forwards + 1))  # one report per forward (one token each)
+    masked = [s[2] for s in seen]
+    assert masked[0] == 9 and masked[-1] == 0 and masked == sorted(masked, reverse=True)
+    assert masked.count(0) == 1  # no forward once the hole is done (the last block's tail is past the hole)
+    stopped = model.fill(canvas, on_step=lambda draft: draft.step == 2)
+    assert stopped.stopped_early and stopped.forwards == 2
+    assert (stopped.canvas == m).sum() > 0  # later blocks stay masked
+    cancelled = model.fill(canvas, cancel=SimpleNamespace(cancelled=True))
+    assert cancelled.cancelled and cancelled.forwards == 0

@@ -240,14 +240,20 @@ class BlockDiffusionModel(DiffusionModel):
                 total.rows += B
                 return self._run(ids, see, low, kv, compiled, positions)
 
-            def step(state: Draft, forwards_before=total.forwards) -> bool | None:
-                total.canvas[here] = state.canvas[where]
-                return on_step(Draft(total.canvas, forwards_before + state.step,
-                                     int((total.canvas == self.mask_token_id).sum())))
+            past_the_hole = high > P + n and not draft[low:high].any()  # the last block, whole blocks past the hole
+            caller_stopped = []
 
-            result = denoise(logits_fn, seq[low:high], self.mask_token_id, sampling, cancel=cancel,
-                             on_step=step if on_step is not None else None, stop_ids=self.eos_token_ids,
-                             generator=generator, provisional=draft[low:high])
+            def step(state: Draft, forwards_before=total.forwards, where=where, here=here) -> bool:
+                total.canvas[here] = state.canvas[where]
+                if on_step is not None and on_step(Draft(total.canvas, forwards_before + state.step,
+                                                         int((total.canvas == self.mask_token_id).sum()))):
+                    caller_stopped.append(True)
+                    return True
+                # the hole's part is done: the positions after it (there for whole blocks) need no more forwards
+                return past_the_hole and not bool((state.canvas[where] == self.mask_token_id).any())
+
+            result = denoise(logits_fn, seq[low:high], self.mask_token_id, sampling, cancel=cancel, on_step=step,
+                             stop_ids=self.eos_token_ids, generator=generator, provisional=draft[low:high])
             seq[low:high] = result.canvas
             total.canvas[here] = result.canvas[where]
             total.confidence[here] = result.confidence[where]
@@ -256,8 +262,8 @@ class BlockDiffusionModel(DiffusionModel):
             total.forwards += result.forwards
             total.drafted += result.drafted
             total.remasked += result.remasked
-            if result.cancelled or result.stopped_early:
-                total.cancelled, total.stopped_early = result.cancelled, result.stopped_early
+            if result.cancelled or caller_stopped:
+                total.cancelled, total.stopped_early = result.cancelled, bool(caller_stopped)
                 return
             stops = torch.isin(total.canvas[start:here.stop], torch.tensor(self.eos_token_ids))
             if stops.any():  # the family's stop: the rest of the hole is that stop token
