@@ -342,3 +342,19 @@ def test_progress_sees_the_caller_s_canvas_and_can_stop_or_cancel_the_job(sdar_p
     assert (stopped.canvas == m).sum() > 0  # later blocks stay masked
     cancelled = model.fill(canvas, cancel=SimpleNamespace(cancelled=True))
     assert cancelled.cancelled and cancelled.forwards == 0
+
+
+def test_draft_tokens_are_rechecked_block_by_block(sdar_pair):
+    model = sdar_pair[0]
+    prefix_ids, m = model.encode("x = 1\n"), model.mask_token_id
+    P = len(model.prompt_ids(prefix_ids, []))
+    n = 3 * B - P % B  # the hole ends with a block: no positions past it
+    fresh = model.fill(prefix_ids + [m] * n)
+    hole = fresh.canvas[len(prefix_ids):].tolist()
+    provisional = [False] * len(prefix_ids) + [True] * n
+    kept = model.fill(prefix_ids + hole, provisional=provisional, remask=0.0)  # every draft supported
+    assert kept.canvas.tolist() == fresh.canvas.tolist() and kept.drafted == n and kept.remasked == 0
+    assert kept.forwards == 3  # one checking forward per block
+    redone = model.fill(prefix_ids + hole, provisional=provisional, remask=1.0)  # every draft doubted: masked again
+    assert redone.remasked == n and redone.canvas.tolist() == fresh.canvas.tolist()
+    assert redone.forwards == fresh.forwards + 3

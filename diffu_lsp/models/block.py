@@ -240,7 +240,8 @@ class BlockDiffusionModel(DiffusionModel):
                 total.rows += B
                 return self._run(ids, see, low, kv, compiled, positions)
 
-            past_the_hole = high > P + n and not draft[low:high].any()  # the last block, whole blocks past the hole
+            # the last block reaches past the hole (whole blocks); with drafts in it, the sampler ends it as usual
+            past_the_hole = high > P + n and not draft[low:high].any()
             caller_stopped = []
 
             def step(state: Draft, forwards_before=total.forwards, where=where, here=here) -> bool:
