@@ -358,3 +358,19 @@ def test_draft_tokens_are_rechecked_block_by_block(sdar_pair):
     redone = model.fill(prefix_ids + hole, provisional=provisional, remask=1.0)  # every draft doubted: masked again
     assert redone.remasked == n and redone.canvas.tolist() == fresh.canvas.tolist()
     assert redone.forwards == fresh.forwards + 3
+
+
+def test_a_typing_user_s_next_request_starts_from_the_shared_blocks_exactly(sdar_pair):
+    model, m = sdar_pair[0], sdar_pair[0].mask_token_id
+    head = model.encode("import os\nimport sys\n\n\ndef main(argv):\n    for name in argv:\n        print(name)\n")
+    suffix = model.encode("\n\nmain(sys.argv)\n")
+    model.last_blocks = None
+    first = model.fill(head + model.encode("    return") + [m] * 8 + suffix, reuse_prefix=True)
+    assert first.reused == 0
+    typed = head + model.encode("    return 0") + [m] * 8 + suffix  # the user typed on
+    again = model.fill(typed, reuse_prefix=True)
+    fresh = model.fill(typed)
+    assert again.reused >= len(head) // B * B - B and again.reused % B == 0  # the shared prompt's whole blocks
+    assert again.canvas.tolist() == fresh.canvas.tolist()
+    assert (again.confidence - fresh.confidence).abs().max() < 1e-5
+    assert again.rows == fresh.rows - again.reused

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -113,6 +113,15 @@ class BlockKV:
     def keep(self, rows: int) -> None:
         self.done += rows
 
+    def start_from(self, previous: "BlockKV", rows: int) -> None:
+        """Begin with the first `rows` kept rows of `previous` (a job whose sequence starts the same)."""
+        for keys, values in previous.layers:
+            shape = (*keys.shape[:2], self.capacity, keys.shape[3])
+            self.layers.append((keys.new_empty(shape), values.new_empty(shape)))
+            self.layers[-1][0][:, :, :rows] = keys[:, :, :rows]
+            self.layers[-1][1][:, :, :rows] = values[:, :, :rows]
+        self.done = rows
+
 
 def _holes(canvas: torch.Tensor, mask_id: int, provisional: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) of each run of masked or provisional positions."""
@@ -134,6 +143,7 @@ class BlockDiffusionModel(DiffusionModel):
     block_size: int = SDAR_BLOCK_SIZE
     fim_ids: tuple[int, int, int] | None = None  # <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>
     block_cache: bool = True                      # False: recompute the whole sequence every forward
+    last_blocks: tuple[torch.Tensor, BlockKV] | None = field(default=None, repr=False)  # last hole's tokens, K/V
 
     def prompt_ids(self, prefix: list[int], suffix: list[int]) -> list[int]:
         if self.fim_ids is None:
@@ -180,8 +190,11 @@ class BlockDiffusionModel(DiffusionModel):
              **options) -> Denoised:
         """Every hole (run of masks / provisional tokens) of the canvas, one job each, left to right:
         the text before it as the prefix, the text up to the next hole as the suffix. The
-        bidirectional K/V cache modes (cache, refresh_every, reuse_prefix) do not apply: the block
-        cache is exact. Runs alone (a `batcher` is not used). The result is canvas-aligned."""
+        bidirectional K/V cache modes (cache, refresh_every) do not apply: the block cache is exact.
+        `reuse_prefix`: start from the last hole's keys/values of the whole blocks this prompt shares
+        with its sequence (exact too: a block's keys/values depend on it and the blocks before it
+        only), as a typing user's next request does. Runs alone (a `batcher` is not used). The
+        result is canvas-aligned."""
         canvas = torch.as_tensor(canvas_ids, dtype=torch.long).clone()
         provisional = (torch.zeros(len(canvas), dtype=torch.bool) if provisional is None
                        else torch.as_tensor(provisional, dtype=torch.bool).clone())
@@ -192,13 +205,14 @@ class BlockDiffusionModel(DiffusionModel):
             for index, (start, end) in enumerate(holes):
                 stop = holes[index + 1][0] if index + 1 < len(holes) else len(canvas)
                 prompt = self.prompt_ids(canvas[:start].tolist(), canvas[end:stop].tolist())
-                self._fill_hole(total, prompt, start, end, provisional, sampling, cancel, on_step, generator, compiled)
+                self._fill_hole(total, prompt, start, end, provisional, sampling, cancel, on_step, generator, compiled,
+                                reuse_prefix)
                 if total.cancelled or total.stopped_early:
                     break
         return total
 
     def _fill_hole(self, total: Denoised, prompt: list[int], start: int, end: int, provisional: torch.Tensor,
-                   sampling: Sampling, cancel, on_step, generator, compiled: bool) -> None:
+                   sampling: Sampling, cancel, on_step, generator, compiled: bool, reuse_prefix: bool) -> None:
         """Decode canvas[start:end] of `total` (in place) after `prompt`, block by block."""
         B, P, n = self.block_size, len(prompt), end - start
         length = -(-(P + n) // B) * B  # whole blocks, as the authors' generate
@@ -211,70 +225,82 @@ class BlockDiffusionModel(DiffusionModel):
         draft[P:P + n] = provisional[start:end]
         kv = BlockKV(length) if self.block_cache else None
         first, to_store = P // B, []  # the finished block whose keys/values the next forward stores
-        if kv is not None and first:  # the prompt's whole blocks, once
-            self._run(seq[:first * B], block_causal_mask(first * B, B, self.dtype, self.device), 0, kv, compiled)
-            kv.keep(first * B)
-            total.rows += first * B
-            total.refreshes += 1
-        for block in range(first, length // B):
-            low, high = block * B, (block + 1) * B
-            here = slice(max(low, P) - P + start, min(high, P + n) - P + start)  # this block's part of the hole
-            where = slice(max(low, P) - low, min(high, P + n) - low)
+        try:
+            if kv is not None and reuse_prefix and self.last_blocks is not None:
+                tokens, previous = self.last_blocks
+                same = min(first * B, previous.done, len(tokens))
+                same = int((tokens[:same] == seq[:same]).long().cumprod(0).sum()) // B * B  # whole shared blocks
+                if same:
+                    kv.start_from(previous, same)
+                    total.reused += same
+            if kv is not None and kv.done < first * B:  # the prompt's whole blocks (those not reused), once
+                mask = block_causal_mask(first * B, B, self.dtype, self.device)[:, :, kv.done:]
+                total.rows += first * B - kv.done
+                self._run(seq[kv.done:first * B], mask, kv.done, kv, compiled)
+                kv.keep(first * B - kv.done)
+                total.refreshes += 1
+            for block in range(first, length // B):
+                low, high = block * B, (block + 1) * B
+                here = slice(max(low, P) - P + start, min(high, P + n) - P + start)  # this block's part of the hole
+                where = slice(max(low, P) - low, min(high, P + n) - low)
 
-            def logits_fn(ids: torch.Tensor, positions: torch.Tensor, low=low, high=high) -> torch.Tensor:
-                if kv is None:  # recompute everything before the block, and the block
-                    whole = torch.cat([seq[:low], ids])
-                    total.rows += high
-                    return self._run(whole, block_causal_mask(high, B, self.dtype, self.device), 0, None, compiled,
-                                     positions + low)
-                see = torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device)
-                if to_store:  # the last finished block rides along: its keys/values, from its final tokens, kept
-                    done = to_store.pop()
-                    ids, see = torch.cat([seq[done:low], ids]), torch.zeros(1, 1, 2 * B, high, dtype=self.dtype,
-                                                                             device=self.device)
-                    see[:, :, :B, low:] = torch.finfo(self.dtype).min  # it does not see the block after it
-                    logits = self._run(ids, see, done, kv, compiled, positions + B)
-                    kv.keep(B)
-                    total.rows += 2 * B
-                    return logits
-                total.rows += B
-                return self._run(ids, see, low, kv, compiled, positions)
+                def logits_fn(ids: torch.Tensor, positions: torch.Tensor, low=low, high=high) -> torch.Tensor:
+                    if kv is None:  # recompute everything before the block, and the block
+                        whole = torch.cat([seq[:low], ids])
+                        total.rows += high
+                        return self._run(whole, block_causal_mask(high, B, self.dtype, self.device), 0, None, compiled,
+                                         positions + low)
+                    see = torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device)
+                    if to_store:  # the last finished block rides along: its keys/values, from its final tokens, kept
+                        done = to_store.pop()
+                        ids, see = torch.cat([seq[done:low], ids]), torch.zeros(1, 1, 2 * B, high, dtype=self.dtype,
+                                                                                 device=self.device)
+                        see[:, :, :B, low:] = torch.finfo(self.dtype).min  # it does not see the block after it
+                        logits = self._run(ids, see, done, kv, compiled, positions + B)
+                        kv.keep(B)
+                        total.rows += 2 * B
+                        return logits
+                    total.rows += B
+                    return self._run(ids, see, low, kv, compiled, positions)
 
-            # the last block reaches past the hole (whole blocks); with drafts in it, the sampler ends it as usual
-            past_the_hole = high > P + n and not draft[low:high].any()
-            caller_stopped = []
+                # the last block reaches past the hole (whole blocks); with drafts in it, the sampler ends it as usual
+                past_the_hole = high > P + n and not draft[low:high].any()
+                caller_stopped = []
 
-            def step(state: Draft, forwards_before=total.forwards, where=where, here=here) -> bool:
-                total.canvas[here] = state.canvas[where]
-                if on_step is not None and on_step(Draft(total.canvas, forwards_before + state.step,
-                                                         int((total.canvas == self.mask_token_id).sum()))):
-                    caller_stopped.append(True)
-                    return True
-                # the hole's part is done: the positions after it (there for whole blocks) need no more forwards
-                return past_the_hole and not bool((state.canvas[where] == self.mask_token_id).any())
+                def step(state: Draft, forwards_before=total.forwards, where=where, here=here) -> bool:
+                    total.canvas[here] = state.canvas[where]
+                    if on_step is not None and on_step(Draft(total.canvas, forwards_before + state.step,
+                                                             int((total.canvas == self.mask_token_id).sum()))):
+                        caller_stopped.append(True)
+                        return True
+                    # the hole's part is done: the positions after it (there for whole blocks) need no more forwards
+                    return past_the_hole and not bool((state.canvas[where] == self.mask_token_id).any())
 
-            result = denoise(logits_fn, seq[low:high], self.mask_token_id, sampling, cancel=cancel, on_step=step,
-                             stop_ids=self.eos_token_ids, generator=generator, provisional=draft[low:high])
-            seq[low:high] = result.canvas
-            total.canvas[here] = result.canvas[where]
-            total.confidence[here] = result.confidence[where]
-            revealed = result.reveal_step[where]
-            total.reveal_step[here] = torch.where(revealed > 0, revealed + total.forwards, revealed)
-            total.forwards += result.forwards
-            total.drafted += result.drafted
-            total.remasked += result.remasked
-            if result.cancelled or caller_stopped:
-                total.cancelled, total.stopped_early = result.cancelled, bool(caller_stopped)
-                return
-            stops = torch.isin(total.canvas[start:here.stop], torch.tensor(self.eos_token_ids))
-            if stops.any():  # the family's stop: the rest of the hole is that stop token
-                first_stop = start + int(stops.nonzero()[0])
-                total.canvas[here.stop:end] = total.canvas[first_stop]
-                total.confidence[here.stop:end] = total.confidence[first_stop]
-                total.reveal_step[here.stop:end] = total.forwards
-                return
-            if kv is not None and high < P + n:  # its keys/values are stored (once) by the next block's first forward
-                to_store.append(low)
+                result = denoise(logits_fn, seq[low:high], self.mask_token_id, sampling, cancel=cancel, on_step=step,
+                                 stop_ids=self.eos_token_ids, generator=generator, provisional=draft[low:high])
+                seq[low:high] = result.canvas
+                total.canvas[here] = result.canvas[where]
+                total.confidence[here] = result.confidence[where]
+                revealed = result.reveal_step[where]
+                total.reveal_step[here] = torch.where(revealed > 0, revealed + total.forwards, revealed)
+                total.forwards += result.forwards
+                total.drafted += result.drafted
+                total.remasked += result.remasked
+                if result.cancelled or caller_stopped:
+                    total.cancelled, total.stopped_early = result.cancelled, bool(caller_stopped)
+                    return
+                stops = torch.isin(total.canvas[start:here.stop], torch.tensor(self.eos_token_ids))
+                if stops.any():  # the family's stop: the rest of the hole is that stop token
+                    first_stop = start + int(stops.nonzero()[0])
+                    total.canvas[here.stop:end] = total.canvas[first_stop]
+                    total.confidence[here.stop:end] = total.confidence[first_stop]
+                    total.reveal_step[here.stop:end] = total.forwards
+                    return
+                if kv is not None and high < P + n:  # stored (once) by the next block's first forward
+                    to_store.append(low)
+        finally:  # what the next request's prompt may start from
+            if kv is not None and reuse_prefix:
+                self.last_blocks = (seq.clone(), kv)
 
     def token_probabilities(self, prefix_ids: list[int], ids: list[int], suffix_ids: list[int]) -> list[float]:
         """p(token) for each of `ids` as the middle of the FIM prompt, scored while it is masked: in
