@@ -11,7 +11,9 @@ to the kept keys/values and to the block itself). Once no mask is left, the bloc
 go through the network once more to store its keys/values (exactly once per block), riding along
 with the next block's first forward (2B rows; the finished block's rows do not see the new one),
 so a block costs only its denoising forwards. Generation ends after the block in which a stop
-token appears (the rest of the hole becomes that stop token) or at the hole's end.
+token appears (the rest of the hole becomes that stop token) or at the hole's end. Across
+requests (`reuse_prefix`), the whole blocks a new prompt shares with the last one keep their
+keys/values: exact, as a block's keys/values depend on it and the blocks before it only.
 
 Decoding rule: SDAR's `low_confidence_dynamic` with `denoising_steps == block_length` (the
 authors' setting: block 4, 4 steps) reveals, per forward, every masked position with p > tau and
