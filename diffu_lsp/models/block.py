@@ -145,6 +145,8 @@ class BlockDiffusionModel(DiffusionModel):
     block_size: int = SDAR_BLOCK_SIZE
     fim_ids: tuple[int, int, int] | None = None  # <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>
     block_cache: bool = True                      # False: recompute the whole sequence every forward
+    sub_block: int | None = None                  # decode the block in parts of this many tokens, left to right
+    stop_inside_block: bool = False               # a stop token ends the hole at once (not after its block)
     last_blocks: tuple[torch.Tensor, BlockKV] | None = field(default=None, repr=False)  # last hole's tokens, K/V
 
     def prompt_ids(self, prefix: list[int], suffix: list[int]) -> list[int]:
@@ -217,92 +219,159 @@ class BlockDiffusionModel(DiffusionModel):
                    sampling: Sampling, cancel, on_step, generator, compiled: bool, reuse_prefix: bool) -> None:
         """Decode canvas[start:end] of `total` (in place) after `prompt`, block by block."""
         B, P, n = self.block_size, len(prompt), end - start
+        S, shift, mask_id = self.sub_block or B, self.shift_logits, self.mask_token_id
         length = -(-(P + n) // B) * B  # whole blocks, as the authors' generate
         if length > self.max_length:
             raise ValueError(f"prompt and hole of {length} tokens exceed the model's {self.max_length}")
-        seq = torch.full((length,), self.mask_token_id, dtype=torch.long)
+        seq = torch.full((length,), mask_id, dtype=torch.long)
         seq[:P] = torch.tensor(prompt, dtype=torch.long)
         seq[P:P + n] = total.canvas[start:end]
         draft = torch.zeros(length, dtype=torch.bool)
         draft[P:P + n] = provisional[start:end]
         kv = BlockKV(length) if self.block_cache else None
-        first, to_store = P // B, []  # the finished block whose keys/values the next forward stores
+        first, to_store = P // B, []  # to_store: the finished block whose keys/values the next forward stores
+        # with shifted logits a block's first token comes from the row before it: the prompt's last block runs apart
+        prefill = first * B - (B if shift and first and P % B == 0 else 0)
         try:
             if kv is not None and reuse_prefix and self.last_blocks is not None:
                 tokens, previous = self.last_blocks
-                same = min(first * B, previous.done, len(tokens))
+                same = min(prefill, previous.done, len(tokens))
                 same = int((tokens[:same] == seq[:same]).long().cumprod(0).sum()) // B * B  # whole shared blocks
                 if same:
                     kv.start_from(previous, same)
                     total.reused += same
-            if kv is not None and kv.done < first * B:  # the prompt's whole blocks (those not reused), once
-                mask = block_causal_mask(first * B, B, self.dtype, self.device)[:, :, kv.done:]
-                total.rows += first * B - kv.done
-                self._run(seq[kv.done:first * B], mask, kv.done, kv, compiled)
-                kv.keep(first * B - kv.done)
+            if kv is not None and kv.done < prefill:  # the prompt's whole blocks (those not reused), once
+                mask = block_causal_mask(prefill, B, self.dtype, self.device)[:, :, kv.done:]
+                total.rows += prefill - kv.done
+                self._run(seq[kv.done:prefill], mask, kv.done, kv, compiled)
+                kv.keep(prefill - kv.done)
                 total.refreshes += 1
-            for block in range(first, length // B):
-                low, high = block * B, (block + 1) * B
-                here = slice(max(low, P) - P + start, min(high, P + n) - P + start)  # this block's part of the hole
-                where = slice(max(low, P) - low, min(high, P + n) - low)
-
-                def logits_fn(ids: torch.Tensor, positions: torch.Tensor, low=low, high=high) -> torch.Tensor:
-                    if kv is None:  # recompute everything before the block, and the block
-                        whole = torch.cat([seq[:low], ids])
-                        total.rows += high
-                        return self._run(whole, block_causal_mask(high, B, self.dtype, self.device), 0, None, compiled,
-                                         positions + low)
-                    see = torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device)
-                    if to_store:  # the last finished block rides along: its keys/values, from its final tokens, kept
-                        done = to_store.pop()
-                        ids, see = torch.cat([seq[done:low], ids]), torch.zeros(1, 1, 2 * B, high, dtype=self.dtype,
-                                                                                 device=self.device)
-                        see[:, :, :B, low:] = torch.finfo(self.dtype).min  # it does not see the block after it
-                        logits = self._run(ids, see, done, kv, compiled, positions + B)
-                        kv.keep(B)
-                        total.rows += 2 * B
-                        return logits
-                    total.rows += B
-                    return self._run(ids, see, low, kv, compiled, positions)
-
-                # the last block reaches past the hole (whole blocks); with drafts in it, the sampler ends it as usual
-                past_the_hole = high > P + n and not draft[low:high].any()
-                caller_stopped = []
-
-                def step(state: Draft, forwards_before=total.forwards, where=where, here=here) -> bool:
-                    total.canvas[here] = state.canvas[where]
-                    if on_step is not None and on_step(Draft(total.canvas, forwards_before + state.step,
-                                                             int((total.canvas == self.mask_token_id).sum()))):
-                        caller_stopped.append(True)
-                        return True
-                    # the hole's part is done: the positions after it (there for whole blocks) need no more forwards
-                    return past_the_hole and not bool((state.canvas[where] == self.mask_token_id).any())
-
-                result = denoise(logits_fn, seq[low:high], self.mask_token_id, sampling, cancel=cancel, on_step=step,
-                                 stop_ids=self.eos_token_ids, generator=generator, provisional=draft[low:high])
-                seq[low:high] = result.canvas
-                total.canvas[here] = result.canvas[where]
-                total.confidence[here] = result.confidence[where]
-                revealed = result.reveal_step[where]
-                total.reveal_step[here] = torch.where(revealed > 0, revealed + total.forwards, revealed)
-                total.forwards += result.forwards
-                total.drafted += result.drafted
-                total.remasked += result.remasked
-                if result.cancelled or caller_stopped:
-                    total.cancelled, total.stopped_early = result.cancelled, bool(caller_stopped)
+            if prefill < first * B and self._next_token(total, seq, draft, first * B, kv, compiled, start, P, end):
+                return
+            for low in range(first * B, length, B):
+                high = low + B
+                past_the_hole = high > P + n and not draft[low:high].any()  # with drafts the sampler ends it
+                for sub in range(low, high, S):
+                    if self._denoise_part(total, seq, draft, low, sub, sub + S, P, start, end, kv, to_store,
+                                          past_the_hole, sampling, cancel, on_step, generator, compiled):
+                        return
+                if not self.stop_inside_block and self._stop_at(total, start, end, min(high, P + n) - P + start,
+                                                                 anywhere=True):
                     return
-                stops = torch.isin(total.canvas[start:here.stop], torch.tensor(self.eos_token_ids))
-                if stops.any():  # the family's stop: the rest of the hole is that stop token
-                    first_stop = start + int(stops.nonzero()[0])
-                    total.canvas[here.stop:end] = total.canvas[first_stop]
-                    total.confidence[here.stop:end] = total.confidence[first_stop]
-                    total.reveal_step[here.stop:end] = total.forwards
+                if high >= P + n:
                     return
-                if kv is not None and high < P + n:  # stored (once) by the next block's first forward
-                    to_store.append(low)
+                if shift:  # store the block; its last row gives the next block's first token
+                    if self._next_token(total, seq, draft, high, kv, compiled, start, P, end):
+                        return
+                elif kv is not None:
+                    to_store.append(low)  # stored (once) by the next block's first forward
         finally:  # what the next request's prompt may start from
             if kv is not None and reuse_prefix:
                 self.last_blocks = (seq.clone(), kv)
+
+    def _denoise_part(self, total, seq, draft, low, part_low, part_high, P, start, end, kv, to_store,
+                      past_the_hole, sampling, cancel, on_step, generator, compiled) -> bool:
+        """Denoise seq[part_low:part_high] of the block [low, low + B) (a sub-block, or the block);
+        True when the hole is finished early (cancelled, stopped, or a stop token ended it)."""
+        B, n, mask_id = self.block_size, end - start, self.mask_token_id
+        high = low + B
+        here = slice(max(part_low, P) - P + start, min(part_high, P + n) - P + start)  # this part's share of the hole
+        where = slice(max(part_low, P) - part_low, min(part_high, P + n) - part_low)
+        if here.start >= here.stop:
+            return False
+        offset = part_low - low - (1 if self.shift_logits else 0)  # the block input's row scoring the part's first
+
+        def logits_fn(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            block = seq[low:high].clone()
+            block[part_low - low:part_high - low] = ids
+            rows = positions + offset
+            if kv is None:  # recompute everything before the block, and the block
+                total.rows += high
+                return self._run(torch.cat([seq[:low], block]), block_causal_mask(high, B, self.dtype, self.device),
+                                 0, None, compiled, rows + low)
+            see = torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device)
+            if to_store:  # the last finished block rides along: its keys/values, from its final tokens, kept
+                done = to_store.pop()
+                see = torch.zeros(1, 1, 2 * B, high, dtype=self.dtype, device=self.device)
+                see[:, :, :B, low:] = torch.finfo(self.dtype).min  # it does not see the block after it
+                logits = self._run(torch.cat([seq[done:low], block]), see, done, kv, compiled, rows + B)
+                kv.keep(B)
+                total.rows += 2 * B
+                return logits
+            total.rows += B
+            return self._run(block, see, low, kv, compiled, rows)
+
+        caller_stopped = []
+
+        def step(state: Draft, forwards_before=total.forwards) -> bool:
+            total.canvas[here] = state.canvas[where]
+            if on_step is not None and on_step(Draft(total.canvas, forwards_before + state.step,
+                                                     int((total.canvas == mask_id).sum()))):
+                caller_stopped.append(True)
+                return True
+            if self.stop_inside_block and self._stop_at(total, start, end, here.stop, anywhere=False, dry=True):
+                return True  # a stop token with nothing masked before it: the generation is over
+            # the hole's part is done: the positions after it (there for whole blocks) need no more forwards
+            return past_the_hole and not bool((state.canvas[where] == mask_id).any())
+
+        result = denoise(logits_fn, seq[part_low:part_high], mask_id, sampling, cancel=cancel, on_step=step,
+                         stop_ids=self.eos_token_ids, generator=generator, provisional=draft[part_low:part_high])
+        seq[part_low:part_high] = result.canvas
+        total.canvas[here] = result.canvas[where]
+        total.confidence[here] = result.confidence[where]
+        revealed = result.reveal_step[where]
+        total.reveal_step[here] = torch.where(revealed > 0, revealed + total.forwards, revealed)
+        total.forwards += result.forwards
+        total.drafted += result.drafted
+        total.remasked += result.remasked
+        if result.cancelled or caller_stopped:
+            total.cancelled, total.stopped_early = result.cancelled, bool(caller_stopped)
+            return True
+        return self.stop_inside_block and self._stop_at(total, start, end, here.stop, anywhere=False)
+
+    def _stop_at(self, total: Denoised, start: int, end: int, decoded: int, anywhere: bool, dry: bool = False) -> bool:
+        """Whether the hole's decoded part canvas[start:decoded] holds a stop token (`anywhere`), or
+        one with no mask before it; if so (and not `dry`) the hole's masked rest becomes that token."""
+        part = total.canvas[start:decoded]
+        stops = torch.isin(part, torch.tensor(self.eos_token_ids)).nonzero()
+        if not len(stops):
+            return False
+        first = int(stops[0])
+        if not anywhere and bool((part[:first] == self.mask_token_id).any()):
+            return False
+        if not dry:
+            rest = total.canvas[start + first + 1:end]
+            fill = rest == self.mask_token_id
+            rest[fill] = total.canvas[start + first]
+            total.confidence[start + first + 1:end][fill] = total.confidence[start + first]
+            total.reveal_step[start + first + 1:end][fill] = total.forwards
+        return True
+
+    def _next_token(self, total: Denoised, seq: torch.Tensor, draft: torch.Tensor, high: int, kv, compiled: bool,
+                    start: int, P: int, end: int) -> bool:
+        """Shifted logits (Fast-dLLM v2): run the finished block [high - B, high) once more from its final
+        tokens (storing its keys/values) and take its last row's greedy token as the next block's first,
+        as the authors' generate does. True when that token ends the hole (a stop token)."""
+        B = self.block_size
+        if kv is not None:
+            logits = self._run(seq[high - B:high], torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device),
+                               high - B, kv, compiled)
+            kv.keep(B)
+            total.rows += B
+        else:
+            logits = self._run(seq[:high], block_causal_mask(high, B, self.dtype, self.device), 0, None, compiled)
+            total.rows += high
+        total.forwards += 1
+        probs = torch.softmax(logits[-1], -1)
+        p, token = (float(x) for x in probs.max(-1))
+        if high >= len(seq):
+            return False
+        seq[high], draft[high] = int(token), False  # decided here, not a draft to re-check
+        at = high - P + start
+        if start <= at < end:
+            total.canvas[at], total.confidence[at], total.reveal_step[at] = int(token), p, total.forwards
+            return self._stop_at(total, start, end, at + 1, anywhere=False)
+        return False
 
     def token_probabilities(self, prefix_ids: list[int], ids: list[int], suffix_ids: list[int]) -> list[float]:
         """p(token) for each of `ids` as the middle of the FIM prompt, scored while it is masked: in
