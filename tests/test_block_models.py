@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from types import SimpleNamespace
 
 from diffu_lsp.models import load_model
 from diffu_lsp.models.block import BlockDiffusionModel
@@ -374,3 +375,190 @@ def test_a_typing_user_s_next_request_starts_from_the_shared_blocks_exactly(sdar
     assert again.canvas.tolist() == fresh.canvas.tolist()
     assert (again.confidence - fresh.confidence).abs().max() < 1e-5
     assert again.rows == fresh.rows - again.reused
+
+
+# ------------------------------------------------------------------ Fast-dLLM v2
+# The oracle: `generate` (and its `sample_with_top_p`) of the checkpoint's own modeling.py
+# (Efficient-Large-Model/Fast_dLLM_v2_7B, as mirrored in github.com/Satgoy152/DualDiffusion, first
+# commit d3a3470), read from $FAST_DLLM_MODELING_PY (default /tmp/oracles/fastdllm_modeling_first.py;
+# never part of this repository), run on stock Qwen2 with the same weights and the attention of
+# that file at inference: block-causal over the cache and the input (`eval_mask`), the cache
+# extended only when `update_past_key_values`.
+
+FAST_DLLM_PY = Path(os.environ.get("FAST_DLLM_MODELING_PY", "/tmp/oracles/fastdllm_modeling_first.py"))
+FB = 32
+
+
+@pytest.fixture(scope="module")
+def fast_pair(tmp_path_factory):
+    from tiny_checkpoints import write_fast_dllm_v2
+
+    folder, reference = write_fast_dllm_v2(tmp_path_factory.mktemp("fast"))
+    return load_model(folder, device="cpu", dtype="float32"), reference, folder
+
+
+def authors_fast_dllm_generate():
+    """The `generate` and `sample_with_top_p` methods of the fetched modeling.py, as functions."""
+    import ast
+
+    tree = ast.parse(FAST_DLLM_PY.read_text())
+    wanted = [f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "Fast_dLLM_QwenForCausalLM"
+              for f in c.body if isinstance(f, ast.FunctionDef) and f.name in ("generate", "sample_with_top_p")]
+    namespace = {"torch": torch, "F": F}
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), str(FAST_DLLM_PY), "exec"), namespace)
+    return namespace["generate"], namespace["sample_with_top_p"]
+
+
+class FastDllmOnQwen2:
+    def __init__(self, qwen2):
+        self.qwen2, self.device = qwen2, torch.device("cpu")
+        self.generate_fn, self.sample_with_top_p_fn = authors_fast_dllm_generate()
+
+    def sample_with_top_p(self, logits, top_p=0.95, temperature=1.0):
+        return self.sample_with_top_p_fn(self, logits, top_p=top_p, temperature=temperature)
+
+    def forward(self, input_ids, use_cache=True, past_key_values=None, update_past_key_values=False, block_size=FB,
+                **ignored):
+        cache = past_key_values if past_key_values is not None else StoreKV()
+        cache.store = update_past_key_values
+        past = cache.get_seq_length()
+        q = torch.arange(input_ids.shape[1]) + past
+        allowed = (q[:, None] // block_size) >= (torch.arange(past + input_ids.shape[1])[None, :] // block_size)
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+        out = self.qwen2(input_ids=input_ids, attention_mask=mask, position_ids=q[None], use_cache=True,
+                         **{cache_keyword(self.qwen2): cache})
+        return SimpleNamespace(logits=out.logits, past_key_values=cache)
+
+    def generate(self, input_ids, max_new_tokens, **options):
+        with torch.no_grad():
+            return self.generate_fn(self, input_ids, max_new_tokens, **options)[0][0].tolist()
+
+
+def fast_recompute(qwen2, prompt: list[int], n: int, threshold: float, stop: int):
+    """The same rule, written from the modeling file's math, recomputing the whole sequence every forward."""
+    P, m = len(prompt), 151665
+    length = -(-(P + n) // FB) * FB
+    x = torch.full((length + 1,), m)
+    x[:P] = torch.tensor(prompt)
+    with torch.no_grad():
+        def rows(upto):  # network rows 0..upto-1 under the block-causal mask
+            return qwen2(input_ids=x[None, :upto], attention_mask=sdar_mask_for(upto, FB)).logits[0]
+        if P % FB == 0:
+            x[P] = rows(P)[-1].argmax()
+        for low in range(P // FB * FB, length, FB):
+            for sub in range(low, low + FB, 8):
+                while (x[sub:sub + 8] == m).any():
+                    if stop in x[P:low + FB].tolist() and m not in x[P:P + x[P:].tolist().index(stop)].tolist():
+                        return x[P:P + n].tolist()
+                    p_all = torch.softmax(rows(low + FB)[sub - 1:sub + 7], -1)  # row i-1 scores position i
+                    p, token = p_all.max(-1)
+                    p = torch.where(x[sub:sub + 8] == m, p, -torch.inf)
+                    reveal = p > threshold
+                    reveal[p.argmax()] = True
+                    x[sub:sub + 8][reveal] = token[reveal]
+            if stop in x[P:low + FB].tolist():
+                break
+            x[low + FB] = rows(low + FB)[-1].argmax()
+    return x[P:P + n].tolist()
+
+
+def sdar_mask_for(length: int, block: int) -> torch.Tensor:
+    blocks = torch.arange(length) // block
+    return torch.zeros(length, length).masked_fill(blocks[None, :] > blocks[:, None], torch.finfo(torch.float32).min)[None, None]
+
+
+def test_fast_dllm_v2_layout_loads_as_a_shifted_block_model(fast_pair):
+    model, reference, _ = fast_pair
+    assert isinstance(model, BlockDiffusionModel) and model.family == "fast-dllm-v2"
+    assert model.mask_token_id == 151665 == model.tokenizer.convert_tokens_to_ids("|<MASK>|")
+    assert model.eos_token_ids == (151645, 151643) and model.fim_ids == (151659, 151661, 151660)
+    assert (model.block_size, model.sub_block, model.shift_logits, model.stop_inside_block) == (32, 8, True, True)
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(model.network.state_dict()[key], tensor), key
+    ids = torch.arange(100, 140)[None]
+    with torch.no_grad():
+        raw = reference(input_ids=ids, attention_mask=sdar_mask_for(40, FB)).logits
+    ours = model.logits(ids)  # row i scores position i: the network's row i-1
+    assert (ours[:, 1:] - raw[:, :-1]).abs().max() < 1e-5 and (ours[:, 0] - raw[:, 0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("oracle", ["authors", "recompute"])
+@pytest.mark.parametrize("threshold", [0.9, 1.06e-5])
+@pytest.mark.parametrize("prefix_length", [10, 42, 61])  # FIM prompts of 13 (inside block 0), 45, and 64 (= 2 blocks)
+def test_fast_dllm_v2_greedy_tokens_equal_the_reference(fast_pair, oracle, threshold, prefix_length):
+    if oracle == "authors" and not FAST_DLLM_PY.is_file():
+        pytest.skip(f"the checkpoint's modeling.py is not at {FAST_DLLM_PY} (set FAST_DLLM_MODELING_PY)")
+    model, reference, _ = fast_pair
+    prefix_ids = list(range(100, 100 + prefix_length))
+    prompt = model.prompt_ids(prefix_ids, [])
+    P = len(prompt)
+    n = (P // FB + 2) * FB - P  # to the end of the second block after the prompt's
+    result = model.fill(prefix_ids + [model.mask_token_id] * n, threshold=threshold)
+    ours = result.canvas[len(prefix_ids):].tolist()
+    if oracle == "authors":
+        blocks = -(-(P + n) // FB) - P // FB
+        generated = FastDllmOnQwen2(reference).generate(
+            torch.tensor([prompt]), blocks * FB, mask_id=151665, threshold=threshold, small_block_size=8,
+            block_size=FB, stop_token=151645, temperature=0)
+        assert ours == generated[P:P + n]
+    else:
+        assert ours == fast_recompute(reference, prompt, n, threshold, 151645)
+    assert model.mask_token_id not in ours
+    if threshold < 0.5 and prefix_length == 10:  # (random weights: after the others, one confident token at a time)
+        assert result.forwards < n
+    first_of_block = (P // FB + 1) * FB - P  # decided by the row before it, with its own confidence
+    assert result.confidence[len(prefix_ids) + first_of_block] < 1 and result.reveal_step[len(prefix_ids) + first_of_block] > 0
+
+
+def test_fast_dllm_v2_stops_at_a_stop_token_with_nothing_masked_before_it(fast_pair):
+    model, reference, _ = fast_pair
+    prefix_ids = list(range(100, 142))
+    canvas = prefix_ids + [model.mask_token_id] * 40
+    free = model.fill(canvas).canvas[len(prefix_ids):].tolist()
+    stop = free[6]
+    stopping = replace(model, eos_token_ids=(stop,))
+    ours = stopping.fill(canvas).canvas[len(prefix_ids):].tolist()
+    first = ours.index(stop)
+    assert model.mask_token_id not in ours and ours[-8:] == [stop] * 8  # the rest of the hole: the stop token
+    expected = fast_recompute(reference, model.prompt_ids(prefix_ids, []), 40, 0.9, stop)
+    assert ours[:first + 1] == expected[:first + 1]
+    if FAST_DLLM_PY.is_file():
+        P = len(model.prompt_ids(prefix_ids, []))
+        generated = FastDllmOnQwen2(reference).generate(
+            torch.tensor([model.prompt_ids(prefix_ids, [])]), 2 * FB, mask_id=151665, threshold=0.9,
+            small_block_size=8, block_size=FB, stop_token=stop, temperature=0)
+        assert generated[P:P + first + 1] == ours[:first + 1] and len(generated) == P + first + 1  # cut after the stop
+
+
+def test_fast_dllm_v2_block_cache_equals_recomputation_and_features_run(fast_pair):
+    from diffu_lsp.features import run
+    from diffu_lsp.job import Request
+    from diffu_lsp.settings import Settings
+
+    model = fast_pair[0]
+    canvas = list(range(100, 150)) + [model.mask_token_id] * 40 + list(range(200, 210))
+    cached = model.fill(canvas, threshold=1.07e-5)
+    recomputed = replace(model, block_cache=False).fill(canvas, threshold=1.07e-5)
+    assert cached.canvas.tolist() == recomputed.canvas.tolist() and cached.forwards == recomputed.forwards
+    assert cached.rows < recomputed.rows
+    prefix, ids, suffix = model.encode("def f(x):\n"), list(range(300, 340)), model.encode("\n")
+    scores = model.token_probabilities(prefix, ids, suffix)
+    prompt = model.prompt_ids(prefix, suffix)
+    for i in (0, 1, FB - len(prompt) % FB, FB - len(prompt) % FB + 1):  # a block's first token: scored by the row before
+        end = (len(prompt) + i) // FB * FB + FB
+        seq = torch.tensor(prompt + ids + [model.mask_token_id] * FB)[:end].clone()
+        for j in range((len(prompt) + i) // FB * FB, end):
+            if j >= len(prompt) and (j - len(prompt)) % 2 == i % 2 and j != (len(prompt) + i) // FB * FB:
+                seq[j] = model.mask_token_id
+        if (len(prompt) + i) % FB == 0:
+            seq[len(prompt) + i:] = torch.tensor(prompt + ids + [0] * FB)[len(prompt) + i:end]
+        probs = torch.softmax(model.logits(seq[None])[0, len(prompt) + i], -1)
+        assert abs(float(probs[ids[i]]) - scores[i]) < 1e-5, i
+    text = "def add(a, b):\n    return \n"
+    cursor = text.index("return ") + len("return ")
+    settings = Settings(single_line_tokens=8, multi_line_tokens=12, block_tokens=12)
+    assert run(model, Request("suggest", text, cursor, cursor, settings)).forwards >= 1
+    holed = "def f(x):\n    ...\n    # TODO: fill\n"
+    assert len(run(model, Request("fill_holes", holed, 0, len(holed), settings))) == 2
+    low = Settings(refine_mode="low_confidence", refine_confidence=0.5)
+    assert run(model, Request("refine", text, 0, 14, low)).strip()

@@ -233,3 +233,52 @@ def write_sdar(folder: Path, seed: int = 0) -> tuple[Path, Qwen3ForCausalLM]:
     _save_sharded(state, folder, shards=2)
     qwen3.load_state_dict({k: v.float() for k, v in state.items()})  # float32 with the saved values (and rotary
     return folder, qwen3.eval()                                        # frequencies never rounded to bf16)
+
+
+FAST_DLLM_ADDED_TOKENS = SDAR_ADDED_TOKENS[:22] + ["|<MASK>|"]  # Qwen2.5's 151643 .. 151664, then the mask at 151665
+
+
+def write_fast_dllm_v2(folder: Path, seed: int = 0) -> tuple[Path, Qwen2ForCausalLM]:
+    """Fast_dLLM_v2_7B's layout at toy width (Efficient-Large-Model/Fast_dLLM_v2_7B: config.json with
+    bd_size 32 and the authors' fields, Qwen2 keys with q/k/v biases, untied lm_head, bf16 shards,
+    vocab.json + merges.txt + added_tokens.json with `|<MASK>|` 151665 and no tokenizer.json,
+    generation_config.json); also returns the same weights as a stock Qwen2 model, for checks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _padded_vocab(151643)
+    added = {token: 151643 + i for i, token in enumerate(FAST_DLLM_ADDED_TOKENS)}
+    assert added["|<MASK>|"] == 151665 and added["<|fim_prefix|>"] == 151659
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_prefix_space": False, "additional_special_tokens": ["|<MASK>|"], "bos_token": None,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072,
+        "pad_token": "<|endoftext|>", "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+        "added_tokens_decoder": {str(i): {"content": t, "special": True} for t, i in added.items()},
+    }, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+        "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8}, indent=2))
+    config = {
+        "architectures": ["Fast_dLLM_QwenForCausalLM"], "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration.Fast_dLLM_QwenConfig", "AutoModel": "modeling.Fast_dLLM_QwenModel",
+                     "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM"},
+        "bd_size": 32, "bos_token_id": 151643, "conplemenrary_mask": True, "eos_token_id": 151645, "hidden_act": "silu",
+        "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64, "layer_types": ["full_attention"] * 2,
+        "max_position_embeddings": 512, "max_window_layers": 2, "model_type": "Fast_dLLM_Qwen", "num_attention_heads": 4,
+        "num_hidden_layers": 2, "num_key_value_heads": 2, "pad_token_id": 151645, "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.53.1", "use_cache": True, "use_sliding_window": False,
+        "vocab_size": 152064,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=152064, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False))
+    state = {k: v.to(torch.bfloat16) for k, v in qwen2.state_dict().items()}
+    assert "model.layers.0.self_attn.q_proj.bias" in state and "lm_head.weight" in state
+    _save_sharded(state, folder, shards=2)
+    qwen2.load_state_dict({k: v.float() for k, v in state.items()})
+    return folder, qwen2.eval()

@@ -87,12 +87,12 @@ def network_config(config: dict):
     """config.json -> the transformers config load_model builds for it (same converters)."""
     from transformers import Qwen2Config
 
-    from ..models.block import qwen3_config_for_sdar
+    from ..models.block import BLOCK_FAMILIES, network_for
     from ..models.loading import detect_family, llama_config_for_llada, qwen2_config_for_dream
 
     family = detect_family(config)
-    if family == "sdar":
-        return family, qwen3_config_for_sdar(config)
+    if family in BLOCK_FAMILIES.values():
+        return family, network_for(family, config)[1]
     if family == "dream":
         return family, qwen2_config_for_dream(config)
     if family == "qwen2-diffusion":
@@ -103,10 +103,10 @@ def network_config(config: dict):
 def build(shape: str, device=None, dtype=None, layers: int | None = None):
     """A DiffusionModel of `shape` with random weights, made on `device` in `dtype`; `layers`: only
     that many of its transformer layers (a forward costs about that share, plus the LM head)."""
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
     from ..models.backend import DiffusionModel
-    from ..models.block import BlockDiffusionModel
+    from ..models.block import BLOCK_FAMILIES, BlockDiffusionModel, family_options, network_for
     from ..models.loading import resolve_device, resolve_dtype
 
     config, mask_id, _ = SHAPES[shape]
@@ -122,17 +122,18 @@ def build(shape: str, device=None, dtype=None, layers: int | None = None):
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):  # parameters are created (and initialised) on the device
-            network = {"llada": LlamaForCausalLM, "sdar": Qwen3ForCausalLM}.get(family, Qwen2ForCausalLM)(net_config)
+            network = (network_for(family, config)[0] if family in BLOCK_FAMILIES.values()
+                       else LlamaForCausalLM if family == "llada" else Qwen2ForCausalLM)(net_config)
     finally:
         torch.set_default_dtype(default_dtype)
     network.eval().requires_grad_(False)
     eos = config["eos_token_id"]
-    if family == "sdar":
+    if family in BLOCK_FAMILIES.values():  # Qwen's tokenizers: <|endoftext|>, <|im_end|>, FIM tokens
         return BlockDiffusionModel(
             network=network, tokenizer=None, family=family, name=f"random {shape}", mask_token_id=mask_id,
-            eos_token_ids=(eos, 151645), bos_token_id=None, shift_logits=False,
-            max_length=net_config.max_position_embeddings, load_seconds=time.perf_counter() - started,
-            block_size=config["block_size"], fim_ids=(151659, 151661, 151660))
+            eos_token_ids=(151643, 151645), bos_token_id=None, max_length=net_config.max_position_embeddings,
+            load_seconds=time.perf_counter() - started, fim_ids=(151659, 151661, 151660),
+            **family_options(family, config))
     return DiffusionModel(
         network=network, tokenizer=None, family=family, name=f"random {shape}", mask_token_id=mask_id,
         eos_token_ids=(eos,), bos_token_id=config.get("bos_token_id"), shift_logits=family != "llada",

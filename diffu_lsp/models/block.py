@@ -35,15 +35,16 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-from transformers import Qwen3Config
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from ..sampler import Denoised, Draft, Sampling, denoise
 from .backend import DiffusionModel
 
-BLOCK_FAMILIES = ("sdar",)
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 SDAR_BLOCK_SIZE = 4          # config.json "block_size" of every SDAR checkpoint; the authors decode with it
-SDAR_SAMPLING = {"alg": "threshold", "threshold": 0.9}
+THRESHOLD_0_9 = {"alg": "threshold", "threshold": 0.9}
+# model_type (lower case) -> family; each family's rule is in `family_options`
+BLOCK_FAMILIES = {"sdar": "sdar", "fast_dllm_qwen": "fast-dllm-v2"}
 
 # SDAR's config.json fields that mean the same in Qwen3Config (the rest name the authors' training setup).
 QWEN3_FIELDS = (
@@ -57,6 +58,36 @@ QWEN3_FIELDS = (
 def qwen3_config_for_sdar(config: dict) -> Qwen3Config:
     """SDAR is Qwen3 at inference (same weight names, q/k norms, GQA, RoPE); only the mask differs."""
     return Qwen3Config(**{k: config[k] for k in QWEN3_FIELDS if k in config}, use_cache=False)
+
+
+def qwen2_config_for_fast_dllm(config: dict) -> Qwen2Config:
+    """Fast-dLLM v2 is Qwen2.5 at inference (same weight names, q/k/v biases); only the mask differs."""
+    return Qwen2Config(**{k: v for k, v in config.items() if k not in (
+        "model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "bd_size",
+        "conplemenrary_mask", "use_cache")}, use_cache=False)
+
+
+def network_for(family: str, config: dict):
+    """(transformers class, its config) a block family's checkpoint loads into."""
+    if family == "sdar":
+        return Qwen3ForCausalLM, qwen3_config_for_sdar(config)
+    return Qwen2ForCausalLM, qwen2_config_for_fast_dllm(config)
+
+
+def family_options(family: str, config: dict) -> dict:
+    """A block family's decoding, as the authors' generate does it:
+    - SDAR (JetAstra/SDAR generate.py): blocks of `block_size` (4), denoising steps = block tokens
+      with `low_confidence_dynamic` (the threshold rule, tau 0.9 as in the README's JetEngine
+      example), logits not shifted, stop after the block in which a stop token appears.
+    - Fast-dLLM v2 (the checkpoint's modeling.py `generate`): blocks of `bd_size` (32) decoded in
+      sub-blocks of 8, left to right, each with the threshold rule (tau 0.9 as in its README),
+      logits shifted inside the block (row i-1 scores position i) and each block's first token the
+      greedy choice of the row before it, stop as soon as a stop token has nothing masked before it."""
+    if family == "sdar":
+        return dict(block_size=int(config.get("block_size") or SDAR_BLOCK_SIZE), shift_logits=False,
+                    default_sampling=dict(THRESHOLD_0_9))
+    return dict(block_size=int(config.get("bd_size") or 32), sub_block=8, shift_logits=True, stop_inside_block=True,
+                default_sampling=dict(THRESHOLD_0_9))
 
 
 def block_causal_mask(length: int, block_size: int, dtype: torch.dtype, device=None) -> torch.Tensor:
@@ -176,15 +207,19 @@ class BlockDiffusionModel(DiffusionModel):
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids -> float [B, L, V] logits under the block-causal mask (blocks from position 0)."""
+        """[B, L] ids -> float [B, L, V] logits under the block-causal mask (blocks from position 0);
+        row i scores position i (shifted families: the network's row i-1, as in the base class)."""
         input_ids = input_ids.to(self.device)
         mask = block_causal_mask(input_ids.shape[1], self.block_size, self.dtype, self.device)
-        return self.network(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+        logits = self.network(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        if self.shift_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits.float()
 
     @torch.no_grad()
     def position_logits(self, canvas: torch.Tensor, positions: torch.Tensor, compiled: bool = False) -> torch.Tensor:
         mask = block_causal_mask(len(canvas), self.block_size, self.dtype, self.device)
-        return self._run(canvas, mask, 0, None, compiled, positions)
+        return self._run(canvas, mask, 0, None, compiled, self._rows(positions))
 
     # ---------------------------------------------------------------- decoding
 
@@ -314,13 +349,14 @@ class BlockDiffusionModel(DiffusionModel):
             # the hole's part is done: the positions after it (there for whole blocks) need no more forwards
             return past_the_hole and not bool((state.canvas[where] == mask_id).any())
 
+        decided = ((seq[part_low:part_high] == mask_id) | draft[part_low:part_high])[where]  # by this part's forwards
         result = denoise(logits_fn, seq[part_low:part_high], mask_id, sampling, cancel=cancel, on_step=step,
                          stop_ids=self.eos_token_ids, generator=generator, provisional=draft[part_low:part_high])
         seq[part_low:part_high] = result.canvas
         total.canvas[here] = result.canvas[where]
-        total.confidence[here] = result.confidence[where]
-        revealed = result.reveal_step[where]
-        total.reveal_step[here] = torch.where(revealed > 0, revealed + total.forwards, revealed)
+        total.confidence[here] = torch.where(decided, result.confidence[where], total.confidence[here])
+        revealed = result.reveal_step[where] + total.forwards
+        total.reveal_step[here] = torch.where(decided, revealed, total.reveal_step[here])
         total.forwards += result.forwards
         total.drafted += result.drafted
         total.remasked += result.remasked
@@ -376,34 +412,44 @@ class BlockDiffusionModel(DiffusionModel):
     def token_probabilities(self, prefix_ids: list[int], ids: list[int], suffix_ids: list[int]) -> list[float]:
         """p(token) for each of `ids` as the middle of the FIM prompt, scored while it is masked: in
         each block, the even positions masked, then the odd ones, the blocks before it clean (as
-        the model sees a block while decoding it); 2 forwards per block through the block cache."""
+        the model sees a block while decoding it); 2 forwards per block through the block cache.
+        With shifted logits a block's first token is scored as it is decided: by the last row of the
+        block before it (the forward that stores that block)."""
         prompt = self.prompt_ids(prefix_ids, suffix_ids)
-        B, P = self.block_size, len(prompt)
+        B, P, shift = self.block_size, len(prompt), int(self.shift_logits)
         seq = torch.tensor(prompt + list(ids), dtype=torch.long)
         length = -(-len(seq) // B) * B
         seq = torch.cat([seq, torch.full((length - len(seq),), self.mask_token_id, dtype=torch.long)])
         if length > self.max_length:
             raise ValueError(f"prompt and selection of {length} tokens exceed the model's {self.max_length}")
         scores = [1.0] * len(ids)
+
+        def score(position: int, logits_row: torch.Tensor) -> None:
+            if P <= position < P + len(ids):
+                scores[position - P] = float(torch.softmax(logits_row, -1)[seq[position]])
+
         kv, first = BlockKV(length), P // B
         with self.lock:
             if first:
-                self._run(seq[:first * B], block_causal_mask(first * B, B, self.dtype, self.device), 0, kv, False)
+                last = self._run(seq[:first * B], block_causal_mask(first * B, B, self.dtype, self.device), 0, kv, False)
                 kv.keep(first * B)
-            for block in range(first, length // B):
-                low, high = block * B, (block + 1) * B
+                if shift:
+                    score(first * B, last[-1])
+            for low in range(first * B, length, B):
+                high = low + B
                 see = torch.zeros(1, 1, B, high, dtype=self.dtype, device=self.device)
-                inside = [i for i in range(max(low, P), min(high, P + len(ids)))]
+                inside = [i for i in range(max(low + shift, P), min(high, P + len(ids)))]
                 for parity in (0, 1):
                     chosen = [i for i in inside if (i - P) % 2 == parity]
                     if not chosen:
                         continue
                     masked = seq[low:high].clone()
                     masked[torch.tensor(chosen) - low] = self.mask_token_id
-                    probs = torch.softmax(self._run(masked, see, low, kv, False, torch.tensor(chosen) - low), -1)
-                    wanted = seq[chosen].to(probs.device)
-                    for i, p in zip(chosen, probs.gather(1, wanted[:, None]).squeeze(1).tolist()):
-                        scores[i - P] = p
-                self._run(seq[low:high], see, low, kv, False)
+                    logits = self._run(masked, see, low, kv, False, torch.tensor(chosen) - low - shift)
+                    for i, row in zip(chosen, logits):
+                        score(i, row)
+                last = self._run(seq[low:high], see, low, kv, False)
                 kv.keep(B)
+                if shift and high < length:
+                    score(high, last[-1])
         return scores
