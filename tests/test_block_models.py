@@ -562,3 +562,16 @@ def test_fast_dllm_v2_block_cache_equals_recomputation_and_features_run(fast_pai
     assert len(run(model, Request("fill_holes", holed, 0, len(holed), settings))) == 2
     low = Settings(refine_mode="low_confidence", refine_confidence=0.5)
     assert run(model, Request("refine", text, 0, 14, low)).strip()
+
+
+def test_fast_dllm_v2_shape_is_the_real_checkpoint():
+    from transformers import Qwen2ForCausalLM
+
+    from diffu_lsp.bench import shapes
+
+    config, mask_id, _ = shapes.SHAPES["fast-dllm-v2-7b"]
+    family, net_config = shapes.network_config(config)
+    assert family == "fast-dllm-v2" and mask_id == 151665 and config["bd_size"] == 32
+    with torch.device("meta"):
+        count = sum(p.numel() for p in Qwen2ForCausalLM(net_config).parameters())
+    assert abs(count / 1e9 - 7.6156) < 0.001  # the checkpoint's index: 15,231,233,024 bytes of bf16

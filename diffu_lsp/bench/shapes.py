@@ -64,6 +64,13 @@ SDAR_4B = {  # JetLM/SDAR-4B-Chat (Qwen3-4B shapes, untied): a block diffusion m
     "sliding_window": None, "torch_dtype": "bfloat16",
 }
 SDAR_8B = {**SDAR_4B, "hidden_size": 4096, "intermediate_size": 12288}  # JetLM/SDAR-8B-Chat (Qwen3-8B shapes)
+FAST_DLLM_V2_7B = {  # Efficient-Large-Model/Fast_dLLM_v2_7B (Qwen2.5-7B-Instruct shapes): blocks of 32, sub-blocks of 8
+    "architectures": ["Fast_dLLM_QwenForCausalLM"], "model_type": "Fast_dLLM_Qwen", "bd_size": 32, "hidden_size": 3584,
+    "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
+    "pad_token_id": 151645, "use_sliding_window": False, "sliding_window": None, "torch_dtype": "bfloat16",
+}
 TINY = {**DREAM_7B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8192}
 
@@ -73,6 +80,7 @@ SHAPES = {  # name -> (config.json, mask id, what it stands for)
     "open-dcoder-0.5b": (OPEN_DCODER_05B, 151665, "Open-dCoder-0.5B"),
     "sdar-4b": (SDAR_4B, 151669, "SDAR-4B-Chat (block diffusion)"),
     "sdar-8b": (SDAR_8B, 151669, "SDAR-8B-Chat (block diffusion)"),
+    "fast-dllm-v2-7b": (FAST_DLLM_V2_7B, 151665, "Fast_dLLM_v2_7B (block diffusion)"),
     "tiny": (TINY, 151666, "Dream layout, 2 layers of width 64 (smoke test)"),
     "tiny-sdar": ({**SDAR_4B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 8192},
@@ -204,7 +212,8 @@ def run_job(model, context: int, cache: str, per_forward: int, compiled: bool = 
 
     canvas = canvas_for(model, context)
     block_size = getattr(model, "block_size", None)
-    sampling = Sampling(alg="maskgit_plus", steps=(block_size or BLOCK) // per_forward)  # a block model: per block
+    part = getattr(model, "sub_block", None) or block_size  # a block model decodes a block (or sub-block) at a time
+    sampling = Sampling(alg="maskgit_plus", steps=(part or BLOCK) // per_forward)
     if block_size:
         model.block_cache = cache == "block"
     clock = NetworkClock(model)
@@ -245,7 +254,8 @@ def measure(model, contexts, per_forward, caches, quick: bool = False) -> dict:
     """Every (context, cache mode, tokens per forward) job once after one warm-up job, and the AR
     baseline per context."""
     if getattr(model, "block_size", None):  # a block model: its exact cache against recomputation
-        caches, per_forward = BLOCK_CACHE_MODES, tuple(k for k in per_forward if k <= model.block_size) or (1,)
+        part = getattr(model, "sub_block", None) or model.block_size
+        caches, per_forward = BLOCK_CACHE_MODES, tuple(k for k in per_forward if k <= part) or (1,)
     run_job(model, contexts[0], caches[-1], per_forward[-1])  # warm-up: allocator, lazy init
     jobs = []
     for context in contexts:
@@ -344,10 +354,11 @@ def run(options: common.Options, model=None) -> dict:
         "AR: the same network with its causal mask and a K/V cache, greedy, one token per forward after a prefill "
         "of the same context; ms/block = prefill + 63 tokens.",
         "peak MiB: CUDA max allocated, or on a CPU the process's peak resident memory.",
-        "Block models (sdar-*): the FIM prompt holds the context (the suffix before the middle), the 64 tokens are "
-        "decoded in blocks of 4 with Dream's schedule at 4/k steps per block; K/V cache 'block' is the exact cache "
-        "(the prompt's and each finished block's keys/values computed once), 'none' recomputes the whole sequence "
-        "every forward. Cached, a block costs its denoising forwards plus one to store its keys/values.",
+        "Block models (sdar-*, fast-dllm-v2-*): the FIM prompt holds the context (the suffix before the middle), the "
+        "64 tokens are decoded block by block (SDAR: blocks of 4; Fast-dLLM v2: blocks of 32 in sub-blocks of 8) "
+        "with Dream's schedule at (block or sub-block)/k steps each; K/V cache 'block' is the exact cache (the "
+        "prompt's and each finished block's keys/values computed once), 'none' recomputes the whole sequence every "
+        "forward. Fast-dLLM v2 also spends one forward per block storing it and choosing the next block's first token.",
     ]
     if options.extra.get("layers"):
         notes.append(f"Only {options.extra['layers']} transformer layers of each shape were built (`--layers`): a "
