@@ -1,30 +1,33 @@
-"""Block diffusion models (SDAR): denoised one block at a time, the finished blocks an exact K/V cache.
+"""Block diffusion models (SDAR, Fast-dLLM v2): denoised a block at a time, the finished blocks an exact K/V cache.
 
 Attention is bidirectional inside a block of `block_size` tokens and causal across blocks (block
 k sees blocks 0..k). Blocks sit at fixed positions of the sequence: block k is [k*B, (k+1)*B), as
-in the authors' `block_diffusion_generate` (JetAstra/SDAR generate.py), so the first block to
-decode may start with the prompt's last few tokens, which stay as they are.
+in the authors' generate functions, so the first block to decode may start with the prompt's last
+few tokens, which stay as they are.
 
-Schedule: the prompt's whole blocks are run once and their keys/values kept; then each block is
-denoised by the sampler (sampler.denoise, one forward per step over the block's B rows, attending
-to the kept keys/values and to the block itself). Once no mask is left, the block's final tokens
-go through the network once more to store its keys/values (exactly once per block), riding along
-with the next block's first forward (2B rows; the finished block's rows do not see the new one),
-so a block costs only its denoising forwards. Generation ends after the block in which a stop
-token appears (the rest of the hole becomes that stop token) or at the hole's end. Across
-requests (`reuse_prefix`), the whole blocks a new prompt shares with the last one keep their
-keys/values: exact, as a block's keys/values depend on it and the blocks before it only.
+Schedule: the prompt's whole blocks are run once and their keys/values kept; then each block (or
+each sub-block of it, left to right) is denoised by the sampler (sampler.denoise: one forward per
+step over the block's B rows, attending to the kept keys/values and to the block itself). Once
+no mask is left the block's final tokens go through the network once more to store its
+keys/values (exactly once per block): for SDAR riding along with the next block's first forward
+(2B rows; the finished rows do not see the new block), for Fast-dLLM v2 a forward of its own whose
+last row chooses the next block's first token. Across requests (`reuse_prefix`), the whole blocks
+a new prompt shares with the last one keep their keys/values: exact, as a block's keys/values
+depend on it and the blocks before it only.
 
-Decoding rule: SDAR's `low_confidence_dynamic` with `denoising_steps == block_length` (the
-authors' setting: block 4, 4 steps) reveals, per forward, every masked position with p > tau and
-at least the most confident one: the sampler's "threshold" rule; tau 0.9 as in the SDAR README's
-JetEngine example. The user's algorithm settings apply inside each block as for any model.
+Each family's rule (`family_options`): SDAR as its `block_diffusion_generate` (JetAstra/SDAR
+generate.py), Fast-dLLM v2 as its checkpoint's `generate` (modeling.py): both reveal every masked
+position above a confidence threshold and at least the most confident one per forward, which is
+the sampler's "threshold" rule (tau 0.9, the authors' examples); the user's algorithm settings
+apply inside each block as for any model. Stop tokens: the checkpoint's EOS/pad and its
+generation_config.json's eos list.
 
 Infill: a block model cannot see text after the block, so a hole is decoded as the middle of a
 fill-in-the-middle prompt: `<|fim_prefix|>` prefix `<|fim_suffix|>` suffix `<|fim_middle|>`
-middle (Qwen's format; SDAR keeps Qwen3's tokenizer and its FIM tokens; the authors document no
-infill format). A tokenizer without FIM tokens gets the prefix alone. Several holes in one canvas
-are filled one job each, left to right, each hole's suffix running to the next hole.
+middle (Qwen's format; SDAR keeps Qwen3's tokenizer and Fast-dLLM v2 Qwen2.5's, both with these
+tokens; neither family's authors document an infill format). A tokenizer without FIM tokens gets
+the prefix alone. Several holes in one canvas are filled one job each, left to right, each hole's
+suffix running to the next hole.
 """
 
 from __future__ import annotations
