@@ -1,12 +1,18 @@
-"""Block diffusion (SDAR) on a random tiny checkpoint of SDAR-4B-Chat's real layout.
+"""Block diffusion (SDAR, Fast-dLLM v2) on random tiny checkpoints of the real layouts.
 
-The oracles: the network is transformers' stock Qwen3 with the same weights under the authors'
-block-causal mask (SDAR's modeling file is Qwen3 at inference; it needs flash-attn and its own
-code, so it is not run here), and the decoding is the authors' own `block_diffusion_generate`
-from JetAstra/SDAR generate.py, run when that file is present at $SDAR_GENERATE_PY (default
-/tmp/oracles/sdar/generate.py; never part of this repository), on the stock Qwen3 with the
-`store_kv` cache semantics of SDAR's attention, greedy. Where the file is absent the same rule,
-recomputed in full every step (no cache), stands in (`recompute` below).
+The oracles. The network: transformers' stock Qwen3 / Qwen2 with the same weights under the
+authors' block-causal mask (both families' modeling files are Qwen3 / Qwen2.5 at inference apart
+from the mask; they need their own code and, for SDAR, flash-attn, so they are not run). The
+decoding: the authors' own generate functions, read from files outside this repository and run
+on the stock networks with the cache semantics of the authors' attention, greedy:
+- SDAR: `block_diffusion_generate` of JetAstra/SDAR generate.py, at $SDAR_GENERATE_PY
+  (default /tmp/oracles/sdar/generate.py);
+- Fast-dLLM v2: `generate` of the checkpoint's modeling.py (Efficient-Large-Model/Fast_dLLM_v2_7B,
+  mirrored in github.com/Satgoy152/DualDiffusion at commit d3a3470, FastDLLM_inferencing/
+  Fast_dLLM_v2_7B/modeling.py), at $FAST_DLLM_MODELING_PY (default
+  /tmp/oracles/fastdllm_modeling_first.py).
+Where a file is absent those tests skip, and the same rule recomputed in full every step (no
+cache), written here from the authors' math, stands in (`recompute`, `fast_recompute`).
 """
 
 from __future__ import annotations
