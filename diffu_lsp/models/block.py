@@ -101,20 +101,13 @@ def block_causal_mask(length: int, block_size: int, dtype: torch.dtype, device=N
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def stop_ids_of(config: dict, tokenizer, generation_config: str | None) -> tuple[int, ...]:
-    """EOS/pad of config.json and the tokenizer, then generation_config.json's eos list (SDAR-Chat's
-    `<|im_end|>`): what ends a generation."""
-    found = []
-    extra = []
-    if generation_config:
-        with open(generation_config, encoding="utf-8") as f:
-            extra = json.load(f).get("eos_token_id") or []
-    for value in (config.get("eos_token_id"), config.get("pad_token_id"), tokenizer.eos_token_id,
-                  tokenizer.pad_token_id, extra):
-        for token_id in (value if isinstance(value, (list, tuple)) else [value]):
-            if isinstance(token_id, int) and token_id not in found:
-                found.append(token_id)
-    return tuple(found)
+def generation_eos(generation_config: str | None) -> list[int]:
+    """generation_config.json's eos ids (the chat models' `<|im_end|>`): stop tokens too."""
+    if not generation_config:
+        return []
+    with open(generation_config, encoding="utf-8") as f:
+        eos = json.load(f).get("eos_token_id")
+    return eos if isinstance(eos, list) else [eos]
 
 
 def fim_ids_of(tokenizer) -> tuple[int, int, int] | None:

@@ -25,7 +25,7 @@ from transformers.utils import cached_file, logging as transformers_logging
 from ..errors import ModelLoadFailed
 from ..sampler import Sampling
 from .backend import DiffusionModel
-from .block import BLOCK_FAMILIES, BlockDiffusionModel, family_options, fim_ids_of, network_for, stop_ids_of
+from .block import BLOCK_FAMILIES, BlockDiffusionModel, family_options, fim_ids_of, generation_eos, network_for
 from .tokenizer import load_tokenizer
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-dream"
@@ -250,7 +250,7 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None) 
     if family in BLOCK_FAMILIES.values():
         return BlockDiffusionModel(
             network=network, tokenizer=tokenizer, family=family, name=name, mask_token_id=mask_id,
-            eos_token_ids=stop_ids_of(config, tokenizer, _fetcher(name)("generation_config.json")), bos_token_id=None,
+            eos_token_ids=_ids(eos_ids, generation_eos(_fetcher(name)("generation_config.json"))), bos_token_id=None,
             max_length=int(max_length), load_seconds=time.perf_counter() - started, fim_ids=fim_ids_of(tokenizer),
             **family_options(family, config))
     return DiffusionModel(
