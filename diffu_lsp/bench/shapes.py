@@ -215,7 +215,7 @@ def run_job(model, context: int, cache: str, per_forward: int, compiled: bool = 
     part = getattr(model, "sub_block", None) or block_size  # a block model decodes a block (or sub-block) at a time
     sampling = Sampling(alg="maskgit_plus", steps=(part or BLOCK) // per_forward)
     if block_size:
-        model.block_cache = cache == "block"
+        model.block_cache = cache != "none"  # a bidirectional mode named (bench gpu's compile run): the block cache
     clock = NetworkClock(model)
     try:
         sync(model)
