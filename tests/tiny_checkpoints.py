@@ -2,7 +2,8 @@
 
 Same config field names, model_type, architectures/auto_map, special-token ids and weight key
 names as DiffuCoder/Dream (Qwen2 keys, vocab.json + merges.txt + added_tokens.json, sharded
-safetensors), Open-dCoder (stock qwen2, `<M>` mask token) and LLaDA (OLMo-style keys).
+safetensors), Open-dCoder (stock qwen2, `<M>` mask token), LLaDA (OLMo-style keys) and SDAR
+(block diffusion: `model_type "sdar"`, Qwen3 keys with q/k norms, `<|MASK|>` 151669, block_size 4).
 Only the widths are tiny; the vocabularies are full size so the special ids are the real ones.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 SAMPLE_TEXT = [
     "def add(a, b):\n    return a + b\n",
@@ -176,3 +177,108 @@ def write_llada(folder: Path, seed: int = 0) -> tuple[Path, LlamaForCausalLM]:
             state[f"model.transformer.blocks.{layer}.{names[module]}.{param}"] = tensor
     _save_sharded(state, folder, shards=1)
     return folder, llama
+
+
+SDAR_ADDED_TOKENS = [  # Qwen3's added tokens, ids 151643 .. 151668, then SDAR's mask at 151669
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>", "<|MASK|>",
+]
+
+
+def write_sdar(folder: Path, seed: int = 0) -> tuple[Path, Qwen3ForCausalLM]:
+    """SDAR-4B-Chat's layout at toy width (JetLM/SDAR-*-Chat: config.json with the authors' extra
+    fields, Qwen3 keys, untied lm_head, 2 bf16 shards, tokenizer.json + vocab/merges/added_tokens,
+    generation_config.json); also returns the same weights as a stock Qwen3 model, for checks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _padded_vocab(151643)
+    added = {token: 151643 + i for i, token in enumerate(SDAR_ADDED_TOKENS)}
+    (folder / "tokenizer.json").write_text(_tokenizer_json(vocab, merges, added))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "auto_map": {"AutoTokenizer": ["tokenization_qwen2.Qwen2Tokenizer", None]},
+        "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>",
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None, "model_max_length": 131072,
+        "added_tokens_decoder": {str(i): {"content": t, "special": t != "<|MASK|>"} for t, i in added.items()},
+    }, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+        "temperature": 0.6, "top_k": 20, "top_p": 0.95}, indent=2))
+    config = {
+        "architectures": ["SDARForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
+                     "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+        "attention_bias": False, "attention_dropout": 0.0, "attn_implementation": "flex_attention",
+        "bos_token_id": 151643, "debug": False, "eos_token_id": 151643, "block_size": 4, "mask_token_id": 151669,
+        "ep_size": 1, "fuse_cross_entropy": True, "head_dim": 16, "hidden_act": "silu", "hidden_size": 32,
+        "initializer_range": 0.02, "intermediate_size": 64, "max_position_embeddings": 512, "max_window_layers": 2,
+        "micro_forward": False, "model_type": "sdar", "num_attention_heads": 4, "num_hidden_layers": 2,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+        "skip_checkpoint": False, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.52.4", "use_cache": False, "use_deepep": False, "use_sliding_window": False,
+        "vocab_size": 151936,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=1000000, rms_norm_eps=1e-6,
+        tie_word_embeddings=False))
+    state = {k: v.to(torch.bfloat16) for k, v in qwen3.state_dict().items()}
+    assert "model.layers.0.self_attn.q_norm.weight" in state and "model.layers.0.self_attn.q_proj.bias" not in state
+    _save_sharded(state, folder, shards=2)
+    qwen3.load_state_dict({k: v.float() for k, v in state.items()})  # float32 with the saved values (and rotary
+    return folder, qwen3.eval()                                        # frequencies never rounded to bf16)
+
+
+FAST_DLLM_ADDED_TOKENS = SDAR_ADDED_TOKENS[:22] + ["|<MASK>|"]  # Qwen2.5's 151643 .. 151664, then the mask at 151665
+
+
+def write_fast_dllm_v2(folder: Path, seed: int = 0) -> tuple[Path, Qwen2ForCausalLM]:
+    """Fast_dLLM_v2_7B's layout at toy width (Efficient-Large-Model/Fast_dLLM_v2_7B: config.json with
+    bd_size 32 and the authors' fields, Qwen2 keys with q/k/v biases, untied lm_head, bf16 shards,
+    vocab.json + merges.txt + added_tokens.json with `|<MASK>|` 151665 and no tokenizer.json,
+    generation_config.json); also returns the same weights as a stock Qwen2 model, for checks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _padded_vocab(151643)
+    added = {token: 151643 + i for i, token in enumerate(FAST_DLLM_ADDED_TOKENS)}
+    assert added["|<MASK>|"] == 151665 and added["<|fim_prefix|>"] == 151659
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_prefix_space": False, "additional_special_tokens": ["|<MASK>|"], "bos_token": None,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072,
+        "pad_token": "<|endoftext|>", "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+        "added_tokens_decoder": {str(i): {"content": t, "special": True} for t, i in added.items()},
+    }, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+        "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8}, indent=2))
+    config = {
+        "architectures": ["Fast_dLLM_QwenForCausalLM"], "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration.Fast_dLLM_QwenConfig", "AutoModel": "modeling.Fast_dLLM_QwenModel",
+                     "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM"},
+        "bd_size": 32, "bos_token_id": 151643, "conplemenrary_mask": True, "eos_token_id": 151645, "hidden_act": "silu",
+        "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64, "layer_types": ["full_attention"] * 2,
+        "max_position_embeddings": 512, "max_window_layers": 2, "model_type": "Fast_dLLM_Qwen", "num_attention_heads": 4,
+        "num_hidden_layers": 2, "num_key_value_heads": 2, "pad_token_id": 151645, "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.53.1", "use_cache": True, "use_sliding_window": False,
+        "vocab_size": 152064,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=152064, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False))
+    state = {k: v.to(torch.bfloat16) for k, v in qwen2.state_dict().items()}
+    assert "model.layers.0.self_attn.q_proj.bias" in state and "lm_head.weight" in state
+    _save_sharded(state, folder, shards=2)
+    qwen2.load_state_dict({k: v.float() for k, v in state.items()})
+    return folder, qwen2.eval()

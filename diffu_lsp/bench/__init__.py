@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: open-dcoder-0.5b on a CPU, dream-7b,llada-8b on CUDA; quick: tiny)")
     group.add_argument("--contexts", help="comma-separated context lengths (default 256,1024,4096; CPU 256,1024)")
     group.add_argument("--per-forward", help="comma-separated tokens revealed per forward (default 1,2,4,8)")
+    group.add_argument("--layers", type=int, help="shapes: build only this many transformer layers of each shape")
     group = parser.add_argument_group("soak")
     group.add_argument("--minutes", type=float, help="soak: minutes of typing through faults (default 10, quick 1)")
     group.add_argument("--windows", type=int, help="soak: editor windows, one server each (default 2)")
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         options.extra["contexts"] = tuple(int(c) for c in args.contexts.split(","))
     if args.per_forward:
         options.extra["per_forward"] = tuple(int(k) for k in args.per_forward.split(","))
+    if args.layers:
+        options.extra["layers"] = args.layers
     if args.warm_start:
         options.extra["warm_start"] = True
     for name in ("minutes", "windows", "fault_every", "deadline"):

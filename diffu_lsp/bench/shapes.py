@@ -55,6 +55,22 @@ OPEN_DCODER_05B = {  # stock qwen2 (Qwen2.5-Coder-0.5B); the mask id comes from 
     "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
     "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16",
 }
+SDAR_4B = {  # JetLM/SDAR-4B-Chat (Qwen3-4B shapes, untied): a block diffusion model, blocks of 4
+    "architectures": ["SDARForCausalLM"], "model_type": "sdar", "hidden_size": 2560, "intermediate_size": 9728,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000, "rms_norm_eps": 1e-6,
+    "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 151643,
+    "eos_token_id": 151643, "mask_token_id": 151669, "block_size": 4, "use_sliding_window": False,
+    "sliding_window": None, "torch_dtype": "bfloat16",
+}
+SDAR_8B = {**SDAR_4B, "hidden_size": 4096, "intermediate_size": 12288}  # JetLM/SDAR-8B-Chat (Qwen3-8B shapes)
+FAST_DLLM_V2_7B = {  # Efficient-Large-Model/Fast_dLLM_v2_7B (Qwen2.5-7B-Instruct shapes): blocks of 32, sub-blocks of 8
+    "architectures": ["Fast_dLLM_QwenForCausalLM"], "model_type": "Fast_dLLM_Qwen", "bd_size": 32, "hidden_size": 3584,
+    "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
+    "pad_token_id": 151645, "use_sliding_window": False, "sliding_window": None, "torch_dtype": "bfloat16",
+}
 TINY = {**DREAM_7B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8192}
 
@@ -62,8 +78,15 @@ SHAPES = {  # name -> (config.json, mask id, what it stands for)
     "dream-7b": (DREAM_7B, 151666, "DiffuCoder-7B-{Base,Instruct,cpGRPO}, Dream-v0-7B, Dream-Coder-v0-7B"),
     "llada-8b": (LLADA_8B, 126336, "LLaDA-8B-{Base,Instruct}"),
     "open-dcoder-0.5b": (OPEN_DCODER_05B, 151665, "Open-dCoder-0.5B"),
+    "sdar-4b": (SDAR_4B, 151669, "SDAR-4B-Chat (block diffusion)"),
+    "sdar-8b": (SDAR_8B, 151669, "SDAR-8B-Chat (block diffusion)"),
+    "fast-dllm-v2-7b": (FAST_DLLM_V2_7B, 151665, "Fast_dLLM_v2_7B (block diffusion)"),
     "tiny": (TINY, 151666, "Dream layout, 2 layers of width 64 (smoke test)"),
+    "tiny-sdar": ({**SDAR_4B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 8192},
+                  151669, "SDAR layout, 2 layers of width 64 (smoke test)"),
 }
+BLOCK_CACHE_MODES = ("none", "block")  # block models: recompute everything every forward, or the exact block cache
 CPU_SHAPES = ("open-dcoder-0.5b",)
 GPU_SHAPES = ("dream-7b", "llada-8b")
 
@@ -72,9 +95,12 @@ def network_config(config: dict):
     """config.json -> the transformers config load_model builds for it (same converters)."""
     from transformers import Qwen2Config
 
+    from ..models.block import BLOCK_FAMILIES, network_for
     from ..models.loading import detect_family, llama_config_for_llada, qwen2_config_for_dream
 
     family = detect_family(config)
+    if family in BLOCK_FAMILIES.values():
+        return family, network_for(family, config)[1]
     if family == "dream":
         return family, qwen2_config_for_dream(config)
     if family == "qwen2-diffusion":
@@ -82,28 +108,40 @@ def network_config(config: dict):
     return family, llama_config_for_llada(config)
 
 
-def build(shape: str, device=None, dtype=None):
-    """A DiffusionModel of `shape` with random weights, made on `device` in `dtype`."""
+def build(shape: str, device=None, dtype=None, layers: int | None = None):
+    """A DiffusionModel of `shape` with random weights, made on `device` in `dtype`; `layers`: only
+    that many of its transformer layers (a forward costs about that share, plus the LM head)."""
     from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
     from ..models.backend import DiffusionModel
+    from ..models.block import BLOCK_FAMILIES, BlockDiffusionModel, family_options, network_for
     from ..models.loading import resolve_device, resolve_dtype
 
     config, mask_id, _ = SHAPES[shape]
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     family, net_config = network_config(config)
+    if layers:
+        net_config.num_hidden_layers = layers
+        net_config.layer_types = net_config.layer_types[:layers] if getattr(net_config, "layer_types", None) else None
     net_config._attn_implementation = "sdpa"  # what from_pretrained picks
     started = time.perf_counter()
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):  # parameters are created (and initialised) on the device
-            network = (LlamaForCausalLM if family == "llada" else Qwen2ForCausalLM)(net_config)
+            network = (network_for(family, config)[0] if family in BLOCK_FAMILIES.values()
+                       else LlamaForCausalLM if family == "llada" else Qwen2ForCausalLM)(net_config)
     finally:
         torch.set_default_dtype(default_dtype)
     network.eval().requires_grad_(False)
     eos = config["eos_token_id"]
+    if family in BLOCK_FAMILIES.values():  # Qwen's tokenizers: <|endoftext|>, <|im_end|>, FIM tokens
+        return BlockDiffusionModel(
+            network=network, tokenizer=None, family=family, name=f"random {shape}", mask_token_id=mask_id,
+            eos_token_ids=(151643, 151645), bos_token_id=None, max_length=net_config.max_position_embeddings,
+            load_seconds=time.perf_counter() - started, fim_ids=(151659, 151661, 151660),
+            **family_options(family, config))
     return DiffusionModel(
         network=network, tokenizer=None, family=family, name=f"random {shape}", mask_token_id=mask_id,
         eos_token_ids=(eos,), bos_token_id=config.get("bos_token_id"), shift_logits=family != "llada",
@@ -173,7 +211,11 @@ def run_job(model, context: int, cache: str, per_forward: int, compiled: bool = 
     from ..sampler import Sampling
 
     canvas = canvas_for(model, context)
-    sampling = Sampling(alg="maskgit_plus", steps=BLOCK // per_forward)
+    block_size = getattr(model, "block_size", None)
+    part = getattr(model, "sub_block", None) or block_size  # a block model decodes a block (or sub-block) at a time
+    sampling = Sampling(alg="maskgit_plus", steps=(part or BLOCK) // per_forward)
+    if block_size:
+        model.block_cache = cache != "none"  # a bidirectional mode named (bench gpu's compile run): the block cache
     clock = NetworkClock(model)
     try:
         sync(model)
@@ -211,6 +253,9 @@ def weights_mb(model) -> float:
 def measure(model, contexts, per_forward, caches, quick: bool = False) -> dict:
     """Every (context, cache mode, tokens per forward) job once after one warm-up job, and the AR
     baseline per context."""
+    if getattr(model, "block_size", None):  # a block model: its exact cache against recomputation
+        part = getattr(model, "sub_block", None) or model.block_size
+        caches, per_forward = BLOCK_CACHE_MODES, tuple(k for k in per_forward if k <= part) or (1,)
     run_job(model, contexts[0], caches[-1], per_forward[-1])  # warm-up: allocator, lazy init
     jobs = []
     for context in contexts:
@@ -228,7 +273,11 @@ def shape_tables(model, shape: str, figures: dict, seconds_built: float) -> list
     caches = list(dict.fromkeys(j.cache for j in jobs))
     ks = sorted({j.per_forward for j in jobs})
     by = {(j.context, j.cache, j.per_forward): j for j in jobs}
-    label = f"{shape} ({model.parameter_count / 1e9:.2f} B params, {str(model.dtype).replace('torch.', '')}, {model.device.type})"
+    config = SHAPES[shape][0]
+    layers, full = model.network.config.num_hidden_layers, config.get("num_hidden_layers") or config.get("n_layers")
+    part = f", {layers} of its {full} layers" if layers != full else ""
+    label = (f"{shape} ({model.parameter_count / 1e9:.2f} B params{part}, {str(model.dtype).replace('torch.', '')}, "
+             f"{model.device.type})")
     step_rows = []
     for context in contexts:
         for cache in caches:
@@ -278,7 +327,7 @@ def run(options: common.Options, model=None) -> dict:
             raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        model = build(shape, device, options.dtype)
+        model = build(shape, device, options.dtype, options.extra.get("layers"))
         common.progress(f"shapes: built {shape} in {model.load_seconds:.1f} s")
         figures = measure(model, contexts, per_forward, CACHE_MODES, options.quick)
         tables += shape_tables(model, shape, figures, model.load_seconds)
@@ -305,7 +354,15 @@ def run(options: common.Options, model=None) -> dict:
         "AR: the same network with its causal mask and a K/V cache, greedy, one token per forward after a prefill "
         "of the same context; ms/block = prefill + 63 tokens.",
         "peak MiB: CUDA max allocated, or on a CPU the process's peak resident memory.",
+        "Block models (sdar-*, fast-dllm-v2-*): the FIM prompt holds the context (the suffix before the middle), the "
+        "64 tokens are decoded block by block (SDAR: blocks of 4; Fast-dLLM v2: blocks of 32 in sub-blocks of 8) "
+        "with Dream's schedule at (block or sub-block)/k steps each; K/V cache 'block' is the exact cache (the "
+        "prompt's and each finished block's keys/values computed once), 'none' recomputes the whole sequence every "
+        "forward. Fast-dLLM v2 also spends one forward per block storing it and choosing the next block's first token.",
     ]
+    if options.extra.get("layers"):
+        notes.append(f"Only {options.extra['layers']} transformer layers of each shape were built (`--layers`): a "
+                     "forward costs about that share of the whole network's, plus the embedding and LM head.")
     if device.type == "cpu" and not options.extra.get("contexts"):
         notes.append(f"On this CPU the contexts are {', '.join(map(str, contexts))} tokens (4,096: several seconds "
                      "per full forward of the 0.5B shape; `--contexts 4096` runs it).")

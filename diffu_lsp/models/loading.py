@@ -5,6 +5,9 @@ Families are told apart by `config.json` alone and never by running a checkpoint
 - Dream / DiffuCoder / Dream-Coder: `model_type "Dream"`, Qwen2 weight keys, shifted logits.
 - plain `qwen2` diffusion checkpoints (Open-dCoder style): mask token from the tokenizer, shifted.
 - LLaDA: `model_type "llada"`, OLMo-style keys remapped onto Llama, no shift.
+- Block diffusion (models/block.py), decoded block by block behind a fill-in-the-middle prompt:
+  SDAR (`model_type "sdar"`, Qwen3 weight keys, no shift) and Fast-dLLM v2 (`model_type
+  "Fast_dLLM_Qwen"`, Qwen2 weight keys, shifted inside a block).
 The bundled tiny model is a Dream-format folder inside the package.
 
 Before anything is built (:func:`check_checkpoint`, cheap and outside any load lock): weights must be
@@ -30,11 +33,12 @@ from transformers.utils import cached_file, logging as transformers_logging
 from ..errors import ModelLoadFailed
 from ..sampler import Sampling
 from .backend import DiffusionModel
+from .block import BLOCK_FAMILIES, BlockDiffusionModel, family_options, fim_ids_of, generation_eos, network_for
 from .tokenizer import load_tokenizer
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-dream"
-SUPPORTED = "Dream/DiffuCoder/Dream-Coder (model_type 'Dream'), qwen2 diffusion (model_type 'qwen2'), LLaDA (model_type 'llada')"
-MASK_TOKEN_NAMES = ("<|mask|>", "<M>", "<mask>", "[MASK]", "<|MASK|>")
+SUPPORTED = "Dream/DiffuCoder/Dream-Coder (model_type 'Dream'), qwen2 diffusion (model_type 'qwen2'), LLaDA (model_type 'llada'), SDAR (model_type 'sdar'), Fast-dLLM v2 (model_type 'Fast_dLLM_Qwen')"
+MASK_TOKEN_NAMES = ("<|mask|>", "<M>", "<mask>", "[MASK]", "<|MASK|>", "|<MASK>|")
 
 # LLaDA's weight names -> Llama's (regex, replacement), for from_pretrained's key_mapping.
 LLADA_KEY_MAPPING = {
@@ -267,6 +271,8 @@ def detect_family(config: dict) -> str:
         return "qwen2-diffusion"
     if model_type == "llada":
         return "llada"
+    if model_type in BLOCK_FAMILIES:
+        return BLOCK_FAMILIES[model_type]
     raise ModelLoadError(f"unsupported model_type {config.get('model_type')!r}; supported formats: {SUPPORTED}")
 
 
@@ -362,6 +368,9 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
             network, info = Qwen2ForCausalLM.from_pretrained(name, config=qwen2_config_for_dream(config), **load)
         elif family == "qwen2-diffusion":
             network, info = Qwen2ForCausalLM.from_pretrained(name, **load)
+        elif family in BLOCK_FAMILIES.values():
+            network_class, network_config = network_for(family, config)
+            network, info = network_class.from_pretrained(name, config=network_config, **load)
         else:
             network, info = LlamaForCausalLM.from_pretrained(
                 name, config=llama_config_for_llada(config), key_mapping=LLADA_KEY_MAPPING, **load)
@@ -381,6 +390,12 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
     if not eos_ids:
         raise ModelLoadError("the checkpoint names no eos_token_id / pad_token_id")
     max_length = config.get("max_position_embeddings") or config.get("max_sequence_length") or 4096
+    if family in BLOCK_FAMILIES.values():
+        return BlockDiffusionModel(
+            network=network, tokenizer=tokenizer, family=family, name=name, mask_token_id=mask_id,
+            eos_token_ids=_ids(eos_ids, generation_eos(_fetcher(name)("generation_config.json"))), bos_token_id=None,
+            max_length=int(max_length), load_seconds=time.perf_counter() - started, fim_ids=fim_ids_of(tokenizer),
+            **family_options(family, config))
     return DiffusionModel(
         network=network, tokenizer=tokenizer, family=family, name=name, mask_token_id=mask_id,
         eos_token_ids=eos_ids, bos_token_id=config.get("bos_token_id") if isinstance(config.get("bos_token_id"), int) else None,
