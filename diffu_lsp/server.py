@@ -518,6 +518,8 @@ class DiffuServer(LanguageServer):
         if snap is None:
             return None
         doc, text = snap
+        if not self.session.suggests_for(doc.language_id):
+            return None
         version = doc.version
         at = self.offset_at(doc, position)
         if at is None:

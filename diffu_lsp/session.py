@@ -197,6 +197,11 @@ class Session:
         self.counters["typed_through_hits" if typed else "repeat_hits"] += 1
         return shown.text[len(typed):], shown.replace_after
 
+    def suggests_for(self, language: str | None) -> bool:
+        """Whether a document of ``language`` gets suggestions as you type (settings
+        ``inlineCompletion`` and ``disabledLanguages``)."""
+        return self.settings.inline_completion and (language or "") not in self.settings.disabled_languages
+
     def forget(self, uri: str) -> None:
         self.shown.pop(uri, None)
 

@@ -104,6 +104,13 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     multi_line_tokens: Positive = 48
     #: Hole size (masked tokens) for **Diffu: Complete Block**.
     block_tokens: Positive = 96
+    #: Suggestions as you type (inline completion and the completion menu's diffu item). Off: they
+    #: are answered empty; the commands still work. Neovim's `:DiffuToggle` and VS Code's
+    #: **Diffu: Toggle Suggestions** set it.
+    inline_completion: bool = True
+    #: Language ids (as the editor names them, e.g. `markdown`, `plaintext`) whose documents get no
+    #: suggestions as you type. Neovim's `:DiffuToggle filetype` adds or removes the current one.
+    disabled_languages: tuple[Marker, ...] = ()
     #: Delay after the last keystroke before an inline completion is computed, in milliseconds.
     debounce_ms: NonNegative = 60
     #: Tokens at the end of a suggestion revealed with a confidence below this are dropped (0 keeps

@@ -1,0 +1,60 @@
+"""The suggestion controls the server decides (settings inlineCompletion, disabledLanguages),
+end to end over stdio: pytest-lsp's client drives a real `python -m diffu_lsp` on a random-weight
+checkpoint (any text will do: what is checked is whether a job runs at all)."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_asyncio
+from lsprotocol import types as lsp
+
+from test_server import (configure, end_of, inline, nothing_here, open_doc, start_server, stats, stop_server, until,
+                         wait_status)
+
+aio = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mechanic(tmp_path_factory, random_dream):
+    c = await start_server(tmp_path_factory.mktemp("controls"), "--model", str(random_dream), init_options={
+        "algorithm": "entropy", "singleLineTokens": 8, "multiLineTokens": 8, "blockTokens": 8})
+    await wait_status(c, "ready")
+    yield c
+    await stop_server(c)
+
+
+async def jobs_for(client, uri: str, position: lsp.Position) -> tuple[int, object, object]:
+    """(jobs submitted, inline answer, completion answer) for one request of each at `position`."""
+    before = (await stats(client))["submitted"]
+    answer = await inline(client, uri, position)
+    menu = await client.text_document_completion_async(lsp.CompletionParams(
+        text_document=lsp.TextDocumentIdentifier(uri=uri), position=position,
+        context=lsp.CompletionContext(trigger_kind=lsp.CompletionTriggerKind.Invoked)))
+    return (await stats(client))["submitted"] - before, answer, menu
+
+
+@aio
+async def test_suggestions_off_globally_or_for_the_language_are_answered_empty_without_a_job(mechanic):
+    text = "def add(a, b):\n    return "
+    uri = open_doc(mechanic, text)
+    at = end_of(text)
+    jobs, _, _ = await jobs_for(mechanic, uri, at)
+    assert jobs >= 1  # on by default: the model is asked
+    for off in ({"inlineCompletion": False}, {"disabledLanguages": ["markdown", "python"]}):
+        await configure(mechanic, off)
+        jobs, answer, menu = await jobs_for(mechanic, uri, at)
+        assert (jobs, nothing_here(answer), menu) == (0, True, None), off
+    await configure(mechanic, {"disabledLanguages": ["markdown"]})  # another language's switch
+    jobs, _, _ = await jobs_for(mechanic, uri, at)
+    assert jobs >= 1
+
+
+@aio
+async def test_a_disabled_language_must_be_named(mechanic):
+    mechanic.messages.clear()
+    await configure(mechanic, {"disabledLanguages": ["python"]})
+    mechanic.set_configuration({"disabledLanguages": [""]}, section="diffu")
+    mechanic.workspace_did_change_configuration(lsp.DidChangeConfigurationParams(settings=None))
+    warning = await until(lambda: [m for m in mechanic.messages if "disabledLanguages" in m.message], "a warning")
+    assert warning[0].type == lsp.MessageType.Warning
+    assert (await stats(mechanic))["settings"]["disabledLanguages"] == ["python"]
