@@ -1017,7 +1017,7 @@ def _configure_logging() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-    logging.getLogger("diffu_lsp").setLevel(logging.INFO)
+    logging.getLogger("diffu_lsp").setLevel(logging.WARNING)  # until the settings say (logLevel)
     logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message at INFO
 
 

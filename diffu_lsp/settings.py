@@ -126,8 +126,10 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     #: lines around the cursor (or the command's range) that `prefixTokens`/`suffixTokens` can use:
     #: the rest of the document is not scanned or encoded.
     max_document_bytes: Positive = 4_000_000
-    #: Server log level (shown in the **Diffu LSP** output channel).
-    log_level: Literal["error", "warning", "info", "debug"] = "info"
+    #: Level of the server's log on stderr, which editors keep as its log (VS Code's **Diffu LSP**
+    #: output channel; Neovim's `lsp.log`, where every stderr line is an `[ERROR]`). What you should
+    #: see (the model loaded, settings changed) is sent as a log message to the editor whatever this is.
+    log_level: Literal["error", "warning", "info", "debug"] = "warning"
 
     #: The shared model daemon exits this many seconds after its last editor window disconnects
     #: (`0`: it stays until `diffu-lsp daemon stop`). Read when the daemon starts.

@@ -58,3 +58,31 @@ async def test_a_disabled_language_must_be_named(mechanic):
     warning = await until(lambda: [m for m in mechanic.messages if "disabledLanguages" in m.message], "a warning")
     assert warning[0].type == lsp.MessageType.Warning
     assert (await stats(mechanic))["settings"]["disabledLanguages"] == ["python"]
+
+
+@pytest.mark.parametrize("log_level", [None, "info"])
+def test_info_goes_to_the_editor_as_a_log_message_not_to_stderr(tmp_path, log_level):
+    """Editors keep a server's stderr as its log (Neovim's lsp.log files every line as [ERROR]):
+    by default only warnings and errors go there; what the user should see arrives as
+    window/logMessage. logLevel "info" puts the INFO lines back on stderr."""
+    from test_protocol_edges import RawServer
+
+    raw = RawServer(tmp_path)
+    try:
+        raw.request(0, "initialize", {"processId": None, "rootUri": raw.root.as_uri(), "capabilities": {},
+                                      "initializationOptions": {"logLevel": log_level} if log_level else None})
+        raw.answer(0)
+        raw.notify("initialized", {})
+        loaded = raw.next(lambda m: m.get("method") == "window/logMessage" and "loaded" in m["params"]["message"],
+                          "the model-loaded log message")
+        assert loaded["params"]["type"] == lsp.MessageType.Info
+        raw.request(1, "shutdown")
+        raw.answer(1)
+        raw.notify("exit")
+    finally:
+        raw.close()
+    info_lines = [line for line in raw.stderr().splitlines() if " INFO " in line]
+    if log_level is None:
+        assert not info_lines, raw.stderr()
+    else:
+        assert any("loaded" in line for line in info_lines), raw.stderr()
