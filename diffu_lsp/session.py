@@ -78,6 +78,10 @@ class Shown:
     suffix: str  # document text after the cursor
     text: str
     replace_after: int
+    alternatives: tuple[tuple[str, int], ...] = ()  # the other candidates: (text, replace_after)
+
+    def candidates(self) -> list[tuple[str, int]]:
+        return [(self.text, self.replace_after), *self.alternatives]
 
 
 @dataclasses.dataclass
@@ -181,8 +185,8 @@ class Session:
 
     # ------------------------------------------------------------ suggestions
 
-    def typed_through(self, uri: str, text: str, cursor: int) -> tuple[str, int] | None:
-        """The rest of the shown suggestion if the user typed a prefix of it (or nothing)."""
+    def typed_through(self, uri: str, text: str, cursor: int) -> list[tuple[str, int]] | None:
+        """The rest of each shown candidate the user typed a prefix of (or nothing)."""
         shown = self.shown.get(uri)
         if shown is None:
             return None
@@ -190,12 +194,12 @@ class Session:
         if cursor < n or len(text) - cursor != len(shown.suffix):
             return None
         typed = text[n:cursor]
-        if len(typed) >= len(shown.text) or not shown.text.startswith(typed):
-            return None
-        if not (text.startswith(shown.prefix) and text.endswith(shown.suffix)):
+        rests = [(candidate[len(typed):], tail) for candidate, tail in shown.candidates()
+                 if len(typed) < len(candidate) and candidate.startswith(typed)]
+        if not rests or not (text.startswith(shown.prefix) and text.endswith(shown.suffix)):
             return None
         self.counters["typed_through_hits" if typed else "repeat_hits"] += 1
-        return shown.text[len(typed):], shown.replace_after
+        return rests
 
     def suggests_for(self, language: str | None) -> bool:
         """Whether a document of ``language`` gets suggestions as you type (settings
@@ -206,10 +210,11 @@ class Session:
         self.shown.pop(uri, None)
 
     async def suggest(self, uri: str, text: str, cursor: int, version: int | None, *,
-                      debounce: bool) -> tuple[str, int] | None:
-        """(text, characters after the cursor it replaces) to show at ``cursor``, or None when
-        there is nothing to show: from the cache when the user typed through the last suggestion,
-        else from the model. Raises JobCancelled when superseded."""
+                      debounce: bool) -> list[tuple[str, int]] | None:
+        """The candidates to show at ``cursor``, each (text, characters after the cursor it
+        replaces), the model's first choice first; None when there is nothing to show: from the
+        cache when the user typed through the last suggestion, else from the model (setting
+        ``candidates``). Raises JobCancelled when superseded."""
         reused = self.typed_through(uri, text, cursor)
         if reused is not None:
             return reused
@@ -225,8 +230,9 @@ class Session:
             raise JobCancelled("superseded: the document changed while the job ran")
         if not result.text:
             return None
-        self.shown[uri] = Shown(text[:cursor], text[cursor:], result.text, result.replace_after)
-        return result.text, result.replace_after
+        shown = self.shown[uri] = Shown(text[:cursor], text[cursor:], result.text, result.replace_after,
+                                        result.alternatives)
+        return shown.candidates()
 
     def clip(self, text: str, start: int, end: int, settings: Settings) -> tuple[str, int]:
         clipped, base = clip(text, start, end, settings)

@@ -111,6 +111,12 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     #: Language ids (as the editor names them, e.g. `markdown`, `plaintext`) whose documents get no
     #: suggestions as you type. Neovim's `:DiffuToggle filetype` adds or removes the current one.
     disabled_languages: tuple[Marker, ...] = ()
+    #: Suggestions per request: the first as the settings decode it, the others sampled again (at
+    #: temperature 0.8 unless `temperature` is higher, each with its own seed) from the same context,
+    #: whose keys/values they reuse; duplicates and empty ones are dropped. Cycle through them with
+    #: the editor's next/previous suggestion keys. Each costs about one more suggestion's model time
+    #: (BENCHMARKS.md).
+    candidates: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
     #: Delay after the last keystroke before an inline completion is computed, in milliseconds.
     debounce_ms: NonNegative = 60
     #: Tokens at the end of a suggestion revealed with a confidence below this are dropped (0 keeps

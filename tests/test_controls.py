@@ -8,8 +8,8 @@ import pytest
 import pytest_asyncio
 from lsprotocol import types as lsp
 
-from test_server import (configure, end_of, inline, nothing_here, open_doc, start_server, stats, stop_server, until,
-                         wait_status)
+from test_server import (configure, end_of, inline, insert, nothing_here, open_doc, position_of, start_server, stats,
+                         stop_server, until, wait_status)
 
 aio = pytest.mark.asyncio(loop_scope="module")
 
@@ -86,3 +86,28 @@ def test_info_goes_to_the_editor_as_a_log_message_not_to_stderr(tmp_path, log_le
         assert not info_lines, raw.stderr()
     else:
         assert any("loaded" in line for line in info_lines), raw.stderr()
+
+
+@aio
+async def test_several_candidates_in_one_answer_distinct_and_typed_through(mechanic):
+    """candidates = 3: one request answers up to three distinct suggestions at the cursor (the
+    model's first choice first, as with candidates = 1); typing the start of one of them answers
+    the rest of each candidate that starts so, from the cache (no job)."""
+    text = "def add(a, b):\n    return "
+    at = end_of(text)
+    await configure(mechanic, {"candidates": 1, "disabledLanguages": []})
+    single = await inline(mechanic, open_doc(mechanic, text), at)
+    await configure(mechanic, {"candidates": 3})
+    uri = open_doc(mechanic, text)
+    answer = await inline(mechanic, uri, at)
+    texts = [item.insert_text for item in answer.items]
+    assert 2 <= len(texts) <= 3 and len(set(texts)) == len(texts), texts
+    assert texts[0] == single.items[0].insert_text
+    assert all(item.range.start == at for item in answer.items)
+    second = texts[1]
+    before = await stats(mechanic)
+    insert(mechanic, uri, 2, at, second[:1])
+    rest = await inline(mechanic, uri, position_of(text + second[:1], len(text) + 1), invoked=False)
+    rests = [item.insert_text for item in rest.items]
+    assert second[1:] in rests and rests == [t[1:] for t in texts if t.startswith(second[:1]) and len(t) > 1]
+    assert (await stats(mechanic))["submitted"] == before["submitted"]

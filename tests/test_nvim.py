@@ -769,3 +769,39 @@ def test_statusline_shows_a_request_in_flight(editor_factory):
     """)
     assert "diffu:busy" in busy
     wait_for(lambda: "diffu:ready" in drawn(), REQUEST_TIMEOUT, what="diffu:ready after the answer")
+
+
+def test_cycling_through_several_candidates(editor_factory):
+    """With the setting candidates = 3 the server answers up to three distinct suggestions in one
+    request; <M-]> / <M-[> show the next / previous one, and <Tab> accepts the one shown."""
+    ed = editor_factory(setup={"settings": {"candidates": 3}}, mechanic=True)
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+    first = shown_somewhere(ed)
+    offered = ed.lua("""
+      local c = require('vim.lsp._capability').all.inline_completion.active[vim.api.nvim_get_current_buf()]
+      local texts = {}
+      for _, state in pairs(c.client_state) do
+        for _, item in ipairs(state.items or {}) do table.insert(texts, item.insertText) end
+      end
+      return texts
+    """)  # Neovim's private state again: 0.12 has no public way to read the items on offer
+    assert len(offered) >= 2 and len(set(offered)) == len(offered), offered
+    assert first["text"] == offered[0]
+    before = ed.lines()
+    row, col = ed.cursor()
+    ed.input("<M-]>")
+    second = wait_for(lambda: (s := ed.suggestion()) and s["text"] == offered[1] and s, 10,
+                      what=f"the second candidate {offered[1]!r} shown (shown: {ed.suggestion()})")
+    # drawn with Neovim's counter: the second of len(offered)
+    assert second["drawn"][0].endswith(f"(2/{len(offered)})"), second
+    ed.input("<M-[>")
+    wait_for(lambda: (s := ed.suggestion()) and s["text"] == offered[0], 10, what="the first one again")
+    ed.input("<M-]>")
+    wait_for(lambda: (s := ed.suggestion()) and s["text"] == offered[1], 10, what="the second one again")
+    ed.input("<Tab>")
+    wait_for(lambda: ed.lines() != before, 10, what="<Tab> to accept the second candidate")
+    rng = second["anchor"]
+    assert rng == [row - 1, col]
+    assert ed.lines()[:row - 1] == before[:row - 1]
+    assert "\n".join(ed.lines()).startswith("\n".join(before[:row - 1] + [before[row - 1][:col] + offered[1]]))

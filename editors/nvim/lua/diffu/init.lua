@@ -315,9 +315,13 @@ local function accept_typed_through(bufnr, win, item, part)
   local params = vim.lsp.util.make_position_params(win, client.offset_encoding)
   params.context = { triggerKind = vim.lsp.protocol.InlineCompletionTriggerKind.Invoked }
   client:request('textDocument/inlineCompletion', params, function(err, result)
-    local fresh = not err and result and (result.items or result)[1]
-    if fresh and type(fresh.insertText) == 'string' and typed .. fresh.insertText == item.insert_text
-        and vim.api.nvim_buf_get_changedtick(bufnr) == tick
+    local fresh -- the candidate (setting candidates) that is the rest of the one shown
+    for _, candidate in ipairs(not err and result and (result.items or result) or {}) do
+      if type(candidate.insertText) == 'string' and typed .. candidate.insertText == item.insert_text then
+        fresh = fresh or candidate
+      end
+    end
+    if fresh and vim.api.nvim_buf_get_changedtick(bufnr) == tick
         and vim.deep_equal(vim.api.nvim_win_get_cursor(win), cursor) then
       apply_fresh(bufnr, win, client, fresh, part)
     end
