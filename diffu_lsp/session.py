@@ -9,6 +9,8 @@ character offsets, calls in here, and turns the answers back into LSP values and
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import Any, Callable
 
 from . import infill
@@ -17,6 +19,8 @@ from .errors import JobCancelled
 from .job import ModelInfo, ModelKey, Request, Step, Suggestion
 from .jobs import Scheduler
 from .settings import Settings
+
+log = logging.getLogger("diffu_lsp.session")
 
 COUNTERS = ("typed_through_hits", "repeat_hits", "model_loads", "model_load_failures", "oom_retries", "oom_failures",
             "daemon_lost", "daemon_stuck", "documents_clipped")
@@ -68,6 +72,18 @@ def progress_message(step: Step, width: int = PROGRESS_DRAFT_CHARS) -> str:
     if len(draft) > width:
         draft = draft[:width - 1] + "…"
     return f"{head} · {draft}" if draft else head
+
+
+def timeline(uri: str, version: int | None, started: float, job: Any, result: Suggestion, debounce_ms: int) -> str:
+    """Where a suggestion's time went, for the debug log: the debounce, the wait for the model
+    thread, the engine's round trip (the daemon's socket and queue) and the model's own time
+    (forwards and post-processing), of the time since the request reached the session."""
+    ms = lambda seconds: seconds * 1000  # noqa: E731
+    queued, run = ms(job.started_at - job.submitted_at), ms(job.finished_at - job.started_at)
+    return (f"timeline {uri} v{version}: debounce {debounce_ms} ms, queue {max(queued - debounce_ms, 0.0):.1f} ms, "
+            f"engine {run:.1f} ms (round trip {max(run - ms(result.seconds), 0.0):.1f} ms, model {ms(result.seconds):.1f} ms "
+            f"in {result.forwards} forwards, {1 + len(result.alternatives) if result.text else 0} candidates), "
+            f"{ms(time.monotonic() - started):.1f} ms in all")
 
 
 @dataclasses.dataclass
@@ -215,17 +231,22 @@ class Session:
         replaces), the model's first choice first; None when there is nothing to show: from the
         cache when the user typed through the last suggestion, else from the model (setting
         ``candidates``). Raises JobCancelled when superseded."""
+        started = time.monotonic()
         reused = self.typed_through(uri, text, cursor)
         if reused is not None:
+            log.debug("timeline %s v%s: from the cache (typed through) in %.1f ms", uri, version,
+                      (time.monotonic() - started) * 1000)
             return reused
         if self.model_info is None:
             return None
         clipped, base = self.clip(text, cursor, cursor, self.settings)
         request = Request("suggest", clipped, cursor - base, cursor - base, self.settings)
         engine = self.engine
-        result: Suggestion = await self.sched.submit(
-            uri, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=uri),
-            version=version, debounce=debounce)
+        job = self.sched.submit(uri, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=uri),
+                                version=version, debounce=debounce)
+        result: Suggestion = await job
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", timeline(uri, version, started, job, result, self.settings.debounce_ms if debounce else 0))
         if not self.sched.is_current(uri, version):  # a didChange may have run since the job ended
             raise JobCancelled("superseded: the document changed while the job ran")
         if not result.text:

@@ -4,6 +4,8 @@ checkpoint (any text will do: what is checked is whether a job runs at all)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import pytest_asyncio
 from lsprotocol import types as lsp
@@ -111,3 +113,29 @@ async def test_several_candidates_in_one_answer_distinct_and_typed_through(mecha
     rests = [item.insert_text for item in rest.items]
     assert second[1:] in rests and rests == [t[1:] for t in texts if t.startswith(second[:1]) and len(t) > 1]
     assert (await stats(mechanic))["submitted"] == before["submitted"]
+
+
+def test_the_debug_log_says_where_a_suggestion_s_time_went(caplog):
+    """logLevel debug: each suggestion logs its timeline (debounce, queue, engine round trip, model
+    time and forwards, total), and a cache hit says so."""
+    import asyncio
+    import logging
+
+    from test_session import RecordingEngine, _ready_session
+
+    session = _ready_session(RecordingEngine("value + 1"))
+    text = "def f(value):\n    return \n"
+    cursor = text.index("return ") + len("return ")
+
+    async def go():
+        await session.suggest("file:///a.py", text, cursor, 1, debounce=True)
+        await session.suggest("file:///a.py", text[:cursor] + "v" + text[cursor:], cursor + 1, 2, debounce=True)
+        await session.close()
+
+    with caplog.at_level(logging.DEBUG, logger="diffu_lsp.session"):
+        asyncio.run(go())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("timeline")]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"timeline file:///a.py v1: debounce 60 ms, queue [\d.]+ ms, engine [\d.]+ ms \(round trip "
+                        r"[\d.]+ ms, model 0.0 ms in 1 forwards, 1 candidates\), [\d.]+ ms in all", lines[0]), lines[0]
+    assert re.fullmatch(r"timeline file:///a.py v2: from the cache \(typed through\) in [\d.]+ ms", lines[1]), lines[1]
