@@ -1,6 +1,7 @@
-"""The suggestion controls the server decides (settings inlineCompletion, disabledLanguages),
-end to end over stdio: pytest-lsp's client drives a real `python -m diffu_lsp` on a random-weight
-checkpoint (any text will do: what is checked is whether a job runs at all)."""
+"""What the server decides for the editors' controls (issue #31), end to end over stdio: pytest-lsp's
+client drives a real `python -m diffu_lsp` on a random-weight checkpoint (any text will do): the
+settings inlineCompletion and disabledLanguages, several candidates per request (candidates), INFO
+lines kept off stderr (logLevel), and the debug timeline of a suggestion."""
 
 from __future__ import annotations
 

@@ -53,10 +53,11 @@ const SERVER_COMMANDS = {
   refineSelection: "diffu.refineSelection",
 } as const;
 
-type ModelState = "starting" | "loading" | "ready" | "error" | "stopped";
+type ModelState = "starting" | "loading" | "ready" | "error" | "stopped" | "stuck" | "restarting";
 
 interface DiffuStatusParams {
-  state: "loading" | "ready" | "error";
+  // stuck: the model daemon does not answer; restarting: it is being replaced
+  state: "loading" | "ready" | "error" | "stuck" | "restarting";
   model?: string;
   message?: string;
 }
@@ -219,6 +220,8 @@ function setStatus(state: ModelState, model?: string, message?: string): void {
     ready: "$(sparkle)",
     error: "$(error)",
     stopped: "$(circle-slash)",
+    stuck: "$(warning)",
+    restarting: "$(sync~spin)",
   };
   const label: Record<ModelState, string> = {
     starting: "Diffu: starting",
@@ -226,13 +229,15 @@ function setStatus(state: ModelState, model?: string, message?: string): void {
     ready: "Diffu",
     error: "Diffu: error",
     stopped: "Diffu: stopped",
+    stuck: "Diffu: not responding",
+    restarting: "Diffu: restarting",
   };
   const languageId = vscode.window.activeTextEditor?.document.languageId;
   const off = state === "ready" && !suggestionsOn(languageId);
   statusBar.text =
     off ? "$(circle-slash) Diffu: off"
     : state === "ready" && inFlight > 0 ? "$(loading~spin) Diffu"
-    : `${icon[state]} ${label[state]}`;
+    : `${icon[state] ?? "$(question)"} ${label[state] ?? `Diffu: ${state}`}`;
   const lines = [`diffu-lsp: ${state}`];
   if (off) {
     lines.push(`suggestions as you type are off${languageId ? ` for ${languageId}` : ""} (Diffu: Toggle Suggestions)`);
@@ -246,7 +251,9 @@ function setStatus(state: ModelState, model?: string, message?: string): void {
   lines.push("", "Click to show the server output");
   statusBar.tooltip = lines.join("\n");
   statusBar.backgroundColor =
-    state === "error" ? new vscode.ThemeColor("statusBarItem.errorBackground") : undefined;
+    state === "error" ? new vscode.ThemeColor("statusBarItem.errorBackground")
+    : state === "stuck" ? new vscode.ThemeColor("statusBarItem.warningBackground")
+    : undefined;
   statusBar.show();
 }
 
