@@ -23,6 +23,8 @@ from .settings import Settings, sampling_options
 
 log = logging.getLogger("diffu_lsp.features")
 
+ALTERNATIVE_TEMPERATURE = 0.8  # the other candidates of a suggestion (setting candidates) sample at least this hot
+
 BETWEEN_HOLES = " ┊ "  # joins the holes' drafts in a fill-holes job's streamed draft
 # Bounds checked before any tokenizing (a lower bound of the tokens from the characters), and on the
 # exact canvas before denoising: a fill-holes or refine job over a whole file tied a daemon up for
@@ -50,9 +52,17 @@ def sampling_for(model, settings: Settings, **overrides) -> Sampling:
     return model.sampling(**sampling_options(settings), **overrides)
 
 
-def _denoise(model, canvas: list[int], settings: Settings, cancel, on_step=None, provisional=None, keep=None):
-    """The filled canvas; `keep(result)` sees it first, also when the job was cancelled (warm start)."""
-    result = model.fill(canvas, sampling_for(model, settings), cancel=cancel, on_step=on_step,
+def _denoise(model, canvas: list[int], settings: Settings, cancel, on_step=None, provisional=None, keep=None,
+             seed: int | None = None):
+    """The filled canvas; `keep(result)` sees it first, also when the job was cancelled (warm start).
+    `seed`: sample (at ALTERNATIVE_TEMPERATURE at least) from a generator seeded with it."""
+    sampling, generator = sampling_for(model, settings), None
+    if seed is not None:
+        import torch  # loaded already: the model is
+
+        sampling = sampling.with_options(temperature=max(settings.temperature, ALTERNATIVE_TEMPERATURE))
+        generator = torch.Generator().manual_seed(seed)
+    result = model.fill(canvas, sampling, cancel=cancel, on_step=on_step, generator=generator,
                         cache=settings.kv_cache, refresh_every=settings.cache_refresh_steps, compiled=settings.compile,
                         reuse_prefix=settings.reuse_keys, provisional=provisional)
     if keep is not None:
@@ -118,15 +128,30 @@ def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, b
             text, hole_start, cursor, result.canvas[len(prefix_ids):len(prefix_ids) + length].tolist()))
     result = _denoise(model, prefix_ids + hole + suffix_ids, settings, cancel,
                       _streamed(model, on_step, [(len(prefix_ids), length)]), provisional, keep)
-    raw = _hole_text(model, result, len(prefix_ids), length, settings)
-    if healed:
-        raw = raw[len(healed):] if raw.startswith(healed) else raw.lstrip(" \t")
     context = Context(prefix=request.prefix, suffix=request.suffix, multiline=request.multiline)
-    completion = postprocess_text(raw, context)
+
+    def candidate(result) -> tuple[str, int]:
+        raw = _hole_text(model, result, len(prefix_ids), length, settings)
+        if healed:
+            raw = raw[len(healed):] if raw.startswith(healed) else raw.lstrip(" \t")
+        text = postprocess_text(raw, context)
+        return text, auto_closed_tail(context.line_after, text) if text else 0
+
+    completion, replace_after = candidate(result)
+    forwards, seen, alternatives = result.forwards, {completion}, []
+    for seed in range(1, settings.candidates):  # the others, from a fresh hole: sampled, seeded
+        other = _denoise(model, prefix_ids + [model.mask_token_id] * length + suffix_ids, settings, cancel, seed=seed)
+        forwards += other.forwards
+        text, tail = candidate(other)
+        if text and text not in seen:
+            seen.add(text)
+            alternatives.append((text, tail))
+    if not completion and alternatives:
+        (completion, replace_after), alternatives = alternatives[0], alternatives[1:]
     return Suggestion(
-        text=completion, replace_after=auto_closed_tail(context.line_after, completion) if completion else 0,
-        multiline=request.multiline, forwards=result.forwards, hole_tokens=length,
-        seconds=time.perf_counter() - started, drafted=result.drafted, remasked=result.remasked,
+        text=completion, replace_after=replace_after, multiline=request.multiline, forwards=forwards,
+        hole_tokens=length, seconds=time.perf_counter() - started, drafted=result.drafted, remasked=result.remasked,
+        alternatives=tuple(alternatives),
     )
 
 

@@ -43,6 +43,7 @@ class JobSettings(msgspec.Struct, kw_only=True, rename="camel", frozen=True):
     hole_markers: tuple[str, ...]
     refine_mode: Literal["all", "low_confidence"]
     refine_confidence: float
+    candidates: int = 1
 
 
 def job_settings(settings: Any) -> JobSettings:
@@ -80,6 +81,7 @@ class Suggestion(msgspec.Struct, frozen=True):
     seconds: float
     drafted: int = 0       # warm start: draft tokens the hole started with (provisional)
     remasked: int = 0      # of those, the ones masked again because the model no longer agreed
+    alternatives: tuple[tuple[str, int], ...] = ()  # other candidates: (text, replace_after), distinct
 
 
 class Replacement(msgspec.Struct, frozen=True):

@@ -586,24 +586,25 @@ class DiffuServer(LanguageServer):
 
     # ------------------------------------------------------------ suggestions
 
-    async def suggest_at(self, uri: str, position: lsp.Position, *, debounce: bool) -> _Answer | None:
+    async def suggest_at(self, uri: str, position: lsp.Position, *, debounce: bool) -> list[_Answer] | None:
         snap = self.snapshot(uri)
         if snap is None:
             return None
         doc, text = snap
+        if not self.session.suggests_for(doc.language_id):
+            return None
         version = doc.version
         at = self.offset_at(doc, position)
         if at is None:
             log.info("position %s is past the end of %s", position, uri)
             return None
         cursor, pos = at
-        answer = await self.session.suggest(uri, text, cursor, version, debounce=debounce)
-        if answer is None:
+        candidates = await self.session.suggest(uri, text, cursor, version, debounce=debounce)
+        if candidates is None:
             return None
-        suggestion, replace_after = answer
-        tail = text[cursor:cursor + replace_after]
-        end = lsp.Position(line=pos.line, character=pos.character + doc.position_codec.client_num_units(tail))
-        return _Answer(suggestion, pos, end)
+        units = doc.position_codec.client_num_units
+        return [_Answer(suggestion, pos, lsp.Position(line=pos.line, character=pos.character + units(
+            text[cursor:cursor + replace_after]))) for suggestion, replace_after in candidates]
 
     # ------------------------------------------------------------ commands
 
@@ -969,20 +970,21 @@ def nothing_here() -> lsp.InlineCompletionList:
 @guarded(nothing_here, superseded=None)
 async def inline_completion(ls: DiffuServer, params: lsp.InlineCompletionParams):
     explicit = params.context.trigger_kind == lsp.InlineCompletionTriggerKind.Invoked
-    answer = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
-    if answer is None:
+    answers = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
+    if answers is None:
         return nothing_here()
     return lsp.InlineCompletionList(items=[lsp.InlineCompletionItem(
-        insert_text=answer.text, range=lsp.Range(start=answer.start, end=answer.end))])
+        insert_text=answer.text, range=lsp.Range(start=answer.start, end=answer.end)) for answer in answers])
 
 
 @feature(lsp.TEXT_DOCUMENT_COMPLETION, lsp.CompletionOptions())
 @guarded(None)
 async def completion(ls: DiffuServer, params: lsp.CompletionParams):
     explicit = params.context is not None and params.context.trigger_kind == lsp.CompletionTriggerKind.Invoked
-    answer = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
-    if answer is None:
+    answers = await ls.suggest_at(params.text_document.uri, params.position, debounce=not explicit)
+    if answers is None:
         return None
+    answer = answers[0]
     first = next((line.strip() for line in answer.text.splitlines() if line.strip()), answer.text.strip())
     doc = ls.document(params.text_document.uri)
     language = (doc.language_id if doc is not None else None) or ""
@@ -1092,7 +1094,7 @@ def _configure_logging() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-    logging.getLogger("diffu_lsp").setLevel(logging.INFO)
+    logging.getLogger("diffu_lsp").setLevel(logging.WARNING)  # until the settings say (logLevel)
     logging.getLogger("pygls").setLevel(logging.WARNING)  # it logs every message at INFO
 
 

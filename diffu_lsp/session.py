@@ -9,6 +9,8 @@ character offsets, calls in here, and turns the answers back into LSP values and
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import Any, Callable
 
 from . import infill
@@ -17,6 +19,8 @@ from .errors import JobCancelled
 from .job import ModelInfo, ModelKey, Request, Step, Suggestion
 from .jobs import Scheduler
 from .settings import Settings
+
+log = logging.getLogger("diffu_lsp.session")
 
 COUNTERS = ("typed_through_hits", "repeat_hits", "model_loads", "model_load_failures", "oom_retries", "oom_failures",
             "daemon_lost", "daemon_stuck", "documents_clipped")
@@ -70,6 +74,18 @@ def progress_message(step: Step, width: int = PROGRESS_DRAFT_CHARS) -> str:
     return f"{head} · {draft}" if draft else head
 
 
+def timeline(uri: str, version: int | None, started: float, job: Any, result: Suggestion, debounce_ms: int) -> str:
+    """Where a suggestion's time went, for the debug log: the debounce, the wait for the model
+    thread, the engine's round trip (the daemon's socket and queue) and the model's own time
+    (forwards and post-processing), of the time since the request reached the session."""
+    ms = lambda seconds: seconds * 1000  # noqa: E731
+    queued, run = ms(job.started_at - job.submitted_at), ms(job.finished_at - job.started_at)
+    return (f"timeline {uri} v{version}: debounce {debounce_ms} ms, queue {max(queued - debounce_ms, 0.0):.1f} ms, "
+            f"engine {run:.1f} ms (round trip {max(run - ms(result.seconds), 0.0):.1f} ms, model {ms(result.seconds):.1f} ms "
+            f"in {result.forwards} forwards, {1 + len(result.alternatives) if result.text else 0} candidates), "
+            f"{ms(time.monotonic() - started):.1f} ms in all")
+
+
 @dataclasses.dataclass
 class Shown:
     """The last suggestion shown in a document, for typed-through reuse."""
@@ -78,6 +94,10 @@ class Shown:
     suffix: str  # document text after the cursor
     text: str
     replace_after: int
+    alternatives: tuple[tuple[str, int], ...] = ()  # the other candidates: (text, replace_after)
+
+    def candidates(self) -> list[tuple[str, int]]:
+        return [(self.text, self.replace_after), *self.alternatives]
 
 
 @dataclasses.dataclass
@@ -181,8 +201,8 @@ class Session:
 
     # ------------------------------------------------------------ suggestions
 
-    def typed_through(self, uri: str, text: str, cursor: int) -> tuple[str, int] | None:
-        """The rest of the shown suggestion if the user typed a prefix of it (or nothing)."""
+    def typed_through(self, uri: str, text: str, cursor: int) -> list[tuple[str, int]] | None:
+        """The rest of each shown candidate the user typed a prefix of (or nothing)."""
         shown = self.shown.get(uri)
         if shown is None:
             return None
@@ -190,38 +210,50 @@ class Session:
         if cursor < n or len(text) - cursor != len(shown.suffix):
             return None
         typed = text[n:cursor]
-        if len(typed) >= len(shown.text) or not shown.text.startswith(typed):
-            return None
-        if not (text.startswith(shown.prefix) and text.endswith(shown.suffix)):
+        rests = [(candidate[len(typed):], tail) for candidate, tail in shown.candidates()
+                 if len(typed) < len(candidate) and candidate.startswith(typed)]
+        if not rests or not (text.startswith(shown.prefix) and text.endswith(shown.suffix)):
             return None
         self.counters["typed_through_hits" if typed else "repeat_hits"] += 1
-        return shown.text[len(typed):], shown.replace_after
+        return rests
+
+    def suggests_for(self, language: str | None) -> bool:
+        """Whether a document of ``language`` gets suggestions as you type (settings
+        ``inlineCompletion`` and ``disabledLanguages``)."""
+        return self.settings.inline_completion and (language or "") not in self.settings.disabled_languages
 
     def forget(self, uri: str) -> None:
         self.shown.pop(uri, None)
 
     async def suggest(self, uri: str, text: str, cursor: int, version: int | None, *,
-                      debounce: bool) -> tuple[str, int] | None:
-        """(text, characters after the cursor it replaces) to show at ``cursor``, or None when
-        there is nothing to show: from the cache when the user typed through the last suggestion,
-        else from the model. Raises JobCancelled when superseded."""
+                      debounce: bool) -> list[tuple[str, int]] | None:
+        """The candidates to show at ``cursor``, each (text, characters after the cursor it
+        replaces), the model's first choice first; None when there is nothing to show: from the
+        cache when the user typed through the last suggestion, else from the model (setting
+        ``candidates``). Raises JobCancelled when superseded."""
+        started = time.monotonic()
         reused = self.typed_through(uri, text, cursor)
         if reused is not None:
+            log.debug("timeline %s v%s: from the cache (typed through) in %.1f ms", uri, version,
+                      (time.monotonic() - started) * 1000)
             return reused
         if self.model_info is None:
             return None
         clipped, base = self.clip(text, cursor, cursor, self.settings)
         request = Request("suggest", clipped, cursor - base, cursor - base, self.settings)
         engine = self.engine
-        result: Suggestion = await self.sched.submit(
-            uri, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=uri),
-            version=version, debounce=debounce)
+        job = self.sched.submit(uri, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=uri),
+                                version=version, debounce=debounce)
+        result: Suggestion = await job
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", timeline(uri, version, started, job, result, self.settings.debounce_ms if debounce else 0))
         if not self.sched.is_current(uri, version):  # a didChange may have run since the job ended
             raise JobCancelled("superseded: the document changed while the job ran")
         if not result.text:
             return None
-        self.shown[uri] = Shown(text[:cursor], text[cursor:], result.text, result.replace_after)
-        return result.text, result.replace_after
+        shown = self.shown[uri] = Shown(text[:cursor], text[cursor:], result.text, result.replace_after,
+                                        result.alternatives)
+        return shown.candidates()
 
     def clip(self, text: str, start: int, end: int, settings: Settings) -> tuple[str, int]:
         clipped, base = clip(text, start, end, settings)

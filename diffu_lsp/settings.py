@@ -104,6 +104,19 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     multi_line_tokens: Positive = 48
     #: Hole size (masked tokens) for **Diffu: Complete Block**.
     block_tokens: Positive = 96
+    #: Suggestions as you type (inline completion and the completion menu's diffu item). Off: they
+    #: are answered empty; the commands still work. Neovim's `:DiffuToggle` and VS Code's
+    #: **Diffu: Toggle Suggestions** set it.
+    inline_completion: bool = True
+    #: Language ids (as the editor names them, e.g. `markdown`, `plaintext`) whose documents get no
+    #: suggestions as you type. Neovim's `:DiffuToggle filetype` adds or removes the current one.
+    disabled_languages: tuple[Marker, ...] = ()
+    #: Suggestions per request: the first as the settings decode it, the others sampled again (at
+    #: temperature 0.8 unless `temperature` is higher, each with its own seed) from the same context,
+    #: whose keys/values they reuse; duplicates and empty ones are dropped. Cycle through them with
+    #: the editor's next/previous suggestion keys. Each costs about one more suggestion's model time
+    #: (BENCHMARKS.md).
+    candidates: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
     #: Delay after the last keystroke before an inline completion is computed, in milliseconds.
     debounce_ms: NonNegative = 60
     #: Tokens at the end of a suggestion revealed with a confidence below this are dropped (0 keeps
@@ -119,8 +132,10 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     #: lines around the cursor (or the command's range) that `prefixTokens`/`suffixTokens` can use:
     #: the rest of the document is not scanned or encoded.
     max_document_bytes: Positive = 4_000_000
-    #: Server log level (shown in the **Diffu LSP** output channel).
-    log_level: Literal["error", "warning", "info", "debug"] = "info"
+    #: Level of the server's log on stderr, which editors keep as its log (VS Code's **Diffu LSP**
+    #: output channel; Neovim's `lsp.log`, where every stderr line is an `[ERROR]`). What you should
+    #: see (the model loaded, settings changed) is sent as a log message to the editor whatever this is.
+    log_level: Literal["error", "warning", "info", "debug"] = "warning"
 
     #: The shared model daemon exits this many seconds after its last editor window disconnects
     #: (`0`: it stays until `diffu-lsp daemon stop`). Read when the daemon starts.

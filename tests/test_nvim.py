@@ -636,3 +636,172 @@ def test_a_workspace_toml_linked_to_a_trusted_file_elsewhere_is_not_trusted(tmp_
         status = settled_status(ed)
         assert status["state"] == "ready" and status["model"] == "bundled tiny model", status
         assert [m for m in ed.lua("return _G.notified") if "outside the workspace" in m]
+
+
+# ---------------------------------------------------------------- controls (issue #31)
+
+def server_settings(ed: Editor) -> dict:
+    """The settings the server runs with (diffu/stats), asked through the editor's client."""
+    return ed.lua("""
+      local c = vim.lsp.get_clients({ name = 'diffu_lsp', bufnr = 0 })[1]
+      local res = c:request_sync('diffu/stats', vim.NIL, 20000, 0)
+      return res and res.result and res.result.settings
+    """)
+
+
+def inline_sent(ed: Editor) -> int:
+    """Inline-completion requests sent so far (pending, then answered or cancelled)."""
+    return inline_counts(ed).get("pending", 0)
+
+
+def test_toggle_global_buffer_and_filetype(editor_factory):
+    """:DiffuToggle turns suggestions off and on everywhere (the server's inlineCompletion),
+    :DiffuToggle filetype for the buffer's filetype (its disabledLanguages), :DiffuToggle buffer
+    in this buffer only. Off, the client sends nothing as you type and the statusline says
+    diffu:off; off everywhere or for the filetype, the server itself answers an explicit request
+    empty (it decides, for every editor alike)."""
+    ed = editor_factory(mechanic=True)
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+    assert ed.lua("return require('diffu').statusline()") == "diffu:ready"
+
+    def off_here(scope: str, server_key: str | None, server_value) -> None:
+        if server_key:
+            wait_for(lambda: (server_settings(ed) or {}).get(server_key) == server_value, REQUEST_TIMEOUT,
+                     what=f"the server's {server_key} to be {server_value!r}")
+            assert ed.fresh_inline_completion()["text"] is None, f"{scope}: the server still suggests"
+        assert ed.lua("return require('diffu').statusline()") == "diffu:off", scope
+        assert not ed.lua("return vim.lsp.inline_completion.is_enabled({ bufnr = 0 })"), scope
+        sent = inline_sent(ed)
+        ed.input("<Esc>")
+        wait_for(lambda: ed.mode() == "n", 5, what="normal mode")
+        lines = ed.lines()
+        goto_insert(ed, "19Go")
+        ed.input("x = ")
+        wait_for(lambda: ed.lines()[19].endswith("x = "), 10, what="the typed text")
+        time.sleep(1.0)  # Neovim asks 200 ms after the last key: give it five times that
+        assert inline_sent(ed) == sent, f"{scope}: an inline request was sent while off"
+        assert ed.suggestion() is None, scope
+        ed.input("<Esc>u")
+        wait_for(lambda: ed.lines() == lines, 10, what="undo")
+
+    ed.nvim.command("DiffuToggle")
+    off_here("global", "inlineCompletion", False)
+    ed.nvim.command("DiffuToggle")
+    wait_for(lambda: server_settings(ed).get("inlineCompletion") is True, REQUEST_TIMEOUT, what="on again")
+    assert ed.lua("return require('diffu').enabled(0)") is True
+    shown_somewhere(ed)  # suggestions as you type again
+
+    ed.nvim.command("DiffuToggle filetype")
+    off_here("filetype", "disabledLanguages", ["python"])
+    ed.nvim.command("DiffuToggle filetype")
+    wait_for(lambda: server_settings(ed).get("disabledLanguages") == [], REQUEST_TIMEOUT, what="python on again")
+
+    ed.nvim.command("DiffuToggle buffer")
+    off_here("buffer", None, None)
+    other = ed.lua("return vim.fn.fnamemodify(vim.api.nvim_buf_get_name(0), ':h')") + "/other.py"
+    ed.nvim.command(f"split {other}")
+    wait_for(lambda: ed.lua("return require('diffu').statusline()") == "diffu:ready", 30,
+             what="another buffer with suggestions on")
+    ed.nvim.command("close")
+    ed.nvim.command("DiffuToggle buffer")
+    assert ed.lua("return require('diffu').statusline()") == "diffu:ready"
+    assert ed.lua("return vim.lsp.inline_completion.is_enabled({ bufnr = 0 })")
+
+
+def test_accept_a_word_then_a_line_then_the_rest(editor_factory):
+    """<M-Right> accepts the shown suggestion's next word, <M-C-Right> its next line: only that is
+    inserted, the cursor ends after it, and the rest is shown again (from the server's cache: no
+    new job); <Tab> then accepts the rest, and the buffer ends as if the whole had been accepted.
+    The bundled model: words of real code."""
+    ed = editor_factory()
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+    part_of = lambda text, part: ed.lua("return require('diffu').part_of(...)", text, part)  # noqa: E731
+    assert [part_of(t, "word") for t in ("(path) + 1", "    return x", "\n    foo = 1", "café au")] == [
+        "(path", "    return", "\n    foo", "café"]
+    assert [part_of(t, "line") for t in ("a = 1\nb", "\n\n    b = 2\nc", "x")] == ["a = 1", "\n\n    b = 2", "x"]
+
+    shown = shown_somewhere(ed)
+    before = ed.lines()
+    row, col = ed.cursor()
+    anchor_row, anchor_col = shown["anchor"] or (row - 1, col)
+    assert (anchor_row, anchor_col) == (row - 1, col), shown
+    whole = apply_suggestion(before, row - 1, anchor_col, col, shown["text"])
+    # what the server's range replaces after the cursor (an auto-closed bracket) goes at the end
+    rest, accepted = shown["text"], ""
+    jobs = ed.lua("return vim.lsp.get_clients({ name = 'diffu_lsp' })[1]:request_sync('diffu/stats', vim.NIL, 20000, 0)"
+                  ".result.submitted")
+    for key, part in (("<M-Right>", "word"), ("<M-C-Right>", "line")):
+        piece = part_of(rest, part)
+        expected = apply_suggestion(before, row - 1, col, col, accepted + piece)
+        ed.input(key)
+        wait_for(lambda: ed.lines() == expected, 10, what=f"{key} to insert {piece!r} (buffer: {ed.lines()})")
+        lines = (accepted + piece).split("\n")
+        assert ed.cursor() == (row + len(lines) - 1, (col if len(lines) == 1 else 0) + len(lines[-1].encode()))
+        accepted, rest = accepted + piece, rest[len(piece):]
+        if not rest:
+            break
+        # the rest is shown again at the cursor, without a job
+        again = wait_for(lambda: (s := ed.suggestion()) and s["text"] == rest and s, REQUEST_TIMEOUT,
+                         what=f"the rest {rest!r} shown again (shown: {ed.suggestion()})")
+        assert again["anchor"] == [ed.cursor()[0] - 1, ed.cursor()[1]]
+    if rest:
+        ed.input("<Tab>")
+    wait_for(lambda: ed.lines() == whole, 10, what=f"the whole suggestion accepted (buffer: {ed.lines()})")
+    assert ed.lua("return vim.lsp.get_clients({ name = 'diffu_lsp' })[1]:request_sync('diffu/stats', vim.NIL, 20000, 0)"
+                  ".result.submitted") == jobs, "the rest came from a new job, not the server's cache"
+
+
+def test_statusline_shows_a_request_in_flight(editor_factory):
+    """The default 'statusline' carries require('diffu').statusline(): diffu:busy while a request
+    is in flight, diffu:ready after."""
+    ed = editor_factory(mechanic=True)
+    assert "require'diffu'.statusline()" in ed.lua("return vim.go.statusline")
+    drawn = lambda: ed.lua("return vim.api.nvim_eval_statusline(vim.go.statusline, {}).str")  # noqa: E731
+    assert "diffu:ready" in drawn()
+    busy = ed.lua("""
+      local c = vim.lsp.get_clients({ name = 'diffu_lsp', bufnr = 0 })[1]
+      local params = vim.lsp.util.make_position_params(0, c.offset_encoding)
+      params.context = { triggerKind = 1 }
+      c:request('textDocument/inlineCompletion', params, function() end, 0)
+      return vim.api.nvim_eval_statusline(vim.go.statusline, {}).str
+    """)
+    assert "diffu:busy" in busy
+    wait_for(lambda: "diffu:ready" in drawn(), REQUEST_TIMEOUT, what="diffu:ready after the answer")
+
+
+def test_cycling_through_several_candidates(editor_factory):
+    """With the setting candidates = 3 the server answers up to three distinct suggestions in one
+    request; <M-]> / <M-[> show the next / previous one, and <Tab> accepts the one shown."""
+    ed = editor_factory(setup={"settings": {"candidates": 3}}, mechanic=True)
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+    first = shown_somewhere(ed)
+    offered = ed.lua("""
+      local c = require('vim.lsp._capability').all.inline_completion.active[vim.api.nvim_get_current_buf()]
+      local texts = {}
+      for _, state in pairs(c.client_state) do
+        for _, item in ipairs(state.items or {}) do table.insert(texts, item.insertText) end
+      end
+      return texts
+    """)  # Neovim's private state again: 0.12 has no public way to read the items on offer
+    assert len(offered) >= 2 and len(set(offered)) == len(offered), offered
+    assert first["text"] == offered[0]
+    before = ed.lines()
+    row, col = ed.cursor()
+    ed.input("<M-]>")
+    second = wait_for(lambda: (s := ed.suggestion()) and s["text"] == offered[1] and s, 10,
+                      what=f"the second candidate {offered[1]!r} shown (shown: {ed.suggestion()})")
+    # drawn with Neovim's counter: the second of len(offered)
+    assert second["drawn"][0].endswith(f"(2/{len(offered)})"), second
+    ed.input("<M-[>")
+    wait_for(lambda: (s := ed.suggestion()) and s["text"] == offered[0], 10, what="the first one again")
+    ed.input("<M-]>")
+    wait_for(lambda: (s := ed.suggestion()) and s["text"] == offered[1], 10, what="the second one again")
+    ed.input("<Tab>")
+    wait_for(lambda: ed.lines() != before, 10, what="<Tab> to accept the second candidate")
+    rng = second["anchor"]
+    assert rng == [row - 1, col]
+    assert ed.lines()[:row - 1] == before[:row - 1]
+    assert "\n".join(ed.lines()).startswith("\n".join(before[:row - 1] + [before[row - 1][:col] + offered[1]]))

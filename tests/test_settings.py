@@ -25,7 +25,7 @@ def test_defaults():
     assert (s.debounce_ms, s.tail_confidence) == (60, 0.0)
     assert s.hole_markers == ("...", "pass  # TODO", "# TODO: fill")
     assert (s.refine_mode, s.refine_confidence) == ("all", 0.6)
-    assert (s.max_document_bytes, s.log_level) == (4_000_000, "info")
+    assert (s.max_document_bytes, s.log_level) == (4_000_000, "warning")
 
 
 def test_apply_overlays_camel_case_and_keeps_base():

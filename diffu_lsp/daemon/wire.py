@@ -20,9 +20,9 @@ import msgspec
 
 from ..job import Answer, ModelInfo, ModelKey, Request
 
-# 6: Progress.text (the streamed draft); 5: JobSettings.warmStart; 4: a Request carries JobSettings,
+# 7: JobSettings.candidates, Suggestion.alternatives; 6: Progress.text (the streamed draft); 5: JobSettings.warmStart; 4: a Request carries JobSettings,
 # not the whole Settings (3: Ping/Pong; 2: compile, reuseKeys)
-PROTOCOL = 6
+PROTOCOL = 7
 MAX_FRAME = 64 * 1024 * 1024  # what a client reads: an answer holds at most a document's worth of text
 MAX_CLIENT_FRAME = 16 * 1024 * 1024  # what the daemon reads: a Submit holds one document (clipped
                                      # over maxDocumentBytes, 4 MB by default) and its settings

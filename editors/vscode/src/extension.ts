@@ -4,7 +4,10 @@
 // completion, code actions, executeCommand, workspace/applyEdit and work-done progress. This file
 // only starts the server, forwards the `diffu.*` settings, adds palette/context-menu commands that
 // call the server's commands, and shows the model state the server sends (`diffu/status`) in the
-// status bar. What a command applies to is the server's decision: Fill Holes sends the selection
+// status bar, with a spinner while a suggestion is being computed. Suggestions as you type are
+// turned off and on with the settings `diffu.inlineCompletion` and `diffu.disabledLanguages` (the
+// server answers by them; the Toggle commands set them). Accepting a word or a line of a
+// suggestion is VS Code's own (editor.action.inlineSuggest.acceptNextWord / acceptNextLine). What a command applies to is the server's decision: Fill Holes sends the selection
 // as it is, and an empty one means the enclosing function.
 
 import * as fs from "node:fs";
@@ -50,10 +53,11 @@ const SERVER_COMMANDS = {
   refineSelection: "diffu.refineSelection",
 } as const;
 
-type ModelState = "starting" | "loading" | "ready" | "error" | "stopped";
+type ModelState = "starting" | "loading" | "ready" | "error" | "stopped" | "stuck" | "restarting";
 
 interface DiffuStatusParams {
-  state: "loading" | "ready" | "error";
+  // stuck: the model daemon does not answer; restarting: it is being replaced
+  state: "loading" | "ready" | "error" | "stuck" | "restarting";
   model?: string;
   message?: string;
 }
@@ -65,6 +69,9 @@ interface CommandResult {
 let client: LanguageClient | undefined;
 let statusBar: vscode.StatusBarItem | undefined;
 let serverKeys: string[] = [];
+// The last diffu/status (or client state), and the inline-completion requests in flight.
+let lastStatus: { state: ModelState; model?: string; message?: string } = { state: "starting" };
+let inFlight = 0;
 
 // ------------------------------------------------------------------ server command resolution
 
@@ -194,7 +201,16 @@ function serverKeysFrom(context: vscode.ExtensionContext): string[] {
 
 // ------------------------------------------------------------------ status bar
 
+/** Whether suggestions as you type are on for `languageId` (settings inlineCompletion and
+ * disabledLanguages, as the server decides by them). */
+export function suggestionsOn(languageId: string | undefined): boolean {
+  const cfg = vscode.workspace.getConfiguration(SECTION);
+  const disabled = cfg.get<string[]>("disabledLanguages", []) ?? [];
+  return cfg.get<boolean>("inlineCompletion", true) !== false && !(languageId && disabled.includes(languageId));
+}
+
 function setStatus(state: ModelState, model?: string, message?: string): void {
+  lastStatus = { state, model, message };
   if (!statusBar) {
     return;
   }
@@ -204,6 +220,8 @@ function setStatus(state: ModelState, model?: string, message?: string): void {
     ready: "$(sparkle)",
     error: "$(error)",
     stopped: "$(circle-slash)",
+    stuck: "$(warning)",
+    restarting: "$(sync~spin)",
   };
   const label: Record<ModelState, string> = {
     starting: "Diffu: starting",
@@ -211,9 +229,19 @@ function setStatus(state: ModelState, model?: string, message?: string): void {
     ready: "Diffu",
     error: "Diffu: error",
     stopped: "Diffu: stopped",
+    stuck: "Diffu: not responding",
+    restarting: "Diffu: restarting",
   };
-  statusBar.text = `${icon[state]} ${label[state]}`;
+  const languageId = vscode.window.activeTextEditor?.document.languageId;
+  const off = state === "ready" && !suggestionsOn(languageId);
+  statusBar.text =
+    off ? "$(circle-slash) Diffu: off"
+    : state === "ready" && inFlight > 0 ? "$(loading~spin) Diffu"
+    : `${icon[state] ?? "$(question)"} ${label[state] ?? `Diffu: ${state}`}`;
   const lines = [`diffu-lsp: ${state}`];
+  if (off) {
+    lines.push(`suggestions as you type are off${languageId ? ` for ${languageId}` : ""} (Diffu: Toggle Suggestions)`);
+  }
   if (model) {
     lines.push(`model: ${model}`);
   }
@@ -223,11 +251,17 @@ function setStatus(state: ModelState, model?: string, message?: string): void {
   lines.push("", "Click to show the server output");
   statusBar.tooltip = lines.join("\n");
   statusBar.backgroundColor =
-    state === "error" ? new vscode.ThemeColor("statusBarItem.errorBackground") : undefined;
+    state === "error" ? new vscode.ThemeColor("statusBarItem.errorBackground")
+    : state === "stuck" ? new vscode.ThemeColor("statusBarItem.warningBackground")
+    : undefined;
   statusBar.show();
 }
 
 // ------------------------------------------------------------------ client
+
+function refreshStatus(): void {
+  setStatus(lastStatus.state, lastStatus.model, lastStatus.message);
+}
 
 function createClient(context: vscode.ExtensionContext): LanguageClient {
   const server = resolveServer();
@@ -247,6 +281,17 @@ function createClient(context: vscode.ExtensionContext): LanguageClient {
     initializationOptions: { ...serverSettings(), workspaceTrusted: vscode.workspace.isTrusted },
     synchronize: { configurationSection: SECTION },
     middleware: {
+      // the status bar's spinner while a suggestion is being computed
+      provideInlineCompletionItems: async (document, position, context, token, next) => {
+        inFlight += 1;
+        refreshStatus();
+        try {
+          return await next(document, position, context, token);
+        } finally {
+          inFlight -= 1;
+          refreshStatus();
+        }
+      },
       workspace: {
         // Push only the server's keys that the user set (not `diffu.server.*` / `diffu.trace.*`,
         // not the package.json defaults); the server pulls workspace/configuration on it anyway.
@@ -432,6 +477,28 @@ function registerCommands(context: vscode.ExtensionContext): void {
     await startClient(context);
   });
 
+  // Suggestions as you type off/on: everywhere, or for the active editor's language (user settings).
+  reg("diffu.client.toggleSuggestions", async () => {
+    const cfg = vscode.workspace.getConfiguration(SECTION);
+    const on = cfg.get<boolean>("inlineCompletion", true) === false;
+    await cfg.update("inlineCompletion", on, vscode.ConfigurationTarget.Global);
+    void vscode.window.showInformationMessage(`Diffu: suggestions ${on ? "on" : "off"}`);
+    refreshStatus();
+  });
+  reg("diffu.client.toggleSuggestionsForLanguage", async () => {
+    const languageId = vscode.window.activeTextEditor?.document.languageId;
+    if (!languageId) {
+      return;
+    }
+    const cfg = vscode.workspace.getConfiguration(SECTION);
+    const disabled = cfg.get<string[]>("disabledLanguages", []) ?? [];
+    const on = disabled.includes(languageId);
+    const next = on ? disabled.filter((l) => l !== languageId) : [...disabled, languageId];
+    await cfg.update("disabledLanguages", next, vscode.ConfigurationTarget.Global);
+    void vscode.window.showInformationMessage(`Diffu: suggestions ${on ? "on" : "off"} for ${languageId}`);
+    refreshStatus();
+  });
+
   reg("diffu.client.showOutput", () => {
     client?.outputChannel.show(true);
   });
@@ -448,7 +515,11 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   registerCommands(context);
 
   context.subscriptions.push(
+    vscode.window.onDidChangeActiveTextEditor(() => refreshStatus()),
     vscode.workspace.onDidChangeConfiguration((e) => {
+      if (e.affectsConfiguration(`${SECTION}.inlineCompletion`) || e.affectsConfiguration(`${SECTION}.disabledLanguages`)) {
+        refreshStatus();
+      }
       if (e.affectsConfiguration(`${SECTION}.server`)) {
         void vscode.window
           .showInformationMessage("Diffu: server settings changed.", "Restart Server")

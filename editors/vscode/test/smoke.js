@@ -3,6 +3,9 @@
 // `diffu-lsp` (on PATH, or SMOKE_SERVER=/path/to/diffu-lsp), waits for the status bar to show the
 // model ready (diffu/status), then runs Refine Selection and Complete Block through the palette
 // commands and checks that the server's workspace/applyEdit reached VS Code's workspace.applyEdit.
+// Then the Toggle Suggestions commands: the setting reaches the server (its "settings changed"
+// log message), the status bar says "Diffu: off", an inline completion asked through the
+// extension's provider is answered empty; on again, the status bar spins while one is in flight.
 //
 //   npm run bundle && node test/smoke.js            (SMOKE_VERBOSE=1 shows the server log;
 //   SMOKE_MODEL=/path/to/checkpoint runs the server with --model)
@@ -41,9 +44,15 @@ const docText = process.env.SMOKE_TEXT || 'import os\n\n\ndef count_words(text):
 const docUri = Uri.file(path.join(process.env.SMOKE_DIR || require('os').tmpdir(), 'diffu_smoke.py'));
 const document = { uri: docUri, languageId: 'python', version: 1, getText: () => docText, lineCount: docText.split('\n').length, isClosed: false, isUntitled: false, fileName: docUri.fsPath, lineAt: (l) => ({ range: new Range(l, 0, l, docText.split('\n')[l].length) }) };
 const edits = [];
+const outputLines = [];  // what reaches the output channel (the server's window/logMessage among it)
+const configChanged = new EventEmitter();
+const inlineProviders = [];
+class InlineCompletionItem { constructor(insertText, range, command) { this.insertText = insertText; this.range = range; this.command = command; } }
+class InlineCompletionList { constructor(items) { this.items = items; } }
 
 const base = {
   Disposable, EventEmitter, Position, Range, Selection, Uri, CancellationTokenSource, CodeActionKind,
+  InlineCompletionItem, InlineCompletionList, InlineCompletionTriggerKind: { Invoke: 0, Automatic: 1 },
   ThemeColor: class { constructor(id) { this.id = id; } },
   StatusBarAlignment: { Left: 1, Right: 2 }, ProgressLocation: { SourceControl: 1, Window: 10, Notification: 15 },
   SymbolKind: { Function: 11, Method: 5, Constructor: 8 },
@@ -51,7 +60,7 @@ const base = {
   version: '1.91.0',
   env: { language: 'en', appName: 'stub', machineId: 'x', sessionId: 'y', uiKind: 1 },
   window: {
-    createOutputChannel: (name) => ({ name, append: (s) => process.env.SMOKE_VERBOSE && process.stdout.write(s), appendLine: (s) => process.env.SMOKE_VERBOSE && console.log('[out]', s), show() {}, dispose() {}, clear() {}, replace() {}, hide() {} , info: (s)=>{}, warn: (s)=>{}, error: (s)=>console.log('[out-err]', s), trace(){}, debug(){}, logLevel: 2, onDidChangeLogLevel: () => new Disposable() }),
+    createOutputChannel: (name) => ({ name, append: (s) => process.env.SMOKE_VERBOSE && process.stdout.write(s), appendLine: (s) => { outputLines.push(s); process.env.SMOKE_VERBOSE && console.log('[out]', s); }, show() {}, dispose() {}, clear() {}, replace() {}, hide() {} , info: (s) => outputLines.push(s), warn: (s) => outputLines.push(s), error: (s)=>console.log('[out-err]', s), trace(){}, debug(){}, logLevel: 2, onDidChangeLogLevel: () => new Disposable() }),
     createStatusBarItem: (...a) => { const it = { text: '', show() {}, hide() {}, dispose() {} }; statusItems.push(it); return it; },
     showErrorMessage: async (m) => { notifications.push(['error', m]); log('ERROR MSG', m); },
     showWarningMessage: async (m) => { notifications.push(['warn', m]); log('WARN MSG', m); },
@@ -68,10 +77,15 @@ const base = {
     getConfiguration: (section, scope) => ({
       get: (k, d) => { const key = section ? section + '.' + k : k; return key in config ? config[key] : d; },
       inspect: (k) => { const key = section ? section + '.' + k : k; return key in config ? { key, globalValue: config[key] } : { key }; },
-      has: () => false, update: async () => {},
+      has: () => false,
+      update: async (k, v) => {
+        const key = section ? section + '.' + k : k;
+        config[key] = v;
+        configChanged.fire({ affectsConfiguration: (s) => key === s || key.startsWith(s + '.') });
+      },
     }),
     workspaceFolders: undefined, textDocuments: [document], notebookDocuments: [],
-    onDidChangeConfiguration: () => new Disposable(), onDidOpenTextDocument: () => new Disposable(), onDidCloseTextDocument: () => new Disposable(),
+    onDidChangeConfiguration: configChanged.event, onDidOpenTextDocument: () => new Disposable(), onDidCloseTextDocument: () => new Disposable(),
     onDidChangeTextDocument: () => new Disposable(), onDidSaveTextDocument: () => new Disposable(), onWillSaveTextDocument: () => new Disposable(),
     onDidChangeWorkspaceFolders: () => new Disposable(), onDidOpenNotebookDocument: () => new Disposable(), onDidCloseNotebookDocument: () => new Disposable(),
     onDidChangeNotebookDocument: () => new Disposable(), onDidSaveNotebookDocument: () => new Disposable(),
@@ -81,7 +95,8 @@ const base = {
     applyEdit: async (e) => { edits.push(e); log('applyEdit', JSON.stringify(e.__entries || e)); return true; },
     getWorkspaceFolder: () => undefined,
   },
-  languages: new Proxy({ match: (sel, doc) => 10, onDidChangeDiagnostics: () => new Disposable(), createDiagnosticCollection: () => ({ set() {}, delete() {}, clear() {}, dispose() {} }) }, {
+  languages: new Proxy({ match: (sel, doc) => 10,
+    registerInlineCompletionItemProvider: (sel, provider) => { inlineProviders.push(provider); return new Disposable(); }, onDidChangeDiagnostics: () => new Disposable(), createDiagnosticCollection: () => ({ set() {}, delete() {}, clear() {}, dispose() {} }) }, {
     get(t, p) { if (p in t) return t[p]; return (...a) => { log('languages.' + String(p)); return new Disposable(); }; },
   }),
   commands: {
@@ -136,6 +151,44 @@ Module._load = function (request, parent, isMain) { if (request === 'vscode') re
     const ranges = JSON.stringify(fillEdits[0].__entries);
     if (!/"line":9,"character":4\}.*"line":9,"character":7\}/.test(ranges)) throw new Error('Fill Holes did not replace the `...` of count_lines: ' + ranges);
   }
+
+  // Suggestions off and on: everywhere, then for the document's language.
+  const inlineAt = async () => {  // through the extension's provider (and its middleware)
+    const provider = inlineProviders[inlineProviders.length - 1];
+    const source = new CancellationTokenSource();
+    const pending = provider.provideInlineCompletionItems(document, new Position(5, 21), { triggerKind: 0 }, source.token);
+    const during = sb.text;
+    const result = await pending;
+    return { during, items: Array.isArray(result) ? result : (result && result.items) || [] };
+  };
+  const serverSaid = async (pattern) => {  // a "settings changed" line after the last one seen
+    const seen = outputLines.length;
+    const found = () => outputLines.slice(seen).some((l) => /settings changed/.test(l) && pattern.test(l));
+    const until = Date.now() + 60000;
+    while (!found() && Date.now() < until) await new Promise(r => setTimeout(r, 100));
+    if (!found()) throw new Error('the server never logged ' + pattern + ': ' + JSON.stringify(outputLines.slice(-5)));
+  };
+  for (const [id, key, off, on] of [
+    ['diffu.client.toggleSuggestions', 'diffu.inlineCompletion', /inlineCompletion=False/, /inlineCompletion=True/],
+    ['diffu.client.toggleSuggestionsForLanguage', 'diffu.disabledLanguages', /disabledLanguages=.*'python'/, /disabledLanguages=(\(\)|\[\])/],
+  ]) {
+    if (!commands.has(id)) throw new Error('command not registered: ' + id);
+    const offSaid = serverSaid(off);
+    await commands.get(id)();
+    log(id, '->', JSON.stringify(config[key]), '| status bar:', JSON.stringify(sb.text));
+    await offSaid;
+    if (sb.text !== '$(circle-slash) Diffu: off') throw new Error('status bar does not say off: ' + sb.text);
+    const answer = await inlineAt();
+    if (answer.items.length) throw new Error('suggestions off, yet the server answered ' + JSON.stringify(answer.items));
+    const onSaid = serverSaid(on);
+    await commands.get(id)();
+    await onSaid;
+    const again = await inlineAt();
+    log(id, 'on again: status bar while in flight', JSON.stringify(again.during), 'after', JSON.stringify(sb.text), 'items', again.items.length);
+    if (again.during !== '$(loading~spin) Diffu') throw new Error('no spinner while a suggestion is in flight: ' + again.during);
+    if (!/\$\(sparkle\)/.test(sb.text)) throw new Error('status bar not back to ready: ' + sb.text);
+  }
+
   sb.text = '';
   await commands.get('diffu.client.restartServer')();
   const deadline2 = Date.now() + Number(process.env.SMOKE_TIMEOUT || 120000);

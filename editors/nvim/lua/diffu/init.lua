@@ -4,8 +4,10 @@
 --
 -- Enables the `diffu_lsp` config (lsp/diffu_lsp.lua), turns on native inline completion (ghost
 -- text, Neovim 0.12+), maps <Tab> to accept (falling back to a literal Tab or your previous <Tab>
--- mapping), <M-]>/<M-[> to cycle, and adds :DiffuRefine, :DiffuFill, :DiffuComplete, :DiffuCancel,
--- :DiffuStatus, :DiffuRestart and a code-action keymap limited to diffu's actions.
+-- mapping), <M-Right> / <M-C-Right> to accept one word / one line of it, <M-]>/<M-[> to cycle,
+-- and adds :DiffuToggle [buffer|filetype], :DiffuRefine, :DiffuFill, :DiffuComplete, :DiffuCancel,
+-- :DiffuStatus, :DiffuRestart, a code-action keymap limited to diffu's actions, and its state
+-- (require('diffu').statusline()) to the default 'statusline'.
 
 local M = {}
 
@@ -20,6 +22,8 @@ local REQUEST_CANCELLED = -32800
 
 ---@class diffu.Keymaps
 ---@field accept string|false  insert mode: accept the shown suggestion (else fall back)
+---@field accept_word string|false insert mode: accept its next word (else fall back)
+---@field accept_line string|false insert mode: accept its next line (else fall back)
 ---@field next string|false    insert mode: next suggestion
 ---@field prev string|false    insert mode: previous suggestion
 ---@field code_action string|false normal/visual: diffu code actions
@@ -42,9 +46,14 @@ local defaults = {
   --- Echo the server's work-done progress in the command line: the model loading, and a command's
   --- draft as it firms up (cut to one screen line).
   progress = true,
+  --- Add require('diffu').statusline() (diffu:ready, diffu:busy while a request is in flight,
+  --- diffu:off, diffu:loading, diffu:stuck ...) to 'statusline' when that is Neovim's default.
+  statusline = true,
   ---@type diffu.Keymaps
   keymaps = {
     accept = '<Tab>',
+    accept_word = '<M-Right>',
+    accept_line = '<M-C-Right>',
     next = '<M-]>',
     prev = '<M-[>',
     code_action = '<leader>da',
@@ -103,10 +112,150 @@ function M.status(bufnr)
   return vim.g.diffu_status
 end
 
---- A short string for 'statusline': "diffu:ready", "diffu:loading", ...
+-- ------------------------------------------------------------------ on/off, in flight
+
+-- What :DiffuToggle (global, filetype) set this session: the server settings it sends every
+-- diffu client, also ones that start later.
+---@type {inlineCompletion?: boolean, disabledLanguages?: string[]}
+local toggled = {}
+
+--- The server settings (the `diffu` section) the client sends.
+local function client_settings(client)
+  local settings = client and client.settings and client.settings.diffu
+  return type(settings) == 'table' and settings or M.config.settings or {}
+end
+
+--- Whether `bufnr` gets suggestions as you type: not turned off for the buffer (:DiffuToggle
+--- buffer), nor for its filetype or everywhere (the server settings disabledLanguages and
+--- inlineCompletion: the server decides by them, also when your diffu-lsp.toml sets them).
+---@param bufnr? integer
+function M.enabled(bufnr)
+  bufnr = resolve_bufnr(bufnr)
+  if vim.b[bufnr].diffu_enabled == false then
+    return false
+  end
+  local s = client_settings(M.client(bufnr))
+  return s.inlineCompletion ~= false and not vim.tbl_contains(s.disabledLanguages or {}, vim.bo[bufnr].filetype)
+end
+
+-- Ghost text on in `bufnr` when it is the current buffer and suggestions are on for it.
+local function follow_enabled(bufnr)
+  if vim.lsp.inline_completion and M.config.inline_completion and vim.api.nvim_buf_is_valid(bufnr)
+      and M.client(bufnr) then
+    local on = bufnr == vim.api.nvim_get_current_buf() and M.enabled(bufnr)
+    vim.lsp.inline_completion.enable(on, { bufnr = bufnr })
+  end
+end
+
+-- Send `toggled` to `client` when its settings differ (the server then pulls them).
+local function send_toggled(client)
+  if next(toggled) == nil then
+    return
+  end
+  client.settings.diffu = client.settings.diffu or vim.empty_dict()
+  local settings = client.settings.diffu
+  local changed = false
+  for key, value in pairs(toggled) do
+    if not vim.deep_equal(settings[key], value) then
+      settings[key] = value
+      changed = true
+    end
+  end
+  if changed then
+    client:notify('workspace/didChangeConfiguration', { settings = client.settings })
+  end
+end
+
+--- Turn suggestions as you type off or on (`enable` nil: the other way round) everywhere (`scope`
+--- 'global', the default), in the current buffer ('buffer'), or for its filetype ('filetype').
+--- 'global' and 'filetype' set the server settings inlineCompletion and disabledLanguages for this
+--- Neovim session; 'buffer' only stops this client asking.
+---@param scope? 'global'|'buffer'|'filetype'
+---@param enable? boolean
+function M.toggle(scope, enable)
+  scope = scope or 'global'
+  local bufnr = vim.api.nvim_get_current_buf()
+  local settings = client_settings(M.client(bufnr))
+  local what
+  if scope == 'buffer' then
+    if enable == nil then
+      enable = vim.b[bufnr].diffu_enabled == false
+    end
+    vim.b[bufnr].diffu_enabled = enable
+    what = 'in this buffer'
+  elseif scope == 'filetype' then
+    local filetype = vim.bo[bufnr].filetype
+    local languages = vim.tbl_filter(function(l)
+      return l ~= filetype
+    end, settings.disabledLanguages or {})
+    if enable == nil then
+      enable = #languages < #(settings.disabledLanguages or {})
+    end
+    if not enable then
+      table.insert(languages, filetype)
+    end
+    toggled.disabledLanguages = languages
+    what = ('for %s files'):format(filetype ~= '' and filetype or 'unnamed')
+  elseif scope == 'global' then
+    if enable == nil then
+      enable = settings.inlineCompletion == false
+    end
+    toggled.inlineCompletion = enable
+    what = 'everywhere'
+  else
+    return notify(('unknown scope %q: global, buffer or filetype'):format(scope), vim.log.levels.ERROR)
+  end
+  M.config.settings = vim.tbl_extend('force', M.config.settings or {}, toggled)
+  for _, client in ipairs(vim.lsp.get_clients({ name = NAME })) do
+    send_toggled(client)
+  end
+  follow_enabled(bufnr)
+  notify(('suggestions %s %s%s'):format(enable and 'on' or 'off', what,
+    enable and not M.enabled(bufnr) and ' (still off here: see :DiffuStatus)' or ''))
+  vim.cmd.redrawstatus()
+end
+
+-- Whether one of diffu's requests for `bufnr` (a suggestion, a command) is in flight.
+local function in_flight(bufnr)
+  for _, client in ipairs(vim.lsp.get_clients({ name = NAME, bufnr = bufnr })) do
+    for _, req in pairs(client.requests) do
+      if req.type == 'pending' and req.bufnr == bufnr
+          and (req.method == 'textDocument/inlineCompletion' or req.method == 'workspace/executeCommand') then
+        return true
+      end
+    end
+  end
+  return false
+end
+
+--- A short string for 'statusline', for the current buffer: "diffu:ready", "diffu:busy" (a
+--- request in flight), "diffu:off" (suggestions off here), "diffu:loading", "diffu:stuck",
+--- "diffu:restarting", "diffu:error"; "" without a diffu client.
 function M.statusline()
-  local s = M.status(0)
-  return s and ('diffu:' .. s.state) or ''
+  local bufnr = vim.api.nvim_get_current_buf()
+  local client = M.client(bufnr)
+  if not client then
+    return ''
+  end
+  local s = statuses[client.id]
+  local state = s and s.state or 'starting'
+  if state == 'ready' and not M.enabled(bufnr) then
+    state = 'off'
+  elseif state == 'ready' and in_flight(bufnr) then
+    state = 'busy'
+  end
+  return 'diffu:' .. state
+end
+
+-- The default 'statusline' with M.statusline() before the ruler (nothing when it is empty).
+local function add_to_statusline()
+  local default = vim.api.nvim_get_option_info2('statusline', {}).default
+  if vim.go.statusline ~= default then
+    return -- yours: add %{v:lua.require'diffu'.statusline()} where you like
+  end
+  local component = "%(%{v:lua.require'diffu'.statusline()} %)"
+  local at = default:find('%{% &ruler', 1, true)
+  vim.go.statusline = at and (default:sub(1, at - 1) .. component .. default:sub(at)) or (default .. component)
 end
 
 -- Accepting goes through the public vim.lsp.inline_completion.get(). Its own accept replaces the
@@ -117,20 +266,41 @@ end
 -- typed into since (Neovim asks again only 200 ms after the last key), asks the server for the
 -- cursor now: a suggestion typed through comes from its cache at once.
 
--- Apply an item the server answered for the cursor (its range starts there).
-local function apply_fresh(bufnr, win, client, fresh)
+--- What accepting `part` of a suggestion's `text` inserts: 'word': any characters that are not
+--- keyword characters ('iskeyword'), then the keyword characters after them ("(path" of
+--- "(path)"); 'line': any line breaks, then the rest of that line; nil: all of it.
+---@param text string
+---@param part? 'word'|'line'
+---@return string
+function M.part_of(text, part)
+  if part == 'word' then
+    return vim.fn.matchstr(text, [[^\%(\k\@!\_.\)*\k*]])
+  elseif part == 'line' then
+    return text:match('^\n*[^\n]*')
+  end
+  return text
+end
+
+-- Apply (`part` of) an item the server answered for the cursor (its range starts there). A part
+-- only inserts: the characters after the cursor that the item replaces stay until the rest is
+-- accepted.
+local function apply_fresh(bufnr, win, client, fresh, part)
   local cursor = vim.api.nvim_win_get_cursor(win)
   local at = vim.lsp.util.make_position_params(win, client.offset_encoding).position
-  vim.lsp.util.apply_text_edits({ { range = fresh.range or { start = at, ['end'] = at }, newText = fresh.insertText } },
-    bufnr, client.offset_encoding)
-  local lines = vim.split(fresh.insertText, '\n', { plain = true })
+  local text = M.part_of(fresh.insertText, part)
+  local range = fresh.range or { start = at, ['end'] = at }
+  if text ~= fresh.insertText then
+    range = { start = range.start, ['end'] = range.start }
+  end
+  vim.lsp.util.apply_text_edits({ { range = range, newText = text } }, bufnr, client.offset_encoding)
+  local lines = vim.split(text, '\n', { plain = true })
   vim.api.nvim_win_set_cursor(win, { cursor[1] + #lines - 1, (#lines == 1 and cursor[2] or 0) + #lines[#lines] })
 end
 
 -- <Tab> after typing the first characters of the shown item: accept the rest, as the server
 -- answers it for the cursor now, if it is exactly the rest of what was shown and nothing moved
 -- meanwhile. Typed text that differs from the item: nothing to accept (no request).
-local function accept_typed_through(bufnr, win, item)
+local function accept_typed_through(bufnr, win, item, part)
   local client = vim.lsp.get_client_by_id(item.client_id)
   local cursor = vim.api.nvim_win_get_cursor(win)
   local start = item.range.start
@@ -145,16 +315,20 @@ local function accept_typed_through(bufnr, win, item)
   local params = vim.lsp.util.make_position_params(win, client.offset_encoding)
   params.context = { triggerKind = vim.lsp.protocol.InlineCompletionTriggerKind.Invoked }
   client:request('textDocument/inlineCompletion', params, function(err, result)
-    local fresh = not err and result and (result.items or result)[1]
-    if fresh and type(fresh.insertText) == 'string' and typed .. fresh.insertText == item.insert_text
-        and vim.api.nvim_buf_get_changedtick(bufnr) == tick
+    local fresh -- the candidate (setting candidates) that is the rest of the one shown
+    for _, candidate in ipairs(not err and result and (result.items or result) or {}) do
+      if type(candidate.insertText) == 'string' and typed .. candidate.insertText == item.insert_text then
+        fresh = fresh or candidate
+      end
+    end
+    if fresh and vim.api.nvim_buf_get_changedtick(bufnr) == tick
         and vim.deep_equal(vim.api.nvim_win_get_cursor(win), cursor) then
-      apply_fresh(bufnr, win, client, fresh)
+      apply_fresh(bufnr, win, client, fresh, part)
     end
   end, bufnr)
 end
 
-local function apply_item(bufnr, item)
+local function apply_item(bufnr, item, part)
   local win = vim.fn.bufwinid(bufnr)
   local text = item.insert_text
   if type(text) == 'table' then
@@ -165,15 +339,22 @@ local function apply_item(bufnr, item)
     local cur = vim.api.nvim_win_get_cursor(win)
     local start = item.range.start
     if M.config.drop_stale and (start.row ~= cur[1] - 1 or start.col ~= cur[2]) then
-      return accept_typed_through(bufnr, win, item) -- computed for another position
+      return accept_typed_through(bufnr, win, item, part) -- computed for another position
+    end
+    local end_ = item.range.end_
+    if part then
+      text = M.part_of(text, part)
+      if text ~= item.insert_text then
+        end_ = start -- only insert (see apply_fresh)
+      end
     end
     local lines = vim.split(text, '\n', { plain = true })
-    vim.api.nvim_buf_set_text(bufnr, start.row, start.col, item.range.end_.row, item.range.end_.col, lines)
+    vim.api.nvim_buf_set_text(bufnr, start.row, start.col, end_.row, end_.col, lines)
     vim.api.nvim_win_set_cursor(win, { start.row + #lines, (#lines == 1 and start.col or 0) + #lines[#lines] })
   else
-    vim.api.nvim_paste(text, false, -1)
+    vim.api.nvim_paste(M.part_of(text, part), false, -1)
   end
-  if item.command then
+  if item.command and (not part or M.part_of(item.insert_text, part) == item.insert_text) then
     local client = vim.lsp.get_client_by_id(item.client_id)
     if client then
       client:exec_cmd(item.command, { bufnr = bufnr })
@@ -181,8 +362,11 @@ local function apply_item(bufnr, item)
   end
 end
 
---- Accept the suggestion shown in the current buffer. Returns false if there is none.
-function M.accept()
+--- Accept the suggestion shown in the current buffer, or its next word (`part` 'word') or line
+--- ('line'): the rest is then shown again (the server answers it from its cache). Returns false
+--- if there is none.
+---@param part? 'word'|'line'
+function M.accept(part)
   if not (vim.lsp.inline_completion and vim.lsp.inline_completion.get) then
     return false
   end
@@ -190,7 +374,7 @@ function M.accept()
   return vim.lsp.inline_completion.get({
     bufnr = bufnr,
     on_accept = function(item)
-      apply_item(bufnr, item)
+      apply_item(bufnr, item, part)
     end,
   })
 end
@@ -438,20 +622,30 @@ local function set_buffer_keymaps(bufnr)
     return lhs and vim.fn.maparg(lhs, mode) == ''
   end
 
-  if vim.lsp.inline_completion and M.config.inline_completion then
-    if km.accept and vim.b[bufnr].diffu_accept_mapped ~= true then
-      local prev = vim.fn.maparg(km.accept, 'i', false, true)
-      if prev.buffer == 1 and prev.desc == 'diffu: accept suggestion' then
-        prev = {}
-      end
-      map('i', km.accept, function()
-        if M.accept() then
-          return ''
-        end
-        return replay(prev, km.accept)
-      end, 'diffu: accept suggestion', { expr = true, replace_keycodes = false })
-      vim.b[bufnr].diffu_accept_mapped = true
+  -- an accept key does its own thing (a literal Tab, your mapping) when there is nothing to accept
+  local function map_accept(lhs, part, desc)
+    local mapped = vim.b[bufnr].diffu_accept_mapped or {}
+    if not lhs or lhs == '' or mapped[lhs] then
+      return
     end
+    local prev = vim.fn.maparg(lhs, 'i', false, true)
+    if prev.buffer == 1 and vim.startswith(prev.desc or '', 'diffu: accept') then
+      prev = {}
+    end
+    map('i', lhs, function()
+      if M.accept(part) then
+        return ''
+      end
+      return replay(prev, lhs)
+    end, desc, { expr = true, replace_keycodes = false })
+    mapped[lhs] = true
+    vim.b[bufnr].diffu_accept_mapped = mapped
+  end
+
+  if vim.lsp.inline_completion and M.config.inline_completion then
+    map_accept(km.accept, nil, 'diffu: accept suggestion')
+    map_accept(km.accept_word, 'word', 'diffu: accept the next word of the suggestion')
+    map_accept(km.accept_line, 'line', 'diffu: accept the next line of the suggestion')
     map('i', km.next, function()
       vim.lsp.inline_completion.select({ bufnr = bufnr, count = 1 })
     end, 'diffu: next suggestion')
@@ -472,18 +666,23 @@ end
 -- asked for a suggestion at the current window's cursor ("Index out of bounds" in a shorter one);
 -- enabling it per buffer as the buffer is entered is the public way round that.
 local function follow_current_buffer(bufnr)
-  local function set(enable)
+  follow_enabled(bufnr)
+  vim.api.nvim_create_autocmd('BufEnter', { group = augroup, buffer = bufnr, callback = function()
+    follow_enabled(bufnr)
+  end })
+  vim.api.nvim_create_autocmd('BufLeave', { group = augroup, buffer = bufnr, callback = function()
     if vim.api.nvim_buf_is_valid(bufnr) then
-      vim.lsp.inline_completion.enable(enable, { bufnr = bufnr })
+      vim.lsp.inline_completion.enable(false, { bufnr = bufnr })
     end
-  end
-  set(bufnr == vim.api.nvim_get_current_buf())
-  vim.api.nvim_create_autocmd('BufEnter', { group = augroup, buffer = bufnr, callback = function() set(true) end })
-  vim.api.nvim_create_autocmd('BufLeave', { group = augroup, buffer = bufnr, callback = function() set(false) end })
+  end })
+  vim.api.nvim_create_autocmd('FileType', { group = augroup, buffer = bufnr, callback = function()
+    follow_enabled(bufnr)
+  end })
 end
 
 local function on_attach(client, bufnr)
   vim.api.nvim_clear_autocmds({ group = augroup, buffer = bufnr })
+  send_toggled(client)
   if vim.lsp.inline_completion and M.config.inline_completion then
     follow_current_buffer(bufnr)
   end
@@ -537,6 +736,16 @@ local function create_commands()
     M.code_action()
   end, { range = true, desc = 'diffu: code actions' })
 
+  cmd('DiffuToggle', function(opts)
+    M.toggle(opts.args ~= '' and opts.args or nil)
+  end, {
+    nargs = '?',
+    complete = function()
+      return { 'global', 'buffer', 'filetype' }
+    end,
+    desc = 'diffu: suggestions as you type off/on (everywhere, in this buffer, or for its filetype)',
+  })
+
   cmd('DiffuRestart', function()
     M.restart()
   end, { desc = 'diffu: restart the server' })
@@ -544,15 +753,22 @@ local function create_commands()
   cmd('DiffuStatus', function()
     local s = M.status(0)
     local c = M.client(0)
+    local settings = client_settings(c)
+    local off = not c and '' or vim.b.diffu_enabled == false and '; suggestions off in this buffer (:DiffuToggle buffer)'
+      or settings.inlineCompletion == false and '; suggestions off everywhere (:DiffuToggle)'
+      or vim.tbl_contains(settings.disabledLanguages or {}, vim.bo.filetype)
+        and ('; suggestions off for %s files (:DiffuToggle filetype)'):format(vim.bo.filetype)
+      or ''
     if not c then
       print('diffu: no client attached to this buffer')
     elseif not s then
-      print(('diffu: client %d running, no status yet'):format(c.id))
+      print(('diffu: client %d running, no status yet%s'):format(c.id, off))
     else
-      print(('diffu: %s%s%s'):format(
+      print(('diffu: %s%s%s%s'):format(
         s.state,
         s.model and (' (' .. s.model .. ')') or '',
-        s.message and s.message ~= '' and (': ' .. s.message) or ''
+        s.message and s.message ~= '' and (': ' .. s.message) or '',
+        off
       ))
     end
   end, { desc = 'diffu: show the model status' })
@@ -598,6 +814,18 @@ function M.setup(opts)
       local d = args.data or {}
       if d.client_id then
         statuses[d.client_id] = { state = d.state, model = d.model, message = d.message }
+        vim.cmd.redrawstatus()
+      end
+    end,
+  })
+  vim.api.nvim_create_autocmd('LspRequest', { -- the statusline's diffu:busy
+    group = augroup,
+    callback = function(args)
+      local client = vim.lsp.get_client_by_id(args.data.client_id)
+      if client and client.name == NAME then
+        vim.schedule(function()
+          vim.cmd.redrawstatus()
+        end)
       end
     end,
   })
@@ -638,6 +866,9 @@ function M.setup(opts)
   })
 
   create_commands()
+  if M.config.statusline then
+    add_to_statusline()
+  end
   vim.lsp.enable(NAME)
 
   -- Buffers that already have the client (setup() called late).
