@@ -11,7 +11,8 @@ Alternate rounds of the three kinds have two corruptions per line, the others on
 are left out. The refined selection is the line's code (its
 indentation and newline left out); the document around it is the file itself.
 
-Per model and edit threshold: restored % (the refined line equals the original), detection % (of the
+Per model, at its own edit threshold and at 0.5, 0.7, 0.9 (a masked-only model: off, and 0.9 to show
+what token editing does on a model never trained for it): restored % (the refined line equals the original), detection % (of the
 corrupted tokens, those whose characters the refine changed), collateral % (corrupted lines changed
 outside the corrupted tokens), controls untouched % (an intact line comes back unchanged).
 Targets (issue #26): detection >= 60 %, controls untouched >= 90 %.
@@ -213,6 +214,20 @@ def aggregate(items: list[dict]) -> dict:
     }
 
 
+def label_of(name: str | None) -> str:
+    """The bundled model's label; for another folder with a training card, its path, step and objective."""
+    import json
+    from pathlib import Path
+
+    label = common.model_label(name)
+    card = Path(name) / "training.json" if name else None
+    if label == name and card is not None and card.is_file():
+        info = json.loads(card.read_text())
+        editing = "token editing" in info.get("objective", "")
+        label = f"{name} (tiny-dream step {info.get('steps')}{', trained to edit' if editing else ', masked-only'})"
+    return label
+
+
 def models_of(options: common.Options) -> list[str | None]:
     """The models to compare: --model (default: the bundled one), then those of --compare."""
     return [options.model] + [m for m in options.extra.get("compare", ()) if m]
@@ -235,9 +250,10 @@ def run(options: common.Options) -> dict:
     edit_rows, infill_rows, records = [], [], []
     for name in models_of(options):
         model = load_model(name, device=options.device, dtype=options.dtype)
-        label = common.model_label(name)
+        label = label_of(name)
         own = model.default_sampling.get("edit_threshold")
-        thresholds = [own] + [t for t in SWEEP if t != own and not options.quick]
+        sweep = SWEEP if own is not None else SWEEP[-1:]  # a masked-only model: one row shows what T2T does to it
+        thresholds = [own] + [t for t in sweep if t != own and not options.quick]
         for threshold in thresholds:
             settings = Settings(refine_mode="low_confidence", edit_threshold=threshold)
             items = [refine_case(model, case, settings) for case in cases]
