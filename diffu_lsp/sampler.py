@@ -43,8 +43,10 @@ tokens of the job's holes (draft tokens, and tokens revealed earlier in this job
 outside the holes), and replaces one when the model's top token there differs from it with
 p >= edit_threshold (token-to-token, T2T), beside revealing masked positions (mask-to-token, M2T,
 as above). Edits are judged on the model's own distribution (no EOS penalty). Draft tokens are then
-edited, not re-masked (`remask` is the masked-only models' fallback). A block ends when no mask is
-left and its last forward edited nothing, or after EDIT_ROUNDS forwards with no mask left: the
+replaced where the model is sure of another token, and masked again where it only doubts them
+(p(token) < `remask`, ReMDM's remasking; `remask` 0 leaves T2T alone); tokens revealed in this job
+are only ever replaced, so decoding ends. A block ends when no mask is left and its last forward
+edited nothing, or after EDIT_ROUNDS forwards with no mask left: the
 forward that reveals the last masks judges the other tokens too, and if it edits nothing no extra
 forward re-checks what it revealed (a job costs what it did without editing unless an edit fires).
 Unset (None, for masked-only models), decoding is exactly as without it.
@@ -248,17 +250,27 @@ def pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id: int, st
             provisional[tail] = bool(provisional[run[first]])
 
 
-def edit_tokens(canvas, positions, logits, threshold: float, confidence, reveal_step, provisional, forward: int) -> int:
-    """Token editing (T2T): at each of `positions` (visible tokens) whose top token under `logits`
-    differs from the canvas's with p >= threshold, put that token in. Returns how many changed."""
-    top_prob, top = (t.cpu() for t in torch.softmax(logits.float(), dim=-1).max(dim=-1))
-    change = (top != canvas[positions]) & (top_prob >= threshold)
+def edit_tokens(canvas, positions, logits, sampling: Sampling, mask_id: int, confidence, reveal_step, provisional,
+                forward: int) -> tuple[int, int]:
+    """Token editing at `positions` (visible tokens) under `logits`: where the top token differs from
+    the canvas's with p >= edit_threshold, put it in (T2T); a draft token not replaced whose own p is
+    below `remask` is masked again (T2M). Returns (edited, masked)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_prob, top = (t.cpu() for t in probs.max(dim=-1))
+    current = canvas[positions]
+    current_prob = probs.gather(1, current.to(probs.device)[:, None]).squeeze(1).cpu()
+    change = (top != current) & (top_prob >= sampling.edit_threshold)
+    doubted = provisional[positions] & ~change & (current_prob < sampling.remask)
     at = positions[change]
     canvas[at] = top[change]
     confidence[at] = top_prob[change]
     reveal_step[at] = forward
+    drafts = provisional[positions] & ~change & ~doubted
+    confidence[positions[drafts]] = current_prob[drafts]
     provisional[at] = False
-    return int(change.sum())
+    canvas[positions[doubted]] = mask_id
+    provisional[positions[doubted]] = False
+    return int(change.sum()), int(doubted.sum())
 
 
 def denoise(
@@ -330,9 +342,9 @@ def denoise(
                 remasked_last = 0
                 if len(draft):
                     logits, draft_logits = logits[:len(still_masked)], logits[len(still_masked):]
-                    remasked_last = edit_tokens(canvas, draft, draft_logits, sampling.edit_threshold, confidence,
-                                                reveal_step, provisional, forwards)
-                    edits += remasked_last
+                    edited, doubted = edit_tokens(canvas, draft, draft_logits, sampling, mask_id, confidence,
+                                                  reveal_step, provisional, forwards)
+                    edits, remasked, remasked_last = edits + edited, remasked + doubted, edited + doubted
                     if len(still_masked) == 0:
                         continue
             if sampling.eos_penalty and stop_ids:

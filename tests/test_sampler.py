@@ -455,13 +455,23 @@ class Scored(Wants):
 
 def test_an_edit_replaces_a_draft_token_only_at_or_above_the_threshold():
     """p(wanted token) = e^5 / (e^5 + 9) ~ 0.943: a draft token the model disagrees with is replaced
-    at edit_threshold 0.9 and left as it is (not masked) at 0.95."""
+    at edit_threshold 0.9 and left as it is at 0.95 (remask 0: T2T alone, nothing masked)."""
     canvas, draft = torch.tensor([1, 3, 4, 2]), torch.tensor([False, True, True, False])
-    edited = denoise(Scored([1, 7, 4, 2]), canvas, MASK, Sampling(edit_threshold=0.9), provisional=draft)
+    edited = denoise(Scored([1, 7, 4, 2]), canvas, MASK, Sampling(edit_threshold=0.9, remask=0.0), provisional=draft)
     assert edited.canvas.tolist() == [1, 7, 4, 2] and edited.edits == 1 and edited.remasked == 0
     assert edited.forwards == 2  # the edit, then a forward that edits nothing
-    kept = denoise(Scored([1, 7, 4, 2]), canvas, MASK, Sampling(edit_threshold=0.95), provisional=draft)
+    kept = denoise(Scored([1, 7, 4, 2]), canvas, MASK, Sampling(edit_threshold=0.95, remask=0.0), provisional=draft)
     assert kept.canvas.tolist() == [1, 3, 4, 2] and kept.edits == 0 and kept.forwards == 1
+
+
+def test_a_doubted_draft_token_below_the_edit_threshold_is_masked_again_and_decoded():
+    """The same draft at edit_threshold 0.95 with remask 0.5: no edit fires, but p(3) ~ 0.006 < 0.5,
+    so the draft token is masked (T2M) and decoded again; the draft the model supports stays."""
+    canvas, draft = torch.tensor([1, 3, 4, 2]), torch.tensor([False, True, True, False])
+    model = Scored([1, 7, 4, 2], strength=5.0)
+    result = denoise(model, canvas, MASK, Sampling(threshold=0.9, edit_threshold=0.95, remask=0.5), provisional=draft)
+    assert result.canvas.tolist() == [1, 7, 4, 2] and (result.edits, result.remasked) == (0, 1)
+    assert model.scored[1] == [1, 2]  # the masked position decoded, the kept draft re-checked beside it
 
 
 def test_edits_never_touch_text_outside_the_job_s_holes():
