@@ -12,7 +12,8 @@ are left out. The refined selection is the line's code (its
 indentation and newline left out); the document around it is the file itself.
 
 Per model, at its own edit threshold and at 0.5, 0.7, 0.9 (a masked-only model: off, and 0.9 to show
-what token editing does on a model never trained for it): restored % (the refined line equals the original), detection % (of the
+what token editing does on a model never trained for it), draft tokens the model doubts masked again
+below its `remask` (T2M); and at its own threshold with remask 0.5, 0.2, 0.05 and 0 (T2T alone): restored % (the refined line equals the original), detection % (of the
 corrupted tokens, those whose characters the refine changed), collateral % (corrupted lines changed
 outside the corrupted tokens), controls untouched % (an intact line comes back unchanged).
 Targets (issue #26): detection >= 60 %, controls untouched >= 90 %.
@@ -35,6 +36,7 @@ QUICK_LINES = 6
 LINES = 60
 INFILL_LINES = 200
 SWEEP = (0.5, 0.7, 0.9)  # edit thresholds tried beside each model's own
+REMASKS = (0.5, 0.2, 0.05, 0.0)  # and remask values, at the model's own edit threshold
 SWAPS = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "==": "!=", "!=": "==", "+": "-", "-": "+", "*": "/",
          "/": "*", "+=": "-=", "-=": "+=", "and": "or", "or": "and", "is": "is not", "in": "not in"}
 TARGET_DETECTION, TARGET_CONTROLS = 60.0, 90.0
@@ -254,12 +256,21 @@ def run(options: common.Options) -> dict:
         own = model.default_sampling.get("edit_threshold")
         sweep = SWEEP if own is not None else SWEEP[-1:]  # a masked-only model: one row shows what T2T does to it
         thresholds = [own] + [t for t in sweep if t != own and not options.quick]
-        for threshold in thresholds:
+        defaults = dict(model.default_sampling)
+        remask = model.sampling().remask
+        variants = [(t, remask) for t in thresholds]
+        if own is not None and not options.quick:
+            variants += [(own, r) for r in REMASKS if r != remask]
+        for threshold, remask_at in variants:
+            model.default_sampling = {**defaults, "remask": remask_at}
             settings = Settings(refine_mode="low_confidence", edit_threshold=threshold)
             items = [refine_case(model, case, settings) for case in cases]
+            model.default_sampling = defaults
             agg = aggregate(items)
             shown = "off (masked-only)" if threshold is None else f"{threshold:g}" + (" (own)" if threshold == own else "")
-            records.append({"model": label, "edit_threshold": threshold, **agg})
+            if threshold is not None:
+                shown += f", remask {remask_at:g}" + (" (T2T alone)" if remask_at == 0 else "")
+            records.append({"model": label, "edit_threshold": threshold, "remask": remask_at, **agg})
             edit_rows.append([label, shown, agg["lines"], agg["restored"], agg["detection"], agg["collateral"],
                               agg["untouched"], agg["forwards"], agg["ms"]])
             common.progress(f"edit: {label} at edit threshold {shown}: {len(cases)} refines done")
