@@ -38,7 +38,7 @@ it was there. A block ends when no mask is left and its last forward re-masked n
 with no masks takes one forward to check it). Without provisional tokens nothing changes.
 
 Token editing (`edit_threshold`, LLaDA 2.1's joint thresholds; for models trained to judge the
-tokens they see, such as LLaDA 2.1 and the bundled model): each forward also scores the visible
+tokens they see, such as LLaDA 2.1 or a tiny-dream trained with `--edit-rate`): each forward also scores the visible
 tokens of the job's holes (draft tokens, and tokens revealed earlier in this job; never a position
 outside the holes), and replaces one when the model's top token there differs from it with
 p >= edit_threshold (token-to-token, T2T), beside revealing masked positions (mask-to-token, M2T,

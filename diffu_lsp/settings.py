@@ -76,9 +76,9 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     #: Token editing: each denoising step also re-reads the suggestion's visible tokens (a warm
     #: start's draft, tokens revealed earlier, a refined selection; never your text outside it) and
     #: replaces one when the model's top token there differs with at least this probability. Only
-    #: for models trained to edit (LLaDA 2.1, the bundled model); masked-only models (Dream,
-    #: DiffuCoder, LLaDA 1) cannot judge visible tokens. `null`: the model's own (its
-    #: `generation_config.json`), else off.
+    #: for models trained to edit (LLaDA 2.1; a tiny-dream trained with `python -m diffu_lsp.train
+    #: --edit-rate`); masked-only models (Dream, DiffuCoder, LLaDA 1, the bundled model) cannot judge
+    #: visible tokens. `null`: the model's own (its `generation_config.json`), else off.
     edit_threshold: Probability | None = None
     #: Reuse the context's attention keys/values between denoising steps.
     kv_cache: Literal["none", "prefix", "dual", "delayed"] = "delayed"

@@ -299,8 +299,8 @@ def run(options: common.Options) -> dict:
         ["model", "edit threshold", "lines", "restored %", "detection %", "collateral %", "controls untouched %",
          "forwards/refine", "ms/refine"], edit_rows)
     infill_table = common.table(
-        f"Held-out stdlib single-line infill, server default path ({infill_count} lines, the quality suite's "
-        f"seed-{options.seed} lines)",
+        f"Held-out stdlib single-line infill, server default path ({len(infill_tasks)} lines: the quality suite's "
+        f"seed-{options.seed} stdlib lines, asked for {infill_count})",
         ["model", "lines", "exact %", "edit sim %", "forwards/line"], infill_rows)
     return {
         "suite": "edit",
