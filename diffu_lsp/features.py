@@ -194,7 +194,9 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
     """The selection text[start:end] re-masked and re-denoised with both sides as context: all of
     it, or (`low_confidence`) as a draft, the way warm start treats the last suggestion: the tokens
     the model doubts, each scored while masked, are masked; the others stay as provisional tokens,
-    re-checked every forward and masked again once the model no longer supports them."""
+    re-checked every forward and masked again once the model no longer supports them. With token
+    editing (the model's `edit_threshold`) nothing is masked: the whole selection is the draft, and
+    the sampler replaces the tokens the model is sure are wrong."""
     check_canvas(at_least_tokens(end - start), "refine", f"the selection has {end - start:,} characters: select less")
     prefix, selected, suffix = infill.refine_request(text, start, end, model.encode,
                                                      settings.prefix_tokens, settings.suffix_tokens)
@@ -204,7 +206,11 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
     check_canvas(len(prefix_ids) + len(selected_ids) + max(4, len(selected_ids) // 4) + len(suffix_ids), "refine",
                  f"the selection is {len(selected_ids):,} tokens: select less")
     provisional = None
-    if settings.refine_mode == "low_confidence":
+    if settings.refine_mode == "low_confidence" and sampling_for(model, settings).edit_threshold is not None:
+        # a model that edits judges the selection as it stands: every token goes in as a draft (T2T)
+        hole = list(selected_ids)
+        provisional = [False] * len(prefix_ids) + [True] * len(hole) + [False] * len(suffix_ids)
+    elif settings.refine_mode == "low_confidence":
         scores = model.token_probabilities(prefix_ids, selected_ids, suffix_ids)
         hole = [model.mask_token_id if s < settings.refine_confidence else t for t, s in zip(selected_ids, scores)]
         if model.mask_token_id not in hole:

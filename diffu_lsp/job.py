@@ -29,6 +29,7 @@ class JobSettings(msgspec.Struct, kw_only=True, rename="camel", frozen=True):
     block_length: int | None
     eos_penalty: float | None
     early_exit: bool
+    edit_threshold: float | None
     kv_cache: Literal["none", "prefix", "dual", "delayed"]
     cache_refresh_steps: int | None
     compile: bool

@@ -36,6 +36,20 @@ whose p(token) under the current canvas is below `remask` is masked again, to be
 other (ReMDM's remasking, LLaDA 2.1's token editing): a stale draft does not survive just because
 it was there. A block ends when no mask is left and its last forward re-masked nothing (a draft
 with no masks takes one forward to check it). Without provisional tokens nothing changes.
+
+Token editing (`edit_threshold`, LLaDA 2.1's joint thresholds; for models trained to judge the
+tokens they see, such as LLaDA 2.1 or a tiny-dream trained with `--edit-rate`): each forward also scores the visible
+tokens of the job's holes (draft tokens, and tokens revealed earlier in this job; never a position
+outside the holes), and replaces one when the model's top token there differs from it with
+p >= edit_threshold (token-to-token, T2T), beside revealing masked positions (mask-to-token, M2T,
+as above). Edits are judged on the model's own distribution (no EOS penalty). Draft tokens are then
+replaced where the model is sure of another token, and masked again where it only doubts them
+(p(token) < `remask`, ReMDM's remasking; `remask` 0 leaves T2T alone); tokens revealed in this job
+are only ever replaced, so decoding ends. A block ends when no mask is left and its last forward
+edited nothing, or after EDIT_ROUNDS forwards with no mask left: the
+forward that reveals the last masks judges the other tokens too, and if it edits nothing no extra
+forward re-checks what it revealed (a job costs what it did without editing unless an edit fires).
+Unset (None, for masked-only models), decoding is exactly as without it.
 """
 
 from __future__ import annotations
@@ -49,6 +63,7 @@ import torch.nn.functional as F
 DREAM_ALGS = ("maskgit_plus", "topk_margin", "entropy")
 ALGS = DREAM_ALGS + ("threshold", "factor")
 EPS = 1e-3
+EDIT_ROUNDS = 4  # token editing: forwards a block may take once no mask is left (edits that keep firing)
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,7 @@ class Sampling:
     eos_penalty: float = 0.0             # subtracted from the logits of `stop_ids`
     early_exit: bool = False             # a revealed EOS/pad ends its hole: later slots become pad
     remask: float = 0.5                  # warm start: a draft token scored below this is masked again
+    edit_threshold: Optional[float] = None  # token editing (T2T): replace a visible job token at p >= this
 
     def __post_init__(self):
         if self.alg not in ALGS:
@@ -85,6 +101,8 @@ class Sampling:
             raise ValueError("block_length must be >= 1")
         if not 0.0 <= self.remask <= 1.0:
             raise ValueError("remask must be in [0, 1]")
+        if self.edit_threshold is not None and not 0.0 < self.edit_threshold <= 1.0:
+            raise ValueError("edit_threshold must be in (0, 1]")
 
     def with_options(self, **options) -> "Sampling":
         """A copy with the given fields replaced; None values are ignored."""
@@ -116,6 +134,7 @@ class Denoised:
     rows: int = 0              # canvas rows run through the network, over all forwards
     drafted: int = 0           # warm start: provisional (draft) tokens the canvas arrived with
     remasked: int = 0          # of those, the ones masked again (their confidence dropped)
+    edits: int = 0             # token editing: visible tokens replaced (T2T)
 
 
 # (canvas [L], positions [N]) -> [N, V]: logits scoring the tokens at those positions (on any device)
@@ -231,6 +250,29 @@ def pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id: int, st
             provisional[tail] = bool(provisional[run[first]])
 
 
+def edit_tokens(canvas, positions, logits, sampling: Sampling, mask_id: int, confidence, reveal_step, provisional,
+                forward: int) -> tuple[int, int]:
+    """Token editing at `positions` (visible tokens) under `logits`: where the top token differs from
+    the canvas's with p >= edit_threshold, put it in (T2T); a draft token not replaced whose own p is
+    below `remask` is masked again (T2M). Returns (edited, masked)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_prob, top = (t.cpu() for t in probs.max(dim=-1))
+    current = canvas[positions]
+    current_prob = probs.gather(1, current.to(probs.device)[:, None]).squeeze(1).cpu()
+    change = (top != current) & (top_prob >= sampling.edit_threshold)
+    doubted = provisional[positions] & ~change & (current_prob < sampling.remask)
+    at = positions[change]
+    canvas[at] = top[change]
+    confidence[at] = top_prob[change]
+    reveal_step[at] = forward
+    drafts = provisional[positions] & ~change & ~doubted
+    confidence[positions[drafts]] = current_prob[drafts]
+    provisional[at] = False
+    canvas[positions[doubted]] = mask_id
+    provisional[positions[doubted]] = False
+    return int(change.sum()), int(doubted.sum())
+
+
 def denoise(
     logits_fn: LogitsFn,
     canvas: torch.Tensor,
@@ -262,19 +304,27 @@ def denoise(
 
     if sampling.early_exit and stop_ids and provisional.any():  # masks after a draft EOS/pad: provisional pad
         pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id, stop_ids, provisional)
-    drafted, remasked = int(provisional.sum()), 0
+    drafted, remasked, edits = int(provisional.sum()), 0, 0
+    editing = sampling.edit_threshold is not None
 
     def result(**flags) -> Denoised:
-        return Denoised(canvas, confidence, reveal_step, forwards, drafted=drafted, remasked=remasked, **flags)
+        return Denoised(canvas, confidence, reveal_step, forwards, drafted=drafted, remasked=remasked, edits=edits,
+                        **flags)
 
     for block in blocks:
         step = 0
-        remasked_last: int | None = None  # draft tokens the block's last forward masked again
+        remasked_last: int | None = None  # draft tokens the block's last forward masked again (or edited)
+        rounds = 0  # token editing: forwards with no mask left in the block
         while True:
             still_masked = block[canvas[block] == mask_id]
-            draft = block[provisional[block]]
+            # the tokens each forward checks: drafts; with token editing every visible token of the block
+            draft = block[canvas[block] != mask_id] if editing else block[provisional[block]]
             if len(still_masked) == 0 and (len(draft) == 0 or remasked_last == 0):
                 break
+            if editing and len(still_masked) == 0:
+                if rounds == EDIT_ROUNDS:
+                    break
+                rounds += 1
             if dream and len(still_masked):
                 count = dream_reveal_count(len(still_masked), step, steps_per_block)
                 step += 1
@@ -288,9 +338,18 @@ def denoise(
             if cancel is not None and hasattr(cancel, "forwards"):
                 cancel.forwards += 1
             logits[:, mask_id] = float("-inf")  # a revealed position must not stay a mask
+            if editing:  # T2T, judged on the model's own distribution (before the EOS penalty)
+                remasked_last = 0
+                if len(draft):
+                    logits, draft_logits = logits[:len(still_masked)], logits[len(still_masked):]
+                    edited, doubted = edit_tokens(canvas, draft, draft_logits, sampling, mask_id, confidence,
+                                                  reveal_step, provisional, forwards)
+                    edits, remasked, remasked_last = edits + edited, remasked + doubted, edited + doubted
+                    if len(still_masked) == 0:
+                        continue
             if sampling.eos_penalty and stop_ids:
                 logits[:, list(stop_ids)] -= sampling.eos_penalty
-            if len(draft):  # warm start: p(draft token) under the current canvas; below `remask`: masked
+            if not editing and len(draft):  # warm start: p(draft token) under the current canvas; below `remask`: masked
                 logits, draft_logits = logits[:len(still_masked)], logits[len(still_masked):]
                 now = canvas[draft].to(draft_logits.device)
                 draft_prob = torch.softmax(draft_logits.float(), dim=-1).gather(1, now[:, None]).squeeze(1).cpu()
@@ -302,7 +361,7 @@ def denoise(
                 remasked += remasked_last
                 if len(still_masked) == 0:
                     continue
-            else:
+            elif not editing:
                 remasked_last = 0
             if generator is not None and generator.device != logits.device:
                 logits = logits.to(generator.device)  # sampling draws from the caller's generator

@@ -74,6 +74,13 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     #: A revealed end-of-text token ends its hole: the rest becomes padding and no more denoising
     #: steps are spent on it.
     early_exit: bool = True
+    #: Token editing: each denoising step also re-reads the suggestion's visible tokens (a warm
+    #: start's draft, tokens revealed earlier, a refined selection; never your text outside it) and
+    #: replaces one when the model's top token there differs with at least this probability. Only
+    #: for models trained to edit (LLaDA 2.1; a tiny-dream trained with `python -m diffu_lsp.train
+    #: --edit-rate`); masked-only models (Dream, DiffuCoder, LLaDA 1, the bundled model) cannot judge
+    #: visible tokens. `null`: the model's own (its `generation_config.json`), else off.
+    edit_threshold: Probability | None = None
     #: Reuse the context's attention keys/values between denoising steps.
     kv_cache: Literal["none", "prefix", "dual", "delayed"] = "delayed"
     #: Also rebuild the key/value cache every N steps. `null`: once per block.
@@ -392,4 +399,5 @@ def sampling_options(s: Settings) -> dict[str, Any]:
         "block_length": s.block_length,
         "early_exit": s.early_exit,
         "eos_penalty": s.eos_penalty,
+        "edit_threshold": s.edit_threshold,
     }

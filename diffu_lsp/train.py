@@ -10,13 +10,24 @@ The model is a Qwen2 backbone run with full bidirectional attention and Dream's 
 - masked diffusion: mask ratio t ~ U(eps, 1), cross-entropy on masked positions weighted 1/t;
 - span infill with pad-to-length: a span becomes a hole of `length >= span` positions whose
   targets are the span followed by pad, noised the same way, so a fixed-size hole can yield a
-  shorter completion by ending in pad.
+  shorter completion by ending in pad;
+- token editing (ReMDM / LLaDA 2.1's token-to-token / ELECTRA's replaced tokens): in each sample a
+  share of the *visible* tokens (`--edit-rate` on average) is replaced by a wrong one: a uniformly
+  random token, another token of the same window, or a near miss (a token one character away: an
+  off-by-one digit, `<` for `>`, `-=` for `+=`); the model is trained to give the true token at
+  every replaced position (weight `--edit-weight`) and at the clean visible ones (`--keep-weight`),
+  so it can judge the tokens it sees: keep what is right, replace what is wrong.
+
+Data: the standard library (a fixed held-out tenth of its files, by path hash, for the benchmarks)
+and, with `--packages`, the pure-Python sources of the installed packages whose licence is a
+permissive one (MIT, BSD, Apache, PSF, ISC), split the same way by path.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import math
 import signal
@@ -46,6 +57,8 @@ SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "encodings", "__p
 # (held-out single-line suggestions: 27 % non-empty at 0, 100 % at 3; see BENCHMARKS.md). The
 # decoding rule is the one `diffu-lsp bench quality` chose for this model (BENCHMARKS.md, Quality).
 GENERATION_DEFAULTS = {"eos_penalty": 3.0, "alg": "factor", "factor": 8.0}
+# A model trained with token editing also ships the edit threshold the `bench edit` suite chose.
+EDIT_THRESHOLD = 0.9
 MODEL_SHAPE = dict(
     vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
@@ -75,6 +88,51 @@ def stdlib_files(held_out: bool, root: Path | None = None) -> list[Path]:
             continue
         if is_held_out(path.relative_to(root).as_posix()) == held_out:
             found.append(path)
+    return found
+
+
+PERMISSIVE = ("MIT", "BSD", "APACHE", "PSF", "PYTHON SOFTWARE FOUNDATION", "ISC", "0BSD")
+PACKAGE_CAP_BYTES = 3_000_000  # per package, so that a few big ones (torch, sympy) do not dominate
+
+
+def license_of(dist: importlib.metadata.Distribution) -> str:
+    meta = dist.metadata
+    text = meta.get("License-Expression") or ""
+    classifiers = [c for c in (meta.get_all("Classifier") or []) if c.startswith("License ::")]
+    if not text:
+        short = (meta.get("License") or "").strip()
+        text = short if len(short) < 80 else ""  # some put the whole licence text there
+    return " ".join([text, *classifiers])
+
+
+def is_permissive(license_text: str) -> bool:
+    upper = license_text.upper()
+    return any(word in upper for word in PERMISSIVE) and not any(w in upper for w in ("GPL", "MPL", "EUPL"))
+
+
+def package_files(held_out: bool) -> list[tuple[str, Path]]:
+    """(name, path) of the .py files of installed permissively licensed packages (tests left out,
+    at most PACKAGE_CAP_BYTES each), held-out split by a hash of 'site-packages/<path>'."""
+    found = []
+    for dist in sorted(importlib.metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        name = dist.metadata["Name"] or ""
+        if not name or name.lower().replace("_", "-") == "diffu-lsp" or not is_permissive(license_of(dist)):
+            continue
+        size = 0
+        for file in sorted(dist.files or [], key=str):
+            rel = Path(str(file))
+            if rel.suffix != ".py" or any(p in SKIPPED_DIRS or p.startswith("test_") or p.endswith(".dist-info")
+                                          or p == ".." for p in rel.parts):
+                continue
+            path = Path(dist.locate_file(file))
+            if not path.is_file() or path.stat().st_size > 200_000:
+                continue
+            if is_held_out("site-packages/" + rel.as_posix()) != held_out:
+                continue
+            size += path.stat().st_size
+            if size > PACKAGE_CAP_BYTES:
+                break
+            found.append((name, path))
     return found
 
 
@@ -114,12 +172,35 @@ def newline_token_table(tokenizer: Tokenizer) -> np.ndarray:
     return table
 
 
+def near_miss_table(tokenizer: Tokenizer) -> list[np.ndarray]:
+    """table[id]: the tokens whose text is one character substitution away (same length): an
+    off-by-one digit, a swapped operator, a one-letter typo of a name."""
+    vocab = tokenizer.get_vocab_size()
+    texts = [tokenizer.decode([i]) for i in range(vocab)]
+    groups: dict[str, list[int]] = {}
+    for token_id, text in enumerate(texts):
+        if token_id < len(SPECIAL_TOKENS) or not text or "\ufffd" in text:
+            continue
+        for i in range(len(text)):
+            groups.setdefault(f"{len(text)}:{text[:i]}\0{text[i + 1:]}", []).append(token_id)
+    table: list[set[int]] = [set() for _ in range(vocab)]
+    for members in groups.values():
+        for token_id in members:
+            table[token_id].update(m for m in members if m != token_id)
+    return [np.asarray(sorted(t), dtype=np.int64) for t in table]
+
+
 class BatchMaker:
     """Draws training examples from the token stream; every draw uses the generator it is given."""
 
-    def __init__(self, corpus: np.ndarray, newline: np.ndarray, seq_len: int, mask_id: int, pad_id: int):
+    def __init__(self, corpus: np.ndarray, newline: np.ndarray, seq_len: int, mask_id: int, pad_id: int,
+                 near_miss: list[np.ndarray] | None = None, edit_rate: float = 0.0,
+                 edit_weight: float = 1.0, keep_weight: float = 0.0):
         self.corpus, self.newline, self.seq_len = corpus, newline, seq_len
         self.mask_id, self.pad_id = mask_id, pad_id
+        self.near_miss, self.edit_rate = near_miss, edit_rate
+        self.edit_weight, self.keep_weight = edit_weight, keep_weight
+        self.vocab = len(newline)
 
     def __call__(self, rng: np.random.Generator, batch_size: int):
         inputs = np.empty((batch_size, self.seq_len), dtype=np.int64)
@@ -140,7 +221,33 @@ class BatchMaker:
             inputs[row] = np.where(masked, self.mask_id, x0)
             targets[row] = x0
             weights[row] = masked / t
+            if self.edit_rate > 0:
+                visible = ~masked
+                visible[0] = False  # position 0 is scored from itself, not from a neighbour
+                corrupted = self._corrupt(rng, inputs[row], x0, visible)
+                weights[row] += np.where(corrupted, self.edit_weight, np.where(visible, self.keep_weight, 0.0))
         return torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(weights)
+
+    def _corrupt(self, rng, tokens: np.ndarray, x0: np.ndarray, visible: np.ndarray) -> np.ndarray:
+        """Replace a share (U(0, 2 * edit_rate)) of the visible tokens in place by wrong ones, a third
+        each: uniform random, another token of this window, a near miss (else a window token)."""
+        chosen = np.flatnonzero(visible & (rng.random(len(tokens)) < rng.uniform(0, 2 * self.edit_rate)))
+        corrupted = np.zeros(len(tokens), dtype=bool)
+        first = len(SPECIAL_TOKENS)
+        for at in chosen:
+            true = int(x0[at])
+            kind = rng.integers(0, 3)
+            near = self.near_miss[true] if self.near_miss is not None and kind == 2 else ()
+            if len(near):
+                wrong = int(near[rng.integers(0, len(near))])
+            elif kind == 0:
+                wrong = int(rng.integers(first, self.vocab))
+            else:
+                wrong = int(x0[rng.integers(0, len(x0))])
+            if wrong != true and wrong >= first:
+                tokens[at] = wrong
+                corrupted[at] = True
+        return corrupted
 
     def _span_infill(self, rng, window):
         """prefix + [span, pad...] + suffix, truncated to seq_len; hole marks the span+pad slots."""
@@ -215,7 +322,9 @@ def export_dream_checkpoint(model: Qwen2ForCausalLM, tokenizer: Tokenizer, out: 
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": EOS,
         "mask_token": MASK, "model_max_length": qwen.max_position_embeddings,
     }, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_DEFAULTS, indent=2) + "\n")
+    generation = dict(GENERATION_DEFAULTS, **({"edit_threshold": EDIT_THRESHOLD} if "token editing" in
+                                               card.get("objective", "") else {}))
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     (out / "training.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
@@ -237,12 +346,21 @@ def main(argv: list[str] | None = None) -> int:
                         "tokenizer (e.g. the bundled model) when --work holds no checkpoint yet")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     parser.add_argument("--max-minutes", type=float, help="stop (checkpointed and exported) after this long")
+    parser.add_argument("--packages", action="store_true", help="also train on the installed permissively "
+                        "licensed packages' Python sources (held-out split by path, like the stdlib's)")
+    parser.add_argument("--edit-rate", type=float, default=0.0, help="token editing: mean share of the visible "
+                        "tokens replaced by wrong ones (0: masked-only training, as before)")
+    parser.add_argument("--edit-weight", type=float, default=1.0, help="loss weight at a replaced token")
+    parser.add_argument("--keep-weight", type=float, default=0.1, help="loss weight at a clean visible token "
+                        "(with --edit-rate)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
 
     tokenizer_path = args.work / "tokenizer.json"
     train_files = stdlib_files(held_out=False)
+    packages = package_files(held_out=False) if args.packages else []
+    train_files += [path for _, path in packages]
     if args.init_from and not tokenizer_path.exists():
         tokenizer_path.write_bytes((args.init_from / "tokenizer.json").read_bytes())
     if tokenizer_path.exists():
@@ -250,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tokenizer = train_tokenizer(train_files, MODEL_SHAPE["vocab_size"])
         tokenizer.save(str(tokenizer_path))
-    corpus_path = args.work / "corpus.npy"
+    corpus_path = args.work / ("corpus+packages.npy" if args.packages else "corpus.npy")
     if corpus_path.exists():
         corpus = np.load(corpus_path)
     else:
@@ -263,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(tokenizer).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     make_batch = BatchMaker(corpus, newline_token_table(tokenizer), args.seq_len,
-                            tokenizer.token_to_id(MASK), tokenizer.token_to_id(EOS))
+                            tokenizer.token_to_id(MASK), tokenizer.token_to_id(EOS),
+                            near_miss_table(tokenizer) if args.edit_rate else None, args.edit_rate,
+                            args.edit_weight, args.keep_weight)
     rng = np.random.default_rng(args.seed)
     step, history = 0, []
     checkpoint_path = args.work / "checkpoint.pt"
@@ -287,8 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(checkpoint_path)
 
     def card():
-        return {"data": "CPython standard library (tests, encodings, pydoc_data left out), "
-                        f"{len(train_files)} files, {len(corpus):,} tokens",
+        names = sorted({name for name, _ in packages})
+        data = "CPython standard library (tests, encodings, pydoc_data left out)"
+        if names:
+            data += f" and the Python sources of {len(names)} permissively licensed packages ({', '.join(names)})"
+        return {"data": f"{data}, {len(train_files)} files, {len(corpus):,} tokens",
+                "objective": "masked diffusion + span infill" + (
+                    f" + token editing (edit rate {args.edit_rate}, weights {args.edit_weight}/{args.keep_weight})"
+                    if args.edit_rate else ""),
                 "shape": MODEL_SHAPE, "parameters": sum(p.numel() for p in model.parameters()),
                 "steps": step, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed,
                 "tokens_seen": step * args.batch * args.seq_len, "python": sys.version.split()[0],
@@ -314,13 +440,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        masked = weights > 0
-        plain_ce = float(token_loss.detach().reshape(weights.shape)[masked].mean())
+        masked = inputs == make_batch.mask_id
+        token_loss = token_loss.detach().reshape(weights.shape)
+        plain_ce = float(token_loss[masked].mean())
         history.append((step, loss.item(), plain_ce))
         if step % 10 == 0:
             rate = (time.time() - started) / 10
             started = time.time()
-            print(f"step {step} loss {float(loss):.3f} masked-ce {plain_ce:.3f} {rate:.2f}s/step", flush=True)
+            line = f"step {step} loss {float(loss):.3f} masked-ce {plain_ce:.3f}"
+            if args.edit_rate:
+                right = logits.detach().argmax(-1) == targets
+                edited, kept = (inputs != targets) & ~masked, (weights > 0) & ~masked & (inputs == targets)
+                line += (f" edit-ce {float(token_loss[edited].mean()):.3f} fixed {float(right[edited].float().mean()):.2f}"
+                         f" keep-ce {float(token_loss[kept].mean()):.3f} kept {float(right[kept].float().mean()):.3f}")
+            print(f"{line} lr {learning_rate(step, args.steps, args.lr):.2e} {rate:.2f}s/step", flush=True)
         if step % args.save_every == 0:
             save_checkpoint()
         if step % args.export_every == 0:

@@ -197,6 +197,8 @@ def test_refine_low_confidence_keeps_the_tokens_it_trusts_as_a_provisional_draft
     from diffu_lsp.settings import Settings
 
     model = load_model(None)
+    monkeypatch.setattr(model, "default_sampling", {k: v for k, v in model.default_sampling.items()
+                                                    if k != "edit_threshold"})  # as for a masked-only model
     text = "def add(a, b):\n    total = a + b\n    return total\n\n\ndef main():\n    print(add(1, 2))\n"
     start, end = text.index("total = a"), text.index("\n    return total")
     prefix, selected, suffix = infill.refine_request(text, start, end, model.encode, 768, 256)
@@ -224,3 +226,33 @@ def test_refine_low_confidence_keeps_the_tokens_it_trusts_as_a_provisional_draft
     fills.clear()
     features.refine(model, text, start, end, Settings(refine_mode="all"))
     assert fills[0][1] is None  # regenerating all of it has no draft
+
+
+def test_refine_low_confidence_with_token_editing_hands_the_whole_selection_to_the_sampler(monkeypatch):
+    """With an edit threshold the model judges the selection as it stands: nothing is scored while
+    masked or masked, every selected token goes in as a draft the sampler may edit (T2T), and the
+    text outside the selection is never a draft."""
+    from diffu_lsp import features, infill
+    from diffu_lsp.models import load_model
+    from diffu_lsp.settings import Settings
+
+    model = load_model(None)
+    text = "def add(a, b):\n    total = a + b\n    return total\n\n\ndef main():\n    print(add(1, 2))\n"
+    start, end = text.index("total = a"), text.index("\n    return total")
+    prefix, selected, suffix = infill.refine_request(text, start, end, model.encode, 768, 256)
+    prefix_ids, selected_ids = model.encode(prefix), model.encode(selected)
+    fills, real_fill = [], model.fill
+
+    def spy(canvas, *args, **kwargs):
+        result = real_fill(canvas, *args, **kwargs)
+        fills.append((list(canvas), kwargs.get("provisional"), args[0], result))
+        return result
+
+    monkeypatch.setattr(model, "fill", spy)
+    monkeypatch.setattr(model, "token_probabilities", lambda *a: pytest.fail("scored while masked"))
+    features.refine(model, text, start, end, Settings(refine_mode="low_confidence", edit_threshold=0.5))
+    ((canvas, provisional, sampling, result),) = fills
+    at = slice(len(prefix_ids), len(prefix_ids) + len(selected_ids))
+    assert canvas[at] == selected_ids and model.mask_token_id not in canvas
+    assert all(provisional[at]) and not any(provisional[:at.start]) and not any(provisional[at.stop:])
+    assert sampling.edit_threshold == 0.5 and result.drafted == len(selected_ids)

@@ -435,3 +435,107 @@ def test_warm_start_on_the_bundled_model_in_every_cache_mode(bundled, cache):
             kept += 1
             assert warm.canvas.tolist() == cold.canvas.tolist() and warm.forwards == 1
     assert kept >= 1  # the hole the model ends at once ("return f.read|"): its draft is kept, same result
+
+
+# ---------------------------------------------------------------- token editing (T2T, edit_threshold)
+
+class Scored(Wants):
+    """Wants, also recording which positions each forward scored."""
+
+    def __init__(self, want, strength=5.0):
+        super().__init__(want)
+        self.strength, self.scored = strength, []
+
+    def __call__(self, canvas, positions):
+        self.scored.append(positions.tolist())
+        logits = torch.zeros(len(positions), VOCAB)
+        logits[torch.arange(len(positions)), torch.tensor(self.want)[positions]] = self.strength
+        return logits
+
+
+def test_an_edit_replaces_a_draft_token_only_at_or_above_the_threshold():
+    """p(wanted token) = e^5 / (e^5 + 9) ~ 0.943: a draft token the model disagrees with is replaced
+    at edit_threshold 0.9 and left as it is at 0.95 (remask 0: T2T alone, nothing masked)."""
+    canvas, draft = torch.tensor([1, 3, 4, 2]), torch.tensor([False, True, True, False])
+    edited = denoise(Scored([1, 7, 4, 2]), canvas, MASK, Sampling(edit_threshold=0.9, remask=0.0), provisional=draft)
+    assert edited.canvas.tolist() == [1, 7, 4, 2] and edited.edits == 1 and edited.remasked == 0
+    assert edited.forwards == 2  # the edit, then a forward that edits nothing
+    kept = denoise(Scored([1, 7, 4, 2]), canvas, MASK, Sampling(edit_threshold=0.95, remask=0.0), provisional=draft)
+    assert kept.canvas.tolist() == [1, 3, 4, 2] and kept.edits == 0 and kept.forwards == 1
+
+
+def test_a_doubted_draft_token_below_the_edit_threshold_is_masked_again_and_decoded():
+    """The same draft at edit_threshold 0.95 with remask 0.5: no edit fires, but p(3) ~ 0.006 < 0.5,
+    so the draft token is masked (T2M) and decoded again; the draft the model supports stays."""
+    canvas, draft = torch.tensor([1, 3, 4, 2]), torch.tensor([False, True, True, False])
+    model = Scored([1, 7, 4, 2], strength=5.0)
+    result = denoise(model, canvas, MASK, Sampling(threshold=0.9, edit_threshold=0.95, remask=0.5), provisional=draft)
+    assert result.canvas.tolist() == [1, 7, 4, 2] and (result.edits, result.remasked) == (0, 1)
+    assert model.scored[1] == [1, 2]  # the masked position decoded, the kept draft re-checked beside it
+
+
+def test_edits_never_touch_text_outside_the_job_s_holes():
+    """The model would rewrite the context (positions 0 and 4) with confidence; only the hole's
+    positions are ever scored, and the context comes back as it was."""
+    canvas = torch.tensor([1, MASK, MASK, MASK, 2])
+    model = Scored([8, 3, 4, 5, 8])
+    result = denoise(model, canvas, MASK, Sampling(threshold=0.9, edit_threshold=0.5))
+    assert result.canvas.tolist() == [1, 3, 4, 5, 2]
+    assert all(set(scored) <= {1, 2, 3} for scored in model.scored)
+
+
+class Revises:
+    """Position 1 wants token 3 while position 2 is masked, token 5 once it is revealed (strongly);
+    positions 2 and 3 want 4 and 6, less and less sure: revealed one per forward after position 1."""
+
+    def __call__(self, canvas, positions):
+        want = {1: (3 if int(canvas[2]) == MASK else 5, 5.0), 2: (4, 2.0), 3: (6, 1.0)}
+        logits = torch.zeros(len(positions), VOCAB)
+        for row, at in enumerate(positions.tolist()):
+            token, strength = want[at]
+            logits[row, token] = strength
+        return logits
+
+
+def test_a_token_revealed_earlier_in_the_job_is_edited_when_the_context_changes_the_model_s_mind():
+    canvas = torch.tensor([1, MASK, MASK, MASK, 2])
+    masked_only = denoise(Revises(), canvas, MASK, Sampling(threshold=0.9))
+    assert masked_only.canvas.tolist() == [1, 3, 4, 6, 2] and masked_only.forwards == 3
+    editing = denoise(Revises(), canvas, MASK, Sampling(threshold=0.9, edit_threshold=0.9))
+    assert editing.canvas.tolist() == [1, 5, 4, 6, 2] and editing.edits == 1
+    assert editing.forwards == 4  # reveal 1, reveal 2, edit 1 and reveal 3, check: nothing to edit
+
+
+class Flips:
+    """Always wants a different token than the one there (0 <-> 3): edits that never settle."""
+
+    def __call__(self, canvas, positions):
+        logits = torch.zeros(len(positions), VOCAB)
+        logits[torch.arange(len(positions)), torch.where(canvas[positions] == 3, 0, 3)] = 9.0
+        return logits
+
+
+def test_edits_that_keep_firing_stop_at_the_step_cap():
+    from diffu_lsp.sampler import EDIT_ROUNDS
+
+    result = denoise(Flips(), torch.tensor([1, 3, 2]), MASK, Sampling(edit_threshold=0.9),
+                     provisional=torch.tensor([False, True, False]))
+    assert result.forwards == EDIT_ROUNDS and result.edits == EDIT_ROUNDS
+
+
+def test_edit_threshold_unset_decodes_exactly_as_before():
+    """Without edit_threshold a draft the model disagrees with is masked again and re-decoded (warm
+    start as before); with it, the same draft is edited in place in one forward."""
+    canvas, draft = torch.tensor([1, 3, MASK, 2]), torch.tensor([False, True, False, False])
+    before = denoise(Scored([1, 7, 4, 2]), canvas, MASK, Sampling(threshold=0.9), provisional=draft)
+    assert before.canvas.tolist() == [1, 7, 4, 2] and (before.remasked, before.edits) == (1, 0)
+    assert before.forwards == 2
+    editing = denoise(Scored([1, 7, 4, 2]), canvas, MASK, Sampling(threshold=0.9, edit_threshold=0.9),
+                      provisional=draft)
+    assert editing.canvas.tolist() == [1, 7, 4, 2] and (editing.remasked, editing.edits) == (0, 1)
+
+
+def test_edit_threshold_must_be_a_probability():
+    for bad in (0.0, 1.5, -1.0):
+        with pytest.raises(ValueError):
+            Sampling(edit_threshold=bad)

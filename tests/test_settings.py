@@ -152,6 +152,7 @@ def test_sampling_options():
         "top_k": 40,
         "block_length": 8,
         "early_exit": False,
+        "edit_threshold": None,
         "eos_penalty": None,
     }
 

@@ -7,7 +7,9 @@ a model in every server: added latency, replay, memory for 1 and 3 windows), sha
 networks of the real checkpoints' shapes: ms per step and per block, cache modes, the sampler's own
 overhead, memory), gpu (everything that needs a GPU, in one run), cluster (simulated editors against a
 Ray Serve cluster of 1 and 2 replicas and against the local daemon), soak
-(real servers and daemon typed into through daemon faults: every request answered in bounded time), all. `python -m diffu_lsp.bench` is the same command.
+(real servers and daemon typed into through daemon faults: every request answered in bounded time), edit
+(held-out lines with corrupted tokens refined in place: restored, detected, controls untouched; and
+held-out single-line infill, for --model and each --compare model), all. `python -m diffu_lsp.bench` is the same command.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .common import Options, machine, machine_line, progress, render
 
 SUITES = ("replay", "speed", "quality", "memory", "daemon")
 MODEL_SUITES = ("speed", "quality")  # run in this process on a model loaded once for both
-STANDALONE = ("shapes", "gpu", "soak", "cluster")  # build their own networks or services; not part of `all`
+STANDALONE = ("shapes", "gpu", "soak", "cluster", "edit")  # build their own networks or services; not part of `all`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--windows", type=int, help="soak: editor windows, one server each (default 2)")
     group.add_argument("--fault-every", type=float, help="soak: mean seconds between daemon faults (default 30)")
     group.add_argument("--deadline", type=float, help="soak: the servers' daemonDeadlineSeconds (default: the setting's)")
+    group = parser.add_argument_group("edit")
+    group.add_argument("--compare", help="edit: comma-separated further models to run in the same run")
+    group.add_argument("--edit-lines", type=int, help="edit: corrupted lines, and as many controls (default 60, quick 6)")
     group = parser.add_argument_group("quality")
     group.add_argument("--problems", type=int, help="HumanEval problems (default all 164, quick 4)")
     group.add_argument("--lines", type=int, help="held-out stdlib lines (default 200, quick 6)")
@@ -134,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         options.extra["layers"] = args.layers
     if args.warm_start:
         options.extra["warm_start"] = True
+    if args.compare:
+        options.extra["compare"] = tuple(args.compare.split(","))
+    if args.edit_lines:
+        options.extra["edit_lines"] = args.edit_lines
     for name in ("minutes", "windows", "fault_every", "deadline"):
         if getattr(args, name) is not None:
             options.extra[name] = getattr(args, name)
