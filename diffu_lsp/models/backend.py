@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,10 @@ class DiffusionModel:
     compiled_network: Callable | None = field(default=None, repr=False)  # torch.compile(network), made on first use
     compile_error: str | None = None  # why compiling failed; the eager network serves from then on
     batcher: "ForwardBatcher | None" = field(default=None, repr=False)  # set: concurrent jobs share forwards (batching.py)
+    cache_keyword: str = field(init=False, repr=False)  # the network's name for its K/V cache argument
+
+    def __post_init__(self):
+        self.cache_keyword = cache_keyword(self.network)
 
     @property
     def device(self) -> torch.device:
@@ -254,6 +259,14 @@ class DiffusionModel:
         return scores
 
 
+def cache_keyword(network) -> str:
+    """What the network's forward calls its K/V cache argument: `cache` from transformers 5.24 on
+    (where `past_key_values` is a deprecated alias), `past_key_values` in 5.0 to 5.23. A cache under
+    a name the forward does not know is no error there: it lands in **kwargs, the network makes a
+    cache of its own and the buffer is ignored (the step then fails on a shape mismatch)."""
+    return "cache" if "cache" in inspect.signature(network.forward).parameters else "past_key_values"
+
+
 class KVBuffer:
     """Keys and values of every canvas position, one [1, heads, L, dim] pair per layer, overwritten
     in place: the part of a transformers Cache that the attention layers use. A forward over the
@@ -356,7 +369,7 @@ class CachedForward:
         out = self.model.forward(
             self.compiled, input_ids=canvas[run][None].to(device), position_ids=self.kv.rows[None],
             attention_mask=self.model._attention(len(run), len(canvas)),
-            cache=self.kv, use_cache=True, logits_to_keep=torch.searchsorted(run, rows).to(device),
+            use_cache=True, logits_to_keep=torch.searchsorted(run, rows).to(device), **{self.model.cache_keyword: self.kv},
         )
         self.steps_since_refresh += 1
         self.rows += len(run)
@@ -368,7 +381,7 @@ class CachedForward:
         self.kv.rows = None
         out = model.forward(self.compiled, input_ids=canvas[None].to(model.device),
                             attention_mask=model._attention(length, length),
-                            cache=self.kv, use_cache=True, logits_to_keep=rows.to(model.device))
+                            use_cache=True, logits_to_keep=rows.to(model.device), **{model.cache_keyword: self.kv})
         self.span = (low, length if self.mode == "prefix" else high)
         self.steps_since_refresh = 1
         self.refreshes += 1
@@ -395,7 +408,7 @@ class CachedForward:
         self.kv.rows = torch.arange(shared, length, device=device)
         out = model.forward(self.compiled, input_ids=canvas[None, shared:].to(device), position_ids=self.kv.rows[None],
                             attention_mask=model._attention(length - shared, length),
-                            cache=self.kv, use_cache=True, logits_to_keep=(rows - shared).to(device))
+                            use_cache=True, logits_to_keep=(rows - shared).to(device), **{model.cache_keyword: self.kv})
         self.span = (low, length if self.mode == "prefix" else high)
         self.steps_since_refresh = 1
         self.reused = shared

@@ -1,0 +1,104 @@
+"""Traps a first GPU run would hit, caught on the CPU (issue #25): each test here failed on the
+code before its fix. Timings are never asserted; counts and invariants are."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffu_lsp.models import load_model
+from tiny_checkpoints import write_dream, write_llada
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHES = ("prefix", "dual", "delayed")
+
+
+@pytest.fixture(scope="module")
+def dream(tmp_path_factory):
+    return load_model(write_dream(tmp_path_factory.mktemp("dream")), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def llada(tmp_path_factory):
+    folder, _ = write_llada(tmp_path_factory.mktemp("llada"))
+    return load_model(folder, device="cpu", dtype="float32")
+
+
+def canvas_of(model, holes: int = 12) -> list[int]:
+    return model.encode("def f(x):\n    return ") + [model.mask_token_id] * holes + model.encode("\n\nprint(f(2))\n")
+
+
+# ---------------------------------------------------------------- 1. the K/V cache keyword
+
+class PastKeyValuesNetwork(torch.nn.Module):
+    """The network as transformers 5.0-5.23 present it: the cache argument is `past_key_values`
+    (anything else lands in **kwargs and is ignored, as there)."""
+
+    def __init__(self, network, keyword: str):
+        super().__init__()
+        self.inner, self.keyword, self.config = network, keyword, network.config
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, logits_to_keep=0, **kwargs):
+        kwargs.pop("cache", None)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, logits_to_keep=logits_to_keep,
+                          **{self.keyword: past_key_values}, **kwargs)
+
+
+def test_cached_modes_use_the_buffer_under_the_older_cache_keyword(dream):
+    from diffu_lsp.models.backend import DiffusionModel, cache_keyword
+
+    inner_keyword = cache_keyword(dream.network)
+    old = DiffusionModel(network=PastKeyValuesNetwork(dream.network, inner_keyword), tokenizer=dream.tokenizer,
+                         family=dream.family, name="old keyword", mask_token_id=dream.mask_token_id,
+                         eos_token_ids=dream.eos_token_ids, bos_token_id=dream.bos_token_id,
+                         shift_logits=dream.shift_logits, max_length=dream.max_length)
+    assert old.cache_keyword == "past_key_values"
+    canvas = canvas_of(dream)
+    uncached = old.fill(canvas, alg="entropy", steps=12)
+    for cache in CACHES:
+        cached = old.fill(canvas, alg="entropy", steps=12, cache=cache, refresh_every=1)
+        assert cached.canvas.tolist() == uncached.canvas.tolist(), cache
+        assert cached.refreshes == cached.forwards  # refresh_every=1: every step a full forward
+
+
+MATRIX_CHECK = r"""
+import sys, torch, transformers
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from diffu_lsp.models import load_model
+from tiny_checkpoints import write_dream, write_llada
+import tempfile, pathlib
+folder = pathlib.Path(tempfile.mkdtemp())
+for name, path in (("dream", write_dream(folder / "d")), ("llada", write_llada(folder / "l")[0])):
+    model = load_model(path, device="cpu", dtype="float32")
+    canvas = model.encode("def f(x):\n    return ") + [model.mask_token_id] * 12 + model.encode("\n")
+    plain = model.fill(canvas, alg="entropy", steps=12).canvas.tolist()
+    for cache in ("prefix", "dual", "delayed"):
+        exact = model.fill(canvas, alg="entropy", steps=12, cache=cache, refresh_every=1)
+        assert exact.canvas.tolist() == plain, (name, cache)
+print("ok", transformers.__version__, model.cache_keyword)
+"""
+
+
+def matrix_pythons() -> list[str]:
+    """This interpreter, and those named in DIFFU_LSP_MATRIX_PYTHONS (':'-separated; each a venv
+    with torch and one transformers release, e.g. the oldest allowed and the GPU image's:
+    scripts/transformers-matrix.sh makes them)."""
+    return [sys.executable] + [p for p in os.environ.get("DIFFU_LSP_MATRIX_PYTHONS", "").split(":") if p]
+
+
+@pytest.mark.parametrize("python", matrix_pythons())
+def test_cached_modes_work_under_each_transformers_release(python):
+    if not Path(python).exists():
+        pytest.skip(f"{python} does not exist")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([python, "-c", MATRIX_CHECK, str(ROOT)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr[-3000:]
