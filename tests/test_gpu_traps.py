@@ -102,3 +102,35 @@ def test_cached_modes_work_under_each_transformers_release(python):
     done = subprocess.run([python, "-c", MATRIX_CHECK, str(ROOT)], capture_output=True, text=True, timeout=300,
                           env=env, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- 2. rotary positions
+
+def record_positions(model) -> tuple[list[torch.Tensor], object]:
+    """Every position id the rotary embedding is asked for, forward by forward."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((kwargs["position_ids"] if "position_ids" in kwargs else args[1]).flatten().clone())
+
+    return seen, model.network.model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("which", ["dream", "llada"])
+@pytest.mark.parametrize("cache", CACHES)
+def test_rotary_positions_stay_inside_the_canvas_through_blocks_and_refreshes(which, cache, dream, llada):
+    model = {"dream": dream, "llada": llada}[which]
+    canvas = canvas_of(model, holes=16)
+    length = len(canvas) + (1 if model.shift_logits and canvas[0] == model.mask_token_id else 0)
+    seen, handle = record_positions(model)
+    try:
+        blocks = model.fill(canvas, alg="entropy", steps=16, cache=cache, block_length=4)
+        refreshed = model.fill(canvas, alg="entropy", steps=16, cache=cache, refresh_every=2)
+    finally:
+        handle.remove()
+    # more than one full forward on one buffer (prefix mode's span runs to the end: no block refreshes it)
+    assert refreshed.refreshes >= 2 and (cache == "prefix" or blocks.refreshes >= 2)
+    for positions in seen:
+        assert 0 <= int(positions.min()) and int(positions.max()) < length, positions.tolist()
+    full = [p for p in seen if len(p) == length]
+    assert len(full) >= 3 and all(torch.equal(p, torch.arange(length)) for p in full)

@@ -379,7 +379,9 @@ class CachedForward:
     def _full(self, canvas: torch.Tensor, rows: torch.Tensor, low: int, high: int) -> torch.Tensor:
         model, length = self.model, len(canvas)
         self.kv.rows = None
+        # position ids always given: left out, transformers counts them on from the buffer's length
         out = model.forward(self.compiled, input_ids=canvas[None].to(model.device),
+                            position_ids=torch.arange(length, device=model.device)[None],
                             attention_mask=model._attention(length, length),
                             use_cache=True, logits_to_keep=rows.to(model.device), **{model.cache_keyword: self.kv})
         self.span = (low, length if self.mode == "prefix" else high)
