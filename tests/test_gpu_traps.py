@@ -134,3 +134,85 @@ def test_rotary_positions_stay_inside_the_canvas_through_blocks_and_refreshes(wh
         assert 0 <= int(positions.min()) and int(positions.max()) < length, positions.tolist()
     full = [p for p in seen if len(p) == length]
     assert len(full) >= 3 and all(torch.equal(p, torch.arange(length)) for p in full)
+
+
+# ---------------------------------------------------------------- 4. attention without a mask
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Every call of torch's SDPA: (mask given, is_causal, enable_gqa, query heads, key heads)."""
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        calls.append((attn_mask is not None, is_causal, enable_gqa, query.shape[1], key.shape[1]))
+        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The network under transformers' own SDPA with a 4D mask of zeros (what every forward ran before)."""
+    network = model.network
+    implementation, network.config._attn_implementation = network.config._attn_implementation, "sdpa"
+    try:
+        with torch.no_grad():
+            n = ids.shape[1]
+            return network(input_ids=ids, attention_mask=torch.zeros(1, 1, n, n)).logits.float()
+    finally:
+        network.config._attn_implementation = implementation
+
+
+@pytest.mark.parametrize("which", ["dream", "llada"])
+def test_unpadded_forwards_call_sdpa_without_a_mask_and_with_grouped_heads(which, dream, llada, sdpa_calls):
+    model = {"dream": dream, "llada": llada}[which]
+    canvas = canvas_of(model)
+    for cache in ("none",) + CACHES:
+        model.fill(canvas, alg="entropy", steps=12, cache=cache, block_length=6)
+    model.token_probabilities(model.encode("x = "), model.encode("1 + 2"), model.encode("\n"))
+    model.logits(torch.tensor([canvas]))
+    model.batch_position_logits([torch.tensor(canvas)] * 2, [torch.tensor([5, 6])] * 2)  # equal lengths: no padding
+    assert len(sdpa_calls) > 20
+    for mask, causal, gqa, query_heads, key_heads in sdpa_calls:
+        assert not mask and not causal
+        assert key_heads == model.network.config.num_key_value_heads  # K/V never repeated per head
+        assert gqa == (key_heads < query_heads)
+    assert which == "llada" or all(k < q for *_, q, k in sdpa_calls)  # the Dream layout groups its heads
+
+
+def test_only_a_padded_batch_gets_a_mask(dream, sdpa_calls):
+    short, long = torch.tensor(canvas_of(dream, 4)), torch.tensor(canvas_of(dream, 9))
+    batched = dream.batch_position_logits([short, long], [torch.tensor([8]), torch.tensor([8])])
+    assert sdpa_calls and all(mask and not causal for mask, causal, *_ in sdpa_calls)
+    alone = dream.position_logits(short, torch.tensor([8]))
+    assert torch.allclose(batched[0], alone, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["dream", "llada"])
+def test_mask_free_attention_gives_the_masked_logits(which, dream, llada):
+    model = {"dream": dream, "llada": llada}[which]
+    ids = torch.tensor([canvas_of(model)])
+    expected = reference_logits(model, ids)
+    if model.shift_logits:
+        expected = torch.cat([expected[:, :1], expected[:, :-1]], dim=1)
+    got = model.logits(ids)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    positions = torch.tensor([3, 7, 12])
+    assert torch.allclose(model.position_logits(ids[0], positions), expected[0, positions], atol=1e-5, rtol=1e-5)
+
+
+def test_a_plain_call_of_the_network_stays_causal(dream):
+    """The autoregressive baseline calls the network with no mask and no is_causal: causal, as before."""
+    from diffu_lsp.bench.decoding import autoregressive
+
+    prefix, suffix = dream.encode("def add(a, b):\n    return "), dream.encode("\n")
+    ids = list(suffix) + list(prefix)
+    out = autoregressive(dream, prefix, suffix, 4)
+    for _ in range(4):
+        with torch.no_grad():
+            n = len(ids)
+            causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+            ids.append(int(dream.network(input_ids=torch.tensor([ids]), attention_mask=causal).logits[0, -1].argmax()))
+    assert out.ids == ids[-4:]

@@ -10,6 +10,7 @@ from functools import partial
 from typing import Callable
 
 import torch
+from transformers import AttentionInterface
 
 from ..errors import JobCancelled, is_out_of_memory
 from ..sampler import Denoised, Draft, Sampling, denoise
@@ -47,6 +48,7 @@ class DiffusionModel:
 
     def __post_init__(self):
         self.cache_keyword = cache_keyword(self.network)
+        self.network.config._attn_implementation = ATTENTION  # see sdpa_attention
 
     @property
     def device(self) -> torch.device:
@@ -74,18 +76,17 @@ class DiffusionModel:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] ids -> float [B, L, V] logits; row i scores the token at position i."""
         input_ids = input_ids.to(self.device)
-        batch, length = input_ids.shape
-        # A 4D mask of zeros makes every position see every other (no causal mask).
-        full_attention = torch.zeros(batch, 1, length, length, dtype=self.dtype, device=self.device)
-        logits = self.network(input_ids=input_ids, attention_mask=full_attention, use_cache=False).logits
+        logits = self.network(input_ids=input_ids, is_causal=False, use_cache=False).logits
         if self.shift_logits:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits.float()
 
     def forward(self, compiled: bool = False, **inputs):
-        """One forward of the network; `compiled`: through torch.compile (dynamic shapes), made on
-        first use. If compiling or running the compiled forward fails (no C++ compiler, an op the
+        """One bidirectional forward of the network (every query sees every key; no mask unless
+        `attention_mask` is given: see sdpa_attention); `compiled`: through torch.compile (dynamic
+        shapes), made on first use. If compiling or running the compiled forward fails (no C++ compiler, an op the
         compiler cannot lower), the error is logged once and the eager network serves from then on."""
+        inputs["is_causal"] = False
         if compiled and self.compile_error is None:
             if self.compiled_network is None:
                 self.compiled_network = torch.compile(self.network, dynamic=True)
@@ -98,10 +99,6 @@ class DiffusionModel:
                 log.warning("torch.compile failed, running the network eagerly from now on: %s", self.compile_error)
         return self.network(**inputs)
 
-    def _attention(self, queries: int, keys: int) -> torch.Tensor:
-        # A 4D mask of zeros makes every query see every key: no causal mask.
-        return torch.zeros(1, 1, queries, keys, dtype=self.dtype, device=self.device)
-
     def _rows(self, positions: torch.Tensor) -> torch.Tensor:
         """Output rows that score `positions` (Dream: row i-1 scores position i; row 0 scores 0)."""
         return (positions - 1).clamp(min=0) if self.shift_logits else positions
@@ -112,8 +109,7 @@ class DiffusionModel:
         the LM head runs on those rows only), left on the model's device: the sampler picks tokens
         there and copies only [N] results to the host."""
         ids = canvas[None].to(self.device)
-        out = self.forward(compiled, input_ids=ids, attention_mask=self._attention(len(canvas), len(canvas)),
-                           use_cache=False, logits_to_keep=self._rows(positions).to(self.device))
+        out = self.forward(compiled, input_ids=ids, use_cache=False, logits_to_keep=self._rows(positions).to(self.device))
         return out.logits[0].float()
 
     @torch.no_grad()
@@ -121,21 +117,25 @@ class DiffusionModel:
                               compiled: bool = False) -> list[torch.Tensor]:
         """One padded forward for several canvases: for each, float [N_i, V] logits scoring its
         `positions`, as position_logits gives alone (within float tolerance). Each canvas is
-        right-padded to the longest; the pad keys are masked out of every row's attention and the
-        position ids count from 0 in every row, so a real token sees exactly what it sees alone.
+        right-padded to the longest; the pad keys are masked out of every row's attention (with no
+        padding, no mask) and the position ids count from 0 in every row, so a real token sees exactly
+        what it sees alone.
         The LM head runs on the union of the rows any canvas scores (a few dozen; the body dominates)."""
         lengths = torch.tensor([len(c) for c in canvases])
         batch, length = len(canvases), int(lengths.max())
         ids = torch.full((batch, length), self.mask_token_id, dtype=torch.long)
         for row, canvas in enumerate(canvases):
             ids[row, :len(canvas)] = canvas
-        key_is_pad = torch.arange(length)[None, :] >= lengths[:, None]                        # [B, L]
-        attention = torch.zeros(batch, 1, length, length, dtype=self.dtype)
-        attention = attention.masked_fill(key_is_pad[:, None, None, :], torch.finfo(self.dtype).min)
+        attention = None
+        if bool((lengths < length).any()):
+            key_is_pad = torch.arange(length)[None, :] >= lengths[:, None]                    # [B, L]
+            attention = torch.zeros(batch, 1, length, length, dtype=self.dtype)
+            attention = attention.masked_fill(key_is_pad[:, None, None, :], torch.finfo(self.dtype).min)
+            attention = attention.to(self.device)
         wanted = [self._rows(p) for p in positions]
         kept = torch.unique(torch.cat(wanted))                                                  # sorted
         with self.lock:
-            out = self.forward(compiled, input_ids=ids.to(self.device), attention_mask=attention.to(self.device),
+            out = self.forward(compiled, input_ids=ids.to(self.device), attention_mask=attention,
                                position_ids=torch.arange(length, device=self.device).expand(batch, length),
                                use_cache=False, logits_to_keep=kept.to(self.device))
         at = [torch.searchsorted(kept, rows).to(self.device) for rows in wanted]
@@ -259,6 +259,39 @@ class DiffusionModel:
         return scores
 
 
+ATTENTION = "diffu_lsp_sdpa"  # the networks' attention implementation (transformers' AttentionInterface)
+SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **kwargs):
+    """Attention of a diffusion model's network: torch's SDPA, bidirectional (DiffusionModel's
+    forwards pass is_causal=False), with no mask unless one is given (a padded batch), and keys and
+    values left at their own head count (enable_gqa) when there is no mask. That is what lets SDPA
+    pick flash attention on a GPU; transformers' own "sdpa" gets a 4D mask for a bidirectional
+    forward and then repeats K/V per head. transformers makes no mask for an implementation it has
+    no mask function for, so an unmasked forward reaches here with None.
+
+    Without is_causal (a plain call of the network, as the autoregressive baseline makes) it is
+    causal as transformers' own: a prefill (queries = keys) or one query at a time."""
+    queries, keys = query.shape[2], key.shape[2]
+    if is_causal is None:
+        is_causal = attention_mask is None and queries > 1
+        if is_causal and queries != keys:
+            raise ValueError(f"causal attention of {queries} queries over {keys} keys needs a mask")
+    groups = query.shape[1] // key.shape[1]
+    grouped = groups > 1 and attention_mask is None and SDPA_HAS_GQA
+    if groups > 1 and not grouped:  # masked (no flash kernel either way): the kernels that take a mask want equal heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    options = {"enable_gqa": True} if grouped else {}
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0,
+        scale=scaling, is_causal=bool(is_causal), **options)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, sdpa_attention)
+
+
 def cache_keyword(network) -> str:
     """What the network's forward calls its K/V cache argument: `cache` from transformers 5.24 on
     (where `past_key_values` is a deprecated alias), `past_key_values` in 5.0 to 5.23. A cache under
@@ -368,7 +401,6 @@ class CachedForward:
         self.kv.rows = run.to(device)
         out = self.model.forward(
             self.compiled, input_ids=canvas[run][None].to(device), position_ids=self.kv.rows[None],
-            attention_mask=self.model._attention(len(run), len(canvas)),
             use_cache=True, logits_to_keep=torch.searchsorted(run, rows).to(device), **{self.model.cache_keyword: self.kv},
         )
         self.steps_since_refresh += 1
@@ -382,7 +414,6 @@ class CachedForward:
         # position ids always given: left out, transformers counts them on from the buffer's length
         out = model.forward(self.compiled, input_ids=canvas[None].to(model.device),
                             position_ids=torch.arange(length, device=model.device)[None],
-                            attention_mask=model._attention(length, length),
                             use_cache=True, logits_to_keep=rows.to(model.device), **{model.cache_keyword: self.kv})
         self.span = (low, length if self.mode == "prefix" else high)
         self.steps_since_refresh = 1
@@ -409,7 +440,6 @@ class CachedForward:
             for keys, values in self.previous.kv.layers]
         self.kv.rows = torch.arange(shared, length, device=device)
         out = model.forward(self.compiled, input_ids=canvas[None, shared:].to(device), position_ids=self.kv.rows[None],
-                            attention_mask=model._attention(length - shared, length),
                             use_cache=True, logits_to_keep=(rows - shared).to(device), **{model.cache_keyword: self.kv})
         self.span = (low, length if self.mode == "prefix" else high)
         self.steps_since_refresh = 1
