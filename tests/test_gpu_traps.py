@@ -3,9 +3,11 @@ code before its fix. Timings are never asserted; counts and invariants are."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -205,7 +207,7 @@ def test_mask_free_attention_gives_the_masked_logits(which, dream, llada):
 
 def test_a_plain_call_of_the_network_stays_causal(dream):
     """The autoregressive baseline calls the network with no mask and no is_causal: causal, as before."""
-    from diffu_lsp.bench.decoding import autoregressive
+    from diffu_lsp.bench.baseline import autoregressive
 
     prefix, suffix = dream.encode("def add(a, b):\n    return "), dream.encode("\n")
     ids = list(suffix) + list(prefix)
@@ -216,3 +218,65 @@ def test_a_plain_call_of_the_network_stays_causal(dream):
             causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
             ids.append(int(dream.network(input_ids=torch.tensor([ids]), attention_mask=causal).logits[0, -1].argmax()))
     assert out.ids == ids[-4:]
+
+
+# ---------------------------------------------------------------- 3. the one-shot GPU run
+
+ABSENT_ON_THE_GPU_IMAGE = ("msgspec", "pygls", "lsprotocol", "watchfiles")  # device KINDS.md: its pip list
+
+
+def gpu_image_pythons() -> list[str]:
+    """This interpreter, with the packages the GPU image lacks made unimportable, and the one in
+    DIFFU_LSP_GPU_IMAGE_PYTHON if set (a venv as the image is: torch, transformers 5.17, no msgspec)."""
+    return [sys.executable] + [p for p in [os.environ.get("DIFFU_LSP_GPU_IMAGE_PYTHON")] if p]
+
+
+def without_network() -> list[str]:
+    try:
+        subprocess.run(["unshare", "-rn", "true"], check=True, capture_output=True, timeout=10)
+        return ["unshare", "-rn"]  # a new network namespace: no interface but loopback (down)
+    except (OSError, subprocess.SubprocessError):
+        return []  # HF_HUB_OFFLINE alone (the script sets it)
+
+
+@pytest.mark.parametrize("python", gpu_image_pythons())
+def test_the_gpu_script_runs_to_the_end_as_on_a_fresh_gpu_machine(python, tmp_path):
+    if not Path(python).exists():
+        pytest.skip(f"{python} does not exist")
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {ABSENT_ON_THE_GPU_IMAGE!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (not on the GPU image)', name=name)\n"
+        "sys.meta_path.insert(0, Absent())\n")
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OUT": str(out), "PYTHON": python,
+           "PYTHONPATH": str(blocker), "OMP_NUM_THREADS": "1"}
+    script = [*without_network(), str(ROOT / "scripts" / "gpu-run.sh"), "--quick", "5", "--contexts", "128",
+              "--per-forward", "8", "--shapes", "tiny,tiny"]
+    run = subprocess.Popen(script, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:  # the first shape's results are on disk while the second is measured
+        first = None
+        while run.poll() is None and first is None:
+            found = out / "bench-gpu.json"
+            first = found.read_text() if found.exists() else None
+            time.sleep(0.1)
+        log, _ = run.communicate(timeout=300)
+    finally:
+        run.kill()
+        run.wait(10)
+    assert run.returncode == 0, log[-3000:]
+    assert first is not None and json.loads(first)[0]["summary"]["done"] == ["tiny"], log[-3000:]
+    result = json.loads((out / "bench-gpu.json").read_text())[0]
+    assert result["summary"]["done"] == ["tiny", "tiny"] and result["machine"]["device"] == "cpu"
+    assert (out / "BENCHMARKS.md").read_text().count("<!-- bench:gpu -->") == 1
+    assert "bench gpu: exit 0" in log and "gpu-run: exit 0" in log
+    assert (out / "bench-gpu.log").read_text().count("shapes: random tiny, 128 tokens done") == 2
+
+    failed = subprocess.run([*script[:-1], "no-such-shape"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert failed.returncode == 1, failed.stdout[-3000:]  # the benchmark's status, not tee's
+    assert "unknown shape 'no-such-shape'" in failed.stdout and "gpu-run: exit 1" in failed.stdout

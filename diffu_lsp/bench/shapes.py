@@ -189,7 +189,7 @@ def run_job(model, context: int, cache: str, per_forward: int, compiled: bool = 
 def autoregressive_ms_per_token(model, context: int) -> tuple[float, float]:
     """(prefill ms, ms per generated token) of greedy KV-cached causal decoding of BLOCK tokens
     after a `context - BLOCK`-token prompt (the same context as the diffusion canvas)."""
-    from .decoding import autoregressive
+    from .baseline import autoregressive
 
     ids = canvas_for(model, context)
     prompt = [t for t in ids if t != model.mask_token_id]
