@@ -280,3 +280,45 @@ def test_the_gpu_script_runs_to_the_end_as_on_a_fresh_gpu_machine(python, tmp_pa
                             timeout=300)
     assert failed.returncode == 1, failed.stdout[-3000:]  # the benchmark's status, not tee's
     assert "unknown shape 'no-such-shape'" in failed.stdout and "gpu-run: exit 1" in failed.stdout
+
+
+# ---------------------------------------------------------------- 8. warm-up, loading to the device
+
+def test_load_model_warms_the_model_up_before_any_request(monkeypatch, tmp_path):
+    import functools
+
+    from transformers import Qwen2ForCausalLM
+
+    calls, real = [], Qwen2ForCausalLM.forward
+
+    @functools.wraps(real)
+    def counting(self, *args, **kwargs):
+        calls.append(tuple(kwargs["input_ids"].shape))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen2ForCausalLM, "forward", counting)
+    model = load_model(write_dream(tmp_path / "dream"), device="cpu", dtype="float32")
+    assert calls == [(1, 16)]  # one short forward inside load_model
+    result = model.fill(canvas_of(model, 4), alg="entropy", steps=4)
+    assert len(calls) == 1 + result.forwards
+
+
+def test_weights_go_straight_to_a_gpu_when_accelerate_is_there(monkeypatch, tmp_path):
+    from transformers import Qwen2ForCausalLM
+
+    from diffu_lsp.models import ModelLoadError, loading
+
+    seen = {}
+
+    def from_pretrained(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(loading, "resolve_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(Qwen2ForCausalLM, "from_pretrained", from_pretrained)
+    real_find_spec = loading.importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "accelerate" else real_find_spec(name, *args))
+    with pytest.raises(ModelLoadError, match="stop here"):
+        load_model(write_dream(tmp_path / "dream"), device="cuda", dtype="bfloat16")
+    assert seen["device_map"] == torch.device("cuda", 0) and seen["dtype"] == torch.bfloat16

@@ -141,6 +141,15 @@ class DiffusionModel:
         at = [torch.searchsorted(kept, rows).to(self.device) for rows in wanted]
         return [out.logits[row, at[row]].float() for row in range(batch)]
 
+    @torch.no_grad()
+    def warm_up(self, length: int = 16) -> None:
+        """One short forward, so that the first request does not pay for the device's lazy
+        initialisation (CUDA context, cuBLAS handles, kernel loading: seconds on a GPU)."""
+        canvas = torch.full((length,), self.mask_token_id, dtype=torch.long)
+        self.position_logits(canvas, torch.arange(length))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ---------------------------------------------------------------- denoising
 
     def sampling(self, sampling: Sampling | None = None, **options) -> Sampling:

@@ -11,6 +11,7 @@ The bundled tiny model is a Dream-format folder inside the package.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -214,6 +215,8 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None) 
     except Exception as error:
         raise ModelLoadError(f"cannot build the tokenizer of {name!r}: {error}") from error
     load = dict(dtype=dtype, trust_remote_code=False, output_loading_info=True)
+    if device.type != "cpu" and importlib.util.find_spec("accelerate"):  # transformers needs it for device_map
+        load["device_map"] = device  # weights straight to the device, not through the CPU's memory
     try:
         if family == "dream":
             network, info = Qwen2ForCausalLM.from_pretrained(name, config=qwen2_config_for_dream(config), **load)
@@ -238,9 +241,12 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None) 
     if not eos_ids:
         raise ModelLoadError("the checkpoint names no eos_token_id / pad_token_id")
     max_length = config.get("max_position_embeddings") or config.get("max_sequence_length") or 4096
-    return DiffusionModel(
+    model = DiffusionModel(
         network=network, tokenizer=tokenizer, family=family, name=name, mask_token_id=mask_id,
         eos_token_ids=eos_ids, bos_token_id=config.get("bos_token_id") if isinstance(config.get("bos_token_id"), int) else None,
         shift_logits=family != "llada", max_length=int(max_length),
         load_seconds=time.perf_counter() - started, default_sampling=generation_defaults(_fetcher(name)),
     )
+    model.warm_up()  # the first request does not pay for CUDA/cuBLAS initialisation
+    model.load_seconds = time.perf_counter() - started
+    return model
