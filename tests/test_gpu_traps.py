@@ -322,3 +322,106 @@ def test_weights_go_straight_to_a_gpu_when_accelerate_is_there(monkeypatch, tmp_
     with pytest.raises(ModelLoadError, match="stop here"):
         load_model(write_dream(tmp_path / "dream"), device="cuda", dtype="bfloat16")
     assert seen["device_map"] == torch.device("cuda", 0) and seen["dtype"] == torch.bfloat16
+
+
+# ---------------------------------------------------------------- 5. the LM head on the scored rows only
+
+def test_the_lm_head_runs_only_on_the_rows_each_job_scores(dream):
+    from diffu_lsp.models.backend import CachedForward
+    from diffu_lsp.sampler import Sampling, denoise
+
+    head_rows, scored = [], []
+    handle = dream.network.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    try:
+        canvas = torch.tensor(canvas_of(dream, 12))
+        for logits_fn in (dream.position_logits, CachedForward(dream, "delayed", None), CachedForward(dream, "dual", 3)):
+            def counted(canvas, positions, logits_fn=logits_fn):
+                scored.append(len(positions))
+                return logits_fn(canvas, positions)
+            denoise(counted, canvas, dream.mask_token_id, Sampling(alg="entropy", steps=6))
+        assert head_rows == scored and len(scored) == 18
+        head_rows.clear()
+        short, long = torch.tensor(canvas_of(dream, 3)), torch.tensor(canvas_of(dream, 9))
+        logits = dream.batch_position_logits([short, long, long], [torch.tensor([8, 9]), torch.tensor([11, 12, 13, 14, 15]),
+                                                                   torch.tensor([8, 9])])
+        assert head_rows == [2 + 5 + 2] and [len(x) for x in logits] == [2, 5, 2]  # not 3 x 7 (the union)
+        assert torch.allclose(logits[2], dream.position_logits(long, torch.tensor([8, 9])), atol=1e-4)
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------- 7. budgets per step
+
+class Crossings:
+    """Calls that copy between host and device on a GPU: Tensor.to(<device>) and Tensor.cpu()."""
+
+    def __init__(self, monkeypatch):
+        self.to_device = self.to_host = 0
+        real_to, real_cpu = torch.Tensor.to, torch.Tensor.cpu
+
+        def ours() -> bool:  # called from diffu_lsp (transformers' own .to(x.device) calls are no copies)
+            return sys._getframe(2).f_globals.get("__name__", "").startswith("diffu_lsp")
+
+        def to(tensor, *args, **kwargs):
+            if (any(isinstance(a, (torch.device, str)) for a in args) or "device" in kwargs) and ours():
+                self.to_device += 1
+            return real_to(tensor, *args, **kwargs)
+
+        def cpu(tensor, *args, **kwargs):
+            self.to_host += ours()
+            return real_cpu(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+
+
+@pytest.mark.parametrize("cache", ("none",) + CACHES)
+def test_host_device_crossings_per_step_stay_within_budget(cache, dream, monkeypatch):
+    canvas = canvas_of(dream, 12)
+    dream.fill(canvas, alg="entropy", steps=6, cache=cache)  # warm
+    crossings = Crossings(monkeypatch)
+    result = dream.fill(canvas, alg="entropy", steps=6, cache=cache)
+    # one copy to the device per step (canvas, rows, run: concatenated); the sampler brings back its
+    # three [N] results (token, p, score)
+    assert crossings.to_device <= result.forwards
+    assert crossings.to_host <= 3 * result.forwards
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """ATen ops dispatched, in all and inside one module's forwards."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.ops = self.inside = 0
+        self.counting_inside = False
+        self.handles = [module.register_forward_pre_hook(lambda *_: setattr(self, "counting_inside", True)),
+                        module.register_forward_hook(lambda *_: setattr(self, "counting_inside", False))]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.inside += self.counting_inside
+        return func(*args, **(kwargs or {}))
+
+
+OPS_PER_LAYER = 72   # a Qwen2 decoder layer under transformers 5.25, mask-free with grouped K/V: 69-71
+OPS_OUTSIDE_LAYERS = {"none": 70, "delayed": 80}  # embedding, rotary, norm, head, the sampler, the cache: 62 / 71
+
+
+@pytest.mark.parametrize("cache", ("none", "delayed"))
+def test_dispatched_ops_per_step_stay_within_budget(cache, dream):
+    """ATen ops per denoising step: each is a kernel launch on a GPU, where a cached step of the
+    7B shape is a few ms of work and launch overhead dominates (28 layers x the per-layer count).
+    The budgets are today's counts with a margin: a dense mask per forward and K/V repeated per
+    head (78-80 per layer, 61-70 outside) exceed them."""
+    canvas = canvas_of(dream, 12)
+    dream.fill(canvas, alg="entropy", steps=6, cache=cache)  # warm
+    counter = OpCounter(dream.network.model.layers[0])
+    try:
+        with counter:
+            result = dream.fill(canvas, alg="entropy", steps=6, cache=cache)
+    finally:
+        for handle in counter.handles:
+            handle.remove()
+    layers = dream.network.config.num_hidden_layers
+    per_layer, outside = counter.inside / result.forwards, (counter.ops - layers * counter.inside) / result.forwards
+    assert per_layer <= OPS_PER_LAYER and outside <= OPS_OUTSIDE_LAYERS[cache], (per_layer, outside)

@@ -74,12 +74,11 @@ class DiffusionModel:
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids -> float [B, L, V] logits; row i scores the token at position i."""
+        """[B, L] ids -> float [B, L, V] logits; row i scores the token at position i (the LM head
+        reads the rows in that order: no second [B, L, V] copy to shift them)."""
         input_ids = input_ids.to(self.device)
-        logits = self.network(input_ids=input_ids, is_causal=False, use_cache=False).logits
-        if self.shift_logits:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits.float()
+        rows = self._rows(torch.arange(input_ids.shape[1], device=self.device))
+        return self.forward(input_ids=input_ids, use_cache=False, logits_to_keep=rows).logits.float()
 
     def forward(self, compiled: bool = False, **inputs):
         """One bidirectional forward of the network (every query sees every key; no mask unless
@@ -99,6 +98,11 @@ class DiffusionModel:
                 log.warning("torch.compile failed, running the network eagerly from now on: %s", self.compile_error)
         return self.network(**inputs)
 
+    def to_device(self, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """1-D long host tensors on the model's device in one copy (one transfer per step, not one
+        per tensor: on a GPU each is a synchronising copy)."""
+        return torch.cat(parts).to(self.device).split([len(part) for part in parts])
+
     def _rows(self, positions: torch.Tensor) -> torch.Tensor:
         """Output rows that score `positions` (Dream: row i-1 scores position i; row 0 scores 0)."""
         return (positions - 1).clamp(min=0) if self.shift_logits else positions
@@ -108,8 +112,8 @@ class DiffusionModel:
         """Float [N, V] logits scoring the tokens at `positions` of the [L] canvas (one forward;
         the LM head runs on those rows only), left on the model's device: the sampler picks tokens
         there and copies only [N] results to the host."""
-        ids = canvas[None].to(self.device)
-        out = self.forward(compiled, input_ids=ids, use_cache=False, logits_to_keep=self._rows(positions).to(self.device))
+        ids, rows = self.to_device(canvas, self._rows(positions))
+        out = self.forward(compiled, input_ids=ids[None], use_cache=False, logits_to_keep=rows)
         return out.logits[0].float()
 
     @torch.no_grad()
@@ -120,26 +124,29 @@ class DiffusionModel:
         right-padded to the longest; the pad keys are masked out of every row's attention (with no
         padding, no mask) and the position ids count from 0 in every row, so a real token sees exactly
         what it sees alone.
-        The LM head runs on the union of the rows any canvas scores (a few dozen; the body dominates)."""
-        lengths = torch.tensor([len(c) for c in canvases])
-        batch, length = len(canvases), int(lengths.max())
+        The body runs on the whole batch; the LM head only on the rows each canvas scores (N_1 + ...
+        + N_B of them, not B times their union). `compiled` is not used: the batch's shapes change
+        with every step."""
+        lengths = [len(c) for c in canvases]
+        batch, length = len(canvases), max(lengths)
         ids = torch.full((batch, length), self.mask_token_id, dtype=torch.long)
         for row, canvas in enumerate(canvases):
             ids[row, :len(canvas)] = canvas
-        attention = None
-        if bool((lengths < length).any()):
-            key_is_pad = torch.arange(length)[None, :] >= lengths[:, None]                    # [B, L]
-            attention = torch.zeros(batch, 1, length, length, dtype=self.dtype)
-            attention = attention.masked_fill(key_is_pad[:, None, None, :], torch.finfo(self.dtype).min)
-            attention = attention.to(self.device)
         wanted = [self._rows(p) for p in positions]
-        kept = torch.unique(torch.cat(wanted))                                                  # sorted
+        flat_ids, pads, which, rows = self.to_device(
+            ids.flatten(), torch.tensor(lengths),
+            torch.cat([torch.full((len(r),), b, dtype=torch.long) for b, r in enumerate(wanted)]), torch.cat(wanted))
+        attention = None
+        if min(lengths) < length:  # made on the device: the pad keys masked out of every query
+            key_is_pad = torch.arange(length, device=self.device)[None, :] >= pads[:, None]     # [B, L]
+            attention = torch.zeros(batch, 1, length, length, dtype=self.dtype, device=self.device)
+            attention = attention.masked_fill(key_is_pad[:, None, None, :], torch.finfo(self.dtype).min)
         with self.lock:
-            out = self.forward(compiled, input_ids=ids.to(self.device), attention_mask=attention,
-                               position_ids=torch.arange(length, device=self.device).expand(batch, length),
-                               use_cache=False, logits_to_keep=kept.to(self.device))
-        at = [torch.searchsorted(kept, rows).to(self.device) for rows in wanted]
-        return [out.logits[row, at[row]].float() for row in range(batch)]
+            hidden = self.network.model(input_ids=flat_ids.view(batch, length), attention_mask=attention,
+                                        position_ids=torch.arange(length, device=self.device).expand(batch, length),
+                                        use_cache=False, is_causal=False).last_hidden_state
+            logits = self.network.lm_head(hidden[which, rows]).float()                        # [sum N_i, V]
+        return list(logits.split([len(r) for r in wanted]))
 
     @torch.no_grad()
     def warm_up(self, length: int = 16) -> None:
@@ -406,11 +413,10 @@ class CachedForward:
             run = torch.unique(torch.cat([rows, positions, changed]))  # sorted
         else:
             run = torch.arange(*self.span)
-        device = self.model.device
-        self.kv.rows = run.to(device)
+        ids, self.kv.rows, keep = self.model.to_device(canvas[run], run, torch.searchsorted(run, rows))
         out = self.model.forward(
-            self.compiled, input_ids=canvas[run][None].to(device), position_ids=self.kv.rows[None],
-            use_cache=True, logits_to_keep=torch.searchsorted(run, rows).to(device), **{self.model.cache_keyword: self.kv},
+            self.compiled, input_ids=ids[None], position_ids=self.kv.rows[None],
+            use_cache=True, logits_to_keep=keep, **{self.model.cache_keyword: self.kv},
         )
         self.steps_since_refresh += 1
         self.rows += len(run)
@@ -421,9 +427,9 @@ class CachedForward:
         model, length = self.model, len(canvas)
         self.kv.rows = None
         # position ids always given: left out, transformers counts them on from the buffer's length
-        out = model.forward(self.compiled, input_ids=canvas[None].to(model.device),
-                            position_ids=torch.arange(length, device=model.device)[None],
-                            use_cache=True, logits_to_keep=rows.to(model.device), **{model.cache_keyword: self.kv})
+        ids, keep = model.to_device(canvas, rows)
+        out = model.forward(self.compiled, input_ids=ids[None], position_ids=torch.arange(length, device=model.device)[None],
+                            use_cache=True, logits_to_keep=keep, **{model.cache_keyword: self.kv})
         self.span = (low, length if self.mode == "prefix" else high)
         self.steps_since_refresh = 1
         self.refreshes += 1
@@ -448,8 +454,9 @@ class CachedForward:
              torch.cat([values[:, :, :shared], values.new_empty(*values.shape[:2], length - shared, values.shape[3])], 2))
             for keys, values in self.previous.kv.layers]
         self.kv.rows = torch.arange(shared, length, device=device)
-        out = model.forward(self.compiled, input_ids=canvas[None, shared:].to(device), position_ids=self.kv.rows[None],
-                            use_cache=True, logits_to_keep=(rows - shared).to(device), **{model.cache_keyword: self.kv})
+        ids, keep = model.to_device(canvas[shared:], rows - shared)
+        out = model.forward(self.compiled, input_ids=ids[None], position_ids=self.kv.rows[None],
+                            use_cache=True, logits_to_keep=keep, **{model.cache_keyword: self.kv})
         self.span = (low, length if self.mode == "prefix" else high)
         self.steps_since_refresh = 1
         self.reused = shared
