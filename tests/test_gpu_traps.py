@@ -425,3 +425,33 @@ def test_dispatched_ops_per_step_stay_within_budget(cache, dream):
     layers = dream.network.config.num_hidden_layers
     per_layer, outside = counter.inside / result.forwards, (counter.ops - layers * counter.inside) / result.forwards
     assert per_layer <= OPS_PER_LAYER and outside <= OPS_OUTSIDE_LAYERS[cache], (per_layer, outside)
+
+
+# ---------------------------------------------------------------- 6. compiled graphs
+
+def test_compiled_server_jobs_stay_within_a_graph_budget(monkeypatch, tmp_path):
+    """torch.compile (dynamic shapes) makes a graph per distinct shape/stride/specialisation; past
+    8 it silently runs eagerly. Server-like jobs (a user typing: the canvas grows, the hole moves;
+    the server's delayed cache, with and without reuseKeys, and uncached) need three: the uncached
+    forward, the cached full forward and the cached step (a grown buffer, a one-row LM head and the
+    merged device copy once made more)."""
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: real_compile(
+        model, backend=counting, dynamic=options.get("dynamic")))
+    torch._dynamo.reset()
+    model = load_model(write_dream(tmp_path / "dream"), device="cpu", dtype="float32")
+    text = "def f(x):\n    return x + 1\n\nprint(f(2))\n"
+    jobs = [(cut, cache, reuse) for cache, reuse in (("delayed", False), ("delayed", True), ("none", False))
+            for cut in (20, 23, 27, 30)]
+    for cut, cache, reuse in jobs:
+        prefix, suffix = model.encode(text[:cut]), model.encode(text[cut:])
+        model.fill(prefix + [model.mask_token_id] * 8 + suffix, alg="threshold", threshold=0.5, cache=cache,
+                   compiled=True, reuse_prefix=reuse)
+    assert model.compile_error is None
+    assert len(graphs) <= 3, f"{len(graphs)} graphs for {len(jobs)} jobs"

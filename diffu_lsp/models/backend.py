@@ -112,9 +112,10 @@ class DiffusionModel:
         """Float [N, V] logits scoring the tokens at `positions` of the [L] canvas (one forward;
         the LM head runs on those rows only), left on the model's device: the sampler picks tokens
         there and copies only [N] results to the host."""
-        ids, rows = self.to_device(canvas, self._rows(positions))
-        out = self.forward(compiled, input_ids=ids[None], use_cache=False, logits_to_keep=rows)
-        return out.logits[0].float()
+        keep, count = _at_least_two(self._rows(positions))
+        ids, keep = self.to_device(canvas, keep)
+        out = self.forward(compiled, input_ids=ids[None], use_cache=False, logits_to_keep=keep)
+        return out.logits[0, :count].float()
 
     @torch.no_grad()
     def batch_position_logits(self, canvases: list[torch.Tensor], positions: list[torch.Tensor],
@@ -328,7 +329,8 @@ class KVBuffer:
         self.rows: torch.Tensor | None = None
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
-        if self.rows is None:
+        if self.rows is None:  # contiguous: one layout for every buffer (see _grown)
+            keys, values = keys.contiguous(), values.contiguous()
             del self.layers[layer:]
             self.layers.append((keys, values))
             return keys, values
@@ -413,7 +415,8 @@ class CachedForward:
             run = torch.unique(torch.cat([rows, positions, changed]))  # sorted
         else:
             run = torch.arange(*self.span)
-        ids, self.kv.rows, keep = self.model.to_device(canvas[run], run, torch.searchsorted(run, rows))
+        keep, count = _at_least_two(torch.searchsorted(run, rows))
+        ids, self.kv.rows, keep = self.model.to_device(canvas[run], run, keep)
         out = self.model.forward(
             self.compiled, input_ids=ids[None], position_ids=self.kv.rows[None],
             use_cache=True, logits_to_keep=keep, **{self.model.cache_keyword: self.kv},
@@ -421,14 +424,15 @@ class CachedForward:
         self.steps_since_refresh += 1
         self.rows += len(run)
         self.seen = canvas.clone()
-        return out.logits[0].float()
+        return out.logits[0, :count].float()
 
     def _full(self, canvas: torch.Tensor, rows: torch.Tensor, low: int, high: int) -> torch.Tensor:
         model, length = self.model, len(canvas)
         self.kv.rows = None
         # position ids always given: left out, transformers counts them on from the buffer's length
-        ids, keep = model.to_device(canvas, rows)
-        out = model.forward(self.compiled, input_ids=ids[None], position_ids=torch.arange(length, device=model.device)[None],
+        keep, count = _at_least_two(rows)
+        ids, positions, keep = model.to_device(canvas, torch.arange(length), keep)
+        out = model.forward(self.compiled, input_ids=ids[None], position_ids=positions[None],
                             use_cache=True, logits_to_keep=keep, **{model.cache_keyword: self.kv})
         self.span = (low, length if self.mode == "prefix" else high)
         self.steps_since_refresh = 1
@@ -436,7 +440,7 @@ class CachedForward:
         self.rows += length
         self.first = (canvas.clone(), low, 0)
         self.seen = self.first[0]  # neither is written in place
-        return out.logits[0].float()
+        return out.logits[0, :count].float()
 
     def _shared(self, canvas: torch.Tensor, low: int) -> int:
         """How many leading rows of the previous job's keys/values this canvas can reuse (0: none):
@@ -449,12 +453,10 @@ class CachedForward:
     def _start(self, canvas: torch.Tensor, rows: torch.Tensor, low: int, high: int, shared: int, age: int):
         """The first step from the previous job's keys/values of rows [0, shared): run the rest."""
         model, length, device = self.model, len(canvas), self.model.device
-        self.kv.layers = [
-            (torch.cat([keys[:, :, :shared], keys.new_empty(*keys.shape[:2], length - shared, keys.shape[3])], 2),
-             torch.cat([values[:, :, :shared], values.new_empty(*values.shape[:2], length - shared, values.shape[3])], 2))
-            for keys, values in self.previous.kv.layers]
-        self.kv.rows = torch.arange(shared, length, device=device)
-        ids, keep = model.to_device(canvas[shared:], rows - shared)
+        self.kv.layers = [(_grown(keys, shared, length), _grown(values, shared, length))
+                          for keys, values in self.previous.kv.layers]
+        keep, count = _at_least_two(rows - shared)
+        ids, self.kv.rows, keep = model.to_device(canvas[shared:], torch.arange(shared, length), keep)
         out = model.forward(self.compiled, input_ids=ids[None], position_ids=self.kv.rows[None],
                             use_cache=True, logits_to_keep=keep, **{model.cache_keyword: self.kv})
         self.span = (low, length if self.mode == "prefix" else high)
@@ -463,13 +465,25 @@ class CachedForward:
         self.rows += length - shared
         self.first = (canvas.clone(), low, age)
         self.seen = self.first[0]
-        return out.logits[0].float()
+        return out.logits[0, :count].float()
 
     def kept(self) -> KeptKeys:
         """For the next job: the keys/values of the rows this job's start computed or reused, and
         that no later step rewrote (those before the start's first scored row)."""
         tokens, valid, age = self.first
         return KeptKeys(tokens, min(valid, self.span[0]), self.kv, age)
+
+
+def _grown(keys: torch.Tensor, shared: int, length: int) -> torch.Tensor:
+    """A contiguous [1, heads, length, dim] buffer holding `keys`' first `shared` rows (contiguous
+    as a full forward leaves them: torch.compile makes no second graph for other strides)."""
+    return torch.cat([keys[:, :, :shared], keys.new_empty(*keys.shape[:2], length - shared, keys.shape[3])], 2)
+
+
+def _at_least_two(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The rows for the LM head, repeated to two when there is one (torch.compile makes a graph of
+    its own for each size-1 dimension), and how many of its outputs to use."""
+    return (rows.repeat(2) if len(rows) == 1 else rows), len(rows)
 
 
 def trim_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:
