@@ -2,13 +2,14 @@
 # One call on a GPU machine (no network needed, nothing installed): the GPU benchmark first, then
 # training the bundled model further with the time that remains. Run from a checkout:
 #
-#     scripts/gpu-run.sh [--quick] [TOTAL_MINUTES [BENCH_OPTIONS...]]     # default 14 minutes
+#     scripts/gpu-run.sh [--quick] [TOTAL_MINUTES [BENCH_OPTIONS...]]     # default 9 minutes
 #
 # It needs only python3 with torch and transformers (the GPU image has them; diffu-lsp need not be
 # installed: the checkout goes on PYTHONPATH, and `bench gpu` imports nothing else). Results go to
 # $OUT when that is set, else to the checkout, each file written as soon as it is known: the JSON
-# and BENCHMARKS.md's "On a GPU" section after every shape, the log line by line, so a run cut
-# short keeps what it measured. Exit status: the benchmark's (else training's).
+# and BENCHMARKS.md's "On a GPU" section after every shape and context, the log line by line, so a run cut
+# short keeps what it measured (the device tool ends a command at 10 minutes: hence 9). Exit status:
+# the benchmark's (else training's).
 #
 # --quick: the tiny shape on whatever device there is, and no training (tests/test_gpu_traps.py
 # runs it on a CPU with no network). The benchmark's time limit is the whole budget less a minute
@@ -19,13 +20,14 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 quick=
 if [ "${1:-}" = "--quick" ]; then quick=--quick; shift; fi
-total=${1:-14}
+total=${1:-9}
 [ $# -gt 0 ] && shift
 start=$(date +%s)
 [ -f .venv/bin/activate ] && . .venv/bin/activate
 python=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 out=${OUT:-$PWD}
+[ -n "$quick" ] && [ -z "${OUT:-}" ] && out=$(mktemp -d)   # tiny CPU figures never land in the checkout's BENCHMARKS.md
 mkdir -p "$out"
 [ "$out" != "$PWD" ] && cp -f BENCHMARKS.md "$out/BENCHMARKS.md"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -70,17 +70,23 @@ def run(options: common.Options) -> dict:
             torch.cuda.reset_peak_memory_stats()
         model = shapes.build(shape, device, options.dtype)
         common.progress(f"gpu: built {shape} in {model.load_seconds:.1f} s")
-        figures = shapes.measure(model, contexts, per_forward, shapes.CACHE_MODES)
-        tables += shapes.shape_tables(model, shape, figures, model.load_seconds)
-        jobs = figures["jobs"]
-        overhead = [100 * common.ratio(j.overhead_ms_per_step, j.network_ms_per_forward) for j in jobs]
-        summary["shapes"][shape] = {"parameters": model.parameter_count, "peak_mb": shapes.peak_memory_mb(model),
-                                    "max_overhead_percent": max(overhead),
-                                    "jobs": [dict(vars(j), overhead_ms_per_step=j.overhead_ms_per_step) for j in jobs]}
         summary["dtype"] = str(model.dtype).replace("torch.", "")
         summary["device"] = str(model.device)
-        summary["done"] = [name for name, _, _ in plan[:index + 1]]
-        save(options, result_of(tables, summary, compile_rows, plan, device, started))
+        figures = {"jobs": [], "ar": {}}
+        for position, context in enumerate(contexts):  # saved after each context: a 7B shape takes minutes
+            part = shapes.measure(model, (context,), per_forward, shapes.CACHE_MODES, warm_up=position == 0)
+            figures["jobs"] += part["jobs"]
+            figures["ar"].update(part["ar"])
+            shape_tables = shapes.shape_tables(model, shape, figures, model.load_seconds)
+            jobs = figures["jobs"]
+            overhead = [100 * common.ratio(j.overhead_ms_per_step, j.network_ms_per_forward) for j in jobs]
+            summary["shapes"][shape] = {
+                "parameters": model.parameter_count, "peak_mb": shapes.peak_memory_mb(model),
+                "max_overhead_percent": max(overhead), "contexts": list(contexts[:position + 1]),
+                "jobs": [dict(vars(j), overhead_ms_per_step=j.overhead_ms_per_step) for j in jobs]}
+            summary["done"] = [name for name, _, _ in plan[:index + (position + 1 == len(contexts))]]
+            save(options, result_of(tables + shape_tables, summary, compile_rows, plan, device, started))
+        tables += shape_tables
         if index == 0 and device.type == "cuda":  # compile once, on the first shape (minutes of compiling on a CPU)
             context = min(COMPILE_CONTEXT, max(contexts))
             try:

@@ -34,10 +34,10 @@ python3 with torch and transformers; diffu-lsp itself need not be installed, and
 used); the networks are random weights in the real shapes, built on the GPU in bfloat16:
 
 ```sh
-scripts/gpu-run.sh        # bench gpu, then trains the bundled model with the time left (14 minutes in all)
+scripts/gpu-run.sh        # bench gpu, then trains the bundled model with the time left (9 minutes in all)
 ```
 
-It rewrites this section and `bench-gpu.json` after each shape (to `$OUT` when set), so a run cut
+It rewrites this section and `bench-gpu.json` after each shape and context (to `$OUT` when set), so a run cut
 short keeps what it measured, and exits with the benchmark's status. `diffu-lsp bench gpu --write`
 is the benchmark alone. What it measures:
 

@@ -208,10 +208,11 @@ def weights_mb(model) -> float:
     return sum(p.numel() * p.element_size() for p in model.network.parameters()) / 2**20
 
 
-def measure(model, contexts, per_forward, caches, quick: bool = False) -> dict:
+def measure(model, contexts, per_forward, caches, quick: bool = False, warm_up: bool = True) -> dict:
     """Every (context, cache mode, tokens per forward) job once after one warm-up job, and the AR
     baseline per context."""
-    run_job(model, contexts[0], caches[-1], per_forward[-1])  # warm-up: allocator, lazy init
+    if warm_up:
+        run_job(model, contexts[0], caches[-1], per_forward[-1])  # warm-up: allocator, lazy init
     jobs = []
     for context in contexts:
         for cache in caches:
