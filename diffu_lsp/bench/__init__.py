@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from(args, argv)
     options.extra["out"] = str(args.out.resolve())
     options.extra["batching"] = args.batching
+    options.extra.update(write=args.write, json=str(args.json) if args.json else None)  # gpu: saved after each shape
     if args.shapes:
         options.extra["shapes"] = tuple(args.shapes.split(","))
     if args.contexts:

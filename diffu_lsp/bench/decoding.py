@@ -8,13 +8,11 @@ the same weights (`model.network`) left to right with a causal mask and a KV cac
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, replace
 
-import torch
-
 from ..sampler import Sampling
+from .baseline import Decoded, autoregressive, sync as _sync  # noqa: F401 (autoregressive: used by the suites as decoding.autoregressive)
 
 
 @dataclass(frozen=True)
@@ -134,20 +132,6 @@ def by_key(key: str) -> Setting:
     raise KeyError(key)
 
 
-@dataclass
-class Decoded:
-    ids: list[int]
-    forwards: int        # denoising steps (AR: tokens), each one forward pass
-    seconds: float
-    refreshes: int = 0   # extra full forwards that rebuilt a K/V cache
-    rows: int = 0        # canvas rows run through the network, over all forwards
-
-
-def _sync(model) -> None:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-
-
 def decode(model, setting: Setting, prefix_ids: list[int], suffix_ids: list[int], length: int) -> Decoded:
     if setting.kind == "ar":
         return autoregressive(model, prefix_ids, suffix_ids, length)
@@ -159,41 +143,3 @@ def decode(model, setting: Setting, prefix_ids: list[int], suffix_ids: list[int]
     seconds = time.perf_counter() - started
     start = len(prefix_ids)
     return Decoded(result.canvas[start:start + length].tolist(), result.forwards, seconds, result.refreshes, result.rows)
-
-
-def _cache_keyword(network) -> str:
-    """transformers 5 renamed `past_key_values` to `cache` (the old name is deprecated)."""
-    return "cache" if "cache" in inspect.signature(network.forward).parameters else "past_key_values"
-
-
-@torch.inference_mode()
-def autoregressive(model, prefix_ids: list[int], suffix_ids: list[int], length: int) -> Decoded:
-    """Greedy left-to-right decoding of `length` tokens, as an autoregressive code server would.
-
-    The prompt holds the same context as the diffusion canvas, suffix first (SPM order, as a
-    fill-in-the-middle model would get it), so the prefill costs the same context length. One
-    forward pass per token: the prefill yields the first token, each later forward feeds one token
-    through the cached keys/values. No attention mask is passed, so transformers applies its causal
-    mask. With shifted logits (Dream) the last position scores the next token; for an unshifted
-    model (LLaDA) the tokens are meaningless but the cost per token is the same.
-    """
-    from transformers import DynamicCache
-
-    network = model.network
-    keyword = _cache_keyword(network)
-    prompt = torch.tensor([list(suffix_ids) + list(prefix_ids)], dtype=torch.long, device=model.device)
-    _sync(model)
-    started = time.perf_counter()
-    cache = DynamicCache(config=network.config)
-    # logits_to_keep=1: the LM head only on the last row, as generate() does
-    logits = network(input_ids=prompt, use_cache=True, logits_to_keep=1, **{keyword: cache}).logits
-    forwards = 1
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    out = [int(token)]
-    while len(out) < length:
-        logits = network(input_ids=token, use_cache=True, logits_to_keep=1, **{keyword: cache}).logits
-        forwards += 1
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(int(token))
-    _sync(model)
-    return Decoded(out, forwards, time.perf_counter() - started, rows=prompt.shape[1] + forwards - 1)

@@ -8,14 +8,18 @@ shapes.py), built on the GPU in bfloat16. In one run (a few minutes on one H200)
 - `compile: true` (torch.compile of the network) against eager on the same job, after a warm-up
   that pays for the compilation (its time is reported);
 - peak GPU memory per shape.
-It writes BENCHMARKS.md's "On a GPU" section. `--quick` / `--device cpu` runs the same code on
-the tiny shape (what the tests do).
+It writes BENCHMARKS.md's "On a GPU" section (with --write) and the JSON (with --json) after
+each shape, so a run cut short keeps what it measured. `--quick` / `--device cpu` runs the same
+code on the tiny shape (what the tests do). Imports nothing but torch and transformers (no msgspec:
+the GPU machine's image lacks it; tests/test_gpu_traps.py runs it in such an environment).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,6 +58,11 @@ def run(options: common.Options) -> dict:
         ("dream-7b", shapes.CONTEXTS, shapes.PER_FORWARD), ("llada-8b", shapes.CONTEXTS, (8,))]
     if options.extra.get("shapes"):  # other shapes at the first shape's sizes
         plan = [(name, plan[0][1], plan[0][2]) for name in options.extra["shapes"]]
+    plan = [(name, options.extra.get("contexts") or contexts, options.extra.get("per_forward") or per_forward)
+            for name, contexts, per_forward in plan]
+    unknown = [name for name, _, _ in plan if name not in shapes.SHAPES]
+    if unknown:  # before building anything
+        raise ValueError(f"unknown shape {unknown[0]!r}; expected one of {', '.join(shapes.SHAPES)}")
     tables, summary = [], {"shapes": {}}
     compile_rows = []
     for index, (shape, contexts, per_forward) in enumerate(plan):
@@ -61,13 +70,23 @@ def run(options: common.Options) -> dict:
             torch.cuda.reset_peak_memory_stats()
         model = shapes.build(shape, device, options.dtype)
         common.progress(f"gpu: built {shape} in {model.load_seconds:.1f} s")
-        figures = shapes.measure(model, contexts, per_forward, shapes.CACHE_MODES)
-        tables += shapes.shape_tables(model, shape, figures, model.load_seconds)
-        jobs = figures["jobs"]
-        overhead = [100 * common.ratio(j.overhead_ms_per_step, j.network_ms_per_forward) for j in jobs]
-        summary["shapes"][shape] = {"parameters": model.parameter_count, "peak_mb": shapes.peak_memory_mb(model),
-                                    "max_overhead_percent": max(overhead),
-                                    "jobs": [dict(vars(j), overhead_ms_per_step=j.overhead_ms_per_step) for j in jobs]}
+        summary["dtype"] = str(model.dtype).replace("torch.", "")
+        summary["device"] = str(model.device)
+        figures = {"jobs": [], "ar": {}}
+        for position, context in enumerate(contexts):  # saved after each context: a 7B shape takes minutes
+            part = shapes.measure(model, (context,), per_forward, shapes.CACHE_MODES, warm_up=position == 0)
+            figures["jobs"] += part["jobs"]
+            figures["ar"].update(part["ar"])
+            shape_tables = shapes.shape_tables(model, shape, figures, model.load_seconds)
+            jobs = figures["jobs"]
+            overhead = [100 * common.ratio(j.overhead_ms_per_step, j.network_ms_per_forward) for j in jobs]
+            summary["shapes"][shape] = {
+                "parameters": model.parameter_count, "peak_mb": shapes.peak_memory_mb(model),
+                "max_overhead_percent": max(overhead), "contexts": list(contexts[:position + 1]),
+                "jobs": [dict(vars(j), overhead_ms_per_step=j.overhead_ms_per_step) for j in jobs]}
+            summary["done"] = [name for name, _, _ in plan[:index + (position + 1 == len(contexts))]]
+            save(options, result_of(tables + shape_tables, summary, compile_rows, plan, device, started))
+        tables += shape_tables
         if index == 0 and device.type == "cuda":  # compile once, on the first shape (minutes of compiling on a CPU)
             context = min(COMPILE_CONTEXT, max(contexts))
             try:
@@ -79,14 +98,20 @@ def run(options: common.Options) -> dict:
                                  common.ratio(found.get("eager_ms", NAN), found.get("compiled_ms", NAN)),
                                  found.get("compile_seconds"), found.get("error") or "–"])
             common.progress("gpu: compile comparison done")
-        summary["dtype"] = str(model.dtype).replace("torch.", "")
-        summary["device"] = str(model.device)
+            save(options, result_of(tables, summary, compile_rows, plan, device, started))
+        common.progress(f"gpu: {shape} written")
         del model, figures
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return result_of(tables, summary, compile_rows, plan, device, started)
+
+
+def result_of(tables: list, summary: dict, compile_rows: list, plan: list, device, started: float) -> dict:
+    """The suite's result from the shapes measured so far."""
+    tables = list(tables)
     if not compile_rows:
-        compile_rows.append(["–", None, None, None, None, None, "not run: no CUDA device"])
+        compile_rows = [["–", None, None, None, None, None, "not run: no CUDA device"]]
     tables.append(common.table(
         f"torch.compile (`compile: true`) against eager: one {shapes.BLOCK}-token block, {COMPILE_CACHE} cache, "
         f"{COMPILE_PER_FORWARD} tokens/forward (medians of 3, after a compiled warm-up)",
@@ -105,3 +130,15 @@ def run(options: common.Options) -> dict:
              "device": summary.get("device", str(device)), "dtype": summary.get("dtype")}
     return {"suite": "gpu", "title": "On a GPU", "tables": tables, "summary": summary, "notes": notes,
             "seconds": time.perf_counter() - started, "machine_extra": extra}
+
+
+def save(options: common.Options, result: dict) -> None:
+    """The results so far, where `bench gpu --write --json` puts them at the end."""
+    from . import _finite, report
+
+    result = dict(result, command=options.command)
+    result["machine"] = {**common.machine(None, options), **result.pop("machine_extra")}
+    if options.extra.get("json"):
+        Path(options.extra["json"]).write_text(json.dumps(_finite([result]), indent=1, default=str))
+    if options.extra.get("write") and options.extra.get("out"):
+        report.write(Path(options.extra["out"]), [result])

@@ -28,15 +28,34 @@ one offline run). Add `--quick` for a smoke-sized run.
 
 GPU_SECTION = """## On a GPU
 
-Not measured yet: no GPU machine was at hand. Everything that needs one runs in one command, with
-nothing downloaded (random weights in the real DiffuCoder/Dream-7B and LLaDA-8B shapes, bfloat16:
-ms per step and per block for every K/V cache mode at 256/1,024/4,096 tokens, the sampler's own
-overhead per step, `compile: true` against eager, peak memory), and rewrites this section:
+Not measured yet: no GPU machine has been at hand. One command, run from a checkout on the GPU
+machine, measures everything that needs one: nothing is downloaded and nothing installed (it needs
+python3 with torch and transformers; diffu-lsp itself need not be installed, and msgspec is not
+used); the networks are random weights in the real shapes, built on the GPU in bfloat16:
 
 ```sh
-diffu-lsp bench gpu --write        # a few minutes on one H200
-scripts/gpu-run.sh                 # the same, then trains the bundled model further with the time left
+scripts/gpu-run.sh        # bench gpu, then trains the bundled model with the time left (9 minutes in all)
 ```
+
+It rewrites this section and `bench-gpu.json` after each shape and context (to `$OUT` when set), so a run cut
+short keeps what it measured, and exits with the benchmark's status. `diffu-lsp bench gpu --write`
+is the benchmark alone. What it measures:
+
+- **DiffuCoder/Dream-7B shape** (28 layers, 28 query / 4 K/V heads): ms per 64-token block at
+  256, 1,024 and 4,096 tokens of context, for each K/V cache mode (none, prefix, dual, delayed) and
+  1, 2, 4 and 8 tokens revealed per forward; per step, the network's ms per forward and the
+  overhead outside it (sampler, backend, copies), as a share of a forward (the target is under 5 %);
+- the KV-cached **autoregressive baseline** on the same network: ms per token and per block;
+- **LLaDA-8B shape** (32 layers, 32/32 heads) at 8 tokens per forward;
+- **`compile: true` against eager** on one delayed-cache block at 1,024 tokens, with the compile time;
+- weights and **peak CUDA memory** per shape.
+
+Checked on a CPU before any GPU run (tests/test_gpu_traps.py): the script runs to the end on the
+tiny shape in an environment like the GPU image's (transformers 5.17, no msgspec, no network);
+cached decoding works under transformers 5.0, 5.17 and 5.25; every unpadded forward calls SDPA
+with no mask and grouped K/V heads (so flash attention may run); rotary positions stay in the
+canvas through blocks and refreshes; one copy to the device per step; the LM head runs on the
+scored rows only.
 
 The numbers in the other sections come from the bundled tiny model on a CPU. To measure a real
 model's decoding and quality, on a machine with a CUDA GPU (a 7.6B-parameter model takes about 15 GB

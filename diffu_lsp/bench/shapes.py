@@ -231,7 +231,7 @@ def run_job(model, context: int, cache: str, per_forward: int, compiled: bool = 
 def autoregressive_ms_per_token(model, context: int) -> tuple[float, float]:
     """(prefill ms, ms per generated token) of greedy KV-cached causal decoding of BLOCK tokens
     after a `context - BLOCK`-token prompt (the same context as the diffusion canvas)."""
-    from .decoding import autoregressive
+    from .baseline import autoregressive
 
     ids = canvas_for(model, context)
     prompt = [t for t in ids if t != model.mask_token_id]
@@ -250,13 +250,14 @@ def weights_mb(model) -> float:
     return sum(p.numel() * p.element_size() for p in model.network.parameters()) / 2**20
 
 
-def measure(model, contexts, per_forward, caches, quick: bool = False) -> dict:
+def measure(model, contexts, per_forward, caches, quick: bool = False, warm_up: bool = True) -> dict:
     """Every (context, cache mode, tokens per forward) job once after one warm-up job, and the AR
     baseline per context."""
     if getattr(model, "block_size", None):  # a block model: its exact cache against recomputation
         part = getattr(model, "sub_block", None) or model.block_size
         caches, per_forward = BLOCK_CACHE_MODES, tuple(k for k in per_forward if k <= part) or (1,)
-    run_job(model, contexts[0], caches[-1], per_forward[-1])  # warm-up: allocator, lazy init
+    if warm_up:
+        run_job(model, contexts[0], caches[-1], per_forward[-1])  # warm-up: allocator, lazy init
     jobs = []
     for context in contexts:
         for cache in caches:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -9,6 +10,7 @@ from functools import partial
 from typing import Callable
 
 import torch
+from transformers import AttentionInterface
 
 from ..errors import JobCancelled, is_out_of_memory
 from ..sampler import Denoised, Draft, Sampling, denoise
@@ -42,6 +44,11 @@ class DiffusionModel:
     compiled_network: Callable | None = field(default=None, repr=False)  # torch.compile(network), made on first use
     compile_error: str | None = None  # why compiling failed; the eager network serves from then on
     batcher: "ForwardBatcher | None" = field(default=None, repr=False)  # set: concurrent jobs share forwards (batching.py)
+    cache_keyword: str = field(init=False, repr=False)  # the network's name for its K/V cache argument
+
+    def __post_init__(self):
+        self.cache_keyword = cache_keyword(self.network)
+        self.network.config._attn_implementation = ATTENTION  # see sdpa_attention
 
     @property
     def device(self) -> torch.device:
@@ -67,20 +74,18 @@ class DiffusionModel:
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids -> float [B, L, V] logits; row i scores the token at position i."""
+        """[B, L] ids -> float [B, L, V] logits; row i scores the token at position i (the LM head
+        reads the rows in that order: no second [B, L, V] copy to shift them)."""
         input_ids = input_ids.to(self.device)
-        batch, length = input_ids.shape
-        # A 4D mask of zeros makes every position see every other (no causal mask).
-        full_attention = torch.zeros(batch, 1, length, length, dtype=self.dtype, device=self.device)
-        logits = self.network(input_ids=input_ids, attention_mask=full_attention, use_cache=False).logits
-        if self.shift_logits:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits.float()
+        rows = self._rows(torch.arange(input_ids.shape[1], device=self.device))
+        return self.forward(input_ids=input_ids, use_cache=False, logits_to_keep=rows).logits.float()
 
     def forward(self, compiled: bool = False, **inputs):
-        """One forward of the network; `compiled`: through torch.compile (dynamic shapes), made on
-        first use. If compiling or running the compiled forward fails (no C++ compiler, an op the
+        """One bidirectional forward of the network (every query sees every key; no mask unless
+        `attention_mask` is given: see sdpa_attention); `compiled`: through torch.compile (dynamic
+        shapes), made on first use. If compiling or running the compiled forward fails (no C++ compiler, an op the
         compiler cannot lower), the error is logged once and the eager network serves from then on."""
+        inputs["is_causal"] = False
         if compiled and self.compile_error is None:
             if self.compiled_network is None:
                 self.compiled_network = torch.compile(self.network, dynamic=True)
@@ -93,9 +98,10 @@ class DiffusionModel:
                 log.warning("torch.compile failed, running the network eagerly from now on: %s", self.compile_error)
         return self.network(**inputs)
 
-    def _attention(self, queries: int, keys: int) -> torch.Tensor:
-        # A 4D mask of zeros makes every query see every key: no causal mask.
-        return torch.zeros(1, 1, queries, keys, dtype=self.dtype, device=self.device)
+    def to_device(self, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """1-D long host tensors on the model's device in one copy (one transfer per step, not one
+        per tensor: on a GPU each is a synchronising copy)."""
+        return torch.cat(parts).to(self.device).split([len(part) for part in parts])
 
     def _rows(self, positions: torch.Tensor) -> torch.Tensor:
         """Output rows that score `positions` (Dream: row i-1 scores position i; row 0 scores 0)."""
@@ -106,35 +112,51 @@ class DiffusionModel:
         """Float [N, V] logits scoring the tokens at `positions` of the [L] canvas (one forward;
         the LM head runs on those rows only), left on the model's device: the sampler picks tokens
         there and copies only [N] results to the host."""
-        ids = canvas[None].to(self.device)
-        out = self.forward(compiled, input_ids=ids, attention_mask=self._attention(len(canvas), len(canvas)),
-                           use_cache=False, logits_to_keep=self._rows(positions).to(self.device))
-        return out.logits[0].float()
+        keep, count = _at_least_two(self._rows(positions))
+        ids, keep = self.to_device(canvas, keep)
+        out = self.forward(compiled, input_ids=ids[None], use_cache=False, logits_to_keep=keep)
+        return out.logits[0, :count].float()
 
     @torch.no_grad()
     def batch_position_logits(self, canvases: list[torch.Tensor], positions: list[torch.Tensor],
                               compiled: bool = False) -> list[torch.Tensor]:
         """One padded forward for several canvases: for each, float [N_i, V] logits scoring its
         `positions`, as position_logits gives alone (within float tolerance). Each canvas is
-        right-padded to the longest; the pad keys are masked out of every row's attention and the
-        position ids count from 0 in every row, so a real token sees exactly what it sees alone.
-        The LM head runs on the union of the rows any canvas scores (a few dozen; the body dominates)."""
-        lengths = torch.tensor([len(c) for c in canvases])
-        batch, length = len(canvases), int(lengths.max())
+        right-padded to the longest; the pad keys are masked out of every row's attention (with no
+        padding, no mask) and the position ids count from 0 in every row, so a real token sees exactly
+        what it sees alone.
+        The body runs on the whole batch; the LM head only on the rows each canvas scores (N_1 + ...
+        + N_B of them, not B times their union). `compiled` is not used: the batch's shapes change
+        with every step."""
+        lengths = [len(c) for c in canvases]
+        batch, length = len(canvases), max(lengths)
         ids = torch.full((batch, length), self.mask_token_id, dtype=torch.long)
         for row, canvas in enumerate(canvases):
             ids[row, :len(canvas)] = canvas
-        key_is_pad = torch.arange(length)[None, :] >= lengths[:, None]                        # [B, L]
-        attention = torch.zeros(batch, 1, length, length, dtype=self.dtype)
-        attention = attention.masked_fill(key_is_pad[:, None, None, :], torch.finfo(self.dtype).min)
         wanted = [self._rows(p) for p in positions]
-        kept = torch.unique(torch.cat(wanted))                                                  # sorted
+        flat_ids, pads, which, rows = self.to_device(
+            ids.flatten(), torch.tensor(lengths),
+            torch.cat([torch.full((len(r),), b, dtype=torch.long) for b, r in enumerate(wanted)]), torch.cat(wanted))
+        attention = None
+        if min(lengths) < length:  # made on the device: the pad keys masked out of every query
+            key_is_pad = torch.arange(length, device=self.device)[None, :] >= pads[:, None]     # [B, L]
+            attention = torch.zeros(batch, 1, length, length, dtype=self.dtype, device=self.device)
+            attention = attention.masked_fill(key_is_pad[:, None, None, :], torch.finfo(self.dtype).min)
         with self.lock:
-            out = self.forward(compiled, input_ids=ids.to(self.device), attention_mask=attention.to(self.device),
-                               position_ids=torch.arange(length, device=self.device).expand(batch, length),
-                               use_cache=False, logits_to_keep=kept.to(self.device))
-        at = [torch.searchsorted(kept, rows).to(self.device) for rows in wanted]
-        return [out.logits[row, at[row]].float() for row in range(batch)]
+            hidden = self.network.model(input_ids=flat_ids.view(batch, length), attention_mask=attention,
+                                        position_ids=torch.arange(length, device=self.device).expand(batch, length),
+                                        use_cache=False, is_causal=False).last_hidden_state
+            logits = self.network.lm_head(hidden[which, rows]).float()                        # [sum N_i, V]
+        return list(logits.split([len(r) for r in wanted]))
+
+    @torch.no_grad()
+    def warm_up(self, length: int = 16) -> None:
+        """One short forward, so that the first request does not pay for the device's lazy
+        initialisation (CUDA context, cuBLAS handles, kernel loading: seconds on a GPU)."""
+        canvas = torch.full((length,), self.mask_token_id, dtype=torch.long)
+        self.position_logits(canvas, torch.arange(length))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ---------------------------------------------------------------- denoising
 
@@ -254,6 +276,47 @@ class DiffusionModel:
         return scores
 
 
+ATTENTION = "diffu_lsp_sdpa"  # the networks' attention implementation (transformers' AttentionInterface)
+SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **kwargs):
+    """Attention of a diffusion model's network: torch's SDPA, bidirectional (DiffusionModel's
+    forwards pass is_causal=False), with no mask unless one is given (a padded batch), and keys and
+    values left at their own head count (enable_gqa) when there is no mask. That is what lets SDPA
+    pick flash attention on a GPU; transformers' own "sdpa" gets a 4D mask for a bidirectional
+    forward and then repeats K/V per head. transformers makes no mask for an implementation it has
+    no mask function for, so an unmasked forward reaches here with None.
+
+    Without is_causal (a plain call of the network, as the autoregressive baseline makes) it is
+    causal as transformers' own: a prefill (queries = keys) or one query at a time."""
+    queries, keys = query.shape[2], key.shape[2]
+    if is_causal is None:
+        is_causal = attention_mask is None and queries > 1
+        if is_causal and queries != keys:
+            raise ValueError(f"causal attention of {queries} queries over {keys} keys needs a mask")
+    groups = query.shape[1] // key.shape[1]
+    grouped = groups > 1 and attention_mask is None and SDPA_HAS_GQA
+    if groups > 1 and not grouped:  # masked (no flash kernel either way): the kernels that take a mask want equal heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    options = {"enable_gqa": True} if grouped else {}
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0,
+        scale=scaling, is_causal=bool(is_causal), **options)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, sdpa_attention)
+
+
+def cache_keyword(network) -> str:
+    """What the network's forward calls its K/V cache argument: `cache` from transformers 5.24 on
+    (where `past_key_values` is a deprecated alias), `past_key_values` in 5.0 to 5.23. A cache under
+    a name the forward does not know is no error there: it lands in **kwargs, the network makes a
+    cache of its own and the buffer is ignored (the step then fails on a shape mismatch)."""
+    return "cache" if "cache" in inspect.signature(network.forward).parameters else "past_key_values"
+
+
 class KVBuffer:
     """Keys and values of every canvas position, one [1, heads, L, dim] pair per layer, overwritten
     in place: the part of a transformers Cache that the attention layers use. A forward over the
@@ -266,7 +329,8 @@ class KVBuffer:
         self.rows: torch.Tensor | None = None
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
-        if self.rows is None:
+        if self.rows is None:  # contiguous: one layout for every buffer (see _grown)
+            keys, values = keys.contiguous(), values.contiguous()
             del self.layers[layer:]
             self.layers.append((keys, values))
             return keys, values
@@ -351,31 +415,32 @@ class CachedForward:
             run = torch.unique(torch.cat([rows, positions, changed]))  # sorted
         else:
             run = torch.arange(*self.span)
-        device = self.model.device
-        self.kv.rows = run.to(device)
+        keep, count = _at_least_two(torch.searchsorted(run, rows))
+        ids, self.kv.rows, keep = self.model.to_device(canvas[run], run, keep)
         out = self.model.forward(
-            self.compiled, input_ids=canvas[run][None].to(device), position_ids=self.kv.rows[None],
-            attention_mask=self.model._attention(len(run), len(canvas)),
-            cache=self.kv, use_cache=True, logits_to_keep=torch.searchsorted(run, rows).to(device),
+            self.compiled, input_ids=ids[None], position_ids=self.kv.rows[None],
+            use_cache=True, logits_to_keep=keep, **{self.model.cache_keyword: self.kv},
         )
         self.steps_since_refresh += 1
         self.rows += len(run)
         self.seen = canvas.clone()
-        return out.logits[0].float()
+        return out.logits[0, :count].float()
 
     def _full(self, canvas: torch.Tensor, rows: torch.Tensor, low: int, high: int) -> torch.Tensor:
         model, length = self.model, len(canvas)
         self.kv.rows = None
-        out = model.forward(self.compiled, input_ids=canvas[None].to(model.device),
-                            attention_mask=model._attention(length, length),
-                            cache=self.kv, use_cache=True, logits_to_keep=rows.to(model.device))
+        # position ids always given: left out, transformers counts them on from the buffer's length
+        keep, count = _at_least_two(rows)
+        ids, positions, keep = model.to_device(canvas, torch.arange(length), keep)
+        out = model.forward(self.compiled, input_ids=ids[None], position_ids=positions[None],
+                            use_cache=True, logits_to_keep=keep, **{model.cache_keyword: self.kv})
         self.span = (low, length if self.mode == "prefix" else high)
         self.steps_since_refresh = 1
         self.refreshes += 1
         self.rows += length
         self.first = (canvas.clone(), low, 0)
         self.seen = self.first[0]  # neither is written in place
-        return out.logits[0].float()
+        return out.logits[0, :count].float()
 
     def _shared(self, canvas: torch.Tensor, low: int) -> int:
         """How many leading rows of the previous job's keys/values this canvas can reuse (0: none):
@@ -388,27 +453,37 @@ class CachedForward:
     def _start(self, canvas: torch.Tensor, rows: torch.Tensor, low: int, high: int, shared: int, age: int):
         """The first step from the previous job's keys/values of rows [0, shared): run the rest."""
         model, length, device = self.model, len(canvas), self.model.device
-        self.kv.layers = [
-            (torch.cat([keys[:, :, :shared], keys.new_empty(*keys.shape[:2], length - shared, keys.shape[3])], 2),
-             torch.cat([values[:, :, :shared], values.new_empty(*values.shape[:2], length - shared, values.shape[3])], 2))
-            for keys, values in self.previous.kv.layers]
-        self.kv.rows = torch.arange(shared, length, device=device)
-        out = model.forward(self.compiled, input_ids=canvas[None, shared:].to(device), position_ids=self.kv.rows[None],
-                            attention_mask=model._attention(length - shared, length),
-                            cache=self.kv, use_cache=True, logits_to_keep=(rows - shared).to(device))
+        self.kv.layers = [(_grown(keys, shared, length), _grown(values, shared, length))
+                          for keys, values in self.previous.kv.layers]
+        keep, count = _at_least_two(rows - shared)
+        ids, self.kv.rows, keep = model.to_device(canvas[shared:], torch.arange(shared, length), keep)
+        out = model.forward(self.compiled, input_ids=ids[None], position_ids=self.kv.rows[None],
+                            use_cache=True, logits_to_keep=keep, **{model.cache_keyword: self.kv})
         self.span = (low, length if self.mode == "prefix" else high)
         self.steps_since_refresh = 1
         self.reused = shared
         self.rows += length - shared
         self.first = (canvas.clone(), low, age)
         self.seen = self.first[0]
-        return out.logits[0].float()
+        return out.logits[0, :count].float()
 
     def kept(self) -> KeptKeys:
         """For the next job: the keys/values of the rows this job's start computed or reused, and
         that no later step rewrote (those before the start's first scored row)."""
         tokens, valid, age = self.first
         return KeptKeys(tokens, min(valid, self.span[0]), self.kv, age)
+
+
+def _grown(keys: torch.Tensor, shared: int, length: int) -> torch.Tensor:
+    """A contiguous [1, heads, length, dim] buffer holding `keys`' first `shared` rows (contiguous
+    as a full forward leaves them: torch.compile makes no second graph for other strides)."""
+    return torch.cat([keys[:, :, :shared], keys.new_empty(*keys.shape[:2], length - shared, keys.shape[3])], 2)
+
+
+def _at_least_two(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The rows for the LM head, repeated to two when there is one (torch.compile makes a graph of
+    its own for each size-1 dimension), and how many of its outputs to use."""
+    return (rows.repeat(2) if len(rows) == 1 else rows), len(rows)
 
 
 def trim_at_stop(ids: list[int], stop_ids: tuple[int, ...]) -> list[int]:

@@ -19,6 +19,7 @@ explicitly (:data:`ALLOW_PICKLED_WEIGHTS`), and config.json's sizes must be with
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -363,6 +364,8 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
     except Exception as error:
         raise ModelLoadError(f"cannot build the tokenizer of {name!r}: {error}") from error
     load = dict(dtype=dtype, trust_remote_code=False, output_loading_info=True, **checkpoint.load_options)
+    if device.type != "cpu" and importlib.util.find_spec("accelerate"):  # transformers needs it for device_map
+        load["device_map"] = device  # weights straight to the device, not through the CPU's memory
     try:
         if family == "dream":
             network, info = Qwen2ForCausalLM.from_pretrained(name, config=qwen2_config_for_dream(config), **load)
@@ -391,14 +394,19 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
         raise ModelLoadError("the checkpoint names no eos_token_id / pad_token_id")
     max_length = config.get("max_position_embeddings") or config.get("max_sequence_length") or 4096
     if family in BLOCK_FAMILIES.values():
-        return BlockDiffusionModel(
+        model = BlockDiffusionModel(
             network=network, tokenizer=tokenizer, family=family, name=name, mask_token_id=mask_id,
             eos_token_ids=_ids(eos_ids, generation_eos(_fetcher(name)("generation_config.json"))), bos_token_id=None,
             max_length=int(max_length), load_seconds=time.perf_counter() - started, fim_ids=fim_ids_of(tokenizer),
             **family_options(family, config))
-    return DiffusionModel(
-        network=network, tokenizer=tokenizer, family=family, name=name, mask_token_id=mask_id,
-        eos_token_ids=eos_ids, bos_token_id=config.get("bos_token_id") if isinstance(config.get("bos_token_id"), int) else None,
-        shift_logits=family != "llada", max_length=int(max_length),
-        load_seconds=time.perf_counter() - started, default_sampling=generation_defaults(_fetcher(name)),
-    )
+    else:
+        model = DiffusionModel(
+            network=network, tokenizer=tokenizer, family=family, name=name, mask_token_id=mask_id,
+            eos_token_ids=eos_ids,
+            bos_token_id=config.get("bos_token_id") if isinstance(config.get("bos_token_id"), int) else None,
+            shift_logits=family != "llada", max_length=int(max_length),
+            load_seconds=time.perf_counter() - started, default_sampling=generation_defaults(_fetcher(name)),
+        )
+    model.warm_up()  # the first request does not pay for CUDA/cuBLAS initialisation
+    model.load_seconds = time.perf_counter() - started
+    return model
