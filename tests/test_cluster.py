@@ -113,7 +113,11 @@ def cluster(tmp_path_factory):
     os.environ["XDG_CONFIG_HOME"] = str(config)
     try:
         state = cluster_cli.start(replicas=2, device="cpu", dtype="float32", cpus_per_replica=0.5, threads=1,
-                                  port=PORT, num_cpus=2, batch_size=4)
+                                  port=PORT, num_cpus=2, batch_size=4,
+                                  # 50 ms, not the 5 ms default: on a loaded 2-core machine a job's thread
+                                  # can take longer than 5 ms between its forwards, and then no forward
+                                  # is ever shared (the batching test saw rows == batches == 14 so)
+                                  batch_wait_ms=50)
         yield state
     finally:
         if ray_processes():
