@@ -255,36 +255,21 @@ async def test_out_of_memory_retries_in_the_daemon_reach_the_window(tmp_path, mo
     # A daemon in this process whose job path runs out of memory once and retries: the window's
     # on_oom_retry hears it (the daemon client dropped it, so the counter was 0 in daemon mode).
     import asyncio
-    from types import SimpleNamespace
 
     from diffu_lsp import features
-    from diffu_lsp.daemon import Paths, private_folder
-    from diffu_lsp.daemon.host import Daemon, HeldModel
 
     def run_with_one_retry(model, request, *, cancel=None, on_step=None, on_oom_retry=lambda: None, **_job_options):
         on_oom_retry()
         return Suggestion("x", 0, False, 1, 16, 0.0)
 
     monkeypatch.setattr(features, "run", run_with_one_retry)
-    paths = Paths(tmp_path / "run")
-    private_folder(paths.folder)
-    daemon = Daemon(paths, idle_seconds=0)
-    fake = SimpleNamespace(family="dream", device="cpu", max_length=512, parameter_count=1, load_seconds=0.0)
-    daemon.models[BUNDLED] = HeldModel(BUNDLED, fake, 0)
-    serving = asyncio.ensure_future(daemon.serve())
-    try:
-        await asyncio.to_thread(wait_for, lambda: paths.socket.exists(), "the socket", 10)
+    async with daemon_in_this_process(tmp_path) as (_daemon, paths):
         conn = await asyncio.to_thread(connect, paths)
         retries = []
         answer = await asyncio.to_thread(conn.submit, "doc", BUNDLED, suggest_request(), CancelToken(), None,
                                          lambda: retries.append(1))
         conn.close()
         assert answer.text == "x" and retries == [1]
-    finally:
-        daemon._stop.set()
-        await asyncio.wait_for(serving, 10)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().remove_signal_handler(sig)
 
 
 class Panic(BaseException):

@@ -64,6 +64,15 @@ OUR_KINDS = (
 )
 
 
+def close_quietly(nvim) -> None:
+    """Stop the LSP clients and quit; a Neovim that is already gone is fine."""
+    with contextlib.suppress(Exception):
+        nvim.exec_lua("for _, c in ipairs(vim.lsp.get_clients()) do c:stop(true) end")
+        nvim.command("qall!")
+    with contextlib.suppress(Exception):
+        nvim.close()
+
+
 def has_inline_completion(ed: Editor) -> bool:
     return bool(ed.lua("return vim.lsp.inline_completion ~= nil and vim.lsp.inline_completion.get ~= nil"))
 
@@ -108,15 +117,7 @@ def editor_factory(tmp_path, request):
 
     yield make
     for nvim in sessions:
-        try:
-            nvim.exec_lua("for _, c in ipairs(vim.lsp.get_clients()) do c:stop(true) end")
-            nvim.command("qall!")
-        except Exception:
-            pass
-        try:
-            nvim.close()
-        except Exception:
-            pass
+        close_quietly(nvim)
 
 
 def goto_insert(ed: Editor, keys: str) -> None:
@@ -529,15 +530,7 @@ def trust_editor(work):
         """)
         yield nvim, Editor(nvim)
     finally:
-        try:
-            nvim.exec_lua("for _, c in ipairs(vim.lsp.get_clients()) do c:stop(true) end")
-            nvim.command("qall!")
-        except Exception:
-            pass
-        try:
-            nvim.close()
-        except Exception:
-            pass
+        close_quietly(nvim)
 
 
 def trust(nvim, path) -> None:
