@@ -8,22 +8,12 @@ from __future__ import annotations
 import re
 
 import pytest
-import pytest_asyncio
 from lsprotocol import types as lsp
 
-from test_server import (configure, end_of, inline, insert, nothing_here, open_doc, position_of, start_server, stats,
-                         stop_server, until, wait_status)
+from test_server import (configure, end_of, inline, insert, mechanic, nothing_here, open_doc,  # noqa: F401 (fixture)
+                         position_of, stats, until)
 
 aio = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def mechanic(tmp_path_factory, random_dream):
-    c = await start_server(tmp_path_factory.mktemp("controls"), "--model", str(random_dream), init_options={
-        "algorithm": "entropy", "singleLineTokens": 8, "multiLineTokens": 8, "blockTokens": 8})
-    await wait_status(c, "ready")
-    yield c
-    await stop_server(c)
 
 
 async def jobs_for(client, uri: str, position: lsp.Position) -> tuple[int, object, object]:

@@ -14,15 +14,11 @@ import pytest
 import torch
 
 from diffu_lsp.models import load_model
+from test_models import dream  # noqa: F401 (fixture: the same tiny Dream model)
 from tiny_checkpoints import write_dream, write_llada
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHES = ("prefix", "dual", "delayed")
-
-
-@pytest.fixture(scope="module")
-def dream(tmp_path_factory):
-    return load_model(write_dream(tmp_path_factory.mktemp("dream")), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +70,7 @@ MATRIX_CHECK = r"""
 import sys, torch, transformers
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from diffu_lsp.models import load_model
+from test_models import dream  # noqa: F401 (fixture: the same tiny Dream model)
 from tiny_checkpoints import write_dream, write_llada
 import tempfile, pathlib
 folder = pathlib.Path(tempfile.mkdtemp())
