@@ -72,15 +72,17 @@ def _denoise(model, canvas: list[int], settings: Settings, cancel, on_step=None,
     return result
 
 
-def _streamed(model, on_step: Callable[[Step], Any] | None, spans: list[tuple[int, int]]):
+def _streamed(model, on_step: Callable[[Step], Any] | None, spans: list[tuple[int, int]], healed: str = ""):
     """The sampler's per-step callback for `on_step`: a :class:`Step` whose text is the draft so far
-    in the canvas `spans` ((start, length) of each hole): the streamed draft a command shows."""
+    in the canvas `spans` ((start, length) of each hole): the streamed draft a command shows
+    (without `healed`, the blanks a hole took over from before it: see _split_trailing_blanks)."""
     if on_step is None:
         return None
 
     def step(state) -> bool | None:
         texts = [draft.draft_text(state.canvas[start:start + length].tolist(), mask_id=model.mask_token_id,
                                   decode=model.decode, stop_ids=model.eos_token_ids) for start, length in spans]
+        texts = [text[len(healed):] if healed and text.startswith(healed) else text for text in texts]
         return on_step(Step(state.step, state.masked, BETWEEN_HOLES.join(texts)))
 
     return step
@@ -200,9 +202,12 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
     check_canvas(at_least_tokens(end - start), "refine", f"the selection has {end - start:,} characters: select less")
     prefix, selected, suffix = infill.refine_request(text, start, end, model.encode,
                                                      settings.prefix_tokens, settings.suffix_tokens)
-    prefix_ids, selected_ids, suffix_ids = model.encode(prefix), model.encode(selected), model.encode(suffix)
-    if not selected_ids:
+    if not selected:
         return selected
+    # token healing, as for a suggestion: a selection that starts after indentation takes the last
+    # blanks with it, so the model sees "   " + " return", as in training, not "    " + "return"
+    prefix, healed = _split_trailing_blanks(prefix)
+    prefix_ids, selected_ids, suffix_ids = model.encode(prefix), model.encode(healed + selected), model.encode(suffix)
     check_canvas(len(prefix_ids) + len(selected_ids) + max(4, len(selected_ids) // 4) + len(suffix_ids), "refine",
                  f"the selection is {len(selected_ids):,} tokens: select less")
     provisional = None
@@ -219,9 +224,10 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
     else:  # room to grow a little; unused positions end as pad
         hole = [model.mask_token_id] * (len(selected_ids) + max(4, len(selected_ids) // 4))
     result = _denoise(model, prefix_ids + hole + suffix_ids, settings, cancel,
-                      _streamed(model, on_step, [(len(prefix_ids), len(hole))]), provisional)
+                      _streamed(model, on_step, [(len(prefix_ids), len(hole))], healed), provisional)
     new_ids = result.canvas[len(prefix_ids):len(prefix_ids) + len(hole)].tolist()
-    return model.decode([t for t in new_ids if t not in model.eos_token_ids])
+    refined = model.decode([t for t in new_ids if t not in model.eos_token_ids])
+    return refined[len(healed):] if refined.startswith(healed) else refined.lstrip(" \t")
 
 
 # ------------------------------------------------------------------ one request, whichever kind

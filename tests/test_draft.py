@@ -202,7 +202,9 @@ def test_refine_low_confidence_keeps_the_tokens_it_trusts_as_a_provisional_draft
     text = "def add(a, b):\n    total = a + b\n    return total\n\n\ndef main():\n    print(add(1, 2))\n"
     start, end = text.index("total = a"), text.index("\n    return total")
     prefix, selected, suffix = infill.refine_request(text, start, end, model.encode, 768, 256)
-    prefix_ids, selected_ids, suffix_ids = model.encode(prefix), model.encode(selected), model.encode(suffix)
+    healed = prefix[len(prefix.rstrip(" ")):]  # the indentation goes with the selection (token healing)
+    prefix_ids, selected_ids, suffix_ids = (model.encode(prefix[:-len(healed)]), model.encode(healed + selected),
+                                            model.encode(suffix))
     scores = model.token_probabilities(prefix_ids, selected_ids, suffix_ids)
     fills = []
     real_fill = model.fill
@@ -240,7 +242,7 @@ def test_refine_low_confidence_with_token_editing_hands_the_whole_selection_to_t
     text = "def add(a, b):\n    total = a + b\n    return total\n\n\ndef main():\n    print(add(1, 2))\n"
     start, end = text.index("total = a"), text.index("\n    return total")
     prefix, selected, suffix = infill.refine_request(text, start, end, model.encode, 768, 256)
-    prefix_ids, selected_ids = model.encode(prefix), model.encode(selected)
+    prefix_ids, selected_ids = model.encode(prefix.rstrip(" ")), model.encode("    " + selected)
     fills, real_fill = [], model.fill
 
     def spy(canvas, *args, **kwargs):
@@ -256,3 +258,28 @@ def test_refine_low_confidence_with_token_editing_hands_the_whole_selection_to_t
     assert canvas[at] == selected_ids and model.mask_token_id not in canvas
     assert all(provisional[at]) and not any(provisional[:at.start]) and not any(provisional[at.stop:])
     assert sampling.edit_threshold == 0.5 and result.drafted == len(selected_ids)
+
+
+def test_refine_of_a_line_s_code_gives_the_model_the_tokens_of_training_not_a_split_indentation(monkeypatch):
+    """A selection that starts after indentation (the line's code) is tokenized with its last blanks,
+    as every training example was ("   " + " total"): the canvas never has an indentation token
+    followed by a word without its space, a pair the model never saw. The result is the selection's
+    text again, without the blanks."""
+    from diffu_lsp import features
+    from diffu_lsp.models import load_model
+    from diffu_lsp.settings import Settings
+
+    model = load_model(None)
+    text = "def add(a, b):\n    total = a + b\n    return total\n"
+    start, end = text.index("total = a"), text.index("\n    return total")
+    fills, real_fill = [], model.fill
+
+    def spy(canvas, *args, **kwargs):
+        fills.append(list(canvas))
+        return real_fill(canvas, *args, **kwargs)
+
+    monkeypatch.setattr(model, "fill", spy)
+    refined = features.refine(model, text, start, end, Settings(refine_mode="low_confidence", edit_threshold=0.99))
+    natural = model.encode(text[:end])  # the document up to the selection's end, tokenized whole
+    assert fills[0][:len(natural)] == natural
+    assert not refined.startswith(" ")  # the blanks stay where they were: the edit covers the selection only
