@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import contextvars
 import functools
 import ipaddress
-import json
 import logging
 import os
 import sys
@@ -31,25 +29,24 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote
 
-import attrs
 import msgspec
 from lsprotocol import types as lsp
 from pygls.capabilities import get_capability
-from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
-from pygls.protocol import LanguageServerProtocol
-from pygls.protocol.json_rpc import RPCError, RPCNotification, RPCRequest, RPCResponse
-from pygls.protocol.language_server import lsp_method
+from pygls.protocol import default_converter
 from pygls.uris import to_fs_path
-from pygls.workspace import TextDocument, Workspace
+from pygls.workspace import TextDocument
 
 from . import __version__
 from . import settings as config
 from .configuration import Configuration, watch
-from .documents import LspTextDocument, LspWorkspace, model_text, offset_at, position_at  # noqa: F401 - re-exported
+from .documents import model_text, offset_at, position_at
 from .daemon import DaemonError
 from .engine import Engine, LocalEngine, ModelKey, Step
 from .errors import EXITS, EngineLost, JobCancelled, first_line, is_out_of_memory
+from .pygls_adapter import (COMMAND_PROGRESS_TOKEN, BoundedInput, DiffuProtocol, answer_parse_error, pending_handlers,
+                            use_lsp_line_breaks)
 from .session import Session, Target, find_holes, progress_message, refine_verdict
 from .settings import Settings  # noqa: F401 - importable from here (tests use server.Settings)
 
@@ -66,237 +63,7 @@ STATS = "diffu/stats"
 WORKSPACE_TRUST = "diffu/workspaceTrust"  # the editor's trust changed: {"workspaceTrusted": true | SHA-256 | false}
 
 CONFIG_SECTION = "diffu"
-
-
-# ------------------------------------------------------------------ protocol layer
-
-# The workDoneToken the client sent with the workspace/executeCommand being handled (or None).
-COMMAND_PROGRESS_TOKEN: contextvars.ContextVar[int | str | None] = contextvars.ContextVar("diffu_command_progress",
-                                                                                           default=None)
-
-
-def _cancelled_with(request, handler):
-    """`handler`, a coroutine function, as one whose task is cancelled when the `request`'s future is."""
-    if request is None or not asyncio.iscoroutinefunction(handler):
-        return handler
-
-    @functools.wraps(handler)
-    async def cancelled_with_the_request(*args, **kwargs):
-        task = asyncio.current_task()
-        request.add_done_callback(lambda future: future.cancelled() and task.cancel())
-        return await handler(*args, **kwargs)
-
-    return cancelled_with_the_request
-
-
-@attrs.define
-class _Unreadable:
-    """A message whose params (or result) do not fit its method's types."""
-
-    id: Any  # None when absent or not a valid JSON-RPC id
-    has_id: bool
-    method: str | None
-    problem: str
-    invalid_request: bool = False  # not valid JSON-RPC 2.0 (answered InvalidRequest, not InvalidParams)
-
-
-MAX_HEADER_BYTES = 8 * 1024  # one header line of a message
-MAX_MESSAGE_BYTES = 64 * 2**20  # a message's body (its Content-Length): a document over this is not opened
-PARSE_ERROR = -32700
-_REFUSED = "$diffu-lsp/refused"  # the key of what BoundedInput hands pygls in place of a refused message
-
-
-class BoundedInput:
-    """stdin as pygls reads it (``readline()`` for each header line, ``read(n)`` for a body of
-    Content-Length ``n``), with the framing bounded before anything is buffered: pygls reads a line
-    or a body whole, so a header line with no end, or a Content-Length of 50e9, ran the server out
-    of memory. A header line over :data:`MAX_HEADER_BYTES` is dropped; a body over
-    :data:`MAX_MESSAGE_BYTES`, or one after a dropped header line, is skipped in bounded reads. In
-    its place pygls gets ``{_REFUSED: reason}``, which :class:`DiffuProtocol` answers with an
-    InvalidRequest error (id null) at once, so the server stays up and says why."""
-
-    def __init__(self, stream) -> None:
-        self.stream = stream
-        self.dropped = ""  # why the current message's header was dropped
-        self.skip = 0  # bytes of a refused body still to read and drop
-
-    def _drop(self, size: int) -> bool:
-        """Read and forget ``size`` bytes; False at the end of the input."""
-        while size > 0:
-            chunk = self.stream.read(min(size, 1 << 20))
-            if not chunk:
-                return False
-            size -= len(chunk)
-        return True
-
-    def readline(self) -> bytes:
-        if self.skip:
-            size, self.skip = self.skip, 0
-            if not self._drop(size):
-                return b""
-        line = self.stream.readline(MAX_HEADER_BYTES)
-        if len(line) < MAX_HEADER_BYTES or line.endswith(b"\n"):
-            return line
-        length = len(line)
-        while line and not line.endswith(b"\n"):
-            line = self.stream.readline(1 << 20)
-            length += len(line)
-        if not line:
-            return b""
-        self.dropped = f"a header line of {length:,} bytes is over the {MAX_HEADER_BYTES:,}-byte limit"
-        return b"X-Diffu-Dropped: 1\r\n"  # a header pygls ignores
-
-    def read(self, size: int) -> bytes:
-        reason, self.dropped = self.dropped, ""
-        if size > MAX_MESSAGE_BYTES:
-            reason = f"a message of {size:,} bytes (Content-Length) is over the {MAX_MESSAGE_BYTES:,}-byte limit"
-        if not reason:
-            return self.stream.read(size)
-        log.error("%s: the message is skipped", reason)
-        self.skip = size  # dropped on the next readline: the error is answered first
-        return json.dumps({_REFUSED: f"{reason}: the message was skipped"}).encode()
-
-
-class DiffuProtocol(LanguageServerProtocol):
-    """pygls's protocol, except that every request is answered.
-
-    pygls logs "Unable to deserialize message" and drops a message whose params fail
-    validation, so the client waits forever. Here such a request gets an InvalidParams
-    error, such a notification is logged and ignored, and an unreadable response to one
-    of our requests fails that request instead of leaving it pending.
-
-    pygls has no public hooks for any of this: the overrides below use its protocol's private
-    state (_shutdown, _request_futures, _send_data, _send_response, _handle_response)."""
-
-    _shutdown_requested = False
-
-    def structure_message(self, data):
-        if isinstance(data, dict) and len(data) == 1 and isinstance(data.get(_REFUSED), str):  # BoundedInput's
-            return _Unreadable(None, True, None, data[_REFUSED], invalid_request=True)
-        if isinstance(data, dict) and "jsonrpc" in data and "method" in data:  # a request or notification
-            problem = _envelope_problem(data)
-            if problem:
-                return _Unreadable(_echo_id(data.get("id")), "id" in data, str(data["method"]), problem,
-                                   invalid_request=True)
-        try:
-            return super().structure_message(data)
-        except JsonRpcException as error:
-            if not isinstance(data, dict) or ("id" not in data and "method" not in data):
-                raise
-            msg_id = data.get("id")
-            if not isinstance(msg_id, (int, str)) or isinstance(msg_id, bool):
-                msg_id = None
-            method = data.get("method")
-            cause = error.__cause__ or error
-            return _Unreadable(msg_id, "id" in data, str(method) if method is not None else None,
-                               f"{type(cause).__name__}: {cause}".splitlines()[0])
-
-    def handle_message(self, message):
-        if not isinstance(message, (_Unreadable, RPCRequest, RPCNotification, RPCResponse, RPCError)):
-            # a batch (JSON array), a message without "jsonrpc", or not an object at all
-            is_object = isinstance(message, dict)
-            if is_object and "method" in message and "id" not in message:
-                log.warning("ignoring a notification without \"jsonrpc\": \"2.0\": %.200r", message)
-                return
-            problem = ("batches (JSON arrays) are not supported" if isinstance(message, list)
-                       else "not a JSON-RPC 2.0 message" if is_object else "a message must be a JSON object")
-            return self._invalid_request(_echo_id(message.get("id")) if is_object else None, problem)
-        if isinstance(message, _Unreadable) and message.invalid_request:
-            if message.has_id:
-                return self._invalid_request(message.id, message.problem)
-            log.warning("ignoring notification %s: %s", message.method, message.problem)
-            return
-        if isinstance(message, RPCRequest) and message.method != lsp.EXIT:
-            if self._shutdown:  # LSP: every request after shutdown is an InvalidRequest error
-                return self._invalid_request(message.id, f"{message.method}: the server is shut down")
-            if message.method == lsp.SHUTDOWN:
-                if self._shutdown_requested:
-                    return self._invalid_request(message.id, "shutdown was already requested")
-                self._shutdown_requested = True
-        if not isinstance(message, _Unreadable):
-            return super().handle_message(message)
-        if message.method is None:  # a response to one of our requests
-            if message.id is not None:
-                self._handle_response(message.id, None, lsp.ResponseError(
-                    code=JsonRpcInvalidParams.CODE, message=f"unreadable response: {message.problem}"))
-        elif not message.has_id:
-            log.warning("ignoring notification %s with invalid params: %s", message.method, message.problem)
-        else:
-            log.warning("request %s %s has invalid params: %s", message.id, message.method, message.problem)
-            error = JsonRpcInvalidParams(f"Invalid params for {message.method}: {message.problem}")
-            self._send_response(message.id, error=error.to_response_error())
-
-    def _execute_handler(self, msg_id, handler, callback, args=None, kwargs=None):
-        """pygls 2 files the future of every notification run by a generator, coroutine or thread
-        handler (didOpen, didChange, didClose ...) in _request_futures under a fresh uuid and never
-        takes it out: about 1 KiB per keystroke (the soak's servers grew ~30 MiB in 45 minutes).
-        So does it with the handler a generator hands on to (an executeCommand's command). Such a
-        future is dropped once it is done (requests answer via _send_response, which drops theirs)."""
-        notification = callback == self._check_handler_result
-        if notification or getattr(callback, "func", None) == self._run_generator:
-            then = callback
-
-            def callback(future, msg_id=msg_id):
-                self._request_futures.pop(msg_id, None)
-                then(future)
-        return super()._execute_handler(msg_id, handler, callback, args, kwargs)
-
-    def _handle_cancel_notification(self, msg_id):
-        """A $/cancelRequest for a request already answered is normal (clients cancel on every
-        keystroke): no warning on stderr, which editors show as their server log."""
-        future = self._request_futures.pop(msg_id, None)
-        if future is None:
-            log.debug("$/cancelRequest for %r, already answered", msg_id)
-        elif future.cancel():
-            log.debug("cancelled request %r", msg_id)
-
-    def _invalid_request(self, msg_id, problem: str, code: int = JsonRpcInvalidRequest.CODE) -> None:
-        log.warning("invalid request (id %r): %s", msg_id, problem)
-        error = {"code": code, "message": problem}
-        self._send_data({"jsonrpc": "2.0", "id": msg_id, "error": error})  # a dict: keeps "id": null
-
-    @lsp_method(lsp.WORKSPACE_EXECUTE_COMMAND)
-    def lsp_workspace__execute_command(self, params: lsp.ExecuteCommandParams):
-        """pygls's, with two additions. The client's workDoneToken is kept for the command: pygls
-        hands a command handler only its arguments (no public API for the rest of the params); the
-        handler's task is created within this call, so it sees this value of the context variable.
-        And a $/cancelRequest for the executeCommand cancels the command's task: pygls runs it as a
-        task of its own, which cancelling the request's future does not reach."""
-        COMMAND_PROGRESS_TOKEN.set(params.work_done_token)
-        request = self._request_futures.get(self._ctx_msg_id.get())
-        commands = super().lsp_workspace__execute_command(params)
-        handler, args, kwargs = next(commands)
-        commands.close()
-        return (yield _cancelled_with(request, handler), args, kwargs)
-
-    @lsp_method(lsp.SHUTDOWN)
-    def lsp_shutdown(self, *args):
-        """pygls's, except that it cancels the pending requests over a copy: a cancelled request's
-        callback removes it from the dict ("dictionary changed size during iteration")."""
-        if (user_handler := self.fm.features.get(lsp.SHUTDOWN)) is not None:
-            yield user_handler, args, None
-        current_id = self.msg_id
-        for msg_id, future in list(self._request_futures.items()):
-            if msg_id != current_id and not future.done():
-                future.cancel()
-        self._shutdown = True
-        return None
-
-
-def _echo_id(msg_id: Any) -> int | str | None:
-    """The id to answer with: JSON-RPC ids are numbers or strings; anything else is answered null."""
-    return msg_id if isinstance(msg_id, (int, str)) and not isinstance(msg_id, bool) else None
-
-
-def _envelope_problem(data: dict) -> str:
-    """Why a request/notification object is not valid JSON-RPC 2.0 ('' when it is)."""
-    if data.get("jsonrpc") != "2.0":
-        return f'"jsonrpc" must be "2.0", got {data.get("jsonrpc")!r}'
-    if not isinstance(data.get("method"), str):
-        return '"method" must be a string'
-    if "id" in data and _echo_id(data["id"]) is None:
-        return f'"id" must be a number or a string, got {type(data["id"]).__name__}'
-    return ""
+CONVERTER = default_converter()  # what pygls structures messages with: command arguments the same way
 
 
 # ------------------------------------------------------------------ helpers
@@ -343,13 +110,8 @@ class DiffuServer(LanguageServer):
     # ------------------------------------------------------------ messages
 
     def report_server_error(self, error: Exception, source) -> None:
-        """pygls's reader hands us the error of a body that is not JSON (or not UTF-8, or nested
-        past the parser's depth): JSON-RPC answers it with a Parse error (id null). pygls's own
-        answer is a showMessage popup and no response."""
-        if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, RecursionError)):
-            self.protocol._invalid_request(None, f"Parse error: {first_line(error)}", PARSE_ERROR)
-            return
-        super().report_server_error(error, source)
+        if not answer_parse_error(self, error):
+            super().report_server_error(error, source)
 
     def status(self, state: str, label: str, message: str = "") -> None:
         self.session.set_state(state, message)
@@ -640,8 +402,7 @@ class DiffuServer(LanguageServer):
             uri = arg["textDocument"]["uri"]
             if not isinstance(uri, str):
                 raise TypeError("textDocument.uri must be a string")
-            # pygls 2.1 offers its cattrs converter only as the protocol's private _converter
-            target = self.protocol._converter.structure(arg[key], lsp.Range if key == "range" else lsp.Position)
+            target = CONVERTER.structure(arg[key], lsp.Range if key == "range" else lsp.Position)
         except Exception as error:  # noqa: BLE001
             raise JsonRpcInvalidParams(
                 f'expected [{{"textDocument": {{"uri": ...}}, "{key}": ...}}]: {type(error).__name__}: {error}') from None
@@ -774,7 +535,7 @@ class DiffuServer(LanguageServer):
             **self.session.stats(),
             "settings": msgspec.to_builtins(self.session.settings),
             "records": [dataclasses.asdict(r) for r in list(self.session.sched.records)[-50:]],
-            "handlers_pending": len(self.protocol._request_futures),  # requests and notifications not finished
+            "handlers_pending": pending_handlers(self),  # requests and notifications not finished
             "threads": sorted(thread.name for thread in threading.enumerate()),
         }
 
@@ -896,9 +657,7 @@ def feature(method: str, options: Any = None):
 
 @feature(lsp.INITIALIZE)
 def initialize(ls: DiffuServer, params: lsp.InitializeParams):
-    ws = ls.workspace
-    if type(ws) is Workspace:  # before any document exists: use LSP line breaks
-        ws.__class__ = LspWorkspace
+    use_lsp_line_breaks(ls)  # before any document exists
     ls._init_options = params.initialization_options
 
 
@@ -1122,4 +881,4 @@ def serve(*, model: str | None = None, device: str | None = None, dtype: str | N
         sys.stdout = sys.stderr
         log.info("diffu-lsp %s on stdio", __version__)
         server.start_io(BoundedInput(sys.stdin.buffer), protocol_out)
-    return 0 if server.protocol._shutdown else 1  # pygls exposes no public "shutdown was requested"
+    return 0 if server.protocol.shut_down else 1

@@ -1016,10 +1016,13 @@ def test_tcp_only_on_loopback():
 
 def test_documents_break_lines_like_lsp():
     """Form feeds and U+2028 are not line breaks in LSP (pygls's splitlines says they are)."""
-    doc = server_mod.LspTextDocument("file:///x.py", "a\x0cb\nc\u2028d\r\ne\rf")
+    from diffu_lsp.documents import offset_at, position_at
+    from diffu_lsp.pygls_adapter import LspTextDocument
+
+    doc = LspTextDocument("file:///x.py", "a\x0cb\nc\u2028d\r\ne\rf")
     assert doc.lines == ("a\x0cb\n", "c\u2028d\r\n", "e\r", "f")
     doc.apply_change(lsp.TextDocumentContentChangePartial(range=rng(1, 0, 1, 1), text="C"))
     assert doc.source == "a\x0cb\nC\u2028d\r\ne\rf"
-    assert server_mod.DiffuServer.position_at(doc, [len(doc.source)]) == [lsp.Position(line=3, character=1)]
-    assert server_mod.DiffuServer.offset_at(doc, lsp.Position(line=1, character=99)) == (
+    assert position_at(doc, [len(doc.source)]) == [lsp.Position(line=3, character=1)]
+    assert offset_at(doc, lsp.Position(line=1, character=99)) == (
         len("a\x0cb\nC\u2028d"), lsp.Position(line=1, character=3))
