@@ -349,11 +349,11 @@ class LspTextDocument(TextDocument):
 
 class LspWorkspace(Workspace):
     # pygls has no public hook for the document class a workspace makes: this overrides its
-    # private factory (and reads its private sync kind and position codec). Upstream:
+    # private factory (and reads its private sync kind: no public property). Upstream:
     # openlawlibrary/pygls#131 (custom Document and Workspace classes; answered with a workaround).
     def _create_text_document(self, doc_uri, source=None, version=None, language_id=None):
         return LspTextDocument(doc_uri, source=source, version=version, language_id=language_id,
-                               sync_kind=self._sync_kind, position_codec=self._position_codec)
+                               sync_kind=self._sync_kind, position_codec=self.position_codec)
 
 
 def _line_start(source: str, lines: int, start: int = 0) -> int | None:

@@ -639,6 +639,23 @@ async def test_refine_reports_progress_and_edits_the_selection(mechanic):
 
 
 @aio
+async def test_refine_with_an_empty_range_refines_the_line_it_is_on(mechanic):
+    """The editors send the cursor as an empty range; the server decides it means the line (its
+    text, not its line break), for every editor alike."""
+    client = mechanic
+    uri = open_doc(client, HOLES)
+    client.edits.clear()
+    cursor = {"line": 9, "character": 4}  # inside `    return str(shape)`
+    result = await execute(client, server_mod.CMD_REFINE, textDocument={"uri": uri},
+                           range={"start": cursor, "end": cursor})
+    assert result == {"applied": True}
+    (edit,) = client.edits[0].edit.document_changes[0].edits
+    assert edit.range == rng(9, 0, 9, len("    return str(shape)")) and edit.new_text
+    (job,) = jobs_of(await stats(client), uri)
+    assert job["outcome"] == "completed" and job["forwards"] > 0
+
+
+@aio
 @pytest.mark.filterwarnings("ignore:Unknown progress token")  # pygls's test client knows only tokens it created
 async def test_refine_reports_progress_on_the_client_s_work_done_token(mechanic):
     client = mechanic
