@@ -469,8 +469,10 @@ def test_refine_without_a_range_sends_the_cursor_and_the_server_refines_its_line
     edits = ed.lua("return _G.diffu_test.apply_edits")
     if done["result"]["applied"]:  # the model may keep the line as it was: then nothing is sent
         (edit,) = edits
-        (change,) = edit["params"]["edit"].get("documentChanges") or [{"edits": []}]
-        (te,) = change["edits"]
+        edit = edit["params"]["edit"]
+        text_edits = [te for tes in (edit.get("changes") or {}).values() for te in tes]
+        text_edits += [te for dc in edit.get("documentChanges") or [] for te in dc.get("edits", [])]
+        (te,) = text_edits
         assert te["range"] == {"start": {"line": 4, "character": 0},
                                "end": {"line": 4, "character": len(HOLES.splitlines()[4])}}, te
     else:
