@@ -249,7 +249,7 @@ class DiffuServer(LanguageServer):
 # ------------------------------------------------------------------ the work behind the handlers: LSP <-> session
 
 @dataclasses.dataclass
-class Answer:
+class PlacedSuggestion:
     """A suggestion as the client places it."""
 
     text: str
@@ -257,7 +257,8 @@ class Answer:
     end: lsp.Position
 
 
-async def suggest_at(ls: DiffuServer, uri: str, position: lsp.Position, *, debounce: bool) -> list[Answer] | None:
+async def suggest_at(ls: DiffuServer, uri: str, position: lsp.Position, *, debounce: bool
+                     ) -> list[PlacedSuggestion] | None:
     snap = ls.snapshot(uri)
     if snap is None:
         return None
@@ -273,7 +274,7 @@ async def suggest_at(ls: DiffuServer, uri: str, position: lsp.Position, *, debou
     if candidates is None:
         return None
     units = doc.position_codec.client_num_units
-    return [Answer(suggestion, pos, lsp.Position(line=pos.line, character=pos.character + units(
+    return [PlacedSuggestion(suggestion, pos, lsp.Position(line=pos.line, character=pos.character + units(
         text[cursor:cursor + replace_after]))) for suggestion, replace_after in candidates]
 
 
