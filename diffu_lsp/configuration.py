@@ -1,6 +1,7 @@
-"""One window's settings layers, the TOML files behind two of them, their trust, and watching
-them: no pygls. The LSP layer feeds the layers from the editor (initializationOptions,
-workspace/configuration) and the command line, and takes the resolved :class:`Settings`.
+"""One window's settings sources: the layers, the TOML files behind two of them, their trust, and
+watching them; no pygls. The LSP layer hands over what the editor sends (initializationOptions,
+workspace/configuration, the workspace folder, the editor's trust) as plain values; every change
+resolves the layers again and hands the :class:`Settings` to ``on_change`` (the session's).
 
 Layers, lowest first: the user's TOML, the workspace's TOML, initializationOptions,
 workspace/configuration, the command line. A bad key is reported (``warn``) and keeps its
@@ -25,6 +26,7 @@ from .settings import Settings, SettingsError
 log = logging.getLogger("diffu_lsp.configuration")
 
 LAYERS = ("user", "workspace", "initializationOptions", "configuration", "cli")
+SECTION = "diffu"  # the editor's settings section (workspace/configuration, initializationOptions)
 
 
 def cached_snapshot(hub_id: str) -> str | None:
@@ -43,8 +45,13 @@ class Configuration:
     """``warn(message)`` tells the user about a bad setting or file, an untrusted folder's
     protected keys, or a hub model that will not be downloaded."""
 
-    def __init__(self, warn: Callable[[str], None] = lambda message: None):
+    def __init__(self, warn: Callable[[str], None] = lambda message: None, *, cli: Mapping[str, Any] | None = None,
+                 on_change: Callable[[Settings], None] = lambda settings: None):
         self.warn = warn
+        self.on_change = on_change
+        self.cli = {k: v for k, v in (cli or {}).items() if v is not None}  # the command line's layer
+        self.root: Path | None = None  # the workspace folder (whose diffu-lsp.toml is a layer)
+        self.stop_watching = asyncio.Event()
         self.layers: dict[str, dict[str, Any]] = {name: {} for name in LAYERS}
         self.file_state: dict[str, Any] = {}  # per file: what its layer was made from (content and trust)
         self.trusted_folders: list[Path] = []  # the user's TOML trustedWorkspaces
@@ -66,6 +73,49 @@ class Configuration:
         if (str(path), why) not in self._reported:
             self._reported.add((str(path), why))
             self.warn(message)
+
+    # ------------------------------------------------------------ the sources
+
+    def start(self, options: Any) -> None:
+        """The layers at start-up: the TOML files, the editor's initializationOptions (its "diffu"
+        section when it has one; its ``workspaceTrusted`` is the editor's trust), the command line."""
+        if isinstance(options, Mapping) and isinstance(options.get(SECTION), Mapping):
+            options = options[SECTION]
+        if isinstance(options, Mapping) and "workspaceTrusted" in options:
+            options = dict(options)
+            self.set_editor_trust(options.pop("workspaceTrusted"))
+        self.reload(force=True)
+        if options is not None:
+            self.update("initializationOptions", options, "initializationOptions")
+        self.update("cli", self.cli, "the command line")
+
+    def update(self, name: str, raw: Any, source: str) -> None:
+        """Replace one layer (a bad key is reported and keeps its previous value), and apply."""
+        self.set_layer(name, raw, source)
+        self.on_change(self.resolve())
+
+    def pushed(self, settings: Any) -> None:
+        """workspace/didChangeConfiguration's settings, from a client that is not asked for them."""
+        if isinstance(settings, Mapping) and SECTION in settings:
+            self.update("configuration", settings[SECTION], "workspace/didChangeConfiguration")
+
+    def files(self) -> dict[str, Path]:
+        files = {"user": config.user_config_file()}
+        if self.root is not None:
+            files["workspace"] = config.workspace_config_file(self.root)
+        return files
+
+    def reload(self, *, force: bool = False) -> None:
+        """Read the TOML files again, and apply if a layer changed."""
+        if self.reload_files(self.files(), force=force):
+            self.on_change(self.resolve())
+
+    async def watch(self) -> None:
+        """Read the TOML files again when they change, until :meth:`stop`."""
+        await watch(list(self.files().values()), self.reload, self.stop_watching)
+
+    def stop(self) -> None:
+        self.stop_watching.set()
 
     # ------------------------------------------------------------ layers
 

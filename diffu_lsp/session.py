@@ -1,21 +1,27 @@
 """One editor window's state and the non-protocol part of its work: no pygls, no lsprotocol.
 
 A :class:`Session` holds the window's settings, its engine (and the choice and fallback between
-engines), the model's state, the scheduler of its jobs, the suggestion cache (typed-through
-reuse) and the counters behind ``diffu/stats``. The LSP layer (server.py) turns positions into
-character offsets, calls in here, and turns the answers back into LSP values and messages.
+engines), the model's state and its loading, the scheduler of its jobs, the suggestion cache
+(typed-through reuse) and the counters behind ``diffu/stats``. The LSP layer (server.py) turns
+positions into character offsets, calls in here, and turns the answers back into LSP values; what
+the session has to tell the user goes through its :class:`Editor` (which server.py implements).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
+
+import msgspec
 
 from . import infill
+from .daemon import DaemonError
 from .engine import Engine, LocalEngine
-from .errors import JobCancelled
+from .errors import EXITS, JobCancelled, first_line
 from .job import ModelInfo, ModelKey, Request, Step, Suggestion
 from .jobs import Scheduler
 from .settings import Settings
@@ -52,6 +58,13 @@ def find_holes(text: str, start: int, end: int, settings: Settings) -> list[infi
     when the range is empty), found in the clipped text as the job finds them."""
     clipped, base = clip(text, start, end, settings)
     return infill.holes_in_range(clipped, start - base, end - base, settings.hole_markers)
+
+
+def line_around(text: str, offset: int) -> tuple[int, int]:
+    """[start, end) of the line ``offset`` is on, without its line break (LSP's: \\n, \\r\\n, \\r)."""
+    start = max(text.rfind("\n", 0, offset), text.rfind("\r", 0, offset)) + 1
+    ends = [at for at in (text.find("\n", offset), text.find("\r", offset)) if at >= 0]
+    return start, min(ends, default=len(text))
 
 
 def refine_verdict(selected: str, new_text: str) -> str:
@@ -118,17 +131,53 @@ class Target:
         return Request(kind, self.clipped, self.start - self.base, self.end - self.base, self.settings)
 
 
+class Editor(Protocol):
+    """What a session tells its editor (server.py implements it over LSP). ``kind`` of a message:
+    "error", "warning" or "info". Called on the event loop."""
+
+    def status(self, state: str, label: str, message: str = "") -> None: ...
+
+    def show(self, message: str, kind: str) -> None: ...
+
+    def log_client(self, message: str) -> None: ...
+
+    async def begin_progress(self, title: str, *, cancellable: bool) -> Any: ...
+
+    def end_progress(self, token: Any, message: str) -> None: ...
+
+
+class NoEditor:
+    """An editor that hears nothing: a session on its own (tests, tools)."""
+
+    def status(self, state: str, label: str, message: str = "") -> None:
+        pass
+
+    def show(self, message: str, kind: str) -> None:
+        log.info("%s", message)
+
+    def log_client(self, message: str) -> None:
+        log.info("%s", message)
+
+    async def begin_progress(self, title: str, *, cancellable: bool) -> None:
+        return None
+
+    def end_progress(self, token: Any, message: str) -> None:
+        pass
+
+
 class Session:
     """One window: settings, engine, model state, jobs, suggestion cache and counters.
 
     ``make_engine(choice)`` builds the engine for the setting ``engine`` ("daemon", "local" or a
-    cluster URL)."""
+    cluster URL); by default :func:`engine_for`. ``engine``: the first one (default: the daemon's)."""
 
-    def __init__(self, engine: Engine, make_engine: Callable[[str], Engine]):
+    def __init__(self, engine: Engine | None = None, make_engine: Callable[[str], Engine] | None = None,
+                 editor: Editor | None = None):
+        self.editor: Editor = editor or NoEditor()
         self.settings = Settings()
         self.sched = Scheduler(debounce_s=self.settings.debounce_ms / 1000)
-        self.engine = engine
-        self.make_engine = make_engine
+        self.make_engine = make_engine or (lambda choice: engine_for(self, choice))
+        self.engine = engine if engine is not None else self.make_engine("daemon")
         self.engine_setting = "daemon"  # the setting `engine` the current engine was chosen for
         self.model_info: ModelInfo | None = None
         self.model_state = "loading"
@@ -138,8 +187,26 @@ class Session:
         self.load_generation = 0
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.shown: dict[str, Shown] = {}
+        self.started = False  # every settings layer is in: settings changes are told, models loaded
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop, for the engines' threads
+        self.load_lock = threading.Lock()  # one load at a time
+        self.tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------ settings and engine
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Take the resolved settings: the log level, the engine; once started, a line about what
+        changed and the model they name."""
+        old = msgspec.to_builtins(self.settings)
+        logging.getLogger("diffu_lsp").setLevel(settings.log_level.upper())
+        if self.use_settings(settings):
+            new = msgspec.to_builtins(settings)
+            log.info("settings: %s", msgspec.json.encode(settings).decode())
+            if self.started:
+                keys = ", ".join(f"{k}={new[k]!r}" for k in new if new[k] != old.get(k))
+                self.editor.log_client(f"diffu-lsp: settings changed: {keys}")
+        if self.started:
+            self.ensure_model()
 
     def use_settings(self, settings: Settings) -> bool:
         """Take ``settings``; True if they differ from the previous ones (the cache is dropped:
@@ -198,6 +265,32 @@ class Session:
 
     def set_state(self, state: str, message: str) -> None:
         self.model_state, self.model_message = state, message
+
+    def status(self, state: str, label: str, message: str = "") -> None:
+        """The model's state, kept here and told to the editor."""
+        self.set_state(state, message)
+        self.editor.status(state, label, message)
+
+    def ensure_model(self) -> None:
+        """Load the model the settings name, unless it is the one loaded (or loading)."""
+        load = self.load_needed()
+        if load is not None:
+            self.spawn(load_model(self, *load))
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def on_loop(self, fn: Callable[..., None], *args) -> bool:
+        """Run ``fn(*args)`` on the event loop, from any thread; False when there is none (yet, or
+        any more: the server is exiting)."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except (AttributeError, RuntimeError):
+            return False
+        return True
 
     # ------------------------------------------------------------ suggestions
 
@@ -266,10 +359,14 @@ class Session:
 
     # ------------------------------------------------------------ commands
 
-    def target(self, doc: Any, text: str, version: int | None, start: int, end: int) -> Target:
+    def target(self, doc: Any, text: str, version: int | None, start: int, end: int, *,
+               empty_is_line: bool = False) -> Target:
         """What every command starts from: the text now, the range as offsets, the settings of
-        this moment, and the text clipped around the range."""
+        this moment, and the text clipped around the range. ``empty_is_line`` (refine): an empty
+        range is the line it is on, without its line break."""
         start, end = min(start, end), max(start, end)
+        if empty_is_line and start == end:
+            start, end = line_around(text, start)
         settings = self.settings
         clipped, base = self.clip(text, start, end, settings)
         return Target(doc, text, version, start, end, settings, clipped, base)
@@ -301,3 +398,116 @@ class Session:
     async def close(self) -> None:
         await self.sched.close(timeout=5)
         self.engine.close()
+
+
+# ------------------------------------------------------------------ engines and model loading
+
+def engine_for(session: Session, choice: str) -> Engine:
+    """The engine for the setting ``engine`` ("daemon", "local" or a cluster URL), wired to tell
+    ``session``'s editor when the daemon is lost, stuck or back."""
+    from .daemon.client import DaemonEngine
+
+    def lost(reason: str) -> None:  # on the client's reader thread, once per connection
+        def tell() -> None:
+            session.counters["daemon_lost"] += 1
+            session.editor.show(f"diffu-lsp: the model daemon stopped ({reason}); pending requests were answered "
+                                "empty and the next one starts a new daemon", "warning")
+        session.on_loop(tell)
+
+    def state(state: str, message: str) -> None:
+        """The daemon stopped answering (``stuck``), is being replaced (``restarting``) or answers
+        again (``ready``); on a worker thread. ``stuck`` is told once per episode."""
+        def tell() -> None:
+            if session.model_info is None:
+                return  # still loading: load_model reports how that ends
+            label = session.model_info.label
+            if state == "ready":
+                session.status("ready", label, session.ready_message)
+                return
+            session.status(state, label, message)
+            if state == "stuck":
+                session.counters["daemon_stuck"] += 1
+                session.editor.show(f"diffu-lsp: the model daemon is not responding ({message})", "warning")
+        session.on_loop(tell)
+
+    def warn(message: str) -> None:
+        if not session.on_loop(session.editor.show, message, "warning"):
+            log.warning("%s", message)
+
+    def daemon() -> DaemonEngine:
+        return DaemonEngine(on_lost=lost, on_state=state)
+
+    if choice == "local":
+        return LocalEngine()
+    if choice == "daemon":
+        return daemon()
+    from .cluster.client import ClusterEngine
+
+    return ClusterEngine(choice, on_message=warn, fallback=daemon)
+
+
+async def load_model(session: Session, key: ModelKey, generation: int) -> None:
+    """Load ``key`` through the session's engine (the daemon unavailable: in this window instead),
+    under a progress, telling the editor how it went; nothing when the settings changed meanwhile."""
+    editor, label = session.editor, key.label
+    session.status("loading", label, f"loading {label} ({key.device}, {key.dtype})")
+    token = await editor.begin_progress(f"Loading model {label}", cancellable=False)
+    loop = asyncio.get_running_loop()
+    try:
+        try:
+            info = await _in_daemon_thread(loop, session.load_lock, session.engine.load, key)
+        except DaemonError as error:  # no daemon to be had: this window holds the model itself
+            editor.show(f"diffu-lsp: the model daemon is unavailable ({error}); loading the model in this "
+                        "window instead", "warning")
+            session.fall_back_to_local()
+            info = await _in_daemon_thread(loop, session.load_lock, session.engine.load, key)
+    except asyncio.CancelledError:
+        raise
+    except EXITS:
+        raise
+    except BaseException as error:  # noqa: BLE001 - ModelLoadFailed (local, daemon, cluster), anything else
+        reason = first_line(error)
+        editor.end_progress(token, "failed")
+        if not session.load_failed(generation):
+            return
+        session.status("error", label, reason)
+        editor.show(f"diffu-lsp could not load the model {label}: {reason}", "error")
+        return
+    editor.end_progress(token, "ready")
+    if not session.loaded(info, generation):
+        return  # the settings changed again while this one loaded
+    message = session.ready_message
+    session.status("ready", label, message)
+    where = f" in the {session.engine.name}" if session.engine.name != "in-process" else ""
+    if info.shared:
+        editor.log_client(f"diffu-lsp: using {message}, already loaded{where}")
+    else:
+        editor.log_client(f"diffu-lsp: loaded {message}{where} in {info.load_seconds:.1f} s")
+    if info.evicted:
+        editor.show(f"diffu-lsp: the model daemon unloaded {', '.join(info.evicted)} to stay within its "
+                    "memory budget (setting daemonMemoryMb)", "info")
+
+
+def _in_daemon_thread(loop: asyncio.AbstractEventLoop, lock: threading.Lock, fn, *args) -> asyncio.Future:
+    """``fn(*args)`` on a daemon thread (holding ``lock``): unlike an executor's threads, a
+    model still loading does not keep the process alive after ``exit``."""
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        result = error = None
+        try:
+            with lock:
+                result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            error = e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=run, name="diffu-load", daemon=True).start()
+    return future

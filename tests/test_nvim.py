@@ -451,6 +451,34 @@ def test_fill_without_a_range_sends_the_cursor_and_the_server_picks_the_function
     assert after[5:] != ["    ..."]
 
 
+def test_refine_without_a_range_sends_the_cursor_and_the_server_refines_its_line(editor_factory):
+    """:DiffuRefine with no range sends an empty range at the cursor (the client decides nothing);
+    the server refines the line it is on, and only that line."""
+    ed = editor_factory(text=HOLES, mechanic=True, setup={"settings": {"refineMode": "all"}})
+    ed.input("<Esc>")
+    ed.nvim.command("normal! 5G0w")  # on `def perimeter(...)`
+    ed.nvim.command("DiffuRefine")
+    done = wait_for(lambda: ed.lua("return _G.diffu_test.done[1]"), REQUEST_TIMEOUT, what=":DiffuRefine to finish")
+    (sent,) = [c for c in ed.lua("return _G.diffu_test.commands") if c["command"] == "diffu.refineSelection"]
+    cursor = {"line": 4, "character": 4}
+    assert sent["arguments"] == [{"textDocument": {"uri": ed.lua("return vim.uri_from_bufnr(0)")},
+                                  "range": {"start": cursor, "end": cursor}}], sent
+    # the server ran a refine job (before, it answered an empty range with nothing)
+    assert [e for e in ed.lua("return _G.diffu_test.echoed") if "tokens left" in e["text"]]
+    assert isinstance(done["result"], dict) and isinstance(done["result"].get("applied"), bool), done
+    edits = ed.lua("return _G.diffu_test.apply_edits")
+    if done["result"]["applied"]:  # the model may keep the line as it was: then nothing is sent
+        (edit,) = edits
+        edit = edit["params"]["edit"]
+        text_edits = [te for tes in (edit.get("changes") or {}).values() for te in tes]
+        text_edits += [te for dc in edit.get("documentChanges") or [] for te in dc.get("edits", [])]
+        (te,) = text_edits
+        assert te["range"] == {"start": {"line": 4, "character": 0},
+                               "end": {"line": 4, "character": len(HOLES.splitlines()[4])}}, te
+    else:
+        assert ed.lines() == HOLES.splitlines()
+
+
 # ---------------------------------------------------------------- 4. code actions
 
 def collect_code_actions(ed: Editor, keys: str) -> list[dict]:

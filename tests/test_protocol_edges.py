@@ -232,18 +232,19 @@ def test_offsets_and_positions_agree():
     """In-process: the offset a position maps to and the position answered are the same place."""
     from lsprotocol import types as lsp
 
-    from diffu_lsp.server import DiffuServer, LspTextDocument
+    from diffu_lsp.documents import offset_at
+    from diffu_lsp.pygls_adapter import LspTextDocument
 
     doc = LspTextDocument("file:///e.py", source="x = ['😀', \n")
-    at = lambda line, character: DiffuServer.offset_at(doc, lsp.Position(line=line, character=character))  # noqa: E731
+    at = lambda line, character: offset_at(doc, lsp.Position(line=line, character=character))  # noqa: E731
     assert at(0, 7) == (7, lsp.Position(line=0, character=8))  # inside the pair -> after it
     assert at(0, 8) == (7, lsp.Position(line=0, character=8))
     assert at(0, 99) == (10, lsp.Position(line=0, character=11))  # past the line's end -> its end
     assert at(1, 0) == (11, lsp.Position(line=1, character=0))  # the empty last line exists
     assert at(2, 0) is None  # past the end of the document
     doc = LspTextDocument("file:///p.py", source="a\nbc")
-    assert DiffuServer.offset_at(doc, lsp.Position(line=2, character=0)) is None
-    assert DiffuServer.offset_at(doc, lsp.Position(line=2, character=0), end_of_range=True) == (
+    assert offset_at(doc, lsp.Position(line=2, character=0)) is None
+    assert offset_at(doc, lsp.Position(line=2, character=0), end_of_range=True) == (
         4, lsp.Position(line=1, character=2))
 
 
@@ -284,7 +285,7 @@ def test_malformed_json_gets_a_parse_error(raw):
 def test_oversized_headers_and_bodies_are_refused_and_the_server_stays_up(raw):
     """Before: a body over the limit was read whole (a Content-Length of 50e9 ended the server
     with MemoryError), and a header line was read whole however long it was."""
-    from diffu_lsp.server import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES
+    from diffu_lsp.pygls_adapter import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES
 
     stdin = raw.proc.stdin
     raw.initialize()
@@ -326,7 +327,7 @@ def test_incremental_edits_agree_with_pygls_and_cost_nothing_per_character(monke
     from pygls.workspace import TextDocument
     from pygls.workspace.position_codec import PositionCodec, Utf8, Utf16
 
-    from diffu_lsp.documents import LspTextDocument
+    from diffu_lsp.pygls_adapter import LspTextDocument
 
     def change(l1, c1, l2, c2, text):
         return lsp.TextDocumentContentChangePartial(

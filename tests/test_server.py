@@ -639,6 +639,23 @@ async def test_refine_reports_progress_and_edits_the_selection(mechanic):
 
 
 @aio
+async def test_refine_with_an_empty_range_refines_the_line_it_is_on(mechanic):
+    """The editors send the cursor as an empty range; the server decides it means the line (its
+    text, not its line break), for every editor alike."""
+    client = mechanic
+    uri = open_doc(client, HOLES)
+    client.edits.clear()
+    cursor = {"line": 9, "character": 4}  # inside `    return str(shape)`
+    result = await execute(client, server_mod.CMD_REFINE, textDocument={"uri": uri},
+                           range={"start": cursor, "end": cursor})
+    assert result == {"applied": True}
+    (edit,) = client.edits[0].edit.document_changes[0].edits
+    assert edit.range == rng(9, 0, 9, len("    return str(shape)")) and edit.new_text
+    (job,) = jobs_of(await stats(client), uri)
+    assert job["outcome"] == "completed" and job["forwards"] > 0
+
+
+@aio
 @pytest.mark.filterwarnings("ignore:Unknown progress token")  # pygls's test client knows only tokens it created
 async def test_refine_reports_progress_on_the_client_s_work_done_token(mechanic):
     client = mechanic
@@ -1016,10 +1033,13 @@ def test_tcp_only_on_loopback():
 
 def test_documents_break_lines_like_lsp():
     """Form feeds and U+2028 are not line breaks in LSP (pygls's splitlines says they are)."""
-    doc = server_mod.LspTextDocument("file:///x.py", "a\x0cb\nc\u2028d\r\ne\rf")
+    from diffu_lsp.documents import offset_at, position_at
+    from diffu_lsp.pygls_adapter import LspTextDocument
+
+    doc = LspTextDocument("file:///x.py", "a\x0cb\nc\u2028d\r\ne\rf")
     assert doc.lines == ("a\x0cb\n", "c\u2028d\r\n", "e\r", "f")
     doc.apply_change(lsp.TextDocumentContentChangePartial(range=rng(1, 0, 1, 1), text="C"))
     assert doc.source == "a\x0cb\nC\u2028d\r\ne\rf"
-    assert server_mod.DiffuServer.position_at(doc, [len(doc.source)]) == [lsp.Position(line=3, character=1)]
-    assert server_mod.DiffuServer.offset_at(doc, lsp.Position(line=1, character=99)) == (
+    assert position_at(doc, [len(doc.source)]) == [lsp.Position(line=3, character=1)]
+    assert offset_at(doc, lsp.Position(line=1, character=99)) == (
         len("a\x0cb\nC\u2028d"), lsp.Position(line=1, character=3))

@@ -290,3 +290,24 @@ def test_a_progress_line_puts_the_draft_on_one_line_and_cuts_it():
         "step 3: 12 tokens left · total = … ⏎ return total"
     cut = progress_message(Step(1, 40, "x" * 300), width=20)
     assert cut == "step 1: 40 tokens left · " + "x" * 19 + "…"
+
+
+def test_an_empty_refine_range_is_the_line_it_is_on():
+    """What an empty refine selection means is the server's decision (the clients send the cursor):
+    the line's text around the cursor, without its line break (LSP's: \\n, \\r\\n, \\r)."""
+    from diffu_lsp.session import Session
+
+    session = Session(RecordingEngine(), make_engine=lambda choice: RecordingEngine())
+    text = "def f(x):\r\n    return x\rpass\n"
+    inside = text.index("return") + 2
+    target = session.target(None, text, 1, inside, inside, empty_is_line=True)
+    assert text[target.start:target.end] == "    return x"
+    assert session.target(None, text, 1, 0, 0, empty_is_line=True).end == len("def f(x):")
+    last = text.index("pass")
+    assert text[slice(*_span(session.target(None, text, 1, last, last, empty_is_line=True)))] == "pass"
+    assert _span(session.target(None, text, 1, inside, inside)) == (inside, inside)  # other commands: as sent
+    assert _span(session.target(None, text, 1, 3, 7, empty_is_line=True)) == (3, 7)  # a selection: as sent
+
+
+def _span(target) -> tuple[int, int]:
+    return target.start, target.end

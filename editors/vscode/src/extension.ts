@@ -7,8 +7,8 @@
 // status bar, with a spinner while a suggestion is being computed. Suggestions as you type are
 // turned off and on with the settings `diffu.inlineCompletion` and `diffu.disabledLanguages` (the
 // server answers by them; the Toggle commands set them). Accepting a word or a line of a
-// suggestion is VS Code's own (editor.action.inlineSuggest.acceptNextWord / acceptNextLine). What a command applies to is the server's decision: Fill Holes sends the selection
-// as it is, and an empty one means the enclosing function.
+// suggestion is VS Code's own (editor.action.inlineSuggest.acceptNextWord / acceptNextLine). What a command applies to is the server's decision: the commands send the selection
+// as it is, and the server says what an empty one means (Refine: its line; Fill Holes: the enclosing function).
 
 import * as fs from "node:fs";
 import * as path from "node:path";
@@ -450,12 +450,11 @@ function registerCommands(context: vscode.ExtensionContext): void {
       });
     });
 
-  regEditor("diffu.client.refineSelection", "Diffu: Refine Selection", SERVER_COMMANDS.refineSelection, (editor, c) => {
-    const sel = editor.selection;
-    const range = sel.isEmpty ? editor.document.lineAt(sel.active.line).range : sel;
-    return { range: c.code2ProtocolConverter.asRange(range) };
-  });
-  // An empty selection is sent as it is: the server fills the holes of the enclosing function.
+  // An empty selection is sent as it is: the server decides what it means (refine: the line it is
+  // on; fill holes: the enclosing function).
+  regEditor("diffu.client.refineSelection", "Diffu: Refine Selection", SERVER_COMMANDS.refineSelection, (editor, c) => ({
+    range: c.code2ProtocolConverter.asRange(editor.selection),
+  }));
   regEditor("diffu.client.fillHoles", "Diffu: Fill Holes", SERVER_COMMANDS.fillHoles, (editor, c) => ({
     range: c.code2ProtocolConverter.asRange(editor.selection),
   }));

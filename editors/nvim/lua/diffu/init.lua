@@ -513,22 +513,22 @@ local function run_command(bufnr, command, title, arg, value, default)
   end
 end
 
---- Refine (regenerate) a range: `range` is an LSP range; default the last visual selection.
+--- The cursor as an empty LSP range: the server decides what it means for a command.
+local function cursor_range(_, client)
+  local position = vim.lsp.util.make_position_params(0, client.offset_encoding).position
+  return { start = position, ['end'] = position }
+end
+
+--- Refine (regenerate) a range: `range` is an LSP range; default the cursor as an empty range,
+--- which the server takes as the line it is on (it decides, for every editor alike).
 function M.refine(range, bufnr)
-  run_command(bufnr, COMMANDS.refine, 'Diffu: Refine Selection', 'range', range, function(buf, client)
-    local vs = vim.api.nvim_buf_get_mark(buf, '<')
-    local ve = vim.api.nvim_buf_get_mark(buf, '>')
-    return M.range_from_marks(buf, client, vs[1], vs[2], ve[1], ve[2], vim.fn.visualmode() == 'V')
-  end)
+  run_command(bufnr, COMMANDS.refine, 'Diffu: Refine Selection', 'range', range, cursor_range)
 end
 
 --- Fill holes in `range` (LSP range); default the cursor as an empty range, which the server
 --- takes as the enclosing function (it decides what that is, for every editor alike).
 function M.fill(range, bufnr)
-  run_command(bufnr, COMMANDS.fill, 'Diffu: Fill Holes', 'range', range, function(_, client)
-    local position = vim.lsp.util.make_position_params(0, client.offset_encoding).position
-    return { start = position, ['end'] = position }
-  end)
+  run_command(bufnr, COMMANDS.fill, 'Diffu: Fill Holes', 'range', range, cursor_range)
 end
 
 --- Complete a block at `position` (LSP position); default the cursor (after the last character
@@ -711,9 +711,9 @@ local function create_commands()
     local bufnr = vim.api.nvim_get_current_buf()
     local client = get_client(bufnr)
     if client then
-      M.refine(command_range(opts, bufnr, client), bufnr)
+      M.refine(opts.range > 0 and command_range(opts, bufnr, client) or nil, bufnr)
     end
-  end, { range = true, desc = 'diffu: refine (regenerate) the selected code' })
+  end, { range = true, desc = 'diffu: refine (regenerate) the selected code, else the line at the cursor' })
 
   cmd('DiffuFill', function(opts)
     local bufnr = vim.api.nvim_get_current_buf()
