@@ -1,0 +1,125 @@
+"""Next-edit prediction: what an edit was, where it implies another, and the one-canvas job."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffu_lsp import nextedit
+from diffu_lsp.job import Request
+from diffu_lsp.nextedit import Prediction, candidates, edit_between, follow, nearest_after, plain_replacements
+from diffu_lsp.settings import Settings
+
+BEFORE = '''def summarize(items, limit):
+    count = 0
+    for item in items:
+        if item > limit:
+            count += 1
+    print("count:", count)  # count
+    return count + items.count
+
+
+def other(values):
+    count = len(values)
+    return count
+'''
+
+
+def renamed(old: str, new: str, text: str = BEFORE, first: str = "    count = 0") -> str:
+    return text.replace(first, first.replace(old, new), 1)
+
+
+def texts(text: str, spans) -> list[str]:
+    return [text[c.start:c.end] for c in spans]
+
+
+def test_the_edit_is_widened_to_whole_words():
+    words = lambda before, after: (edit_between(before, after).removed, edit_between(before, after).introduced)  # noqa: E731
+    assert words("count = 0", "counter = 0") == ("count", "counter")
+    assert words("count = 0", "cost = 0") == ("count", "cost")
+    edit = edit_between("foo(a)", "foo(a, b)")
+    assert (edit.start, edit.end, edit.removed, edit.introduced) == (5, 8, "", ", b")
+    assert edit_between("same", "same") is None
+    assert edit_between("x", "x" + "y = 1\n" * 100) is None  # a paste implies nothing
+
+
+def test_a_renamed_binding_implies_its_other_uses_in_the_function_only():
+    after = renamed("count", "total")
+    found = candidates(after, edit_between(BEFORE, after))
+    # not the string, the comment, the attribute, nor other()'s own local of that name
+    assert texts(after, found) == ["count", "count", "count"]
+    assert [after.count("\n", 0, c.start) for c in found] == [4, 5, 6]
+    assert all(c.guess == "total" and c.prior == 1.0 for c in found)
+
+
+def test_renaming_one_use_implies_nothing_sure():
+    after = BEFORE.replace("    return count +", "    return total +")
+    found = candidates(after, edit_between(BEFORE, after))
+    assert found and all(c.prior == 0.0 for c in found)  # count is still bound: the model decides
+
+
+def test_sibling_lines_get_the_same_change_at_the_same_place():
+    before = "    check(a, 1)\n    check(b, 2)\n    other(c, 3)\n    check(d, 4)\n"
+    after = before.replace("check(a, 1)", "check(a, 1, strict=True)")
+    found = candidates(after, edit_between(before, after))
+    assert [(after[c.start - 4:c.start], c.start == c.end, c.guess) for c in found] == [
+        ("b, 2", True, ", strict=True"), ("d, 4", True, ", strict=True")]
+
+
+def test_candidates_are_nearest_first_and_capped():
+    body = "    v = 0\n" + "    use(v)\n" * 20
+    before = f"def f():\n{body}"
+    after = before.replace("    v = 0", "    w = 0")
+    found = candidates(after, edit_between(before, after))
+    assert len(found) == nextedit.MAX_CANDIDATES
+    assert [after.count("\n", 0, c.start) for c in found] == list(range(2, 2 + nextedit.MAX_CANDIDATES))
+
+
+def test_plain_replacement_baseline_replaces_every_whole_word():
+    after = renamed("count", "total")
+    # the string, the comment, the attribute and other()'s two too
+    assert len(plain_replacements(after, edit_between(BEFORE, after))) == 8
+
+
+def test_predictions_follow_edits_and_are_withdrawn_when_their_text_changes():
+    text = "a = x\nb = x\nc = x\n"
+    preds = [Prediction(4, 5, "x", "y"), Prediction(16, 17, "x", "y")]
+    moved = follow(preds, text, "# top\n" + text)
+    assert [(p.start, p.end) for p in moved] == [(10, 11), (22, 23)]
+    assert follow(preds, text, text.replace("c = x", "c = z")) == preds[:1]
+    assert nearest_after(preds, 5) == preds[1] and nearest_after(preds, 17) == preds[0]
+    assert nearest_after([], 0) is None
+
+
+def test_request_spans_must_be_sorted_and_inside_the_text():
+    Request("next_edit", "abc def", 0, 0, Settings(), spans=((0, 3, "x", 0.0), (4, 7, "y", 1.0)))
+    with pytest.raises(ValueError):
+        Request("next_edit", "abc def", 0, 0, Settings(), spans=((4, 7, "y", 1.0), (0, 3, "x", 0.0)))
+    with pytest.raises(ValueError):
+        Request("next_edit", "abc", 0, 0, Settings(), spans=((0, 9, "x", 0.0),))
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from diffu_lsp.models import load_model
+
+    return load_model(None, device="cpu", dtype="float32")
+
+
+def predicted(model, before: str, after: str, **settings) -> list[tuple[str, str]]:
+    from diffu_lsp import features
+
+    spans = [(c.start, c.end, c.guess, c.prior) for c in candidates(after, edit_between(before, after))]
+    request = Request("next_edit", after, 0, 0, Settings(**settings), spans=tuple(spans))
+    return [(after[r.start:r.end], r.text) for r in features.run(model, request)]
+
+
+def test_the_job_renames_the_dangling_uses_in_one_canvas(bundled):
+    assert predicted(bundled, BEFORE, renamed("count", "total")) == [("count", "total")] * 3
+
+
+def test_the_model_alone_decides_where_the_edit_is_not_sure(bundled):
+    after = BEFORE.replace("    return count +", "    return total +")
+    # the bundled model is unsure of every masked use: no prediction
+    assert predicted(bundled, BEFORE, after) == []
+    # with no gate, whatever it fills that differs is a prediction: the canvas really was denoised
+    assert predicted(bundled, BEFORE, after, next_edit_confidence=0.0)
