@@ -13,7 +13,8 @@ the text under them changes. Pure: no pygls, no torch.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import infill
 
@@ -127,7 +128,7 @@ def renamed_binding(text: str, edit: Edit, start: int, end: int) -> bool:
     old, new = edit.removed.strip(), edit.introduced.strip()
     if not (old.isidentifier() and new.isidentifier()):
         return False
-    return _binds(_line_at(text, edit.start), new) and not _binds(text[start:end], old)
+    return _binds(edit.old_line, old) and _binds(_line_at(text, edit.start), new) and not _binds(text[start:end], old)
 
 
 def _lines_around(text: str, offset: int, count: int) -> list[tuple[int, str]]:
@@ -236,3 +237,85 @@ def nearest_after(predictions: list[Prediction], offset: int) -> Prediction | No
     """The first prediction that starts at or after ``offset``, else the first (wrapping around)."""
     ordered = sorted(predictions, key=lambda p: p.start)
     return next((p for p in ordered if p.start >= offset), ordered[0] if ordered else None)
+
+
+MAX_PREDICTIONS = 5  # shown per document at once, nearest the edit first
+
+
+@dataclass
+class Document:
+    """One document's next-edit state: its text at the last settle, the predictions shown (for
+    ``text``), those the user rejected, and the last edit (to predict again after a rejection)."""
+
+    settled: str
+    text: str = ""
+    predictions: list[Prediction] = field(default_factory=list)
+    rejected: set[tuple[int, int, str]] = field(default_factory=set)  # (start, end, text) in ``text``
+    edit: Edit | None = None
+    pending: Any = None  # the LSP layer's timer or task for the next settle
+
+
+class Tracker:
+    """Each open document's next-edit state, for one window."""
+
+    def __init__(self) -> None:
+        self.documents: dict[str, Document] = {}
+
+    def opened(self, uri: str, text: str) -> None:
+        self.documents[uri] = Document(settled=text, text=text)
+
+    def changed(self, uri: str, text: str) -> bool:
+        """The document is now ``text``: its predictions follow; True if any was withdrawn."""
+        doc = self.documents.setdefault(uri, Document(settled=text, text=text))
+        kept = follow(doc.predictions, doc.text, text)
+        withdrawn = len(kept) != len(doc.predictions)
+        if text != doc.text:
+            doc.rejected = {(p.start, p.end, p.text) for p in follow(
+                [Prediction(s, e, doc.text[s:e], t) for s, e, t in doc.rejected], doc.text, text)}
+        doc.predictions, doc.text = kept, text
+        return withdrawn
+
+    def settle(self, uri: str, text: str) -> Edit | None:
+        """The edit since the last settle (None if none); ``text`` is the new settled text."""
+        doc = self.documents.setdefault(uri, Document(settled=text, text=text))
+        edit = edit_between(doc.settled, text)
+        doc.settled = text
+        if edit is not None:
+            doc.edit = edit
+        return edit
+
+    def candidates(self, uri: str, text: str, edit: Edit) -> list[Candidate]:
+        """The edit's candidates, less the rejected predictions and the spans already predicted."""
+        doc = self.documents.get(uri)
+        skip = set() if doc is None else {(p.start, p.end) for p in doc.predictions}
+        rejected = set() if doc is None else {(s, e) for s, e, _ in doc.rejected}
+        return [c for c in candidates(text, edit) if (c.start, c.end) not in skip | rejected]
+
+    def put(self, uri: str, text: str, new: list[Prediction]) -> list[Prediction]:
+        """Predictions made for ``text`` join those still shown (unless the document moved on)."""
+        doc = self.documents.get(uri)
+        if doc is None or doc.text != text:
+            return []
+        rejected = doc.rejected
+        fresh = [p for p in new if (p.start, p.end, p.text) not in rejected
+                 and all(p.end <= o.start or p.start >= o.end for o in doc.predictions)]
+        doc.predictions = sorted(doc.predictions + fresh, key=lambda p: p.start)
+        return doc.predictions
+
+    def shown(self, uri: str) -> list[Prediction]:
+        doc = self.documents.get(uri)
+        return list(doc.predictions) if doc is not None else []
+
+    def reject(self, uri: str, start: int, end: int) -> Prediction | None:
+        """Drop the prediction at start..end and never show it again for this text."""
+        doc = self.documents.get(uri)
+        if doc is None:
+            return None
+        hit = next((p for p in doc.predictions if p.start <= end and start <= p.end), None)
+        if hit is not None:
+            doc.predictions.remove(hit)
+            doc.rejected.add((hit.start, hit.end, hit.text))
+        return hit
+
+    def forget(self, uri: str) -> Document | None:
+        return self.documents.pop(uri, None)

@@ -43,7 +43,7 @@ from pygls.protocol.language_server import lsp_method
 from pygls.uris import to_fs_path
 from pygls.workspace import TextDocument, Workspace
 
-from . import __version__
+from . import __version__, nextedit_lsp
 from . import settings as config
 from .configuration import Configuration, watch
 from .documents import LspTextDocument, LspWorkspace, model_text, offset_at, position_at  # noqa: F401 - re-exported
@@ -923,6 +923,7 @@ def did_open(ls: DiffuServer, params: lsp.DidOpenTextDocumentParams):
     uri, version = params.text_document.uri, params.text_document.version
     ls.session.note_version(uri, version)
     ls.session.forget(uri)
+    nextedit_lsp.opened(ls, uri)
 
 
 @feature(lsp.TEXT_DOCUMENT_DID_CHANGE)
@@ -930,12 +931,14 @@ def did_open(ls: DiffuServer, params: lsp.DidOpenTextDocumentParams):
 def did_change(ls: DiffuServer, params: lsp.DidChangeTextDocumentParams):
     uri, version = params.text_document.uri, params.text_document.version
     ls.session.note_version(uri, version)
+    nextedit_lsp.changed(ls, uri)
 
 
 @feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
 @guarded(None)
 def did_close(ls: DiffuServer, params: lsp.DidCloseTextDocumentParams):
     uri = params.text_document.uri
+    nextedit_lsp.closed(ls, uri)
     ls.session.closed(uri)
 
 
@@ -998,7 +1001,7 @@ async def completion(ls: DiffuServer, params: lsp.CompletionParams):
 
 
 @feature(lsp.TEXT_DOCUMENT_CODE_ACTION, lsp.CodeActionOptions(
-    code_action_kinds=[KIND_REFINE, KIND_FILL_HOLES, KIND_COMPLETE_BLOCK]))
+    code_action_kinds=[KIND_REFINE, KIND_FILL_HOLES, KIND_COMPLETE_BLOCK, lsp.CodeActionKind.QuickFix]))
 @guarded(list)
 async def code_action(ls: DiffuServer, params: lsp.CodeActionParams):
     uri = params.text_document.uri
@@ -1028,6 +1031,8 @@ async def code_action(ls: DiffuServer, params: lsp.CodeActionParams):
         offer(KIND_FILL_HOLES, "Diffu: Fill holes", CMD_FILL_HOLES, {"range": selection})
     offer(KIND_COMPLETE_BLOCK, "Diffu: Complete block", CMD_COMPLETE_BLOCK,
           {"position": as_json(start_pos)})
+    if _only(params.context, lsp.CodeActionKind.QuickFix):
+        actions[:0] = nextedit_lsp.quick_fixes(ls, uri, start, end)
     return actions
 
 
@@ -1049,6 +1054,8 @@ def create_server(*, model: str | None = None, device: str | None = None, dtype:
         server.feature(method, options)(handler)
     for name, key, method in COMMANDS:
         server.command(name)(guarded(lambda: {"applied": False}, user_facing=True)(_command(method, key)))
+    server.command(nextedit_lsp.CMD_NEXT_EDIT)(guarded(None, user_facing=True)(nextedit_lsp.next_edit_command))
+    server.command(nextedit_lsp.CMD_REJECT_NEXT_EDIT)(guarded(dict, user_facing=True)(nextedit_lsp.reject_command))
     return server
 
 

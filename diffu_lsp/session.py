@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from . import infill
+from . import infill, nextedit
 from .engine import Engine, LocalEngine
 from .errors import JobCancelled
 from .job import ModelInfo, ModelKey, Request, Step, Suggestion
@@ -138,6 +138,7 @@ class Session:
         self.load_generation = 0
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.shown: dict[str, Shown] = {}
+        self.next_edits = nextedit.Tracker()  # each document's next-edit predictions
 
     # ------------------------------------------------------------ settings and engine
 
@@ -255,6 +256,35 @@ class Session:
                                         result.alternatives)
         return shown.candidates()
 
+    async def predict_next_edits(self, uri: str, text: str, version: int | None, *, again: bool = False
+                                 ) -> list[nextedit.Prediction] | None:
+        """After an edit settled (``again``: after a rejection, the last edit once more): the
+        predictions it adds, denoised in one job at the lowest priority (``{uri}#next``, superseded
+        by the next keystroke); None when there was nothing to predict."""
+        tracker, settings = self.next_edits, self.settings
+        edit = tracker.settle(uri, text)
+        if again and uri in tracker.documents:
+            edit = tracker.documents[uri].edit
+        if edit is None or self.model_info is None or settings.next_edit == "off":
+            return None
+        clipped, base = self.clip(text, edit.start, edit.end, settings)
+        local = dataclasses.replace(edit, start=edit.start - base, end=edit.end - base)
+        found = [c for c in tracker.candidates(uri, text, edit) if base <= c.start and c.end <= base + len(clipped)]
+        if not found:
+            return None
+        spans = tuple((c.start - base, c.end - base, c.guess, c.prior) for c in found)
+        request = Request("next_edit", clipped, local.start, local.end, settings, spans=spans)
+        engine, key = self.engine, f"{uri}#next"
+        job = self.sched.submit(key, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=key),
+                                debounce=False, version=version, priority=-1)
+        replacements = await job
+        if not self.sched.is_current(key, version):
+            raise JobCancelled("superseded: the document changed while the job ran")
+        new = [nextedit.Prediction(base + r.start, base + r.end, text[base + r.start:base + r.end], r.text)
+               for r in replacements]
+        new.sort(key=lambda p: min(abs(p.start - edit.end), abs(edit.start - p.end)))
+        return tracker.put(uri, text, new[:nextedit.MAX_PREDICTIONS])
+
     def clip(self, text: str, start: int, end: int, settings: Settings) -> tuple[str, int]:
         clipped, base = clip(text, start, end, settings)
         if len(clipped) < len(text):
@@ -286,11 +316,14 @@ class Session:
         stays: typing through a suggestion is a didChange)."""
         self.sched.note_version(uri, version)
         self.sched.note_version(f"{uri}#command", version)
+        self.sched.note_version(f"{uri}#next", version)
 
     def closed(self, uri: str) -> None:
         self.sched.forget(uri)
         self.sched.forget(f"{uri}#command")
+        self.sched.forget(f"{uri}#next")
         self.forget(uri)
+        self.next_edits.forget(uri)
 
     # ------------------------------------------------------------ stats
 
