@@ -178,6 +178,50 @@ def _sibling_spans(text: str, edit: Edit) -> list[Candidate]:
     return out
 
 
+_DEF_NAME = re.compile(r"\s*(?:async\s+)?def\s+(\w+)\s*\(")
+
+
+def _closing_paren(text: str, open_at: int, limit: int = 2000) -> int | None:
+    """Offset of the ``)`` matching the ``(`` at ``open_at`` (strings skipped roughly), or None."""
+    depth, quote, i = 0, "", open_at
+    while i < min(len(text), open_at + limit):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i if ch == ")" else None
+        i += 1
+    return None
+
+
+def _call_sites(text: str, edit: Edit) -> list[Candidate]:
+    """(c) The edit changed the parameters of a ``def`` line: at each call of that function in the
+    text, the place before its closing parenthesis, for what the call now needs."""
+    m = _DEF_NAME.match(edit.old_line)
+    line_start = text.rfind("\n", 0, edit.start) + 1
+    if m is None or "\n" in edit.old_line or edit.start - line_start < m.end() or not edit.introduced.strip():
+        return []
+    name, out = m.group(1), []
+    for call in re.finditer(rf"(?<![\w]){re.escape(name)}\s*\(", text):
+        if _line_at(text, call.start()).lstrip().startswith(("def ", "async def ")) or not _in_code(text, call.start(), name):
+            continue
+        close = _closing_paren(text, call.end() - 1)
+        if close is not None:
+            empty = not text[call.end():close].strip()
+            guess = edit.introduced.lstrip(", ") if empty else edit.introduced
+            out.append(Candidate(close, close, guess))
+    return out
+
+
 def candidates(text: str, edit: Edit) -> list[Candidate]:
     """The spans of ``text`` (after ``edit``) where the edit may imply a change, nearest the edit
     first, at most :data:`MAX_CANDIDATES`, sorted by offset, disjoint and away from the edit."""
@@ -190,7 +234,7 @@ def candidates(text: str, edit: Edit) -> list[Candidate]:
         introduced, prior = edit.introduced.strip(), float(renamed_binding(text, edit, lo, hi))
         for at in _occurrences(text, removed, lo, hi, code_only=True):
             found[(at, at + len(removed))] = Candidate(at, at + len(removed), introduced, prior)
-    for candidate in _sibling_spans(text, edit):
+    for candidate in _sibling_spans(text, edit) + _call_sites(text, edit):
         found.setdefault((candidate.start, candidate.end), candidate)
     spans = [c for c in found.values() if c.end < edit.start or c.start > edit.end]
     spans.sort(key=lambda c: min(abs(c.start - edit.end), abs(edit.start - c.end)))

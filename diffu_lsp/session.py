@@ -54,6 +54,19 @@ def find_holes(text: str, start: int, end: int, settings: Settings) -> list[infi
     return infill.holes_in_range(clipped, start - base, end - base, settings.hole_markers)
 
 
+def next_edit_request(text: str, edit: nextedit.Edit, found: list[nextedit.Candidate], settings: Settings
+                      ) -> tuple[Request | None, int]:
+    """The ``next_edit`` job for ``edit``'s candidates ``found`` (offsets in ``text``) over the text
+    clipped around the edit, and the clipped text's offset in ``text``; (None, base) when no
+    candidate lies in the clipped text."""
+    clipped, base = clip(text, edit.start, edit.end, settings)
+    spans = tuple((c.start - base, c.end - base, c.guess, c.prior) for c in found
+                  if base <= c.start and c.end <= base + len(clipped))
+    if not spans:
+        return None, base
+    return Request("next_edit", clipped, edit.start - base, edit.end - base, settings, spans=spans), base
+
+
 def refine_verdict(selected: str, new_text: str) -> str:
     """Why a refinement is not applied ("" when it is): the model kept the selection as it was,
     or produced nothing for a selection that had something."""
@@ -267,13 +280,9 @@ class Session:
             edit = tracker.documents[uri].edit
         if edit is None or self.model_info is None or settings.next_edit == "off":
             return None
-        clipped, base = self.clip(text, edit.start, edit.end, settings)
-        local = dataclasses.replace(edit, start=edit.start - base, end=edit.end - base)
-        found = [c for c in tracker.candidates(uri, text, edit) if base <= c.start and c.end <= base + len(clipped)]
-        if not found:
+        request, base = next_edit_request(text, edit, tracker.candidates(uri, text, edit), settings)
+        if request is None:
             return None
-        spans = tuple((c.start - base, c.end - base, c.guess, c.prior) for c in found)
-        request = Request("next_edit", clipped, local.start, local.end, settings, spans=spans)
         engine, key = self.engine, f"{uri}#next"
         job = self.sched.submit(key, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=key),
                                 debounce=False, version=version, priority=-1)

@@ -123,3 +123,11 @@ def test_the_model_alone_decides_where_the_edit_is_not_sure(bundled):
     assert predicted(bundled, BEFORE, after) == []
     # with no gate, whatever it fills that differs is a prediction: the canvas really was denoised
     assert predicted(bundled, BEFORE, after, next_edit_confidence=0.0)
+
+
+def test_a_new_parameter_implies_the_call_sites():
+    before = 'def area(w, h):\n    return w * h\n\n\nprint(area(1, 2))\nx = area(3, len("a)"))\ny = area()\n'
+    after = before.replace("def area(w, h):", "def area(w, h, scale):")
+    found = candidates(after, edit_between(before, after))
+    assert [(after[:c.start + 1].rsplit("area", 1)[1], c.start == c.end, c.guess) for c in found] == [
+        ("(1, 2)", True, ", scale"), ('(3, len("a)"))', True, ", scale"), ("()", True, "scale")]

@@ -131,7 +131,7 @@ Module._load = function (request, parent, isMain) { if (request === 'vscode') re
   while (!/\$\(sparkle\)|error/.test(sb.text) && Date.now() < deadline) await new Promise(r => setTimeout(r, 200));
   log('status bar:', JSON.stringify(sb.text), '| tooltip:', JSON.stringify(sb.tooltip));
   if (!/\$\(sparkle\)/.test(sb.text)) throw new Error('status bar never showed ready: ' + sb.text + ' / ' + sb.tooltip);
-  for (const id of ['diffu.client.refineSelection', 'diffu.client.fillHoles', 'diffu.client.completeBlock', 'diffu.client.restartServer', 'diffu.client.showOutput']) {
+  for (const id of ['diffu.client.refineSelection', 'diffu.client.fillHoles', 'diffu.client.completeBlock', 'diffu.client.nextEdit', 'diffu.client.restartServer', 'diffu.client.showOutput']) {
     if (!commands.has(id)) throw new Error('command not registered: ' + id);
   }
   await commands.get('diffu.client.refineSelection')();
