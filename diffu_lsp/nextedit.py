@@ -20,6 +20,7 @@ from . import infill
 
 MAX_CANDIDATES = 8  # spans one next-edit canvas denoises (nearest the edit first)
 MAX_EDIT_CHARS = 200  # a larger edit (a paste, a block deleted) implies nothing we look for
+WINDOW_CHARS = 3000  # candidates lie within this many characters of the edit (one canvas of a few thousand tokens)
 SIBLING_LINES = 12  # lines above and below the edit searched for lines shaped like it
 _WORD = re.compile(r"\w")
 _LEADING_NAME = re.compile(r"\s*([A-Za-z_][\w.]*)")
@@ -63,11 +64,8 @@ def _is_word(ch: str) -> bool:
     return bool(ch) and bool(_WORD.match(ch))
 
 
-def edit_between(before: str, after: str) -> Edit | None:
-    """The one changed region between two texts (common prefix and suffix cut off), widened to
-    whole words; None when nothing changed or the change is too large to imply anything."""
-    if before == after:
-        return None
+def _common_ends(before: str, after: str) -> tuple[int, int]:
+    """Lengths of the longest common prefix and, of the rest, the longest common suffix."""
     limit = min(len(before), len(after))
     head = 0
     while head < limit and before[head] == after[head]:
@@ -75,6 +73,15 @@ def edit_between(before: str, after: str) -> Edit | None:
     tail = 0
     while tail < limit - head and before[-1 - tail] == after[-1 - tail]:
         tail += 1
+    return head, tail
+
+
+def edit_between(before: str, after: str) -> Edit | None:
+    """The one changed region between two texts (common prefix and suffix cut off), widened to
+    whole words; None when nothing changed or the change is too large to imply anything."""
+    if before == after:
+        return None
+    head, tail = _common_ends(before, after)
     # widen to whole words: "co|un|t" -> "count" (while the changed part touches a word on that side)
     def inner(at_before: int, at_after: int) -> bool:
         return (head <= at_before < len(before) - tail and _is_word(before[at_before])) or (
@@ -236,7 +243,8 @@ def candidates(text: str, edit: Edit) -> list[Candidate]:
             found[(at, at + len(removed))] = Candidate(at, at + len(removed), introduced, prior)
     for candidate in _sibling_spans(text, edit) + _call_sites(text, edit):
         found.setdefault((candidate.start, candidate.end), candidate)
-    spans = [c for c in found.values() if c.end < edit.start or c.start > edit.end]
+    spans = [c for c in found.values() if (c.end < edit.start or c.start > edit.end)
+             and edit.start - WINDOW_CHARS <= c.start and c.end <= edit.end + WINDOW_CHARS]
     spans.sort(key=lambda c: min(abs(c.start - edit.end), abs(edit.start - c.end)))
     chosen: list[Candidate] = []
     for c in spans:
@@ -260,13 +268,7 @@ def follow(predictions: list[Prediction], before: str, after: str) -> list[Predi
     after the changed region keep or shift their offsets; one the change touches is withdrawn."""
     if before == after:
         return predictions
-    limit = min(len(before), len(after))
-    head = 0
-    while head < limit and before[head] == after[head]:
-        head += 1
-    tail = 0
-    while tail < limit - head and before[-1 - tail] == after[-1 - tail]:
-        tail += 1
+    head, tail = _common_ends(before, after)
     changed_end, delta = len(before) - tail, len(after) - len(before)
     kept = []
     for p in predictions:

@@ -155,9 +155,17 @@ def _argument(ls, args: tuple, key: str):
 
 async def next_edit_command(ls, *args) -> dict[str, Any] | None:
     """``diffu.nextEdit [{"textDocument": {"uri"}, "position"}]``: the nearest prediction at or
-    after the position (wrapping around): ``{"range", "newText", "oldText", "message"}``, or null."""
+    after the position (wrapping around): ``{"range", "newText", "oldText", "message"}``, or null.
+    Asked before the last edit settled (and with nothing shown), it predicts first."""
     uri, offset, _ = _argument(ls, args, "position")
     doc, predictions = _current(ls, uri)
+    state = ls.session.next_edits.documents.get(uri)
+    if not predictions and doc is not None and state is not None and state.settled != state.text:
+        if state.pending is not None:  # asked before the pause ran out: predict now
+            state.pending.cancel()
+            state.pending = None
+        await predict(ls, uri, doc.version)
+        doc, predictions = _current(ls, uri)
     hit = nearest_after(predictions, offset)
     if hit is None:
         return None

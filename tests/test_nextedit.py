@@ -131,3 +131,12 @@ def test_a_new_parameter_implies_the_call_sites():
     found = candidates(after, edit_between(before, after))
     assert [(after[:c.start + 1].rsplit("area", 1)[1], c.start == c.end, c.guess) for c in found] == [
         ("(1, 2)", True, ", scale"), ('(3, len("a)"))', True, ", scale"), ("()", True, "scale")]
+
+
+def test_candidates_lie_in_the_window_around_the_edit():
+    far = "\n" * (nextedit.WINDOW_CHARS + 10)
+    before = f"def area(w, h):\n    return w * h\n{far}x = area(1, 2)\ny = area(3, 4)\n"
+    after = before.replace("def area(w, h):", "def area(w, h, scale):")
+    assert candidates(after, edit_between(before, after)) == []
+    near = after.replace(far, "\n")
+    assert len(candidates(near, edit_between(before.replace(far, "\n"), near))) == 2

@@ -77,7 +77,6 @@ async def test_typing_over_a_hint_withdraws_it_and_the_job_runs_at_the_lowest_pr
 async def test_next_edit_off_predicts_nothing(client):
     client.set_configuration({"nextEdit": "off"}, section="diffu")
     client.workspace_did_change_configuration(lsp.DidChangeConfigurationParams(settings=None))
-    await until(lambda: True, "")
     try:
         for _ in range(100):
             if (await stats(client))["settings"]["nextEdit"] == "off":
@@ -88,6 +87,26 @@ async def test_next_edit_off_predicts_nothing(client):
         await asyncio.sleep(1.0)
         assert hint_lines(client, uri) == []
         assert not [r for r in (await stats(client))["records"] if r["key"] == f"{uri}#next"]
+    finally:
+        client.set_configuration({}, section="diffu")
+        client.workspace_did_change_configuration(lsp.DidChangeConfigurationParams(settings=None))
+
+
+@aio
+async def test_asked_before_the_edit_settles_the_command_predicts_at_once(client):
+    client.set_configuration({"nextEditDelayMs": 60_000}, section="diffu")
+    client.workspace_did_change_configuration(lsp.DidChangeConfigurationParams(settings=None))
+    try:
+        for _ in range(100):
+            if (await stats(client))["settings"]["nextEditDelayMs"] == 60_000:
+                break
+            await asyncio.sleep(0.05)
+        uri = open_doc(client, BEFORE)
+        change(client, uri, 2, BEFORE, "    count = 0", "    total = 0")
+        found = await execute(client, "diffu.nextEdit", textDocument={"uri": uri},
+                              position={"line": 5, "character": 0})
+        assert found["range"]["start"]["line"] == 5 and found["newText"] == "total"
+        await until(lambda: hint_lines(client, uri) == [4, 5, 6], "the hints published too")
     finally:
         client.set_configuration({}, section="diffu")
         client.workspace_did_change_configuration(lsp.DidChangeConfigurationParams(settings=None))
