@@ -66,12 +66,16 @@ def _is_word(ch: str) -> bool:
 
 def _common_ends(before: str, after: str) -> tuple[int, int]:
     """Lengths of the longest common prefix and, of the rest, the longest common suffix."""
-    limit = min(len(before), len(after))
+    limit, step = min(len(before), len(after)), 4096  # compared a block at a time first: a keystroke in a big file
     head = 0
+    while head + step <= limit and before[head:head + step] == after[head:head + step]:
+        head += step
     while head < limit and before[head] == after[head]:
         head += 1
-    tail = 0
-    while tail < limit - head and before[-1 - tail] == after[-1 - tail]:
+    tail, nb, na = 0, len(before), len(after)
+    while tail + step <= limit - head and before[nb - tail - step:nb - tail] == after[na - tail - step:na - tail]:
+        tail += step
+    while tail < limit - head and before[nb - 1 - tail] == after[na - 1 - tail]:
         tail += 1
     return head, tail
 

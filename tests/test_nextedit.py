@@ -140,3 +140,11 @@ def test_candidates_lie_in_the_window_around_the_edit():
     assert candidates(after, edit_between(before, after)) == []
     near = after.replace(far, "\n")
     assert len(candidates(near, edit_between(before.replace(far, "\n"), near))) == 2
+
+
+def test_the_changed_region_is_found_in_a_big_file_too():
+    body = "x = 1\n" * 5000
+    before = body + "count = 0\n" + body
+    edit = edit_between(before, body + "total = 0\n" + body)
+    assert (edit.start, edit.end, edit.removed, edit.introduced) == (len(body), len(body) + 5, "count", "total")
+    assert edit_between("(" * 9000, "(" * 9000 + ")").start == 9000  # at the very end
