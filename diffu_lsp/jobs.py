@@ -317,6 +317,13 @@ class Scheduler:
         job = self._by_key.get(key)
         return job is not None and self._cancel(job, reason, "cancelled")
 
+    def cancel_below(self, priority: int, reason: str = "preempted") -> int:
+        """Cancel every unanswered job of lower ``priority`` (a running one stops before its next
+        forward): the model is free for the job about to be submitted. Returns how many."""
+        self._check_thread()
+        low = [job for job in self._by_id.values() if job.priority < priority]
+        return sum(self._cancel(job, reason, "cancelled") for job in low)
+
     def cancel_job(self, job_id: int, reason: str = "cancelled") -> bool:
         """Cancel one job by id; False if unknown or already answered."""
         self._check_thread()

@@ -18,6 +18,7 @@ from lsprotocol import types as lsp
 from pygls.exceptions import JsonRpcInvalidParams
 
 from .errors import JobCancelled
+from .session import PREEMPTED
 from .nextedit import Prediction, nearest_after
 
 log = logging.getLogger("diffu_lsp.nextedit")
@@ -76,6 +77,9 @@ async def predict(ls, uri: str, version: int | None, delay: float = 0.0, *, agai
         predictions = await ls.session.predict_next_edits(uri, snap[1], version, again=again)
     except JobCancelled as error:
         log.debug("next edit for %s: %s", uri, error.reason)
+        state = ls.session.next_edits.documents.get(uri)
+        if error.reason == PREEMPTED and state is not None and state.pending in (None, asyncio.current_task()):
+            state.pending = ls.spawn(predict(ls, uri, version, ls.session.settings.next_edit_delay_ms / 1000))
         return
     except Exception:  # noqa: BLE001 - a prediction that fails shows nothing; inline completion goes on
         log.exception("next-edit prediction failed")

@@ -24,6 +24,7 @@ log = logging.getLogger("diffu_lsp.session")
 
 COUNTERS = ("typed_through_hits", "repeat_hits", "model_loads", "model_load_failures", "oom_retries", "oom_failures",
             "daemon_lost", "daemon_stuck", "documents_clipped")
+PREEMPTED = "preempted by a suggestion"  # why a next-edit job was cancelled when a suggestion was asked for
 PROGRESS_DRAFT_CHARS = 100  # of a command's streamed draft, in one progress line
 
 
@@ -255,6 +256,7 @@ class Session:
             return None
         clipped, base = self.clip(text, cursor, cursor, self.settings)
         request = Request("suggest", clipped, cursor - base, cursor - base, self.settings)
+        self.sched.cancel_below(0, PREEMPTED)  # a next-edit prediction (of any document) never delays a suggestion
         engine = self.engine
         job = self.sched.submit(uri, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=uri),
                                 version=version, debounce=debounce)
@@ -275,6 +277,7 @@ class Session:
         predictions it adds, denoised in one job at the lowest priority (``{uri}#next``, superseded
         by the next keystroke); None when there was nothing to predict."""
         tracker, settings = self.next_edits, self.settings
+        settled = tracker.documents[uri].settled if uri in tracker.documents else text
         edit = tracker.settle(uri, text)
         if again and uri in tracker.documents:
             edit = tracker.documents[uri].edit
@@ -286,7 +289,12 @@ class Session:
         engine, key = self.engine, f"{uri}#next"
         job = self.sched.submit(key, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=key),
                                 debounce=False, version=version, priority=-1)
-        replacements = await job
+        try:
+            replacements = await job
+        except JobCancelled as cancelled:
+            if cancelled.reason == PREEMPTED and uri in tracker.documents:
+                tracker.documents[uri].settled = settled  # the same edit is predicted again later
+            raise
         if not self.sched.is_current(key, version):
             raise JobCancelled("superseded: the document changed while the job ran")
         new = [nextedit.Prediction(base + r.start, base + r.end, text[base + r.start:base + r.end], r.text)

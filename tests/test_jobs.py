@@ -479,6 +479,19 @@ async def test_a_lower_priority_job_runs_only_when_nothing_else_is_runnable(make
     assert order == ["b", "a", "low"]
 
 
+async def test_cancel_below_stops_the_running_low_priority_job_and_leaves_the_others(make_sched):
+    sched = make_sched(debounce_s=0)
+    started = threading.Event()
+    low = sched.submit("low", denoise(500, "low", started=started), priority=-1)
+    await wait_event(started)
+    normal = sched.submit("normal", denoise(1, "n"))
+    assert sched.cancel_below(0, "preempted") == 1
+    with pytest.raises(JobCancelled, match="preempted"):
+        await low
+    assert await asyncio.wait_for(normal, 5) == "n"
+    assert low.token.forwards_after_cancel <= 1
+
+
 # ------------------------------------------------------------------ close
 
 

@@ -148,3 +148,75 @@ def test_the_changed_region_is_found_in_a_big_file_too():
     edit = edit_between(before, body + "total = 0\n" + body)
     assert (edit.start, edit.end, edit.removed, edit.introduced) == (len(body), len(body) + 5, "count", "total")
     assert edit_between("(" * 9000, "(" * 9000 + ")").start == 9000  # at the very end
+
+
+class SlowNextEditEngine:
+    """Answers suggestions at once; a next-edit job runs (checking its token before each
+    "forward", as the sampler does) until cancelled, or returns a rename of every span."""
+
+    name = "slow-next-edit"
+
+    def __init__(self):
+        import threading
+
+        self.started, self.release, self.requests = threading.Event(), threading.Event(), []
+
+    def load(self, key):
+        from diffu_lsp.job import ModelInfo
+
+        return ModelInfo(key.label, "test", "cpu", 4096, 1, 0.0)
+
+    def run(self, request, cancel, on_step=None, on_oom_retry=None, *, key=""):
+        from diffu_lsp.job import Replacement, Suggestion
+
+        self.requests.append(request.kind)
+        if request.kind != "next_edit":
+            return Suggestion("x", 0, False, 1, 1, 0.0)
+        self.started.set()
+        while not self.release.wait(0.01):
+            if cancel.cancelled:
+                return []
+            cancel.forwards += 1
+        return [Replacement(start, end, guess) for start, end, guess, _ in request.spans]
+
+    def configure(self, settings):
+        pass
+
+    def describe(self):
+        return {"engine": self.name}
+
+    def close(self):
+        pass
+
+
+def test_a_suggestion_preempts_a_running_prediction_which_keeps_its_edit_for_later():
+    import asyncio
+
+    from diffu_lsp.errors import JobCancelled
+    from diffu_lsp.session import PREEMPTED, Session
+
+    engine = SlowNextEditEngine()
+    session = Session(engine, make_engine=lambda choice: engine)
+    key, generation = session.load_needed()
+    assert session.loaded(engine.load(key), generation)
+    after = renamed("count", "total")
+    session.next_edits.opened("file:///a.py", BEFORE)
+    session.next_edits.changed("file:///a.py", after)
+
+    async def go():
+        prediction = asyncio.ensure_future(session.predict_next_edits("file:///a.py", after, 2))
+        while not engine.started.is_set():
+            await asyncio.sleep(0.01)
+        shown = await asyncio.wait_for(session.suggest("file:///b.py", "x = ", 4, 1, debounce=False), 10)  # elsewhere
+        with pytest.raises(JobCancelled, match=PREEMPTED):
+            await prediction
+        assert shown == [("x", 0)]
+        assert session.next_edits.documents["file:///a.py"].settled == BEFORE  # the edit is still to predict
+        engine.release.set()
+        again = await session.predict_next_edits("file:///a.py", after, 2)
+        await session.close()
+        return again
+
+    again = asyncio.run(go())
+    assert [(p.old, p.text) for p in again] == [("count", "total")] * 3
+    assert engine.requests == ["next_edit", "suggest", "next_edit"]

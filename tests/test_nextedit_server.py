@@ -110,3 +110,4 @@ async def test_asked_before_the_edit_settles_the_command_predicts_at_once(client
     finally:
         client.set_configuration({}, section="diffu")
         client.workspace_did_change_configuration(lsp.DidChangeConfigurationParams(settings=None))
+
