@@ -302,6 +302,7 @@ class Document:
     predictions: list[Prediction] = field(default_factory=list)
     rejected: set[tuple[int, int, str]] = field(default_factory=set)  # (start, end, text) in ``text``
     edit: Edit | None = None
+    edited: str = ""  # the text ``edit`` was found in (its offsets are into it)
     pending: Any = None  # the LSP layer's timer or task for the next settle
 
 
@@ -331,8 +332,13 @@ class Tracker:
         edit = edit_between(doc.settled, text)
         doc.settled = text
         if edit is not None:
-            doc.edit = edit
+            doc.edit, doc.edited = edit, text
         return edit
+
+    def last_edit(self, uri: str, text: str) -> Edit | None:
+        """The last edit found, if ``text`` is still the text it was found in."""
+        doc = self.documents.get(uri)
+        return doc.edit if doc is not None and doc.edited == text else None
 
     def candidates(self, uri: str, text: str, edit: Edit) -> list[Candidate]:
         """The edit's candidates, less the rejected predictions and the spans already predicted."""

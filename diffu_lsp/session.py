@@ -279,8 +279,8 @@ class Session:
         tracker, settings = self.next_edits, self.settings
         settled = tracker.documents[uri].settled if uri in tracker.documents else text
         edit = tracker.settle(uri, text)
-        if again and uri in tracker.documents:
-            edit = tracker.documents[uri].edit
+        if again:
+            edit = tracker.last_edit(uri, text)
         if edit is None or self.model_info is None or settings.next_edit == "off":
             return None
         request, base = next_edit_request(text, edit, tracker.candidates(uri, text, edit), settings)

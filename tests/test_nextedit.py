@@ -220,3 +220,15 @@ def test_a_suggestion_preempts_a_running_prediction_which_keeps_its_edit_for_lat
     again = asyncio.run(go())
     assert [(p.old, p.text) for p in again] == [("count", "total")] * 3
     assert engine.requests == ["next_edit", "suggest", "next_edit"]
+
+
+def test_the_last_edit_is_offered_again_only_for_the_text_it_was_found_in():
+    tracker = nextedit.Tracker()
+    tracker.opened("u", BEFORE)
+    after = renamed("count", "total")
+    tracker.changed("u", after)
+    edit = tracker.settle("u", after)
+    assert tracker.settle("u", after) is None and tracker.last_edit("u", after) == edit
+    moved = "# top\n" + after
+    tracker.changed("u", moved)
+    assert tracker.last_edit("u", moved) is None  # its offsets are into the text before
