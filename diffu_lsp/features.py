@@ -248,10 +248,20 @@ def next_edit(model, text: str, spans, settings: Settings, *, cancel=None) -> li
         sizes.append(max(1, len(model.encode(blank + guess))))
     check_canvas(sum(sizes) + at_least_tokens(holes[-1].start - holes[0].end), "next edit", "fewer candidates")
     canvas = infill.fill_canvas(text, holes, model.encode, sizes, settings.prefix_tokens, settings.suffix_tokens)
-    ids, hole_starts = _canvas_ids(model, canvas)
+    editable: list[tuple[int, int, int, int]] = []  # (c) text start, end; canvas start, end of the candidates' lines
+    provisional = None
+    if sampling_for(model, settings).edit_threshold is not None:  # a model that edits: the rest of those lines too
+        ids, hole_starts, provisional, editable = _editable_canvas(model, canvas, holes)
+    else:
+        ids, hole_starts = _canvas_ids(model, canvas)
     check_canvas(len(ids), "next edit", "fewer candidates")
-    result = _denoise(model, ids, settings, cancel)
+    result = _denoise(model, ids, settings, cancel, provisional=provisional)
     out = []
+    for start, end, low, high in editable:  # visible tokens the model replaced (T2T) near a candidate
+        new = model.decode(result.canvas[low:high].tolist())
+        if new != text[start:end] and new.strip() and "\n" not in new and \
+                min(result.confidence[low:high].tolist()) >= gate:
+            out.append(Replacement(start, end, new))
     for (start, end, guess, prior), blank, hole_start, size in zip(spans, blanks, hole_starts, sizes):
         tokens = result.canvas[hole_start:hole_start + size].tolist()
         confidence = result.confidence[hole_start:hole_start + size].tolist()
@@ -263,7 +273,36 @@ def next_edit(model, text: str, spans, settings: Settings, *, cancel=None) -> li
             out.append(Replacement(start, end, new))
         elif prior >= gate and not (sure and new == text[start:end]) and guess != text[start:end]:
             out.append(Replacement(start, end, guess))
-    return out
+    return sorted(out, key=lambda r: r.start)
+
+
+def _editable_canvas(model, canvas: infill.HoleCanvas, holes: list[infill.Hole]):
+    """:func:`_canvas_ids`, with the text on each hole's line (beside the hole) encoded on its own
+    and marked provisional, so that a model that edits may replace it: (ids, hole starts,
+    provisional flags, [(text start, text end, canvas start, canvas end)] of those pieces)."""
+    ids, hole_starts, provisional, editable = [], [], [], []
+    offset, last = holes[0].start - len(canvas.segments[0]), len(canvas.segments) - 1
+    for index, segment in enumerate(canvas.segments):
+        head_end = 0 if index == 0 else (len(segment) if "\n" not in segment else segment.index("\n"))
+        tail_start = len(segment) if index == last else segment.rfind("\n") + 1
+        if head_end >= tail_start:  # no line break between two holes: all of it is on their line
+            pieces = [(0, len(segment), index not in (0, last))]
+        else:
+            pieces = [(0, head_end, True), (head_end, tail_start, False), (tail_start, len(segment), True)]
+        for a, b, on_line in pieces:
+            piece = model.encode(segment[a:b]) if b > a else []
+            editing = on_line and bool(segment[a:b].strip())
+            if editing:
+                editable.append((offset + a, offset + b, len(ids), len(ids) + len(piece)))
+            ids += piece
+            provisional += [editing] * len(piece)
+        offset += len(segment)
+        if index < len(holes):
+            hole_starts.append(len(ids))
+            ids += [model.mask_token_id] * canvas.hole_tokens[index]
+            provisional += [False] * canvas.hole_tokens[index]
+            offset += holes[index].end - holes[index].start
+    return ids, hole_starts, provisional, editable
 
 
 # ------------------------------------------------------------------ one request, whichever kind

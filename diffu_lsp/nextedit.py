@@ -4,8 +4,9 @@ After an edit settles, the server compares the document with its text at the las
 (:func:`edit_between`), finds the places the edit may imply a change at (:func:`candidates`):
 (a) the other occurrences of the text it removed (in the enclosing def when the edit is inside
 one), (b) the lines shaped like the edited line before the edit (same leading name), at the place
-that corresponds to the edit; and hands them to the job path as one ``next_edit`` request, where
-they are masked and denoised together in one canvas (``features.next_edit``). Predictions that
+that corresponds to the edit, (c) the call sites of a def whose parameters it changed; and hands them to the job path as one ``next_edit`` request, where
+they are masked and denoised together in one canvas (``features.next_edit``; with a model that
+edits, the rest of the candidates' lines goes in as provisional tokens it may replace). Predictions that
 survive are kept per document and moved along with later edits (:func:`follow`), or withdrawn when
 the text under them changes. Pure: no pygls, no torch.
 """

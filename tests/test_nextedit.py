@@ -232,3 +232,26 @@ def test_the_last_edit_is_offered_again_only_for_the_text_it_was_found_in():
     moved = "# top\n" + after
     tracker.changed("u", moved)
     assert tracker.last_edit("u", moved) is None  # its offsets are into the text before
+
+
+def test_a_model_that_edits_may_change_only_the_candidates_lines(random_dream):
+    from diffu_lsp import features
+    from diffu_lsp.models import load_model
+
+    model = load_model(str(random_dream), device="cpu", dtype="float32")
+    after = BEFORE.replace("    return count +", "    return total +")
+    found = candidates(after, edit_between(BEFORE, after))
+    spans = tuple((c.start, c.end, c.guess, c.prior) for c in found)
+    lines = {after.count("\n", 0, c.start) for c in found}
+
+    def run(**settings):
+        request = Request("next_edit", after, 0, 0, Settings(algorithm="entropy", next_edit_confidence=0.0, **settings),
+                          spans=spans)
+        return features.run(model, request)
+
+    masked_only = run()
+    assert {(r.start, r.end) for r in masked_only} <= {(c.start, c.end) for c in found}
+    editing = run(edit_threshold=1e-6)  # a random network that "edits": it changes what it may
+    extra = [r for r in editing if (r.start, r.end) not in {(c.start, c.end) for c in found}]
+    assert extra, editing
+    assert all(after.count("\n", 0, r.start) in lines and "\n" not in after[r.start:r.end] for r in extra)
