@@ -157,6 +157,17 @@ def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, b
     )
 
 
+def _canvas_ids(model, canvas: infill.HoleCanvas) -> tuple[list[int], list[int]]:
+    """The canvas's token ids (each hole masked) and where each hole starts in them."""
+    ids, hole_starts = [], []
+    for index, segment in enumerate(canvas.segments):
+        ids += model.encode(segment)
+        if index < len(canvas.hole_tokens):
+            hole_starts.append(len(ids))
+            ids += [model.mask_token_id] * canvas.hole_tokens[index]
+    return ids, hole_starts
+
+
 def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, cancel=None,
                on_step=None) -> list[Replacement]:
     """Every hole marker in [start, end) (or the enclosing def/class when the range is empty),
@@ -171,12 +182,7 @@ def fill_holes(model, text: str, start: int, end: int, settings: Settings, *, ca
                  "select fewer holes, closer together, or lower multiLineTokens")
     canvas = infill.fill_canvas(text, holes, model.encode, settings.multi_line_tokens,
                                 settings.prefix_tokens, settings.suffix_tokens)
-    ids, hole_starts = [], []
-    for index, segment in enumerate(canvas.segments):
-        ids += model.encode(segment)
-        if index < len(holes):
-            hole_starts.append(len(ids))
-            ids += [model.mask_token_id] * canvas.hole_tokens[index]
+    ids, hole_starts = _canvas_ids(model, canvas)
     spans = list(zip(hole_starts, canvas.hole_tokens))
     check_canvas(len(ids), "fill holes", "select fewer holes, closer together, or lower multiLineTokens")
     result = _denoise(model, ids, settings, cancel, _streamed(model, on_step, spans))
@@ -230,6 +236,81 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
     return refined[len(healed):] if refined.startswith(healed) else refined.lstrip(" \t")
 
 
+def next_edit(model, text: str, spans, settings: Settings, *, cancel=None) -> list[Replacement]:
+    """Next-edit prediction (diffu_lsp/nextedit.py finds the ``spans``: (start, end, plain
+    replacement, prior)): every span masked, each as many tokens as its plain replacement, and all
+    denoised together in one canvas. A span's new text is the model's where it differs from the
+    span's text and its least confident token passes ``settings.next_edit_confidence``; else the
+    plain replacement where the prior passes that gate and the model does not confidently keep
+    the text as it is."""
+    if not spans:
+        return []
+    gate = settings.next_edit_confidence
+    holes, sizes, blanks = [], [], []
+    for start, end, guess, _ in spans:  # a blank before the span is the hole's: a tokenizer joins it to the word
+        blank = text[start - 1:start] if text[start - 1:start] in (" ", "\t") else ""
+        holes.append(infill.Hole(start - len(blank), end))
+        blanks.append(blank)
+        sizes.append(max(1, len(model.encode(blank + guess))))
+    check_canvas(sum(sizes) + at_least_tokens(holes[-1].start - holes[0].end), "next edit", "fewer candidates")
+    canvas = infill.fill_canvas(text, holes, model.encode, sizes, settings.prefix_tokens, settings.suffix_tokens)
+    editable: list[tuple[int, int, int, int]] = []  # (c) text start, end; canvas start, end of the candidates' lines
+    provisional = None
+    if sampling_for(model, settings).edit_threshold is not None:  # a model that edits: the rest of those lines too
+        ids, hole_starts, provisional, editable = _editable_canvas(model, canvas, holes)
+    else:
+        ids, hole_starts = _canvas_ids(model, canvas)
+    check_canvas(len(ids), "next edit", "fewer candidates")
+    result = _denoise(model, ids, settings, cancel, provisional=provisional)
+    out = []
+    for start, end, low, high in editable:  # visible tokens the model replaced (T2T) near a candidate
+        new = model.decode(result.canvas[low:high].tolist())
+        if new != text[start:end] and new.strip() and "\n" not in new and \
+                min(result.confidence[low:high].tolist()) >= gate:
+            out.append(Replacement(start, end, new))
+    for (start, end, guess, prior), blank, hole_start, size in zip(spans, blanks, hole_starts, sizes):
+        tokens = result.canvas[hole_start:hole_start + size].tolist()
+        confidence = result.confidence[hole_start:hole_start + size].tolist()
+        tokens, confidence = cut_at_stop(tokens, confidence, model.eos_token_ids)
+        new = model.decode(tokens)
+        new = new[len(blank):] if new.startswith(blank) else new.lstrip(" \t")
+        sure = min(confidence, default=0.0) >= gate and bool(new.strip()) and "\n" not in new
+        if sure and new != text[start:end]:
+            out.append(Replacement(start, end, new))
+        elif prior >= gate and not (sure and new == text[start:end]) and guess != text[start:end]:
+            out.append(Replacement(start, end, guess))
+    return sorted(out, key=lambda r: r.start)
+
+
+def _editable_canvas(model, canvas: infill.HoleCanvas, holes: list[infill.Hole]):
+    """:func:`_canvas_ids`, with the text on each hole's line (beside the hole) encoded on its own
+    and marked provisional, so that a model that edits may replace it: (ids, hole starts,
+    provisional flags, [(text start, text end, canvas start, canvas end)] of those pieces)."""
+    ids, hole_starts, provisional, editable = [], [], [], []
+    offset, last = holes[0].start - len(canvas.segments[0]), len(canvas.segments) - 1
+    for index, segment in enumerate(canvas.segments):
+        head_end = 0 if index == 0 else (len(segment) if "\n" not in segment else segment.index("\n"))
+        tail_start = len(segment) if index == last else segment.rfind("\n") + 1
+        if head_end >= tail_start:  # no line break between two holes: all of it is on their line
+            pieces = [(0, len(segment), index not in (0, last))]
+        else:
+            pieces = [(0, head_end, True), (head_end, tail_start, False), (tail_start, len(segment), True)]
+        for a, b, on_line in pieces:
+            piece = model.encode(segment[a:b]) if b > a else []
+            editing = on_line and bool(segment[a:b].strip())
+            if editing:
+                editable.append((offset + a, offset + b, len(ids), len(ids) + len(piece)))
+            ids += piece
+            provisional += [editing] * len(piece)
+        offset += len(segment)
+        if index < len(holes):
+            hole_starts.append(len(ids))
+            ids += [model.mask_token_id] * canvas.hole_tokens[index]
+            provisional += [False] * canvas.hole_tokens[index]
+            offset += holes[index].end - holes[index].start
+    return ids, hole_starts, provisional, editable
+
+
 # ------------------------------------------------------------------ one request, whichever kind
 
 def run(model, request: Request, *, cancel=None, on_step=None, on_oom_retry: Callable[[], Any] = lambda: None,
@@ -245,6 +326,8 @@ def run(model, request: Request, *, cancel=None, on_step=None, on_oom_retry: Cal
                            drafts=drafts, key=key)
         if request.kind == "fill_holes":
             return fill_holes(model, text, start, end, settings, cancel=cancel, on_step=on_step)
+        if request.kind == "next_edit":
+            return next_edit(model, text, request.spans, settings, cancel=cancel)
         return refine(model, text, start, end, settings, cancel=cancel, on_step=on_step)
 
     return retry_on_oom(once, fit_to_model(request.settings, model), on_oom_retry)

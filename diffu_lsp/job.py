@@ -10,7 +10,7 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-Kind = Literal["suggest", "block", "fill_holes", "refine"]
+Kind = Literal["suggest", "block", "fill_holes", "refine", "next_edit"]
 
 
 class JobSettings(msgspec.Struct, kw_only=True, rename="camel", frozen=True):
@@ -45,6 +45,7 @@ class JobSettings(msgspec.Struct, kw_only=True, rename="camel", frozen=True):
     refine_mode: Literal["all", "low_confidence"]
     refine_confidence: float
     candidates: int = 1
+    next_edit_confidence: float = 0.5
 
 
 def job_settings(settings: Any) -> JobSettings:
@@ -57,18 +58,25 @@ def job_settings(settings: Any) -> JobSettings:
 class Request(msgspec.Struct, frozen=True):
     """One job: ``text`` is the (possibly clipped) document, ``start``/``end`` offsets into it
     (the cursor twice for ``suggest``/``block``). ``settings`` may be given as the window's
-    Settings: only its :class:`JobSettings` part is kept."""
+    Settings: only its :class:`JobSettings` part is kept. ``spans``: for ``next_edit``, the
+    candidate spans (start, end, plain replacement, how sure the edit alone makes it), sorted and disjoint."""
 
     kind: Kind
     text: str
     start: int
     end: int
     settings: JobSettings
+    spans: tuple[tuple[int, int, str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.start <= self.end <= len(self.text):  # from a daemon or cluster client too
             raise ValueError(f"offsets {self.start}..{self.end} are not a range of the text's "
                              f"{len(self.text)} characters")
+        last = 0
+        for start, end, *_ in self.spans:
+            if not last <= start <= end <= len(self.text):
+                raise ValueError(f"span {start}..{end} is not after the last one ({last}) within the text")
+            last = end
         if not isinstance(self.settings, JobSettings):
             msgspec.structs.force_setattr(self, "settings", job_settings(self.settings))
 

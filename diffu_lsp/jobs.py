@@ -199,7 +199,7 @@ class Job(Generic[T]):
 
     __slots__ = ("id", "key", "version", "work", "token", "future", "state", "outcome",
                  "reason", "skips", "timer", "ran", "submitted_at", "started_at",
-                 "finished_at", "_sched")
+                 "finished_at", "priority", "_sched")
 
     def __init__(self, sched: "Scheduler", job_id: int, key: str, work: Callable[[CancelToken], T],
                  version: Optional[int], future: "asyncio.Future[T]") -> None:
@@ -219,6 +219,7 @@ class Job(Generic[T]):
         self.submitted_at = time.monotonic()
         self.started_at: Optional[float] = None
         self.finished_at: Optional[float] = None
+        self.priority = 0
 
     def __await__(self) -> Generator[Any, None, T]:
         return self.future.__await__()
@@ -279,14 +280,17 @@ class Scheduler:
     # ------------------------------------------------------------------ API
 
     def submit(self, key: str, work: Callable[[CancelToken], T], *, debounce: bool = True,
-               version: Optional[int] = None) -> Job[T]:
+               version: Optional[int] = None, priority: int = 0) -> Job[T]:
         """Queue ``work(token)`` for ``key``, superseding the key's previous job.
+        A runnable job of lower ``priority`` runs only when no job of a higher one is runnable
+        (next-edit predictions: -1, behind every keystroke's suggestion).
 
         Returns a :class:`Job`; ``await`` it for the result.  Must be called
         with the event loop running (from a handler).
         """
         loop = self._bind()
         job: Job[T] = Job(self, next(self._ids), key, work, version, loop.create_future())
+        job.priority = priority
         job.future.add_done_callback(lambda f, job=job: self._on_future_done(job))
         self._counts["submitted"] += 1
         if self._closed:
@@ -312,6 +316,13 @@ class Scheduler:
         self._check_thread()
         job = self._by_key.get(key)
         return job is not None and self._cancel(job, reason, "cancelled")
+
+    def cancel_below(self, priority: int, reason: str = "preempted") -> int:
+        """Cancel every unanswered job of lower ``priority`` (a running one stops before its next
+        forward): the model is free for the job about to be submitted. Returns how many."""
+        self._check_thread()
+        low = [job for job in self._by_id.values() if job.priority < priority]
+        return sum(self._cancel(job, reason, "cancelled") for job in low)
 
     def cancel_job(self, job_id: int, reason: str = "cancelled") -> bool:
         """Cancel one job by id; False if unknown or already answered."""
@@ -455,9 +466,12 @@ class Scheduler:
             del self._by_key[job.key]
 
     def _pick(self) -> Job[Any]:
-        """Newest runnable job, unless one has starved (under _lock)."""
+        """Newest runnable job of the highest priority, unless one of those has starved (under _lock)."""
         newest = starving = None
+        top = max(j.priority for j in self._ready.values())
         for j in self._ready.values():
+            if j.priority < top:
+                continue
             if newest is None or j.id > newest.id:
                 newest = j
             if j.skips >= self.starvation_limit and (starving is None or j.id < starving.id):

@@ -43,7 +43,7 @@ from pygls.protocol import default_converter
 from pygls.uris import to_fs_path
 from pygls.workspace import TextDocument
 
-from . import __version__
+from . import __version__, nextedit_lsp
 from .configuration import SECTION, Configuration
 from .documents import model_text, offset_at, position_at
 from .engine import LocalEngine, Step
@@ -514,6 +514,7 @@ def did_open(ls: DiffuServer, params: lsp.DidOpenTextDocumentParams):
     uri, version = params.text_document.uri, params.text_document.version
     ls.session.note_version(uri, version)
     ls.session.forget(uri)
+    nextedit_lsp.opened(ls, uri)
 
 
 @feature(lsp.TEXT_DOCUMENT_DID_CHANGE)
@@ -521,12 +522,14 @@ def did_open(ls: DiffuServer, params: lsp.DidOpenTextDocumentParams):
 def did_change(ls: DiffuServer, params: lsp.DidChangeTextDocumentParams):
     uri, version = params.text_document.uri, params.text_document.version
     ls.session.note_version(uri, version)
+    nextedit_lsp.changed(ls, uri)
 
 
 @feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
 @guarded(None)
 def did_close(ls: DiffuServer, params: lsp.DidCloseTextDocumentParams):
     uri = params.text_document.uri
+    nextedit_lsp.closed(ls, uri)
     ls.session.closed(uri)
 
 
@@ -587,7 +590,7 @@ async def completion(ls: DiffuServer, params: lsp.CompletionParams):
 
 
 @feature(lsp.TEXT_DOCUMENT_CODE_ACTION, lsp.CodeActionOptions(
-    code_action_kinds=[KIND_REFINE, KIND_FILL_HOLES, KIND_COMPLETE_BLOCK]))
+    code_action_kinds=[KIND_REFINE, KIND_FILL_HOLES, KIND_COMPLETE_BLOCK, lsp.CodeActionKind.QuickFix]))
 @guarded(list)
 async def code_action(ls: DiffuServer, params: lsp.CodeActionParams):
     uri = params.text_document.uri
@@ -617,6 +620,8 @@ async def code_action(ls: DiffuServer, params: lsp.CodeActionParams):
         offer(KIND_FILL_HOLES, "Diffu: Fill holes", CMD_FILL_HOLES, {"range": selection})
     offer(KIND_COMPLETE_BLOCK, "Diffu: Complete block", CMD_COMPLETE_BLOCK,
           {"position": as_json(start_pos)})
+    if _only(params.context, lsp.CodeActionKind.QuickFix):
+        actions[:0] = nextedit_lsp.quick_fixes(ls, uri, start, end)
     return actions
 
 
@@ -624,6 +629,14 @@ async def code_action(ls: DiffuServer, params: lsp.CodeActionParams):
 @guarded(None)
 def stats(ls: DiffuServer, params):
     return ls.stats()
+
+
+async def next_edit(ls: DiffuServer, *args):
+    return await nextedit_lsp.next_edit_command(ls, *command_argument(args, "position"))
+
+
+async def reject_next_edit(ls: DiffuServer, *args):
+    return await nextedit_lsp.reject_command(ls, *command_argument(args, "range"))
 
 
 COMMANDS = ((CMD_COMPLETE_BLOCK, "position", complete_block),
@@ -638,6 +651,8 @@ def create_server(*, model: str | None = None, device: str | None = None, dtype:
         server.feature(method, options)(handler)
     for name, key, method in COMMANDS:
         server.command(name)(guarded(lambda: {"applied": False}, user_facing=True)(_command(method, key)))
+    server.command(nextedit_lsp.CMD_NEXT_EDIT)(guarded(None, user_facing=True)(next_edit))
+    server.command(nextedit_lsp.CMD_REJECT_NEXT_EDIT)(guarded(dict, user_facing=True)(reject_next_edit))
     return server
 
 

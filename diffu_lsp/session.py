@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 import msgspec
 
-from . import infill
+from . import infill, nextedit
 from .daemon import DaemonError
 from .engine import Engine, LocalEngine
 from .errors import EXITS, JobCancelled, first_line
@@ -30,6 +30,7 @@ log = logging.getLogger("diffu_lsp.session")
 
 COUNTERS = ("typed_through_hits", "repeat_hits", "model_loads", "model_load_failures", "oom_retries", "oom_failures",
             "daemon_lost", "daemon_stuck", "documents_clipped")
+PREEMPTED = "preempted by a suggestion"  # why a next-edit job was cancelled when a suggestion was asked for
 PROGRESS_DRAFT_CHARS = 100  # of a command's streamed draft, in one progress line
 
 
@@ -65,6 +66,17 @@ def line_around(text: str, offset: int) -> tuple[int, int]:
     start = max(text.rfind("\n", 0, offset), text.rfind("\r", 0, offset)) + 1
     ends = [at for at in (text.find("\n", offset), text.find("\r", offset)) if at >= 0]
     return start, min(ends, default=len(text))
+def next_edit_request(text: str, edit: nextedit.Edit, found: list[nextedit.Candidate], settings: Settings
+                      ) -> tuple[Request | None, int]:
+    """The ``next_edit`` job for ``edit``'s candidates ``found`` (offsets in ``text``) over the text
+    clipped around the edit, and the clipped text's offset in ``text``; (None, base) when no
+    candidate lies in the clipped text."""
+    clipped, base = clip(text, edit.start, edit.end, settings)
+    spans = tuple((c.start - base, c.end - base, c.guess, c.prior) for c in found
+                  if base <= c.start and c.end <= base + len(clipped))
+    if not spans:
+        return None, base
+    return Request("next_edit", clipped, edit.start - base, edit.end - base, settings, spans=spans), base
 
 
 def refine_verdict(selected: str, new_text: str) -> str:
@@ -191,6 +203,7 @@ class Session:
         self.loop: asyncio.AbstractEventLoop | None = None  # the event loop, for the engines' threads
         self.load_lock = threading.Lock()  # one load at a time
         self.tasks: set[asyncio.Task] = set()
+        self.next_edits = nextedit.Tracker()  # each document's next-edit predictions
 
     # ------------------------------------------------------------ settings and engine
 
@@ -334,6 +347,7 @@ class Session:
             return None
         clipped, base = self.clip(text, cursor, cursor, self.settings)
         request = Request("suggest", clipped, cursor - base, cursor - base, self.settings)
+        self.sched.cancel_below(0, PREEMPTED)  # a next-edit prediction (of any document) never delays a suggestion
         engine = self.engine
         job = self.sched.submit(uri, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=uri),
                                 version=version, debounce=debounce)
@@ -347,6 +361,37 @@ class Session:
         shown = self.shown[uri] = Shown(text[:cursor], text[cursor:], result.text, result.replace_after,
                                         result.alternatives)
         return shown.candidates()
+
+    async def predict_next_edits(self, uri: str, text: str, version: int | None, *, again: bool = False
+                                 ) -> list[nextedit.Prediction] | None:
+        """After an edit settled (``again``: after a rejection, the last edit once more): the
+        predictions it adds, denoised in one job at the lowest priority (``{uri}#next``, superseded
+        by the next keystroke); None when there was nothing to predict."""
+        tracker, settings = self.next_edits, self.settings
+        settled = tracker.documents[uri].settled if uri in tracker.documents else text
+        edit = tracker.settle(uri, text)
+        if again:
+            edit = tracker.last_edit(uri, text)
+        if edit is None or self.model_info is None or settings.next_edit == "off":
+            return None
+        request, base = next_edit_request(text, edit, tracker.candidates(uri, text, edit), settings)
+        if request is None:
+            return None
+        engine, key = self.engine, f"{uri}#next"
+        job = self.sched.submit(key, lambda token: engine.run(request, token, on_oom_retry=self.count_oom_retry, key=key),
+                                debounce=False, version=version, priority=-1)
+        try:
+            replacements = await job
+        except JobCancelled as cancelled:
+            if cancelled.reason == PREEMPTED and uri in tracker.documents:
+                tracker.documents[uri].settled = settled  # the same edit is predicted again later
+            raise
+        if not self.sched.is_current(key, version):
+            raise JobCancelled("superseded: the document changed while the job ran")
+        new = [nextedit.Prediction(base + r.start, base + r.end, text[base + r.start:base + r.end], r.text)
+               for r in replacements]
+        new.sort(key=lambda p: min(abs(p.start - edit.end), abs(edit.start - p.end)))
+        return tracker.put(uri, text, new[:nextedit.MAX_PREDICTIONS])
 
     def clip(self, text: str, start: int, end: int, settings: Settings) -> tuple[str, int]:
         clipped, base = clip(text, start, end, settings)
@@ -383,11 +428,14 @@ class Session:
         stays: typing through a suggestion is a didChange)."""
         self.sched.note_version(uri, version)
         self.sched.note_version(f"{uri}#command", version)
+        self.sched.note_version(f"{uri}#next", version)
 
     def closed(self, uri: str) -> None:
         self.sched.forget(uri)
         self.sched.forget(f"{uri}#command")
+        self.sched.forget(f"{uri}#next")
         self.forget(uri)
+        self.next_edits.forget(uri)
 
     # ------------------------------------------------------------ stats
 

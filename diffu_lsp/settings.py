@@ -135,6 +135,15 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     refine_mode: Literal["all", "low_confidence"] = "all"
     #: With `low_confidence` refinement, tokens the model scores below this are regenerated.
     refine_confidence: Fraction = 0.6
+    #: Next-edit predictions: after an edit settles, the places it implies a change at (the other
+    #: uses of a renamed name, the sibling lines of a changed call) are denoised together, and each
+    #: change the model is sure of is shown as a hint with a quick fix (`hint`). Neovim's
+    #: `:DiffuNextEdit` and VS Code's **Diffu: Next Edit** jump to the next one. `off`: none.
+    next_edit: Literal["off", "hint"] = "hint"
+    #: Pause after the last keystroke before next edits are predicted, in milliseconds.
+    next_edit_delay_ms: NonNegative = 500
+    #: Confidence the least sure token of a predicted next edit needs for it to be shown.
+    next_edit_confidence: Fraction = 0.5
     #: Documents larger than this (in bytes) still get completions and commands, from the whole
     #: lines around the cursor (or the command's range) that `prefixTokens`/`suffixTokens` can use:
     #: the rest of the document is not scanned or encoded.

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "diffu_lsp"
 
 # Below the LSP layer: none of these may import pygls or lsprotocol.
 BELOW_LSP = ["session.py", "configuration.py", "engine.py", "job.py", "errors.py", "jobs.py", "features.py", "infill.py", "postprocess.py",
-             "draft.py",
+             "draft.py", "nextedit.py",
              "sampler.py", "settings.py", "daemon", "cluster/client.py", "cluster/__init__.py", "models"]
 # Tools beside the server (training, benchmarks) may build models with transformers themselves.
 # cli.py imports it only to print its version (could be importlib.metadata.version: cli.py is not this test's).

@@ -466,6 +466,32 @@ async def test_starvation_limit_serves_passed_over_jobs(make_sched):
     assert await _run_order(fifo, ["a", "b", "c"]) == ["a", "b", "c"]
 
 
+async def test_a_lower_priority_job_runs_only_when_nothing_else_is_runnable(make_sched):
+    sched = make_sched(debounce_s=0, starvation_limit=1)
+    gate, gate_started = threading.Event(), threading.Event()
+    g = sched.submit("gate", gate_work(gate, gate_started))
+    await wait_event(gate_started)
+    order: list[str] = []
+    queued = [sched.submit(k, denoise(1, k, log=order, tag=k)) for k in ("a", "b")]
+    queued.append(sched.submit("low", denoise(1, "low", log=order, tag="low"), priority=-1))  # newest, and last
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(g, *queued), 5)
+    assert order == ["b", "a", "low"]
+
+
+async def test_cancel_below_stops_the_running_low_priority_job_and_leaves_the_others(make_sched):
+    sched = make_sched(debounce_s=0)
+    started = threading.Event()
+    low = sched.submit("low", denoise(500, "low", started=started), priority=-1)
+    await wait_event(started)
+    normal = sched.submit("normal", denoise(1, "n"))
+    assert sched.cancel_below(0, "preempted") == 1
+    with pytest.raises(JobCancelled, match="preempted"):
+        await low
+    assert await asyncio.wait_for(normal, 5) == "n"
+    assert low.token.forwards_after_cancel <= 1
+
+
 # ------------------------------------------------------------------ close
 
 

@@ -367,7 +367,7 @@ async def test_initialize_advertises_features(client):
     assert client.init_result.server_info.name == "diffu-lsp"
     assert caps.inline_completion_provider is not None
     assert caps.completion_provider is not None
-    assert set(caps.code_action_provider.code_action_kinds) == OUR_KINDS
+    assert set(caps.code_action_provider.code_action_kinds) == OUR_KINDS | {lsp.CodeActionKind.QuickFix}  # next edits
     assert set(caps.execute_command_provider.commands) >= {
         server_mod.CMD_COMPLETE_BLOCK, server_mod.CMD_FILL_HOLES, server_mod.CMD_REFINE}
     sync = caps.text_document_sync

@@ -9,7 +9,9 @@ overhead, memory), gpu (everything that needs a GPU, in one run), cluster (simul
 Ray Serve cluster of 1 and 2 replicas and against the local daemon), soak
 (real servers and daemon typed into through daemon faults: every request answered in bounded time), edit
 (held-out lines with corrupted tokens refined in place: restored, detected, controls untouched; and
-held-out single-line infill, for --model and each --compare model), all. `python -m diffu_lsp.bench` is the same command.
+held-out single-line infill, for --model and each --compare model), next-edit (one edit each in held-out files:
+the edits it implies predicted against plain text replacement and no prediction, plus a typing replay
+with nextEdit off and on), all. `python -m diffu_lsp.bench` is the same command.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .common import Options, machine, machine_line, progress, render
 
 SUITES = ("replay", "speed", "quality", "memory", "daemon")
 MODEL_SUITES = ("speed", "quality")  # run in this process on a model loaded once for both
-STANDALONE = ("shapes", "gpu", "soak", "cluster", "edit")  # build their own networks or services; not part of `all`
+STANDALONE = ("shapes", "gpu", "soak", "cluster", "edit", "next-edit")  # build their own networks or services; not part of `all`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--deadline", type=float, help="soak: the servers' daemonDeadlineSeconds (default: the setting's)")
     group = parser.add_argument_group("edit")
     group.add_argument("--compare", help="edit: comma-separated further models to run in the same run")
-    group.add_argument("--edit-lines", type=int, help="edit: corrupted lines, and as many controls (default 60, quick 6)")
+    group.add_argument("--edit-lines", type=int, help="edit: corrupted lines, and as many controls (default 60, quick 6); "
+                       "next-edit: edits per kind (default 40, quick 3)")
     group = parser.add_argument_group("quality")
     group.add_argument("--problems", type=int, help="HumanEval problems (default all 164, quick 4)")
     group.add_argument("--lines", type=int, help="held-out stdlib lines (default 200, quick 6)")
@@ -99,7 +102,7 @@ def run_suite(name: str, options: Options, model=None) -> dict:
     load_before = _load_average()
     if name not in SUITES + STANDALONE:
         raise ValueError(name)
-    suite = importlib.import_module(f"{__package__}.{name}")
+    suite = importlib.import_module(f"{__package__}.{name.replace('-', '')}")
     result = suite.run(options, model) if name in MODEL_SUITES else suite.run(options)
     result["command"] = options.command
     result["machine"] = machine(model, options) if model is not None else machine(None, options)

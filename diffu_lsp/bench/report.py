@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import common
 
-ORDER = ("replay", "speed", "quality", "edit", "memory", "daemon", "shapes", "soak", "gpu", "cluster")
+ORDER = ("replay", "speed", "quality", "edit", "next-edit", "memory", "daemon", "shapes", "soak", "gpu", "cluster")
 
 HEADER = """# Benchmarks
 

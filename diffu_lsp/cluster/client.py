@@ -51,6 +51,7 @@ class OutOfMemoryError(OutOfMemory, RuntimeError):
 
 
 ANSWER_TYPES: dict[str, Any] = {"suggest": Suggestion, "block": Suggestion, "fill_holes": list[Replacement],
+                                "next_edit": list[Replacement],
                                 "refine": str}
 
 

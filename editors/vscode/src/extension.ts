@@ -51,6 +51,7 @@ const SERVER_COMMANDS = {
   completeBlock: "diffu.completeBlock",
   fillHoles: "diffu.fillHoles",
   refineSelection: "diffu.refineSelection",
+  nextEdit: "diffu.nextEdit",
 } as const;
 
 type ModelState = "starting" | "loading" | "ready" | "error" | "stopped" | "stuck" | "restarting";
@@ -461,6 +462,37 @@ function registerCommands(context: vscode.ExtensionContext): void {
   regEditor("diffu.client.completeBlock", "Diffu: Complete Block", SERVER_COMMANDS.completeBlock, (editor, c) => ({
     position: c.code2ProtocolConverter.asPosition(editor.selection.active),
   }));
+
+  // Next edit: jump to the nearest predicted edit after the cursor and select the text it
+  // replaces; the quick fix (Ctrl+.) applies it. VS Code's public inline-suggestion API shows
+  // text only at the cursor as an insertion, not a replacement elsewhere, so the replacement is
+  // shown in the status bar and in the hint's hover.
+  reg("diffu.client.nextEdit", async () => {
+    const editor = vscode.window.activeTextEditor;
+    const c = runningClient();
+    if (!editor || !c) {
+      return;
+    }
+    const args = {
+      textDocument: { uri: c.code2ProtocolConverter.asUri(editor.document.uri) },
+      position: c.code2ProtocolConverter.asPosition(editor.selection.active),
+    };
+    const found = (await c.sendRequest(ExecuteCommandRequest.type, {
+      command: SERVER_COMMANDS.nextEdit,
+      arguments: [args],
+    })) as { range: Parameters<typeof c.protocol2CodeConverter.asRange>[0]; newText: string; message: string } | null;
+    if (!found) {
+      vscode.window.setStatusBarMessage("Diffu: no next edit predicted", 3000);
+      return;
+    }
+    const range = c.protocol2CodeConverter.asRange(found.range);
+    if (!range) {
+      return;
+    }
+    editor.selection = new vscode.Selection(range.start, range.end);
+    editor.revealRange(range, vscode.TextEditorRevealType.InCenterIfOutsideViewport);
+    vscode.window.setStatusBarMessage(`Diffu: ${found.message} (Ctrl+. applies it)`, 5000);
+  });
 
   reg("diffu.client.restartServer", async () => {
     if (client) {

@@ -3,6 +3,7 @@
 // `diffu-lsp` (on PATH, or SMOKE_SERVER=/path/to/diffu-lsp), waits for the status bar to show the
 // model ready (diffu/status), then runs Refine Selection and Complete Block through the palette
 // commands and checks that the server's workspace/applyEdit reached VS Code's workspace.applyEdit.
+// Next edit: a rename typed into the document (didChange), then Diffu: Next Edit selects the other use.
 // Then the Toggle Suggestions commands: the setting reaches the server (its "settings changed"
 // log message), the status bar says "Diffu: off", an inline completion asked through the
 // extension's provider is answered empty; on again, the status bar spins while one is in flight.
@@ -27,7 +28,7 @@ function universal(name) {
   });
 }
 class Disposable { constructor(f) { this.f = f; } dispose() { this.f && this.f(); } static from(...d) { return new Disposable(() => d.forEach(x => x && x.dispose && x.dispose())); } }
-class EventEmitter { constructor() { this.l = []; this.event = (f) => { this.l.push(f); return new Disposable(() => {}); }; } fire(e) { this.l.forEach(f => f(e)); } dispose() {} }
+class EventEmitter { constructor() { this.l = []; this.event = (f, thisArg) => { this.l.push(thisArg ? f.bind(thisArg) : f); return new Disposable(() => {}); }; } fire(e) { this.l.forEach(f => f(e)); } dispose() {} }
 class Position { constructor(l, c) { this.line = l; this.character = c; } }
 class Range { constructor(a, b, c, d) { if (typeof a === 'number') { this.start = new Position(a, b); this.end = new Position(c, d); } else { this.start = a; this.end = b; } } get isEmpty() { return this.start.line === this.end.line && this.start.character === this.end.character; } with(o) { return new Range(o.start || this.start, o.end || this.end); } contains() { return true; } }
 class Selection extends Range { constructor(a, b) { super(a, b); this.active = b; this.anchor = a; } }
@@ -40,12 +41,14 @@ const config = {};  // user-set values
 const statusItems = [];
 const commands = new Map();
 const notifications = [];
-const docText = process.env.SMOKE_TEXT || 'import os\n\n\ndef count_words(text):\n    words = text.split()\n    return len(words)\n\n\ndef count_lines(text):\n    ...\n';
+let docText = process.env.SMOKE_TEXT || 'import os\n\n\ndef count_words(text):\n    words = text.split()\n    return len(words)\n\n\ndef count_lines(text):\n    ...\n';
 const docUri = Uri.file(path.join(process.env.SMOKE_DIR || require('os').tmpdir(), 'diffu_smoke.py'));
-const document = { uri: docUri, languageId: 'python', version: 1, getText: () => docText, lineCount: docText.split('\n').length, isClosed: false, isUntitled: false, fileName: docUri.fsPath, lineAt: (l) => ({ range: new Range(l, 0, l, docText.split('\n')[l].length) }) };
+const document = { uri: docUri, languageId: 'python', version: 1, getText: () => docText, get lineCount() { return docText.split('\n').length; }, isClosed: false, isUntitled: false, fileName: docUri.fsPath, lineAt: (l) => ({ range: new Range(l, 0, l, docText.split('\n')[l].length) }) };
 const edits = [];
 const outputLines = [];  // what reaches the output channel (the server's window/logMessage among it)
 const configChanged = new EventEmitter();
+const docChanged = new EventEmitter();  // the next-edit step types into the document
+const statusMessages = [];
 const inlineProviders = [];
 class InlineCompletionItem { constructor(insertText, range, command) { this.insertText = insertText; this.range = range; this.command = command; } }
 class InlineCompletionList { constructor(items) { this.items = items; } }
@@ -56,6 +59,7 @@ const base = {
   ThemeColor: class { constructor(id) { this.id = id; } },
   StatusBarAlignment: { Left: 1, Right: 2 }, ProgressLocation: { SourceControl: 1, Window: 10, Notification: 15 },
   SymbolKind: { Function: 11, Method: 5, Constructor: 8 },
+  TextEditorRevealType: { Default: 0, InCenter: 1, InCenterIfOutsideViewport: 2, AtTop: 3 },
   ConfigurationTarget: { Global: 1, Workspace: 2, WorkspaceFolder: 3 },
   version: '1.91.0',
   env: { language: 'en', appName: 'stub', machineId: 'x', sessionId: 'y', uiKind: 1 },
@@ -66,7 +70,8 @@ const base = {
     showWarningMessage: async (m) => { notifications.push(['warn', m]); log('WARN MSG', m); },
     showInformationMessage: async (m) => { notifications.push(['info', m]); log('INFO MSG', m); },
     withProgress: async (opts, task) => { const s = new CancellationTokenSource(); return task({ report: (v) => log('progress', JSON.stringify(v)) }, s.token); },
-    activeTextEditor: { document, selection: new Selection(new Position(4, 4), new Position(5, 21)) },
+    activeTextEditor: { document, selection: new Selection(new Position(4, 4), new Position(5, 21)), revealRange() {} },
+    setStatusBarMessage: (m) => { statusMessages.push(m); return new Disposable(); },
     visibleTextEditors: [], onDidChangeActiveTextEditor: () => new Disposable(), onDidChangeVisibleTextEditors: () => new Disposable(),
     createWindowProgress: undefined,
     tabGroups: { all: [], onDidChangeTabs: () => new Disposable() },
@@ -86,7 +91,7 @@ const base = {
     }),
     workspaceFolders: undefined, textDocuments: [document], notebookDocuments: [],
     onDidChangeConfiguration: configChanged.event, onDidOpenTextDocument: () => new Disposable(), onDidCloseTextDocument: () => new Disposable(),
-    onDidChangeTextDocument: () => new Disposable(), onDidSaveTextDocument: () => new Disposable(), onWillSaveTextDocument: () => new Disposable(),
+    onDidChangeTextDocument: docChanged.event, onDidSaveTextDocument: () => new Disposable(), onWillSaveTextDocument: () => new Disposable(),
     onDidChangeWorkspaceFolders: () => new Disposable(), onDidOpenNotebookDocument: () => new Disposable(), onDidCloseNotebookDocument: () => new Disposable(),
     onDidChangeNotebookDocument: () => new Disposable(), onDidSaveNotebookDocument: () => new Disposable(),
     onDidCreateFiles: () => new Disposable(), onDidRenameFiles: () => new Disposable(), onDidDeleteFiles: () => new Disposable(),
@@ -131,7 +136,7 @@ Module._load = function (request, parent, isMain) { if (request === 'vscode') re
   while (!/\$\(sparkle\)|error/.test(sb.text) && Date.now() < deadline) await new Promise(r => setTimeout(r, 200));
   log('status bar:', JSON.stringify(sb.text), '| tooltip:', JSON.stringify(sb.tooltip));
   if (!/\$\(sparkle\)/.test(sb.text)) throw new Error('status bar never showed ready: ' + sb.text + ' / ' + sb.tooltip);
-  for (const id of ['diffu.client.refineSelection', 'diffu.client.fillHoles', 'diffu.client.completeBlock', 'diffu.client.restartServer', 'diffu.client.showOutput']) {
+  for (const id of ['diffu.client.refineSelection', 'diffu.client.fillHoles', 'diffu.client.completeBlock', 'diffu.client.nextEdit', 'diffu.client.restartServer', 'diffu.client.showOutput']) {
     if (!commands.has(id)) throw new Error('command not registered: ' + id);
   }
   await commands.get('diffu.client.refineSelection')();
@@ -150,6 +155,23 @@ Module._load = function (request, parent, isMain) { if (request === 'vscode') re
     if (fillEdits.length !== 1) throw new Error('Fill Holes with an empty selection applied ' + fillEdits.length + ' edits');
     const ranges = JSON.stringify(fillEdits[0].__entries);
     if (!/"line":9,"character":4\}.*"line":9,"character":7\}/.test(ranges)) throw new Error('Fill Holes did not replace the `...` of count_lines: ' + ranges);
+  }
+
+  // Next edit: rename `words` where it is assigned; Diffu: Next Edit (asked before the edit
+  // settles, so the server predicts at once) selects its other use, `len(words)`.
+  if (!process.env.SMOKE_TEXT) {
+    const renamed = docText.replace('    words = ', '    tokens = ');
+    const at = docText.indexOf('words = ');
+    docText = renamed;
+    document.version += 1;
+    docChanged.fire({ document, reason: undefined, contentChanges: [
+      { range: new Range(4, 4, 4, 9), rangeOffset: at, rangeLength: 5, text: 'tokens' }] });
+    vscode.window.activeTextEditor.selection = new Selection(new Position(0, 0), new Position(0, 0));
+    await commands.get('diffu.client.nextEdit')();
+    const sel = vscode.window.activeTextEditor.selection;
+    log('after Next Edit, selection:', JSON.stringify(sel), 'status:', JSON.stringify(statusMessages.slice(-1)));
+    if (sel.start.line !== 5 || sel.start.character !== 15 || sel.end.character !== 20) throw new Error('Next Edit did not select len(words): ' + JSON.stringify(sel));
+    if (!/next edit: words → tokens/.test(statusMessages[statusMessages.length - 1] || '')) throw new Error('Next Edit did not show the replacement: ' + JSON.stringify(statusMessages));
   }
 
   // Suggestions off and on: everywhere, then for the document's language.

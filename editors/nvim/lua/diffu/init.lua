@@ -7,7 +7,9 @@
 -- mapping), <M-Right> / <M-C-Right> to accept one word / one line of it, <M-]>/<M-[> to cycle,
 -- and adds :DiffuToggle [buffer|filetype], :DiffuRefine, :DiffuFill, :DiffuComplete, :DiffuCancel,
 -- :DiffuStatus, :DiffuRestart, a code-action keymap limited to diffu's actions, and its state
--- (require('diffu').statusline()) to the default 'statusline'.
+-- (require('diffu').statusline()) to the default 'statusline'. Next edits (the server's hints
+-- after an edit): <leader>dn / :DiffuNextEdit jumps to the next one and previews it as virtual
+-- text; <Tab> there accepts it.
 
 local M = {}
 
@@ -17,6 +19,7 @@ local COMMANDS = {
   complete = 'diffu.completeBlock',
   fill = 'diffu.fillHoles',
   refine = 'diffu.refineSelection',
+  next_edit = 'diffu.nextEdit',
 }
 local REQUEST_CANCELLED = -32800
 
@@ -27,6 +30,7 @@ local REQUEST_CANCELLED = -32800
 ---@field next string|false    insert mode: next suggestion
 ---@field prev string|false    insert mode: previous suggestion
 ---@field code_action string|false normal/visual: diffu code actions
+---@field next_edit string|false normal: jump to the next predicted edit and preview it (<Tab> accepts)
 ---@field refine string|false  visual: :DiffuRefine on the selection
 
 ---@class diffu.Config
@@ -58,6 +62,7 @@ local defaults = {
     prev = '<M-[>',
     code_action = '<leader>da',
     refine = '<leader>dr',
+    next_edit = '<leader>dn',
   },
 }
 
@@ -575,6 +580,91 @@ function M.cancel(bufnr)
   end
 end
 
+-- ------------------------------------------------------------------ next edits
+
+local next_ns = vim.api.nvim_create_namespace('diffu_next_edit')
+-- Per buffer: the previewed prediction { range, newText, row, col, tick } while shown.
+local previews = {}
+
+local function clear_preview(bufnr)
+  if not previews[bufnr] then
+    return
+  end
+  previews[bufnr] = nil
+  if vim.api.nvim_buf_is_valid(bufnr) then
+    vim.api.nvim_buf_clear_namespace(bufnr, next_ns, 0, -1)
+    pcall(vim.keymap.del, 'n', '<Tab>', { buffer = bufnr })
+  end
+end
+
+--- Accept the previewed next edit (<Tab> on it); false if none is shown here.
+function M.accept_next_edit(bufnr)
+  bufnr = resolve_bufnr(bufnr)
+  local p = previews[bufnr]
+  local client = get_client(bufnr)
+  if not p or not client or vim.api.nvim_buf_get_changedtick(bufnr) ~= p.tick then
+    clear_preview(bufnr)
+    return false
+  end
+  clear_preview(bufnr)
+  vim.lsp.util.apply_text_edits({ { range = p.range, newText = p.newText } }, bufnr, client.offset_encoding)
+  return true
+end
+
+--- Jump to the next predicted edit after the cursor (wrapping around) and preview it as virtual
+--- text; <Tab> there accepts it, moving or typing drops the preview.
+function M.next_edit(bufnr)
+  bufnr = resolve_bufnr(bufnr)
+  local client = get_client(bufnr)
+  if not client then
+    return
+  end
+  clear_preview(bufnr)
+  local position = vim.lsp.util.make_position_params(0, client.offset_encoding).position
+  local args = { textDocument = { uri = vim.uri_from_bufnr(bufnr) }, position = position }
+  client:exec_cmd({ title = 'Diffu: Next Edit', command = COMMANDS.next_edit, arguments = { args } }, { bufnr = bufnr },
+    function(err, result)
+      vim.api.nvim_exec_autocmds('User', { pattern = 'DiffuNextEdit', modeline = false,
+        data = { result = result, err = err, bufnr = bufnr } })
+      if err or type(result) ~= 'table' or not vim.api.nvim_buf_is_valid(bufnr) then
+        if not err then
+          vim.notify('diffu: no next edit predicted', vim.log.levels.INFO)
+        end
+        return
+      end
+      local start = result.range.start
+      local line = vim.api.nvim_buf_get_lines(bufnr, start.line, start.line + 1, false)[1] or ''
+      local col = vim.str_byteindex(line, client.offset_encoding, start.character, false)
+      local stop = result.range['end']
+      local end_col = stop.line == start.line and vim.str_byteindex(line, client.offset_encoding, stop.character, false)
+        or #line
+      if vim.api.nvim_get_current_buf() == bufnr then
+        vim.api.nvim_win_set_cursor(0, { start.line + 1, col })
+      end
+      vim.api.nvim_buf_set_extmark(bufnr, next_ns, start.line, col, {
+        end_col = end_col, hl_group = 'DiagnosticUnnecessary',
+        virt_text = { { result.newText, 'DiagnosticHint' } }, virt_text_pos = 'inline',
+      })
+      previews[bufnr] = { range = result.range, newText = result.newText, row = start.line, col = col,
+        tick = vim.api.nvim_buf_get_changedtick(bufnr) }
+      vim.keymap.set('n', '<Tab>', function()
+        M.accept_next_edit(bufnr)
+      end, { buffer = bufnr, desc = 'diffu: accept the previewed next edit', silent = true })
+      vim.api.nvim_create_autocmd({ 'CursorMoved', 'TextChanged', 'TextChangedI', 'InsertEnter' }, {
+        group = augroup, buffer = bufnr, callback = function()
+          local q = previews[bufnr]
+          if not q then
+            return true
+          end
+          local cursor = vim.api.nvim_win_get_cursor(0)
+          if vim.api.nvim_buf_get_changedtick(bufnr) ~= q.tick or cursor[1] - 1 ~= q.row then
+            clear_preview(bufnr)
+            return true
+          end
+        end })
+    end)
+end
+
 --- Code actions of diffu's kinds only.
 function M.code_action()
   vim.lsp.buf.code_action({ context = { only = { ACTION_KIND } } })
@@ -656,6 +746,11 @@ local function set_buffer_keymaps(bufnr)
   if km.code_action and unmapped('n', km.code_action) then
     map({ 'n', 'x' }, km.code_action, M.code_action, 'diffu: code actions')
   end
+  if km.next_edit and unmapped('n', km.next_edit) then
+    map('n', km.next_edit, function()
+      M.next_edit(bufnr)
+    end, 'diffu: jump to the next predicted edit')
+  end
   if km.refine and unmapped('x', km.refine) then
     map('x', km.refine, ':DiffuRefine<CR>', 'diffu: refine selection')
   end
@@ -727,6 +822,10 @@ local function create_commands()
   cmd('DiffuComplete', function()
     M.complete(nil, vim.api.nvim_get_current_buf())
   end, { desc = 'diffu: complete a block at the cursor' })
+
+  cmd('DiffuNextEdit', function()
+    M.next_edit(0)
+  end, { desc = 'diffu: jump to the next predicted edit and preview it (<Tab> accepts)' })
 
   cmd('DiffuCancel', function()
     M.cancel(0)
