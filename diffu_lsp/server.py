@@ -50,7 +50,7 @@ from .documents import LspTextDocument, LspWorkspace, model_text, offset_at, pos
 from .daemon import DaemonError
 from .engine import Engine, LocalEngine, ModelKey, Step
 from .errors import EXITS, EngineLost, JobCancelled, first_line, is_out_of_memory
-from .session import Session, Target, find_holes, progress_message, refine_verdict
+from .session import PROGRESS_STARTING, Session, Target, find_holes, progress_message, refine_verdict
 from .settings import Settings  # noqa: F401 - importable from here (tests use server.Settings)
 
 log = logging.getLogger("diffu_lsp.server")
@@ -726,6 +726,7 @@ class DiffuServer(LanguageServer):
             self.report_progress(token, progress_message(step), int(100 * done / max(first_masked, 1)))
 
         job = self.session.submit_command(uri, target, kind, lambda step: loop.call_soon_threadsafe(report, step))
+        self.report_progress(token, PROGRESS_STARTING, 0)
         cancelled_by_client = self.work_done_progress.tokens.get(token) if token is not None else None
         if cancelled_by_client is not None:
             cancelled_by_client.add_done_callback(

@@ -798,3 +798,32 @@ def test_cycling_through_several_candidates(editor_factory):
     assert rng == [row - 1, col]
     assert ed.lines()[:row - 1] == before[:row - 1]
     assert "\n".join(ed.lines()).startswith("\n".join(before[:row - 1] + [before[row - 1][:col] + offered[1]]))
+
+
+def test_a_slow_command_shows_its_drafts_before_the_final_edit(editor_factory, request):
+    """A model whose every forward pass takes 0.1 s (tests/slow_diffu_lsp.py, in the server's own
+    process): :DiffuComplete echoes its progress at once ("starting", before the first forward),
+    then drafts with the tokens still masked shown as "…", before the edit lands. (Their pace, at
+    most one per 0.25 s, is tests/test_progress.py's: how many a forward this slow leaves depends
+    on how fast the rest of each forward runs.)"""
+    import sys
+    from pathlib import Path
+
+    slow = Path(__file__).with_name("slow_diffu_lsp.py")
+    model = request.getfixturevalue("mechanic_model")
+    ed = editor_factory(setup={"cmd": [sys.executable, str(slow), "0.1", "--model", str(model)],
+                               "settings": {"engine": "local", "kvCache": "none", "earlyExit": False,
+                                            "blockTokens": 12}},
+                        mechanic=True)
+    ed.input("<Esc>22G$")
+    ed.nvim.command("DiffuComplete")
+    done = wait_for(lambda: ed.lua("return _G.diffu_test.done[1]"), REQUEST_TIMEOUT, what=":DiffuComplete to finish")
+    assert done["command"] == "diffu.completeBlock" and not done.get("err"), done
+    echoed = ed.lua("return _G.diffu_test.echoed")
+    starting = [e for e in echoed if e["text"] == "diffu: Completing block: 0% starting"]
+    drafts = [e for e in echoed if "tokens left" in e["text"]]
+    assert starting and drafts and starting[0]["t"] < drafts[0]["t"], echoed
+    edits = ed.lua("return _G.diffu_test.apply_edits")
+    assert edits and edits[0]["result"]["applied"], edits
+    masked = [e for e in drafts if "…" in e["text"] and e["t"] < edits[0]["t"]]
+    assert len(masked) >= 2, drafts  # drafts still firming up, shown while the job ran
