@@ -827,3 +827,26 @@ def test_a_slow_command_shows_its_drafts_before_the_final_edit(editor_factory, r
     assert edits and edits[0]["result"]["applied"], edits
     masked = [e for e in drafts if "…" in e["text"] and e["t"] < edits[0]["t"]]
     assert len(masked) >= 2, drafts  # drafts still firming up, shown while the job ran
+
+
+def test_the_plugin_asks_debounce_ms_after_the_last_change_not_neovim_s_200_ms(editor_factory):
+    """Neovim 0.12 asks for an inline completion a fixed 200 ms after a key; the plugin asks
+    `debounce_ms` after the last change instead (20 by default; 600 here, so that Neovim's own
+    timer would have asked first), and then tells the server not to debounce again
+    (debounceMs 0, when the user did not set it)."""
+    ed = editor_factory(setup={"debounce_ms": 600}, mechanic=True)
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+    assert server_settings(ed)["debounceMs"] == 0
+    goto_insert(ed, "19Go")
+    time.sleep(1.0)  # the requests of entering insert mode (Neovim's own, on InsertEnter) are answered
+    sent = inline_sent(ed)
+    typed = time.monotonic()
+    ed.input("x")
+    wait_for(lambda: ed.lines()[19].endswith("x"), 10, what="the typed key")
+    time.sleep(max(0.0, 0.4 - (time.monotonic() - typed)))
+    early = inline_sent(ed) - sent
+    assert early == 0 or time.monotonic() - typed > 0.55, "a request went out before debounce_ms"
+    wait_for(lambda: inline_sent(ed) == sent + 1, 10, what="the plugin's request after debounce_ms")
+    time.sleep(0.5)
+    assert inline_sent(ed) == sent + 1  # one request for the change: Neovim's timer did not ask again

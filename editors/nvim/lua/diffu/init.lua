@@ -623,8 +623,14 @@ local function native_completor(bufnr)
 end
 
 -- Ask for a suggestion `debounce_ms` after the last change of `bufnr` (a newer change restarts
--- the wait; the server drops the job of a request that a newer one supersedes).
+-- the wait; the server drops the job of a request that a newer one supersedes). Neovim's own timer,
+-- started by the key's CursorMovedI just before this TextChangedI, is stopped: it would ask again
+-- for the same text (or first, with a debounce_ms over 200).
 local function request_soon(bufnr)
+  local native = native_completor(bufnr)
+  if native then
+    native:reset_timer()
+  end
   local timer = request_timers[bufnr]
   if not timer or timer:is_closing() then
     timer = assert(vim.uv.new_timer())
@@ -636,7 +642,7 @@ local function request_soon(bufnr)
     if not completor or bufnr ~= vim.api.nvim_get_current_buf() or not vim.api.nvim_get_mode().mode:match('^i') then
       return
     end
-    completor:reset_timer() -- its own 200 ms timer would only ask again for the same text
+    completor:reset_timer() -- restarted meanwhile by a cursor move without a change
     completor:request(vim.lsp.protocol.InlineCompletionTriggerKind.Automatic)
   end))
 end
