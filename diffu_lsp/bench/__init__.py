@@ -9,7 +9,8 @@ overhead, memory), gpu (everything that needs a GPU, in one run), cluster (simul
 Ray Serve cluster of 1 and 2 replicas and against the local daemon), soak
 (real servers and daemon typed into through daemon faults: every request answered in bounded time), edit
 (held-out lines with corrupted tokens refined in place: restored, detected, controls untouched; and
-held-out single-line infill, for --model and each --compare model), all. `python -m diffu_lsp.bench` is the same command.
+held-out single-line infill, for --model and each --compare model), editor (keystroke -> ghost text in a
+real Neovim, Neovim's own request timing against the plugin's, the time split into its parts), all. `python -m diffu_lsp.bench` is the same command.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .common import Options, machine, machine_line, progress, render
 
 SUITES = ("replay", "speed", "quality", "memory", "daemon")
 MODEL_SUITES = ("speed", "quality")  # run in this process on a model loaded once for both
-STANDALONE = ("shapes", "gpu", "soak", "cluster", "edit")  # build their own networks or services; not part of `all`
+STANDALONE = ("shapes", "gpu", "soak", "cluster", "edit", "editor")  # build their own networks or services; not part of `all`
 
 
 def build_parser() -> argparse.ArgumentParser:
