@@ -309,7 +309,9 @@ def summarise(rows: dict[str, list[dict]], options: common.Options, count: int, 
             "model thread (queue), the daemon's socket and queue (round trip) and the model's own time, forwards "
             "and post-processing; `from cache` counts answers of the server's cache of the last suggestion "
             "(typed through it: no job). Transport = answer - sent - the server's time: Neovim's didChange "
-            "flush, JSON-RPC both ways, pygls.",
+            "flush, JSON-RPC both ways, pygls. The daemon round trip includes the wait for the forward in progress of "
+            "the job that the key superseded: the plugin asks after every key typed more than 20 ms apart, and the "
+            "daemon stops a cancelled job between forwards; it is small when a forward is.",
             "Nothing else may use the machine for the numbers to mean much: the load average is in the machine line.",
         ],
     }
