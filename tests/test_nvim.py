@@ -321,8 +321,8 @@ def test_typing_while_request_in_flight_leaves_no_stale_suggestion(editor_factor
         pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
     before = inline_counts(ed)
     goto_insert(ed, "19Go")
-    # type slower than the client's 200 ms debounce (so requests go out) but faster than a
-    # model answers, so each keystroke lands while a request is in flight
+    # type slower than the client's debounce (debounce_ms 20; Neovim alone: 200 ms) so requests go
+    # out, but faster than a model answers, so each keystroke lands while a request is in flight
     for ch in "result = count_words(":
         ed.input(ch)
         time.sleep(0.25)
@@ -739,11 +739,12 @@ def test_accept_a_word_then_a_line_then_the_rest(editor_factory):
         again = wait_for(lambda: (s := ed.suggestion()) and s["text"] == rest and s, REQUEST_TIMEOUT,
                          what=f"the rest {rest!r} shown again (shown: {ed.suggestion()})")
         assert again["anchor"] == [ed.cursor()[0] - 1, ed.cursor()[1]]
+        # (checked here: once the whole is accepted, the client asks for the next suggestion there)
+        assert ed.lua("return vim.lsp.get_clients({ name = 'diffu_lsp' })[1]:request_sync('diffu/stats', vim.NIL, "
+                      "20000, 0).result.submitted") == jobs, "the rest came from a new job, not the server's cache"
     if rest:
         ed.input("<Tab>")
     wait_for(lambda: ed.lines() == whole, 10, what=f"the whole suggestion accepted (buffer: {ed.lines()})")
-    assert ed.lua("return vim.lsp.get_clients({ name = 'diffu_lsp' })[1]:request_sync('diffu/stats', vim.NIL, 20000, 0)"
-                  ".result.submitted") == jobs, "the rest came from a new job, not the server's cache"
 
 
 def test_statusline_shows_a_request_in_flight(editor_factory):
