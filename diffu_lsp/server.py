@@ -50,7 +50,7 @@ from .engine import LocalEngine, Step
 from .errors import EXITS, EngineLost, JobCancelled, is_out_of_memory
 from .pygls_adapter import (COMMAND_PROGRESS_TOKEN, BoundedInput, DiffuProtocol, answer_parse_error, pending_handlers,
                             use_lsp_line_breaks)
-from .session import Session, Target, find_holes, progress_message, refine_verdict
+from .session import PROGRESS_STARTING, Session, Target, find_holes, progress_message, refine_verdict
 from .settings import Settings  # noqa: F401 - importable from here (tests use server.Settings)
 
 log = logging.getLogger("diffu_lsp.server")
@@ -327,6 +327,7 @@ async def command_job(ls: DiffuServer, title: str, uri: str, target: Target, kin
         ls.report_progress(token, progress_message(step), int(100 * done / max(first_masked, 1)))
 
     job = ls.session.submit_command(uri, target, kind, lambda step: loop.call_soon_threadsafe(report, step))
+    ls.report_progress(token, PROGRESS_STARTING, 0)
     cancelled_by_client = ls.work_done_progress.tokens.get(token) if token is not None else None
     if cancelled_by_client is not None:
         cancelled_by_client.add_done_callback(lambda f: f.cancelled() and job.cancel("cancelled from the progress UI"))

@@ -32,6 +32,8 @@ COUNTERS = ("typed_through_hits", "repeat_hits", "model_loads", "model_load_fail
             "daemon_lost", "daemon_stuck", "documents_clipped")
 PREEMPTED = "preempted by a suggestion"  # why a next-edit job was cancelled when a suggestion was asked for
 PROGRESS_DRAFT_CHARS = 100  # of a command's streamed draft, in one progress line
+PROGRESS_INTERVAL_S = 0.25  # a command's drafts reach the editor at most this often: a pace a person can follow
+PROGRESS_STARTING = "starting"  # the first progress report, as the command's job is submitted
 
 
 def utf8_size_over(text: str, limit: int) -> bool:
@@ -97,6 +99,23 @@ def progress_message(step: Step, width: int = PROGRESS_DRAFT_CHARS) -> str:
     if len(draft) > width:
         draft = draft[:width - 1] + "…"
     return f"{head} · {draft}" if draft else head
+
+
+class DraftPace:
+    """Which of a command's steps go to the editor: the first, then at most one every
+    ``interval`` seconds, and the last (nothing left to fill). The others are dropped, never held
+    back: the final edit follows the last step at once."""
+
+    def __init__(self, interval: float = PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+        self.interval, self.clock = interval, clock
+        self.last: float | None = None
+
+    def due(self, step: Step) -> bool:
+        now = self.clock()
+        if self.last is not None and step.masked > 0 and now - self.last < self.interval:
+            return False
+        self.last = now
+        return True
 
 
 def timeline(uri: str, version: int | None, started: float, job: Any, result: Suggestion, debounce_ms: int) -> str:
@@ -418,8 +437,16 @@ class Session:
 
     def submit_command(self, uri: str, target: Target, kind: str, on_step: Callable[[Step], None] | None = None):
         """Run the target as the document's command job of ``kind`` (no debounce; the engine
-        retries once with smaller holes after running out of memory)."""
+        retries once with smaller holes after running out of memory). Its steps go to ``on_step``
+        at a pace a person can follow (:class:`DraftPace`); what ``on_step`` returns is dropped (a
+        true value would tell the sampler to stop and fill the rest at once)."""
         request, engine, key = target.request(kind), self.engine, f"{uri}#command"
+        if on_step is not None:
+            pace, report = DraftPace(), on_step
+
+            def on_step(step: Step) -> None:
+                if pace.due(step):
+                    report(step)
         return self.sched.submit(key, lambda token: engine.run(request, token, on_step, self.count_oom_retry, key=key),
                                  debounce=False, version=target.version)
 

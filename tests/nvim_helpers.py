@@ -33,7 +33,7 @@ _G.diffu_test = {{ apply_edits = {{}}, done = {{}} }}
 local default_apply = vim.lsp.handlers['workspace/applyEdit']
 vim.lsp.handlers['workspace/applyEdit'] = function(err, params, ctx, config)
   local result = default_apply(err, params, ctx, config)
-  table.insert(_G.diffu_test.apply_edits, {{ params = params, result = result }})
+  table.insert(_G.diffu_test.apply_edits, {{ params = params, result = result, t = vim.uv.hrtime() }})
   return result
 end
 -- and counts inline-completion requests by state, and keeps the executeCommand params sent
@@ -78,7 +78,8 @@ _G.diffu_test.echoed = {{}}
 local echo = vim.api.nvim_echo
 vim.api.nvim_echo = function(chunks, history, opts)
   local text = table.concat(vim.tbl_map(function(chunk) return chunk[1] end, chunks))
-  table.insert(_G.diffu_test.echoed, {{ text = text, width = vim.fn.strdisplaywidth(text), room = vim.v.echospace }})
+  table.insert(_G.diffu_test.echoed, {{ text = text, width = vim.fn.strdisplaywidth(text), room = vim.v.echospace,
+                                       t = vim.uv.hrtime() }})
   return echo(chunks, history, opts)
 end
 vim.api.nvim_create_autocmd('User', {{

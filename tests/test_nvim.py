@@ -321,8 +321,8 @@ def test_typing_while_request_in_flight_leaves_no_stale_suggestion(editor_factor
         pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
     before = inline_counts(ed)
     goto_insert(ed, "19Go")
-    # type slower than the client's 200 ms debounce (so requests go out) but faster than a
-    # model answers, so each keystroke lands while a request is in flight
+    # type slower than the client's debounce (debounce_ms 20; Neovim alone: 200 ms) so requests go
+    # out, but faster than a model answers, so each keystroke lands while a request is in flight
     for ch in "result = count_words(":
         ed.input(ch)
         time.sleep(0.25)
@@ -767,11 +767,12 @@ def test_accept_a_word_then_a_line_then_the_rest(editor_factory):
         again = wait_for(lambda: (s := ed.suggestion()) and s["text"] == rest and s, REQUEST_TIMEOUT,
                          what=f"the rest {rest!r} shown again (shown: {ed.suggestion()})")
         assert again["anchor"] == [ed.cursor()[0] - 1, ed.cursor()[1]]
+        # (checked here: once the whole is accepted, the client asks for the next suggestion there)
+        assert ed.lua("return vim.lsp.get_clients({ name = 'diffu_lsp' })[1]:request_sync('diffu/stats', vim.NIL, "
+                      "20000, 0).result.submitted") == jobs, "the rest came from a new job, not the server's cache"
     if rest:
         ed.input("<Tab>")
     wait_for(lambda: ed.lines() == whole, 10, what=f"the whole suggestion accepted (buffer: {ed.lines()})")
-    assert ed.lua("return vim.lsp.get_clients({ name = 'diffu_lsp' })[1]:request_sync('diffu/stats', vim.NIL, 20000, 0)"
-                  ".result.submitted") == jobs, "the rest came from a new job, not the server's cache"
 
 
 def test_statusline_shows_a_request_in_flight(editor_factory):
@@ -826,3 +827,55 @@ def test_cycling_through_several_candidates(editor_factory):
     assert rng == [row - 1, col]
     assert ed.lines()[:row - 1] == before[:row - 1]
     assert "\n".join(ed.lines()).startswith("\n".join(before[:row - 1] + [before[row - 1][:col] + offered[1]]))
+
+
+def test_a_slow_command_shows_its_drafts_before_the_final_edit(editor_factory, request):
+    """A model whose every forward pass takes 0.1 s (tests/slow_diffu_lsp.py, in the server's own
+    process): :DiffuComplete echoes its progress at once ("starting", before the first forward),
+    then drafts with the tokens still masked shown as "…", before the edit lands. (Their pace, at
+    most one per 0.25 s, is tests/test_progress.py's: how many a forward this slow leaves depends
+    on how fast the rest of each forward runs.)"""
+    import sys
+    from pathlib import Path
+
+    slow = Path(__file__).with_name("slow_diffu_lsp.py")
+    model = request.getfixturevalue("mechanic_model")
+    ed = editor_factory(setup={"cmd": [sys.executable, str(slow), "0.1", "--model", str(model)],
+                               "settings": {"engine": "local", "kvCache": "none", "earlyExit": False,
+                                            "blockTokens": 12}},
+                        mechanic=True)
+    ed.input("<Esc>22G$")
+    ed.nvim.command("DiffuComplete")
+    done = wait_for(lambda: ed.lua("return _G.diffu_test.done[1]"), REQUEST_TIMEOUT, what=":DiffuComplete to finish")
+    assert done["command"] == "diffu.completeBlock" and not done.get("err"), done
+    echoed = ed.lua("return _G.diffu_test.echoed")
+    starting = [e for e in echoed if e["text"] == "diffu: Completing block: 0% starting"]
+    drafts = [e for e in echoed if "tokens left" in e["text"]]
+    assert starting and drafts and starting[0]["t"] < drafts[0]["t"], echoed
+    edits = ed.lua("return _G.diffu_test.apply_edits")
+    assert edits and edits[0]["result"]["applied"], edits
+    masked = [e for e in drafts if "…" in e["text"] and e["t"] < edits[0]["t"]]
+    assert len(masked) >= 2, drafts  # drafts still firming up, shown while the job ran
+
+
+def test_the_plugin_asks_debounce_ms_after_the_last_change_not_neovim_s_200_ms(editor_factory):
+    """Neovim 0.12 asks for an inline completion a fixed 200 ms after a key; the plugin asks
+    `debounce_ms` after the last change instead (20 by default; 600 here, so that Neovim's own
+    timer would have asked first), and then tells the server not to debounce again
+    (debounceMs 0, when the user did not set it)."""
+    ed = editor_factory(setup={"debounce_ms": 600}, mechanic=True)
+    if not has_inline_completion(ed):
+        pytest.skip("this nvim has no vim.lsp.inline_completion (needs Neovim 0.12+)")
+    assert server_settings(ed)["debounceMs"] == 0
+    goto_insert(ed, "19Go")
+    time.sleep(1.0)  # the requests of entering insert mode (Neovim's own, on InsertEnter) are answered
+    sent = inline_sent(ed)
+    typed = time.monotonic()
+    ed.input("x")
+    wait_for(lambda: ed.lines()[19].endswith("x"), 10, what="the typed key")
+    time.sleep(max(0.0, 0.4 - (time.monotonic() - typed)))
+    early = inline_sent(ed) - sent
+    assert early == 0 or time.monotonic() - typed > 0.55, "a request went out before debounce_ms"
+    wait_for(lambda: inline_sent(ed) == sent + 1, 10, what="the plugin's request after debounce_ms")
+    time.sleep(0.5)
+    assert inline_sent(ed) == sent + 1  # one request for the change: Neovim's timer did not ask again

@@ -11,7 +11,8 @@ Ray Serve cluster of 1 and 2 replicas and against the local daemon), soak
 (held-out lines with corrupted tokens refined in place: restored, detected, controls untouched; and
 held-out single-line infill, for --model and each --compare model), next-edit (one edit each in held-out files:
 the edits it implies predicted against plain text replacement and no prediction, plus a typing replay
-with nextEdit off and on), all. `python -m diffu_lsp.bench` is the same command.
+with nextEdit off and on), editor (keystroke -> ghost text in a real Neovim, Neovim's own request timing
+against the plugin's, the time split into its parts), all. `python -m diffu_lsp.bench` is the same command.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .common import Options, machine, machine_line, progress, render
 
 SUITES = ("replay", "speed", "quality", "memory", "daemon")
 MODEL_SUITES = ("speed", "quality")  # run in this process on a model loaded once for both
-STANDALONE = ("shapes", "gpu", "soak", "cluster", "edit", "next-edit")  # build their own networks or services; not part of `all`
+STANDALONE = ("shapes", "gpu", "soak", "cluster", "edit", "next-edit", "editor")  # build their own networks or services; not part of `all`
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import common
 
-ORDER = ("replay", "speed", "quality", "edit", "next-edit", "memory", "daemon", "shapes", "soak", "gpu", "cluster")
+ORDER = ("replay", "editor", "speed", "quality", "edit", "next-edit", "memory", "daemon", "shapes", "soak", "gpu", "cluster")
 
 HEADER = """# Benchmarks
 
@@ -22,7 +22,8 @@ setting), `memory` (peak memory, load time, time to first suggestion), `daemon` 
 daemon against a model in every server), `all`; and, outside `all`, `shapes` (random-weight networks
 of the real checkpoints' shapes: ms per step and block, the sampler's own overhead, memory), `soak`
 (editor windows typing through daemon faults: every answer, its time, recovery per fault kind),
-`cluster` (a Ray Serve cluster against the local daemon) and `gpu` (everything that needs a GPU, in
+`cluster` (a Ray Serve cluster against the local daemon), `editor` (keystroke -> ghost text in a
+real Neovim, split into its parts) and `gpu` (everything that needs a GPU, in
 one offline run). Add `--quick` for a smoke-sized run.
 """
 

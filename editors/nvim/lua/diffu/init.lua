@@ -43,6 +43,10 @@ local defaults = {
   settings = {},
   --- Show suggestions as ghost text (needs vim.lsp.inline_completion, Neovim 0.12+).
   inline_completion = true,
+  --- Ask for a suggestion this many ms after the last change in insert mode. Neovim 0.12 itself
+  --- asks a fixed 200 ms after the last key; with a number here the server's own debounce
+  --- (settings.debounceMs) is 0 unless you set it. false: Neovim's timing and the server's debounce.
+  debounce_ms = 20, ---@type integer|false
   --- Cancel inline-completion requests in flight when the text changes, and let <Tab> accept a
   --- suggestion only at the position it was computed for, or, typed into since, the rest of it
   --- as the server answers it for the cursor now.
@@ -692,6 +696,56 @@ end
 
 -- ------------------------------------------------------------------ attach
 
+-- Neovim 0.12 asks for an inline completion a fixed 200 ms after the last key (the timer of its
+-- private Completor:automatic_request; no option). With `debounce_ms` diffu asks sooner through
+-- that same Completor's request(), so Neovim's own drawing, accepting and cycling work on the
+-- answer as before. A Neovim without those private functions keeps its own timing.
+---@type table<integer, uv.uv_timer_t>
+local request_timers = {}
+
+local function native_completor(bufnr)
+  local ok, capability = pcall(require, 'vim.lsp._capability')
+  local class = ok and type(capability) == 'table' and capability.all and capability.all.inline_completion
+  local completor = type(class) == 'table' and class.active and class.active[bufnr]
+  if completor and type(completor.request) == 'function' and type(completor.reset_timer) == 'function' then
+    return completor
+  end
+end
+
+-- Ask for a suggestion `debounce_ms` after the last change of `bufnr` (a newer change restarts
+-- the wait; the server drops the job of a request that a newer one supersedes). Neovim's own timer,
+-- started by the key's CursorMovedI just before this TextChangedI, is stopped: it would ask again
+-- for the same text (or first, with a debounce_ms over 200).
+local function request_soon(bufnr)
+  local native = native_completor(bufnr)
+  if native then
+    native:reset_timer()
+  end
+  local timer = request_timers[bufnr]
+  if not timer or timer:is_closing() then
+    timer = assert(vim.uv.new_timer())
+    request_timers[bufnr] = timer
+  end
+  timer:stop()
+  timer:start(M.config.debounce_ms, 0, vim.schedule_wrap(function()
+    local completor = native_completor(bufnr)
+    if not completor or bufnr ~= vim.api.nvim_get_current_buf() or not vim.api.nvim_get_mode().mode:match('^i') then
+      return
+    end
+    completor:reset_timer() -- restarted meanwhile by a cursor move without a change
+    completor:request(vim.lsp.protocol.InlineCompletionTriggerKind.Automatic)
+  end))
+end
+
+local function stop_request_timer(bufnr)
+  local timer = request_timers[bufnr]
+  request_timers[bufnr] = nil
+  if timer and not timer:is_closing() then
+    timer:stop()
+    timer:close()
+  end
+end
+
 local function cancel_inline_requests(client, bufnr)
   for id, req in pairs(client.requests) do
     if req.type == 'pending' and req.method == 'textDocument/inlineCompletion' and req.bufnr == bufnr then
@@ -796,6 +850,22 @@ local function on_attach(client, bufnr)
       end,
     })
   end
+  if M.config.debounce_ms and vim.lsp.inline_completion and M.config.inline_completion then
+    vim.api.nvim_create_autocmd('TextChangedI', {
+      group = augroup,
+      buffer = bufnr,
+      callback = function()
+        request_soon(bufnr)
+      end,
+    })
+    vim.api.nvim_create_autocmd({ 'InsertLeave', 'BufUnload' }, {
+      group = augroup,
+      buffer = bufnr,
+      callback = function()
+        stop_request_timer(bufnr)
+      end,
+    })
+  end
 end
 
 -- ------------------------------------------------------------------ user commands
@@ -891,6 +961,12 @@ function M.setup(opts)
   end
   if type(opts.settings) == 'table' and next(opts.settings) ~= nil then
     overrides.settings = { diffu = opts.settings }
+  end
+  local configured = overrides.settings or (vim.lsp.config[NAME] or {}).settings or {}
+  local diffu = type(configured.diffu) == 'table' and configured.diffu or {}
+  if M.config.debounce_ms and M.config.inline_completion and diffu.debounceMs == nil then
+    -- the client waits for typing to pause (debounce_ms): the server need not wait again
+    overrides.settings = { diffu = vim.tbl_extend('force', diffu, { debounceMs = 0 }) }
   end
   if next(overrides) then
     vim.lsp.config(NAME, overrides)
