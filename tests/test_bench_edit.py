@@ -38,3 +38,38 @@ def test_score_restored_detected_collateral_and_controls():
     assert score(control, "n = a + 1") == {"control": True, "untouched": True}
     assert score(control, "n = a + 2") == {"control": True, "untouched": False}
     assert changed_spans("abc", "abc") == []
+
+
+class CharModel:
+    """One token per character; p(token) is high for every character but 'X' (or flat)."""
+
+    def __init__(self, flat: bool = False):
+        self.flat = flat
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def position_logits(self, canvas, positions):
+        import torch
+
+        logits = torch.zeros(len(positions), 256)
+        if not self.flat:
+            current = canvas[positions]
+            logits[torch.arange(len(positions)), current] = torch.where(current == ord("X"), -5.0, 5.0)
+        return logits
+
+
+def test_judging_auc_ranks_corrupted_tokens_against_clean_ones():
+    from diffu_lsp.bench.edit import Case, judging_auc
+
+    text = "def f(a):\n    return a + 1\n"
+    start = text.index("return")
+    end = text.index("\n", start)
+    wrong = text[:start] + "return XX + 1" + text[end:]
+    cases = [Case("f.py", wrong, start, start + len("return XX + 1"), "return a + 1", ((7, 9),), "random"),
+             Case("f.py", text, start, end, "return a + 1", (), "control")]
+    assert judging_auc(CharModel(), cases) == 1.0  # every corrupted token is the least likely
+    assert judging_auc(CharModel(flat=True), cases) == 0.5  # a model that cannot tell: chance

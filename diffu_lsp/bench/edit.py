@@ -201,6 +201,48 @@ def refine_case(model, case: Case, settings) -> dict:
     return {**score(case, refined), "forwards": forwards["n"], "seconds": time.perf_counter() - started}
 
 
+def judging_auc(model, cases: list[Case]) -> float:
+    """How well the model tells a wrong visible token from a right one, whatever the thresholds: one
+    forward per line with the selection as it stands (healed as refine heals it), p(token) at each
+    selected token; the share of (corrupted token, clean control token) pairs in which the corrupted
+    one has the lower p (ties count half): 0.5 is chance, 1 a perfect judge. A corrupted span's
+    token is its least likely one."""
+    import bisect
+
+    import torch
+
+    from .. import infill
+
+    clean, wrong = [], []
+    for case in cases:
+        prefix, selected, suffix = infill.refine_request(case.text, case.start, case.end, model.encode, 768, 256)
+        kept = prefix.rstrip(" \t")
+        healed, prefix = prefix[len(kept):], kept
+        ids = model.encode(healed + selected)
+        prefix_ids = model.encode(prefix)
+        canvas = torch.tensor(prefix_ids + ids + model.encode(suffix))
+        with torch.no_grad():
+            logits = model.position_logits(canvas, torch.arange(len(prefix_ids), len(prefix_ids) + len(ids)))
+        p = logits.float().softmax(-1).gather(1, torch.tensor(ids, device=logits.device)[:, None])[:, 0].tolist()
+        ends, at = [], -len(healed)
+        for token in ids:
+            at += len(model.decode([token]))
+            ends.append(at)
+        if not case.spans:
+            clean += p
+        for a, b in case.spans:
+            inside = [q for q, end, length in zip(p, ends, (len(model.decode([t])) for t in ids))
+                      if end - length < b and end > a]
+            if inside:
+                wrong.append(min(inside))
+    clean.sort()
+    if not clean or not wrong:
+        return float("nan")
+    pairs = sum(len(clean) - bisect.bisect_right(clean, q) + 0.5 * (bisect.bisect_right(clean, q)
+                                                                     - bisect.bisect_left(clean, q)) for q in wrong)
+    return pairs / (len(clean) * len(wrong))
+
+
 def aggregate(items: list[dict]) -> dict:
     lines = [i for i in items if not i["control"]]
     controls = [i for i in items if i["control"]]
@@ -249,7 +291,7 @@ def run(options: common.Options) -> dict:
     cases = make_cases(options.seed, count)
     infill_count = options.stdlib_lines or (QUICK_LINES if options.quick else INFILL_LINES)
     infill_tasks = stdlib_tasks(options.seed, infill_count)
-    edit_rows, infill_rows, records = [], [], []
+    edit_rows, infill_rows, auc_rows, records = [], [], [], []
     for name in models_of(options):
         model = load_model(name, device=options.device, dtype=options.dtype)
         label = label_of(name)
@@ -274,12 +316,14 @@ def run(options: common.Options) -> dict:
             edit_rows.append([label, shown, agg["lines"], agg["restored"], agg["detection"], agg["collateral"],
                               agg["untouched"], agg["forwards"], agg["ms"]])
             common.progress(f"edit: {label} at edit threshold {shown}: {len(cases)} refines done")
+        auc = judging_auc(model, cases)
         fills = [suggest_line(model, task) for task in infill_tasks]
         exact = 100.0 * sum(f["exact"] for f in fills) / len(fills) if fills else float("nan")
         similarity = sum(f["similarity"] for f in fills) / len(fills) if fills else float("nan")
         forwards = sum(f["forwards"] for f in fills) / len(fills) if fills else float("nan")
         infill_rows.append([label, len(fills), exact, similarity, forwards])
-        records.append({"model": label, "infill_exact": exact, "infill_similarity": similarity})
+        auc_rows.append([label, auc])
+        records.append({"model": label, "infill_exact": exact, "infill_similarity": similarity, "judging_auc": auc})
         common.progress(f"edit: {label}: {len(fills)} held-out single-line suggestions done")
         del model
     copied = [copy_previous_line(t) for t in infill_tasks]
@@ -305,7 +349,9 @@ def run(options: common.Options) -> dict:
     return {
         "suite": "edit",
         "title": "Token editing: judging the tokens a model sees",
-        "tables": [edit_table, infill_table],
+        "tables": [edit_table, common.table(
+            "Judging, whatever the thresholds: corrupted tokens ranked below clean ones (one forward per line)",
+            ["model", "rank AUC (0.5: chance, 1: perfect)"], auc_rows), infill_table],
         "headline": headline,
         "records": records,
         "summary": {"cases": len(cases), "corrupted": len(corrupted), "models": [r["model"] for r in records
@@ -322,6 +368,10 @@ def run(options: common.Options) -> dict:
             "of the corrupted tokens, those whose characters the refine changed (difflib alignment of the "
             "corrupted and refined line). collateral %: corrupted lines also changed elsewhere. controls "
             "untouched %: intact lines that come back exactly as they were.",
+            "rank AUC: one forward per case with the selection as it stands; p(token) at each selected token; "
+            "the share of (corrupted token, token of an intact control line) pairs in which the corrupted one is "
+            "less likely (ties half). A threshold rule can only trade detection against untouched controls along "
+            "this ranking: both targets need it near 1.",
             "Held-out infill: `features.run` suggest with default settings at the start of the emptied line "
             "(the quality suite's `server default` row), exact match and edit similarity to the removed line; "
             "copy-the-previous-line is the baseline to beat.",
