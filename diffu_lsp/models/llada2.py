@@ -69,6 +69,11 @@ class LLaDA2Config:
                 raise ValueError(f"{key} is not supported for llada2_moe")
         if self.hidden_act != "silu" or get("score_function", "sigmoid") != "sigmoid":
             raise ValueError("llada2_moe: only silu experts with sigmoid routing are supported")
+        self.sliding_window, self.layer_types = None, None
+
+    def get_text_config(self, *args, **kwargs) -> "LLaDA2Config":
+        """What transformers' DynamicCache asks a config for (the autoregressive baseline makes one)."""
+        return self
 
 
 class RMSNorm(nn.Module):
@@ -132,7 +137,7 @@ class Gate(nn.Module):
         super().__init__()
         self.top_k, self.groups, self.top_groups, self.scale = (c.num_experts_per_tok, c.n_group, c.topk_group,
                                                                 c.routed_scaling_factor)
-        self.weight = nn.Parameter(torch.empty(c.num_experts, c.hidden_size))
+        self.weight = nn.Parameter(torch.empty(c.num_experts, c.hidden_size).normal_(std=0.02))
         self.register_buffer("expert_bias", torch.zeros(c.num_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
