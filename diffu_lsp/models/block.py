@@ -1,4 +1,5 @@
-"""Block diffusion models (SDAR, Fast-dLLM v2): denoised a block at a time, the finished blocks an exact K/V cache.
+"""Block diffusion models (SDAR, Fast-dLLM v2, LLaDA 2.x, Stable-DiffCoder): denoised a block at a
+time, the finished blocks an exact K/V cache.
 
 Attention is bidirectional inside a block of `block_size` tokens and causal across blocks (block
 k sees blocks 0..k). Blocks sit at fixed positions of the sequence: block k is [k*B, (k+1)*B), as
@@ -25,8 +26,9 @@ generation_config.json's eos list.
 Infill: a block model cannot see text after the block, so a hole is decoded as the middle of a
 fill-in-the-middle prompt: `<|fim_prefix|>` prefix `<|fim_suffix|>` suffix `<|fim_middle|>`
 middle (Qwen's format; SDAR keeps Qwen3's tokenizer and Fast-dLLM v2 Qwen2.5's, both with these
-tokens; neither family's authors document an infill format). A tokenizer without FIM tokens gets
-the prefix alone. Several holes in one canvas are filled one job each, left to right, each hole's
+tokens; neither family's authors document an infill format), or Seed-Coder's, suffix first
+(Stable-DiffCoder): `<[fim-suffix]>` suffix `<[fim-prefix]>` prefix `<[fim-middle]>` middle. A
+tokenizer without FIM tokens (LLaDA 2.x's) gets the prefix alone. Several holes in one canvas are filled one job each, left to right, each hole's
 suffix running to the next hole.
 """
 
@@ -34,12 +36,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-import re
-
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from ..sampler import Denoised, Draft, Sampling, denoise
@@ -48,7 +49,6 @@ from .backend import DiffusionModel
 # (prefix, suffix, middle) token names, and whether the suffix comes first (SPM order)
 FIM_FORMATS = ((("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), False),  # Qwen (SDAR, Fast-dLLM v2)
                (("<[fim-prefix]>", "<[fim-suffix]>", "<[fim-middle]>"), True))   # Seed-Coder (Stable-DiffCoder)
-FIM_TOKENS = FIM_FORMATS[0][0]
 SDAR_BLOCK_SIZE = 4          # config.json "block_size" of every SDAR checkpoint; the authors decode with it
 THRESHOLD_0_9 = {"alg": "threshold", "threshold": 0.9}
 LLADA2_BLOCK_SIZE = 32       # LLaDA 2.x's generate: block_length 32
@@ -166,10 +166,6 @@ def fim_of(tokenizer) -> tuple[tuple[int, int, int] | None, bool]:
         if all(t in vocab for t in names):
             return tuple(vocab[t] for t in names), suffix_first
     return None, False
-
-
-def fim_ids_of(tokenizer) -> tuple[int, int, int] | None:
-    return fim_of(tokenizer)[0]
 
 
 class BlockKV:
