@@ -75,6 +75,10 @@ class LLaDA2Config:
         """What transformers' DynamicCache asks a config for (the autoregressive baseline makes one)."""
         return self
 
+    @property
+    def per_layer_config(self) -> list["LLaDA2Config"]:
+        return [self] * self.num_hidden_layers
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
