@@ -728,12 +728,15 @@ def test_llada2_stops_after_the_block_with_the_eos_and_2_1_edits_tokens(llada2):
     end_of_block = LB - 10
     assert ours[end_of_block:] == [stop] * (60 - end_of_block)  # the blocks after the EOS's are not decoded
     assert ours[:end_of_block] == llada2_recompute(model.network, prompt, 60, 0.95, stop)[:end_of_block]
-    # LLaDA 2.1's token editing (the sampler's T2T): edits fire at a low edit threshold, and the block
-    # cache gives what recomputing every forward gives
-    edited = model.fill(canvas, threshold=0.7, edit_threshold=6.5e-6)
-    again = replace(model, block_cache=False).fill(canvas, threshold=0.7, edit_threshold=6.5e-6)
+    # LLaDA 2.1's token editing (the sampler's T2T) in the block path: draft tokens the model would not
+    # choose are replaced (random weights' choices barely move, so the edits come from drafts), and the
+    # block cache gives what recomputing every forward gives
+    drafted = prompt + list(range(500, 530)) + [model.mask_token_id] * 30
+    provisional = [False] * 10 + [True] * 30 + [False] * 30
+    edited = model.fill(drafted, provisional=provisional, threshold=0.7, edit_threshold=6.5e-6)
+    again = replace(model, block_cache=False).fill(drafted, provisional=provisional, threshold=0.7, edit_threshold=6.5e-6)
     assert edited.edits > 0 and edited.canvas.tolist() == again.canvas.tolist() and edited.forwards == again.forwards
-    assert model.mask_token_id not in edited.canvas.tolist()
+    assert model.mask_token_id not in edited.canvas.tolist() and edited.canvas[10:40].tolist() != list(range(500, 530))
 
 
 # ------------------------------------------------------------------ Stable-DiffCoder
@@ -824,8 +827,8 @@ def test_suggest_fill_holes_refine_and_the_block_cache_on_llada2_and_stable_diff
     from diffu_lsp.settings import Settings
 
     model, _ = new_family
-    canvas = model.encode("def f(x):\n    return ") + [model.mask_token_id] * 9 + model.encode("\n\nprint(f(1))\n")
-    cached, recomputed = model.fill(canvas, threshold=6.5e-6), replace(model, block_cache=False).fill(canvas, threshold=6.5e-6)
+    canvas = model.encode("def f(x):\n    return ") + [model.mask_token_id] * 40 + model.encode("\n\nprint(f(1))\n")
+    cached, recomputed = model.fill(canvas), replace(model, block_cache=False).fill(canvas)  # over 2 blocks
     assert cached.canvas.tolist() == recomputed.canvas.tolist() and cached.rows < recomputed.rows
     text = "def add(a, b):\n    return \n"
     cursor = text.index("return ") + len("return ")

@@ -412,6 +412,7 @@ class BlockDiffusionModel(DiffusionModel):
         total.forwards += result.forwards
         total.drafted += result.drafted
         total.remasked += result.remasked
+        total.edits += result.edits
         if result.cancelled or caller_stopped:
             total.cancelled, total.stopped_early = result.cancelled, bool(caller_stopped)
             return True
