@@ -581,3 +581,307 @@ def test_fast_dllm_v2_shape_is_the_real_checkpoint():
     with torch.device("meta"):
         count = sum(p.numel() for p in Qwen2ForCausalLM(net_config).parameters())
     assert abs(count / 1e9 - 7.6156) < 0.001  # the checkpoint's index: 15,231,233,024 bytes of bf16
+
+
+# ------------------------------------------------------------------ LLaDA 2.x
+# The oracle: the checkpoint's own modeling_llada2_moe.py and configuration_llada2_moe.py (inclusionAI
+# LLaDA2.0-mini's, as mirrored in github.com/yks23/Information-Gain-Sampler at commit f1cb636,
+# dllm/dllm/pipelines/llada2/models/), read from $LLADA2_MODELING_DIR (default /tmp/oracles/llada2;
+# never part of this repository) and run by tests/llada2_oracle.py with $LLADA2_ORACLE_PYTHON
+# (default /tmp/llada2-oracle-venv/bin/python: a venv with transformers 4.57, the version that
+# code was written for): their network's logits and their `generate` (full recomputation every
+# forward, blocks of 32, threshold rule, stop after the block with the EOS).
+
+LLADA2_DIR = Path(os.environ.get("LLADA2_MODELING_DIR", "/tmp/oracles/llada2"))
+LLADA2_PYTHON = Path(os.environ.get("LLADA2_ORACLE_PYTHON", "/tmp/llada2-oracle-venv/bin/python"))
+LB, LLADA2_MASK, LLADA2_EOS = 32, 156895, 156892
+
+
+def llada2_oracle(folder: Path, tmp_path: Path, logits=None, generate=()) -> dict:
+    if not ((LLADA2_DIR / "modeling_llada2_moe.py").is_file() and LLADA2_PYTHON.is_file()):
+        pytest.skip(f"LLaDA2's modeling code ({LLADA2_DIR}) or its environment ({LLADA2_PYTHON}) is absent")
+    out = tmp_path / "oracle.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    run = subprocess.run([str(LLADA2_PYTHON), str(Path(__file__).parent / "llada2_oracle.py"), str(LLADA2_DIR),
+                          str(folder), str(out)], input=json.dumps({"logits": logits, "generate": list(generate)}),
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def llada2(tmp_path_factory):
+    from tiny_checkpoints import write_llada2
+
+    folder = write_llada2(tmp_path_factory.mktemp("llada2") / "LLaDA2.0-mini-tiny")
+    return load_model(folder, device="cpu", dtype="float32"), folder
+
+
+LLADA2_CASES = [(threshold, prompt_length) for threshold in (0.95, 6.4e-6) for prompt_length in (10, 45, 64)]
+
+
+def llada2_case(prompt_length: int) -> tuple[list[int], int]:
+    """A prompt and a hole to the end of the second block after the prompt's."""
+    return list(range(100, 100 + prompt_length)), (prompt_length // LB + 2) * LB - prompt_length
+
+
+@pytest.fixture(scope="module")
+def llada2_theirs(llada2, tmp_path_factory):
+    """The checkpoint code's logits for ids 100..139 and its generate for every LLADA2_CASES case (one run)."""
+    cases = []
+    for threshold, prompt_length in LLADA2_CASES:
+        prompt, n = llada2_case(prompt_length)
+        cases.append(dict(prompt=prompt, gen_length=n, threshold=threshold, block_length=LB, eos_id=LLADA2_EOS,
+                          mask_id=LLADA2_MASK))
+    out = llada2_oracle(llada2[1], tmp_path_factory.mktemp("oracle"), logits=[list(range(100, 140)), LB], generate=cases)
+    return out["logits"], dict(zip(LLADA2_CASES, out["generate"]))
+
+
+def llada2_recompute(network, prompt: list[int], n: int, threshold: float, stop: int, block: int = LB):
+    """LLaDA2.0's rule, cache-free: every forward recomputes the whole sequence under the block-causal mask."""
+    length = -(-(len(prompt) + n) // block) * block
+    x = torch.full((length,), LLADA2_MASK)
+    x[:len(prompt)] = torch.tensor(prompt)
+    with torch.no_grad():
+        for low in range(len(prompt) // block * block, length, block):
+            high = low + block
+            while (x[low:high] == LLADA2_MASK).any():
+                logits = network(input_ids=x[None, :high], attention_mask=sdar_mask_for(high, block)).logits[0, low:high]
+                token, p = greedy(logits)
+                p = torch.where(x[low:high] == LLADA2_MASK, p, -torch.inf)
+                reveal = p >= threshold if (p >= threshold).any() else F.one_hot(p.argmax(), block).bool()
+                x[low:high][reveal] = token[reveal]
+            if stop in x[len(prompt):high].tolist():
+                break
+    return x[len(prompt):len(prompt) + n].tolist()
+
+
+def test_llada2_layout_loads_onto_our_network_without_its_code(llada2, tmp_path):
+    from diffu_lsp.models.llada2 import LLaDA2ForDiffusion
+
+    model, folder = llada2
+    assert isinstance(model, BlockDiffusionModel) and model.family == "llada2" and not model.shift_logits
+    assert isinstance(model.network, LLaDA2ForDiffusion) and model.network.model.layers[1].mlp.experts[7] is not None
+    assert (model.mask_token_id, model.eos_token_ids, model.block_size) == (LLADA2_MASK, (LLADA2_EOS,), LB)
+    assert model.fim_ids is None and model.prompt_ids([5, 6], [7]) == [5, 6]  # no FIM tokens: the prefix alone
+    assert model.default_sampling == {"alg": "threshold", "threshold": 0.95}
+    from safetensors.torch import load_file
+    stored = {}
+    for shard in folder.glob("*.safetensors"):
+        stored.update(load_file(str(shard)))
+    assert set(stored) == set(model.network.state_dict())
+    assert all(torch.equal(model.network.state_dict()[k], v.float()) for k, v in stored.items())
+    import shutil
+    named = tmp_path / "LLaDA2.1-mini-tiny"
+    shutil.copytree(folder, named)
+    assert load_model(named, device="cpu", dtype="float32").default_sampling == {
+        "alg": "threshold", "threshold": 0.7, "edit_threshold": 0.5}  # 2.1: joint M2T / T2T thresholds
+
+
+def test_llada2_logits_follow_the_block_causal_mask(llada2):
+    model, folder = llada2
+    ids = list(range(100, 140))  # two blocks: the second sees the first, not the reverse
+    ours = model.logits(torch.tensor([ids]))
+    later = torch.tensor([ids]).clone()
+    later[0, 35] = 99
+    changed = model.logits(later)
+    assert torch.equal(changed[0, :32], ours[0, :32]) and (changed[0, 32] - ours[0, 32]).abs().max() > 1e-4
+    positions = torch.tensor([1, 31, 33])
+    assert (model.position_logits(torch.tensor(ids), positions) - ours[0, positions]).abs().max() < 1e-5
+
+
+def test_llada2_logits_equal_the_checkpoint_s_code(llada2, llada2_theirs):
+    ours = llada2[0].logits(torch.arange(100, 140)[None])[0]
+    assert (ours - llada2_theirs[0]).abs().max() < 1e-5
+
+
+# thresholds: random weights give p ~ 6e-6, so 6.4e-6 reveals several at once; prompts inside block 0,
+# across a block boundary, and exactly two blocks
+@pytest.mark.parametrize("threshold, prompt_length", LLADA2_CASES)
+def test_llada2_greedy_tokens_equal_a_cache_free_recomputation(llada2, threshold, prompt_length):
+    model = llada2[0]
+    prompt, n = llada2_case(prompt_length)
+    result = model.fill(prompt + [model.mask_token_id] * n, threshold=threshold)
+    ours = result.canvas[prompt_length:].tolist()
+    assert model.mask_token_id not in ours
+    assert ours == llada2_recompute(model.network, prompt, n, threshold, LLADA2_EOS)
+    if threshold < 0.5:
+        assert result.forwards < n
+
+
+@pytest.mark.parametrize("threshold, prompt_length", LLADA2_CASES)
+def test_llada2_greedy_tokens_equal_the_checkpoint_s_generate(llada2, llada2_theirs, threshold, prompt_length):
+    model = llada2[0]
+    prompt, n = llada2_case(prompt_length)
+    ours = model.fill(prompt + [model.mask_token_id] * n, threshold=threshold).canvas[prompt_length:].tolist()
+    theirs = llada2_theirs[1][(threshold, prompt_length)]
+    assert len(theirs) >= 8 and ours[:len(theirs)] == theirs  # theirs ends at the first EOS, if any
+
+
+def test_llada2_stops_after_the_block_with_the_eos_and_2_1_edits_tokens(llada2):
+    model, _ = llada2
+    prompt = list(range(100, 110))
+    canvas = prompt + [model.mask_token_id] * 60
+    free = model.fill(canvas).canvas[10:].tolist()
+    stop = free[5]
+    ours = replace(model, eos_token_ids=(stop,)).fill(canvas).canvas[10:].tolist()
+    end_of_block = LB - 10
+    assert ours[end_of_block:] == [stop] * (60 - end_of_block)  # the blocks after the EOS's are not decoded
+    assert ours[:end_of_block] == llada2_recompute(model.network, prompt, 60, 0.95, stop)[:end_of_block]
+    # LLaDA 2.1's token editing (the sampler's T2T) in the block path: draft tokens the model would not
+    # choose are replaced (random weights' choices barely move, so the edits come from drafts), and the
+    # block cache gives what recomputing every forward gives
+    drafted = prompt + list(range(500, 530)) + [model.mask_token_id] * 30
+    provisional = [False] * 10 + [True] * 30 + [False] * 30
+    edited = model.fill(drafted, provisional=provisional, threshold=0.7, edit_threshold=6.5e-6)
+    again = replace(model, block_cache=False).fill(drafted, provisional=provisional, threshold=0.7, edit_threshold=6.5e-6)
+    assert edited.edits > 0 and edited.canvas.tolist() == again.canvas.tolist() and edited.forwards == again.forwards
+    assert model.mask_token_id not in edited.canvas.tolist() and edited.canvas[10:40].tolist() != list(range(500, 530))
+
+
+# ------------------------------------------------------------------ Stable-DiffCoder
+# Its modeling file (ByteDance-Seed/Stable-DiffCoder-8B-*, modeling_stable_diffcoder.py) is on the hub
+# only and could not be fetched here; it subclasses transformers' LlamaForCausalLM and adds `generate`.
+# So: stock Llama under the authors' block mask (kron of a lower-triangular block matrix, as that
+# file builds it) is the network oracle, and the README's decoding (block_length 4, steps = gen_length:
+# one token per forward, low_confidence, no threshold, no shift) recomputed in full is the decoding oracle.
+
+SB = 4
+
+
+@pytest.fixture(scope="module")
+def diffcoder(tmp_path_factory):
+    from tiny_checkpoints import write_stable_diffcoder
+
+    folder, reference = write_stable_diffcoder(tmp_path_factory.mktemp("sdc"))
+    return load_model(folder, device="cpu", dtype="float32"), reference, folder
+
+
+def kron_block_mask(length: int, block: int) -> torch.Tensor:
+    blocks = -(-length // block)
+    allowed = torch.tril(torch.ones(blocks, blocks, dtype=torch.bool)).kron(torch.ones(block, block, dtype=torch.bool))
+    return torch.zeros(length, length).masked_fill(~allowed[:length, :length], float("-inf"))[None, None]
+
+
+def diffcoder_recompute(llama, prompt: list[int], n: int, mask_id: int, stops) -> list[int]:
+    length = -(-(len(prompt) + n) // SB) * SB
+    x = torch.full((length,), mask_id)
+    x[:len(prompt)] = torch.tensor(prompt)
+    with torch.no_grad():
+        for low in range(len(prompt) // SB * SB, length, SB):
+            high = low + SB
+            while (x[low:high] == mask_id).any():
+                logits = llama(input_ids=x[None, :high], attention_mask=kron_block_mask(high, SB)).logits[0, low:high]
+                token, p = greedy(logits)
+                best = torch.where(x[low:high] == mask_id, p, -torch.inf).argmax()
+                x[low + best] = token[best]
+            if torch.isin(x[len(prompt):high], torch.tensor(stops)).any():
+                break
+    return x[len(prompt):len(prompt) + n].tolist()
+
+
+def test_stable_diffcoder_loads_onto_llama_and_its_logits_are_llama_s_under_the_block_mask(diffcoder):
+    from transformers import LlamaForCausalLM
+
+    model, reference, folder = diffcoder
+    assert isinstance(model.network, LlamaForCausalLM) and model.family == "stable-diffcoder"
+    assert (model.block_size, model.shift_logits, model.default_sampling) == (4, False, {"alg": "threshold", "threshold": 1.0})
+    vocab = model.tokenizer.get_vocab()
+    assert model.mask_token_id == vocab["<[MASK]>"] and model.eos_token_ids[0] == 2
+    assert model.fim_ids == (vocab["<[fim-prefix]>"], vocab["<[fim-suffix]>"], vocab["<[fim-middle]>"])
+    assert model.prompt_ids([5, 6], [7]) == [vocab["<[fim-suffix]>"], 7, vocab["<[fim-prefix]>"], 5, 6,
+                                             vocab["<[fim-middle]>"]]  # Seed-Coder's order: suffix first
+    ids = torch.arange(300, 310)[None]
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=kron_block_mask(10, SB)).logits
+    assert (model.logits(ids) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("prefix", ["def f(x):\n    return ", "x = 1\n"])
+def test_stable_diffcoder_greedy_tokens_equal_the_recomputed_rule(diffcoder, prefix):
+    model, reference, _ = diffcoder
+    prefix_ids, n = model.encode(prefix), 11
+    result = model.fill(prefix_ids + [model.mask_token_id] * n)
+    ours = result.canvas[len(prefix_ids):].tolist()
+    assert ours == diffcoder_recompute(reference, model.prompt_ids(prefix_ids, []), n, model.mask_token_id,
+                                       model.eos_token_ids)
+    assert result.forwards == n  # one token per forward
+    stop = ours[2]
+    stopped = replace(model, eos_token_ids=(stop,)).fill(prefix_ids + [model.mask_token_id] * n)
+    expected = diffcoder_recompute(reference, model.prompt_ids(prefix_ids, []), n, model.mask_token_id, (stop,))
+    P = len(model.prompt_ids(prefix_ids, []))
+    end_of_block = (P + 2) // SB * SB + SB - P
+    assert stopped.canvas[len(prefix_ids):].tolist()[:end_of_block] == expected[:end_of_block]
+
+
+# ------------------------------------------------------------------ both: features, CLI, server
+
+@pytest.fixture(params=["llada2", "stable-diffcoder"])
+def new_family(request, llada2, diffcoder):
+    return (llada2[0], llada2[1]) if request.param == "llada2" else (diffcoder[0], diffcoder[2])
+
+
+def test_suggest_fill_holes_refine_and_the_block_cache_on_llada2_and_stable_diffcoder(new_family):
+    from diffu_lsp.features import run
+    from diffu_lsp.job import Request
+    from diffu_lsp.settings import Settings
+
+    model, _ = new_family
+    canvas = model.encode("def f(x):\n    return ") + [model.mask_token_id] * 40 + model.encode("\n\nprint(f(1))\n")
+    cached, recomputed = model.fill(canvas), replace(model, block_cache=False).fill(canvas)  # over 2 blocks
+    assert cached.canvas.tolist() == recomputed.canvas.tolist() and cached.rows < recomputed.rows
+    text = "def add(a, b):\n    return \n"
+    cursor = text.index("return ") + len("return ")
+    settings = Settings(single_line_tokens=8, multi_line_tokens=12, block_tokens=12)
+    suggestion = run(model, Request("suggest", text, cursor, cursor, settings))
+    assert suggestion.forwards >= 1 and suggestion.hole_tokens == 8
+    holed = "def f(x):\n    ...\n    # TODO: fill\n"
+    assert len(run(model, Request("fill_holes", holed, 0, len(holed), settings))) == 2
+    low = Settings(refine_mode="low_confidence", refine_confidence=0.5)
+    assert run(model, Request("refine", text, 0, 14, low)).strip()
+
+
+def test_diffu_lsp_complete_runs_llada2_and_stable_diffcoder(new_family, tmp_path):
+    source = tmp_path / "a.py"
+    source.write_text("def add(a, b):\n    return \n")
+    out = subprocess.run([sys.executable, "-m", "diffu_lsp", "complete", f"{source}:2:12", "--model",
+                          str(new_family[1]), "--device", "cpu", "--max-tokens", "8", "--json"],
+                         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["hole_tokens"] == 8 and answer["forwards"] >= 1
+
+
+@pytest.mark.asyncio
+async def test_the_language_server_completes_inline_with_llada2_and_stable_diffcoder(new_family, tmp_path):
+    from test_server import inline, inline_text, jobs_of, open_doc, position_of, start_server, stats, stop_server, wait_status
+
+    client = await start_server(tmp_path, "--model", str(new_family[1]), "--no-daemon", encodings=["utf-16"],
+                                init_options={"singleLineTokens": 8, "multiLineTokens": 8, "blockTokens": 8})
+    try:
+        await wait_status(client, "ready")
+        text = "def add(a, b):\n    return \n"
+        uri = open_doc(client, text)
+        result = await inline(client, uri, position_of(text, text.index("\n    return ") + len("\n    return ")))
+        assert inline_text(result) is not None
+        (job,) = jobs_of(await stats(client), uri)
+        assert job["outcome"] == "completed" and job["forwards"] >= 1
+    finally:
+        await stop_server(client)
+
+
+@pytest.mark.parametrize("shape, family, billions", [("llada2-mini", "llada2", 16.2556), ("stable-diffcoder-8b", "stable-diffcoder", 8.2505)])
+def test_llada2_and_stable_diffcoder_shapes_are_the_real_checkpoints(shape, family, billions):
+    from diffu_lsp.bench import shapes
+    from diffu_lsp.models.block import network_for
+
+    config, _, _ = shapes.SHAPES[shape]
+    found, net_config = shapes.network_config(config)
+    assert found == family
+    with torch.device("meta"):
+        network = network_for(family, config)[0](net_config)
+    count = sum(p.numel() for p in network.parameters())
+    assert abs(count / 1e9 - billions) < 0.001  # LLaDA2.0-mini: "16B total"; Seed-Coder-8B's Llama shapes
+    if family == "llada2":  # "1.4B activated": all but 248 of the 256 routed experts' weights, per token
+        experts = sum(p.numel() for name, p in network.named_parameters() if ".experts." in name)
+        assert abs((count - experts * (1 - 8 / 256)) / 1e9 - 1.433) < 0.001

@@ -282,3 +282,101 @@ def write_fast_dllm_v2(folder: Path, seed: int = 0) -> tuple[Path, Qwen2ForCausa
     _save_sharded(state, folder, shards=2)
     qwen2.load_state_dict({k: v.float() for k, v in state.items()})
     return folder, qwen2.eval()
+
+
+def write_llada2(folder: Path, seed: int = 0) -> Path:
+    """LLaDA2.0-mini's layout at toy width (inclusionAI/LLaDA2.0-mini: `model_type "llada2_moe"`,
+    LLaDA2MoeModelLM, its config keys, fused query_key_value, q/k norms, partial rotary 0.5, layer 0
+    dense and the rest a mixture of experts with a shared expert and sigmoid group routing with
+    expert_bias, untied lm_head, tokenizer.json with `<|endoftext|>` 156892 and `<|mask|>` 156895,
+    vocabulary 157184, bf16 shards). Weights are made by our own network class with random values."""
+    from diffu_lsp.models.llada2 import LLaDA2Config, LLaDA2ForDiffusion
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _padded_vocab(156891)
+    added = {"<|startoftext|>": 156891, "<|endoftext|>": 156892, "<|mask|>": 156895}
+    for token_id in (156893, 156894):
+        added[f"<|reserved_token_{token_id}|>"] = token_id
+    (folder / "tokenizer.json").write_text(_tokenizer_json(vocab, merges, added))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "model_max_length": 32768}, indent=2))
+    config = {
+        "architectures": ["LLaDA2MoeModelLM"],
+        "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                     "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                     "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
+        "model_type": "llada2_moe", "dtype": "bfloat16", "embedding_dropout": 0.0, "first_k_dense_replace": 1,
+        "head_dim": 16, "hidden_act": "silu", "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+        "max_position_embeddings": 512, "max_window_layers": 2, "moe_intermediate_size": 16,
+        "moe_router_enable_expert_bias": True, "n_group": 4, "norm_head": False, "norm_softmax": False,
+        "norm_topk_prob": True, "num_attention_heads": 4, "num_experts": 8, "num_experts_per_tok": 2,
+        "num_hidden_layers": 2, "num_key_value_heads": 2, "num_shared_experts": 1, "output_dropout": 0.0,
+        "output_router_logits": False, "pad_token_id": 156892, "eos_token_id": 156892, "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 600000, "rotary_dim": 8,
+        "routed_scaling_factor": 2.5, "router_dtype": "fp32", "score_function": "sigmoid", "tie_word_embeddings": False,
+        "topk_group": 2, "transformers_version": "4.56.2", "use_bias": False, "use_cache": False,
+        "use_qk_norm": True, "use_qkv_bias": False, "use_rmsnorm": True, "using_split_qkv_in_self_attention": False,
+        "vocab_size": 157184,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    network = LLaDA2ForDiffusion(LLaDA2Config(config))
+    state = {}
+    for key, tensor in network.state_dict().items():
+        if key.endswith("gate.weight") or key.endswith("word_embeddings.weight"):
+            tensor = torch.randn(tensor.shape)
+        elif key.endswith("expert_bias"):
+            tensor = 0.1 * torch.randn(tensor.shape)
+        elif key.endswith("layernorm.weight") or key.endswith("norm.weight"):
+            tensor = 1 + 0.1 * torch.randn(tensor.shape)
+        state[key] = tensor.to(torch.bfloat16)
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in state and "model.layers.0.mlp.gate_proj.weight" in state
+    assert "model.layers.1.mlp.shared_experts.up_proj.weight" in state and "model.layers.1.mlp.gate.expert_bias" in state
+    _save_sharded(state, folder, shards=2)
+    return folder
+
+
+SEED_CODER_SPECIAL = {  # assumed names (Seed-Coder's documented FIM tokens; a mask token we name); ids assumed too
+    "<[begin▁of▁sentence]>": 0, "<[PAD▁TOKEN]>": 1, "<[end▁of▁sentence]>": 2,
+    "<[fim-suffix]>": 155100, "<[fim-prefix]>": 155101, "<[fim-middle]>": 155102, "<[MASK]>": 155103,
+}
+
+
+def write_stable_diffcoder(folder: Path, seed: int = 0) -> tuple[Path, LlamaForCausalLM]:
+    """Stable-DiffCoder-8B-Instruct's layout at toy width (ByteDance-Seed/Stable-DiffCoder-8B-*:
+    config.json `model_type "llama"`, architectures StableDiffcoderForCausalLM with auto_map to
+    modeling_stable_diffcoder.py, bos 0 / eos 2, vocabulary 155136, untied, 4 bf16 shards,
+    tokenizer.json). Assumed (the tokenizer is not readable here): the special tokens' ids, and the
+    mask token's name, given as tokenizer_config's mask_token. Also returns stock Llama with the
+    same weights, for checks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _padded_vocab(155097)
+    vocab = {token: token_id + 3 for token, token_id in vocab.items()}  # ids 0, 1, 2: bos, pad, eos
+    vocab.update(SEED_CODER_SPECIAL)  # in the vocabulary, so the special tokens keep these ids
+    (folder / "tokenizer.json").write_text(_tokenizer_json(vocab, merges, SEED_CODER_SPECIAL))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<[begin▁of▁sentence]>",
+        "eos_token": "<[end▁of▁sentence]>", "pad_token": "<[PAD▁TOKEN]>", "mask_token": "<[MASK]>",
+        "model_max_length": 8192}, indent=2))
+    config = {
+        "architectures": ["StableDiffcoderForCausalLM"],
+        "auto_map": {"AutoModel": "modeling_stable_diffcoder.StableDiffcoderForCausalLM",
+                     "AutoModelForCausalLM": "modeling_stable_diffcoder.StableDiffcoderForCausalLM"},
+        "attention_bias": False, "attention_dropout": 0.1, "bos_token_id": 0, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 32, "initializer_range": 0.009882118, "intermediate_size": 64, "layer_norm_eps": None,
+        "max_position_embeddings": 512, "mlp_bias": False, "model_type": "llama", "num_attention_heads": 4,
+        "num_hidden_layers": 2, "num_key_value_heads": 2, "resid_pdrop": 0.1, "rms_norm_eps": 1e-6,
+        "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "5.3.0",
+        "use_cache": True, "vocab_size": 155136,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=155136, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_theta=500000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, initializer_range=0.5))
+    state = {k: v.to(torch.bfloat16) for k, v in llama.state_dict().items()}
+    _save_sharded(state, folder, shards=4)
+    llama.load_state_dict({k: v.float() for k, v in state.items()})
+    return folder, llama.eval()

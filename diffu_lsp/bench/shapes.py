@@ -71,6 +71,23 @@ FAST_DLLM_V2_7B = {  # Efficient-Large-Model/Fast_dLLM_v2_7B (Qwen2.5-7B-Instruc
     "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
     "pad_token_id": 151645, "use_sliding_window": False, "sliding_window": None, "torch_dtype": "bfloat16",
 }
+LLADA2_MINI = {  # inclusionAI/LLaDA2.0-mini and LLaDA2.1-mini (same network): 16 B parameters, about 1.4 B active
+    "architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "hidden_size": 2048, "intermediate_size": 5120,
+    "num_hidden_layers": 20, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
+    "vocab_size": 157184, "max_position_embeddings": 32768, "rope_theta": 600000, "partial_rotary_factor": 0.5,
+    "rms_norm_eps": 1e-6, "hidden_act": "silu", "first_k_dense_replace": 1, "moe_intermediate_size": 512,
+    "num_experts": 256, "num_experts_per_tok": 8, "num_shared_experts": 1, "n_group": 8, "topk_group": 4,
+    "routed_scaling_factor": 2.5, "score_function": "sigmoid", "norm_topk_prob": True, "use_qk_norm": True,
+    "use_qkv_bias": False, "use_bias": False, "tie_word_embeddings": False, "eos_token_id": 156892,
+    "pad_token_id": 156892, "torch_dtype": "bfloat16",
+}
+STABLE_DIFFCODER_8B = {  # ByteDance-Seed/Stable-DiffCoder-8B-{Base,Instruct} (Seed-Coder-8B shapes, Llama layout)
+    "architectures": ["StableDiffcoderForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "vocab_size": 155136, "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-6,
+    "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+    "bos_token_id": 0, "eos_token_id": 2, "torch_dtype": "bfloat16",
+}
 TINY = {**DREAM_7B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8192}
 
@@ -81,6 +98,9 @@ SHAPES = {  # name -> (config.json, mask id, what it stands for)
     "sdar-4b": (SDAR_4B, 151669, "SDAR-4B-Chat (block diffusion)"),
     "sdar-8b": (SDAR_8B, 151669, "SDAR-8B-Chat (block diffusion)"),
     "fast-dllm-v2-7b": (FAST_DLLM_V2_7B, 151665, "Fast_dLLM_v2_7B (block diffusion)"),
+    "llada2-mini": (LLADA2_MINI, 156895, "LLaDA2.0-mini, LLaDA2.1-mini (block diffusion, mixture of experts)"),
+    "stable-diffcoder-8b": (STABLE_DIFFCODER_8B, 155103, "Stable-DiffCoder-8B-{Base,Instruct} (block diffusion; "
+                            "mask id assumed)"),
     "tiny": (TINY, 151666, "Dream layout, 2 layers of width 64 (smoke test)"),
     "tiny-sdar": ({**SDAR_4B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 8192},
@@ -137,11 +157,12 @@ def build(shape: str, device=None, dtype=None, layers: int | None = None):
     network.eval().requires_grad_(False)
     eos = config["eos_token_id"]
     if family in BLOCK_FAMILIES.values():  # Qwen's tokenizers: <|endoftext|>, <|im_end|>, FIM tokens
+        qwen = family in ("sdar", "fast-dllm-v2")
         return BlockDiffusionModel(
             network=network, tokenizer=None, family=family, name=f"random {shape}", mask_token_id=mask_id,
-            eos_token_ids=(151643, 151645), bos_token_id=None, max_length=net_config.max_position_embeddings,
-            load_seconds=time.perf_counter() - started, fim_ids=(151659, 151661, 151660),
-            **family_options(family, config))
+            eos_token_ids=(151643, 151645) if qwen else (eos,), bos_token_id=None,
+            max_length=net_config.max_position_embeddings, load_seconds=time.perf_counter() - started,
+            fim_ids=(151659, 151661, 151660) if qwen else None, **family_options(family, config))
     return DiffusionModel(
         network=network, tokenizer=None, family=family, name=f"random {shape}", mask_token_id=mask_id,
         eos_token_ids=(eos,), bos_token_id=config.get("bos_token_id"), shift_logits=family != "llada",

@@ -1,4 +1,5 @@
-"""Block diffusion models (SDAR, Fast-dLLM v2): denoised a block at a time, the finished blocks an exact K/V cache.
+"""Block diffusion models (SDAR, Fast-dLLM v2, LLaDA 2.x, Stable-DiffCoder): denoised a block at a
+time, the finished blocks an exact K/V cache.
 
 Attention is bidirectional inside a block of `block_size` tokens and causal across blocks (block
 k sees blocks 0..k). Blocks sit at fixed positions of the sequence: block k is [k*B, (k+1)*B), as
@@ -25,8 +26,9 @@ generation_config.json's eos list.
 Infill: a block model cannot see text after the block, so a hole is decoded as the middle of a
 fill-in-the-middle prompt: `<|fim_prefix|>` prefix `<|fim_suffix|>` suffix `<|fim_middle|>`
 middle (Qwen's format; SDAR keeps Qwen3's tokenizer and Fast-dLLM v2 Qwen2.5's, both with these
-tokens; neither family's authors document an infill format). A tokenizer without FIM tokens gets
-the prefix alone. Several holes in one canvas are filled one job each, left to right, each hole's
+tokens; neither family's authors document an infill format), or Seed-Coder's, suffix first
+(Stable-DiffCoder): `<[fim-suffix]>` suffix `<[fim-prefix]>` prefix `<[fim-middle]>` middle. A
+tokenizer without FIM tokens (LLaDA 2.x's) gets the prefix alone. Several holes in one canvas are filled one job each, left to right, each hole's
 suffix running to the next hole.
 """
 
@@ -34,20 +36,29 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from ..sampler import Denoised, Draft, Sampling, denoise
 from .backend import DiffusionModel
 
-FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+# (prefix, suffix, middle) token names, and whether the suffix comes first (SPM order)
+FIM_FORMATS = ((("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), False),  # Qwen (SDAR, Fast-dLLM v2)
+               (("<[fim-prefix]>", "<[fim-suffix]>", "<[fim-middle]>"), True))   # Seed-Coder (Stable-DiffCoder)
 SDAR_BLOCK_SIZE = 4          # config.json "block_size" of every SDAR checkpoint; the authors decode with it
 THRESHOLD_0_9 = {"alg": "threshold", "threshold": 0.9}
+LLADA2_BLOCK_SIZE = 32       # LLaDA 2.x's generate: block_length 32
+LLADA2_0 = {"alg": "threshold", "threshold": 0.95}                       # LLaDA2.0's generate defaults
+LLADA2_1 = {"alg": "threshold", "threshold": 0.7, "edit_threshold": 0.5}  # LLaDA2.1's: joint M2T / T2T thresholds
+STABLE_DIFFCODER_BLOCK_SIZE = 4  # its README's generate: block_length 4, steps = gen_length, low_confidence
+ONE_PER_FORWARD = {"alg": "threshold", "threshold": 1.0}  # the most confident masked position per forward
 # model_type (lower case) -> family; each family's rule is in `family_options`
-BLOCK_FAMILIES = {"sdar": "sdar", "fast_dllm_qwen": "fast-dllm-v2"}
+BLOCK_FAMILIES = {"sdar": "sdar", "fast_dllm_qwen": "fast-dllm-v2", "llada2_moe": "llada2",
+                  "llama": "stable-diffcoder"}  # llama: only with Stable-DiffCoder's architecture (block_family)
 
 # SDAR's config.json fields that mean the same in Qwen3Config (the rest name the authors' training setup).
 QWEN3_FIELDS = (
@@ -70,14 +81,37 @@ def qwen2_config_for_fast_dllm(config: dict) -> Qwen2Config:
         "conplemenrary_mask", "use_cache")}, use_cache=False)
 
 
+def block_family(config: dict) -> str | None:
+    """The block family of a config.json, or None. Stable-DiffCoder says `model_type "llama"`
+    (it is Seed-Coder's Llama layout); its architecture or auto_map names it."""
+    model_type = str(config.get("model_type", "")).lower()
+    if model_type == "llama":
+        named = json.dumps([config.get("architectures"), config.get("auto_map")]).lower()
+        return "stable-diffcoder" if "stable_diffcoder" in named or "stablediffcoder" in named else None
+    return BLOCK_FAMILIES.get(model_type)
+
+
+def llama_config_for_stable_diffcoder(config: dict) -> LlamaConfig:
+    """Stable-DiffCoder is stock Llama at inference (its modeling file subclasses LlamaForCausalLM
+    and adds only generate); only the mask differs."""
+    return LlamaConfig(**{k: v for k, v in config.items() if k not in (
+        "model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "use_cache",
+        "layer_norm_eps", "resid_pdrop")}, use_cache=False)
+
+
 def network_for(family: str, config: dict):
-    """(transformers class, its config) a block family's checkpoint loads into."""
+    """(network class, its config) a block family's checkpoint loads into (LLaDA 2.x: our own, llada2.py)."""
     if family == "sdar":
         return Qwen3ForCausalLM, qwen3_config_for_sdar(config)
+    if family == "llada2":
+        from .llada2 import LLaDA2Config, LLaDA2ForDiffusion
+        return LLaDA2ForDiffusion, LLaDA2Config(config)
+    if family == "stable-diffcoder":
+        return LlamaForCausalLM, llama_config_for_stable_diffcoder(config)
     return Qwen2ForCausalLM, qwen2_config_for_fast_dllm(config)
 
 
-def family_options(family: str, config: dict) -> dict:
+def family_options(family: str, config: dict, name: str = "") -> dict:
     """A block family's decoding, as the authors' generate does it:
     - SDAR (JetAstra/SDAR generate.py): blocks of `block_size` (4), denoising steps = block tokens
       with `low_confidence_dynamic` (the threshold rule, tau 0.9 as in the README's JetEngine
@@ -85,10 +119,24 @@ def family_options(family: str, config: dict) -> dict:
     - Fast-dLLM v2 (the checkpoint's modeling.py `generate`): blocks of `bd_size` (32) decoded in
       sub-blocks of 8, left to right, each with the threshold rule (tau 0.9 as in its README),
       logits shifted inside the block (row i-1 scores position i) and each block's first token the
-      greedy choice of the row before it, stop as soon as a stop token has nothing masked before it."""
+      greedy choice of the row before it, stop as soon as a stop token has nothing masked before it.
+    - LLaDA 2.0 (modeling_llada2_moe.py `generate`): blocks of 32, each revealing every masked position
+      above 0.95 and at least the most confident one per forward, logits not shifted, stop after the
+      block in which the EOS appears. LLaDA 2.1 (the checkpoint named so): the same with M2T at 0.7
+      and token editing (T2T) at 0.5, the sampler's edit_threshold: a visible token of the block
+      that is not the prompt's is replaced where the model's top token differs at p above it.
+    - Stable-DiffCoder (its README's `generate(steps=gen_length, block_length=4,
+      remasking='low_confidence', threshold=None, shift=False)`): blocks of 4, one token per forward
+      (the most confident masked one: the threshold rule at 1.0), not shifted, stop after the block
+      with the EOS."""
     if family == "sdar":
         return dict(block_size=int(config.get("block_size") or SDAR_BLOCK_SIZE), shift_logits=False,
                     default_sampling=dict(THRESHOLD_0_9))
+    if family == "llada2":
+        return dict(block_size=LLADA2_BLOCK_SIZE, shift_logits=False,
+                    default_sampling=dict(LLADA2_1 if re.search(r"llada-?2\.1", name.lower()) else LLADA2_0))
+    if family == "stable-diffcoder":
+        return dict(block_size=STABLE_DIFFCODER_BLOCK_SIZE, shift_logits=False, default_sampling=dict(ONE_PER_FORWARD))
     return dict(block_size=int(config.get("bd_size") or 32), sub_block=8, shift_logits=True, stop_inside_block=True,
                 default_sampling=dict(THRESHOLD_0_9))
 
@@ -110,9 +158,14 @@ def generation_eos(generation_config: str | None) -> list[int]:
     return eos if isinstance(eos, list) else [eos]
 
 
-def fim_ids_of(tokenizer) -> tuple[int, int, int] | None:
+def fim_of(tokenizer) -> tuple[tuple[int, int, int] | None, bool]:
+    """(prefix, suffix, middle) ids of the tokenizer's fill-in-the-middle format, and whether the
+    suffix goes first; (None, False) when it has none (the hole is decoded after the prefix)."""
     vocab = tokenizer.get_vocab()
-    return tuple(vocab[t] for t in FIM_TOKENS) if all(t in vocab for t in FIM_TOKENS) else None
+    for names, suffix_first in FIM_FORMATS:
+        if all(t in vocab for t in names):
+            return tuple(vocab[t] for t in names), suffix_first
+    return None, False
 
 
 class BlockKV:
@@ -171,6 +224,7 @@ class BlockDiffusionModel(DiffusionModel):
 
     block_size: int = SDAR_BLOCK_SIZE
     fim_ids: tuple[int, int, int] | None = None  # <|fim_prefix|>, <|fim_suffix|>, <|fim_middle|>
+    fim_suffix_first: bool = False                # SPM order: suffix, then prefix, then middle (Seed-Coder)
     block_cache: bool = True                      # False: recompute the whole sequence every forward
     sub_block: int | None = None                  # decode the block in parts of this many tokens, left to right
     stop_inside_block: bool = False               # a stop token ends the hole at once (not after its block)
@@ -180,6 +234,8 @@ class BlockDiffusionModel(DiffusionModel):
         if self.fim_ids is None:
             return list(prefix)
         start, middle_of_suffix, middle = self.fim_ids
+        if self.fim_suffix_first:
+            return [middle_of_suffix, *suffix, start, *prefix, middle]
         return [start, *prefix, middle_of_suffix, *suffix, middle]
 
     # ---------------------------------------------------------------- forward
@@ -356,6 +412,7 @@ class BlockDiffusionModel(DiffusionModel):
         total.forwards += result.forwards
         total.drafted += result.drafted
         total.remasked += result.remasked
+        total.edits += result.edits
         if result.cancelled or caller_stopped:
             total.cancelled, total.stopped_early = result.cancelled, bool(caller_stopped)
             return True

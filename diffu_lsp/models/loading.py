@@ -7,7 +7,9 @@ Families are told apart by `config.json` alone and never by running a checkpoint
 - LLaDA: `model_type "llada"`, OLMo-style keys remapped onto Llama, no shift.
 - Block diffusion (models/block.py), decoded block by block behind a fill-in-the-middle prompt:
   SDAR (`model_type "sdar"`, Qwen3 weight keys, no shift) and Fast-dLLM v2 (`model_type
-  "Fast_dLLM_Qwen"`, Qwen2 weight keys, shifted inside a block).
+  "Fast_dLLM_Qwen"`, Qwen2 weight keys, shifted inside a block), LLaDA 2.x (`model_type
+  "llada2_moe"`, a mixture of experts: our own network, models/llada2.py) and Stable-DiffCoder
+  (`model_type "llama"` with architecture StableDiffcoderForCausalLM: stock Llama).
 The bundled tiny model is a Dream-format folder inside the package.
 
 Before anything is built (:func:`check_checkpoint`, cheap and outside any load lock): weights must be
@@ -34,11 +36,11 @@ from transformers.utils import cached_file, logging as transformers_logging
 from ..errors import ModelLoadFailed
 from ..sampler import Sampling
 from .backend import DiffusionModel
-from .block import BLOCK_FAMILIES, BlockDiffusionModel, family_options, fim_ids_of, generation_eos, network_for
+from .block import BLOCK_FAMILIES, BlockDiffusionModel, block_family, family_options, fim_of, generation_eos, network_for
 from .tokenizer import load_tokenizer
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-dream"
-SUPPORTED = "Dream/DiffuCoder/Dream-Coder (model_type 'Dream'), qwen2 diffusion (model_type 'qwen2'), LLaDA (model_type 'llada'), SDAR (model_type 'sdar'), Fast-dLLM v2 (model_type 'Fast_dLLM_Qwen')"
+SUPPORTED = "Dream/DiffuCoder/Dream-Coder (model_type 'Dream'), qwen2 diffusion (model_type 'qwen2'), LLaDA (model_type 'llada'), SDAR (model_type 'sdar'), Fast-dLLM v2 (model_type 'Fast_dLLM_Qwen'), LLaDA 2.x (model_type 'llada2_moe'), Stable-DiffCoder (model_type 'llama', StableDiffcoderForCausalLM)"
 MASK_TOKEN_NAMES = ("<|mask|>", "<M>", "<mask>", "[MASK]", "<|MASK|>", "|<MASK>|")
 
 # LLaDA's weight names -> Llama's (regex, replacement), for from_pretrained's key_mapping.
@@ -243,7 +245,8 @@ def check_checkpoint(name_or_path: str | Path | None) -> Checkpoint:
     for path in files:
         shapes.update(safetensors_shapes(name, path))
     try:
-        network_config = llama_config_for_llada(config) if family == "llada" else qwen2_config_for_dream(config)
+        network_config = (network_for(family, config)[1] if family in BLOCK_FAMILIES.values()
+                          else llama_config_for_llada(config) if family == "llada" else qwen2_config_for_dream(config))
     except Exception as error:  # noqa: BLE001 - missing keys, wrong types (transformers' strict dataclasses), ...
         raise ModelLoadError(f"{name!r}: config.json does not describe a {family} network: "
                              f"{type(error).__name__}: {error}".splitlines()[0]) from None
@@ -272,8 +275,8 @@ def detect_family(config: dict) -> str:
         return "qwen2-diffusion"
     if model_type == "llada":
         return "llada"
-    if model_type in BLOCK_FAMILIES:
-        return BLOCK_FAMILIES[model_type]
+    if block_family(config):
+        return block_family(config)
     raise ModelLoadError(f"unsupported model_type {config.get('model_type')!r}; supported formats: {SUPPORTED}")
 
 
@@ -371,6 +374,11 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
             network, info = Qwen2ForCausalLM.from_pretrained(name, config=qwen2_config_for_dream(config), **load)
         elif family == "qwen2-diffusion":
             network, info = Qwen2ForCausalLM.from_pretrained(name, **load)
+        elif family == "llada2":  # no transformers class: our own network, the safetensors loaded as they are
+            if not checkpoint.safetensors:
+                raise ModelLoadError(f"{name!r}: LLaDA 2.x loads from safetensors only")
+            from .llada2 import load_llada2
+            network, info = load_llada2(checkpoint.safetensors, config, dtype, device), {}
         elif family in BLOCK_FAMILIES.values():
             network_class, network_config = network_for(family, config)
             network, info = network_class.from_pretrained(name, config=network_config, **load)
@@ -397,8 +405,8 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
         model = BlockDiffusionModel(
             network=network, tokenizer=tokenizer, family=family, name=name, mask_token_id=mask_id,
             eos_token_ids=_ids(eos_ids, generation_eos(_fetcher(name)("generation_config.json"))), bos_token_id=None,
-            max_length=int(max_length), load_seconds=time.perf_counter() - started, fim_ids=fim_ids_of(tokenizer),
-            **family_options(family, config))
+            max_length=int(max_length), load_seconds=time.perf_counter() - started, fim_ids=fim_of(tokenizer)[0],
+            fim_suffix_first=fim_of(tokenizer)[1], **family_options(family, config, name))
     else:
         model = DiffusionModel(
             network=network, tokenizer=tokenizer, family=family, name=name, mask_token_id=mask_id,
