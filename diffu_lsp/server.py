@@ -2,7 +2,7 @@
 
 Layering: this module speaks LSP (pygls + lsprotocol) and nothing else. A handler takes a
 snapshot of the document, converts LSP positions to character offsets with the document's
-own helpers, submits a plain function to the :class:`~diffu_lsp.jobs.Scheduler` (one model
+own helpers, submits a plain function to the :class:`~diffu_lsp.scheduler.Scheduler` (one model
 thread, latest-wins per document) and converts the result back. The features
 (``diffu_lsp.features``) and the model (``diffu_lsp.models``) are imported lazily, off the
 event loop, so ``initialize`` is answered before torch is even imported; this module never

@@ -17,7 +17,7 @@ from . import infill
 from .engine import Engine, LocalEngine
 from .errors import JobCancelled
 from .job import ModelInfo, ModelKey, Request, Step, Suggestion
-from .jobs import Scheduler
+from .scheduler import Scheduler
 from .settings import Settings
 
 log = logging.getLogger("diffu_lsp.session")

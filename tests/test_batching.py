@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from diffu_lsp.jobs import CancelToken
+from diffu_lsp.scheduler import CancelToken
 from diffu_lsp.models import BatchCancelled, ForwardBatcher, load_model
 from diffu_lsp.sampler import Sampling
 
@@ -143,7 +143,8 @@ def test_a_job_cancelled_while_its_request_waits_leaves_the_batch(model):
 def test_a_scheduler_with_two_workers_runs_two_documents_at_once_and_latest_wins_per_document():
     import asyncio
 
-    from diffu_lsp.jobs import JobCancelled, Scheduler
+    from diffu_lsp.errors import JobCancelled
+    from diffu_lsp.scheduler import Scheduler
 
     both_running = threading.Barrier(2, timeout=5)
 

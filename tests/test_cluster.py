@@ -34,7 +34,8 @@ from diffu_lsp.cluster import read_token  # noqa: E402
 from diffu_lsp.cluster import cli as cluster_cli  # noqa: E402
 from diffu_lsp.cluster.client import ClusterEngine, ClusterLost  # noqa: E402
 from diffu_lsp.engine import LocalEngine, ModelKey, Request, Suggestion  # noqa: E402
-from diffu_lsp.jobs import CancelToken, JobCancelled  # noqa: E402
+from diffu_lsp.errors import JobCancelled  # noqa: E402
+from diffu_lsp.scheduler import CancelToken  # noqa: E402
 from diffu_lsp.settings import Settings  # noqa: E402
 
 from test_runtime_security import OTHER, as_other_user  # noqa: E402

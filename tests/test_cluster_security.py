@@ -18,7 +18,7 @@ import pytest
 from diffu_lsp.cluster import ClusterError, new_token, read_token, write_state
 from diffu_lsp.cluster.client import ClusterEngine
 from diffu_lsp.engine import Request
-from diffu_lsp.jobs import CancelToken
+from diffu_lsp.scheduler import CancelToken
 from diffu_lsp.settings import Settings
 
 from test_runtime_security import OTHER

@@ -28,7 +28,8 @@ from diffu_lsp.daemon import wire
 from diffu_lsp.daemon.client import connect, connect_or_start
 from diffu_lsp.daemon.host import rss_bytes
 from diffu_lsp.engine import ModelKey, Request, Suggestion
-from diffu_lsp.jobs import CancelToken, JobCancelled
+from diffu_lsp.errors import JobCancelled
+from diffu_lsp.scheduler import CancelToken
 from diffu_lsp.settings import Settings
 
 BUNDLED = ModelKey(None, "cpu", "float32")

@@ -22,7 +22,7 @@ from diffu_lsp.daemon import daemon_pid, wire
 from diffu_lsp.daemon.client import DaemonEngine, DaemonStuck, connect, connect_or_start
 from diffu_lsp.daemon.host import MAX_CONNECTIONS, RateLimit
 from diffu_lsp.engine import Suggestion
-from diffu_lsp.jobs import CancelToken
+from diffu_lsp.scheduler import CancelToken
 
 from test_daemon import BUNDLED, SLOW, alive, in_thread, runtime, suggest_request, wait_for  # noqa: F401
 

@@ -13,7 +13,7 @@ from diffu_lsp.settings import Settings
 def test_every_cancellation_is_a_job_cancelled():
     from diffu_lsp.cluster.client import ClusterLost
     from diffu_lsp.daemon.client import DaemonLost, DaemonStuck
-    from diffu_lsp.jobs import JobCancelled
+    from diffu_lsp.errors import JobCancelled
     from diffu_lsp.models import DenoiseCancelled
 
     assert JobCancelled is errors.JobCancelled  # still importable from jobs
@@ -96,7 +96,7 @@ def test_the_daemon_client_turns_a_failed_load_into_model_load_failed(kind):
 def test_the_daemon_client_turns_a_failed_job_into_its_type(kind, expected):
     from diffu_lsp.daemon import wire
     from diffu_lsp.engine import ModelKey, Request
-    from diffu_lsp.jobs import CancelToken
+    from diffu_lsp.scheduler import CancelToken
 
     conn = _fake_daemon(lambda id: wire.Failed(id, kind, "no"))
     try:

@@ -46,7 +46,8 @@ def network_forwards(url: str) -> int:
 def editor(engine_for, index: int, chars: int, cps: float, out: list, ready: threading.Barrier) -> None:
     """One editor: type, cancel the previous job, submit a new one; results appended to ``out``."""
     from ..engine import Request
-    from ..jobs import CancelToken, JobCancelled
+    from ..errors import JobCancelled
+    from ..scheduler import CancelToken
     from ..settings import Settings
 
     engine = engine_for()

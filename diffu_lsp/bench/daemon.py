@@ -31,7 +31,7 @@ def request_overhead(options: common.Options) -> dict:
     from ..daemon import runtime_paths
     from ..daemon.client import DaemonEngine
     from ..engine import LocalEngine, ModelKey, Request
-    from ..jobs import CancelToken
+    from ..scheduler import CancelToken
     from ..settings import Settings
 
     key = ModelKey(options.model, options.device or "auto", options.dtype or "auto")

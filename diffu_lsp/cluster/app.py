@@ -1,7 +1,7 @@
 """The Ray Serve application: replicas that each hold a warm model and run our own job path.
 
 Every replica loads the model once (``__init__``) and runs jobs through one
-:class:`~diffu_lsp.jobs.Scheduler` (latest-wins per editor document), calling
+:class:`~diffu_lsp.scheduler.Scheduler` (latest-wins per editor document), calling
 :func:`diffu_lsp.features.run` exactly as the daemon does: infill canvases, both sides of the
 cursor, a cancel token read before every forward. With ``batch_size`` > 1 the scheduler runs up to
 that many jobs at once, each in its own worker thread, and the model's
@@ -110,7 +110,7 @@ class ModelReplica:
 
     async def run(self, message: Job):
         from .. import features
-        from ..jobs import Scheduler
+        from ..scheduler import Scheduler
 
         if self.sched is None:
             self.sched = Scheduler(debounce_s=0, thread_name="diffu-cluster-model", workers=self.batch_size)
@@ -156,7 +156,7 @@ class ModelReplica:
             self._report()
 
     async def _await(self, job) -> dict:
-        from ..jobs import JobCancelled
+        from ..errors import JobCancelled
 
         try:
             value = await job

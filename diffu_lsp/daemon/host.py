@@ -2,7 +2,7 @@
 
 ``diffu-lsp daemon run`` (started by the first server that needs a model) listens on the
 runtime folder's socket. Each connection is one server (editor window). Jobs from all of them
-go through one :class:`~diffu_lsp.jobs.Scheduler`: latest-wins per (window, document), the
+go through one :class:`~diffu_lsp.scheduler.Scheduler`: latest-wins per (window, document), the
 newest keystroke of any window first, a job passed over too often served before newer ones, and
 at most :data:`MAX_PENDING_PER_CLIENT` unanswered jobs per window (the oldest is cancelled).
 Models are keyed by (model, device, dtype) and shared; past the memory budget the least recently
@@ -40,8 +40,8 @@ import msgspec
 from .. import __version__
 from ..draft import Drafts
 from ..engine import ModelInfo, ModelKey, first_line, is_oom, model_info
-from ..errors import EXITS
-from ..jobs import Job, JobCancelled, Scheduler
+from ..errors import EXITS, JobCancelled
+from ..scheduler import Job, Scheduler
 from . import DaemonError, Paths, open_private, peer_uid, private_folder, runtime_paths
 from . import wire
 

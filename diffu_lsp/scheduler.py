@@ -1,8 +1,8 @@
 """Job scheduler: one model, one worker thread, latest-wins per document.
 
-Layering: LSP handlers -> **scheduler (this module)** -> infill building ->
-sampler -> model.  Pure asyncio + threading + stdlib; this module must not
-import pygls, lsprotocol, torch or transformers.
+Generic: it runs plain functions and knows nothing of models or LSP; the session, the
+daemon and the cluster replicas use it. Pure asyncio + threading + stdlib (the rooms'
+rules, tests/test_architecture.py, keep it so).
 
 Model
 -----
@@ -85,7 +85,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Generator, Generic, List, Optional, TypeVar
 
-from .errors import JobCancelled  # defined with the other errors; importable from here as before
+from .errors import JobCancelled
 
 __all__ = ["OUTCOMES", "CancelToken", "Job", "JobCancelled", "JobRecord", "Scheduler"]
 
