@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, runtime_checkable
 
-from .draft import Drafts
+from .warm_start import CanvasStore
 from .errors import ModelLoadFailed, first_line, is_out_of_memory  # noqa: F401 - re-exported
 from .job import Answer, Kind, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion  # noqa: F401 - re-exported
 from .settings import Settings
@@ -64,7 +64,7 @@ class LocalEngine:
 
     def __init__(self) -> None:
         self.model = None
-        self.drafts = Drafts()  # the last suggestion canvas per document (warm start)
+        self.drafts = CanvasStore()  # the last suggestion canvas per document (warm start)
 
     def load(self, key: ModelKey) -> ModelInfo:
         from .models import load_model  # torch is imported here, on the loading thread

@@ -38,7 +38,7 @@ from ray import serve
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..draft import Drafts
+from ..warm_start import CanvasStore
 from ..engine import ModelKey, Request, first_line, is_oom, model_info
 from . import authorized
 from .gate import BODY_SECONDS
@@ -82,7 +82,7 @@ class ModelReplica:
         if batch_size > 1:
             self.model.batcher = ForwardBatcher(self.model, batch_size, batch_wait_ms / 1000)
         self.info = model_info(self.model, self.key)
-        self.drafts = Drafts()  # the last suggestion canvas per window and document (warm start)
+        self.drafts = CanvasStore()  # the last suggestion canvas per window and document (warm start)
         self.sched = None  # a jobs.Scheduler, made on the event loop at the first job
         self.stats = dict(pid=os.getpid(), jobs=0, answered=0, cancelled=0, failed=0, forwards=0,
                           forwards_after_cancel_max=0, started=time.time())

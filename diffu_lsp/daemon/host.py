@@ -38,7 +38,7 @@ from typing import Any
 import msgspec
 
 from .. import __version__
-from ..draft import Drafts
+from ..warm_start import CanvasStore
 from ..engine import ModelInfo, ModelKey, first_line, is_oom, model_info
 from ..errors import EXITS, JobCancelled
 from ..scheduler import Job, Scheduler
@@ -64,7 +64,7 @@ class HeldModel:
     bytes: int
     last_used: float = field(default_factory=time.monotonic)
     jobs: int = 0
-    drafts: Drafts = field(default_factory=Drafts)  # the last suggestion canvas per window and document
+    drafts: CanvasStore = field(default_factory=CanvasStore)  # the last suggestion canvas per window and document
 
 
 @dataclass

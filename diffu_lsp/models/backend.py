@@ -13,7 +13,7 @@ import torch
 from transformers import AttentionInterface
 
 from ..errors import JobCancelled, is_out_of_memory
-from ..sampler import Denoised, Draft, Sampling, denoise
+from ..sampler import Denoised, DenoiseStep, Sampling, denoise
 from .batching import ForwardBatcher
 
 
@@ -170,7 +170,7 @@ class DiffusionModel:
         sampling: Sampling | None = None,
         *,
         cancel=None,
-        on_step: Callable[[Draft], bool | None] | None = None,
+        on_step: Callable[[DenoiseStep], bool | None] | None = None,
         generator: torch.Generator | None = None,
         cache: str = "none",
         refresh_every: int | None = None,

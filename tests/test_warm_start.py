@@ -1,6 +1,6 @@
-"""Warm start alignment (diffu_lsp/draft.py): exact expectations on a toy vocabulary."""
+"""Warm start alignment (diffu_lsp/warm_start.py): exact expectations on a toy vocabulary."""
 
-from diffu_lsp.draft import Canvas, Drafts, align, canvas_of, draft_text
+from diffu_lsp.warm_start import Canvas, CanvasStore, align, canvas_of, draft_text
 
 MASK, EOS = 0, 1
 VOCAB = {2: "return", 3: " x", 4: " +", 5: " 1", 6: "\n", 7: " y", 8: "re"}
@@ -89,7 +89,7 @@ def test_healed_blanks_are_part_of_what_is_consumed():
 
 
 def test_store_keeps_the_last_canvas_per_key_and_forgets_the_oldest():
-    drafts = Drafts(limit=2)
+    drafts = CanvasStore(limit=2)
     for key in "abc":
         drafts.put(key, previous([2]))
     drafts.put("b", previous([3]))
