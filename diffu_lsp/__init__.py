@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # keep `import diffu_lsp` light: torch loads on first use of the model API
-    if name in ("load_model", "DiffusionModel", "ModelLoadError", "DenoiseCancelled"):
+    if name in ("load_model", "DiffusionModel"):
         from . import models
         return getattr(models, name)
     if name in ("Sampling", "denoise"):
@@ -20,4 +20,4 @@ def __getattr__(name):  # keep `import diffu_lsp` light: torch loads on first us
     raise AttributeError(name)
 
 
-__all__ = ["load_model", "DiffusionModel", "ModelLoadError", "DenoiseCancelled", "Sampling", "denoise", "__version__"]
+__all__ = ["load_model", "DiffusionModel", "Sampling", "denoise", "__version__"]

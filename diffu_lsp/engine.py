@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Callable, Protocol, runtime_checkable
 
 from .warm_start import CanvasStore
-from .errors import ModelLoadFailed, first_line, is_out_of_memory  # noqa: F401 - re-exported
-from .job import Answer, Kind, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion  # noqa: F401 - re-exported
+from .errors import ModelLoadFailed
+from .job import Answer, ModelInfo, ModelKey, Request, Step
 from .settings import Settings
 
 
@@ -45,11 +45,6 @@ class Engine(Protocol):
     def describe(self) -> dict: ...
 
     def close(self) -> None: ...
-
-
-def is_oom(error: BaseException) -> bool:
-    """Out of memory, by type (see :mod:`diffu_lsp.errors`); without importing torch."""
-    return is_out_of_memory(error)
 
 
 def model_info(model, key: ModelKey, **extra) -> ModelInfo:

@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 import torch
 
-from .engine import Request
+from .job import Request
 from .features import run
 from .models import load_model
 from .settings import Settings

@@ -13,9 +13,8 @@ from typing import Any, Callable
 import msgspec
 
 from . import infill, warm_start
-from .errors import RequestTooLarge, is_out_of_memory
+from .errors import JobCancelled, RequestTooLarge, is_out_of_memory
 from .job import Answer, Replacement, Request, Step, Suggestion
-from .models import DenoiseCancelled
 from .postprocess import Context, auto_closed_tail, cut_at_stop, drop_low_confidence_tail, postprocess_text
 from .sampler import Sampling
 from .settings import Settings, sampling_options
@@ -68,7 +67,7 @@ def _denoise(model, canvas: list[int], settings: Settings, cancel, on_step=None,
     if keep is not None:
         keep(result)
     if result.cancelled:
-        raise DenoiseCancelled()
+        raise JobCancelled("cancelled while denoising")
     return result
 
 
@@ -228,7 +227,7 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
 
 def run(model, request: Request, *, cancel=None, on_step=None, on_oom_retry: Callable[[], Any] = lambda: None,
         drafts: warm_start.CanvasStore | None = None, key: str = "") -> Answer:
-    """Run one :class:`~diffu_lsp.engine.Request`: settings fitted to the model's positions,
+    """Run one :class:`~diffu_lsp.job.Request`: settings fitted to the model's positions,
     and after running out of memory, once more with smaller holes. `drafts`: the engine's last
     canvas per document (`key`), for warm start."""
     text, start, end = request.text, request.start, request.end

@@ -47,9 +47,9 @@ from . import __version__
 from . import settings as config
 from .configuration import Configuration, watch
 from .documents import LspTextDocument, LspWorkspace, model_text, offset_at, position_at  # noqa: F401 - re-exported
-from .daemon import DaemonError
-from .engine import Engine, LocalEngine, ModelKey, Step
-from .errors import EXITS, EngineLost, JobCancelled, first_line, is_out_of_memory
+from .errors import EXITS, PASS_THROUGH, DaemonUnavailable, EngineLost, JobCancelled, first_line, is_out_of_memory
+from .engine import Engine, LocalEngine
+from .job import ModelKey, Step
 from .session import Session, Target, find_holes, progress_message, refine_verdict
 from .settings import Settings  # noqa: F401 - importable from here (tests use server.Settings)
 
@@ -446,14 +446,12 @@ class DiffuServer(LanguageServer):
         try:
             try:
                 info = await _in_daemon_thread(loop, self._load_lock, session.engine.load, key)
-            except DaemonError as error:  # no daemon to be had: this window holds the model itself
+            except DaemonUnavailable as error:  # no daemon to be had: this window holds the model itself
                 self.show(f"diffu-lsp: the model daemon is unavailable ({error}); loading the model in this "
                           "window instead", lsp.MessageType.Warning)
                 session.fall_back_to_local()
                 info = await _in_daemon_thread(loop, self._load_lock, session.engine.load, key)
-        except asyncio.CancelledError:
-            raise
-        except EXITS:
+        except PASS_THROUGH:
             raise
         except BaseException as error:  # noqa: BLE001 - ModelLoadFailed (local, daemon, cluster), anything else
             reason = first_line(error)
@@ -812,7 +810,7 @@ _EMPTY = object()
 def guarded(empty: Any = None, *, user_facing: bool = False, superseded: Any = _EMPTY):
     """An exception never escapes a handler: log it, tell the user if it is worth it, answer
     ``empty`` (a value, or a factory). That holds for any ``BaseException`` but interpreter exit
-    (errors.EXITS), e.g. the tokenizers library's PanicException. Superseded jobs answer
+    (errors.PASS_THROUGH), e.g. the tokenizers library's PanicException. Superseded jobs answer
     ``superseded`` where given, else ``empty`` (a lost engine is a failure, not a newer request);
     protocol errors and $/cancelRequest pass through. ``user_facing`` (commands): failures are
     shown, not just logged."""
@@ -840,15 +838,13 @@ def guarded(empty: Any = None, *, user_facing: bool = False, superseded: Any = _
             async def handler(ls: DiffuServer, *args):
                 try:
                     return await fn(ls, *args)
-                except (JsonRpcException, asyncio.CancelledError):
+                except (JsonRpcException, *PASS_THROUGH):
                     raise
                 except JobCancelled as cancelled:
                     log.debug("%s: %s", fn.__name__, cancelled.reason)
                     if superseded is not _EMPTY and not isinstance(cancelled, EngineLost):
                         return superseded
                     return answer_empty()
-                except EXITS:
-                    raise
                 except BaseException as error:  # noqa: BLE001 - e.g. tokenizers' PanicException: still answered
                     return failed(ls, fn.__name__, error)
         else:

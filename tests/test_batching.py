@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from diffu_lsp.scheduler import CancelToken
-from diffu_lsp.models import BatchCancelled, ForwardBatcher, load_model
+from diffu_lsp.models import ForwardBatcher, load_model
+from diffu_lsp.errors import JobCancelled
 from diffu_lsp.sampler import Sampling
 
 PROMPTS = ["def add(a, b):\n    return ", "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        ",
@@ -123,7 +124,7 @@ def test_a_job_cancelled_while_its_request_waits_leaves_the_batch(model):
     def ask():
         try:
             batcher.position_logits(canvas, at, token)
-        except BatchCancelled as error:
+        except JobCancelled as error:
             errors.append(error)
 
     with batcher.job(), batcher.job():  # two jobs: the request waits up to 1 s for the other's

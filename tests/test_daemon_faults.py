@@ -19,9 +19,10 @@ import pytest
 from diffu_lsp import __version__
 from diffu_lsp.daemon import client as daemon_client
 from diffu_lsp.daemon import daemon_pid, wire
-from diffu_lsp.daemon.client import DaemonEngine, DaemonStuck, connect, connect_or_start
+from diffu_lsp.daemon.client import DaemonEngine, connect, connect_or_start
+from diffu_lsp.errors import DaemonStuck
 from diffu_lsp.daemon.host import MAX_CONNECTIONS, RateLimit
-from diffu_lsp.engine import Suggestion
+from diffu_lsp.job import Suggestion
 from diffu_lsp.scheduler import CancelToken
 
 from test_daemon import BUNDLED, SLOW, alive, in_thread, runtime, suggest_request, wait_for  # noqa: F401
@@ -198,7 +199,7 @@ def resetting_listener(paths) -> tuple[socket.socket, threading.Thread]:
 
 def test_a_dying_daemons_reset_is_no_daemon_and_a_new_one_starts(runtime):
     # Killing the daemon mid-job and typing on: the next connect could meet the dead daemon's
-    # listener, which resets. That was a DaemonError, so the keystroke failed with a traceback in
+    # listener, which resets. That was a DaemonUnavailable, so the keystroke failed with a traceback in
     # the log and no new daemon started (test_daemon's kill test failed this way, now and then).
     listener, thread = resetting_listener(runtime)
     try:
@@ -220,7 +221,7 @@ def test_a_reset_from_a_live_daemon_is_still_an_error(runtime):
         "time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(daemon_client.DaemonError, match="did not answer"):
+        with pytest.raises(daemon_client.DaemonUnavailable, match="did not answer"):
             connect(runtime)
     finally:
         holder.kill()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffu_lsp.models import DenoiseCancelled, load_model
+from diffu_lsp.models import load_model
+from diffu_lsp.errors import JobCancelled
 from diffu_lsp.models.backend import CachedForward
 from diffu_lsp.sampler import Sampling, above_threshold, by_factor, choose_tokens, denoise, dream_reveal_count
 
@@ -206,7 +207,7 @@ def test_cancel_stops_before_the_next_forward_on_the_bundled_model(bundled):
     canvas = bundled.encode(PREFIX) + [bundled.mask_token_id] * 64 + bundled.encode(SUFFIX)
     result = bundled.fill(canvas, Sampling(alg="entropy", steps=64), cancel=flag, on_step=on_step)
     assert result.cancelled and result.forwards == 2 == flag.forwards
-    with pytest.raises(DenoiseCancelled):
+    with pytest.raises(JobCancelled):
         bundled.infill_ids(bundled.encode(PREFIX), [], 8, cancel=flag)
 
 

@@ -28,7 +28,7 @@ from diffu_lsp.models import load_model
 model = load_model(sys.argv[1] or None, device=sys.argv[2] or None, dtype=sys.argv[3] or None)
 loaded = time.perf_counter() - started
 rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-from diffu_lsp.engine import Request
+from diffu_lsp.job import Request
 from diffu_lsp.features import run
 from diffu_lsp.settings import Settings
 text = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        return "

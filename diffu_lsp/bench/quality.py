@@ -138,7 +138,7 @@ def suggest_line(model, task: Task) -> dict:
     """The server's own path: the line's code removed (indentation kept), cursor after the indentation,
     the server's job path (`features.run`: fitted to the model's window) with default settings, its
     text put where the line was."""
-    from ..engine import Request
+    from ..job import Request
     from ..features import run
     from ..settings import Settings
 

@@ -12,12 +12,12 @@ the last one's draft when the same replica served that one (else it starts cold)
 
 HTTP (Ray Serve's proxy, one route prefix ``/``), every route behind ``Authorization: Bearer``:
 
-- ``POST /job``: body ``{"key", "request"}`` (a :class:`~diffu_lsp.engine.Request`); the answer
+- ``POST /job``: body ``{"key", "request"}`` (a :class:`~diffu_lsp.job.Request`); the answer
   streams as JSON lines: ``{"step", "masked", "text"}`` per forward (text: the draft so far),
   ``{"beat": 1}`` every second while the job waits, then one ``{"value", "forwards"}`` or
   ``{"error", "oom"}`` or ``{"cancelled"}``. When the caller disconnects, Serve cancels the
   request; the replica turns that into our cancel token, so the sampler stops at its next forward.
-- ``GET /info``: the loaded model (:class:`~diffu_lsp.engine.ModelInfo`).
+- ``GET /info``: the loaded model (:class:`~diffu_lsp.job.ModelInfo`).
 - ``GET /status``: jobs served, cancelled, forwards after cancel, per replica (from the stats actor).
 
 A missing or wrong token gets 401 and runs nothing; a body that is not a job gets 400, one that does
@@ -39,7 +39,9 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..warm_start import CanvasStore
-from ..engine import ModelKey, Request, first_line, is_oom, model_info
+from ..engine import model_info
+from ..errors import first_line, is_out_of_memory
+from ..job import ModelKey, Request
 from . import authorized
 from .gate import BODY_SECONDS
 
@@ -165,7 +167,7 @@ class ModelReplica:
         except Exception as error:  # noqa: BLE001 - the job failed; the replica goes on
             self.stats["failed"] += 1
             log.warning("job failed: %r", error)
-            return {"error": first_line(error), "oom": is_oom(error), "forwards": job.token.forwards}
+            return {"error": first_line(error), "oom": is_out_of_memory(error), "forwards": job.token.forwards}
         self.stats["answered"] += 1
         return {"value": msgspec.to_builtins(value), "forwards": job.token.forwards}
 

@@ -20,10 +20,6 @@ from .batching import ForwardBatcher
 log = logging.getLogger("diffu_lsp.models")
 
 
-class DenoiseCancelled(JobCancelled):
-    """The job's cancel flag was set; raised by infill_ids/infill (fill() reports it instead)."""
-
-
 @dataclass
 class DiffusionModel:
     """A masked-diffusion LM. Everything above this class talks to it through these methods."""
@@ -245,7 +241,7 @@ class DiffusionModel:
         canvas = list(prefix_ids) + [self.mask_token_id] * length + list(suffix_ids)
         result = self.fill(canvas, cancel=cancel, on_step=on_step, **sampling)
         if result.cancelled:
-            raise DenoiseCancelled()
+            raise JobCancelled("cancelled while denoising")
         start = len(prefix_ids)
         return result.canvas[start:start + length].tolist()
 
