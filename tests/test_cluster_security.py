@@ -103,7 +103,7 @@ def test_an_engine_token_file_must_be_an_owner_only_regular_file_of_ours(tmp_pat
     os.chown(theirs, OTHER, OTHER)
     for path, why in ((link, "is a symlink"), (loose, "mode 644"), (fifo, "not a regular file"),
                       (tmp_path, "not a regular file"), (theirs, "not this user's"),
-                      (tmp_path / "missing", "cannot read")):
+                      (tmp_path / "missing", "cannot open")):
         started = time.monotonic()
         with pytest.raises(ClusterUnavailable, match=why):
             read_token(path)

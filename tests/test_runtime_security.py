@@ -64,6 +64,22 @@ def test_a_folder_not_ours_or_not_private_is_refused_and_never_repaired(tmp_path
         private_folder(Path("/dev/null/diffu-lsp"))
 
 
+def test_a_planted_fifo_in_the_runtime_folder_blocks_nothing(runtime):
+    """The runtime folder's files are opened as the cluster's token files are (ownership.open_owned):
+    a FIFO planted as daemon.log is refused at once; opening it for reading used to wait for a
+    writer forever (log_tail, which the window calls when a daemon fails to start)."""
+    import threading
+
+    from diffu_lsp.daemon import log_tail
+
+    os.mkfifo(runtime.log, 0o600)
+    tails = []
+    reader = threading.Thread(target=lambda: tails.append(log_tail(runtime)), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert tails == [""]
+
+
 def test_planted_symlinks_are_not_followed(runtime, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DaemonUnavailable
+from ..ownership import open_owned
 
 
 @dataclass(frozen=True)
@@ -88,15 +89,7 @@ def private_folder(folder: Path) -> None:
 def open_private(path: Path, flags: int = os.O_RDWR | os.O_CREAT) -> int:
     """A file descriptor for ``path`` in the runtime folder: never through a symlink, and only a
     regular file of ours (a file planted by another user is refused)."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as error:
-        raise DaemonUnavailable(f"cannot open {path}: {error.strerror or error}") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-        os.close(fd)
-        raise DaemonUnavailable(f"{path} is not a file of this user's; refusing to use it")
-    return fd
+    return open_owned(path, flags, DaemonUnavailable)
 
 
 def check_socket_file(path: Path) -> None:
