@@ -180,17 +180,6 @@ def test_only_the_job_settings_travel_to_the_daemon():
     assert set(JobSettings.__struct_fields__) <= set(Settings.__struct_fields__)
 
 
-def test_features_does_not_import_the_engine():
-    import ast
-    from pathlib import Path
-
-    import diffu_lsp.features as features_module
-
-    tree = ast.parse(Path(features_module.__file__).read_text())
-    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
-    assert "engine" not in modules and "job" in modules
-
-
 # ------------------------------------------------------------------ the window's session
 
 class RecordingEngine:
