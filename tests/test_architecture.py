@@ -307,3 +307,35 @@ def test_the_readme_layout_names_every_room_and_only_paths_that_exist():
     for room, members, _ in ROOMS:
         for member in members:
             assert f"`diffu_lsp/{member if member.endswith('.py') else member + '/'}`" in layout, (room, member)
+
+
+#: No class of diffu_lsp is longer than this many lines (decorators and docstring included).
+MAX_CLASS_LINES = 300
+#: Classes over the limit, each with who is splitting it; an entry must go once its class fits.
+OVERSIZED = {
+    "diffu_lsp.server.DiffuServer": "the server helper of #27 (pygls adapter, settings plumbing to configuration.py)",
+    "diffu_lsp.daemon.host.Daemon": "the protocol helper of #27 (one host runner for the daemon and the cluster)",
+}
+
+
+def class_sizes(root: Path = PACKAGE) -> dict[str, int]:
+    sizes = {}
+    for name, path in package_modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                sizes[f"{name}.{node.name}"] = node.end_lineno - first + 1
+    return sizes
+
+
+def test_no_class_is_over_300_lines():
+    sizes = class_sizes()
+    assert {name: size for name, size in sizes.items() if size > MAX_CLASS_LINES and name not in OVERSIZED} == {}
+    assert {name for name in OVERSIZED if sizes.get(name, 0) <= MAX_CLASS_LINES} == set(), "remove it from OVERSIZED"
+
+
+def test_a_planted_long_class_is_reported(tmp_path):
+    copy = tmp_path / "diffu_lsp"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("assets", "__pycache__"))
+    (copy / "job.py").write_text((copy / "job.py").read_text() + "\n\nclass Long:\n" + "    x = 1\n" * 300)
+    assert class_sizes(copy)["diffu_lsp.job.Long"] == 301
