@@ -121,7 +121,7 @@ def load(args):
 
 def cmd_complete(args) -> int:
     from .job import Request
-    from .features import run
+    from .features import answer
     from .settings import Settings, apply
     from .errors import SettingsInvalid
 
@@ -138,7 +138,7 @@ def cmd_complete(args) -> int:
     except SettingsInvalid as error:
         raise CommandFailed(str(error)) from None
     model = load(args)
-    suggestion = run(model, Request("block" if args.block else "suggest", text, cursor, cursor, settings))
+    suggestion = answer(model, Request("block" if args.block else "suggest", text, cursor, cursor, settings))
     if args.json:
         print(json.dumps({"file": str(path), "line": line, "column": col,
                           "text": suggestion.text, "multiline": suggestion.multiline,
@@ -157,7 +157,7 @@ def cmd_doctor(args) -> int:
     import transformers
 
     from .job import Request
-    from .features import run
+    from .features import answer
     from .settings import Settings
 
     print(f"diffu-lsp     {__version__}")
@@ -175,7 +175,7 @@ def cmd_doctor(args) -> int:
     text = "def add(a, b):\n    return a + b\n\n\ndef subtract(a, b):\n    return \n"
     cursor = text.rindex("return ") + len("return ")
     started = time.perf_counter()
-    suggestion = run(model, Request("suggest", text, cursor, cursor, Settings()))
+    suggestion = answer(model, Request("suggest", text, cursor, cursor, Settings()))
     print(f"one job       {time.perf_counter() - started:.3f} s, {suggestion.forwards} forwards for {suggestion.hole_tokens} hole tokens")
     print("  asked       after `def add(a, b): return a + b`, complete `def subtract(a, b): return |` (a good answer: `a - b`)")
     print(f"  came back   {suggestion.text!r}")
@@ -225,9 +225,9 @@ def cmd_daemon(args) -> int:
     from .errors import DaemonUnavailable
 
     if args.action == "run":
-        from .daemon.host import run
+        from .daemon.host import main
 
-        return run(idle_seconds=args.idle_seconds, memory_mb=args.memory_mb)
+        return main(idle_seconds=args.idle_seconds, memory_mb=args.memory_mb)
     from .daemon.client import connect
 
     try:

@@ -75,7 +75,7 @@ class LocalEngine:
 
         if self.model is None:
             raise ModelLoadFailed("no model is loaded")
-        return features.run(self.model, request, cancel=cancel, on_step=on_step,
+        return features.answer(self.model, request, cancel=cancel, on_step=on_step,
                             on_oom_retry=on_oom_retry or (lambda: None), drafts=self.drafts, key=key)
 
     def configure(self, settings: Settings) -> None:

@@ -225,9 +225,9 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
 
 # ------------------------------------------------------------------ one request, whichever kind
 
-def run(model, request: Request, *, cancel=None, on_step=None, on_oom_retry: Callable[[], Any] = lambda: None,
-        drafts: warm_start.CanvasStore | None = None, key: str = "") -> Answer:
-    """Run one :class:`~diffu_lsp.job.Request`: settings fitted to the model's positions,
+def answer(model, request: Request, *, cancel=None, on_step=None, on_oom_retry: Callable[[], Any] = lambda: None,
+           drafts: warm_start.CanvasStore | None = None, key: str = "") -> Answer:
+    """Answer one :class:`~diffu_lsp.job.Request`: settings fitted to the model's positions,
     and after running out of memory, once more with smaller holes. `drafts`: the engine's last
     canvas per document (`key`), for warm start."""
     text, start, end = request.text, request.start, request.end

@@ -263,7 +263,7 @@ async def test_out_of_memory_retries_in_the_daemon_reach_the_window(tmp_path, mo
         on_oom_retry()
         return Suggestion("x", 0, False, 1, 16, 0.0)
 
-    monkeypatch.setattr(features, "run", run_with_one_retry)
+    monkeypatch.setattr(features, "answer", run_with_one_retry)
     async with daemon_in_this_process(tmp_path) as (_daemon, paths):
         conn = await asyncio.to_thread(connect, paths)
         retries = []
@@ -280,7 +280,7 @@ class Panic(BaseException):
 @contextlib.asynccontextmanager
 async def daemon_in_this_process(tmp_path):
     """A daemon serving on its own runtime folder from this test's event loop, holding a stand-in
-    for the bundled model (the tests patch features.run, the one job path)."""
+    for the bundled model (the tests patch features.answer, the one job path)."""
     import asyncio
     from types import SimpleNamespace
 
@@ -319,7 +319,7 @@ async def test_a_job_raising_a_base_exception_is_answered_and_the_daemon_goes_on
             raise Panic("called `Option::unwrap()` on a `None` value")
         return Suggestion("x", 0, False, 1, 16, 0.0)
 
-    monkeypatch.setattr(features, "run", run)
+    monkeypatch.setattr(features, "answer", run)
 
     def window(paths) -> list:
         with raw_window(paths) as raw:

@@ -322,7 +322,7 @@ def run(options: common.Options) -> dict:
             "of the corrupted tokens, those whose characters the refine changed (difflib alignment of the "
             "corrupted and refined line). collateral %: corrupted lines also changed elsewhere. controls "
             "untouched %: intact lines that come back exactly as they were.",
-            "Held-out infill: `features.run` suggest with default settings at the start of the emptied line "
+            "Held-out infill: `features.answer` suggest with default settings at the start of the emptied line "
             "(the quality suite's `server default` row), exact match and edit similarity to the removed line; "
             "copy-the-previous-line is the baseline to beat.",
         ],

@@ -2,7 +2,7 @@
 
 Every replica loads the model once (``__init__``) and runs jobs through one
 :class:`~diffu_lsp.scheduler.Scheduler` (latest-wins per editor document), calling
-:func:`diffu_lsp.features.run` exactly as the daemon does: infill canvases, both sides of the
+:func:`diffu_lsp.features.answer` exactly as the daemon does: infill canvases, both sides of the
 cursor, a cancel token read before every forward. With ``batch_size`` > 1 the scheduler runs up to
 that many jobs at once, each in its own worker thread, and the model's
 :class:`~diffu_lsp.models.batching.ForwardBatcher` runs their forwards as one padded batched
@@ -122,7 +122,7 @@ class ModelReplica:
         def progress(step) -> None:  # worker thread
             loop.call_soon_threadsafe(lines.put_nowait, {"step": step.step, "masked": step.masked, "text": step.text})
 
-        job = self.sched.submit(message.key, lambda token: features.run(self.model, message.request, cancel=token,
+        job = self.sched.submit(message.key, lambda token: features.answer(self.model, message.request, cancel=token,
                                                                          on_step=progress, drafts=self.drafts,
                                                                          key=message.key), debounce=False)
         self.stats["jobs"] += 1

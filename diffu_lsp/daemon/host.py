@@ -339,7 +339,7 @@ class Daemon:
 
             held.last_used = time.monotonic()
             held.jobs += 1
-            return features.run(held.model, message.request, cancel=token,
+            return features.answer(held.model, message.request, cancel=token,
                                 on_step=progress if message.progress else None, on_oom_retry=count_oom_retry,
                                 drafts=held.drafts, key=key)
 
@@ -473,7 +473,7 @@ def rss_bytes(pid: int | str = "self") -> int:
     return 0
 
 
-def run(*, idle_seconds: float, memory_mb: int) -> int:
+def main(*, idle_seconds: float, memory_mb: int) -> int:
     """``diffu-lsp daemon run``: serve until stopped, idle, or another daemon holds the lock."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
