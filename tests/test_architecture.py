@@ -260,20 +260,43 @@ def test_every_exception_class_is_in_errors_under_one_base():
     assert len(names) == len(set(names)) and all(name in errors.__doc__ for name in names)  # drawn in the tree
 
 
-def test_error_types_are_imported_from_errors_only():
-    """One import path per type: `from .daemon.client import DaemonLost` would be a second one."""
-    from diffu_lsp import errors
-
-    names = {name for name, value in vars(errors).items() if isinstance(value, type)}
+def second_import_paths(root: Path = PACKAGE, tests: Path = PACKAGE.parent / "tests") -> list[str]:
+    """Imports of a class of the package from a module other than the one that defines it (a
+    re-export): one type, one import path. `from .daemon.client import DaemonLost` once DaemonLost
+    lives in errors.py is one."""
+    modules = package_modules(root)
+    home: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                home.setdefault(node.name, set()).add(name)
     wrong = []
-    for path in [*PACKAGE.rglob("*.py"), *PACKAGE.parent.joinpath("tests").glob("*.py")]:
-        if "assets" in path.parts:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and not (node.module or "").endswith("errors"):
-                wrong += [f"{path.name}: from {node.module} import {alias.name}" for alias in node.names
-                          if alias.name in names and (node.level or (node.module or "").startswith("diffu_lsp"))]
-    assert wrong == []
+    for path in [*modules.values(), *sorted(tests.glob("*.py"))]:
+        name = module_name(path, root) if path.is_relative_to(root) else "tests"
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for level, module, names in import_statements(path.read_text()):
+            if level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - level + 1] + ([module] if module else []))
+            elif module.split(".")[0] == "diffu_lsp":
+                base = module
+            else:
+                continue
+            wrong += [f"{path.name}: {x} from {base}, defined in {sorted(home[x])}" for x in names
+                      if x in home and base not in home[x]]
+    return wrong
+
+
+def test_each_class_is_imported_from_the_module_that_defines_it():
+    assert second_import_paths() == []
+
+
+def test_a_planted_re_export_is_reported(tmp_path):
+    copy = tmp_path / "diffu_lsp"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("assets", "__pycache__"))
+    (copy / "session.py").write_text((copy / "session.py").read_text() + "\nfrom .engine import ModelKey\n")
+    assert second_import_paths(copy, tmp_path) == [
+        "session.py: ModelKey from diffu_lsp.engine, defined in ['diffu_lsp.job']"]
 
 
 def test_a_planted_exception_class_outside_errors_is_reported(tmp_path):

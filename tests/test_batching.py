@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from diffu_lsp.scheduler import CancelToken
-from diffu_lsp.models import ForwardBatcher, load_model
+from diffu_lsp.models import load_model
+from diffu_lsp.models.batching import ForwardBatcher
 from diffu_lsp.errors import JobCancelled
 from diffu_lsp.sampler import Sampling
 

@@ -232,7 +232,8 @@ def test_offsets_and_positions_agree():
     """In-process: the offset a position maps to and the position answered are the same place."""
     from lsprotocol import types as lsp
 
-    from diffu_lsp.server import DiffuServer, LspTextDocument
+    from diffu_lsp.documents import LspTextDocument
+    from diffu_lsp.server import DiffuServer
 
     doc = LspTextDocument("file:///e.py", source="x = ['😀', \n")
     at = lambda line, character: DiffuServer.offset_at(doc, lsp.Position(line=line, character=character))  # noqa: E731

@@ -70,7 +70,8 @@ class ModelReplica:
                  batch_size: int, batch_wait_ms: float):  # defaults: cluster/cli.py
         import torch
 
-        from ..models import ForwardBatcher, load_model
+        from ..models import load_model
+        from ..models.batching import ForwardBatcher
 
         bind_serve_grpc_to_node()
         if threads:
