@@ -199,7 +199,7 @@ def cmd_pull(args) -> int:
         from huggingface_hub.utils import enable_progress_bars
     except ImportError:
         raise CommandFailed("`pull` needs the huggingface_hub package (pip install huggingface_hub); "
-                       "or copy a checkpoint folder here and pass --model FOLDER") from None
+                            "or copy a checkpoint folder here and pass --model FOLDER") from None
     enable_progress_bars()
     try:
         folder = snapshot_download(args.hub_id, allow_patterns=PULL_FILES, etag_timeout=15)

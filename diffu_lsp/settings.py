@@ -266,7 +266,7 @@ def read_settings_file(path: Path) -> bytes:
             raise SettingsInvalid(str(path), "Not a regular file", section="")
         if st.st_size > MAX_SETTINGS_BYTES:
             raise SettingsInvalid(str(path), f"File too large ({st.st_size} bytes; at most {MAX_SETTINGS_BYTES})",
-                                section="")
+                                  section="")
         try:
             data = f.read(MAX_SETTINGS_BYTES + 1)
         except OSError as e:

@@ -135,8 +135,8 @@ class ClusterEngine:
         started_here = read_state().get("url", "")
         if not started_here or not same_url(started_here, self.url):
             raise ClusterUnavailable(f"no token for {self.url}: this machine's cluster token goes only to the cluster "
-                               f"started here ({started_here or 'none is'}); set engineTokenFile to that cluster's "
-                               "token file")
+                                     f"started here ({started_here or 'none is'}); set engineTokenFile to that cluster's "
+                                     "token file")
         return read_token()
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
@@ -228,7 +228,7 @@ def check_status(status: int, body: bytes) -> None:
     text = body.decode(errors="replace").strip()[:200]
     if status == 401:
         raise ClusterUnavailable("the cluster refused the token (401): set engineTokenFile to the token file written "
-                           "by `diffu-lsp cluster start`")
+                                 "by `diffu-lsp cluster start`")
     if status >= 500:
         raise ReplicaFailed(f"HTTP {status}: {text}")
     raise ClusterUnavailable(f"the cluster answered HTTP {status}: {text}")

@@ -83,7 +83,7 @@ def private_folder(folder: Path) -> None:
         raise DaemonUnavailable(f"{folder} is not a folder of this user's; refusing to put the daemon's socket there")
     if stat.S_IMODE(info.st_mode) != 0o700:
         raise DaemonUnavailable(f"{folder} has mode {stat.S_IMODE(info.st_mode):o}, not 700: another user may have "
-                          "put files there; refusing to use it (remove it and the next window makes a new one)")
+                                "put files there; refusing to use it (remove it and the next window makes a new one)")
 
 
 def open_private(path: Path, flags: int = os.O_RDWR | os.O_CREAT) -> int:

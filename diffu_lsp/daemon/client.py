@@ -231,7 +231,7 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
         if uid != os.getuid():
             sock.close()
             raise DaemonUnavailable(f"the process listening on {paths.socket} runs as uid {uid}, not as this user; "
-                              "refusing to send it anything")
+                                    "refusing to send it anything")
         sock.sendall(wire.encode(wire.Hello(wire.PROTOCOL, __version__, os.getpid())))
         answer = wire.read_frame(sock)
         sock.settimeout(None)

@@ -155,7 +155,7 @@ def safetensors_files(name: str, fetch) -> tuple[str, ...]:
         paths = tuple(fetch(shard) for shard in shards)
         if not shards or not all(paths):
             raise ModelLoadFailed(f"cannot load the weights of {name!r}: model.safetensors.index.json names "
-                                 "shards that are not there")
+                                  "shards that are not there")
         return paths
     single = fetch("model.safetensors")
     return (single,) if single else ()
@@ -185,7 +185,7 @@ def safetensors_shapes(name: str, path: str) -> dict[str, list[int]]:
             return {key: [int(n) for n in entry["shape"]] for key, entry in header.items() if key != "__metadata__"}
         except (ValueError, TypeError, KeyError, AttributeError):
             raise ModelLoadFailed(f"cannot load the weights of {name!r}: {Path(path).name} has a malformed "
-                                 "safetensors header") from None
+                                  "safetensors header") from None
 
 
 def check_sizes(name: str, network_config, shapes: dict[str, list[int]]) -> None:
@@ -197,14 +197,14 @@ def check_sizes(name: str, network_config, shapes: dict[str, list[int]]) -> None
         value = getattr(network_config, field, None)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= bound:
             raise ModelLoadFailed(f"{name!r}: config.json's {field} is {value!r}; expected a whole number from 1 "
-                                 f"to {bound:,}")
+                                  f"to {bound:,}")
         sizes[field] = value
     if not shapes:
         return  # pickled weights (allowed): nothing to compare with before loading them
     layers = {int(m.group(1)) for key in shapes if (m := _LAYER_INDEX.search(key))}
     if layers and sizes["num_hidden_layers"] > len(layers):
         raise ModelLoadFailed(f"{name!r}: config.json's num_hidden_layers is {sizes['num_hidden_layers']:,} but its "
-                             f"weights have {len(layers)} layers")
+                              f"weights have {len(layers)} layers")
     hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
     head_dim = getattr(network_config, "head_dim", None) or hidden // heads
     attention = hidden * head_dim * 2 * (heads + sizes["num_key_value_heads"])
@@ -214,7 +214,7 @@ def check_sizes(name: str, network_config, shapes: dict[str, list[int]]) -> None
     stored = sum(_product(shape) for shape in shapes.values())
     if described > 1.5 * stored + 1_000_000:
         raise ModelLoadFailed(f"{name!r}: config.json describes about {described:,} parameters, its weights hold "
-                             f"{stored:,}: check hidden_size, intermediate_size, vocab_size and the layer count")
+                              f"{stored:,}: check hidden_size, intermediate_size, vocab_size and the layer count")
 
 
 def _product(shape: list[int]) -> int:
@@ -242,7 +242,7 @@ def check_checkpoint(name_or_path: str | Path | None) -> Checkpoint:
         network_config = llama_config_for_llada(config) if family == "llada" else qwen2_config_for_dream(config)
     except Exception as error:  # noqa: BLE001 - missing keys, wrong types (transformers' strict dataclasses), ...
         raise ModelLoadFailed(f"{name!r}: config.json does not describe a {family} network: "
-                             f"{type(error).__name__}: {error}".splitlines()[0]) from None
+                              f"{type(error).__name__}: {error}".splitlines()[0]) from None
     check_sizes(name, network_config, shapes)
     return Checkpoint(name, config, family, files)
 
