@@ -370,3 +370,28 @@ async def test_a_window_that_reads_nothing_is_dropped_at_the_write_deadline(tmp_
         await asyncio.to_thread(wait_for, lambda: daemon._connections == 0 and not daemon.clients,
                                 "the connection to be counted out", 10)
         assert seconds < 30
+
+
+@pytest.mark.asyncio
+async def test_a_frame_that_never_finishes_is_refused_at_the_frame_deadline(tmp_path, monkeypatch):
+    """SECURITY.md: a window gets FRAME_SECONDS (30 s) from a frame's header to its last byte; one
+    that sends a header and then a trickle is answered with an Error and dropped."""
+    import asyncio
+
+    from diffu_lsp.daemon import host
+
+    monkeypatch.setattr(host, "FRAME_SECONDS", 0.5)
+
+    def trickle(paths) -> tuple[str, float]:
+        raw = raw_window(paths)
+        raw.sendall(wire.HEADER.pack(100) + b"x" * 10)  # 90 bytes never come
+        t0 = time.monotonic()
+        error = wire.read_frame(raw)
+        closed = raw.recv(1) == b""
+        raw.close()
+        return (error.message if isinstance(error, wire.Error) and closed else repr(error)), time.monotonic() - t0
+
+    async with daemon_in_this_process(tmp_path) as (daemon, paths):
+        message, seconds = await asyncio.to_thread(trickle, paths)
+        assert "did not arrive within" in message and seconds < 10
+        await asyncio.to_thread(wait_for, lambda: daemon._connections == 0, "the connection to be counted out", 10)
