@@ -67,8 +67,8 @@ LIBRARIES = {
     "pygls": ("lsp",),
     "lsprotocol": ("lsp",),
     "transformers": ("models", "tools"),
-    "torch": ("tools", "cluster", "daemon", "job path", "models", "sampler"),
-    "numpy": ("tools", "models"),
+    "torch": ("tools", "cluster", "job path", "models", "sampler"),
+    "numpy": ("tools",),
 }
 
 #: Folders of diffu_lsp that hold no modules of the package.
