@@ -99,25 +99,30 @@ def import_statements(source: str) -> tuple[tuple[int, str, tuple[str, ...]], ..
     return tuple(found)
 
 
-def imports(path: Path, name: str, known: set[str]) -> tuple[set[str], set[str]]:
-    """(modules of the package, top-level third-party names) that the module imports anywhere."""
+def from_imports(path: Path, name: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(absolute module, names) of each `from ... import names` in the module `name` at path, with
+    relative ones resolved; `import a.b` is ("", ("a.b",))."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    ours, theirs = set(), set()
+    resolved = []
     for level, module, names in import_statements(path.read_text()):
-        if not module and not level:  # import a.b
-            top = names[0].split(".")[0]
-            ours.add(names[0]) if top == "diffu_lsp" else theirs.add(top)
-            continue
         if level:
             parts = package.split(".")
-            base = ".".join(parts[:len(parts) - level + 1] + ([module] if module else []))
-        elif module.split(".")[0] == "diffu_lsp":
-            base = module
-        else:
-            theirs.add(module.split(".")[0])
-            continue
-        # `from base import x`: the submodule base.x where there is one, else base itself
-        ours |= {f"{base}.{x}" if f"{base}.{x}" in known else base for x in names}
+            module = ".".join(parts[:len(parts) - level + 1] + ([module] if module else []))
+        resolved.append((module, names))
+    return resolved
+
+
+def imports(path: Path, name: str, known: set[str]) -> tuple[set[str], set[str]]:
+    """(modules of the package, top-level third-party names) that the module imports anywhere."""
+    ours, theirs = set(), set()
+    for base, names in from_imports(path, name):
+        tops = {x.split(".")[0] for x in names} if not base else {base.split(".")[0]}
+        if tops != {"diffu_lsp"}:
+            theirs |= tops
+        elif not base:  # import diffu_lsp.x
+            ours |= set(names)
+        else:  # `from base import x`: the submodule base.x where there is one, else base itself
+            ours |= {f"{base}.{x}" if f"{base}.{x}" in known else base for x in names}
     return {m for m in ours if m in known}, theirs
 
 
@@ -273,17 +278,10 @@ def second_import_paths(root: Path = PACKAGE, tests: Path = PACKAGE.parent / "te
     wrong = []
     for path in [*modules.values(), *sorted(tests.glob("*.py"))]:
         name = module_name(path, root) if path.is_relative_to(root) else "tests"
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for level, module, names in import_statements(path.read_text()):
-            if level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - level + 1] + ([module] if module else []))
-            elif module.split(".")[0] == "diffu_lsp":
-                base = module
-            else:
-                continue
-            wrong += [f"{path.name}: {x} from {base}, defined in {sorted(home[x])}" for x in names
-                      if x in home and base not in home[x]]
+        for base, names in from_imports(path, name):
+            if base.split(".")[0] == "diffu_lsp":
+                wrong += [f"{path.name}: {x} from {base}, defined in {sorted(home[x])}" for x in names
+                          if x in home and base not in home[x]]
     return wrong
 
 
