@@ -1,5 +1,7 @@
 """Warm start alignment (diffu_lsp/warm_start.py): exact expectations on a toy vocabulary."""
 
+import pytest
+
 from diffu_lsp.warm_start import Canvas, CanvasStore, align, canvas_of, draft_text
 
 MASK, EOS = 0, 1
@@ -110,8 +112,6 @@ def test_draft_text_shows_each_run_of_masks_once_and_ends_at_eos():
 # ---------------------------------------------------------------- through the job path, bundled model
 
 def test_a_window_engine_starts_the_next_suggestion_from_the_last_canvas():
-    import pytest
-
     from diffu_lsp.engine import LocalEngine
     from diffu_lsp.errors import JobCancelled
     from diffu_lsp.job import ModelKey, Request
