@@ -11,13 +11,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # keep `import diffu_lsp` light: torch loads on first use of the model API
-    if name in ("load_model", "DiffusionModel", "ModelLoadError", "DenoiseCancelled"):
+    if name == "load_model":
         from . import models
-        return getattr(models, name)
-    if name in ("Sampling", "denoise"):
+        return models.load_model
+    if name == "denoise":
         from . import sampler
-        return getattr(sampler, name)
+        return sampler.denoise
     raise AttributeError(name)
 
 
-__all__ = ["load_model", "DiffusionModel", "ModelLoadError", "DenoiseCancelled", "Sampling", "denoise", "__version__"]
+__all__ = ["load_model", "denoise", "__version__"]

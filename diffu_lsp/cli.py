@@ -13,12 +13,9 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .errors import CommandFailed
 
 MAX_FILE_BYTES = 8_000_000
-
-
-class CliError(Exception):
-    """A user-facing failure: printed as `diffu-lsp: <message>`, exit status 2."""
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -79,52 +76,54 @@ def parse_location(location: str) -> tuple[Path, int, int]:
     path, sep, rest = location.rpartition(":")
     path2, sep2, line = path.rpartition(":")
     if not (sep and sep2):
-        raise CliError(f"expected FILE:LINE:COL, got {location!r}")
+        raise CommandFailed(f"expected FILE:LINE:COL, got {location!r}")
     try:
         return Path(path2), int(line), int(rest)
     except ValueError:
-        raise CliError(f"LINE and COL must be numbers in {location!r}") from None
+        raise CommandFailed(f"LINE and COL must be numbers in {location!r}") from None
 
 
 def read_source(path: Path) -> str:
     if not path.exists():
-        raise CliError(f"no such file: {path}")
+        raise CommandFailed(f"no such file: {path}")
     if not path.is_file():
-        raise CliError(f"not a file: {path}")
+        raise CommandFailed(f"not a file: {path}")
     if path.stat().st_size > MAX_FILE_BYTES:
-        raise CliError(f"{path} is larger than {MAX_FILE_BYTES // 1_000_000} MB")
+        raise CommandFailed(f"{path} is larger than {MAX_FILE_BYTES // 1_000_000} MB")
     data = path.read_bytes()
     if b"\0" in data[:8192]:
-        raise CliError(f"{path} looks like a binary file")
+        raise CommandFailed(f"{path} looks like a binary file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise CliError(f"{path} is not UTF-8 text") from None
+        raise CommandFailed(f"{path} is not UTF-8 text") from None
 
 
 def offset_of(text: str, line: int, col: int) -> int:
     """Character offset of 1-based line/column; the column may be one past the line's end."""
     lines = text.split("\n")
     if not 1 <= line <= len(lines):
-        raise CliError(f"line {line} is out of range (the file has {len(lines)} lines)")
+        raise CommandFailed(f"line {line} is out of range (the file has {len(lines)} lines)")
     if not 1 <= col <= len(lines[line - 1]) + 1:
-        raise CliError(f"column {col} is out of range (line {line} has {len(lines[line - 1])} characters)")
+        raise CommandFailed(f"column {col} is out of range (line {line} has {len(lines[line - 1])} characters)")
     return sum(len(l) + 1 for l in lines[:line - 1]) + col - 1
 
 
 def load(args):
-    from .models import ModelLoadError, load_model
+    from .models import load_model
+    from .errors import ModelLoadFailed
 
     try:
         return load_model(args.model, device=args.device, dtype=args.dtype)
-    except ModelLoadError as error:
-        raise CliError(str(error)) from None
+    except ModelLoadFailed as error:
+        raise CommandFailed(str(error)) from None
 
 
 def cmd_complete(args) -> int:
-    from .engine import Request
-    from .features import run
-    from .settings import Settings, SettingsError, apply
+    from .job import Request
+    from .features import answer
+    from .settings import Settings, apply
+    from .errors import SettingsInvalid
 
     path, line, col = parse_location(args.location)
     text = read_source(path)
@@ -136,10 +135,10 @@ def cmd_complete(args) -> int:
                          block_tokens=args.max_tokens)
     try:
         settings = apply(Settings(), {k: v for k, v in overrides.items() if v is not None})
-    except SettingsError as error:
-        raise CliError(str(error)) from None
+    except SettingsInvalid as error:
+        raise CommandFailed(str(error)) from None
     model = load(args)
-    suggestion = run(model, Request("block" if args.block else "suggest", text, cursor, cursor, settings))
+    suggestion = answer(model, Request("block" if args.block else "suggest", text, cursor, cursor, settings))
     if args.json:
         print(json.dumps({"file": str(path), "line": line, "column": col,
                           "text": suggestion.text, "multiline": suggestion.multiline,
@@ -157,8 +156,8 @@ def cmd_doctor(args) -> int:
     import torch
     import transformers
 
-    from .engine import Request
-    from .features import run
+    from .job import Request
+    from .features import answer
     from .settings import Settings
 
     print(f"diffu-lsp     {__version__}")
@@ -176,7 +175,7 @@ def cmd_doctor(args) -> int:
     text = "def add(a, b):\n    return a + b\n\n\ndef subtract(a, b):\n    return \n"
     cursor = text.rindex("return ") + len("return ")
     started = time.perf_counter()
-    suggestion = run(model, Request("suggest", text, cursor, cursor, Settings()))
+    suggestion = answer(model, Request("suggest", text, cursor, cursor, Settings()))
     print(f"one job       {time.perf_counter() - started:.3f} s, {suggestion.forwards} forwards for {suggestion.hole_tokens} hole tokens")
     print("  asked       after `def add(a, b): return a + b`, complete `def subtract(a, b): return |` (a good answer: `a - b`)")
     print(f"  came back   {suggestion.text!r}")
@@ -199,8 +198,8 @@ def cmd_pull(args) -> int:
         from huggingface_hub import snapshot_download
         from huggingface_hub.utils import enable_progress_bars
     except ImportError:
-        raise CliError("`pull` needs the huggingface_hub package (pip install huggingface_hub); "
-                       "or copy a checkpoint folder here and pass --model FOLDER") from None
+        raise CommandFailed("`pull` needs the huggingface_hub package (pip install huggingface_hub); "
+                            "or copy a checkpoint folder here and pass --model FOLDER") from None
     enable_progress_bars()
     try:
         folder = snapshot_download(args.hub_id, allow_patterns=PULL_FILES, etag_timeout=15)
@@ -208,7 +207,7 @@ def cmd_pull(args) -> int:
         raise
     except Exception as error:
         reason = f"{error.__class__.__name__}: {error}".splitlines()[0][:200]
-        raise CliError(f"cannot download {args.hub_id!r} from the hub (offline, HF_HUB_OFFLINE set, or an "
+        raise CommandFailed(f"cannot download {args.hub_id!r} from the hub (offline, HF_HUB_OFFLINE set, or an "
                        f"unknown id?): {reason}") from None
     print(f"downloaded    {args.hub_id} -> {folder}")
     if args.no_check:
@@ -222,24 +221,25 @@ def cmd_pull(args) -> int:
 
 
 def cmd_daemon(args) -> int:
-    from .daemon import DaemonError, runtime_paths, terminate, wait_until_gone
+    from .daemon import runtime_paths, terminate, wait_until_gone
+    from .errors import DaemonUnavailable
 
     if args.action == "run":
-        from .daemon.host import run
+        from .daemon.host import main
 
-        return run(idle_seconds=args.idle_seconds, memory_mb=args.memory_mb)
+        return main(idle_seconds=args.idle_seconds, memory_mb=args.memory_mb)
     from .daemon.client import connect
 
     try:
         paths = runtime_paths()
-    except DaemonError as error:
-        raise CliError(str(error)) from None
+    except DaemonUnavailable as error:
+        raise CommandFailed(str(error)) from None
     try:
         conn = connect(paths)
-    except DaemonError as error:  # e.g. a daemon of another version: it can still be stopped
+    except DaemonUnavailable as error:  # e.g. a daemon of another version: it can still be stopped
         pid = terminate(paths) if args.action == "stop" else None
         if pid is None:
-            raise CliError(str(error)) from None
+            raise CommandFailed(str(error)) from None
         print(f"stopped the model daemon (pid {pid}) with SIGTERM")
         return 0
     if conn is None:
@@ -314,7 +314,7 @@ def _main(argv: list[str] | None) -> int:
 
             return cluster_main(args)
         return cmd_serve(args)
-    except CliError as error:
+    except CommandFailed as error:
         print(f"diffu-lsp: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,7 +21,8 @@ from typing import Any, Callable
 import msgspec
 
 from . import settings as config
-from .settings import Settings, SettingsError
+from .settings import Settings
+from .errors import SettingsInvalid
 
 log = logging.getLogger("diffu_lsp.configuration")
 
@@ -124,7 +125,7 @@ class Configuration:
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
-            self.warn_setting(SettingsError("", f"Expected an object, got {raw!r}"), source)
+            self.warn_setting(SettingsInvalid("", f"Expected an object, got {raw!r}"), source)
             return
         _, errors = config.resolve([raw])
         bad = {config.camel_case(e.key) for e in errors}
@@ -140,7 +141,7 @@ class Configuration:
         for error in errors:
             self.warn_setting(error, source)
 
-    def warn_setting(self, error: SettingsError, source: str) -> None:
+    def warn_setting(self, error: SettingsInvalid, source: str) -> None:
         what = f"setting {error.key!r}" if error.key else "settings"
         self.warn(f"diffu-lsp: invalid {what} in {source}: {error.problem}. Keeping the previous value.")
 
@@ -188,7 +189,7 @@ class Configuration:
             try:
                 data = config.read_settings_file(path)
                 raw = config.decode_toml(data, path)
-            except SettingsError as error:
+            except SettingsInvalid as error:
                 self.warn(f"diffu-lsp: cannot use {path}: {error.problem}. Keeping the previous settings.")
                 continue
             state = (raw, self.untrusted(name, path, data))

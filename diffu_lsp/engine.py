@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, runtime_checkable
 
-from .draft import Drafts
-from .errors import ModelLoadFailed, first_line, is_out_of_memory  # noqa: F401 - re-exported
-from .job import Answer, Kind, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion  # noqa: F401 - re-exported
+from .warm_start import CanvasStore
+from .errors import ModelLoadFailed
+from .job import Answer, ModelInfo, ModelKey, Request, Step
 from .settings import Settings
 
 
@@ -47,11 +47,6 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def is_oom(error: BaseException) -> bool:
-    """Out of memory, by type (see :mod:`diffu_lsp.errors`); without importing torch."""
-    return is_out_of_memory(error)
-
-
 def model_info(model, key: ModelKey, **extra) -> ModelInfo:
     return ModelInfo(label=key.label, family=model.family, device=str(model.device), max_length=model.max_length,
                      parameters=model.parameter_count, load_seconds=model.load_seconds, **extra)
@@ -64,7 +59,7 @@ class LocalEngine:
 
     def __init__(self) -> None:
         self.model = None
-        self.drafts = Drafts()  # the last suggestion canvas per document (warm start)
+        self.drafts = CanvasStore()  # the last suggestion canvas per document (warm start)
 
     def load(self, key: ModelKey) -> ModelInfo:
         from .models import load_model  # torch is imported here, on the loading thread
@@ -80,7 +75,7 @@ class LocalEngine:
 
         if self.model is None:
             raise ModelLoadFailed("no model is loaded")
-        return features.run(self.model, request, cancel=cancel, on_step=on_step,
+        return features.answer(self.model, request, cancel=cancel, on_step=on_step,
                             on_oom_retry=on_oom_retry or (lambda: None), drafts=self.drafts, key=key)
 
     def configure(self, settings: Settings) -> None:

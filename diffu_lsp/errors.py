@@ -1,24 +1,39 @@
-"""The package's errors, one hierarchy, recognised by type everywhere.
+"""Every exception class of diffu_lsp, one hierarchy, recognised by type everywhere.
 
     DiffuError
-    ├── JobCancelled        superseded, cancelled, stale, scheduler closed: answered empty
-    │   └── EngineLost      the daemon or a cluster replica went away (or went silent) mid-job
-    ├── OutOfMemory         the model ran out of memory (torch's own error is recognised too)
-    ├── ModelLoadFailed     a model could not be loaded; the message says why in one line
-    ├── EngineUnavailable   no daemon or cluster to be had (cannot start, reach or use it)
-    └── RequestTooLarge     a request over a bound (canvas, holes, selection): refused before any work
+    ├── JobCancelled          superseded, cancelled, stale, scheduler closed: answered empty
+    │   └── EngineLost        the daemon or a cluster replica went away (or went silent) mid-job
+    │       ├── DaemonLost    the daemon went away while a job was pending
+    │       │   └── DaemonStuck     it gave no sign of life within the deadline
+    │       └── ClusterLost   the replica went away, or the cluster said nothing past the deadline
+    ├── EngineUnavailable     no daemon or cluster to be had (cannot start, reach or use it)
+    │   ├── DaemonUnavailable       the daemon cannot be reached, started or used
+    │   │   └── DaemonUnresponsive  it accepted the connection but did not answer the Hello
+    │   └── ClusterUnavailable      the cluster cannot be started, reached or used
+    │       └── ClusterUnreachable  nothing answers at the cluster's URL
+    ├── ReplicaFailed         a cluster replica answered HTTP 5xx (dying or being replaced)
+    ├── JobFailed             a job or load failed inside the daemon or on a replica (message: why)
+    ├── OutOfMemory           the model ran out of memory (torch's own error is recognised too)
+    ├── ModelLoadFailed       a model could not be loaded; the message says why in one line
+    ├── RequestTooLarge       a request over a bound (canvas, holes, selection): refused before any work
+    ├── SettingsInvalid       one bad setting (``key``, ``problem``)
+    ├── FrameInvalid          a daemon frame that cannot be a message (too long, truncated, not ours)
+    ├── CommandFailed         a ``diffu-lsp`` command that cannot do what it was asked (bad arguments)
+    └── LspRequestFailed      the benchmarks' LSP client: the server answered an error, or exited
 
-Every request is answered: a guard catches any ``BaseException`` but cancellation (asyncio's
-``CancelledError``, :class:`JobCancelled`) and :data:`EXITS`, so that e.g. the tokenizers
-library's ``PanicException`` (a ``BaseException``) fails its request instead of leaving it unanswered.
+Every request is answered: a guard catches any ``BaseException`` but :data:`PASS_THROUGH`
+(asyncio's ``CancelledError`` and interpreter exit), so that e.g. the tokenizers library's
+``PanicException`` (a ``BaseException``) fails its request instead of leaving it unanswered.
 
 Errors that arrive over the wire (daemon, cluster) are turned back into these types by the
-clients; the LSP handler guard (server.py) turns them into answers and messages. No imports from
-the package, and no torch: torch's out-of-memory error is recognised only if torch is loaded.
+clients; the LSP handler guard (server.py) turns them into answers and messages. Each type has
+one import path: this module. No imports from the package, and no torch: torch's out-of-memory
+error is recognised only if torch is loaded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Optional
 
@@ -51,6 +66,44 @@ class EngineLost(JobCancelled, EngineUnavailable):
     answered empty, like a cancelled one."""
 
 
+class DaemonLost(EngineLost):
+    """The daemon went away while a job was pending: the request is answered empty."""
+
+
+class DaemonStuck(DaemonLost):
+    """The daemon gave no sign of life within the deadline: the request is answered empty."""
+
+
+class ClusterLost(EngineLost):
+    """The replica running the job went away (or the cluster was silent past the deadline): the
+    request is answered empty."""
+
+
+class DaemonUnavailable(EngineUnavailable):
+    """The daemon cannot be reached, started or used; the message says why, for the user."""
+
+
+class DaemonUnresponsive(DaemonUnavailable):
+    """A daemon accepted the connection but did not answer the Hello in time (frozen or wedged)."""
+
+
+class ClusterUnavailable(EngineUnavailable):
+    """The cluster cannot be started, reached or used; the message says why, for the user."""
+
+
+class ClusterUnreachable(ClusterUnavailable):
+    """Nothing answers at the cluster's URL."""
+
+
+class ReplicaFailed(DiffuError):
+    """Serve answered 5xx: the replica died or is being replaced."""
+
+
+class JobFailed(DiffuError):
+    """A job or a load that failed inside the daemon or on a replica (the engine itself is fine);
+    the message is the remote error's first line."""
+
+
 class OutOfMemory(DiffuError):
     """The model ran out of memory on a job (here, in the daemon, or on a replica)."""
 
@@ -64,8 +117,36 @@ class RequestTooLarge(DiffuError, ValueError):
     the bound."""
 
 
+class SettingsInvalid(DiffuError, ValueError):
+    """One bad setting: ``key`` is the camelCase key (or a file path), ``problem`` a sentence."""
+
+    def __init__(self, key: str, problem: str, *, section: str = "diffu"):
+        self.key = key
+        self.problem = problem
+        self.section = section
+        where = ".".join(part for part in (section, key) if part)
+        super().__init__(f"{where}: {problem}")
+
+
+class FrameInvalid(DiffuError, ValueError):
+    """A daemon frame that cannot be a message: too long, truncated, or not one of ours."""
+
+
+class CommandFailed(DiffuError):
+    """A ``diffu-lsp`` command that cannot do what it was asked: printed as ``diffu-lsp: <message>``,
+    exit status 2."""
+
+
+class LspRequestFailed(DiffuError):
+    """The benchmarks' LSP client: the server answered a request with an error, or exited."""
+
+
 #: Interpreter exit: passes through every guard (anything else fails only its own request).
 EXITS = (SystemExit, KeyboardInterrupt, GeneratorExit)
+
+#: What a guard that answers every request never catches: asyncio's cancellation and interpreter
+#: exit (``except PASS_THROUGH: raise`` before ``except BaseException``).
+PASS_THROUGH = (asyncio.CancelledError, *EXITS)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

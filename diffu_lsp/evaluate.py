@@ -6,7 +6,7 @@
   baseline (always guess the training corpus's most frequent token);
 - single-line infill exact match: a held-out line's code is removed (its indentation, the
   prefix and the suffix kept) and the suggestion at that point is compared to it, through the
-  same `features.run` job path the server uses; baseline: repeat the previous non-blank line.
+  same `features.answer` job path the server uses; baseline: repeat the previous non-blank line.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 import msgspec
 import torch
 
-from .engine import Request
-from .features import run
+from .job import Request
+from .features import answer
 from .models import load_model
 from .settings import Settings
 from .train import read_source, stdlib_files
@@ -93,7 +93,7 @@ def line_exact_match(model, tasks, settings: Settings) -> tuple[float, float, fl
     """(exact match, non-empty rate, median seconds, mean forwards) of the first suggested line."""
     hits, shown, seconds, forwards = 0, 0, [], []
     for text, cursor, expected, _ in tasks:
-        result = run(model, Request("suggest", text, cursor, cursor, settings))
+        result = answer(model, Request("suggest", text, cursor, cursor, settings))
         first_line = result.text.split("\n")[0].strip()
         hits += first_line == expected
         shown += bool(first_line)

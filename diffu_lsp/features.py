@@ -12,10 +12,9 @@ from typing import Any, Callable
 
 import msgspec
 
-from . import draft, infill
-from .errors import RequestTooLarge, is_out_of_memory
+from . import infill, warm_start
+from .errors import JobCancelled, RequestTooLarge, is_out_of_memory
 from .job import Answer, Replacement, Request, Step, Suggestion
-from .models import DenoiseCancelled
 from .postprocess import Context, auto_closed_tail, cut_at_stop, drop_low_confidence_tail, postprocess_text
 from .sampler import Sampling
 from .settings import Settings, sampling_options
@@ -68,7 +67,7 @@ def _denoise(model, canvas: list[int], settings: Settings, cancel, on_step=None,
     if keep is not None:
         keep(result)
     if result.cancelled:
-        raise DenoiseCancelled()
+        raise JobCancelled("cancelled while denoising")
     return result
 
 
@@ -80,7 +79,7 @@ def _streamed(model, on_step: Callable[[Step], Any] | None, spans: list[tuple[in
         return None
 
     def step(state) -> bool | None:
-        texts = [draft.draft_text(state.canvas[start:start + length].tolist(), mask_id=model.mask_token_id,
+        texts = [warm_start.draft_text(state.canvas[start:start + length].tolist(), mask_id=model.mask_token_id,
                                   decode=model.decode, stop_ids=model.eos_token_ids) for start, length in spans]
         texts = [text[len(healed):] if healed and text.startswith(healed) else text for text in texts]
         return on_step(Step(state.step, state.masked, BETWEEN_HOLES.join(texts)))
@@ -107,10 +106,10 @@ def _split_trailing_blanks(prefix: str) -> tuple[str, str]:
 
 
 def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, block: bool = False,
-            on_step=None, drafts: draft.Drafts | None = None, key: str = "") -> Suggestion:
+            on_step=None, drafts: warm_start.CanvasStore | None = None, key: str = "") -> Suggestion:
     """The block to show at `cursor` (single- or multi-line, decided from the code around it).
     With `drafts` and `settings.warm_start`, the hole starts from the last canvas kept under `key`
-    (diffu_lsp/draft.py), and this job's canvas is kept there for the next one, even if cancelled."""
+    (diffu_lsp/warm_start.py), and this job's canvas is kept there for the next one, even if cancelled."""
     started = time.perf_counter()
     request = infill.build_request(text, cursor, model.encode, settings, block=block)
     check_canvas(request.hole_tokens, "suggestion", "lower singleLineTokens, multiLineTokens or blockTokens")
@@ -121,12 +120,12 @@ def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, b
     hole, provisional, keep = [model.mask_token_id] * length, None, None
     if drafts is not None and settings.warm_start:
         hole_start = cursor - len(healed)
-        aligned = draft.align(drafts.get(key), text, hole_start, cursor, length, mask_id=model.mask_token_id,
+        aligned = warm_start.align(drafts.get(key), text, hole_start, cursor, length, mask_id=model.mask_token_id,
                               piece=lambda token: model.decode([token]), stop_ids=model.eos_token_ids)
         if aligned is not None:
             hole = aligned.ids
             provisional = [False] * len(prefix_ids) + aligned.provisional + [False] * len(suffix_ids)
-        keep = lambda result: drafts.put(key, draft.canvas_of(  # noqa: E731 - finished or cancelled, for the next job
+        keep = lambda result: drafts.put(key, warm_start.canvas_of(  # noqa: E731 - finished or cancelled, for the next job
             text, hole_start, cursor, result.canvas[len(prefix_ids):len(prefix_ids) + length].tolist()))
     result = _denoise(model, prefix_ids + hole + suffix_ids, settings, cancel,
                       _streamed(model, on_step, [(len(prefix_ids), length)]), provisional, keep)
@@ -313,9 +312,9 @@ def _editable_canvas(model, canvas: infill.HoleCanvas, holes: list[infill.Hole])
 
 # ------------------------------------------------------------------ one request, whichever kind
 
-def run(model, request: Request, *, cancel=None, on_step=None, on_oom_retry: Callable[[], Any] = lambda: None,
-        drafts: draft.Drafts | None = None, key: str = "") -> Answer:
-    """Run one :class:`~diffu_lsp.engine.Request`: settings fitted to the model's positions,
+def answer(model, request: Request, *, cancel=None, on_step=None, on_oom_retry: Callable[[], Any] = lambda: None,
+           drafts: warm_start.CanvasStore | None = None, key: str = "") -> Answer:
+    """Answer one :class:`~diffu_lsp.job.Request`: settings fitted to the model's positions,
     and after running out of memory, once more with smaller holes. `drafts`: the engine's last
     canvas per document (`key`), for warm start."""
     text, start, end = request.text, request.start, request.end

@@ -31,7 +31,7 @@ return True to stop early: the current block's remaining positions take the last
 guesses, later blocks stay masked.
 
 Warm start (`provisional`): the canvas may arrive with draft tokens in its holes (the previous
-job's, diffu_lsp/draft.py). Each forward scores them with the masked positions, and a draft token
+job's, diffu_lsp/warm_start.py). Each forward scores them with the masked positions, and a draft token
 whose p(token) under the current canvas is below `remask` is masked again, to be decoded like any
 other (ReMDM's remasking, LLaDA 2.1's token editing): a stale draft does not survive just because
 it was there. A block ends when no mask is left and its last forward re-masked nothing (a draft
@@ -114,8 +114,8 @@ class CancelFlag(Protocol):
 
 
 @dataclass
-class Draft:
-    """What the per-step callback sees."""
+class DenoiseStep:
+    """One denoising step, as the per-step callback sees it."""
     canvas: torch.Tensor       # [L] current tokens, mask_id where still masked
     step: int                  # forwards so far
     masked: int                # positions still masked
@@ -280,7 +280,7 @@ def denoise(
     sampling: Sampling = Sampling(),
     *,
     cancel: CancelFlag | None = None,
-    on_step: Callable[[Draft], bool | None] | None = None,
+    on_step: Callable[[DenoiseStep], bool | None] | None = None,
     stop_ids: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
     provisional: torch.Tensor | None = None,
@@ -381,7 +381,7 @@ def denoise(
                 pad_after_stops(canvas, confidence, reveal_step, hole_runs, mask_id, stop_ids, provisional)
             if on_step is not None:
                 masked_left = int((canvas == mask_id).sum())
-                if on_step(Draft(canvas, forwards, masked_left)):
+                if on_step(DenoiseStep(canvas, forwards, masked_left)):
                     unrevealed = canvas[still_masked] == mask_id
                     rest = still_masked[unrevealed]
                     canvas[rest] = tokens[unrevealed]

@@ -46,8 +46,9 @@ from pygls.workspace import TextDocument
 from . import __version__, nextedit_lsp
 from .configuration import SECTION, Configuration
 from .documents import model_text, offset_at, position_at
-from .engine import LocalEngine, Step
-from .errors import EXITS, EngineLost, JobCancelled, is_out_of_memory
+from .engine import LocalEngine
+from .errors import EXITS, PASS_THROUGH, EngineLost, JobCancelled, is_out_of_memory
+from .job import Step
 from .pygls_adapter import (COMMAND_PROGRESS_TOKEN, BoundedInput, DiffuProtocol, answer_parse_error, pending_handlers,
                             use_lsp_line_breaks)
 from .session import PROGRESS_STARTING, Session, Target, find_holes, progress_message, refine_verdict
@@ -405,7 +406,7 @@ _EMPTY = object()
 def guarded(empty: Any = None, *, user_facing: bool = False, superseded: Any = _EMPTY):
     """An exception never escapes a handler: log it, tell the user if it is worth it, answer
     ``empty`` (a value, or a factory). That holds for any ``BaseException`` but interpreter exit
-    (errors.EXITS), e.g. the tokenizers library's PanicException. Superseded jobs answer
+    (errors.PASS_THROUGH), e.g. the tokenizers library's PanicException. Superseded jobs answer
     ``superseded`` where given, else ``empty`` (a lost engine is a failure, not a newer request);
     protocol errors and $/cancelRequest pass through. ``user_facing`` (commands): failures are
     shown, not just logged."""
@@ -433,15 +434,13 @@ def guarded(empty: Any = None, *, user_facing: bool = False, superseded: Any = _
             async def handler(ls: DiffuServer, *args):
                 try:
                     return await fn(ls, *args)
-                except (JsonRpcException, asyncio.CancelledError):
+                except (JsonRpcException, *PASS_THROUGH):
                     raise
                 except JobCancelled as cancelled:
                     log.debug("%s: %s", fn.__name__, cancelled.reason)
                     if superseded is not _EMPTY and not isinstance(cancelled, EngineLost):
                         return superseded
                     return answer_empty()
-                except EXITS:
-                    raise
                 except BaseException as error:  # noqa: BLE001 - e.g. tokenizers' PanicException: still answered
                     return failed(ls, fn.__name__, error)
         else:

@@ -19,11 +19,10 @@ from typing import Any, Callable, Protocol
 import msgspec
 
 from . import infill, nextedit
-from .daemon import DaemonError
 from .engine import Engine, LocalEngine
-from .errors import EXITS, JobCancelled, first_line
+from .errors import PASS_THROUGH, DaemonUnavailable, JobCancelled, first_line
 from .job import ModelInfo, ModelKey, Request, Step, Suggestion
-from .jobs import Scheduler
+from .scheduler import Scheduler
 from .settings import Settings
 
 log = logging.getLogger("diffu_lsp.session")
@@ -531,14 +530,12 @@ async def load_model(session: Session, key: ModelKey, generation: int) -> None:
     try:
         try:
             info = await _in_daemon_thread(loop, session.load_lock, session.engine.load, key)
-        except DaemonError as error:  # no daemon to be had: this window holds the model itself
+        except DaemonUnavailable as error:  # no daemon to be had: this window holds the model itself
             editor.show(f"diffu-lsp: the model daemon is unavailable ({error}); loading the model in this "
                         "window instead", "warning")
             session.fall_back_to_local()
             info = await _in_daemon_thread(loop, session.load_lock, session.engine.load, key)
-    except asyncio.CancelledError:
-        raise
-    except EXITS:
+    except PASS_THROUGH:
         raise
     except BaseException as error:  # noqa: BLE001 - ModelLoadFailed (local, daemon, cluster), anything else
         reason = first_line(error)

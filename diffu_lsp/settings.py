@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import msgspec.toml
 
+from .errors import SettingsInvalid
+
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
@@ -177,16 +179,6 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     #: from trusted settings.
     allow_download: bool = False
 
-class SettingsError(ValueError):
-    """One bad setting: ``key`` is the camelCase key (or a file path), ``problem`` a sentence."""
-
-    def __init__(self, key: str, problem: str, *, section: str = "diffu"):
-        self.key = key
-        self.problem = problem
-        self.section = section
-        where = ".".join(part for part in (section, key) if part)
-        super().__init__(f"{where}: {problem}")
-
 
 # camelCase key -> field name, e.g. "topP" -> "top_p"
 _FIELDS: dict[str, str] = {f.encode_name: f.name for f in msgspec.structs.fields(Settings)}
@@ -208,24 +200,24 @@ def _problem(key: str, value: Any, error: msgspec.ValidationError) -> str:
 
 
 def _set(current: dict[str, Any], raw_key: str, value: Any) -> Settings:
-    """Validate ``current`` with one key replaced; raise SettingsError naming that key."""
+    """Validate ``current`` with one key replaced; raise SettingsInvalid naming that key."""
     key = camel_case(raw_key)
     if key not in _FIELDS:
         hint = difflib.get_close_matches(key, _FIELDS, n=1)
-        raise SettingsError(raw_key, "Unknown setting" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        raise SettingsInvalid(raw_key, "Unknown setting" + (f"; did you mean {hint[0]!r}?" if hint else ""))
     try:
         return msgspec.convert({**current, key: value}, Settings)
     except msgspec.ValidationError as e:
-        raise SettingsError(key, _problem(key, value, e)) from None
+        raise SettingsInvalid(key, _problem(key, value, e)) from None
 
 
-def _overlay(base: Settings, overrides: Mapping | None, errors: list[SettingsError] | None) -> Settings:
+def _overlay(base: Settings, overrides: Mapping | None, errors: list[SettingsInvalid] | None) -> Settings:
     current = msgspec.to_builtins(base)
     settings = base
     for raw_key, value in (overrides or {}).items():
         try:
             settings = _set(current, str(raw_key), value)
-        except SettingsError as e:
+        except SettingsInvalid as e:
             if errors is None:
                 raise
             errors.append(e)
@@ -235,19 +227,19 @@ def _overlay(base: Settings, overrides: Mapping | None, errors: list[SettingsErr
 
 
 def apply(base: Settings, overrides: Mapping | None) -> Settings:
-    """Return ``base`` with ``overrides`` laid over it; the first bad key raises SettingsError."""
+    """Return ``base`` with ``overrides`` laid over it; the first bad key raises SettingsInvalid."""
     if overrides is not None and not isinstance(overrides, Mapping):
-        raise SettingsError("", f"Expected an object, got {overrides!r}")
+        raise SettingsInvalid("", f"Expected an object, got {overrides!r}")
     return _overlay(base, overrides, None)
 
 
-def resolve(layers: Sequence[Mapping | None]) -> tuple[Settings, list[SettingsError]]:
+def resolve(layers: Sequence[Mapping | None]) -> tuple[Settings, list[SettingsInvalid]]:
     """Defaults, then each layer in order. A bad key is reported and skipped; its previous value stays."""
     settings = Settings()
-    errors: list[SettingsError] = []
+    errors: list[SettingsInvalid] = []
     for layer in layers:
         if layer is not None and not isinstance(layer, Mapping):
-            errors.append(SettingsError("", f"Expected an object, got {layer!r}"))
+            errors.append(SettingsInvalid("", f"Expected an object, got {layer!r}"))
             continue
         settings = _overlay(settings, layer, errors)
     return settings, errors
@@ -270,26 +262,26 @@ MAX_SETTINGS_BYTES = 1 << 20
 def read_settings_file(path: Path) -> bytes:
     """The bytes of a settings file (following symlinks); b"" when missing. Anything that is not a
     regular file (a FIFO would block the read forever), or is larger than MAX_SETTINGS_BYTES, or is
-    unreadable -> SettingsError(key=path)."""
+    unreadable -> SettingsInvalid(key=path)."""
     try:  # non-blocking: opening a FIFO for reading would wait for a writer
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return b""
     except OSError as e:
-        raise SettingsError(str(path), f"Cannot read file: {e.strerror or e}", section="") from None
+        raise SettingsInvalid(str(path), f"Cannot read file: {e.strerror or e}", section="") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise SettingsError(str(path), "Not a regular file", section="")
+            raise SettingsInvalid(str(path), "Not a regular file", section="")
         if st.st_size > MAX_SETTINGS_BYTES:
-            raise SettingsError(str(path), f"File too large ({st.st_size} bytes; at most {MAX_SETTINGS_BYTES})",
-                                section="")
+            raise SettingsInvalid(str(path), f"File too large ({st.st_size} bytes; at most {MAX_SETTINGS_BYTES})",
+                                  section="")
         try:
             data = f.read(MAX_SETTINGS_BYTES + 1)
         except OSError as e:
-            raise SettingsError(str(path), f"Cannot read file: {e.strerror or e}", section="") from None
+            raise SettingsInvalid(str(path), f"Cannot read file: {e.strerror or e}", section="") from None
     if len(data) > MAX_SETTINGS_BYTES:
-        raise SettingsError(str(path), f"File too large (over {MAX_SETTINGS_BYTES} bytes)", section="")
+        raise SettingsInvalid(str(path), f"File too large (over {MAX_SETTINGS_BYTES} bytes)", section="")
     return data
 
 
@@ -297,12 +289,12 @@ def decode_toml(data: bytes, path: Path) -> dict:
     try:
         return msgspec.toml.decode(data)
     except msgspec.DecodeError as e:
-        raise SettingsError(str(path), f"Invalid TOML: {e}", section="") from None
+        raise SettingsInvalid(str(path), f"Invalid TOML: {e}", section="") from None
 
 
 def read_toml(path: Path) -> dict:
     """The TOML file as a dict; {} when missing. Not a regular file, too large, unreadable or
-    invalid -> SettingsError(key=path)."""
+    invalid -> SettingsInvalid(key=path)."""
     return decode_toml(read_settings_file(path), path)
 
 

@@ -8,8 +8,10 @@ import time
 import pytest
 import torch
 
-from diffu_lsp.jobs import CancelToken
-from diffu_lsp.models import BatchCancelled, ForwardBatcher, load_model
+from diffu_lsp.scheduler import CancelToken
+from diffu_lsp.models import load_model
+from diffu_lsp.models.batching import ForwardBatcher
+from diffu_lsp.errors import JobCancelled
 from diffu_lsp.sampler import Sampling
 
 PROMPTS = ["def add(a, b):\n    return ", "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        ",
@@ -123,7 +125,7 @@ def test_a_job_cancelled_while_its_request_waits_leaves_the_batch(model):
     def ask():
         try:
             batcher.position_logits(canvas, at, token)
-        except BatchCancelled as error:
+        except JobCancelled as error:
             errors.append(error)
 
     with batcher.job(), batcher.job():  # two jobs: the request waits up to 1 s for the other's
@@ -143,7 +145,8 @@ def test_a_job_cancelled_while_its_request_waits_leaves_the_batch(model):
 def test_a_scheduler_with_two_workers_runs_two_documents_at_once_and_latest_wins_per_document():
     import asyncio
 
-    from diffu_lsp.jobs import JobCancelled, Scheduler
+    from diffu_lsp.errors import JobCancelled
+    from diffu_lsp.scheduler import Scheduler
 
     both_running = threading.Barrier(2, timeout=5)
 

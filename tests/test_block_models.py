@@ -255,7 +255,7 @@ def test_token_probabilities_score_each_token_masked_in_its_block(sdar_pair):
 
 
 def test_suggest_fill_holes_and_refine_run_on_sdar(sdar_pair):
-    from diffu_lsp.features import run
+    from diffu_lsp.features import answer
     from diffu_lsp.job import Request
     from diffu_lsp.settings import Settings
 
@@ -263,15 +263,15 @@ def test_suggest_fill_holes_and_refine_run_on_sdar(sdar_pair):
     text = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return \n"
     cursor = text.rindex("return ") + len("return ")
     settings = Settings(single_line_tokens=8, multi_line_tokens=12, block_tokens=12)
-    suggestion = run(model, Request("suggest", text, cursor, cursor, settings))
+    suggestion = answer(model, Request("suggest", text, cursor, cursor, settings))
     assert suggestion.text and suggestion.forwards >= 1 and suggestion.hole_tokens == 8
     holed = "def f(x):\n    ...\n    # TODO: fill\n"
-    replacements = run(model, Request("fill_holes", holed, 0, len(holed), settings))
+    replacements = answer(model, Request("fill_holes", holed, 0, len(holed), settings))
     assert len(replacements) == 2 and all(r.text for r in replacements)
     start, end = text.index("a + b"), text.index("a + b") + len("a + b")
-    assert run(model, Request("refine", text, start, end, settings)).strip()
+    assert answer(model, Request("refine", text, start, end, settings)).strip()
     low = Settings(refine_mode="low_confidence", refine_confidence=0.5)  # random weights doubt every token
-    assert run(model, Request("refine", text, start, end, low)).strip()
+    assert answer(model, Request("refine", text, start, end, low)).strip()
 
 
 def test_diffu_lsp_complete_runs_sdar(sdar_pair, tmp_path):
@@ -537,7 +537,7 @@ def test_fast_dllm_v2_stops_at_a_stop_token_with_nothing_masked_before_it(fast_p
 
 
 def test_fast_dllm_v2_block_cache_equals_recomputation_and_features_run(fast_pair):
-    from diffu_lsp.features import run
+    from diffu_lsp.features import answer
     from diffu_lsp.job import Request
     from diffu_lsp.settings import Settings
 
@@ -563,11 +563,11 @@ def test_fast_dllm_v2_block_cache_equals_recomputation_and_features_run(fast_pai
     text = "def add(a, b):\n    return \n"
     cursor = text.index("return ") + len("return ")
     settings = Settings(single_line_tokens=8, multi_line_tokens=12, block_tokens=12)
-    assert run(model, Request("suggest", text, cursor, cursor, settings)).forwards >= 1
+    assert answer(model, Request("suggest", text, cursor, cursor, settings)).forwards >= 1
     holed = "def f(x):\n    ...\n    # TODO: fill\n"
-    assert len(run(model, Request("fill_holes", holed, 0, len(holed), settings))) == 2
+    assert len(answer(model, Request("fill_holes", holed, 0, len(holed), settings))) == 2
     low = Settings(refine_mode="low_confidence", refine_confidence=0.5)
-    assert run(model, Request("refine", text, 0, 14, low)).strip()
+    assert answer(model, Request("refine", text, 0, 14, low)).strip()
 
 
 def test_fast_dllm_v2_shape_is_the_real_checkpoint():

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffu_lsp.models import loading
-from diffu_lsp.models.loading import ALLOW_PICKLED_WEIGHTS, BUNDLED_MODEL, ModelLoadError, load_model
+from diffu_lsp.models.loading import ALLOW_PICKLED_WEIGHTS, BUNDLED_MODEL, load_model
+from diffu_lsp.errors import ModelLoadFailed
 
 SMALL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -50,7 +51,7 @@ def no_env(monkeypatch):
 def test_pickled_weights_are_refused_unless_allowed(tmp_path, no_env, monkeypatch):
     folder = bundled_copy(tmp_path / "pickled", weights=False)
     torch.save(load_file(str(BUNDLED_MODEL / "model.safetensors")), folder / "pytorch_model.bin")
-    with pytest.raises(ModelLoadError, match=r"pickled \(pytorch_model.bin\).*--allow-pickled-weights"):
+    with pytest.raises(ModelLoadFailed, match=r"pickled \(pytorch_model.bin\).*--allow-pickled-weights"):
         load_model(folder, device="cpu")
     monkeypatch.setenv(ALLOW_PICKLED_WEIGHTS, "1")  # whoever starts diffu-lsp may allow them
     assert load_model(folder, device="cpu").family == "dream"
@@ -68,7 +69,7 @@ def test_a_pickle_that_would_run_code_runs_nothing(tmp_path, no_env, monkeypatch
         return real_load(*args, **{**kwargs, "weights_only": False})
 
     monkeypatch.setattr(torch, "load", unsafe_load)
-    with pytest.raises(ModelLoadError, match="pickled"):
+    with pytest.raises(ModelLoadFailed, match="pickled"):
         load_model(folder, device="cpu")
     assert not marker.exists() and seen == []  # refused before anything opened the pickle
 
@@ -79,7 +80,7 @@ def test_a_pickle_that_would_run_code_runs_nothing(tmp_path, no_env, monkeypatch
 
     monkeypatch.setattr(torch, "load", recording_load)
     monkeypatch.setenv(ALLOW_PICKLED_WEIGHTS, "1")
-    with pytest.raises(ModelLoadError):
+    with pytest.raises(ModelLoadFailed):
         load_model(folder, device="cpu")
     assert not marker.exists() and seen and all(flag is True for flag in seen), seen
 
@@ -107,7 +108,7 @@ def nothing_built(monkeypatch):
 ])
 def test_config_sizes_are_checked_before_anything_is_built(tmp_path, nothing_built, config, problem):
     folder = bundled_copy(tmp_path / "big", **config)
-    with pytest.raises(ModelLoadError, match=problem):
+    with pytest.raises(ModelLoadFailed, match=problem):
         load_model(folder, device="cpu")
     assert nothing_built == []
 
@@ -115,7 +116,7 @@ def test_config_sizes_are_checked_before_anything_is_built(tmp_path, nothing_bui
 def test_a_file_that_is_not_safetensors_is_refused_at_its_header(tmp_path, nothing_built):
     folder = bundled_copy(tmp_path / "broken")
     (folder / "model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
-    with pytest.raises(ModelLoadError, match="model.safetensors is not a safetensors file"):
+    with pytest.raises(ModelLoadFailed, match="model.safetensors is not a safetensors file"):
         load_model(folder, device="cpu")
     assert nothing_built == []
 
@@ -125,7 +126,7 @@ def test_the_daemon_checks_a_checkpoint_outside_its_load_lock(tmp_path, nothing_
     waited for the lock, then built 200,000 layers under it for 90 s)."""
     from diffu_lsp.daemon import Paths
     from diffu_lsp.daemon.host import Daemon
-    from diffu_lsp.engine import ModelKey
+    from diffu_lsp.job import ModelKey
 
     folder = bundled_copy(tmp_path / "big", num_hidden_layers=200_000)
     daemon = Daemon(Paths(tmp_path / "run"), idle_seconds=0)
@@ -146,5 +147,5 @@ def test_the_daemon_checks_a_checkpoint_outside_its_load_lock(tmp_path, nothing_
     finally:
         daemon._load_lock.release()
     thread.join(20)
-    assert isinstance(outcome.get("error"), ModelLoadError) and "num_hidden_layers" in str(outcome["error"])
+    assert isinstance(outcome.get("error"), ModelLoadFailed) and "num_hidden_layers" in str(outcome["error"])
     assert nothing_built == []

@@ -32,9 +32,11 @@ pytest.importorskip("ray")
 from diffu_lsp.bench.lsp_client import LspClient  # noqa: E402
 from diffu_lsp.cluster import read_token  # noqa: E402
 from diffu_lsp.cluster import cli as cluster_cli  # noqa: E402
-from diffu_lsp.cluster.client import ClusterEngine, ClusterLost  # noqa: E402
-from diffu_lsp.engine import LocalEngine, ModelKey, Request, Suggestion  # noqa: E402
-from diffu_lsp.jobs import CancelToken, JobCancelled  # noqa: E402
+from diffu_lsp.cluster.client import ClusterEngine  # noqa: E402
+from diffu_lsp.errors import ClusterLost, JobCancelled
+from diffu_lsp.engine import LocalEngine  # noqa: E402
+from diffu_lsp.job import ModelKey, Request, Suggestion  # noqa: E402
+from diffu_lsp.scheduler import CancelToken  # noqa: E402
 from diffu_lsp.settings import Settings  # noqa: E402
 
 from test_runtime_security import OTHER, as_other_user  # noqa: E402

@@ -15,10 +15,11 @@ import time
 import msgspec
 import pytest
 
-from diffu_lsp.cluster import ClusterError, new_token, read_token, write_state
+from diffu_lsp.cluster import new_token, read_token, write_state
+from diffu_lsp.errors import ClusterUnavailable
 from diffu_lsp.cluster.client import ClusterEngine
-from diffu_lsp.engine import Request
-from diffu_lsp.jobs import CancelToken
+from diffu_lsp.job import Request
+from diffu_lsp.scheduler import CancelToken
 from diffu_lsp.settings import Settings
 
 from test_runtime_security import OTHER
@@ -68,7 +69,7 @@ def test_the_default_token_goes_only_to_the_cluster_started_here(config):
     token = new_token()
     ours, elsewhere = Listener(), Listener()
     write_state({"url": ours.url + "/", "started_head": True})
-    with pytest.raises(ClusterError, match="goes only to the cluster started here"):
+    with pytest.raises(ClusterUnavailable, match="goes only to the cluster started here"):
         run(ClusterEngine(elsewhere.url))
     time.sleep(0.2)
     assert token.encode() not in elsewhere.received
@@ -102,13 +103,13 @@ def test_an_engine_token_file_must_be_an_owner_only_regular_file_of_ours(tmp_pat
     os.chown(theirs, OTHER, OTHER)
     for path, why in ((link, "is a symlink"), (loose, "mode 644"), (fifo, "not a regular file"),
                       (tmp_path, "not a regular file"), (theirs, "not this user's"),
-                      (tmp_path / "missing", "cannot read")):
+                      (tmp_path / "missing", "cannot open")):
         started = time.monotonic()
-        with pytest.raises(ClusterError, match=why):
+        with pytest.raises(ClusterUnavailable, match=why):
             read_token(path)
         assert time.monotonic() - started < 1
         listener = Listener()
-        with pytest.raises(ClusterError, match=why):
+        with pytest.raises(ClusterUnavailable, match=why):
             run(ClusterEngine(listener.url, token_file=str(path)))
         time.sleep(0.1)
         assert b"secret" not in listener.received

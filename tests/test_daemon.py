@@ -27,8 +27,9 @@ from diffu_lsp.daemon import Paths, daemon_pid, runtime_paths
 from diffu_lsp.daemon import wire
 from diffu_lsp.daemon.client import connect, connect_or_start
 from diffu_lsp.daemon.host import rss_bytes
-from diffu_lsp.engine import ModelKey, Request, Suggestion
-from diffu_lsp.jobs import CancelToken, JobCancelled
+from diffu_lsp.job import ModelKey, Request, Suggestion
+from diffu_lsp.errors import FrameInvalid, JobCancelled
+from diffu_lsp.scheduler import CancelToken
 from diffu_lsp.settings import Settings
 
 BUNDLED = ModelKey(None, "cpu", "float32")
@@ -113,10 +114,10 @@ def test_every_message_survives_the_wire_and_bad_frames_are_refused():
         frame = wire.encode(message)
         assert wire.body_length(frame[:4]) == len(frame) - 4
         assert wire.decode(frame[4:]) == message
-    with pytest.raises(wire.FrameError, match="over the"):
+    with pytest.raises(FrameInvalid, match="over the"):
         wire.body_length(wire.HEADER.pack(wire.MAX_FRAME + 1))
     for garbage in (b"", b"\xc1", msgspec.msgpack.encode({"type": "Nope"}), msgspec.msgpack.encode([1, 2])):
-        with pytest.raises(wire.FrameError):
+        with pytest.raises(FrameInvalid):
             wire.decode(garbage)
 
 

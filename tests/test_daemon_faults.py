@@ -19,10 +19,11 @@ import pytest
 from diffu_lsp import __version__
 from diffu_lsp.daemon import client as daemon_client
 from diffu_lsp.daemon import daemon_pid, wire
-from diffu_lsp.daemon.client import DaemonEngine, DaemonStuck, connect, connect_or_start
+from diffu_lsp.daemon.client import DaemonEngine, connect, connect_or_start
+from diffu_lsp.errors import DaemonStuck
 from diffu_lsp.daemon.host import MAX_CONNECTIONS, RateLimit
-from diffu_lsp.engine import Suggestion
-from diffu_lsp.jobs import CancelToken
+from diffu_lsp.job import Suggestion
+from diffu_lsp.scheduler import CancelToken
 
 from test_daemon import BUNDLED, SLOW, alive, in_thread, runtime, suggest_request, wait_for  # noqa: F401
 
@@ -198,7 +199,7 @@ def resetting_listener(paths) -> tuple[socket.socket, threading.Thread]:
 
 def test_a_dying_daemons_reset_is_no_daemon_and_a_new_one_starts(runtime):
     # Killing the daemon mid-job and typing on: the next connect could meet the dead daemon's
-    # listener, which resets. That was a DaemonError, so the keystroke failed with a traceback in
+    # listener, which resets. That was a DaemonUnavailable, so the keystroke failed with a traceback in
     # the log and no new daemon started (test_daemon's kill test failed this way, now and then).
     listener, thread = resetting_listener(runtime)
     try:
@@ -220,7 +221,7 @@ def test_a_reset_from_a_live_daemon_is_still_an_error(runtime):
         "time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(daemon_client.DaemonError, match="did not answer"):
+        with pytest.raises(daemon_client.DaemonUnavailable, match="did not answer"):
             connect(runtime)
     finally:
         holder.kill()
@@ -262,7 +263,7 @@ async def test_out_of_memory_retries_in_the_daemon_reach_the_window(tmp_path, mo
         on_oom_retry()
         return Suggestion("x", 0, False, 1, 16, 0.0)
 
-    monkeypatch.setattr(features, "run", run_with_one_retry)
+    monkeypatch.setattr(features, "answer", run_with_one_retry)
     async with daemon_in_this_process(tmp_path) as (_daemon, paths):
         conn = await asyncio.to_thread(connect, paths)
         retries = []
@@ -279,7 +280,7 @@ class Panic(BaseException):
 @contextlib.asynccontextmanager
 async def daemon_in_this_process(tmp_path):
     """A daemon serving on its own runtime folder from this test's event loop, holding a stand-in
-    for the bundled model (the tests patch features.run, the one job path)."""
+    for the bundled model (the tests patch features.answer, the one job path)."""
     import asyncio
     from types import SimpleNamespace
 
@@ -318,7 +319,7 @@ async def test_a_job_raising_a_base_exception_is_answered_and_the_daemon_goes_on
             raise Panic("called `Option::unwrap()` on a `None` value")
         return Suggestion("x", 0, False, 1, 16, 0.0)
 
-    monkeypatch.setattr(features, "run", run)
+    monkeypatch.setattr(features, "answer", run)
 
     def window(paths) -> list:
         with raw_window(paths) as raw:
@@ -369,3 +370,28 @@ async def test_a_window_that_reads_nothing_is_dropped_at_the_write_deadline(tmp_
         await asyncio.to_thread(wait_for, lambda: daemon._connections == 0 and not daemon.clients,
                                 "the connection to be counted out", 10)
         assert seconds < 30
+
+
+@pytest.mark.asyncio
+async def test_a_frame_that_never_finishes_is_refused_at_the_frame_deadline(tmp_path, monkeypatch):
+    """SECURITY.md: a window gets FRAME_SECONDS (30 s) from a frame's header to its last byte; one
+    that sends a header and then a trickle is answered with an Error and dropped."""
+    import asyncio
+
+    from diffu_lsp.daemon import host
+
+    monkeypatch.setattr(host, "FRAME_SECONDS", 0.5)
+
+    def trickle(paths) -> tuple[str, float]:
+        raw = raw_window(paths)
+        raw.sendall(wire.HEADER.pack(100) + b"x" * 10)  # 90 bytes never come
+        t0 = time.monotonic()
+        error = wire.read_frame(raw)
+        closed = raw.recv(1) == b""
+        raw.close()
+        return (error.message if isinstance(error, wire.Error) and closed else repr(error)), time.monotonic() - t0
+
+    async with daemon_in_this_process(tmp_path) as (daemon, paths):
+        message, seconds = await asyncio.to_thread(trickle, paths)
+        assert "did not arrive within" in message and seconds < 10
+        await asyncio.to_thread(wait_for, lambda: daemon._connections == 0, "the connection to be counted out", 10)

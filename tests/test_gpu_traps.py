@@ -303,7 +303,8 @@ def test_load_model_warms_the_model_up_before_any_request(monkeypatch, tmp_path)
 def test_weights_go_straight_to_a_gpu_when_accelerate_is_there(monkeypatch, tmp_path):
     from transformers import Qwen2ForCausalLM
 
-    from diffu_lsp.models import ModelLoadError, loading
+    from diffu_lsp.models import loading
+    from diffu_lsp.errors import ModelLoadFailed
 
     seen = {}
 
@@ -316,7 +317,7 @@ def test_weights_go_straight_to_a_gpu_when_accelerate_is_there(monkeypatch, tmp_
     real_find_spec = loading.importlib.util.find_spec
     monkeypatch.setattr(loading.importlib.util, "find_spec",
                         lambda name, *args: object() if name == "accelerate" else real_find_spec(name, *args))
-    with pytest.raises(ModelLoadError, match="stop here"):
+    with pytest.raises(ModelLoadFailed, match="stop here"):
         load_model(write_dream(tmp_path / "dream"), device="cuda", dtype="bfloat16")
     assert seen["device_map"] == torch.device("cuda", 0) and seen["dtype"] == torch.bfloat16
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from diffu_lsp.models import BUNDLED_MODEL, ModelLoadError, load_model
+from diffu_lsp.models import BUNDLED_MODEL, load_model
+from diffu_lsp.errors import ModelLoadFailed
 from diffu_lsp.models.loading import detect_family
 from tiny_checkpoints import write_dream, write_llada, write_qwen2_diffusion
 
@@ -134,23 +135,23 @@ def test_remote_code_is_never_run(tmp_path):
 
 
 def test_load_errors_are_one_line_and_name_the_formats(tmp_path):
-    with pytest.raises(ModelLoadError, match="does not exist"):
+    with pytest.raises(ModelLoadFailed, match="does not exist"):
         load_model(tmp_path / "missing")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ModelLoadError, match="supported formats: Dream"):
+    with pytest.raises(ModelLoadFailed, match="supported formats: Dream"):
         load_model(tmp_path)
-    with pytest.raises(ModelLoadError):
+    with pytest.raises(ModelLoadFailed):
         detect_family({"model_type": "gpt2"})
     folder = write_qwen2_diffusion(tmp_path / "broken")
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ModelLoadError, match="cannot load the weights"):
+    with pytest.raises(ModelLoadFailed, match="cannot load the weights"):
         load_model(folder)
 
 
 def test_cuda_requested_but_absent_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(ModelLoadError, match="CUDA was requested"):
+    with pytest.raises(ModelLoadFailed, match="CUDA was requested"):
         load_model(None, device="cuda")
 
 

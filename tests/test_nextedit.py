@@ -110,7 +110,7 @@ def predicted(model, before: str, after: str, **settings) -> list[tuple[str, str
 
     spans = [(c.start, c.end, c.guess, c.prior) for c in candidates(after, edit_between(before, after))]
     request = Request("next_edit", after, 0, 0, Settings(**settings), spans=tuple(spans))
-    return [(after[r.start:r.end], r.text) for r in features.run(model, request)]
+    return [(after[r.start:r.end], r.text) for r in features.answer(model, request)]
 
 
 def test_the_job_renames_the_dangling_uses_in_one_canvas(bundled):
@@ -247,7 +247,7 @@ def test_a_model_that_edits_may_change_only_the_candidates_lines(random_dream):
     def run(**settings):
         request = Request("next_edit", after, 0, 0, Settings(algorithm="entropy", next_edit_confidence=0.0, **settings),
                           spans=spans)
-        return features.run(model, request)
+        return features.answer(model, request)
 
     masked_only = run()
     assert {(r.start, r.end) for r in masked_only} <= {(c.start, c.end) for c in found}

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from diffu_lsp import __version__
-from diffu_lsp.daemon import DaemonError, Paths, daemon_pid, private_folder, runtime_paths, terminate, wire
+from diffu_lsp.daemon import Paths, daemon_pid, private_folder, runtime_paths, terminate, wire
+from diffu_lsp.errors import DaemonUnavailable
 from diffu_lsp.daemon.client import connect, connect_or_start
 
 from test_daemon import alive, open_window, runtime, shown_messages, suggestion, open_doc, until_ready, wait_for  # noqa: F401
@@ -46,21 +47,37 @@ def test_a_folder_not_ours_or_not_private_is_refused_and_never_repaired(tmp_path
     loose = tmp_path / "loose"
     loose.mkdir()
     os.chmod(loose, 0o777)  # ours, but anyone may have put files in it
-    with pytest.raises(DaemonError, match="mode 777"):
+    with pytest.raises(DaemonUnavailable, match="mode 777"):
         private_folder(loose)
     assert stat.S_IMODE(os.lstat(loose).st_mode) == 0o777  # not chmod-ed into shape
     theirs = tmp_path / "theirs"
     theirs.mkdir(mode=0o700)
     os.chown(theirs, OTHER, OTHER)
-    with pytest.raises(DaemonError, match="not a folder of this user's"):
+    with pytest.raises(DaemonUnavailable, match="not a folder of this user's"):
         private_folder(theirs)
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (tmp_path / "elsewhere").mkdir(mode=0o700)
-    with pytest.raises(DaemonError, match="symlink"):
+    with pytest.raises(DaemonUnavailable, match="symlink"):
         private_folder(link)
-    with pytest.raises(DaemonError, match="cannot use the runtime folder"):
+    with pytest.raises(DaemonUnavailable, match="cannot use the runtime folder"):
         private_folder(Path("/dev/null/diffu-lsp"))
+
+
+def test_a_planted_fifo_in_the_runtime_folder_blocks_nothing(runtime):
+    """The runtime folder's files are opened as the cluster's token files are (ownership.open_owned):
+    a FIFO planted as daemon.log is refused at once; opening it for reading used to wait for a
+    writer forever (log_tail, which the window calls when a daemon fails to start)."""
+    import threading
+
+    from diffu_lsp.daemon import log_tail
+
+    os.mkfifo(runtime.log, 0o600)
+    tails = []
+    reader = threading.Thread(target=lambda: tails.append(log_tail(runtime)), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert tails == [""]
 
 
 def test_planted_symlinks_are_not_followed(runtime, tmp_path):
@@ -68,7 +85,7 @@ def test_planted_symlinks_are_not_followed(runtime, tmp_path):
     victim.write_text("precious\n")
     runtime.lock.symlink_to(victim)
     runtime.log.symlink_to(victim)
-    with pytest.raises(DaemonError, match="cannot open"):
+    with pytest.raises(DaemonUnavailable, match="cannot open"):
         connect_or_start(runtime)
     assert daemon_pid(runtime) is None
     assert victim.read_text() == "precious\n"  # neither truncated to a pid nor appended to
@@ -99,7 +116,7 @@ def test_a_socket_of_another_user_gets_no_document(runtime):
     server.close()
     assert os.read(ready_r, 1) == b"1"
     try:
-        with pytest.raises(DaemonError, match="runs as uid 65534"):
+        with pytest.raises(DaemonUnavailable, match="runs as uid 65534"):
             connect(runtime)
         os.waitpid(child, 0)
         assert Path(received).read_bytes() in (b"", b"-")  # not even the Hello went out
@@ -110,7 +127,7 @@ def test_a_socket_of_another_user_gets_no_document(runtime):
     planted = socket.socket(socket.AF_UNIX)
     planted.bind(str(runtime.socket))
     os.chown(runtime.socket, OTHER, OTHER)
-    with pytest.raises(DaemonError, match="not a socket of this user's"):
+    with pytest.raises(DaemonUnavailable, match="not a socket of this user's"):
         connect(runtime)
     planted.close()
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffu_lsp.models import DenoiseCancelled, load_model
+from diffu_lsp.models import load_model
+from diffu_lsp.errors import JobCancelled
 from diffu_lsp.models.backend import CachedForward
 from diffu_lsp.sampler import Sampling, above_threshold, by_factor, choose_tokens, denoise, dream_reveal_count
 
@@ -206,7 +207,7 @@ def test_cancel_stops_before_the_next_forward_on_the_bundled_model(bundled):
     canvas = bundled.encode(PREFIX) + [bundled.mask_token_id] * 64 + bundled.encode(SUFFIX)
     result = bundled.fill(canvas, Sampling(alg="entropy", steps=64), cancel=flag, on_step=on_step)
     assert result.cancelled and result.forwards == 2 == flag.forwards
-    with pytest.raises(DenoiseCancelled):
+    with pytest.raises(JobCancelled):
         bundled.infill_ids(bundled.encode(PREFIX), [], 8, cancel=flag)
 
 
@@ -377,11 +378,11 @@ def test_a_draft_the_model_agrees_with_takes_one_forward_and_stays():
 
 
 def test_typing_a_divergent_character_remasks_only_the_conflict_window_and_stale_draft_tokens():
-    """The old suggestion was "return x + 1\\n"; the user typed "return y". draft.align re-masks the
+    """The old suggestion was "return x + 1\\n"; the user typed "return y". warm_start.align re-masks the
     conflict (" x") and one token after it; " 1" and "\\n" stay provisional. Under the new context
     the model wants " * 2\\n": " 1" has lost its confidence and is re-masked at the first forward,
     "\\n" is kept; the hole ends as the new context wants it."""
-    from diffu_lsp.draft import align, canvas_of
+    from diffu_lsp.warm_start import align, canvas_of
 
     vocab = {2: "return", 3: " x", 4: " +", 5: " 1", 6: "\n", 7: " y", 8: " *", 1: " 2"}
     old_text = "def f(x):\n    \n"

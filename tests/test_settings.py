@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from diffu_lsp.errors import SettingsInvalid
 from diffu_lsp.settings import (
     Settings,
-    SettingsError,
     apply,
     camel_case,
     read_toml,
@@ -65,7 +65,7 @@ def test_apply_can_reset_to_none():
     ],
 )
 def test_apply_rejects_and_names_key(overrides, key, message):
-    with pytest.raises(SettingsError) as caught:
+    with pytest.raises(SettingsInvalid) as caught:
         apply(Settings(), overrides)
     assert caught.value.key == key
     assert str(caught.value) == message
@@ -73,7 +73,7 @@ def test_apply_rejects_and_names_key(overrides, key, message):
 
 
 def test_apply_rejects_non_mapping():
-    with pytest.raises(SettingsError):
+    with pytest.raises(SettingsInvalid):
         apply(Settings(), ["threshold", 0.5])
 
 
@@ -95,7 +95,7 @@ def test_resolve_skips_bad_keys_and_keeps_previous_values():
         ]
     )
     assert (s.threshold, s.steps, s.temperature) == (0.5, 24, 0.2)
-    assert [(e.key, type(e)) for e in errors] == [("threshold", SettingsError), ("bogus", SettingsError)]
+    assert [(e.key, type(e)) for e in errors] == [("threshold", SettingsInvalid), ("bogus", SettingsInvalid)]
 
 
 def test_resolve_reports_non_mapping_layer():
@@ -126,7 +126,7 @@ def test_read_toml(tmp_path):
 def test_read_toml_parse_error_names_file(tmp_path):
     path = tmp_path / "diffu-lsp.toml"
     path.write_text("threshold = \n")
-    with pytest.raises(SettingsError) as caught:
+    with pytest.raises(SettingsInvalid) as caught:
         read_toml(path)
     assert caught.value.key == str(path)
     assert str(caught.value).startswith(f"{path}: Invalid TOML")

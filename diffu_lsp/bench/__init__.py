@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 from . import report
                 report.write(args.out, [result])
                 print(f"updated the {name} section of {args.out}")
-    except models.ModelLoadError as error:
+    except models.ModelLoadFailed as error:
         print(f"diffu-lsp bench: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -45,8 +45,9 @@ def network_forwards(url: str) -> int:
 
 def editor(engine_for, index: int, chars: int, cps: float, out: list, ready: threading.Barrier) -> None:
     """One editor: type, cancel the previous job, submit a new one; results appended to ``out``."""
-    from ..engine import Request
-    from ..jobs import CancelToken, JobCancelled
+    from ..job import Request
+    from ..errors import JobCancelled
+    from ..scheduler import CancelToken
     from ..settings import Settings
 
     engine = engine_for()
@@ -133,7 +134,7 @@ def run(options: common.Options) -> dict:
     from ..cluster.client import ClusterEngine
     from ..daemon import runtime_paths, terminate
     from ..daemon.client import DaemonEngine
-    from ..engine import ModelKey
+    from ..job import ModelKey
     from ..settings import Settings
 
     started = time.perf_counter()

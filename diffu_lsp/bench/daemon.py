@@ -30,8 +30,9 @@ def request_overhead(options: common.Options) -> dict:
     """Paired timings of one suggestion job in-process and through the daemon."""
     from ..daemon import runtime_paths
     from ..daemon.client import DaemonEngine
-    from ..engine import LocalEngine, ModelKey, Request
-    from ..jobs import CancelToken
+    from ..engine import LocalEngine
+    from ..job import ModelKey, Request
+    from ..scheduler import CancelToken
     from ..settings import Settings
 
     key = ModelKey(options.model, options.device or "auto", options.dtype or "auto")

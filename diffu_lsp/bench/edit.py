@@ -372,7 +372,7 @@ def run(options: common.Options) -> dict:
             "the share of (corrupted token, token of an intact control line) pairs in which the corrupted one is "
             "less likely (ties half). A threshold rule can only trade detection against untouched controls along "
             "this ranking: both targets need it near 1.",
-            "Held-out infill: `features.run` suggest with default settings at the start of the emptied line "
+            "Held-out infill: `features.answer` suggest with default settings at the start of the emptied line "
             "(the quality suite's `server default` row), exact match and edit similarity to the removed line; "
             "copy-the-previous-line is the baseline to beat.",
         ],

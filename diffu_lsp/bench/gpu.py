@@ -50,9 +50,9 @@ def run(options: common.Options) -> dict:
     started = time.perf_counter()
     device = resolve_device(options.device)
     if device.type != "cuda" and not options.quick:  # never write CPU figures into "On a GPU"
-        from ..models import ModelLoadError
+        from ..errors import ModelLoadFailed
 
-        raise ModelLoadError(f"bench gpu needs a CUDA device (found {device.type}); `--quick` runs it on the tiny shape here")
+        raise ModelLoadFailed(f"bench gpu needs a CUDA device (found {device.type}); `--quick` runs it on the tiny shape here")
     quick = options.quick or device.type != "cuda"
     plan = [("tiny", (128, 256), (4, 8))] if quick else [
         ("dream-7b", shapes.CONTEXTS, shapes.PER_FORWARD), ("llada-8b", shapes.CONTEXTS, (8,))]

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import LspRequestFailed
+
 
 def server_command(model: str | None = None, device: str | None = None, dtype: str | None = None) -> list[str]:
     """The real server, started through the CLI's entry point (what `diffu-lsp` runs)."""
@@ -37,10 +39,6 @@ class Response:
     received: float
     result: Any = None
     error: dict | None = None
-
-
-class LspError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -92,7 +90,7 @@ class LspClient:
         await self.drain()
         response = await asyncio.wait_for(self._guard(future), timeout)
         if response.error:
-            raise LspError(f"{method}: {response.error.get('message')} ({response.error.get('code')})")
+            raise LspRequestFailed(f"{method}: {response.error.get('message')} ({response.error.get('code')})")
         return response.result
 
     async def _guard(self, future):
@@ -102,7 +100,7 @@ class LspClient:
             done, _ = await asyncio.wait({future, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if future in done:
                 return future.result()
-            raise LspError(f"the server exited with status {self.process.returncode}:\n" + "\n".join(self.stderr_tail))
+            raise LspRequestFailed(f"the server exited with status {self.process.returncode}:\n" + "\n".join(self.stderr_tail))
         finally:
             waiter.cancel()
 
@@ -199,7 +197,7 @@ class LspClient:
                 self.notify("exit", None)
                 await self.drain()
                 await asyncio.wait_for(self.process.wait(), timeout)
-        except (asyncio.TimeoutError, LspError, ConnectionError, BrokenPipeError):
+        except (asyncio.TimeoutError, LspRequestFailed, ConnectionError, BrokenPipeError):
             pass
         finally:
             if self.process.returncode is None:

@@ -28,12 +28,12 @@ from diffu_lsp.models import load_model
 model = load_model(sys.argv[1] or None, device=sys.argv[2] or None, dtype=sys.argv[3] or None)
 loaded = time.perf_counter() - started
 rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-from diffu_lsp.engine import Request
-from diffu_lsp.features import run
+from diffu_lsp.job import Request
+from diffu_lsp.features import answer
 from diffu_lsp.settings import Settings
 text = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n        return "
 t = time.perf_counter()
-s = run(model, Request("suggest", text, len(text), len(text), Settings()))
+s = answer(model, Request("suggest", text, len(text), len(text), Settings()))
 first = time.perf_counter() - t
 cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and model.device.type == "cuda" else None
 print(json.dumps({"import_and_load_s": loaded, "load_seconds": model.load_seconds, "rss_loaded_kib": rss_loaded,

@@ -13,7 +13,7 @@ the rest of the file as it is:
   implies nothing: any prediction is false.
 
 Methods, in the same run: next edit (the server's path: diffu_lsp/nextedit.py candidates, one
-``next_edit`` job through ``features.run``), plain text replacement of the removed text by the
+``next_edit`` job through ``features.answer``), plain text replacement of the removed text by the
 introduced one everywhere else in the file (what search-and-replace would do), and no prediction.
 """
 
@@ -192,7 +192,7 @@ def build_cases(per_kind: int, seed: int) -> list[Case]:
 def predict_model(model, case: Case, settings) -> tuple[list[tuple[int, int, str]], int]:
     """The server's path: the edit, its candidates, one next_edit job; (predictions, forwards)."""
     from .. import features, nextedit
-    from ..jobs import CancelToken
+    from ..scheduler import CancelToken
     from ..session import next_edit_request
 
     edit = nextedit.edit_between(case.before, case.after)
@@ -202,7 +202,7 @@ def predict_model(model, case: Case, settings) -> tuple[list[tuple[int, int, str
     if request is None:
         return [], 0
     token = CancelToken()
-    replacements = features.run(model, request, cancel=token)
+    replacements = features.answer(model, request, cancel=token)
     found = sorted(replacements, key=lambda r: min(abs(base + r.start - edit.end), abs(edit.start - base - r.end)))
     return [(base + r.start, base + r.end, r.text) for r in found[:nextedit.MAX_PREDICTIONS]], token.forwards
 

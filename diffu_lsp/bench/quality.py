@@ -136,10 +136,10 @@ def fill(model, setting: Setting, task: Task, prefix_budget: int, suffix_budget:
 
 def suggest_line(model, task: Task) -> dict:
     """The server's own path: the line's code removed (indentation kept), cursor after the indentation,
-    the server's job path (`features.run`: fitted to the model's window) with default settings, its
+    the server's job path (`features.answer`: fitted to the model's window) with default settings, its
     text put where the line was."""
-    from ..engine import Request
-    from ..features import run
+    from ..job import Request
+    from ..features import answer
     from ..settings import Settings
 
     line = task.span.rstrip("\n")
@@ -147,7 +147,7 @@ def suggest_line(model, task: Task) -> dict:
     newline = task.span[len(line):]
     document = task.prefix + indent + newline + task.suffix
     cursor = len(task.prefix) + len(indent)
-    s = run(model, Request("suggest", document, cursor, cursor, Settings()))
+    s = answer(model, Request("suggest", document, cursor, cursor, Settings()))
     return {"text": indent + s.text + newline, "hole": s.hole_tokens, "forwards": s.forwards,
             "seconds": s.seconds, "exact": s.text.strip() == task.span.strip(),
             "similarity": common.edit_similarity(s.text, task.span)}

@@ -156,7 +156,7 @@ def warm_keystrokes(model, seed: int, files: int, keys: int) -> dict:
     canvas as its draft). Forwards, seconds, and the suggestion against what is typed next and
     against the cold suggestion."""
     from .. import features
-    from ..draft import Drafts
+    from ..warm_start import CanvasStore
     from ..settings import Settings
 
     cold_settings, warm_settings = Settings(), Settings(warm_start=True)
@@ -165,7 +165,7 @@ def warm_keystrokes(model, seed: int, files: int, keys: int) -> dict:
                              "same_similarity": [], "same": []}
     for path in common.sample_files(seed + 1, files, min_chars=20000):
         text = common.read_text(path)
-        middle, drafts = len(text) // 2, Drafts()
+        middle, drafts = len(text) // 2, CanvasStore()
         line_end = text.find("\n", middle) if "\n" in text[middle:] else len(text)
         for k in range(keys + 1):  # the rest of the line is typed, not there yet; the lines after it are
             document, cursor = text[:middle + k] + text[line_end:], middle + k

@@ -19,19 +19,15 @@ import hmac
 import json
 import os
 import secrets
-import stat
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import EngineUnavailable
+from ..errors import ClusterUnavailable
+from ..ownership import open_owned
 from ..settings import user_config_file
 
 DEFAULT_PORT = 8270
 TOKEN_BYTES = 4096  # a token file is a line; anything bigger is not one
-
-
-class ClusterError(EngineUnavailable, RuntimeError):
-    """The cluster cannot be started, reached or used; the message says why, for the user."""
 
 
 def config_folder() -> Path:
@@ -74,29 +70,11 @@ def new_token(path: Path | None = None, token: str | None = None) -> str:
 
 
 def read_token(path: Path | str | None = None) -> str:
-    """The token in ``path`` (default: this user's token file). A ClusterError, saying why, unless
+    """The token in ``path`` (default: this user's token file). A ClusterUnavailable, saying why, unless
     it is a regular file (not a symlink, FIFO or device) owned by this user and readable by no one
     else (mode 0600 or 0400)."""
     path = Path(path).expanduser() if path else token_file()
-    try:
-        info = os.lstat(path)
-        if stat.S_ISLNK(info.st_mode):
-            raise ClusterError(f"the token file {path} is a symlink; refusing to use it (point engineTokenFile "
-                               "at the file itself)")
-        if not stat.S_ISREG(info.st_mode):
-            raise ClusterError(f"the token file {path} is not a regular file; refusing to use it")
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as error:
-        raise ClusterError(f"cannot read the cluster token {path}: {error.strerror or error}") from None
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())  # the file opened, not the name looked at before
-        if not stat.S_ISREG(info.st_mode):
-            raise ClusterError(f"the token file {path} is not a regular file; refusing to use it")
-        if info.st_uid != os.getuid():
-            raise ClusterError(f"the token file {path} is not this user's; refusing to use it")
-        if stat.S_IMODE(info.st_mode) & 0o077:
-            raise ClusterError(f"the token file {path} has mode {stat.S_IMODE(info.st_mode):o}: readable by others; "
-                               "refusing to use it (chmod 600 it)")
+    with os.fdopen(open_owned(path, os.O_RDONLY, ClusterUnavailable, private=True), "rb") as file:
         return file.read(TOKEN_BYTES).decode(errors="replace").strip()
 
 

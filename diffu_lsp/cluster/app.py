@@ -1,8 +1,8 @@
 """The Ray Serve application: replicas that each hold a warm model and run our own job path.
 
 Every replica loads the model once (``__init__``) and runs jobs through one
-:class:`~diffu_lsp.jobs.Scheduler` (latest-wins per editor document), calling
-:func:`diffu_lsp.features.run` exactly as the daemon does: infill canvases, both sides of the
+:class:`~diffu_lsp.scheduler.Scheduler` (latest-wins per editor document), calling
+:func:`diffu_lsp.features.answer` exactly as the daemon does: infill canvases, both sides of the
 cursor, a cancel token read before every forward. With ``batch_size`` > 1 the scheduler runs up to
 that many jobs at once, each in its own worker thread, and the model's
 :class:`~diffu_lsp.models.batching.ForwardBatcher` runs their forwards as one padded batched
@@ -12,12 +12,12 @@ the last one's draft when the same replica served that one (else it starts cold)
 
 HTTP (Ray Serve's proxy, one route prefix ``/``), every route behind ``Authorization: Bearer``:
 
-- ``POST /job``: body ``{"key", "request"}`` (a :class:`~diffu_lsp.engine.Request`); the answer
+- ``POST /job``: body ``{"key", "request"}`` (a :class:`~diffu_lsp.job.Request`); the answer
   streams as JSON lines: ``{"step", "masked", "text"}`` per forward (text: the draft so far),
   ``{"beat": 1}`` every second while the job waits, then one ``{"value", "forwards"}`` or
   ``{"error", "oom"}`` or ``{"cancelled"}``. When the caller disconnects, Serve cancels the
   request; the replica turns that into our cancel token, so the sampler stops at its next forward.
-- ``GET /info``: the loaded model (:class:`~diffu_lsp.engine.ModelInfo`).
+- ``GET /info``: the loaded model (:class:`~diffu_lsp.job.ModelInfo`).
 - ``GET /status``: jobs served, cancelled, forwards after cancel, per replica (from the stats actor).
 
 A missing or wrong token gets 401 and runs nothing; a body that is not a job gets 400, one that does
@@ -38,8 +38,10 @@ from ray import serve
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..draft import Drafts
-from ..engine import ModelKey, Request, first_line, is_oom, model_info
+from ..warm_start import CanvasStore
+from ..engine import model_info
+from ..errors import first_line, is_out_of_memory
+from ..job import ModelKey, Request
 from . import authorized
 from .gate import BODY_SECONDS
 
@@ -68,7 +70,8 @@ class ModelReplica:
                  batch_size: int, batch_wait_ms: float):  # defaults: cluster/cli.py
         import torch
 
-        from ..models import ForwardBatcher, load_model
+        from ..models import load_model
+        from ..models.batching import ForwardBatcher
 
         bind_serve_grpc_to_node()
         if threads:
@@ -82,7 +85,7 @@ class ModelReplica:
         if batch_size > 1:
             self.model.batcher = ForwardBatcher(self.model, batch_size, batch_wait_ms / 1000)
         self.info = model_info(self.model, self.key)
-        self.drafts = Drafts()  # the last suggestion canvas per window and document (warm start)
+        self.drafts = CanvasStore()  # the last suggestion canvas per window and document (warm start)
         self.sched = None  # a jobs.Scheduler, made on the event loop at the first job
         self.stats = dict(pid=os.getpid(), jobs=0, answered=0, cancelled=0, failed=0, forwards=0,
                           forwards_after_cancel_max=0, started=time.time())
@@ -110,7 +113,7 @@ class ModelReplica:
 
     async def run(self, message: Job):
         from .. import features
-        from ..jobs import Scheduler
+        from ..scheduler import Scheduler
 
         if self.sched is None:
             self.sched = Scheduler(debounce_s=0, thread_name="diffu-cluster-model", workers=self.batch_size)
@@ -120,7 +123,7 @@ class ModelReplica:
         def progress(step) -> None:  # worker thread
             loop.call_soon_threadsafe(lines.put_nowait, {"step": step.step, "masked": step.masked, "text": step.text})
 
-        job = self.sched.submit(message.key, lambda token: features.run(self.model, message.request, cancel=token,
+        job = self.sched.submit(message.key, lambda token: features.answer(self.model, message.request, cancel=token,
                                                                          on_step=progress, drafts=self.drafts,
                                                                          key=message.key), debounce=False)
         self.stats["jobs"] += 1
@@ -156,7 +159,7 @@ class ModelReplica:
             self._report()
 
     async def _await(self, job) -> dict:
-        from ..jobs import JobCancelled
+        from ..errors import JobCancelled
 
         try:
             value = await job
@@ -165,7 +168,7 @@ class ModelReplica:
         except Exception as error:  # noqa: BLE001 - the job failed; the replica goes on
             self.stats["failed"] += 1
             log.warning("job failed: %r", error)
-            return {"error": first_line(error), "oom": is_oom(error), "forwards": job.token.forwards}
+            return {"error": first_line(error), "oom": is_out_of_memory(error), "forwards": job.token.forwards}
         self.stats["answered"] += 1
         return {"value": msgspec.to_builtins(value), "forwards": job.token.forwards}
 

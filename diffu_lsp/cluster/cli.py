@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import (ClusterError, DEFAULT_PORT, new_token, ray_token, ray_token_file, read_state, read_token, state_file,
-               token_file, write_state)
+from . import (DEFAULT_PORT, new_token, ray_token, ray_token_file, read_state, read_token, state_file, token_file,
+               write_state)
+from ..errors import ClusterUnavailable
 from .gate import CALLBACK, TOKEN_FILE_ENV
 
 
@@ -43,13 +44,14 @@ def ray_temp_folder() -> Path:
     """Ray's temp folder for a head started here (sockets, logs, runtime envs). Ray makes it mode
     777, so it lies inside a 0700 folder of ours (refused, never repaired, if another user made
     that one), short enough for Ray's socket paths."""
-    from ..daemon import DaemonError, private_folder
+    from ..daemon import private_folder
+    from ..errors import DaemonUnavailable
 
     folder = Path(tempfile.gettempdir()) / f"diffu-lsp-ray-{os.getuid()}"
     try:
         private_folder(folder)
-    except DaemonError as error:
-        raise ClusterError(str(error)) from None
+    except DaemonUnavailable as error:
+        raise ClusterUnavailable(str(error)) from None
     return folder / "ray"
 
 
@@ -72,10 +74,10 @@ def driver(state: dict, action: str, timeout: float = DRIVER_SECONDS, **options)
         done = subprocess.run(command, input=json.dumps({"action": action, "state": state, "options": options}),
                               env=ray_environment(state), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise ClusterError(f"Ray did not finish `{action}` within {timeout:.0f} s") from None
+        raise ClusterUnavailable(f"Ray did not finish `{action}` within {timeout:.0f} s") from None
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        raise ClusterError(f"`{action}` on Ray failed: {(done.stderr or done.stdout).strip()[-800:]}")
+        raise ClusterUnavailable(f"`{action}` on Ray failed: {(done.stderr or done.stdout).strip()[-800:]}")
     return json.loads(lines[-1])
 
 
@@ -115,7 +117,7 @@ def start(*, replicas: int = 1, model: str | None = None, device: str = "auto", 
             command.append(f"--num-cpus={num_cpus}")
         done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=ray_environment(state))
         if done.returncode != 0:
-            raise ClusterError(f"`ray start --head` failed: {(done.stderr or done.stdout).strip()[-500:]}")
+            raise ClusterUnavailable(f"`ray start --head` failed: {(done.stderr or done.stdout).strip()[-500:]}")
         state["address"] = f"{node_ip}:{RAY_PORT}"
     elif not requires_token(address):
         warn(f"the Ray cluster at {address} has no authentication: anyone who reaches its ports can run code "
@@ -196,7 +198,7 @@ def status() -> dict:
     result = {**state, "running": False}
     try:
         stats = replica_stats(state["url"])
-    except (OSError, ValueError, ClusterError) as error:
+    except (OSError, ValueError, ClusterUnavailable) as error:
         result["message"] = f"the cluster does not answer at {state['url']}: {error}"
         return result
     result["running"] = True
@@ -213,7 +215,7 @@ def replica_states() -> dict:
         return {"error": "no cluster started from this machine"}
     try:
         return driver(state, "states", timeout=120)
-    except ClusterError as error:  # status is best effort
+    except ClusterUnavailable as error:  # status is best effort
         return {"error": str(error)}
 
 
@@ -261,7 +263,7 @@ def main(args) -> int:
         if args.cluster_command == "stop":
             print(json.dumps(stop()))
             return 0
-    except ClusterError as error:
+    except ClusterUnavailable as error:
         print(f"diffu-lsp cluster: {error}", file=sys.stderr)
         return 2
     return 2
@@ -298,7 +300,6 @@ def add_parser(subparsers) -> None:
     show = commands.add_parser("status", help="url, replicas, model, jobs served, token file")
     show.add_argument("--json", action="store_true")
     commands.add_parser("stop", help="delete the application; stop Ray if `start` started it here")
-
 
 
 if __name__ == "__main__":  # the child process of `driver`

@@ -27,27 +27,15 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ..job import Answer, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion
-from ..errors import EngineLost, JobCancelled, OutOfMemory
+from ..errors import (ClusterLost, ClusterUnavailable, ClusterUnreachable, JobCancelled, JobFailed, OutOfMemory,
+                      ReplicaFailed)
 from ..settings import Settings
-from . import ClusterError, read_state, read_token, same_url
+from . import read_state, read_token, same_url
 
 log = logging.getLogger("diffu_lsp.cluster.client")
 
 CONNECT_SECONDS = 5.0
 LOAD_SECONDS = 30.0
-
-
-class ClusterLost(EngineLost):
-    """The replica running the job went away (or the cluster was silent past the deadline): the
-    request is answered empty."""
-
-
-class Unreachable(ClusterError):
-    """Nothing answers at the cluster's URL."""
-
-
-class OutOfMemoryError(OutOfMemory, RuntimeError):
-    """A replica ran out of memory on this job."""
 
 
 ANSWER_TYPES: dict[str, Any] = {"suggest": Suggestion, "block": Suggestion, "fill_holes": list[Replacement],
@@ -62,7 +50,7 @@ class ClusterEngine:
                  fallback: Callable[[], Any] | None = None):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ClusterError(f"not a cluster URL: {url!r}")
+            raise ClusterUnavailable(f"not a cluster URL: {url!r}")
         self.url, self.parts = url.rstrip("/"), parts
         self.token_file = token_file
         self.on_message = on_message
@@ -93,7 +81,7 @@ class ClusterEngine:
         if self.fallback is None:
             try:
                 status, body = self._get("/info", LOAD_SECONDS)
-            except Unreachable as error:
+            except ClusterUnreachable as error:
                 self._fall_back(str(error))
             else:
                 info = msgspec.json.decode(body, type=ModelInfo)
@@ -107,7 +95,7 @@ class ClusterEngine:
             return self.fallback.run(request, cancel, on_step, on_oom_retry or (lambda: None), key=key)
         try:
             return self._run(request, cancel, on_step, key)
-        except Unreachable as error:
+        except ClusterUnreachable as error:
             self._fall_back(str(error))
             self.fallback.load(self.key)
             return self.fallback.run(request, cancel, on_step, on_oom_retry or (lambda: None), key=key)
@@ -128,7 +116,7 @@ class ClusterEngine:
             if self.fallback is not None:
                 return
             if self.make_fallback is None:
-                raise ClusterError(f"the cluster at {self.url} cannot be reached ({reason})")
+                raise ClusterUnavailable(f"the cluster at {self.url} cannot be reached ({reason})")
             self.fallback = self.make_fallback()
             if self.settings is not None:
                 self.fallback.configure(self.settings)
@@ -147,9 +135,9 @@ class ClusterEngine:
             return read_token(self.token_file)
         started_here = read_state().get("url", "")
         if not started_here or not same_url(started_here, self.url):
-            raise ClusterError(f"no token for {self.url}: this machine's cluster token goes only to the cluster "
-                               f"started here ({started_here or 'none is'}); set engineTokenFile to that cluster's "
-                               "token file")
+            raise ClusterUnavailable(f"no token for {self.url}: this machine's cluster token goes only to the cluster "
+                                     f"started here ({started_here or 'none is'}); set engineTokenFile to that cluster's "
+                                     "token file")
         return read_token()
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
@@ -160,7 +148,7 @@ class ClusterEngine:
             conn.connect()
         except OSError as error:
             conn.close()
-            raise Unreachable(error.strerror or str(error)) from None
+            raise ClusterUnreachable(error.strerror or str(error)) from None
         conn.sock.settimeout(timeout)
         return conn
 
@@ -174,7 +162,7 @@ class ClusterEngine:
             response = conn.getresponse()
             body = response.read()
         except (OSError, http.client.HTTPException) as error:
-            raise ClusterError(f"the cluster at {self.url} did not answer: {error}") from None
+            raise ClusterUnavailable(f"the cluster at {self.url} did not answer: {error}") from None
         finally:
             conn.close()
         check_status(response.status, body)
@@ -210,7 +198,7 @@ class ClusterEngine:
                     cancel.report(message["forwards"])
                     raise JobCancelled(message["cancelled"])
                 elif "error" in message:
-                    raise (OutOfMemoryError if message["oom"] else RuntimeError)(message["error"])
+                    raise (OutOfMemory if message["oom"] else JobFailed)(message["error"])
         except TimeoutError:
             if cancel.cancelled:
                 raise JobCancelled(cancel.reason) from None
@@ -235,20 +223,16 @@ class ClusterEngine:
         self.lost = False
 
 
-class ReplicaFailed(RuntimeError):
-    """Serve answered 5xx: the replica died or is being replaced."""
-
-
 def check_status(status: int, body: bytes) -> None:
     if status == 200:
         return
     text = body.decode(errors="replace").strip()[:200]
     if status == 401:
-        raise ClusterError("the cluster refused the token (401): set engineTokenFile to the token file written "
-                           "by `diffu-lsp cluster start`")
+        raise ClusterUnavailable("the cluster refused the token (401): set engineTokenFile to the token file written "
+                                 "by `diffu-lsp cluster start`")
     if status >= 500:
         raise ReplicaFailed(f"HTTP {status}: {text}")
-    raise ClusterError(f"the cluster answered HTTP {status}: {text}")
+    raise ClusterUnavailable(f"the cluster answered HTTP {status}: {text}")
 
 
 def _shut(conn: http.client.HTTPConnection) -> None:

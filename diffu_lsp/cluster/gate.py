@@ -20,7 +20,8 @@ import json
 import os
 import time
 
-from . import ClusterError, authorized, read_token
+from . import authorized, read_token
+from ..errors import ClusterUnavailable
 
 TOKEN_FILE_ENV = "DIFFU_LSP_CLUSTER_TOKEN_FILE"
 CALLBACK = "diffu_lsp.cluster.gate.middlewares"
@@ -34,7 +35,7 @@ def middlewares() -> list:
 
     path = os.environ.get(TOKEN_FILE_ENV, "")
     if not path:
-        raise ClusterError(f"{TOKEN_FILE_ENV} is not set: the proxy has no token to check")
+        raise ClusterUnavailable(f"{TOKEN_FILE_ENV} is not set: the proxy has no token to check")
     read_token(path)  # fail closed: a proxy with no usable token does not start
     return [Middleware(Gate, token_file=path)]
 
@@ -52,7 +53,7 @@ class Gate:
             key = (info.st_ino, info.st_mtime_ns, info.st_size)
             if key != self._token[0]:
                 self._token = (key, read_token(self.token_file))
-        except (OSError, ClusterError):
+        except (OSError, ClusterUnavailable):
             return ""
         return self._token[1]
 

@@ -32,11 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import EngineUnavailable
-
-
-class DaemonError(EngineUnavailable, RuntimeError):
-    """The daemon cannot be reached, started or used; the message says why, for the user."""
+from ..errors import DaemonUnavailable
+from ..ownership import open_owned
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ class Paths:
 
 
 def runtime_paths() -> Paths:
-    """The runtime folder, created owner-only if missing; a DaemonError if it cannot be ours."""
+    """The runtime folder, created owner-only if missing; a DaemonUnavailable if it cannot be ours."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     folder = Path(base) / "diffu-lsp" if base else Path(tempfile.gettempdir()) / f"diffu-lsp-{os.getuid()}"
     private_folder(folder)
@@ -79,35 +76,27 @@ def private_folder(folder: Path) -> None:
             pass
         info = os.lstat(folder)
     except OSError as error:  # XDG_RUNTIME_DIR=/dev/null, a folder that vanished, no permission, ...
-        raise DaemonError(f"cannot use the runtime folder {folder}: {error.strerror or error}") from None
+        raise DaemonUnavailable(f"cannot use the runtime folder {folder}: {error.strerror or error}") from None
     if not stat.S_ISDIR(info.st_mode):
-        raise DaemonError(f"{folder} is not a folder (a symlink or a file); refusing to use it")
+        raise DaemonUnavailable(f"{folder} is not a folder (a symlink or a file); refusing to use it")
     if info.st_uid != os.getuid():
-        raise DaemonError(f"{folder} is not a folder of this user's; refusing to put the daemon's socket there")
+        raise DaemonUnavailable(f"{folder} is not a folder of this user's; refusing to put the daemon's socket there")
     if stat.S_IMODE(info.st_mode) != 0o700:
-        raise DaemonError(f"{folder} has mode {stat.S_IMODE(info.st_mode):o}, not 700: another user may have "
-                          "put files there; refusing to use it (remove it and the next window makes a new one)")
+        raise DaemonUnavailable(f"{folder} has mode {stat.S_IMODE(info.st_mode):o}, not 700: another user may have "
+                                "put files there; refusing to use it (remove it and the next window makes a new one)")
 
 
 def open_private(path: Path, flags: int = os.O_RDWR | os.O_CREAT) -> int:
     """A file descriptor for ``path`` in the runtime folder: never through a symlink, and only a
     regular file of ours (a file planted by another user is refused)."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as error:
-        raise DaemonError(f"cannot open {path}: {error.strerror or error}") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-        os.close(fd)
-        raise DaemonError(f"{path} is not a file of this user's; refusing to use it")
-    return fd
+    return open_owned(path, flags, DaemonUnavailable)
 
 
 def check_socket_file(path: Path) -> None:
     """The socket must be a socket of ours before anything is sent over it."""
     info = os.lstat(path)
     if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
-        raise DaemonError(f"{path} is not a socket of this user's; refusing to connect")
+        raise DaemonUnavailable(f"{path} is not a socket of this user's; refusing to connect")
 
 
 def peer_uid(sock: socket.socket) -> tuple[int, int]:
@@ -148,7 +137,7 @@ def daemon_pid(paths: Paths) -> int | None:
     """The pid written in the lock file, if a process still holds the lock."""
     try:
         fd = open_private(paths.lock, os.O_RDWR)
-    except DaemonError:
+    except DaemonUnavailable:
         return None
     with os.fdopen(fd, "r+") as file:
         try:
@@ -195,7 +184,7 @@ def file_lock(path: Path, timeout: float):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise DaemonError(f"timed out waiting for {path}") from None
+                    raise DaemonUnavailable(f"timed out waiting for {path}") from None
                 time.sleep(0.02)
         yield fd
     finally:
@@ -224,5 +213,5 @@ def log_tail(paths: Paths, lines: int = 5) -> str:
     try:
         with os.fdopen(open_private(paths.log, os.O_RDONLY), errors="replace") as file:
             return " | ".join(file.read().strip().splitlines()[-lines:])
-    except (OSError, DaemonError):
+    except (OSError, DaemonUnavailable):
         return ""

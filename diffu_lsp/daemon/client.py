@@ -30,10 +30,11 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..job import Answer, ModelInfo, ModelKey, Request, Step
-from ..errors import EngineLost, JobCancelled, ModelLoadFailed, OutOfMemory
+from ..errors import (DaemonLost, DaemonStuck, DaemonUnavailable, DaemonUnresponsive, FrameInvalid, JobCancelled, JobFailed,
+                      ModelLoadFailed, OutOfMemory)
 from ..settings import Settings
-from . import (DaemonError, Paths, check_socket_file, daemon_pid, file_lock, log_tail, peer_uid, private_folder,
-               runtime_paths, spawn, terminate)
+from . import (Paths, check_socket_file, daemon_pid, file_lock, log_tail, peer_uid, private_folder, runtime_paths, spawn,
+               terminate)
 from . import wire
 
 log = logging.getLogger("diffu_lsp.daemon.client")
@@ -43,30 +44,6 @@ HELLO_SECONDS = 5.0   # connect + Hello -> Welcome
 PING_SECONDS = 2.0    # a waiting call pings the daemon after this long without a word from it
 JOB_LIMIT_SECONDS = 900.0  # even a daemon that answers pings gets no longer than this for one call
 DEFAULT_DEADLINE = 10.0
-
-
-class DaemonLost(EngineLost):
-    """The daemon went away while a job was pending: the request is answered empty."""
-
-
-class DaemonStuck(DaemonLost):
-    """The daemon gave no sign of life within the deadline: the request is answered empty."""
-
-
-class DaemonUnresponsive(DaemonError):
-    """A daemon accepted the connection but did not answer the Hello in time (frozen or wedged)."""
-
-
-class RemoteError(RuntimeError):
-    """A load or job that failed inside the daemon (the daemon itself is fine)."""
-
-
-class OutOfMemoryError(RemoteError, OutOfMemory):
-    """The daemon ran out of memory on this job."""
-
-
-class RemoteLoadError(RemoteError, ModelLoadFailed):
-    """The daemon could not load the model; the message says why."""
 
 
 _LOST = object()
@@ -96,8 +73,8 @@ class Connection:
     def load(self, key: ModelKey) -> ModelInfo:
         try:
             answer = self._call(lambda id: wire.Load(id, key), lambda msg: None)
-        except RemoteError as error:  # the daemon's report of a ModelLoadError (or anything else)
-            raise RemoteLoadError(str(error)) from error
+        except (JobFailed, OutOfMemory) as error:  # the daemon could not load it: it says why
+            raise ModelLoadFailed(str(error)) from error
         return answer.info
 
     def submit(self, key: str, model: ModelKey, request: Request, cancel,
@@ -152,9 +129,9 @@ class Connection:
                         cancel.report(msg.forwards, msg.forwards_after_cancel)
                     if msg.kind == "cancelled":
                         raise JobCancelled(msg.message)
-                    raise (OutOfMemoryError if msg.kind == "oom" else RemoteError)(msg.message)
+                    raise (OutOfMemory if msg.kind == "oom" else JobFailed)(msg.message)
                 elif isinstance(msg, wire.Error):
-                    raise DaemonError(f"the model daemon refused: {msg.message}")
+                    raise DaemonUnavailable(f"the model daemon refused: {msg.message}")
                 else:
                     return msg
         finally:
@@ -199,7 +176,7 @@ class Connection:
                     waiter = self._waiters.get(id)
                 if waiter is not None:
                     waiter.put(msg)
-        except (OSError, wire.FrameError) as error:
+        except (OSError, FrameInvalid) as error:
             reason = f"read failed: {error}"
         self._lost(reason)
 
@@ -238,7 +215,7 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
     except FileNotFoundError:
         return None
     except OSError as error:
-        raise DaemonError(f"cannot use {paths.socket}: {error.strerror or error}") from None
+        raise DaemonUnavailable(f"cannot use {paths.socket}: {error.strerror or error}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(HELLO_SECONDS)
     try:
@@ -253,8 +230,8 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
         _pid, uid = peer_uid(sock)
         if uid != os.getuid():
             sock.close()
-            raise DaemonError(f"the process listening on {paths.socket} runs as uid {uid}, not as this user; "
-                              "refusing to send it anything")
+            raise DaemonUnavailable(f"the process listening on {paths.socket} runs as uid {uid}, not as this user; "
+                                    "refusing to send it anything")
         sock.sendall(wire.encode(wire.Hello(wire.PROTOCOL, __version__, os.getpid())))
         answer = wire.read_frame(sock)
         sock.settimeout(None)
@@ -266,16 +243,16 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
         sock.close()
         if daemon_pid(paths) is None:  # a daemon just killed: its listener resets for a moment
             return None
-        raise DaemonError(f"the model daemon at {paths.socket} did not answer: {error}") from None
-    except (OSError, wire.FrameError) as error:
+        raise DaemonUnavailable(f"the model daemon at {paths.socket} did not answer: {error}") from None
+    except (OSError, FrameInvalid) as error:
         sock.close()
-        raise DaemonError(f"the model daemon at {paths.socket} did not answer: {error}") from None
+        raise DaemonUnavailable(f"the model daemon at {paths.socket} did not answer: {error}") from None
     if isinstance(answer, wire.Welcome):
         return Connection(sock, answer, on_lost, deadline)
     sock.close()
     if isinstance(answer, wire.Error):
-        raise DaemonError(answer.message)
-    raise DaemonError(f"the model daemon at {paths.socket} answered {type(answer).__name__} to hello")
+        raise DaemonUnavailable(answer.message)
+    raise DaemonUnavailable(f"the model daemon at {paths.socket} answered {type(answer).__name__} to hello")
 
 
 def connect_or_start(paths: Paths, *, idle_seconds: int = 900, memory_mb: int = 0,
@@ -308,13 +285,13 @@ def connect_or_start(paths: Paths, *, idle_seconds: int = 900, memory_mb: int = 
                 return conn
             code = process.poll()
             if code not in (None, 0):
-                raise DaemonError(f"the model daemon exited at start (status {code}): {log_tail(paths)}")
+                raise DaemonUnavailable(f"the model daemon exited at start (status {code}): {log_tail(paths)}")
             if code == 0 and daemon_pid(paths) is None:
                 # it bowed out to a daemon that held the lock, but that one was stopping: start again
                 process = spawn(paths, idle_seconds=idle_seconds, memory_mb=memory_mb)
                 threading.Thread(target=process.wait, name="diffu-daemon-reaper", daemon=True).start()
             time.sleep(0.05)
-    raise DaemonError(f"the model daemon did not answer within {START_TIMEOUT:.0f} s; see {paths.log}")
+    raise DaemonUnavailable(f"the model daemon did not answer within {START_TIMEOUT:.0f} s; see {paths.log}")
 
 
 class DaemonEngine:

@@ -2,7 +2,7 @@
 
 ``diffu-lsp daemon run`` (started by the first server that needs a model) listens on the
 runtime folder's socket. Each connection is one server (editor window). Jobs from all of them
-go through one :class:`~diffu_lsp.jobs.Scheduler`: latest-wins per (window, document), the
+go through one :class:`~diffu_lsp.scheduler.Scheduler`: latest-wins per (window, document), the
 newest keystroke of any window first, a job passed over too often served before newer ones, and
 at most :data:`MAX_PENDING_PER_CLIENT` unanswered jobs per window (the oldest is cancelled).
 Models are keyed by (model, device, dtype) and shared; past the memory budget the least recently
@@ -38,11 +38,12 @@ from typing import Any
 import msgspec
 
 from .. import __version__
-from ..draft import Drafts
-from ..engine import ModelInfo, ModelKey, first_line, is_oom, model_info
-from ..errors import EXITS
-from ..jobs import Job, JobCancelled, Scheduler
-from . import DaemonError, Paths, open_private, peer_uid, private_folder, runtime_paths
+from ..warm_start import CanvasStore
+from ..engine import model_info
+from ..errors import EXITS, PASS_THROUGH, DaemonUnavailable, FrameInvalid, JobCancelled, first_line, is_out_of_memory
+from ..job import ModelInfo, ModelKey
+from ..scheduler import Job, Scheduler
+from . import Paths, open_private, peer_uid, private_folder, runtime_paths
 from . import wire
 
 log = logging.getLogger("diffu_lsp.daemon")
@@ -64,7 +65,7 @@ class HeldModel:
     bytes: int
     last_used: float = field(default_factory=time.monotonic)
     jobs: int = 0
-    drafts: Drafts = field(default_factory=Drafts)  # the last suggestion canvas per window and document
+    drafts: CanvasStore = field(default_factory=CanvasStore)  # the last suggestion canvas per window and document
 
 
 @dataclass
@@ -171,7 +172,7 @@ class Daemon:
             try:
                 private_folder(self.paths.folder)
                 fd = hold_lock(self.paths)
-            except DaemonError as error:
+            except DaemonUnavailable as error:
                 fd, reason = None, str(error)
             else:
                 reason = "another daemon holds the new lock"
@@ -206,15 +207,15 @@ class Daemon:
                 log.warning("refused a connection from uid %d (pid %d): not this daemon's user", uid, pid)
                 return
             if self._connections > MAX_CONNECTIONS:
-                raise wire.FrameError(f"too many connections (over {MAX_CONNECTIONS})")
+                raise FrameInvalid(f"too many connections (over {MAX_CONNECTIONS})")
             try:
                 hello = await asyncio.wait_for(read_message(reader), HANDSHAKE_SECONDS)
             except asyncio.TimeoutError:
-                raise wire.FrameError(f"no Hello within {HANDSHAKE_SECONDS:.0f} s") from None
+                raise FrameInvalid(f"no Hello within {HANDSHAKE_SECONDS:.0f} s") from None
             if not isinstance(hello, wire.Hello):
-                raise wire.FrameError(f"expected Hello first, got {type(hello).__name__}")
+                raise FrameInvalid(f"expected Hello first, got {type(hello).__name__}")
             if (hello.protocol, hello.version) != (wire.PROTOCOL, __version__):
-                raise wire.FrameError(
+                raise FrameInvalid(
                     f"version mismatch: this daemon is diffu-lsp {__version__} (protocol {wire.PROTOCOL}), the "
                     f"client is {hello.version} (protocol {hello.protocol}); stop the daemon with "
                     "`diffu-lsp daemon stop` and the next request starts a matching one")
@@ -226,14 +227,12 @@ class Daemon:
                 self.dispatch(client, await read_message(reader))
                 if not await client.drained_in_time():  # no more requests from a window that reads no answers
                     return
-        except wire.FrameError as error:
+        except FrameInvalid as error:
             log.warning("window %d: %s", client.id, error)
             client.send(wire.Error(str(error)))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the window went away
-        except asyncio.CancelledError:
-            raise
-        except EXITS:
+        except PASS_THROUGH:
             raise
         except BaseException:  # noqa: BLE001 - one connection's failure never takes the daemon down
             log.exception("window %d: unexpected error", client.id)
@@ -280,7 +279,7 @@ class Daemon:
             log.info("stop requested by window %d", client.id)
             self._stop.set()
         else:
-            raise wire.FrameError(f"unexpected {type(message).__name__} from a client")
+            raise FrameInvalid(f"unexpected {type(message).__name__} from a client")
 
     def _spawn(self, client: Client, id: int, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -303,8 +302,8 @@ class Daemon:
             return
         except EXITS:
             raise
-        except BaseException as error:  # noqa: BLE001 - ModelLoadError and friends: the window shows it
-            client.send(wire.Failed(message.id, "oom" if is_oom(error) else "error", first_line(error)))
+        except BaseException as error:  # noqa: BLE001 - ModelLoadFailed and friends: the window shows it
+            client.send(wire.Failed(message.id, "oom" if is_out_of_memory(error) else "error", first_line(error)))
             return
         client.send(wire.Loaded(message.id, info))
 
@@ -340,7 +339,7 @@ class Daemon:
 
             held.last_used = time.monotonic()
             held.jobs += 1
-            return features.run(held.model, message.request, cancel=token,
+            return features.answer(held.model, message.request, cancel=token,
                                 on_step=progress if message.progress else None, on_oom_retry=count_oom_retry,
                                 drafts=held.drafts, key=key)
 
@@ -358,7 +357,7 @@ class Daemon:
             raise
         except BaseException as error:  # noqa: BLE001 - the job failed (a PanicException too); the daemon goes on
             log.warning("job %d of window %d failed: %r", message.id, client.id, error)
-            client.send(wire.Failed(message.id, "oom" if is_oom(error) else "error", first_line(error),
+            client.send(wire.Failed(message.id, "oom" if is_out_of_memory(error) else "error", first_line(error),
                                     job.token.forwards))
         finally:
             client.jobs.pop(message.id, None)
@@ -427,7 +426,7 @@ async def read_message(reader: asyncio.StreamReader) -> wire.Message:
     try:
         return wire.decode(await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS))
     except asyncio.TimeoutError:
-        raise wire.FrameError(f"a frame of {length:,} bytes did not arrive within {FRAME_SECONDS:.0f} s") from None
+        raise FrameInvalid(f"a frame of {length:,} bytes did not arrive within {FRAME_SECONDS:.0f} s") from None
 
 
 def hold_lock(paths: Paths) -> int | None:
@@ -474,7 +473,7 @@ def rss_bytes(pid: int | str = "self") -> int:
     return 0
 
 
-def run(*, idle_seconds: float, memory_mb: int) -> int:
+def main(*, idle_seconds: float, memory_mb: int) -> int:
     """``diffu-lsp daemon run``: serve until stopped, idle, or another daemon holds the lock."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
@@ -486,7 +485,7 @@ def run(*, idle_seconds: float, memory_mb: int) -> int:
     try:
         paths = runtime_paths()
         lock = hold_lock(paths)
-    except DaemonError as error:
+    except DaemonUnavailable as error:
         log.error("%s", error)
         return 2
     if lock is None:

@@ -18,6 +18,7 @@ from typing import Literal, Union
 
 import msgspec
 
+from ..errors import FrameInvalid
 from ..job import Answer, ModelInfo, ModelKey, Request
 
 # 7: JobSettings.candidates, Suggestion.alternatives; 6: Progress.text (the streamed draft); 5: JobSettings.warmStart; 4: a Request carries JobSettings,
@@ -147,10 +148,6 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
-class FrameError(ValueError):
-    """A frame that cannot be a message: too long, truncated, or not one of ours."""
-
-
 def encode(message: Message) -> bytes:
     body = _encoder.encode(message)
     return HEADER.pack(len(body)) + body
@@ -159,7 +156,7 @@ def encode(message: Message) -> bytes:
 def body_length(header: bytes, limit: int = MAX_FRAME) -> int:
     (length,) = HEADER.unpack(header)
     if length > limit:
-        raise FrameError(f"frame of {length:,} bytes is over the {limit:,}-byte limit")
+        raise FrameInvalid(f"frame of {length:,} bytes is over the {limit:,}-byte limit")
     return length
 
 
@@ -167,7 +164,7 @@ def decode(body: bytes) -> Message:
     try:
         return _decoder.decode(body)
     except msgspec.DecodeError as error:
-        raise FrameError(f"bad frame: {error}") from None
+        raise FrameInvalid(f"bad frame: {error}") from None
 
 
 def read_frame(sock) -> Message | None:
@@ -177,7 +174,7 @@ def read_frame(sock) -> Message | None:
         return None
     body = _read_exactly(sock, body_length(header))
     if body is None:
-        raise FrameError("connection closed inside a frame")
+        raise FrameInvalid("connection closed inside a frame")
     return decode(body)
 
 
@@ -188,7 +185,7 @@ def _read_exactly(sock, n: int) -> bytes | None:
         if not chunk:
             if remaining == n:
                 return None
-            raise FrameError("connection closed inside a frame")
+            raise FrameInvalid("connection closed inside a frame")
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)

@@ -13,15 +13,11 @@ import torch
 from transformers import AttentionInterface
 
 from ..errors import JobCancelled, is_out_of_memory
-from ..sampler import Denoised, Draft, Sampling, denoise
+from ..sampler import Denoised, DenoiseStep, Sampling, denoise
 from .batching import ForwardBatcher
 
 
 log = logging.getLogger("diffu_lsp.models")
-
-
-class DenoiseCancelled(JobCancelled):
-    """The job's cancel flag was set; raised by infill_ids/infill (fill() reports it instead)."""
 
 
 @dataclass
@@ -170,7 +166,7 @@ class DiffusionModel:
         sampling: Sampling | None = None,
         *,
         cancel=None,
-        on_step: Callable[[Draft], bool | None] | None = None,
+        on_step: Callable[[DenoiseStep], bool | None] | None = None,
         generator: torch.Generator | None = None,
         cache: str = "none",
         refresh_every: int | None = None,
@@ -245,7 +241,7 @@ class DiffusionModel:
         canvas = list(prefix_ids) + [self.mask_token_id] * length + list(suffix_ids)
         result = self.fill(canvas, cancel=cancel, on_step=on_step, **sampling)
         if result.cancelled:
-            raise DenoiseCancelled()
+            raise JobCancelled("cancelled while denoising")
         start = len(prefix_ids)
         return result.canvas[start:start + length].tolist()
 

@@ -9,7 +9,7 @@ unchanged: holes, thresholds, early exit and cancellation stay per job.
 Gathering: the batch runs as soon as every running job has a request in (so a lone job never
 waits), or `batch_size` requests are in, or `wait_s` has passed since the first one came (a job
 still busy between its forwards is not waited for longer: bounded). A job cancelled while its
-request waits leaves the queue at once (its sampler gets DenoiseCancelled, no forward counted); one
+request waits leaves the queue at once (its sampler gets JobCancelled, no forward counted); one
 cancelled while its batch runs gets that forward's logits and stops before its next forward, as
 alone. The other jobs of the batch are not disturbed.
 
@@ -31,10 +31,6 @@ import torch
 from ..errors import JobCancelled
 
 RESULT_WAIT_S = 600.0  # the longest a job waits for its batch's forward (a forward, not a queue)
-
-
-class BatchCancelled(JobCancelled):
-    """The job was cancelled while its request waited to be batched; it left the batch."""
 
 
 @dataclass
@@ -95,7 +91,7 @@ class ForwardBatcher:
                         self._queue.remove(request)
                         self.left += 1
                         self._cond.notify_all()
-                        raise BatchCancelled("cancelled while waiting for a batched forward")
+                        raise JobCancelled("cancelled while waiting for a batched forward")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no batched forward within {RESULT_WAIT_S:.0f} s")
         if request.error is not None:

@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from ..sampler import Denoised, Draft, Sampling, denoise
+from ..sampler import Denoised, DenoiseStep, Sampling, denoise
 from .backend import DiffusionModel
 
 # (prefix, suffix, middle) token names, and whether the suffix comes first (SPM order)
@@ -276,7 +276,7 @@ class BlockDiffusionModel(DiffusionModel):
     # ---------------------------------------------------------------- decoding
 
     def fill(self, canvas_ids, sampling: Sampling | None = None, *, cancel=None,
-             on_step: Callable[[Draft], bool | None] | None = None, generator=None, cache: str = "none",
+             on_step: Callable[[DenoiseStep], bool | None] | None = None, generator=None, cache: str = "none",
              refresh_every=None, reuse_prefix: bool = False, compiled: bool = False, provisional=None,
              **options) -> Denoised:
         """Every hole (run of masks / provisional tokens) of the canvas, one job each, left to right:
@@ -390,9 +390,9 @@ class BlockDiffusionModel(DiffusionModel):
 
         caller_stopped = []
 
-        def step(state: Draft, forwards_before=total.forwards) -> bool:
+        def step(state: DenoiseStep, forwards_before=total.forwards) -> bool:
             total.canvas[here] = state.canvas[where]
-            if on_step is not None and on_step(Draft(total.canvas, forwards_before + state.step,
+            if on_step is not None and on_step(DenoiseStep(total.canvas, forwards_before + state.step,
                                                      int((total.canvas == mask_id).sum()))):
                 caller_stopped.append(True)
                 return True

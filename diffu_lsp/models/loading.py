@@ -64,10 +64,6 @@ transformers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
 
 
-class ModelLoadError(ModelLoadFailed, RuntimeError):
-    """A model could not be loaded; the message says why in one line."""
-
-
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """None/"auto": CUDA, else MPS, else CPU. An explicit device that is absent is an error."""
     if device is None or str(device) == "auto":
@@ -78,9 +74,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("CUDA was requested but torch sees no CUDA device (is this a CPU build of torch?)")
+        raise ModelLoadFailed("CUDA was requested but torch sees no CUDA device (is this a CPU build of torch?)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError("MPS was requested but is not available on this machine")
+        raise ModelLoadFailed("MPS was requested but is not available on this machine")
     return device
 
 
@@ -107,7 +103,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; expected auto, float32, bfloat16 or float16") from None
+        raise ModelLoadFailed(f"unknown dtype {dtype!r}; expected auto, float32, bfloat16 or float16") from None
 
 
 def _fetcher(name_or_path: str):
@@ -116,7 +112,7 @@ def _fetcher(name_or_path: str):
     if folder.is_dir():
         return lambda name: str(folder / name) if (folder / name).is_file() else None
     if folder.exists() or name_or_path.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model folder {name_or_path!r} does not exist or is not a folder")
+        raise ModelLoadFailed(f"model folder {name_or_path!r} does not exist or is not a folder")
     return lambda name: cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False)
 
 
@@ -160,8 +156,8 @@ def safetensors_files(name: str, fetch) -> tuple[str, ...]:
             shards = sorted(set(json.load(f).get("weight_map", {}).values()))
         paths = tuple(fetch(shard) for shard in shards)
         if not shards or not all(paths):
-            raise ModelLoadError(f"cannot load the weights of {name!r}: model.safetensors.index.json names "
-                                 "shards that are not there")
+            raise ModelLoadFailed(f"cannot load the weights of {name!r}: model.safetensors.index.json names "
+                                  "shards that are not there")
         return paths
     single = fetch("model.safetensors")
     return (single,) if single else ()
@@ -173,7 +169,7 @@ def refuse_pickled_weights(name: str) -> None:
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES) if folder.is_dir() else []
     found = f"its weights are pickled ({pickled[0]}), and a pickle can run code when it is loaded. " if pickled else ""
     where = "" if folder.is_dir() else " in the local cache (`diffu-lsp pull` fetches a hub checkpoint)"
-    raise ModelLoadError(
+    raise ModelLoadFailed(
         f"{name!r} has no safetensors weights{where} (model.safetensors); {found}diffu-lsp loads pickled weights "
         f"only when started with --allow-pickled-weights (or {ALLOW_PICKLED_WEIGHTS}=1): convert the checkpoint "
         "to safetensors, or pass that flag if you trust it")
@@ -185,13 +181,13 @@ def safetensors_shapes(name: str, path: str) -> dict[str, list[int]]:
         head = f.read(8)
         size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
         if not 0 < size <= MAX_SAFETENSORS_HEADER:
-            raise ModelLoadError(f"cannot load the weights of {name!r}: {Path(path).name} is not a safetensors file")
+            raise ModelLoadFailed(f"cannot load the weights of {name!r}: {Path(path).name} is not a safetensors file")
         try:
             header = json.loads(f.read(size))
             return {key: [int(n) for n in entry["shape"]] for key, entry in header.items() if key != "__metadata__"}
         except (ValueError, TypeError, KeyError, AttributeError):
-            raise ModelLoadError(f"cannot load the weights of {name!r}: {Path(path).name} has a malformed "
-                                 "safetensors header") from None
+            raise ModelLoadFailed(f"cannot load the weights of {name!r}: {Path(path).name} has a malformed "
+                                  "safetensors header") from None
 
 
 def check_sizes(name: str, network_config, shapes: dict[str, list[int]]) -> None:
@@ -202,15 +198,15 @@ def check_sizes(name: str, network_config, shapes: dict[str, list[int]]) -> None
     for field, bound in CONFIG_BOUNDS.items():
         value = getattr(network_config, field, None)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= bound:
-            raise ModelLoadError(f"{name!r}: config.json's {field} is {value!r}; expected a whole number from 1 "
-                                 f"to {bound:,}")
+            raise ModelLoadFailed(f"{name!r}: config.json's {field} is {value!r}; expected a whole number from 1 "
+                                  f"to {bound:,}")
         sizes[field] = value
     if not shapes:
         return  # pickled weights (allowed): nothing to compare with before loading them
     layers = {int(m.group(1)) for key in shapes if (m := _LAYER_INDEX.search(key))}
     if layers and sizes["num_hidden_layers"] > len(layers):
-        raise ModelLoadError(f"{name!r}: config.json's num_hidden_layers is {sizes['num_hidden_layers']:,} but its "
-                             f"weights have {len(layers)} layers")
+        raise ModelLoadFailed(f"{name!r}: config.json's num_hidden_layers is {sizes['num_hidden_layers']:,} but its "
+                              f"weights have {len(layers)} layers")
     hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
     head_dim = getattr(network_config, "head_dim", None) or hidden // heads
     attention = hidden * head_dim * 2 * (heads + sizes["num_key_value_heads"])
@@ -219,8 +215,8 @@ def check_sizes(name: str, network_config, shapes: dict[str, list[int]]) -> None
     described = sizes["num_hidden_layers"] * per_layer + sizes["vocab_size"] * hidden * (1 if tied else 2)
     stored = sum(_product(shape) for shape in shapes.values())
     if described > 1.5 * stored + 1_000_000:
-        raise ModelLoadError(f"{name!r}: config.json describes about {described:,} parameters, its weights hold "
-                             f"{stored:,}: check hidden_size, intermediate_size, vocab_size and the layer count")
+        raise ModelLoadFailed(f"{name!r}: config.json describes about {described:,} parameters, its weights hold "
+                              f"{stored:,}: check hidden_size, intermediate_size, vocab_size and the layer count")
 
 
 def _product(shape: list[int]) -> int:
@@ -248,8 +244,8 @@ def check_checkpoint(name_or_path: str | Path | None) -> Checkpoint:
         network_config = (network_for(family, config)[1] if family in BLOCK_FAMILIES.values()
                           else llama_config_for_llada(config) if family == "llada" else qwen2_config_for_dream(config))
     except Exception as error:  # noqa: BLE001 - missing keys, wrong types (transformers' strict dataclasses), ...
-        raise ModelLoadError(f"{name!r}: config.json does not describe a {family} network: "
-                             f"{type(error).__name__}: {error}".splitlines()[0]) from None
+        raise ModelLoadFailed(f"{name!r}: config.json does not describe a {family} network: "
+                              f"{type(error).__name__}: {error}".splitlines()[0]) from None
     check_sizes(name, network_config, shapes)
     return Checkpoint(name, config, family, files)
 
@@ -257,12 +253,12 @@ def check_checkpoint(name_or_path: str | Path | None) -> Checkpoint:
 def read_config(name_or_path: str) -> dict:
     try:
         path = _fetcher(name_or_path)("config.json")
-    except ModelLoadError:
+    except ModelLoadFailed:
         raise
     except Exception as error:  # hub unreachable, unknown repo id, ...
-        raise ModelLoadError(f"cannot fetch {name_or_path!r}: {error.__class__.__name__}: {error}".splitlines()[0]) from error
+        raise ModelLoadFailed(f"cannot fetch {name_or_path!r}: {error.__class__.__name__}: {error}".splitlines()[0]) from error
     if not path:
-        raise ModelLoadError(f"{name_or_path!r} has no config.json; supported formats: {SUPPORTED}")
+        raise ModelLoadFailed(f"{name_or_path!r} has no config.json; supported formats: {SUPPORTED}")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -277,7 +273,7 @@ def detect_family(config: dict) -> str:
         return "llada"
     if block_family(config):
         return block_family(config)
-    raise ModelLoadError(f"unsupported model_type {config.get('model_type')!r}; supported formats: {SUPPORTED}")
+    raise ModelLoadFailed(f"unsupported model_type {config.get('model_type')!r}; supported formats: {SUPPORTED}")
 
 
 def qwen2_config_for_dream(config: dict) -> Qwen2Config:
@@ -315,7 +311,7 @@ def _mask_token_id(config: dict, tokenizer) -> int:
     for name in MASK_TOKEN_NAMES:
         if name in vocab:
             return vocab[name]
-    raise ModelLoadError("cannot find the mask token: no mask_token_id in config.json and no mask token in the tokenizer")
+    raise ModelLoadFailed("cannot find the mask token: no mask_token_id in config.json and no mask token in the tokenizer")
 
 
 def _ids(*values) -> tuple[int, ...]:
@@ -354,7 +350,7 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
     device: None/"auto" (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:1", "mps".
     dtype: None/"auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16".
     checkpoint: :func:`check_checkpoint`'s result when the caller checked it already.
-    Raises ModelLoadError with a one-line reason on any failure.
+    Raises ModelLoadFailed with a one-line reason on any failure.
     """
     started = time.perf_counter()
     name = str(name_or_path) if name_or_path is not None else str(BUNDLED_MODEL)
@@ -365,7 +361,7 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
     try:
         tokenizer = load_tokenizer(_fetcher(name))
     except Exception as error:
-        raise ModelLoadError(f"cannot build the tokenizer of {name!r}: {error}") from error
+        raise ModelLoadFailed(f"cannot build the tokenizer of {name!r}: {error}") from error
     load = dict(dtype=dtype, trust_remote_code=False, output_loading_info=True, **checkpoint.load_options)
     if device.type != "cpu" and importlib.util.find_spec("accelerate"):  # transformers needs it for device_map
         load["device_map"] = device  # weights straight to the device, not through the CPU's memory
@@ -376,7 +372,7 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
             network, info = Qwen2ForCausalLM.from_pretrained(name, **load)
         elif family == "llada2":  # no transformers class: our own network, the safetensors loaded as they are
             if not checkpoint.safetensors:
-                raise ModelLoadError(f"{name!r}: LLaDA 2.x loads from safetensors only")
+                raise ModelLoadFailed(f"{name!r}: LLaDA 2.x loads from safetensors only")
             from .llada2 import load_llada2
             network, info = load_llada2(checkpoint.safetensors, config, dtype, device), {}
         elif family in BLOCK_FAMILIES.values():
@@ -386,20 +382,20 @@ def load_model(name_or_path: str | Path | None = None, device=None, dtype=None, 
             network, info = LlamaForCausalLM.from_pretrained(
                 name, config=llama_config_for_llada(config), key_mapping=LLADA_KEY_MAPPING, **load)
     except torch.OutOfMemoryError as error:
-        raise ModelLoadError(f"out of memory loading {name!r} on {device}: {error}".splitlines()[0]) from error
+        raise ModelLoadFailed(f"out of memory loading {name!r} on {device}: {error}".splitlines()[0]) from error
     except Exception as error:
-        raise ModelLoadError(f"cannot load the weights of {name!r}: {error}".splitlines()[0]) from error
+        raise ModelLoadFailed(f"cannot load the weights of {name!r}: {error}".splitlines()[0]) from error
     missing = sorted(set(info.get("missing_keys", ())) - {"lm_head.weight"} if network.config.tie_word_embeddings
                      else set(info.get("missing_keys", ())))
     if missing:
-        raise ModelLoadError(f"{name!r} lacks weights the {family} layout needs, e.g. {missing[0]}")
+        raise ModelLoadFailed(f"{name!r} lacks weights the {family} layout needs, e.g. {missing[0]}")
     network = network.to(device).eval()
     network.requires_grad_(False)
 
     mask_id = _mask_token_id(config, tokenizer)
     eos_ids = _ids(config.get("eos_token_id"), config.get("pad_token_id"), tokenizer.eos_token_id, tokenizer.pad_token_id)
     if not eos_ids:
-        raise ModelLoadError("the checkpoint names no eos_token_id / pad_token_id")
+        raise ModelLoadFailed("the checkpoint names no eos_token_id / pad_token_id")
     max_length = config.get("max_position_embeddings") or config.get("max_sequence_length") or 4096
     if family in BLOCK_FAMILIES.values():
         model = BlockDiffusionModel(

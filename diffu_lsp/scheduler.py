@@ -1,8 +1,8 @@
 """Job scheduler: one model, one worker thread, latest-wins per document.
 
-Layering: LSP handlers -> **scheduler (this module)** -> infill building ->
-sampler -> model.  Pure asyncio + threading + stdlib; this module must not
-import pygls, lsprotocol, torch or transformers.
+Generic: it runs plain functions and knows nothing of models or LSP; the session, the
+daemon and the cluster replicas use it. Pure asyncio + threading + stdlib (the rooms'
+rules, tests/test_architecture.py, keep it so).
 
 Model
 -----
@@ -85,7 +85,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Generator, Generic, List, Optional, TypeVar
 
-from .errors import JobCancelled  # defined with the other errors; importable from here as before
+from .errors import JobCancelled
 
 __all__ = ["OUTCOMES", "CancelToken", "Job", "JobCancelled", "JobRecord", "Scheduler"]
 
@@ -236,6 +236,50 @@ class Job(Generic[T]):
         return f"<Job {self.id} key={self.key!r} v={self.version} {self.state} {self.outcome}>"
 
 
+class Ledger:
+    """What a scheduler has done (loop thread only): a counter per outcome, the forwards its jobs
+    ran (and ran after being cancelled), and the last ``history`` finished jobs as
+    :class:`JobRecord`."""
+
+    def __init__(self, history: int) -> None:
+        self.records: Deque[JobRecord] = collections.deque(maxlen=history)
+        self.counts = dict.fromkeys(("submitted", "never_ran") + OUTCOMES, 0)
+        self.forwards = 0
+        self.forwards_after_cancel = 0
+        self.max_forwards_after_cancel = 0
+
+    def counters(self) -> Dict[str, Any]:
+        return {**self.counts, "forwards": self.forwards, "forwards_after_cancel": self.forwards_after_cancel,
+                "max_forwards_after_cancel": self.max_forwards_after_cancel}
+
+    def record(self, job_id: int) -> Optional[JobRecord]:
+        for r in reversed(self.records):
+            if r.id == job_id:
+                return r
+        return None
+
+    def retire(self, job: Job[Any]) -> None:
+        """Count and record a job that is answered and that the worker is done with."""
+        tok = job.token
+        after = tok.forwards_after_cancel
+        outcome = job.outcome or "cancelled"
+        self.counts[outcome] += 1
+        if not job.ran:
+            self.counts["never_ran"] += 1
+        self.forwards += tok.forwards
+        self.forwards_after_cancel += after
+        self.max_forwards_after_cancel = max(self.max_forwards_after_cancel, after)
+        now = time.monotonic()
+        started, finished = job.started_at, job.finished_at
+        self.records.append(JobRecord(
+            id=job.id, key=job.key, version=job.version, outcome=outcome, reason=job.reason,
+            ran=job.ran, forwards=tok.forwards, forwards_after_cancel=after,
+            queued_s=(started - job.submitted_at) if job.ran and started is not None else None,
+            run_s=(finished - started) if job.ran and started and finished else None,
+            wall_s=now - job.submitted_at))
+        job.work = None
+
+
 class Scheduler:
     """Serialises model work onto one thread with latest-wins per key.
 
@@ -254,7 +298,6 @@ class Scheduler:
         self.debounce_s = debounce_s
         self.starvation_limit = starvation_limit
         self.thread_name = thread_name
-        self.records: Deque[JobRecord] = collections.deque(maxlen=history)
         self._ids = itertools.count(1)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[int] = None
@@ -272,10 +315,7 @@ class Scheduler:
         self._by_key: Dict[str, Job[Any]] = {}  # the unanswered job of each key
         self._latest: Dict[str, int] = {}  # note_version()
         self._closed = False
-        self._counts = dict.fromkeys(("submitted", "never_ran") + OUTCOMES, 0)
-        self._forwards = 0
-        self._forwards_after_cancel = 0
-        self._max_forwards_after_cancel = 0
+        self.ledger = Ledger(history)
 
     # ------------------------------------------------------------------ API
 
@@ -292,7 +332,7 @@ class Scheduler:
         job: Job[T] = Job(self, next(self._ids), key, work, version, loop.create_future())
         job.priority = priority
         job.future.add_done_callback(lambda f, job=job: self._on_future_done(job))
-        self._counts["submitted"] += 1
+        self.ledger.counts["submitted"] += 1
         if self._closed:
             self._cancel(job, "scheduler closed", "cancelled")
             return job
@@ -365,19 +405,16 @@ class Scheduler:
             running = max(self._running) if self._running else None
             running_jobs = len(self._running)
             ready = len(self._ready)
-        out: Dict[str, Any] = dict(self._counts)
-        out.update(started=started, forwards=self._forwards,
-                   forwards_after_cancel=self._forwards_after_cancel,
-                   max_forwards_after_cancel=self._max_forwards_after_cancel,
-                   running=running, running_jobs=running_jobs, ready=ready, pending=len(self._by_id))
-        return out
+        return {**self.ledger.counters(), "started": started, "running": running, "running_jobs": running_jobs,
+                "ready": ready, "pending": len(self._by_id)}
+
+    @property
+    def records(self) -> Deque[JobRecord]:
+        return self.ledger.records
 
     def record(self, job_id: int) -> Optional[JobRecord]:
         """The :class:`JobRecord` of a finished job, if still in history."""
-        for r in reversed(self.records):
-            if r.id == job_id:
-                return r
-        return None
+        return self.ledger.record(job_id)
 
     async def close(self, timeout: Optional[float] = 10.0) -> None:
         """Cancel every job, stop and join the worker (waiting for the running
@@ -450,7 +487,7 @@ class Scheduler:
                 self._ready.pop(job.id, None)
                 job.state = _DONE
         if never_ran:
-            self._retire(job)
+            self.ledger.retire(job)
         return True
 
     def _on_future_done(self, job: Job[Any]) -> None:
@@ -542,25 +579,4 @@ class Scheduler:
                 fut.set_result(result)
             job.outcome, job.reason = outcome, reason
             self._forget_job(job)
-        self._retire(job)
-
-    def _retire(self, job: Job[Any]) -> None:
-        """Count and record a job that is answered and that the worker is done with."""
-        tok = job.token
-        after = tok.forwards_after_cancel
-        outcome = job.outcome or "cancelled"
-        self._counts[outcome] += 1
-        if not job.ran:
-            self._counts["never_ran"] += 1
-        self._forwards += tok.forwards
-        self._forwards_after_cancel += after
-        self._max_forwards_after_cancel = max(self._max_forwards_after_cancel, after)
-        now = time.monotonic()
-        started, finished = job.started_at, job.finished_at
-        self.records.append(JobRecord(
-            id=job.id, key=job.key, version=job.version, outcome=outcome, reason=job.reason,
-            ran=job.ran, forwards=tok.forwards, forwards_after_cancel=after,
-            queued_s=(started - job.submitted_at) if job.ran and started is not None else None,
-            run_s=(finished - started) if job.ran and started and finished else None,
-            wall_s=now - job.submitted_at))
-        job.work = None
+        self.ledger.retire(job)

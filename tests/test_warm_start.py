@@ -1,6 +1,8 @@
-"""Warm start alignment (diffu_lsp/draft.py): exact expectations on a toy vocabulary."""
+"""Warm start alignment (diffu_lsp/warm_start.py): exact expectations on a toy vocabulary."""
 
-from diffu_lsp.draft import Canvas, Drafts, align, canvas_of, draft_text
+import pytest
+
+from diffu_lsp.warm_start import Canvas, CanvasStore, align, canvas_of, draft_text
 
 MASK, EOS = 0, 1
 VOCAB = {2: "return", 3: " x", 4: " +", 5: " 1", 6: "\n", 7: " y", 8: "re"}
@@ -89,7 +91,7 @@ def test_healed_blanks_are_part_of_what_is_consumed():
 
 
 def test_store_keeps_the_last_canvas_per_key_and_forgets_the_oldest():
-    drafts = Drafts(limit=2)
+    drafts = CanvasStore(limit=2)
     for key in "abc":
         drafts.put(key, previous([2]))
     drafts.put("b", previous([3]))
@@ -110,8 +112,6 @@ def test_draft_text_shows_each_run_of_masks_once_and_ends_at_eos():
 # ---------------------------------------------------------------- through the job path, bundled model
 
 def test_a_window_engine_starts_the_next_suggestion_from_the_last_canvas():
-    import pytest
-
     from diffu_lsp.engine import LocalEngine
     from diffu_lsp.errors import JobCancelled
     from diffu_lsp.job import ModelKey, Request

@@ -117,7 +117,7 @@ def draft_text(ids, *, mask_id: int, decode: Callable[[list[int]], str], stop_id
     return "".join(pieces)
 
 
-class Drafts:
+class CanvasStore:
     """The last canvas per document key, for the engine that runs the jobs (bounded; a cluster
     replica runs several jobs at once, hence the lock)."""
 
