@@ -5,6 +5,8 @@
     │   └── EngineLost      the daemon or a cluster replica went away (or went silent) mid-job
     ├── OutOfMemory         the model ran out of memory (torch's own error is recognised too)
     ├── ModelLoadFailed     a model could not be loaded; the message says why in one line
+    ├── JobFailed           a job failed inside the daemon or a replica (any other error, by its message)
+    ├── FrameError          a daemon or cluster frame that cannot be a message (too long, truncated, not ours)
     ├── EngineUnavailable   no daemon or cluster to be had (cannot start, reach or use it)
     └── RequestTooLarge     a request over a bound (canvas, holes, selection): refused before any work
 
@@ -57,6 +59,16 @@ class OutOfMemory(DiffuError):
 
 class ModelLoadFailed(DiffuError):
     """A model could not be loaded; the message says why in one line."""
+
+
+class JobFailed(DiffuError, RuntimeError):
+    """A job that failed inside the daemon or a cluster replica with an error of no other type
+    here; the message is the error's first line (the engine itself is fine)."""
+
+
+class FrameError(DiffuError, ValueError):
+    """A frame of the job protocol (:mod:`diffu_lsp.protocol`) that cannot be a message: too long,
+    truncated, or not one of ours."""
 
 
 class RequestTooLarge(DiffuError, ValueError):

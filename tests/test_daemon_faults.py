@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from diffu_lsp import __version__
+from diffu_lsp import __version__, protocol
 from diffu_lsp.daemon import client as daemon_client
-from diffu_lsp.daemon import daemon_pid, wire
+from diffu_lsp.daemon import daemon_pid
 from diffu_lsp.daemon.client import DaemonEngine, DaemonStuck, connect, connect_or_start
 from diffu_lsp.daemon.host import MAX_CONNECTIONS, RateLimit
 from diffu_lsp.engine import Suggestion
@@ -26,7 +26,7 @@ from diffu_lsp.jobs import CancelToken
 
 from test_daemon import BUNDLED, SLOW, alive, in_thread, runtime, suggest_request, wait_for  # noqa: F401
 
-HELLO = wire.encode(wire.Hello(wire.PROTOCOL, __version__, os.getpid()))
+HELLO = protocol.encode(protocol.Hello(protocol.PROTOCOL, __version__, os.getpid()))
 
 
 def raw_window(paths) -> socket.socket:
@@ -34,7 +34,7 @@ def raw_window(paths) -> socket.socket:
     raw.settimeout(60)
     raw.connect(str(paths.socket))
     raw.sendall(HELLO)
-    assert isinstance(wire.read_frame(raw), wire.Welcome)
+    assert isinstance(protocol.read_frame(raw), protocol.Welcome)
     return raw
 
 
@@ -42,17 +42,17 @@ def test_a_cancel_that_overtakes_its_job_still_gets_the_job_answered(runtime):
     warm = connect_or_start(runtime)
     warm.load(BUNDLED)  # loaded: a Submit's task starts without waiting, a Cancel right behind it overtakes it
     with raw_window(runtime) as raw:
-        frames = b"".join(wire.encode(wire.Submit(i, f"doc{i}", BUNDLED, suggest_request()))
-                          + wire.encode(wire.Cancel(i, "typed on")) for i in range(1, 11))
+        frames = b"".join(protocol.encode(protocol.Submit(i, f"doc{i}", BUNDLED, suggest_request()))
+                          + protocol.encode(protocol.Cancel(i, "typed on")) for i in range(1, 11))
         raw.sendall(frames)
         answers = {}
         while len(answers) < 10:
-            msg = wire.read_frame(raw)  # each read is bounded by the socket timeout
-            assert isinstance(msg, (wire.Result, wire.Failed)), msg
+            msg = protocol.read_frame(raw)  # each read is bounded by the socket timeout
+            assert isinstance(msg, (protocol.Result, protocol.Failed)), msg
             assert msg.id not in answers, "answered twice"
             answers[msg.id] = msg
     assert sorted(answers) == list(range(1, 11))
-    assert any(isinstance(a, wire.Failed) and a.kind == "cancelled" for a in answers.values())
+    assert any(isinstance(a, protocol.Failed) and a.kind == "cancelled" for a in answers.values())
     # the window's worker is free: the next job is served
     assert isinstance(warm.submit("after", BUNDLED, suggest_request(), CancelToken()), Suggestion)
     warm.close()
@@ -126,14 +126,14 @@ def test_floods_and_stalls_do_not_take_the_daemon_down(runtime):
         with socket.socket(socket.AF_UNIX) as big:  # a frame over the daemon's limit is refused at its header
             big.settimeout(30)
             big.connect(str(runtime.socket))
-            big.sendall(HELLO + wire.HEADER.pack(wire.MAX_CLIENT_FRAME + 1))
-            assert isinstance(wire.read_frame(big), wire.Welcome)
-            assert "over the" in wire.read_frame(big).message
+            big.sendall(HELLO + protocol.HEADER.pack(protocol.MAX_CLIENT_FRAME + 1))
+            assert isinstance(protocol.read_frame(big), protocol.Welcome)
+            assert "over the" in protocol.read_frame(big).message
         with socket.socket(socket.AF_UNIX) as silent:  # no Hello: dropped after the handshake deadline
             silent.settimeout(30)
             silent.connect(str(runtime.socket))
             t0 = time.monotonic()
-            error = wire.read_frame(silent)
+            error = protocol.read_frame(silent)
             assert "no Hello" in error.message and time.monotonic() - t0 < 15
         flood = []
         try:
@@ -145,8 +145,8 @@ def test_floods_and_stalls_do_not_take_the_daemon_down(runtime):
                 raw.sendall(HELLO)
                 flood.append(raw)
             for raw in flood:
-                msg = wire.read_frame(raw)
-                refused += isinstance(msg, wire.Error) and "too many connections" in msg.message
+                msg = protocol.read_frame(raw)
+                refused += isinstance(msg, protocol.Error) and "too many connections" in msg.message
             assert refused >= 6
         finally:
             for raw in flood:
@@ -284,7 +284,8 @@ async def daemon_in_this_process(tmp_path):
     from types import SimpleNamespace
 
     from diffu_lsp.daemon import Paths, private_folder
-    from diffu_lsp.daemon.host import Daemon, HeldModel
+    from diffu_lsp.daemon.host import Daemon
+    from diffu_lsp.job_host import HeldModel
 
     paths = Paths(tmp_path / "run")
     private_folder(paths.folder)
@@ -323,16 +324,16 @@ async def test_a_job_raising_a_base_exception_is_answered_and_the_daemon_goes_on
     def window(paths) -> list:
         with raw_window(paths) as raw:
             raw.settimeout(10)
-            raw.sendall(wire.encode(wire.Submit(1, "doc", BUNDLED, suggest_request())))
-            first = wire.read_frame(raw)
-            raw.sendall(wire.encode(wire.Submit(2, "doc", BUNDLED, suggest_request())))
-            return [first, wire.read_frame(raw)]
+            raw.sendall(protocol.encode(protocol.Submit(1, "doc", BUNDLED, suggest_request())))
+            first = protocol.read_frame(raw)
+            raw.sendall(protocol.encode(protocol.Submit(2, "doc", BUNDLED, suggest_request())))
+            return [first, protocol.read_frame(raw)]
 
     async with daemon_in_this_process(tmp_path) as (daemon, paths):
         first, second = await asyncio.to_thread(window, paths)
-    assert isinstance(first, wire.Failed) and first.id == 1 and first.kind == "error", first
+    assert isinstance(first, protocol.Failed) and first.id == 1 and first.kind == "error", first
     assert "Option::unwrap()" in first.message
-    assert isinstance(second, wire.Result) and second.id == 2 and second.value.text == "x", second
+    assert isinstance(second, protocol.Result) and second.id == 2 and second.value.text == "x", second
 
 
 @pytest.mark.asyncio
@@ -350,7 +351,7 @@ async def test_a_window_that_reads_nothing_is_dropped_at_the_write_deadline(tmp_
         raw = raw_window(paths)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         raw.settimeout(0.2)
-        query = wire.encode(wire.StatusQuery())
+        query = protocol.encode(protocol.StatusQuery())
         t0 = time.monotonic()
         try:  # ask and never read, until the daemon stops reading from us
             while time.monotonic() - t0 < 30:

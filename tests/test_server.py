@@ -933,7 +933,7 @@ def test_the_guard_turns_errors_into_answers_by_type():
     import asyncio
 
     from diffu_lsp import errors
-    from diffu_lsp.daemon.client import DaemonStuck, OutOfMemoryError
+    from diffu_lsp.daemon.client import DaemonStuck
 
     ls = server_mod.DiffuServer(daemon=False)
     shown = []
@@ -946,7 +946,7 @@ def test_the_guard_turns_errors_into_answers_by_type():
         return asyncio.run(server_mod.guarded("empty")(handler)(ls, None))
 
     assert answer(DaemonStuck("silent for 10 s")) == "empty" and not shown  # a lost engine: answered empty, quietly
-    assert answer(OutOfMemoryError("the daemon ran out")) == "empty"
+    assert answer(errors.OutOfMemory("the daemon ran out")) == "empty"
     assert ls.session.counters["oom_failures"] == 1 and "out of memory" in shown[-1]
     assert answer(errors.ModelLoadFailed("no model is loaded")) == "empty" and "no model is loaded" in shown[-1]
 

@@ -1,9 +1,11 @@
 """The server's side of the cluster: the third runner of the engine contract (see
 ``engine.LocalEngine``), over HTTP to Ray Serve's proxy. Light: no ray import.
 
-One HTTP connection per job, its answer streamed as JSON lines (progress steps, heartbeats, the
-value). Cancelling the job's token closes the connection: Serve cancels the request and the replica
-cancels our token there, so the sampler stops at its next forward. Every read is bounded by the
+One HTTP connection per job: the body is a :class:`~diffu_lsp.protocol.Submit` frame, the answer
+streams frames of the daemon's protocol (progress, a Pong heartbeat, one Result or Failed, turned
+back into the same :mod:`~diffu_lsp.errors` types). Cancelling the job's token closes the
+connection: Serve cancels the request and the replica cancels our token there, so the sampler
+stops at its next forward. Every read is bounded by the
 setting ``daemonDeadlineSeconds`` (the replica sends a heartbeat every second while a job waits):
 a silent cluster is answered empty in bounded time.
 
@@ -26,8 +28,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from ..job import Answer, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion
-from ..errors import EngineLost, JobCancelled, OutOfMemory
+from .. import __version__, protocol
+from ..errors import EngineLost, FrameError, JobCancelled
+from ..job import Answer, ModelInfo, ModelKey, Request
 from ..settings import Settings
 from . import ClusterError, read_state, read_token, same_url
 
@@ -44,14 +47,6 @@ class ClusterLost(EngineLost):
 
 class Unreachable(ClusterError):
     """Nothing answers at the cluster's URL."""
-
-
-class OutOfMemoryError(OutOfMemory, RuntimeError):
-    """A replica ran out of memory on this job."""
-
-
-ANSWER_TYPES: dict[str, Any] = {"suggest": Suggestion, "block": Suggestion, "fill_holes": list[Replacement],
-                                "refine": str}
 
 
 class ClusterEngine:
@@ -105,7 +100,7 @@ class ClusterEngine:
         if self.fallback is not None:
             return self.fallback.run(request, cancel, on_step, on_oom_retry or (lambda: None), key=key)
         try:
-            return self._run(request, cancel, on_step, key)
+            return self._run(request, cancel, on_step, on_oom_retry or (lambda: None), key)
         except Unreachable as error:
             self._fall_back(str(error))
             self.fallback.load(self.key)
@@ -179,42 +174,35 @@ class ClusterEngine:
         check_status(response.status, body)
         return response.status, body
 
-    def _run(self, request: Request, cancel, on_step, key: str) -> Answer:
+    def _run(self, request: Request, cancel, on_step, on_oom_retry, key: str) -> Answer:
         conn = self._connection(self.deadline)
         cancel.on_cancel(lambda: _shut(conn))
         started = time.monotonic()
         try:
-            conn.request("POST", self._path("/job"), headers=self._headers(),
-                         body=msgspec.json.encode({"key": f"{self.window_id}:{key}", "request": request}))
+            submit = protocol.Submit(1, f"{self.window_id}:{key}", self.key or ModelKey(None), request, progress=on_step is not None)
+            conn.request("POST", self._path("/job"), headers=self._headers(), body=protocol.encode(submit))
             response = conn.getresponse()
             if response.status != 200:
                 check_status(response.status, response.read())
             while True:
-                raw = response.readline()
-                if not raw:
+                message = protocol.read_frame(response)
+                if message is None:
                     raise http.client.IncompleteRead(b"")
-                message = msgspec.json.decode(raw)
-                if "replica" in message:
-                    self.replica_pid = message["replica"]
-                elif "step" in message:
-                    cancel.forwards = message["step"]
-                    if on_step is not None:
-                        on_step(Step(message["step"], message["masked"], message.get("text", "")))
-                elif "value" in message:
-                    cancel.report(message["forwards"])
+                message = protocol.take(message, cancel, on_step, on_oom_retry)
+                if isinstance(message, protocol.Welcome):
+                    if message.protocol != protocol.PROTOCOL:
+                        raise ClusterError(f"the cluster runs diffu-lsp {message.version} (protocol {message.protocol}), "
+                                           f"this window {__version__} (protocol {protocol.PROTOCOL})")
+                    self.replica_pid = message.pid
+                elif isinstance(message, protocol.Result):
                     self.jobs += 1
-                    self._recovered()
-                    return msgspec.convert(message["value"], ANSWER_TYPES[request.kind])
-                elif "cancelled" in message:
-                    cancel.report(message["forwards"])
-                    raise JobCancelled(message["cancelled"])
-                elif "error" in message:
-                    raise (OutOfMemoryError if message["oom"] else RuntimeError)(message["error"])
+                    self.lost = False
+                    return message.value
         except TimeoutError:
             if cancel.cancelled:
                 raise JobCancelled(cancel.reason) from None
             raise self._lost(f"the cluster said nothing for {self.deadline:.0f} s") from None
-        except (OSError, http.client.HTTPException, ReplicaFailed) as error:
+        except (OSError, http.client.HTTPException, FrameError, ReplicaFailed) as error:
             if cancel.cancelled:
                 raise JobCancelled(cancel.reason) from None
             raise self._lost(f"the replica went away after {time.monotonic() - started:.1f} s "
@@ -229,9 +217,6 @@ class ClusterEngine:
                             "the cluster again")
         log.warning("cluster job lost: %s", reason)
         return ClusterLost(reason)
-
-    def _recovered(self) -> None:
-        self.lost = False
 
 
 class ReplicaFailed(RuntimeError):

@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import __version__
-from ..job import Answer, ModelInfo, ModelKey, Request, Step
-from ..errors import EngineLost, JobCancelled, ModelLoadFailed, OutOfMemory
+from .. import __version__, protocol
+from ..errors import EngineLost, FrameError, JobFailed, ModelLoadFailed, OutOfMemory, RequestTooLarge
+from ..job import Answer, ModelInfo, ModelKey, Request
 from ..settings import Settings
 from . import (DaemonError, Paths, check_socket_file, daemon_pid, file_lock, log_tail, peer_uid, private_folder,
                runtime_paths, spawn, terminate)
-from . import wire
 
 log = logging.getLogger("diffu_lsp.daemon.client")
 
@@ -57,25 +56,13 @@ class DaemonUnresponsive(DaemonError):
     """A daemon accepted the connection but did not answer the Hello in time (frozen or wedged)."""
 
 
-class RemoteError(RuntimeError):
-    """A load or job that failed inside the daemon (the daemon itself is fine)."""
-
-
-class OutOfMemoryError(RemoteError, OutOfMemory):
-    """The daemon ran out of memory on this job."""
-
-
-class RemoteLoadError(RemoteError, ModelLoadFailed):
-    """The daemon could not load the model; the message says why."""
-
-
 _LOST = object()
 
 
 class Connection:
     """A handshaken connection to the daemon. Thread-safe."""
 
-    def __init__(self, sock: socket.socket, welcome: wire.Welcome, on_lost: Callable[[str], None],
+    def __init__(self, sock: socket.socket, welcome: protocol.Welcome, on_lost: Callable[[str], None],
                  deadline: float = DEFAULT_DEADLINE):
         self.sock = sock
         self.pid = welcome.pid
@@ -95,35 +82,27 @@ class Connection:
 
     def load(self, key: ModelKey) -> ModelInfo:
         try:
-            answer = self._call(lambda id: wire.Load(id, key), lambda msg: None)
-        except RemoteError as error:  # the daemon's report of a ModelLoadError (or anything else)
-            raise RemoteLoadError(str(error)) from error
+            answer = self._call(lambda id: protocol.Load(id, key))
+        except (JobFailed, OutOfMemory, RequestTooLarge) as error:  # whatever stopped the load: the window says why
+            raise ModelLoadFailed(str(error)) from error
         return answer.info
 
     def submit(self, key: str, model: ModelKey, request: Request, cancel,
                on_step: Callable[[Any], None] | None = None, on_oom_retry: Callable[[], None] = lambda: None) -> Answer:
         """Run one job in the daemon; ``cancel`` (a CancelToken) is forwarded as a Cancel frame;
         ``on_oom_retry`` is called for each out-of-memory retry the daemon made."""
-        def progress(msg: wire.Progress) -> None:
-            cancel.forwards = msg.step
-            if on_step is not None:
-                on_step(Step(msg.step, msg.masked, msg.text))
+        return self._call(lambda id: protocol.Submit(id, key, model, request, progress=on_step is not None),
+                          cancel, on_step, on_oom_retry).value
 
-        answer = self._call(lambda id: wire.Submit(id, key, model, request, progress=on_step is not None),
-                            progress, cancel)
-        cancel.report(answer.forwards)
-        for _ in range(answer.oom_retries):
-            on_oom_retry()
-        return answer.value
-
-    def status(self) -> wire.Status:
-        return self._call(lambda id: wire.StatusQuery(), lambda msg: None, key=0)
+    def status(self) -> protocol.Status:
+        return self._call(lambda id: protocol.StatusQuery(), key=0)
 
     def stop(self) -> None:
         self._closing = True
-        self.send(wire.Stop())
+        self.send(protocol.Stop())
 
-    def _call(self, make: Callable[[int], Any], on_progress: Callable[[Any], None], cancel=None, key: int | None = None):
+    def _call(self, make: Callable[[int], Any], cancel=None, on_step=None, on_oom_retry=lambda: None, *,
+              key: int | None = None):
         id = next(self._ids) if key is None else key
         waiter: queue.SimpleQueue = queue.SimpleQueue()
         with self._lock:
@@ -133,7 +112,7 @@ class Connection:
         try:
             self.send(make(id))
             if cancel is not None:  # after the Submit, so the daemon knows the id it cancels
-                cancel.on_cancel(lambda: self.send(wire.Cancel(id, cancel.reason)))
+                cancel.on_cancel(lambda: self.send(protocol.Cancel(id, cancel.reason)))
             limit = time.monotonic() + JOB_LIMIT_SECONDS
             while True:
                 try:
@@ -143,19 +122,10 @@ class Connection:
                     continue
                 if msg is _LOST:
                     raise DaemonLost("the model daemon stopped")
-                if isinstance(msg, wire.Pong):
-                    continue
-                if isinstance(msg, wire.Progress):
-                    on_progress(msg)
-                elif isinstance(msg, wire.Failed):
-                    if cancel is not None:
-                        cancel.report(msg.forwards, msg.forwards_after_cancel)
-                    if msg.kind == "cancelled":
-                        raise JobCancelled(msg.message)
-                    raise (OutOfMemoryError if msg.kind == "oom" else RemoteError)(msg.message)
-                elif isinstance(msg, wire.Error):
+                if isinstance(msg, protocol.Error):
                     raise DaemonError(f"the model daemon refused: {msg.message}")
-                else:
+                msg = protocol.take(msg, cancel, on_step, on_oom_retry)
+                if msg is not None and not isinstance(msg, protocol.Pong):
                     return msg
         finally:
             with self._lock:
@@ -170,12 +140,12 @@ class Connection:
                     else f"the job ran past {JOB_LIMIT_SECONDS:.0f} s")
             self.close(what)
             raise DaemonStuck(what)
-        self.send(wire.Ping(id))
+        self.send(protocol.Ping(id))
 
     # ------------------------------------------------------------ plumbing
 
     def send(self, message) -> None:
-        data = wire.encode(message)
+        data = protocol.encode(message)
         try:
             with self._write_lock:
                 self.sock.sendall(data)
@@ -186,20 +156,20 @@ class Connection:
         reason = "the connection closed"
         try:
             while True:
-                msg = wire.read_frame(self.sock)
+                msg = protocol.read_frame(self.sock)
                 if msg is None:
                     break
                 self.last_heard = time.monotonic()
-                if isinstance(msg, wire.Error):
+                if isinstance(msg, protocol.Error):
                     reason = f"the daemon closed the connection: {msg.message}"
                     log.warning("daemon: %s", msg.message)
                     continue
-                id = 0 if isinstance(msg, wire.Status) else msg.id
+                id = 0 if isinstance(msg, protocol.Status) else msg.id
                 with self._lock:
                     waiter = self._waiters.get(id)
                 if waiter is not None:
                     waiter.put(msg)
-        except (OSError, wire.FrameError) as error:
+        except (OSError, FrameError) as error:
             reason = f"read failed: {error}"
         self._lost(reason)
 
@@ -255,8 +225,8 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
             sock.close()
             raise DaemonError(f"the process listening on {paths.socket} runs as uid {uid}, not as this user; "
                               "refusing to send it anything")
-        sock.sendall(wire.encode(wire.Hello(wire.PROTOCOL, __version__, os.getpid())))
-        answer = wire.read_frame(sock)
+        sock.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL, __version__, os.getpid())))
+        answer = protocol.read_frame(sock)
         sock.settimeout(None)
     except TimeoutError:
         sock.close()
@@ -267,13 +237,13 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
         if daemon_pid(paths) is None:  # a daemon just killed: its listener resets for a moment
             return None
         raise DaemonError(f"the model daemon at {paths.socket} did not answer: {error}") from None
-    except (OSError, wire.FrameError) as error:
+    except (OSError, FrameError) as error:
         sock.close()
         raise DaemonError(f"the model daemon at {paths.socket} did not answer: {error}") from None
-    if isinstance(answer, wire.Welcome):
+    if isinstance(answer, protocol.Welcome):
         return Connection(sock, answer, on_lost, deadline)
     sock.close()
-    if isinstance(answer, wire.Error):
+    if isinstance(answer, protocol.Error):
         raise DaemonError(answer.message)
     raise DaemonError(f"the model daemon at {paths.socket} answered {type(answer).__name__} to hello")
 
