@@ -19,8 +19,8 @@ from typing import Callable, Literal, Union
 
 import msgspec
 
-from .errors import (EXITS, DiffuError, FrameError, JobCancelled, JobFailed, ModelLoadFailed, OutOfMemory, RequestTooLarge,
-                     first_line, is_out_of_memory)
+from .errors import (EXITS, DiffuError, FrameError, JobCancelled, JobFailed, ModelLoadFailed, OutOfMemory,
+                     RequestTooLarge, first_line, is_out_of_memory)
 from .job import Answer, ModelInfo, ModelKey, Request, Step
 
 # 8: one protocol for the daemon and the cluster, Failed kinds "load" and "too_large"; 7: JobSettings.candidates;

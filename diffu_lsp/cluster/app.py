@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import io
 import os
-import struct
 import time
 
 import msgspec
@@ -94,12 +94,10 @@ class ModelReplica:
             except asyncio.TimeoutError:
                 return JSONResponse({"error": f"the body did not arrive within {BODY_SECONDS:g} s"}, status_code=408)
             try:
-                if protocol.body_length(body[:protocol.HEADER.size], protocol.MAX_CLIENT_FRAME) != len(body) - 4:
-                    raise FrameError("the body is not one frame")
-                job = protocol.decode(body[protocol.HEADER.size:])
+                job = protocol.read_frame(io.BytesIO(body), protocol.MAX_CLIENT_FRAME)
                 if not isinstance(job, protocol.Submit):
-                    raise FrameError(f"expected Submit, got {type(job).__name__}")
-            except (FrameError, struct.error) as error:  # not a frame, or not a job
+                    raise FrameError(f"expected a Submit frame, got {type(job).__name__}")
+            except FrameError as error:  # not a frame, or not a job
                 return JSONResponse({"error": f"not a job: {error}"}, status_code=400)
             return StreamingResponse(self.run(job), media_type="application/octet-stream")
         return JSONResponse({"error": "no such route"}, status_code=404)

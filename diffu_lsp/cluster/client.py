@@ -179,8 +179,9 @@ class ClusterEngine:
         cancel.on_cancel(lambda: _shut(conn))
         started = time.monotonic()
         try:
-            submit = protocol.Submit(1, f"{self.window_id}:{key}", self.key or ModelKey(None), request, progress=on_step is not None)
-            conn.request("POST", self._path("/job"), headers=self._headers(), body=protocol.encode(submit))
+            model = self.key or ModelKey(None)  # the replica serves its own; the key says which the window asked for
+            job = protocol.Submit(1, f"{self.window_id}:{key}", model, request, progress=on_step is not None)
+            conn.request("POST", self._path("/job"), headers=self._headers(), body=protocol.encode(job))
             response = conn.getresponse()
             if response.status != 200:
                 check_status(response.status, response.read())
@@ -191,8 +192,8 @@ class ClusterEngine:
                 message = protocol.take(message, cancel, on_step, on_oom_retry)
                 if isinstance(message, protocol.Welcome):
                     if message.protocol != protocol.PROTOCOL:
-                        raise ClusterError(f"the cluster runs diffu-lsp {message.version} (protocol {message.protocol}), "
-                                           f"this window {__version__} (protocol {protocol.PROTOCOL})")
+                        raise ClusterError(f"the cluster runs diffu-lsp {message.version} (protocol "
+                                           f"{message.protocol}), this window {__version__} ({protocol.PROTOCOL})")
                     self.replica_pid = message.pid
                 elif isinstance(message, protocol.Result):
                     self.jobs += 1
@@ -219,7 +220,7 @@ class ClusterEngine:
         return ClusterLost(reason)
 
 
-class ReplicaFailed(RuntimeError):
+class ReplicaFailed(ClusterError):
     """Serve answered 5xx: the replica died or is being replaced."""
 
 
