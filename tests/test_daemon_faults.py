@@ -74,12 +74,39 @@ def test_a_frozen_daemon_is_reported_stuck_then_replaced(runtime, monkeypatch):
         job["thread"].join(30)
         assert isinstance(job.get("error"), DaemonStuck), job  # answered (empty), not hung
         assert time.monotonic() - t0 < 2.0 + 2 * 0.5 + 2  # the deadline, a ping interval, slack
-        assert states == ["stuck"]
-        # the next job: the frozen daemon does not answer its Hello; it is killed and a new one serves
+        assert states[:2] == ["stuck", "restarting"]  # killed with the answer; a new one starts and loads
         answer = engine.run(suggest_request(), CancelToken(), key="k")
         assert isinstance(answer, Suggestion)
         assert states == ["stuck", "restarting", "ready"]
         wait_for(lambda: not alive(frozen), "the frozen daemon to be gone", 30)
+        assert daemon_pid(runtime) not in (None, frozen)
+    finally:
+        if alive(frozen):
+            os.kill(frozen, signal.SIGKILL)
+            os.kill(frozen, signal.SIGCONT)
+        engine.close()
+
+
+def test_a_frozen_daemon_is_found_by_its_pings_and_killed_at_once_whatever_the_deadline(runtime):
+    """#31: with the default deadline (10 s) a frozen daemon cost 20-28 s of ghost text: the job
+    waited out the deadline, the next one the Hello's 5 s, then the kill and a new daemon. Pings
+    are answered by the daemon's event loop, never behind a job, so a job that hears no Pong for
+    LIVENESS_SECONDS gives up, and the frozen daemon is killed before the next keystroke."""
+    engine = DaemonEngine(paths=runtime)
+    assert engine.deadline == 10.0 > daemon_client.LIVENESS_SECONDS  # the setting's default
+    engine.load(BUNDLED)
+    frozen = daemon_pid(runtime)
+    started = threading.Event()
+    job = in_thread(lambda: engine.run(suggest_request(**SLOW), CancelToken(), lambda step: started.set(), key="k"))
+    assert started.wait(120)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        job["thread"].join(30)
+        assert isinstance(job.get("error"), DaemonStuck), job
+        assert time.monotonic() - t0 < daemon_client.LIVENESS_SECONDS + 2 * daemon_client.PING_SECONDS + 1
+        wait_for(lambda: not alive(frozen), "the frozen daemon to be reaped", 5)  # killed with the answer
+        assert isinstance(engine.run(suggest_request(), CancelToken(), key="k"), Suggestion)  # by a new daemon
         assert daemon_pid(runtime) not in (None, frozen)
     finally:
         if alive(frozen):

@@ -7,11 +7,13 @@ is woken with :class:`DaemonLost` and ``on_lost`` is called once; the next job c
 which starts a new daemon.
 
 No wait is unbounded. A waiting call pings the daemon after :data:`PING_SECONDS` without a word
-from it; once it has heard nothing (no frame, no Pong) for the deadline (setting
-``daemonDeadlineSeconds``) the call raises :class:`DaemonStuck` (answered empty), the connection
-is dropped and the window is told once. The next job connects afresh; a daemon that accepts the
-connection but does not answer the Hello within :data:`HELLO_SECONDS` is frozen or wedged: it is
-killed (after checking that the pid is our daemon) and a new one is started. No lock is held
+from it. Pings are answered by the daemon's event loop, never behind a job (jobs run on its worker
+thread): a job that hears nothing (no frame, no Pong) for :data:`LIVENESS_SECONDS` faces a frozen
+daemon (a load, and a job before the daemon has loaded its model, whose import may hold up the
+daemon's loop: the setting ``daemonDeadlineSeconds``, which caps both). It raises
+:class:`DaemonStuck` (answered empty), the window is told once, and the frozen daemon is killed (if
+the pid is still our daemon's) and a new one started and loaded at once, not at the next keystroke;
+one that does not answer a Hello within :data:`HELLO_SECONDS` is replaced too. No lock is held
 across a socket read.
 """
 
@@ -39,7 +41,8 @@ log = logging.getLogger("diffu_lsp.daemon.client")
 
 START_TIMEOUT = 60.0
 HELLO_SECONDS = 5.0   # connect + Hello -> Welcome
-PING_SECONDS = 2.0    # a waiting call pings the daemon after this long without a word from it
+PING_SECONDS = 0.5    # a waiting call pings the daemon after this long without a word from it
+LIVENESS_SECONDS = 2.0  # a job that hears no Pong for this long faces a frozen daemon (#31: ghost text back soon)
 JOB_LIMIT_SECONDS = 900.0  # even a daemon that answers pings gets no longer than this for one call
 DEFAULT_DEADLINE = 10.0
 
@@ -69,6 +72,7 @@ class Connection:
         self.client_id = welcome.client
         self.deadline = deadline
         self.last_heard = time.monotonic()
+        self.loaded = False  # the daemon has loaded a model (answered a Load or a job) since we connected
         self.closed = False
         self._closing = False
         self._on_lost = on_lost
@@ -82,7 +86,7 @@ class Connection:
 
     def load(self, key: ModelKey) -> ModelInfo:
         try:
-            answer = self._call(lambda id: protocol.Load(id, key))
+            answer = self._call(lambda id: protocol.Load(id, key), quick=False)
         except (JobFailed, OutOfMemory, RequestTooLarge) as error:  # whatever stopped the load: the window says why
             raise ModelLoadFailed(str(error)) from error
         return answer.info
@@ -102,7 +106,7 @@ class Connection:
         self.send(protocol.Stop())
 
     def _call(self, make: Callable[[int], Any], cancel=None, on_step=None, on_oom_retry=lambda: None, *,
-              key: int | None = None):
+              key: int | None = None, quick: bool = True):
         id = next(self._ids) if key is None else key
         waiter: queue.SimpleQueue = queue.SimpleQueue()
         with self._lock:
@@ -118,7 +122,7 @@ class Connection:
                 try:
                     msg = waiter.get(timeout=PING_SECONDS)
                 except queue.Empty:
-                    self._check_alive(id, limit)
+                    self._check_alive(id, limit, LIVENESS_SECONDS if quick and self.loaded else self.deadline)
                     continue
                 if msg is _LOST:
                     raise DaemonLost("the model daemon stopped")
@@ -131,12 +135,12 @@ class Connection:
             with self._lock:
                 self._waiters.pop(id, None)
 
-    def _check_alive(self, id: int, limit: float) -> None:
-        """After a quiet spell: ping, or give up on a daemon silent for the deadline."""
-        now = time.monotonic()
+    def _check_alive(self, id: int, limit: float, silence: float) -> None:
+        """After a quiet spell: ping, or give up on a daemon silent for ``silence`` seconds."""
+        now, silence = time.monotonic(), min(silence, self.deadline)
         silent = now - self.last_heard
-        if silent > self.deadline or now > limit:
-            what = (f"the model daemon (pid {self.pid}) did not answer for {silent:.0f} s" if silent > self.deadline
+        if silent > silence or now > limit:
+            what = (f"the model daemon (pid {self.pid}) did not answer for {silent:.1f} s" if silent > silence
                     else f"the job ran past {JOB_LIMIT_SECONDS:.0f} s")
             self.close(what)
             raise DaemonStuck(what)
@@ -160,6 +164,7 @@ class Connection:
                 if msg is None:
                     break
                 self.last_heard = time.monotonic()
+                self.loaded = self.loaded or isinstance(msg, (protocol.Loaded, protocol.Result))
                 if isinstance(msg, protocol.Error):
                     reason = f"the daemon closed the connection: {msg.message}"
                     log.warning("daemon: %s", msg.message)
@@ -344,9 +349,22 @@ class DaemonEngine:
             answer = call(self.connection())
         except DaemonStuck as stuck:
             self._set_state("stuck", f"{stuck}; the next request tries a fresh connection")
+            frozen = self._conn.pid if self._conn is not None else None
+            if frozen and terminate(self.paths, timeout=5, sig=signal.SIGKILL, pid=frozen) == frozen:
+                log.warning("killed the frozen model daemon (pid %d); starting a new one", frozen)
+                self._set_state("restarting", f"the model daemon (pid {frozen}) froze; starting a new one")
+                if self.key is not None:
+                    threading.Thread(target=self._reload, name="diffu-daemon-restart", daemon=True).start()
             raise
         self._set_state("ready", "the model daemon answers again")
         return answer
+
+    def _reload(self) -> None:
+        """Start the next daemon and load the model in it now, off the job's thread."""
+        try:
+            self._call(lambda conn: conn.load(self.key))
+        except Exception as error:  # noqa: BLE001 - the next job tries again and says why
+            log.warning("could not restart the model daemon: %s", error)
 
     def configure(self, settings: Settings) -> None:
         self.idle_seconds, self.memory_mb = settings.daemon_idle_seconds, settings.daemon_memory_mb

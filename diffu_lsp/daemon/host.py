@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import importlib
 import itertools
 import logging
 import os
@@ -434,6 +435,10 @@ def run(*, idle_seconds: float, memory_mb: int) -> int:
     if lock is None:
         log.info("another daemon holds %s; exiting", paths.lock)
         return 0
+    # torch and the model code load while the loop starts: a window's first job (after a kill or a
+    # freeze, a keystroke waiting for ghost text) does not wait for all of that import
+    threading.Thread(target=importlib.import_module, args=("diffu_lsp.models",), name="diffu-import",
+                     daemon=True).start()
     daemon = Daemon(paths, idle_seconds=idle_seconds, memory_budget_bytes=memory_mb * 2**20)
     daemon._lock_fds.append(lock)
     asyncio.run(daemon.serve())
