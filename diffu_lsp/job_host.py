@@ -1,10 +1,8 @@
-"""The host side of the job protocol, one copy for every engine. :func:`run_job` is
-:func:`diffu_lsp.features.run` on a :class:`HeldModel` (its warm-start canvases, its use counted):
-the in-process engine calls it on the window's scheduler thread. :class:`JobHost` runs
-:class:`~diffu_lsp.protocol.Submit` frames for the daemon and each cluster replica: one
-:class:`~diffu_lsp.jobs.Scheduler` (latest-wins per window document, the newest keystroke first,
-``workers`` jobs at once on a batching replica), Progress frames from the worker thread, and the
-outcome as one Result or Failed frame (:func:`diffu_lsp.protocol.failed`), the same on both.
+"""The host side of the job protocol, one copy for every engine. :func:`run_job`: features.run on
+a :class:`HeldModel` (its warm-start canvases, its use counted), also the in-process engine's.
+:class:`JobHost` runs :class:`~diffu_lsp.protocol.Submit` frames for the daemon and each cluster
+replica: one :class:`~diffu_lsp.jobs.Scheduler` (latest-wins per window document, newest first,
+``workers`` at once on a batching replica), Progress frames, and one Result or Failed frame.
 """
 
 from __future__ import annotations
@@ -53,9 +51,8 @@ class JobHost:
 
     def submit(self, held: HeldModel, message: Submit, send: Callable[[Message], None], *,
                key: str) -> tuple[Job, Awaitable[Result | Failed]]:
-        """Queue ``message`` (latest-wins per ``key``); Progress frames go to ``send`` on the event
-        loop. Returns the scheduler's job (for Cancel frames) and the awaitable of its one answer;
-        cancelling the task that awaits it cancels the job."""
+        """Queue ``message`` (latest-wins per ``key``; Progress frames to ``send`` on the loop): the job,
+        for Cancel frames, and the awaitable of its one answer (cancelling its task cancels the job)."""
         loop = asyncio.get_running_loop()
         oom_retries = 0
 
@@ -82,6 +79,3 @@ class JobHost:
                 return failed(message.id, error, job.token.forwards, job.token.forwards_after_cancel)
 
         return job, answer()
-
-    async def close(self, timeout: float) -> None:
-        await self.sched.close(timeout=timeout)

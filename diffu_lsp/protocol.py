@@ -1,15 +1,11 @@
-"""The one job protocol of the daemon's Unix socket and the cluster's HTTP stream: typed frames,
-one codec, and outcomes to frames (:func:`failed`) and back to :mod:`~diffu_lsp.errors` types
-(:func:`error_of`, :func:`take`).
-
-A frame is a 4-byte big-endian body length, then one :data:`Message` as msgspec MessagePack, tagged
-by its class name. Daemon: the window's Hello is answered Welcome (or Error and closed when the
-protocol or package version differ), then Load, Submit, Cancel, Ping, StatusQuery, Stop go in and
-Loaded, Progress, Result, Failed, Pong, Status, Error come back. Cluster: ``POST /job``'s body is a
-Submit; the answer streams a Welcome (the replica's pid), Progress, a Pong a second while the job
-waits, then its Result or Failed. Every Load and Submit is answered exactly once, cancelled or not;
-every Ping by a Pong from the host's event loop, never behind a job (a frozen host answers nothing).
-``bench gpu`` (on an image without msgspec) never imports this module.
+"""The job protocol of the daemon's socket and the cluster's HTTP stream: typed frames (a 4-byte
+big-endian length, then one :data:`Message` as msgspec MessagePack tagged by its class name), and
+outcomes to frames (:func:`failed`) and back to :mod:`~diffu_lsp.errors` types (:func:`error_of`,
+:func:`take`). Daemon: Hello is answered Welcome (Error and closed when the versions differ), then
+Load, Submit, Cancel, Ping, StatusQuery, Stop get Loaded, Progress, Result, Failed, Pong, Status.
+Cluster: ``POST /job``'s body is a Submit, answered by a Welcome (the replica's pid), Progress, a
+Pong a second while the job waits, then its Result or Failed. Every Load and Submit is answered
+once; every Ping by the host's event loop, never behind a job. ``bench gpu`` never imports this.
 """
 
 from __future__ import annotations
@@ -23,8 +19,7 @@ from .errors import (EXITS, DiffuError, FrameError, JobCancelled, JobFailed, Mod
                      RequestTooLarge, first_line, is_out_of_memory)
 from .job import Answer, ModelInfo, ModelKey, Request, Step
 
-# 8: one protocol for the daemon and the cluster, Failed kinds "load" and "too_large"; 7: JobSettings.candidates;
-# 6: Progress.text; 5: warmStart; 4: a Request carries JobSettings (3: Ping/Pong; 2: compile, reuseKeys)
+# 8: the cluster's too, Failed kinds load/too_large; 7: candidates; 6: Progress.text; 5: warmStart; 4: JobSettings
 PROTOCOL = 8
 MAX_FRAME = 64 * 1024 * 1024  # what a client reads: an answer holds at most a document's worth of text
 MAX_CLIENT_FRAME = 16 * 1024 * 1024  # what a host reads: a Submit holds one document (clipped over
@@ -222,9 +217,8 @@ def error_of(frame: Failed) -> DiffuError:
 
 
 def take(frame: Message, cancel=None, on_step=None, on_oom_retry: Callable[[], object] = lambda: None):
-    """What a client (daemon or cluster) does with one frame of an answer: a Progress is counted on
-    ``cancel`` (a CancelToken) and handed to ``on_step`` (None is returned); a Failed is raised as its
-    error; a Result's forwards and out-of-memory retries are reported; any other frame is returned."""
+    """A client's use of an answer's frame: a Progress counted on ``cancel`` and handed to ``on_step``
+    (None returned); a Failed raised as its error; a Result's forwards and retries reported; returned."""
     if isinstance(frame, Progress):
         if cancel is not None:
             cancel.forwards = frame.step

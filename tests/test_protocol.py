@@ -79,7 +79,7 @@ def test_the_host_reports_progress_forwards_and_out_of_memory_retries(monkeypatc
         host = JobHost()
         job, answer = host.submit(held, submit(progress=True), sent.append, key="w1:file:///a.py")
         result = await answer
-        await host.close(5)
+        await host.sched.close(5)
         return result
 
     result = asyncio.run(main())
@@ -103,7 +103,7 @@ def test_a_failed_or_cancelled_job_is_answered_once_with_its_kind(monkeypatch, r
         job, answer = host.submit(HeldModel(ModelKey(None), object()), submit(), lambda frame: None, key="k")
         job.cancel("typed on")
         cancelled = await answer
-        await host.close(5)
+        await host.sched.close(5)
         return failed, cancelled
 
     failed, cancelled = asyncio.run(main())

@@ -17,6 +17,7 @@ model daemon for good, said once.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import socket
@@ -97,14 +98,14 @@ class ClusterEngine:
         return self.fallback.load(key)
 
     def run(self, request: Request, cancel, on_step=None, on_oom_retry=None, *, key: str = "") -> Answer:
-        if self.fallback is not None:
-            return self.fallback.run(request, cancel, on_step, on_oom_retry or (lambda: None), key=key)
-        try:
-            return self._run(request, cancel, on_step, on_oom_retry or (lambda: None), key)
-        except Unreachable as error:
-            self._fall_back(str(error))
-            self.fallback.load(self.key)
-            return self.fallback.run(request, cancel, on_step, on_oom_retry or (lambda: None), key=key)
+        on_oom_retry = on_oom_retry or (lambda: None)
+        if self.fallback is None:
+            try:
+                return self._run(request, cancel, on_step, on_oom_retry, key)
+            except Unreachable as error:
+                self._fall_back(str(error))
+                self.fallback.load(self.key)
+        return self.fallback.run(request, cancel, on_step, on_oom_retry, key=key)
 
     def describe(self) -> dict:
         if self.fallback is not None:
@@ -131,7 +132,7 @@ class ClusterEngine:
                         "using this machine's model daemon instead")
 
     def _headers(self) -> dict:
-        return {"Authorization": f"Bearer {self._token()}", "Content-Type": "application/json"}
+        return {"Authorization": f"Bearer {self._token()}", "Content-Type": "application/octet-stream"}
 
     def _token(self) -> str:
         """The token for this URL: ``engineTokenFile``'s (an owner-only regular file, see
@@ -237,9 +238,5 @@ def check_status(status: int, body: bytes) -> None:
 
 
 def _shut(conn: http.client.HTTPConnection) -> None:
-    sock = conn.sock
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not connected (sock None)
+        conn.sock.shutdown(socket.SHUT_RDWR)

@@ -19,6 +19,7 @@ across a socket read.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -69,7 +70,6 @@ class Connection:
                  deadline: float = DEFAULT_DEADLINE):
         self.sock = sock
         self.pid = welcome.pid
-        self.client_id = welcome.client
         self.deadline = deadline
         self.last_heard = time.monotonic()
         self.loaded = False  # the daemon has loaded a model (answered a Load or a job) since we connected
@@ -126,8 +126,6 @@ class Connection:
                     continue
                 if msg is _LOST:
                     raise DaemonLost("the model daemon stopped")
-                if isinstance(msg, protocol.Error):
-                    raise DaemonError(f"the model daemon refused: {msg.message}")
                 msg = protocol.take(msg, cancel, on_step, on_oom_retry)
                 if msg is not None and not isinstance(msg, protocol.Pong):
                     return msg
@@ -186,10 +184,8 @@ class Connection:
             waiters = list(self._waiters.values())
         for waiter in waiters:
             waiter.put(_LOST)
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
         if not self._closing:
             log.warning("model daemon connection lost: %s", reason)
             self._on_lost(reason)
@@ -197,10 +193,8 @@ class Connection:
     def close(self, reason: str = "closed by this server") -> None:
         """Drop the connection (pending calls get DaemonLost); ``on_lost`` is not called."""
         self._closing = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._lost(reason)
 
 
@@ -235,8 +229,7 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
         sock.settimeout(None)
     except TimeoutError:
         sock.close()
-        raise DaemonUnresponsive(f"the model daemon at {paths.socket} did not answer within {HELLO_SECONDS:.0f} s") \
-            from None
+        raise DaemonUnresponsive(f"the model daemon at {paths.socket} did not answer in {HELLO_SECONDS:.0f}s") from None
     except (ConnectionResetError, BrokenPipeError) as error:
         sock.close()
         if daemon_pid(paths) is None:  # a daemon just killed: its listener resets for a moment

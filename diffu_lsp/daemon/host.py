@@ -132,7 +132,7 @@ class Daemon:
         self.server.close()
         for client in list(self.clients.values()):
             client.writer.close()
-        await self.host.close(timeout=5)
+        await self.host.sched.close(timeout=5)
         with contextlib.suppress(OSError):
             if os.lstat(self.paths.socket).st_ino == self._socket_inode:
                 self.paths.socket.unlink()
@@ -220,9 +220,7 @@ class Daemon:
             client.send(protocol.Error(str(error)))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the window went away
-        except asyncio.CancelledError:
-            raise
-        except EXITS:
+        except (asyncio.CancelledError, *EXITS):
             raise
         except BaseException:  # noqa: BLE001 - one connection's failure never takes the daemon down
             log.exception("window %d: unexpected error", client.id)
