@@ -144,6 +144,15 @@ def is_our_daemon(pid: int) -> bool:
     return uid == os.getuid() and "diffu_lsp" in joined and "daemon run" in joined
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time process ``pid`` has used (Linux /proc), None where unknown: a frozen process's stays put."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def daemon_pid(paths: Paths) -> int | None:
     """The pid written in the lock file, if a process still holds the lock."""
     try:

@@ -8,9 +8,9 @@ which starts a new daemon.
 
 No wait is unbounded. A waiting call pings the daemon after :data:`PING_SECONDS` without a word
 from it. Pings are answered by the daemon's event loop, never behind a job (jobs run on its worker
-thread): a job that hears nothing (no frame, no Pong) for :data:`LIVENESS_SECONDS` faces a frozen
-daemon (a load, and a job before the daemon has loaded its model, whose import may hold up the
-daemon's loop: the setting ``daemonDeadlineSeconds``, which caps both). It raises
+thread): a job that hears nothing (no frame, no Pong) for :data:`LIVENESS_SECONDS` while the
+daemon's process runs not at all faces a frozen daemon (a slow one, a load, and a job before the
+daemon has its model get the setting ``daemonDeadlineSeconds``, which caps both). It raises
 :class:`DaemonStuck` (answered empty), the window is told once, and the frozen daemon is killed (if
 the pid is still our daemon's) and a new one started and loaded at once, not at the next keystroke;
 one that does not answer a Hello within :data:`HELLO_SECONDS` is replaced too. No lock is held
@@ -35,8 +35,8 @@ from .. import __version__, protocol
 from ..errors import EngineLost, FrameError, JobFailed, ModelLoadFailed, OutOfMemory, RequestTooLarge
 from ..job import Answer, ModelInfo, ModelKey, Request
 from ..settings import Settings
-from . import (DaemonError, Paths, check_socket_file, daemon_pid, file_lock, log_tail, peer_uid, private_folder,
-               runtime_paths, spawn, terminate)
+from . import (DaemonError, Paths, check_socket_file, cpu_seconds, daemon_pid, file_lock, log_tail, peer_uid,
+               private_folder, runtime_paths, spawn, terminate)
 
 log = logging.getLogger("diffu_lsp.daemon.client")
 
@@ -53,7 +53,12 @@ class DaemonLost(EngineLost):
 
 
 class DaemonStuck(DaemonLost):
-    """The daemon gave no sign of life within the deadline: the request is answered empty."""
+    """The daemon gave no sign of life within the deadline (``frozen``: nor ran at all, see
+    :meth:`Connection._check_alive`): the request is answered empty."""
+
+    def __init__(self, reason: str, *, frozen: bool = False) -> None:
+        super().__init__(reason)
+        self.frozen = frozen
 
 
 class DaemonUnresponsive(DaemonError):
@@ -73,6 +78,7 @@ class Connection:
         self.deadline = deadline
         self.last_heard = time.monotonic()
         self.loaded = False  # the daemon has loaded a model (answered a Load or a job) since we connected
+        self._quiet: tuple = (0.0, None, 0.0)  # last_heard, the daemon's CPU seconds, since when it has not run
         self.closed = False
         self._closing = False
         self._on_lost = on_lost
@@ -122,7 +128,7 @@ class Connection:
                 try:
                     msg = waiter.get(timeout=PING_SECONDS)
                 except queue.Empty:
-                    self._check_alive(id, limit, LIVENESS_SECONDS if quick and self.loaded else self.deadline)
+                    self._check_alive(id, limit, quick and self.loaded)
                     continue
                 if msg is _LOST:
                     raise DaemonLost("the model daemon stopped")
@@ -133,15 +139,20 @@ class Connection:
             with self._lock:
                 self._waiters.pop(id, None)
 
-    def _check_alive(self, id: int, limit: float, silence: float) -> None:
-        """After a quiet spell: ping, or give up on a daemon silent for ``silence`` seconds."""
-        now, silence = time.monotonic(), min(silence, self.deadline)
-        silent = now - self.last_heard
-        if silent > silence or now > limit:
-            what = (f"the model daemon (pid {self.pid}) did not answer for {silent:.1f} s" if silent > silence
+    def _check_alive(self, id: int, limit: float, quick: bool) -> None:
+        """After a quiet spell: ping, or give up on a daemon silent for the deadline, or for
+        :data:`LIVENESS_SECONDS` in which its process ran not at all (stopped or blocked: a daemon
+        that is only slow, e.g. on a starved machine, uses CPU time and gets the deadline)."""
+        now, cpu = time.monotonic(), cpu_seconds(self.pid)
+        if self._quiet[:2] != (self.last_heard, cpu):  # a new quiet spell, or the daemon ran: restart the clock
+            self._quiet = (self.last_heard, cpu, now)
+        silent, still = now - self.last_heard, now - self._quiet[2]
+        frozen = quick and cpu is not None and silent > LIVENESS_SECONDS and still >= LIVENESS_SECONDS - PING_SECONDS
+        if frozen or silent > self.deadline or now > limit:
+            what = (f"the model daemon (pid {self.pid}) did not answer for {silent:.1f} s" if now <= limit
                     else f"the job ran past {JOB_LIMIT_SECONDS:.0f} s")
             self.close(what)
-            raise DaemonStuck(what)
+            raise DaemonStuck(what, frozen=frozen)
         self.send(protocol.Ping(id))
 
     # ------------------------------------------------------------ plumbing
@@ -342,7 +353,7 @@ class DaemonEngine:
             answer = call(self.connection())
         except DaemonStuck as stuck:
             self._set_state("stuck", f"{stuck}; the next request tries a fresh connection")
-            frozen = self._conn.pid if self._conn is not None else None
+            frozen = self._conn.pid if self._conn is not None and stuck.frozen else None
             if frozen and terminate(self.paths, timeout=5, sig=signal.SIGKILL, pid=frozen) == frozen:
                 log.warning("killed the frozen model daemon (pid %d); starting a new one", frozen)
                 self._set_state("restarting", f"the model daemon (pid {frozen}) froze; starting a new one")
