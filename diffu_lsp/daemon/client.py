@@ -12,9 +12,9 @@ thread): a job that hears nothing (no frame, no Pong) for :data:`LIVENESS_SECOND
 daemon's process runs not at all faces a frozen daemon (a slow one, a load, and a job before the
 daemon has its model get the setting ``daemonDeadlineSeconds``, which caps both). It raises
 :class:`DaemonStuck` (answered empty), the window is told once, and the frozen daemon is killed (if
-the pid is still our daemon's) and a new one started and loaded at once, not at the next keystroke;
-one that does not answer a Hello within :data:`HELLO_SECONDS` is replaced too. No lock is held
-across a socket read.
+the pid is still our daemon's) once frozen for as long as a new daemon took to answer here, and a
+new one started and loaded then, not at the next keystroke; one that does not answer a Hello
+within :data:`HELLO_SECONDS` is replaced too. No lock is held across a socket read.
 """
 
 from __future__ import annotations
@@ -312,6 +312,7 @@ class DaemonEngine:
         self._paths = paths
         self.key: ModelKey | None = None
         self.idle_seconds, self.memory_mb, self.deadline = 900, 0, DEFAULT_DEADLINE
+        self.start_seconds = 0.0  # measured: from no connection to the first answer of a daemon
         self.state = "ready"
         self._conn: Connection | None = None
         self._lock = threading.Lock()  # guards _conn; never held across a socket read
@@ -349,22 +350,34 @@ class DaemonEngine:
             self.on_state(state, message)
 
     def _call(self, call: Callable[[Connection], Any]):
+        started, fresh = time.monotonic(), self._conn is None or self._conn.closed
         try:
             answer = call(self.connection())
         except DaemonStuck as stuck:
             self._set_state("stuck", f"{stuck}; the next request tries a fresh connection")
-            frozen = self._conn.pid if self._conn is not None and stuck.frozen else None
-            if frozen and terminate(self.paths, timeout=5, sig=signal.SIGKILL, pid=frozen) == frozen:
-                log.warning("killed the frozen model daemon (pid %d); starting a new one", frozen)
-                self._set_state("restarting", f"the model daemon (pid {frozen}) froze; starting a new one")
-                if self.key is not None:
-                    threading.Thread(target=self._reload, name="diffu-daemon-restart", daemon=True).start()
+            if stuck.frozen and self._conn is not None:
+                frozen_since = time.monotonic() - LIVENESS_SECONDS
+                threading.Thread(target=self._replace_frozen, args=(self._conn.pid, frozen_since), daemon=True,
+                                 name="diffu-daemon-restart").start()
             raise
+        if fresh:  # what a new daemon costs here: starting (or finding) one, and its first answer
+            self.start_seconds = time.monotonic() - started
         self._set_state("ready", "the model daemon answers again")
         return answer
 
-    def _reload(self) -> None:
-        """Start the next daemon and load the model in it now, off the job's thread."""
+    def _replace_frozen(self, pid: int, since: float) -> None:
+        """Kill a frozen daemon once it has been frozen for as long as a new one takes to answer (a
+        shorter freeze is waited out: the daemon answers sooner than a new one would), then start
+        the next one and load the model in it now, off the job's thread."""
+        cpu = cpu_seconds(pid)
+        while time.monotonic() - since < self.start_seconds:
+            time.sleep(0.1)
+            if cpu_seconds(pid) != cpu:  # it runs again (or is gone): the next job connects to it
+                return
+        if terminate(self.paths, timeout=5, sig=signal.SIGKILL, pid=pid) != pid:
+            return
+        log.warning("killed the frozen model daemon (pid %d); starting a new one", pid)
+        self._set_state("restarting", f"the model daemon (pid {pid}) froze; starting a new one")
         try:
             self._call(lambda conn: conn.load(self.key))
         except Exception as error:  # noqa: BLE001 - the next job tries again and says why
