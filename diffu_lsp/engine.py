@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, runtime_checkable
 
-from .warm_start import CanvasStore
 from .errors import ModelLoadFailed
 from .job import Answer, ModelInfo, ModelKey, Request, Step
 from .settings import Settings
@@ -53,30 +52,35 @@ def model_info(model, key: ModelKey, **extra) -> ModelInfo:
 
 
 class LocalEngine:
-    """The model in this process; ``load`` and ``run`` block (call them off the event loop)."""
+    """The model in this process; ``load`` and ``run`` block (call them off the event loop). Jobs
+    run on the window's own scheduler thread, through the same :func:`~diffu_lsp.job_host.run_job`
+    as in the daemon and the cluster's replicas."""
 
     name = "in-process"
 
     def __init__(self) -> None:
-        self.model = None
-        self.drafts = CanvasStore()  # the last suggestion canvas per document (warm start)
+        self.held = None  # a job_host.HeldModel: the model and its last suggestion canvas per document
+
+    @property
+    def model(self):
+        return None if self.held is None else self.held.model
 
     def load(self, key: ModelKey) -> ModelInfo:
+        from .job_host import HeldModel
         from .models import load_model  # torch is imported here, on the loading thread
 
-        self.model = None  # let the previous model go before the next one loads
-        self.drafts.clear()  # token ids of another model
-        self.model = load_model(key.model, device=key.device, dtype=key.dtype)
-        return model_info(self.model, key)
+        self.held = None  # let the previous model (and its canvases) go before the next one loads
+        self.held = HeldModel(key, load_model(key.model, device=key.device, dtype=key.dtype))
+        return model_info(self.held.model, key)
 
     def run(self, request: Request, cancel, on_step: Callable[[Step], None] | None = None,
             on_oom_retry: Callable[[], None] | None = None, *, key: str = "") -> Answer:
-        from . import features  # torch: only once a job runs here
+        from .job_host import run_job
 
-        if self.model is None:
+        if self.held is None:
             raise ModelLoadFailed("no model is loaded")
-        return features.answer(self.model, request, cancel=cancel, on_step=on_step,
-                            on_oom_retry=on_oom_retry or (lambda: None), drafts=self.drafts, key=key)
+        return run_job(self.held, request, cancel=cancel, on_step=on_step, on_oom_retry=on_oom_retry or (lambda: None),
+                       key=key)
 
     def configure(self, settings: Settings) -> None:
         pass
@@ -85,4 +89,4 @@ class LocalEngine:
         return {"engine": self.name}
 
     def close(self) -> None:
-        self.model = None
+        self.held = None

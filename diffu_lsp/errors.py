@@ -10,14 +10,14 @@
     │   ├── DaemonUnavailable       the daemon cannot be reached, started or used
     │   │   └── DaemonUnresponsive  it accepted the connection but did not answer the Hello
     │   └── ClusterUnavailable      the cluster cannot be started, reached or used
-    │       └── ClusterUnreachable  nothing answers at the cluster's URL
-    ├── ReplicaFailed         a cluster replica answered HTTP 5xx (dying or being replaced)
+    │       ├── ClusterUnreachable  nothing answers at the cluster's URL
+    │       └── ReplicaFailed       a replica answered HTTP 5xx (dying or being replaced)
     ├── JobFailed             a job or load failed inside the daemon or on a replica (message: why)
     ├── OutOfMemory           the model ran out of memory (torch's own error is recognised too)
     ├── ModelLoadFailed       a model could not be loaded; the message says why in one line
     ├── RequestTooLarge       a request over a bound (canvas, holes, selection): refused before any work
     ├── SettingsInvalid       one bad setting (``key``, ``problem``)
-    ├── FrameInvalid          a daemon frame that cannot be a message (too long, truncated, not ours)
+    ├── FrameInvalid          a job-protocol frame (daemon or cluster) that cannot be a message
     ├── CommandFailed         a ``diffu-lsp`` command that cannot do what it was asked (bad arguments)
     └── LspRequestFailed      the benchmarks' LSP client: the server answered an error, or exited
 
@@ -71,7 +71,12 @@ class DaemonLost(EngineLost):
 
 
 class DaemonStuck(DaemonLost):
-    """The daemon gave no sign of life within the deadline: the request is answered empty."""
+    """The daemon gave no sign of life within the deadline (``frozen``: nor ran at all, see
+    :meth:`diffu_lsp.daemon.client.Connection._check_alive`): the request is answered empty."""
+
+    def __init__(self, reason: str, *, frozen: bool = False) -> None:
+        super().__init__(reason)
+        self.frozen = frozen
 
 
 class ClusterLost(EngineLost):
@@ -95,13 +100,8 @@ class ClusterUnreachable(ClusterUnavailable):
     """Nothing answers at the cluster's URL."""
 
 
-class ReplicaFailed(DiffuError):
+class ReplicaFailed(ClusterUnavailable):
     """Serve answered 5xx: the replica died or is being replaced."""
-
-
-class JobFailed(DiffuError):
-    """A job or a load that failed inside the daemon or on a replica (the engine itself is fine);
-    the message is the remote error's first line."""
 
 
 class OutOfMemory(DiffuError):
@@ -110,6 +110,11 @@ class OutOfMemory(DiffuError):
 
 class ModelLoadFailed(DiffuError):
     """A model could not be loaded; the message says why in one line."""
+
+
+class JobFailed(DiffuError, RuntimeError):
+    """A job that failed inside the daemon or a cluster replica with an error of no other type
+    here; the message is the error's first line (the engine itself is fine)."""
 
 
 class RequestTooLarge(DiffuError, ValueError):
@@ -129,7 +134,8 @@ class SettingsInvalid(DiffuError, ValueError):
 
 
 class FrameInvalid(DiffuError, ValueError):
-    """A daemon frame that cannot be a message: too long, truncated, or not one of ours."""
+    """A frame of the job protocol (:mod:`diffu_lsp.protocol`) that cannot be a message: too long,
+    truncated, or not one of ours."""
 
 
 class CommandFailed(DiffuError):

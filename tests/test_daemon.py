@@ -21,10 +21,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from diffu_lsp import __version__
+from diffu_lsp import __version__, protocol
 from diffu_lsp.bench.lsp_client import LspClient
 from diffu_lsp.daemon import Paths, daemon_pid, runtime_paths
-from diffu_lsp.daemon import wire
 from diffu_lsp.daemon.client import connect, connect_or_start
 from diffu_lsp.daemon.host import rss_bytes
 from diffu_lsp.job import ModelKey, Request, Suggestion
@@ -71,7 +70,7 @@ def alive(pid: int) -> bool:
     return True
 
 
-def status(paths: Paths) -> wire.Status:
+def status(paths: Paths) -> protocol.Status:
     conn = connect(paths)
     assert conn is not None, "no daemon answers"
     try:
@@ -104,21 +103,21 @@ def in_thread(fn):
 
 def test_every_message_survives_the_wire_and_bad_frames_are_refused():
     messages = [
-        wire.Hello(wire.PROTOCOL, __version__, 12), wire.Welcome(wire.PROTOCOL, __version__, 34, 1),
-        wire.Load(1, BUNDLED), wire.Submit(2, "file:///a.py", BUNDLED, suggest_request(), progress=True),
-        wire.Cancel(2, "superseded"), wire.Progress(2, 3, 10), wire.Progress(2, 4, 9, "def f(…\n"),
-        wire.Result(2, Suggestion("x", 0, False, 3, 16, 0.1), 3), wire.Result(3, "refined", 1),
-        wire.Failed(4, "oom", "CUDA out of memory", 2, 1), wire.StatusQuery(), wire.Stop(), wire.Error("no"),
+        protocol.Hello(protocol.PROTOCOL, __version__, 12), protocol.Welcome(protocol.PROTOCOL, __version__, 34, 1),
+        protocol.Load(1, BUNDLED), protocol.Submit(2, "file:///a.py", BUNDLED, suggest_request(), progress=True),
+        protocol.Cancel(2, "superseded"), protocol.Progress(2, 3, 10), protocol.Progress(2, 4, 9, "def f(…\n"),
+        protocol.Result(2, Suggestion("x", 0, False, 3, 16, 0.1), 3), protocol.Result(3, "refined", 1),
+        protocol.Failed(4, "oom", "CUDA out of memory", 2, 1), protocol.StatusQuery(), protocol.Stop(), protocol.Error("no"),
     ]
     for message in messages:
-        frame = wire.encode(message)
-        assert wire.body_length(frame[:4]) == len(frame) - 4
-        assert wire.decode(frame[4:]) == message
+        frame = protocol.encode(message)
+        assert protocol.body_length(frame[:4]) == len(frame) - 4
+        assert protocol.decode(frame[4:]) == message
     with pytest.raises(FrameInvalid, match="over the"):
-        wire.body_length(wire.HEADER.pack(wire.MAX_FRAME + 1))
+        protocol.body_length(protocol.HEADER.pack(protocol.MAX_FRAME + 1))
     for garbage in (b"", b"\xc1", msgspec.msgpack.encode({"type": "Nope"}), msgspec.msgpack.encode([1, 2])):
         with pytest.raises(FrameInvalid):
-            wire.decode(garbage)
+            protocol.decode(garbage)
 
 
 # ------------------------------------------------------------------ through real servers
@@ -315,29 +314,29 @@ def test_socket_is_owner_only_and_garbage_does_not_take_the_daemon_down(runtime)
         assert stat.S_IMODE(os.stat(runtime.folder).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(runtime.socket).st_mode) == 0o600
 
-        def raw_exchange(payload: bytes) -> wire.Message | None:
+        def raw_exchange(payload: bytes) -> protocol.Message | None:
             with socket.socket(socket.AF_UNIX) as raw:
                 raw.settimeout(30)
                 raw.connect(str(runtime.socket))
                 raw.sendall(payload)
-                answer = wire.read_frame(raw)
-                assert wire.read_frame(raw) is None  # then the daemon closes the connection
+                answer = protocol.read_frame(raw)
+                assert protocol.read_frame(raw) is None  # then the daemon closes the connection
                 return answer
 
-        assert "bad frame" in raw_exchange(wire.HEADER.pack(5) + b"hello").message
-        assert "over the" in raw_exchange(wire.HEADER.pack(2**31)).message
-        assert "expected Hello" in raw_exchange(wire.encode(wire.StatusQuery())).message
-        mismatch = raw_exchange(wire.encode(wire.Hello(wire.PROTOCOL + 1, "9.9", 1)))
+        assert "bad frame" in raw_exchange(protocol.HEADER.pack(5) + b"hello").message
+        assert "over the" in raw_exchange(protocol.HEADER.pack(2**31)).message
+        assert "expected Hello" in raw_exchange(protocol.encode(protocol.StatusQuery())).message
+        mismatch = raw_exchange(protocol.encode(protocol.Hello(protocol.PROTOCOL + 1, "9.9", 1)))
         assert "version mismatch" in mismatch.message and "daemon stop" in mismatch.message
-        welcome_then_junk = wire.encode(wire.Hello(wire.PROTOCOL, __version__, 1)) + wire.HEADER.pack(3) + b"\xc1\xc1\xc1"
+        welcome_then_junk = protocol.encode(protocol.Hello(protocol.PROTOCOL, __version__, 1)) + protocol.HEADER.pack(3) + b"\xc1\xc1\xc1"
         with socket.socket(socket.AF_UNIX) as raw:
             raw.connect(str(runtime.socket))
             raw.sendall(welcome_then_junk)
-            assert isinstance(wire.read_frame(raw), wire.Welcome)
-            assert isinstance(wire.read_frame(raw), wire.Error)
+            assert isinstance(protocol.read_frame(raw), protocol.Welcome)
+            assert isinstance(protocol.read_frame(raw), protocol.Error)
         with socket.socket(socket.AF_UNIX) as raw:  # a client that vanishes mid-frame
             raw.connect(str(runtime.socket))
-            raw.sendall(wire.HEADER.pack(100) + b"abc")
+            raw.sendall(protocol.HEADER.pack(100) + b"abc")
         assert good.status().clients == 0  # the garbage connections are gone; this one is fine
         good.load(BUNDLED)
         assert isinstance(good.submit("doc", BUNDLED, suggest_request(), CancelToken()), Suggestion)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from diffu_lsp import __version__
-from diffu_lsp.daemon import Paths, daemon_pid, private_folder, runtime_paths, terminate, wire
+from diffu_lsp import __version__, protocol
+from diffu_lsp.daemon import Paths, daemon_pid, private_folder, runtime_paths, terminate
 from diffu_lsp.errors import DaemonUnavailable
 from diffu_lsp.daemon.client import connect, connect_or_start
 
@@ -148,9 +148,9 @@ def test_the_daemon_refuses_a_peer_of_another_uid(monkeypatch):
             raw = socket.socket(socket.AF_UNIX)
             raw.settimeout(10)
             raw.connect(str(paths.socket))
-            raw.sendall(wire.encode(wire.Hello(wire.PROTOCOL, __version__, os.getpid())))
+            raw.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL, __version__, os.getpid())))
             try:
-                msg = wire.read_frame(raw)
+                msg = protocol.read_frame(raw)
             except OSError:
                 msg = None
             os.write(fd, type(msg).__name__.encode())

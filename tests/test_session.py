@@ -19,7 +19,10 @@ def test_every_cancellation_is_a_job_cancelled():
 def test_errors_are_recognised_by_type_not_by_name_or_text():
     import torch
 
-    for error in (torch.OutOfMemoryError("CUDA out of memory"), errors.OutOfMemory("the daemon ran out")):
+    from diffu_lsp import protocol
+
+    remote_oom = protocol.error_of(protocol.Failed(1, "oom", "CUDA out of memory"))  # from the daemon or a replica
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), remote_oom, errors.OutOfMemory("the daemon ran out")):
         assert errors.is_out_of_memory(error), error
 
     class OutOfMemoryError(RuntimeError):  # the same name, another type
@@ -48,7 +51,7 @@ def _fake_daemon(answer):
     import socket
     import threading
 
-    from diffu_lsp.daemon import wire
+    from diffu_lsp import protocol
     from diffu_lsp.daemon.client import Connection
 
     near, far = socket.socketpair()
@@ -56,19 +59,19 @@ def _fake_daemon(answer):
 
     def serve():
         with far:
-            while (msg := wire.read_frame(far)) is not None:
-                far.sendall(wire.encode(answer(msg.id)))
+            while (msg := protocol.read_frame(far)) is not None:
+                far.sendall(protocol.encode(answer(msg.id)))
 
     threading.Thread(target=serve, daemon=True).start()
-    return Connection(near, wire.Welcome(wire.PROTOCOL, "test", 0, 1), on_lost=lambda reason: None)
+    return Connection(near, protocol.Welcome(protocol.PROTOCOL, "test", 0, 1), on_lost=lambda reason: None)
 
 
 @pytest.mark.parametrize("kind", ["error", "oom"])
 def test_the_daemon_client_turns_a_failed_load_into_model_load_failed(kind):
-    from diffu_lsp.daemon import wire
+    from diffu_lsp import protocol
     from diffu_lsp.job import ModelKey
 
-    conn = _fake_daemon(lambda id: wire.Failed(id, kind, "unsupported model_type 'gpt2'"))
+    conn = _fake_daemon(lambda id: protocol.Failed(id, kind, "unsupported model_type 'gpt2'"))
     try:
         with pytest.raises(errors.ModelLoadFailed, match="unsupported model_type"):
             conn.load(ModelKey("some/model"))
@@ -79,11 +82,11 @@ def test_the_daemon_client_turns_a_failed_load_into_model_load_failed(kind):
 @pytest.mark.parametrize("kind, expected", [("oom", errors.OutOfMemory), ("cancelled", errors.JobCancelled),
                                             ("error", errors.JobFailed)])
 def test_the_daemon_client_turns_a_failed_job_into_its_type(kind, expected):
-    from diffu_lsp.daemon import wire
+    from diffu_lsp import protocol
     from diffu_lsp.job import ModelKey, Request
     from diffu_lsp.scheduler import CancelToken
 
-    conn = _fake_daemon(lambda id: wire.Failed(id, kind, "no"))
+    conn = _fake_daemon(lambda id: protocol.Failed(id, kind, "no"))
     try:
         with pytest.raises(expected):
             conn.submit("file:///a.py", ModelKey(None), Request("suggest", "x", 1, 1, Settings()), CancelToken())
@@ -163,7 +166,7 @@ def test_each_runner_implements_the_engine_contract(engine):
 def test_only_the_job_settings_travel_to_the_daemon():
     import msgspec
 
-    from diffu_lsp.daemon import wire
+    from diffu_lsp import protocol
     from diffu_lsp.job import JobSettings, Request
 
     window = Settings(model="org/m", engine="local", debounce_ms=5, log_level="debug", single_line_tokens=20,
@@ -171,7 +174,7 @@ def test_only_the_job_settings_travel_to_the_daemon():
     request = Request("suggest", "x = ", 4, 4, window)
     assert isinstance(request.settings, JobSettings)
     assert request.settings.single_line_tokens == 20 and request.settings.hole_markers == ("<FILL>",)
-    frame = wire.decode(wire.encode(wire.Submit(1, "file:///a.py", wire.ModelKey(None), request))[wire.HEADER.size:])
+    frame = protocol.decode(protocol.encode(protocol.Submit(1, "file:///a.py", protocol.ModelKey(None), request))[protocol.HEADER.size:])
     assert frame.request == request
     sent = msgspec.to_builtins(request)["settings"]
     for editor_only in ("model", "engine", "debounceMs", "logLevel", "daemonIdleSeconds", "maxDocumentBytes",

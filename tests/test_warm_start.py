@@ -125,7 +125,7 @@ def test_a_window_engine_starts_the_next_suggestion_from_the_last_canvas():
     settings = Settings(warm_start=True, early_exit=False)
     first = engine.run(Request("suggest", text, cursor, cursor, settings), None, key="a.py")
     assert first.drafted == 0
-    kept = engine.drafts.get("a.py")
+    kept = engine.held.drafts.get("a.py")
     assert kept is not None and kept.cursor == cursor and model.mask_token_id not in kept.ids
     # type the hole's first tokens past the blanks it began with: the next job starts from the rest of it
     pieces = [model.decode([t]) for t in kept.ids]
@@ -135,7 +135,7 @@ def test_a_window_engine_starts_the_next_suggestion_from_the_last_canvas():
     new_text, new_cursor = text[:cursor] + typed + text[cursor:], cursor + len(typed)
     second = engine.run(Request("suggest", new_text, new_cursor, new_cursor, settings), None, key="a.py")
     assert second.drafted == sum(1 for t in kept.ids[k:k + second.hole_tokens] if t != model.mask_token_id) > 0
-    assert engine.drafts.get("a.py").start == new_cursor
+    assert engine.held.drafts.get("a.py").start == new_cursor
     # warm start off: the same request decodes cold; another document has no draft
     cold = engine.run(Request("suggest", new_text, new_cursor, new_cursor, Settings(early_exit=False)), None, key="a.py")
     assert cold.drafted == 0
@@ -150,11 +150,11 @@ def test_a_window_engine_starts_the_next_suggestion_from_the_last_canvas():
     def stop(step) -> None:
         flag.cancelled = True
 
-    engine.drafts.clear()
+    engine.held.drafts.clear()
     with pytest.raises(JobCancelled):
         engine.run(Request("suggest", text, cursor, cursor, Settings(warm_start=True, algorithm="entropy", steps=16)),
                    flag, on_step=stop, key="a.py")
-    partial = engine.drafts.get("a.py").ids
+    partial = engine.held.drafts.get("a.py").ids
     assert model.mask_token_id in partial and any(t != model.mask_token_id for t in partial)
 
 

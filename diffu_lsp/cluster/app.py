@@ -1,9 +1,9 @@
 """The Ray Serve application: replicas that each hold a warm model and run our own job path.
 
-Every replica loads the model once (``__init__``) and runs jobs through one
-:class:`~diffu_lsp.scheduler.Scheduler` (latest-wins per editor document), calling
-:func:`diffu_lsp.features.answer` exactly as the daemon does: infill canvases, both sides of the
-cursor, a cancel token read before every forward. With ``batch_size`` > 1 the scheduler runs up to
+Every replica loads the model once (``__init__``) and runs jobs through the daemon's
+:class:`~diffu_lsp.job_host.JobHost` (latest-wins per editor document, :func:`diffu_lsp.features.answer`,
+the outcome as a :mod:`~diffu_lsp.protocol` frame): infill canvases, both sides of the cursor, a
+cancel token read before every forward, out-of-memory retries counted. With ``batch_size`` > 1 the scheduler runs up to
 that many jobs at once, each in its own worker thread, and the model's
 :class:`~diffu_lsp.models.batching.ForwardBatcher` runs their forwards as one padded batched
 forward (uncached); with 1, one job at a time, with the K/V cache the settings ask for. Each replica
@@ -12,12 +12,12 @@ the last one's draft when the same replica served that one (else it starts cold)
 
 HTTP (Ray Serve's proxy, one route prefix ``/``), every route behind ``Authorization: Bearer``:
 
-- ``POST /job``: body ``{"key", "request"}`` (a :class:`~diffu_lsp.job.Request`); the answer
-  streams as JSON lines: ``{"step", "masked", "text"}`` per forward (text: the draft so far),
-  ``{"beat": 1}`` every second while the job waits, then one ``{"value", "forwards"}`` or
-  ``{"error", "oom"}`` or ``{"cancelled"}``. When the caller disconnects, Serve cancels the
-  request; the replica turns that into our cancel token, so the sampler stops at its next forward.
-- ``GET /info``: the loaded model (:class:`~diffu_lsp.job.ModelInfo`).
+- ``POST /job``: the body is one :class:`~diffu_lsp.protocol.Submit` frame; the answer streams
+  frames of the same protocol as the daemon's socket: a Welcome (the replica's pid), a Progress
+  per forward (if asked), a Pong every second while the job waits (the heartbeat), then one
+  Result or Failed. When the caller disconnects, Serve cancels the request; the replica turns that
+  into our cancel token, so the sampler stops at its next forward.
+- ``GET /info``: the loaded model (:class:`~diffu_lsp.engine.ModelInfo`).
 - ``GET /status``: jobs served, cancelled, forwards after cancel, per replica (from the stats actor).
 
 A missing or wrong token gets 401 and runs nothing; a body that is not a job gets 400, one that does
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import io
 import os
 import time
 
@@ -38,10 +39,11 @@ from ray import serve
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..warm_start import CanvasStore
+from .. import __version__, protocol
 from ..engine import model_info
-from ..errors import first_line, is_out_of_memory
-from ..job import ModelKey, Request
+from ..errors import FrameInvalid
+from ..job import ModelKey
+from ..job_host import HeldModel, JobHost
 from . import authorized
 from .gate import BODY_SECONDS
 
@@ -53,15 +55,6 @@ NAMESPACE = "diffu-lsp"
 BEAT_SECONDS = 1.0
 STATUS_WAIT_SECONDS = 5.0  # GET /status: how long to wait for the stats actor
 GPU_BATCH_SIZE = 8  # batch_size 0 (auto): this on a GPU; 1 on a CPU, where 8 canvases cost ~7x one (BENCHMARKS.md)
-
-
-class Job(msgspec.Struct, frozen=True):
-    key: str
-    request: Request
-
-
-def line(value) -> bytes:
-    return msgspec.json.encode(value) + b"\n"
 
 
 @serve.deployment(name="ModelReplica")
@@ -77,16 +70,14 @@ class ModelReplica:
         if threads:
             torch.set_num_threads(threads)
         self.token = token
-        self.key = ModelKey(model, device, dtype)
         self.model = load_model(model, device=device, dtype=dtype)
         if batch_size == 0:
             batch_size = GPU_BATCH_SIZE if self.model.device.type == "cuda" else 1
-        self.batch_size = batch_size
         if batch_size > 1:
             self.model.batcher = ForwardBatcher(self.model, batch_size, batch_wait_ms / 1000)
-        self.info = model_info(self.model, self.key)
-        self.drafts = CanvasStore()  # the last suggestion canvas per window and document (warm start)
-        self.sched = None  # a jobs.Scheduler, made on the event loop at the first job
+        self.held = HeldModel(ModelKey(model, device, dtype), self.model)  # and its canvases per window and document
+        self.info = model_info(self.model, self.held.key)
+        self.host = JobHost(thread_name="diffu-cluster-model", workers=batch_size)
         self.stats = dict(pid=os.getpid(), jobs=0, answered=0, cancelled=0, failed=0, forwards=0,
                           forwards_after_cancel_max=0, started=time.time())
         self.stats_actor = stats_actor()  # looked up here: ray.get_actor blocks, so never on the event loop
@@ -105,72 +96,48 @@ class ModelReplica:
             except asyncio.TimeoutError:
                 return JSONResponse({"error": f"the body did not arrive within {BODY_SECONDS:g} s"}, status_code=408)
             try:
-                job = msgspec.json.decode(body, type=Job)
-            except msgspec.DecodeError as error:  # not JSON, or not a job (ValidationError is a DecodeError)
+                job = protocol.read_frame(io.BytesIO(body), protocol.MAX_CLIENT_FRAME)
+                if not isinstance(job, protocol.Submit):
+                    raise FrameInvalid(f"expected a Submit frame, got {type(job).__name__}")
+            except FrameInvalid as error:  # not a frame, or not a job
                 return JSONResponse({"error": f"not a job: {error}"}, status_code=400)
-            return StreamingResponse(self.run(job), media_type="application/x-ndjson")
+            return StreamingResponse(self.run(job), media_type="application/octet-stream")
         return JSONResponse({"error": "no such route"}, status_code=404)
 
-    async def run(self, message: Job):
-        from .. import features
-        from ..scheduler import Scheduler
-
-        if self.sched is None:
-            self.sched = Scheduler(debounce_s=0, thread_name="diffu-cluster-model", workers=self.batch_size)
-        loop = asyncio.get_running_loop()
-        lines: asyncio.Queue = asyncio.Queue()
-
-        def progress(step) -> None:  # worker thread
-            loop.call_soon_threadsafe(lines.put_nowait, {"step": step.step, "masked": step.masked, "text": step.text})
-
-        job = self.sched.submit(message.key, lambda token: features.answer(self.model, message.request, cancel=token,
-                                                                         on_step=progress, drafts=self.drafts,
-                                                                         key=message.key), debounce=False)
+    async def run(self, message: protocol.Submit):
+        frames: asyncio.Queue = asyncio.Queue()
         self.stats["jobs"] += 1
-        job_task = asyncio.ensure_future(self._await(job))
+        job, answer = self.host.submit(self.held, message, frames.put_nowait, key=message.key)
+        answered = asyncio.ensure_future(answer)
+        answered.add_done_callback(lambda done: done.cancelled() or frames.put_nowait(self._count(done.result())))
         try:
-            yield line({"replica": self.stats["pid"]})
+            yield protocol.encode(protocol.Welcome(protocol.PROTOCOL, __version__, self.stats["pid"], 0))
             while True:
-                getter = asyncio.ensure_future(lines.get())
-                done, _ = await asyncio.wait({getter, job_task}, timeout=BEAT_SECONDS,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield line(getter.result())
-                    continue
-                getter.cancel()
-                if job_task in done:
-                    while not lines.empty():
-                        yield line(lines.get_nowait())
-                    yield line(job_task.result())
+                getter = asyncio.ensure_future(frames.get())  # not wait_for: 3.11's may drop a frame at the timeout
+                await asyncio.wait({getter}, timeout=BEAT_SECONDS)
+                if getter.done():
+                    frame = getter.result()
+                else:
+                    getter.cancel()
+                    frame = protocol.Pong(message.id)  # the heartbeat
+                yield protocol.encode(frame)
+                if isinstance(frame, (protocol.Result, protocol.Failed)):
                     return
-                yield line({"beat": 1})
         finally:  # the caller went away (Serve cancelled us) or the stream ended
-            if not job.done():
+            if not answered.done():
                 job.cancel("the client disconnected")
-                self.stats["cancelled"] += 1
-                try:
-                    await asyncio.wait_for(asyncio.shield(job_task), 30)
-                except BaseException:  # noqa: BLE001 - counted below all the same
-                    pass
+                await asyncio.wait({answered}, timeout=30)
             self.stats["forwards"] += job.token.forwards
             if job.token.cancelled:
                 self.stats["forwards_after_cancel_max"] = max(self.stats["forwards_after_cancel_max"],
                                                               job.token.forwards_after_cancel)
             self._report()
 
-    async def _await(self, job) -> dict:
-        from ..errors import JobCancelled
-
-        try:
-            value = await job
-        except JobCancelled as cancelled:
-            return {"cancelled": cancelled.reason, "forwards": job.token.forwards}
-        except Exception as error:  # noqa: BLE001 - the job failed; the replica goes on
-            self.stats["failed"] += 1
-            log.warning("job failed: %r", error)
-            return {"error": first_line(error), "oom": is_out_of_memory(error), "forwards": job.token.forwards}
-        self.stats["answered"] += 1
-        return {"value": msgspec.to_builtins(value), "forwards": job.token.forwards}
+    def _count(self, answer: protocol.Result | protocol.Failed) -> protocol.Result | protocol.Failed:
+        outcome = "answered" if isinstance(answer, protocol.Result) else \
+            "cancelled" if answer.kind == "cancelled" else "failed"
+        self.stats[outcome] += 1
+        return answer
 
     def _report(self) -> None:
         if self.model.batcher is not None:  # network forwards run, and the requests they served

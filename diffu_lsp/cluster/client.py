@@ -1,9 +1,11 @@
 """The server's side of the cluster: the third runner of the engine contract (see
 ``engine.LocalEngine``), over HTTP to Ray Serve's proxy. Light: no ray import.
 
-One HTTP connection per job, its answer streamed as JSON lines (progress steps, heartbeats, the
-value). Cancelling the job's token closes the connection: Serve cancels the request and the replica
-cancels our token there, so the sampler stops at its next forward. Every read is bounded by the
+One HTTP connection per job: the body is a :class:`~diffu_lsp.protocol.Submit` frame, the answer
+streams frames of the daemon's protocol (progress, a Pong heartbeat, one Result or Failed, turned
+back into the same :mod:`~diffu_lsp.errors` types). Cancelling the job's token closes the
+connection: Serve cancels the request and the replica cancels our token there, so the sampler
+stops at its next forward. Every read is bounded by the
 setting ``daemonDeadlineSeconds`` (the replica sends a heartbeat every second while a job waits):
 a silent cluster is answered empty in bounded time.
 
@@ -15,6 +17,7 @@ model daemon for good, said once.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import socket
@@ -26,9 +29,10 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from ..job import Answer, ModelInfo, ModelKey, Replacement, Request, Step, Suggestion
-from ..errors import (ClusterLost, ClusterUnavailable, ClusterUnreachable, JobCancelled, JobFailed, OutOfMemory,
+from .. import __version__, protocol
+from ..errors import (ClusterLost, ClusterUnavailable, ClusterUnreachable, EngineLost, FrameInvalid, JobCancelled,
                       ReplicaFailed)
+from ..job import Answer, ModelInfo, ModelKey, Request
 from ..settings import Settings
 from . import read_state, read_token, same_url
 
@@ -36,11 +40,6 @@ log = logging.getLogger("diffu_lsp.cluster.client")
 
 CONNECT_SECONDS = 5.0
 LOAD_SECONDS = 30.0
-
-
-ANSWER_TYPES: dict[str, Any] = {"suggest": Suggestion, "block": Suggestion, "fill_holes": list[Replacement],
-                                "next_edit": list[Replacement],
-                                "refine": str}
 
 
 class ClusterEngine:
@@ -91,14 +90,14 @@ class ClusterEngine:
         return self.fallback.load(key)
 
     def run(self, request: Request, cancel, on_step=None, on_oom_retry=None, *, key: str = "") -> Answer:
-        if self.fallback is not None:
-            return self.fallback.run(request, cancel, on_step, on_oom_retry or (lambda: None), key=key)
-        try:
-            return self._run(request, cancel, on_step, key)
-        except ClusterUnreachable as error:
-            self._fall_back(str(error))
-            self.fallback.load(self.key)
-            return self.fallback.run(request, cancel, on_step, on_oom_retry or (lambda: None), key=key)
+        on_oom_retry = on_oom_retry or (lambda: None)
+        if self.fallback is None:
+            try:
+                return self._run(request, cancel, on_step, on_oom_retry, key)
+            except ClusterUnreachable as error:
+                self._fall_back(str(error))
+                self.fallback.load(self.key)
+        return self.fallback.run(request, cancel, on_step, on_oom_retry, key=key)
 
     def describe(self) -> dict:
         if self.fallback is not None:
@@ -125,7 +124,7 @@ class ClusterEngine:
                         "using this machine's model daemon instead")
 
     def _headers(self) -> dict:
-        return {"Authorization": f"Bearer {self._token()}", "Content-Type": "application/json"}
+        return {"Authorization": f"Bearer {self._token()}", "Content-Type": "application/octet-stream"}
 
     def _token(self) -> str:
         """The token for this URL: ``engineTokenFile``'s (an owner-only regular file, see
@@ -136,8 +135,8 @@ class ClusterEngine:
         started_here = read_state().get("url", "")
         if not started_here or not same_url(started_here, self.url):
             raise ClusterUnavailable(f"no token for {self.url}: this machine's cluster token goes only to the cluster "
-                                     f"started here ({started_here or 'none is'}); set engineTokenFile to that cluster's "
-                                     "token file")
+                               f"started here ({started_here or 'none is'}); set engineTokenFile to that cluster's "
+                               "token file")
         return read_token()
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
@@ -168,42 +167,36 @@ class ClusterEngine:
         check_status(response.status, body)
         return response.status, body
 
-    def _run(self, request: Request, cancel, on_step, key: str) -> Answer:
+    def _run(self, request: Request, cancel, on_step, on_oom_retry, key: str) -> Answer:
         conn = self._connection(self.deadline)
         cancel.on_cancel(lambda: _shut(conn))
         started = time.monotonic()
         try:
-            conn.request("POST", self._path("/job"), headers=self._headers(),
-                         body=msgspec.json.encode({"key": f"{self.window_id}:{key}", "request": request}))
+            model = self.key or ModelKey(None)  # the replica serves its own; the key says which the window asked for
+            job = protocol.Submit(1, f"{self.window_id}:{key}", model, request, progress=on_step is not None)
+            conn.request("POST", self._path("/job"), headers=self._headers(), body=protocol.encode(job))
             response = conn.getresponse()
             if response.status != 200:
                 check_status(response.status, response.read())
             while True:
-                raw = response.readline()
-                if not raw:
+                message = protocol.read_frame(response)
+                if message is None:
                     raise http.client.IncompleteRead(b"")
-                message = msgspec.json.decode(raw)
-                if "replica" in message:
-                    self.replica_pid = message["replica"]
-                elif "step" in message:
-                    cancel.forwards = message["step"]
-                    if on_step is not None:
-                        on_step(Step(message["step"], message["masked"], message.get("text", "")))
-                elif "value" in message:
-                    cancel.report(message["forwards"])
+                message = protocol.take(message, cancel, on_step, on_oom_retry)
+                if isinstance(message, protocol.Welcome):
+                    if message.protocol != protocol.PROTOCOL:
+                        raise ClusterUnavailable(f"the cluster runs diffu-lsp {message.version} (protocol "
+                                           f"{message.protocol}), this window {__version__} ({protocol.PROTOCOL})")
+                    self.replica_pid = message.pid
+                elif isinstance(message, protocol.Result):
                     self.jobs += 1
-                    self._recovered()
-                    return msgspec.convert(message["value"], ANSWER_TYPES[request.kind])
-                elif "cancelled" in message:
-                    cancel.report(message["forwards"])
-                    raise JobCancelled(message["cancelled"])
-                elif "error" in message:
-                    raise (OutOfMemory if message["oom"] else JobFailed)(message["error"])
+                    self.lost = False
+                    return message.value
         except TimeoutError:
             if cancel.cancelled:
                 raise JobCancelled(cancel.reason) from None
             raise self._lost(f"the cluster said nothing for {self.deadline:.0f} s") from None
-        except (OSError, http.client.HTTPException, ReplicaFailed) as error:
+        except (OSError, http.client.HTTPException, FrameInvalid, ReplicaFailed) as error:
             if cancel.cancelled:
                 raise JobCancelled(cancel.reason) from None
             raise self._lost(f"the replica went away after {time.monotonic() - started:.1f} s "
@@ -219,9 +212,6 @@ class ClusterEngine:
         log.warning("cluster job lost: %s", reason)
         return ClusterLost(reason)
 
-    def _recovered(self) -> None:
-        self.lost = False
-
 
 def check_status(status: int, body: bytes) -> None:
     if status == 200:
@@ -229,16 +219,12 @@ def check_status(status: int, body: bytes) -> None:
     text = body.decode(errors="replace").strip()[:200]
     if status == 401:
         raise ClusterUnavailable("the cluster refused the token (401): set engineTokenFile to the token file written "
-                                 "by `diffu-lsp cluster start`")
+                           "by `diffu-lsp cluster start`")
     if status >= 500:
         raise ReplicaFailed(f"HTTP {status}: {text}")
     raise ClusterUnavailable(f"the cluster answered HTTP {status}: {text}")
 
 
 def _shut(conn: http.client.HTTPConnection) -> None:
-    sock = conn.sock
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not connected (sock None)
+        conn.sock.shutdown(socket.SHUT_RDWR)

@@ -133,6 +133,15 @@ def is_our_daemon(pid: int) -> bool:
     return uid == os.getuid() and "diffu_lsp" in joined and "daemon run" in joined
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time process ``pid`` has used (Linux /proc), None where unknown: a frozen process's stays put."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def daemon_pid(paths: Paths) -> int | None:
     """The pid written in the lock file, if a process still holds the lock."""
     try:
@@ -159,12 +168,14 @@ def wait_until_gone(paths: Paths, pid: int, timeout: float) -> bool:
     return True
 
 
-def terminate(paths: Paths, timeout: float = 30.0, sig: int = signal.SIGTERM) -> int | None:
-    """Signal the daemon holding the lock (whatever version it is) and wait for it to go; its pid,
-    or None when none runs. Only a pid whose process is our daemon is ever signalled."""
-    pid = daemon_pid(paths)
-    if pid is None or not is_our_daemon(pid):
+def terminate(paths: Paths, timeout: float = 30.0, sig: int = signal.SIGTERM, pid: int | None = None) -> int | None:
+    """Signal the daemon holding the lock (whatever version it is; only if its pid is ``pid``, when
+    given) and wait for it to go; its pid, or None when none runs. Only a pid whose process is our
+    daemon is ever signalled."""
+    holder = daemon_pid(paths)
+    if holder is None or (pid is not None and holder != pid) or not is_our_daemon(holder):
         return None
+    pid = holder
     os.kill(pid, sig)
     if sig == signal.SIGKILL:
         os.kill(pid, signal.SIGCONT)  # a frozen process dies only once it runs again

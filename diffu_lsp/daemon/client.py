@@ -7,16 +7,19 @@ is woken with :class:`DaemonLost` and ``on_lost`` is called once; the next job c
 which starts a new daemon.
 
 No wait is unbounded. A waiting call pings the daemon after :data:`PING_SECONDS` without a word
-from it; once it has heard nothing (no frame, no Pong) for the deadline (setting
-``daemonDeadlineSeconds``) the call raises :class:`DaemonStuck` (answered empty), the connection
-is dropped and the window is told once. The next job connects afresh; a daemon that accepts the
-connection but does not answer the Hello within :data:`HELLO_SECONDS` is frozen or wedged: it is
-killed (after checking that the pid is our daemon) and a new one is started. No lock is held
-across a socket read.
+from it. Pings are answered by the daemon's event loop, never behind a job (jobs run on its worker
+thread): a job that hears nothing (no frame, no Pong) for :data:`LIVENESS_SECONDS` while the
+daemon's process runs not at all faces a frozen daemon (a slow one, a load, and a job before the
+daemon has its model get the setting ``daemonDeadlineSeconds``, which caps both). It raises
+:class:`DaemonStuck` (answered empty), the window is told once, and the frozen daemon is killed (if
+the pid is still our daemon's) once frozen for as long as a new daemon took to answer here, and a
+new one started and loaded then, not at the next keystroke; one that does not answer a Hello
+within :data:`HELLO_SECONDS` is replaced too. No lock is held across a socket read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -28,20 +31,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import __version__
-from ..job import Answer, ModelInfo, ModelKey, Request, Step
-from ..errors import (DaemonLost, DaemonStuck, DaemonUnavailable, DaemonUnresponsive, FrameInvalid, JobCancelled, JobFailed,
-                      ModelLoadFailed, OutOfMemory)
+from .. import __version__, protocol
+from ..errors import (DaemonLost, DaemonStuck, DaemonUnavailable, DaemonUnresponsive, EngineLost, FrameInvalid,
+                      JobFailed, ModelLoadFailed, OutOfMemory, RequestTooLarge)
+from ..job import Answer, ModelInfo, ModelKey, Request
 from ..settings import Settings
-from . import (Paths, check_socket_file, daemon_pid, file_lock, log_tail, peer_uid, private_folder, runtime_paths, spawn,
-               terminate)
-from . import wire
+from . import (Paths, check_socket_file, cpu_seconds, daemon_pid, file_lock, log_tail, peer_uid,
+               private_folder, runtime_paths, spawn, terminate)
 
 log = logging.getLogger("diffu_lsp.daemon.client")
 
 START_TIMEOUT = 60.0
 HELLO_SECONDS = 5.0   # connect + Hello -> Welcome
-PING_SECONDS = 2.0    # a waiting call pings the daemon after this long without a word from it
+PING_SECONDS = 0.5    # a waiting call pings the daemon after this long without a word from it
+LIVENESS_SECONDS = 2.0  # a job that hears no Pong for this long faces a frozen daemon (#31: ghost text back soon)
 JOB_LIMIT_SECONDS = 900.0  # even a daemon that answers pings gets no longer than this for one call
 DEFAULT_DEADLINE = 10.0
 
@@ -52,13 +55,14 @@ _LOST = object()
 class Connection:
     """A handshaken connection to the daemon. Thread-safe."""
 
-    def __init__(self, sock: socket.socket, welcome: wire.Welcome, on_lost: Callable[[str], None],
+    def __init__(self, sock: socket.socket, welcome: protocol.Welcome, on_lost: Callable[[str], None],
                  deadline: float = DEFAULT_DEADLINE):
         self.sock = sock
         self.pid = welcome.pid
-        self.client_id = welcome.client
         self.deadline = deadline
         self.last_heard = time.monotonic()
+        self.loaded = False  # the daemon has loaded a model (answered a Load or a job) since we connected
+        self._quiet: tuple = (0.0, None, 0.0)  # last_heard, the daemon's CPU seconds, since when it has not run
         self.closed = False
         self._closing = False
         self._on_lost = on_lost
@@ -72,8 +76,8 @@ class Connection:
 
     def load(self, key: ModelKey) -> ModelInfo:
         try:
-            answer = self._call(lambda id: wire.Load(id, key), lambda msg: None)
-        except (JobFailed, OutOfMemory) as error:  # the daemon could not load it: it says why
+            answer = self._call(lambda id: protocol.Load(id, key), quick=False)
+        except (JobFailed, OutOfMemory, RequestTooLarge) as error:  # whatever stopped the load: the window says why
             raise ModelLoadFailed(str(error)) from error
         return answer.info
 
@@ -81,26 +85,18 @@ class Connection:
                on_step: Callable[[Any], None] | None = None, on_oom_retry: Callable[[], None] = lambda: None) -> Answer:
         """Run one job in the daemon; ``cancel`` (a CancelToken) is forwarded as a Cancel frame;
         ``on_oom_retry`` is called for each out-of-memory retry the daemon made."""
-        def progress(msg: wire.Progress) -> None:
-            cancel.forwards = msg.step
-            if on_step is not None:
-                on_step(Step(msg.step, msg.masked, msg.text))
+        return self._call(lambda id: protocol.Submit(id, key, model, request, progress=on_step is not None),
+                          cancel, on_step, on_oom_retry).value
 
-        answer = self._call(lambda id: wire.Submit(id, key, model, request, progress=on_step is not None),
-                            progress, cancel)
-        cancel.report(answer.forwards)
-        for _ in range(answer.oom_retries):
-            on_oom_retry()
-        return answer.value
-
-    def status(self) -> wire.Status:
-        return self._call(lambda id: wire.StatusQuery(), lambda msg: None, key=0)
+    def status(self) -> protocol.Status:
+        return self._call(lambda id: protocol.StatusQuery(), key=0)
 
     def stop(self) -> None:
         self._closing = True
-        self.send(wire.Stop())
+        self.send(protocol.Stop())
 
-    def _call(self, make: Callable[[int], Any], on_progress: Callable[[Any], None], cancel=None, key: int | None = None):
+    def _call(self, make: Callable[[int], Any], cancel=None, on_step=None, on_oom_retry=lambda: None, *,
+              key: int | None = None, quick: bool = True):
         id = next(self._ids) if key is None else key
         waiter: queue.SimpleQueue = queue.SimpleQueue()
         with self._lock:
@@ -110,49 +106,43 @@ class Connection:
         try:
             self.send(make(id))
             if cancel is not None:  # after the Submit, so the daemon knows the id it cancels
-                cancel.on_cancel(lambda: self.send(wire.Cancel(id, cancel.reason)))
+                cancel.on_cancel(lambda: self.send(protocol.Cancel(id, cancel.reason)))
             limit = time.monotonic() + JOB_LIMIT_SECONDS
             while True:
                 try:
                     msg = waiter.get(timeout=PING_SECONDS)
                 except queue.Empty:
-                    self._check_alive(id, limit)
+                    self._check_alive(id, limit, quick and self.loaded)
                     continue
                 if msg is _LOST:
                     raise DaemonLost("the model daemon stopped")
-                if isinstance(msg, wire.Pong):
-                    continue
-                if isinstance(msg, wire.Progress):
-                    on_progress(msg)
-                elif isinstance(msg, wire.Failed):
-                    if cancel is not None:
-                        cancel.report(msg.forwards, msg.forwards_after_cancel)
-                    if msg.kind == "cancelled":
-                        raise JobCancelled(msg.message)
-                    raise (OutOfMemory if msg.kind == "oom" else JobFailed)(msg.message)
-                elif isinstance(msg, wire.Error):
-                    raise DaemonUnavailable(f"the model daemon refused: {msg.message}")
-                else:
+                msg = protocol.take(msg, cancel, on_step, on_oom_retry)
+                if msg is not None and not isinstance(msg, protocol.Pong):
                     return msg
         finally:
             with self._lock:
                 self._waiters.pop(id, None)
 
-    def _check_alive(self, id: int, limit: float) -> None:
-        """After a quiet spell: ping, or give up on a daemon silent for the deadline."""
-        now = time.monotonic()
-        silent = now - self.last_heard
-        if silent > self.deadline or now > limit:
-            what = (f"the model daemon (pid {self.pid}) did not answer for {silent:.0f} s" if silent > self.deadline
+    def _check_alive(self, id: int, limit: float, quick: bool) -> None:
+        """After a quiet spell: ping, or give up on a daemon silent for the deadline, or for
+        :data:`LIVENESS_SECONDS` in which its process ran not at all (stopped or blocked: a daemon
+        that is only slow, e.g. on a starved machine, uses CPU time and gets the deadline)."""
+        now, cpu = time.monotonic(), cpu_seconds(self.pid)
+        if self._quiet[:2] != (self.last_heard, cpu):  # a new quiet spell, or the daemon ran: restart the clock
+            self._quiet = (self.last_heard, cpu, now)
+        silent, still = now - self.last_heard, now - self._quiet[2]
+        frozen = quick and cpu is not None and silent > LIVENESS_SECONDS and still >= LIVENESS_SECONDS - PING_SECONDS
+        if frozen or silent > self.deadline or now > limit:
+            what = (f"the model daemon (pid {self.pid}) did not answer for {silent:.1f} s" if now <= limit
                     else f"the job ran past {JOB_LIMIT_SECONDS:.0f} s")
             self.close(what)
-            raise DaemonStuck(what)
-        self.send(wire.Ping(id))
+            raise DaemonStuck(what, frozen=frozen)
+        self.send(protocol.Ping(id))
 
     # ------------------------------------------------------------ plumbing
 
     def send(self, message) -> None:
-        data = wire.encode(message)
+        data = protocol.encode(message)
         try:
             with self._write_lock:
                 self.sock.sendall(data)
@@ -163,15 +153,16 @@ class Connection:
         reason = "the connection closed"
         try:
             while True:
-                msg = wire.read_frame(self.sock)
+                msg = protocol.read_frame(self.sock)
                 if msg is None:
                     break
                 self.last_heard = time.monotonic()
-                if isinstance(msg, wire.Error):
+                self.loaded = self.loaded or isinstance(msg, (protocol.Loaded, protocol.Result))
+                if isinstance(msg, protocol.Error):
                     reason = f"the daemon closed the connection: {msg.message}"
                     log.warning("daemon: %s", msg.message)
                     continue
-                id = 0 if isinstance(msg, wire.Status) else msg.id
+                id = 0 if isinstance(msg, protocol.Status) else msg.id
                 with self._lock:
                     waiter = self._waiters.get(id)
                 if waiter is not None:
@@ -188,10 +179,8 @@ class Connection:
             waiters = list(self._waiters.values())
         for waiter in waiters:
             waiter.put(_LOST)
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
         if not self._closing:
             log.warning("model daemon connection lost: %s", reason)
             self._on_lost(reason)
@@ -199,10 +188,8 @@ class Connection:
     def close(self, reason: str = "closed by this server") -> None:
         """Drop the connection (pending calls get DaemonLost); ``on_lost`` is not called."""
         self._closing = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._lost(reason)
 
 
@@ -231,14 +218,13 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
         if uid != os.getuid():
             sock.close()
             raise DaemonUnavailable(f"the process listening on {paths.socket} runs as uid {uid}, not as this user; "
-                                    "refusing to send it anything")
-        sock.sendall(wire.encode(wire.Hello(wire.PROTOCOL, __version__, os.getpid())))
-        answer = wire.read_frame(sock)
+                              "refusing to send it anything")
+        sock.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL, __version__, os.getpid())))
+        answer = protocol.read_frame(sock)
         sock.settimeout(None)
     except TimeoutError:
         sock.close()
-        raise DaemonUnresponsive(f"the model daemon at {paths.socket} did not answer within {HELLO_SECONDS:.0f} s") \
-            from None
+        raise DaemonUnresponsive(f"the model daemon at {paths.socket} did not answer in {HELLO_SECONDS:.0f}s") from None
     except (ConnectionResetError, BrokenPipeError) as error:
         sock.close()
         if daemon_pid(paths) is None:  # a daemon just killed: its listener resets for a moment
@@ -247,10 +233,10 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
     except (OSError, FrameInvalid) as error:
         sock.close()
         raise DaemonUnavailable(f"the model daemon at {paths.socket} did not answer: {error}") from None
-    if isinstance(answer, wire.Welcome):
+    if isinstance(answer, protocol.Welcome):
         return Connection(sock, answer, on_lost, deadline)
     sock.close()
-    if isinstance(answer, wire.Error):
+    if isinstance(answer, protocol.Error):
         raise DaemonUnavailable(answer.message)
     raise DaemonUnavailable(f"the model daemon at {paths.socket} answered {type(answer).__name__} to hello")
 
@@ -310,6 +296,7 @@ class DaemonEngine:
         self._paths = paths
         self.key: ModelKey | None = None
         self.idle_seconds, self.memory_mb, self.deadline = 900, 0, DEFAULT_DEADLINE
+        self.start_seconds = 0.0  # measured: from no connection to the first answer of a daemon
         self.state = "ready"
         self._conn: Connection | None = None
         self._lock = threading.Lock()  # guards _conn; never held across a socket read
@@ -347,13 +334,38 @@ class DaemonEngine:
             self.on_state(state, message)
 
     def _call(self, call: Callable[[Connection], Any]):
+        started, fresh = time.monotonic(), self._conn is None or self._conn.closed
         try:
             answer = call(self.connection())
         except DaemonStuck as stuck:
             self._set_state("stuck", f"{stuck}; the next request tries a fresh connection")
+            if stuck.frozen and self._conn is not None:
+                frozen_since = time.monotonic() - LIVENESS_SECONDS
+                threading.Thread(target=self._replace_frozen, args=(self._conn.pid, frozen_since), daemon=True,
+                                 name="diffu-daemon-restart").start()
             raise
+        if fresh:  # what a new daemon costs here: starting (or finding) one, and its first answer
+            self.start_seconds = time.monotonic() - started
         self._set_state("ready", "the model daemon answers again")
         return answer
+
+    def _replace_frozen(self, pid: int, since: float) -> None:
+        """Kill a frozen daemon once it has been frozen for as long as a new one takes to answer (a
+        shorter freeze is waited out: the daemon answers sooner than a new one would), then start
+        the next one and load the model in it now, off the job's thread."""
+        cpu = cpu_seconds(pid)
+        while time.monotonic() - since < self.start_seconds:
+            time.sleep(0.1)
+            if cpu_seconds(pid) != cpu:  # it runs again (or is gone): the next job connects to it
+                return
+        if terminate(self.paths, timeout=5, sig=signal.SIGKILL, pid=pid) != pid:
+            return
+        log.warning("killed the frozen model daemon (pid %d); starting a new one", pid)
+        self._set_state("restarting", f"the model daemon (pid {pid}) froze; starting a new one")
+        try:
+            self._call(lambda conn: conn.load(self.key))
+        except Exception as error:  # noqa: BLE001 - the next job tries again and says why
+            log.warning("could not restart the model daemon: %s", error)
 
     def configure(self, settings: Settings) -> None:
         self.idle_seconds, self.memory_mb = settings.daemon_idle_seconds, settings.daemon_memory_mb

@@ -1,21 +1,20 @@
 """The model daemon: owns the loaded models and the one worker that runs jobs for every window.
 
-``diffu-lsp daemon run`` (started by the first server that needs a model) listens on the
-runtime folder's socket. Each connection is one server (editor window). Jobs from all of them
-go through one :class:`~diffu_lsp.scheduler.Scheduler`: latest-wins per (window, document), the
-newest keystroke of any window first, a job passed over too often served before newer ones, and
-at most :data:`MAX_PENDING_PER_CLIENT` unanswered jobs per window (the oldest is cancelled).
-Models are keyed by (model, device, dtype) and shared; past the memory budget the least recently
-used ones are unloaded. With no window connected for ``idle_seconds`` the daemon exits.
+``diffu-lsp daemon run`` (started by the first server that needs a model) listens on the runtime
+folder's socket and speaks :mod:`diffu_lsp.protocol`; each connection is one window. Jobs from all
+of them go through one :class:`~diffu_lsp.job_host.JobHost`, as on a cluster replica: latest-wins
+per (window, document), the newest keystroke first, none starved, at most
+:data:`MAX_PENDING_PER_CLIENT` unanswered per window (the oldest is cancelled). Models are keyed by
+(model, device, dtype) and shared; past the memory budget the least recently used are unloaded.
+With no window connected for ``idle_seconds`` the daemon exits.
 
-Bad frames, wrong versions and huge lengths get an :class:`~wire.Error` frame and a closed
-connection; other connections are untouched. Every wait on a client is bounded: a peer of another
-uid is refused, the Hello must come within :data:`HANDSHAKE_SECONDS`, a frame's body within
-:data:`FRAME_SECONDS` of its header, at most :data:`MAX_CONNECTIONS` connections are open, and a
-client that does not read its answers is dropped (its transport aborted) when they have waited
-:data:`WRITE_SECONDS`, or at once when :data:`MAX_WRITE_BUFFER` bytes wait for it.
-Log lines are rate-limited. If the socket vanishes (the runtime folder was deleted) the daemon
-takes the folder back within :data:`WATCH_SECONDS`, or exits if another daemon took it.
+Bad frames, wrong versions and huge lengths get an Error frame and a closed connection; the others
+are untouched. Every wait on a client is bounded: a peer of another uid is refused, the Hello must
+come within :data:`HANDSHAKE_SECONDS`, a frame's body within :data:`FRAME_SECONDS` of its header,
+at most :data:`MAX_CONNECTIONS` are open, and a window that reads no answers is dropped (aborted)
+after :data:`WRITE_SECONDS`, or at once past :data:`MAX_WRITE_BUFFER` bytes. Log lines are
+rate-limited. If the socket vanishes (the runtime folder was deleted) the daemon takes the folder
+back within :data:`WATCH_SECONDS`, or exits if another daemon took it.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import importlib
 import itertools
 import logging
 import os
@@ -33,18 +33,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 
 from .. import __version__
-from ..warm_start import CanvasStore
+from .. import protocol
 from ..engine import model_info
-from ..errors import EXITS, PASS_THROUGH, DaemonUnavailable, FrameInvalid, JobCancelled, first_line, is_out_of_memory
+from ..errors import EXITS, DaemonUnavailable, FrameInvalid, ModelLoadFailed, first_line
 from ..job import ModelInfo, ModelKey
-from ..scheduler import Job, Scheduler
+from ..job_host import HeldModel, JobHost
+from ..scheduler import Job
 from . import Paths, open_private, peer_uid, private_folder, runtime_paths
-from . import wire
 
 log = logging.getLogger("diffu_lsp.daemon")
 
@@ -56,16 +55,6 @@ WRITE_SECONDS = 30.0            # a window that reads nothing for this long is d
 MAX_WRITE_BUFFER = 32 * 2**20   # bytes of answers waiting for one window
 WATCH_SECONDS = 1.0             # how often the daemon checks that its socket is still there
 LOG_LINES_PER_MINUTE = 120
-
-
-@dataclass
-class HeldModel:
-    key: ModelKey
-    model: Any
-    bytes: int
-    last_used: float = field(default_factory=time.monotonic)
-    jobs: int = 0
-    drafts: CanvasStore = field(default_factory=CanvasStore)  # the last suggestion canvas per window and document
 
 
 @dataclass
@@ -85,7 +74,7 @@ class Client:
                         MAX_WRITE_BUFFER // 2**20)
             transport.abort()
             return
-        self.writer.write(wire.encode(message))
+        self.writer.write(protocol.encode(message))
         if self.write_watch is None and transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
             self.write_watch = asyncio.ensure_future(self.drained_in_time())
 
@@ -113,7 +102,7 @@ class Daemon:
         self.paths = paths
         self.idle_seconds = idle_seconds
         self.memory_budget_bytes = memory_budget_bytes
-        self.sched = Scheduler(debounce_s=0, thread_name="diffu-daemon-model")
+        self.host = JobHost(thread_name="diffu-daemon-model")
         self.models: collections.OrderedDict[ModelKey, HeldModel] = collections.OrderedDict()  # LRU first
         self.loading: dict[ModelKey, asyncio.Future] = {}
         self.clients: dict[int, Client] = {}
@@ -144,7 +133,7 @@ class Daemon:
         self.server.close()
         for client in list(self.clients.values()):
             client.writer.close()
-        await self.sched.close(timeout=5)
+        await self.host.sched.close(timeout=5)
         with contextlib.suppress(OSError):
             if os.lstat(self.paths.socket).st_ino == self._socket_inode:
                 self.paths.socket.unlink()
@@ -212,16 +201,16 @@ class Daemon:
                 hello = await asyncio.wait_for(read_message(reader), HANDSHAKE_SECONDS)
             except asyncio.TimeoutError:
                 raise FrameInvalid(f"no Hello within {HANDSHAKE_SECONDS:.0f} s") from None
-            if not isinstance(hello, wire.Hello):
+            if not isinstance(hello, protocol.Hello):
                 raise FrameInvalid(f"expected Hello first, got {type(hello).__name__}")
-            if (hello.protocol, hello.version) != (wire.PROTOCOL, __version__):
+            if (hello.protocol, hello.version) != (protocol.PROTOCOL, __version__):
                 raise FrameInvalid(
-                    f"version mismatch: this daemon is diffu-lsp {__version__} (protocol {wire.PROTOCOL}), the "
+                    f"version mismatch: this daemon is diffu-lsp {__version__} (protocol {protocol.PROTOCOL}), the "
                     f"client is {hello.version} (protocol {hello.protocol}); stop the daemon with "
                     "`diffu-lsp daemon stop` and the next request starts a matching one")
             self.clients[client.id] = client
             self._arm_idle_timer()
-            client.send(wire.Welcome(wire.PROTOCOL, __version__, os.getpid(), client.id))
+            client.send(protocol.Welcome(protocol.PROTOCOL, __version__, os.getpid(), client.id))
             log.info("window %d connected (pid %d); %d connected", client.id, hello.pid, len(self.clients))
             while True:
                 self.dispatch(client, await read_message(reader))
@@ -229,10 +218,10 @@ class Daemon:
                     return
         except FrameInvalid as error:
             log.warning("window %d: %s", client.id, error)
-            client.send(wire.Error(str(error)))
+            client.send(protocol.Error(str(error)))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the window went away
-        except PASS_THROUGH:
+        except (asyncio.CancelledError, *EXITS):
             raise
         except BaseException:  # noqa: BLE001 - one connection's failure never takes the daemon down
             log.exception("window %d: unexpected error", client.id)
@@ -260,22 +249,22 @@ class Daemon:
         except (ConnectionError, OSError):
             pass
 
-    def dispatch(self, client: Client, message: wire.Message) -> None:
-        if isinstance(message, wire.Submit):
+    def dispatch(self, client: Client, message: protocol.Message) -> None:
+        if isinstance(message, protocol.Submit):
             self._spawn(client, message.id, self.run_job(client, message))
-        elif isinstance(message, wire.Cancel):
+        elif isinstance(message, protocol.Cancel):
             job = client.jobs.get(message.id)
             if job is not None:
                 job.cancel(message.reason)
             elif message.id in client.tasks:  # still waiting for its model
                 client.tasks[message.id].cancel()
-        elif isinstance(message, wire.Ping):
-            client.send(wire.Pong(message.id))
-        elif isinstance(message, wire.Load):
+        elif isinstance(message, protocol.Ping):
+            client.send(protocol.Pong(message.id))
+        elif isinstance(message, protocol.Load):
             self._spawn(client, message.id, self.load_for(client, message))
-        elif isinstance(message, wire.StatusQuery):
+        elif isinstance(message, protocol.StatusQuery):
             client.send(self.status(asking=client))
-        elif isinstance(message, wire.Stop):
+        elif isinstance(message, protocol.Stop):
             log.info("stop requested by window %d", client.id)
             self._stop.set()
         else:
@@ -285,80 +274,34 @@ class Daemon:
         task = asyncio.ensure_future(coro)
         client.tasks[id] = task
 
-        def done(task: asyncio.Task) -> None:
+        def done(task: asyncio.Task) -> None:  # every Load and Submit is answered, cancelled or failed too
             client.tasks.pop(id, None)
-            if task.cancelled():  # a Cancel overtook it before it ran a line: it is answered all the same
-                client.send(wire.Failed(id, "cancelled", "cancelled before it started"))
+            if task.cancelled():  # a Cancel overtook it, or the window went away (then nobody hears this)
+                client.send(protocol.Failed(id, "cancelled", "cancelled before it ran"))
+            elif task.exception() is not None:
+                client.send(protocol.failed(id, task.exception()))
 
         task.add_done_callback(done)
 
     # ------------------------------------------------------------ jobs
 
-    async def load_for(self, client: Client, message: wire.Load) -> None:
-        try:
-            info = await self.model(message.model)
-        except asyncio.CancelledError:
-            client.send(wire.Failed(message.id, "cancelled", "cancelled while loading"))
-            return
-        except EXITS:
-            raise
-        except BaseException as error:  # noqa: BLE001 - ModelLoadFailed and friends: the window shows it
-            client.send(wire.Failed(message.id, "oom" if is_out_of_memory(error) else "error", first_line(error)))
-            return
-        client.send(wire.Loaded(message.id, info))
+    async def load_for(self, client: Client, message: protocol.Load) -> None:
+        client.send(protocol.Loaded(message.id, await self.model(message.model)))
 
-    async def run_job(self, client: Client, message: wire.Submit) -> None:
+    async def run_job(self, client: Client, message: protocol.Submit) -> None:
         try:
             await self.model(message.model)
-            held = self.models[message.model]
-        except asyncio.CancelledError:
-            client.send(wire.Failed(message.id, "cancelled", "cancelled while its model loaded"))
-            return
-        except EXITS:
-            raise
-        except BaseException as error:  # noqa: BLE001
-            client.send(wire.Failed(message.id, "error", f"loading the model failed: {first_line(error)}"))
-            return
+        except Exception as error:  # noqa: BLE001 - said by the Failed frame
+            raise ModelLoadFailed(f"loading the model failed: {first_line(error)}") from None
         pending = [job for job in client.jobs.values() if not job.done()]  # oldest first
         for oldest in pending[:max(0, len(pending) + 1 - MAX_PENDING_PER_CLIENT)]:
             oldest.cancel(f"queue full: over {MAX_PENDING_PER_CLIENT} pending jobs from this window")
-        loop = asyncio.get_running_loop()
-
-        def progress(step) -> None:  # worker thread
-            loop.call_soon_threadsafe(client.send, wire.Progress(message.id, step.step, step.masked, step.text))
-
-        oom_retries = 0
-        key = f"{client.id}:{message.key}"  # the window's document: latest-wins, and its warm-start canvas
-
-        def count_oom_retry() -> None:
-            nonlocal oom_retries
-            oom_retries += 1
-
-        def work(token):
-            from .. import features
-
-            held.last_used = time.monotonic()
-            held.jobs += 1
-            return features.answer(held.model, message.request, cancel=token,
-                                on_step=progress if message.progress else None, on_oom_retry=count_oom_retry,
-                                drafts=held.drafts, key=key)
-
-        job = self.sched.submit(key, work, debounce=False)
+        # the window's document: latest-wins, and its warm-start canvas
+        job, answer = self.host.submit(self.models[message.model], message, client.send,
+                                       key=f"{client.id}:{message.key}")
         client.jobs[message.id] = job
         try:
-            value = await job
-            client.send(wire.Result(message.id, value, job.token.forwards, oom_retries))
-        except JobCancelled as cancelled:
-            client.send(wire.Failed(message.id, "cancelled", cancelled.reason, job.token.forwards,
-                                    job.token.forwards_after_cancel))
-        except asyncio.CancelledError:
-            job.cancel("the window disconnected")
-        except EXITS:
-            raise
-        except BaseException as error:  # noqa: BLE001 - the job failed (a PanicException too); the daemon goes on
-            log.warning("job %d of window %d failed: %r", message.id, client.id, error)
-            client.send(wire.Failed(message.id, "oom" if is_out_of_memory(error) else "error", first_line(error),
-                                    job.token.forwards))
+            client.send(await answer)
         finally:
             client.jobs.pop(message.id, None)
 
@@ -407,24 +350,24 @@ class Daemon:
             log.info("unloaded %s: over the %d MiB budget", victim.label, self.memory_budget_bytes // 2**20)
         return evicted
 
-    def status(self, asking: Client | None = None) -> wire.Status:
+    def status(self, asking: Client | None = None) -> protocol.Status:
         now = time.monotonic()
-        return wire.Status(
-            pid=os.getpid(), version=__version__, protocol=wire.PROTOCOL, socket=str(self.paths.socket),
+        return protocol.Status(
+            pid=os.getpid(), version=__version__, protocol=protocol.PROTOCOL, socket=str(self.paths.socket),
             log=str(self.paths.log), uptime_seconds=now - self.started,
             clients=len([c for c in self.clients.values() if c is not asking]),
-            models=[wire.LoadedModel(h.key.label, str(h.model.device), h.key.dtype, h.model.family, h.bytes,
+            models=[protocol.LoadedModel(h.key.label, str(h.model.device), h.key.dtype, h.model.family, h.bytes,
                                      now - h.last_used, h.jobs) for h in self.models.values()],
             loads=self.loads, evictions=self.evictions, rss_bytes=rss_bytes(),
             idle_timeout_seconds=self.idle_seconds, memory_budget_bytes=self.memory_budget_bytes,
-            jobs=msgspec.to_builtins(self.sched.stats))
+            jobs=msgspec.to_builtins(self.host.sched.stats))
 
 
-async def read_message(reader: asyncio.StreamReader) -> wire.Message:
-    header = await reader.readexactly(wire.HEADER.size)
-    length = wire.body_length(header, wire.MAX_CLIENT_FRAME)
+async def read_message(reader: asyncio.StreamReader) -> protocol.Message:
+    header = await reader.readexactly(protocol.HEADER.size)
+    length = protocol.body_length(header, protocol.MAX_CLIENT_FRAME)
     try:
-        return wire.decode(await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS))
+        return protocol.decode(await asyncio.wait_for(reader.readexactly(length), FRAME_SECONDS))
     except asyncio.TimeoutError:
         raise FrameInvalid(f"a frame of {length:,} bytes did not arrive within {FRAME_SECONDS:.0f} s") from None
 
@@ -491,6 +434,10 @@ def main(*, idle_seconds: float, memory_mb: int) -> int:
     if lock is None:
         log.info("another daemon holds %s; exiting", paths.lock)
         return 0
+    # torch and the model code load while the loop starts: a window's first job (after a kill or a
+    # freeze, a keystroke waiting for ghost text) does not wait for all of that import
+    threading.Thread(target=importlib.import_module, args=("diffu_lsp.models",), name="diffu-import",
+                     daemon=True).start()
     daemon = Daemon(paths, idle_seconds=idle_seconds, memory_budget_bytes=memory_mb * 2**20)
     daemon._lock_fds.append(lock)
     asyncio.run(daemon.serve())
