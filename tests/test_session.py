@@ -99,11 +99,12 @@ def test_the_cluster_client_turns_a_failed_job_into_its_type(tmp_path, oom, expe
     """A replica's failed job arrives as a JobFailed (it was a bare RuntimeError), out of memory as
     the one OutOfMemory, whichever engine ran it."""
     import http.server
-    import json
+    import os
     import threading
 
     import msgspec
 
+    from diffu_lsp import __version__, protocol
     from diffu_lsp.cluster.client import ClusterEngine
     from diffu_lsp.job import Request
     from diffu_lsp.scheduler import CancelToken
@@ -111,7 +112,8 @@ def test_the_cluster_client_turns_a_failed_job_into_its_type(tmp_path, oom, expe
     class Replica(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"error": "the replica's tokenizer panicked", "oom": oom, "forwards": 0}).encode() + b"\n"
+            body = (protocol.encode(protocol.Welcome(protocol.PROTOCOL, __version__, os.getpid(), 0))
+                    + protocol.encode(protocol.Failed(1, "oom" if oom else "error", "the replica's tokenizer panicked")))
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
