@@ -536,7 +536,7 @@ def test_fast_dllm_v2_stops_at_a_stop_token_with_nothing_masked_before_it(fast_p
         assert generated[P:P + first + 1] == ours[:first + 1] and len(generated) == P + first + 1  # cut after the stop
 
 
-def test_fast_dllm_v2_block_cache_equals_recomputation_and_features_run(fast_pair):
+def test_fast_dllm_v2_block_cache_equals_recomputation_and_features_answer(fast_pair):
     from diffu_lsp.features import answer
     from diffu_lsp.job import Request
     from diffu_lsp.settings import Settings
@@ -822,7 +822,7 @@ def new_family(request, llada2, diffcoder):
 
 
 def test_suggest_fill_holes_refine_and_the_block_cache_on_llada2_and_stable_diffcoder(new_family):
-    from diffu_lsp.features import run
+    from diffu_lsp.features import answer
     from diffu_lsp.job import Request
     from diffu_lsp.settings import Settings
 
@@ -833,12 +833,12 @@ def test_suggest_fill_holes_refine_and_the_block_cache_on_llada2_and_stable_diff
     text = "def add(a, b):\n    return \n"
     cursor = text.index("return ") + len("return ")
     settings = Settings(single_line_tokens=8, multi_line_tokens=12, block_tokens=12)
-    suggestion = run(model, Request("suggest", text, cursor, cursor, settings))
+    suggestion = answer(model, Request("suggest", text, cursor, cursor, settings))
     assert suggestion.forwards >= 1 and suggestion.hole_tokens == 8
     holed = "def f(x):\n    ...\n    # TODO: fill\n"
-    assert len(run(model, Request("fill_holes", holed, 0, len(holed), settings))) == 2
+    assert len(answer(model, Request("fill_holes", holed, 0, len(holed), settings))) == 2
     low = Settings(refine_mode="low_confidence", refine_confidence=0.5)
-    assert run(model, Request("refine", text, 0, 14, low)).strip()
+    assert answer(model, Request("refine", text, 0, 14, low)).strip()
 
 
 def test_diffu_lsp_complete_runs_llada2_and_stable_diffcoder(new_family, tmp_path):
