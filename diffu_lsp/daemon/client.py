@@ -37,7 +37,7 @@ from ..errors import (DaemonLost, DaemonStuck, DaemonUnavailable, DaemonUnrespon
 from ..job import Answer, ModelInfo, ModelKey, Request
 from ..settings import Settings
 from . import (Paths, check_socket_file, cpu_seconds, daemon_pid, file_lock, log_tail, peer_uid,
-               private_folder, runtime_paths, spawn, terminate)
+               private_folder, runtime_paths, spawn, terminate, wait_until_gone)
 
 log = logging.getLogger("diffu_lsp.daemon.client")
 
@@ -47,6 +47,7 @@ PING_SECONDS = 0.5    # a waiting call pings the daemon after this long without 
 LIVENESS_SECONDS = 2.0  # a job that hears no Pong for this long faces a frozen daemon (#31: ghost text back soon)
 JOB_LIMIT_SECONDS = 900.0  # even a daemon that answers pings gets no longer than this for one call
 DEFAULT_DEADLINE = 10.0
+RESET_GRACE_SECONDS = 2.0  # a reset Hello: how long a dying daemon may take to let go of its lock
 
 
 _LOST = object()
@@ -227,7 +228,8 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
         raise DaemonUnresponsive(f"the model daemon at {paths.socket} did not answer in {HELLO_SECONDS:.0f}s") from None
     except (ConnectionResetError, BrokenPipeError) as error:
         sock.close()
-        if daemon_pid(paths) is None:  # a daemon just killed: its listener resets for a moment
+        pid = daemon_pid(paths)  # a daemon just killed resets its listener as it goes, the lock soon after
+        if pid is None or wait_until_gone(paths, pid, RESET_GRACE_SECONDS):
             return None
         raise DaemonUnavailable(f"the model daemon at {paths.socket} did not answer: {error}") from None
     except (OSError, FrameInvalid) as error:
