@@ -163,7 +163,9 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     daemon_memory_mb: NonNegative = 0
     #: A job that hears nothing from the model daemon (no answer, no reply to a ping) for this many
     #: seconds is answered empty and the status shows `stuck`; the next request reconnects, and
-    #: replaces a daemon that still does not answer.
+    #: replaces a daemon that still does not answer. A daemon whose process does not run at all
+    #: (stopped or frozen) is found sooner: after 2 s without a reply to its pings, whatever this
+    #: says.
     daemon_deadline_seconds: Annotated[float, msgspec.Meta(ge=1.0)] = 10.0
     #: Who runs the model: `daemon` (this machine's shared model daemon), `local` (this window, like
     #: `--no-daemon`), or the URL of a team cluster started with `diffu-lsp cluster start` (e.g.
