@@ -285,22 +285,28 @@ def test_diffu_lsp_complete_runs_sdar(sdar_pair, tmp_path):
     assert answer["model"] == str(sdar_pair[2]) and answer["hole_tokens"] == 8 and answer["forwards"] >= 1
 
 
-@pytest.mark.asyncio
-async def test_the_language_server_completes_inline_with_sdar(sdar_pair, tmp_path):
+async def inline_through_the_server(model_dir, tmp_path) -> str | None:
+    """A real server (in-process engine) with the checkpoint at `model_dir` answers an inline
+    completion after `return `, from one completed job; its text."""
     from test_server import inline, inline_text, jobs_of, open_doc, position_of, start_server, stats, stop_server, wait_status
 
-    client = await start_server(tmp_path, "--model", str(sdar_pair[2]), "--no-daemon", encodings=["utf-16"],
+    client = await start_server(tmp_path, "--model", str(model_dir), "--no-daemon", encodings=["utf-16"],
                                 init_options={"singleLineTokens": 8, "multiLineTokens": 8, "blockTokens": 8})
     try:
         await wait_status(client, "ready")
         text = "def add(a, b):\n    return \n"
         uri = open_doc(client, text)
         result = await inline(client, uri, position_of(text, text.index("\n    return ") + len("\n    return ")))
-        assert inline_text(result).strip()
         (job,) = jobs_of(await stats(client), uri)
         assert job["outcome"] == "completed" and job["forwards"] >= 1
+        return inline_text(result)
     finally:
         await stop_server(client)
+
+
+@pytest.mark.asyncio
+async def test_the_language_server_completes_inline_with_sdar(sdar_pair, tmp_path):
+    assert (await inline_through_the_server(sdar_pair[2], tmp_path)).strip()
 
 
 @pytest.mark.parametrize("shape, billions", [("sdar-4b", 4.411), ("sdar-8b", 8.191)])
@@ -854,20 +860,7 @@ def test_diffu_lsp_complete_runs_llada2_and_stable_diffcoder(new_family, tmp_pat
 
 @pytest.mark.asyncio
 async def test_the_language_server_completes_inline_with_llada2_and_stable_diffcoder(new_family, tmp_path):
-    from test_server import inline, inline_text, jobs_of, open_doc, position_of, start_server, stats, stop_server, wait_status
-
-    client = await start_server(tmp_path, "--model", str(new_family[1]), "--no-daemon", encodings=["utf-16"],
-                                init_options={"singleLineTokens": 8, "multiLineTokens": 8, "blockTokens": 8})
-    try:
-        await wait_status(client, "ready")
-        text = "def add(a, b):\n    return \n"
-        uri = open_doc(client, text)
-        result = await inline(client, uri, position_of(text, text.index("\n    return ") + len("\n    return ")))
-        assert inline_text(result) is not None
-        (job,) = jobs_of(await stats(client), uri)
-        assert job["outcome"] == "completed" and job["forwards"] >= 1
-    finally:
-        await stop_server(client)
+    assert await inline_through_the_server(new_family[1], tmp_path) is not None
 
 
 @pytest.mark.parametrize("shape, family, billions", [("llada2-mini", "llada2", 16.2556), ("stable-diffcoder-8b", "stable-diffcoder", 8.2505)])

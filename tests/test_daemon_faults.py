@@ -59,18 +59,31 @@ def test_a_cancel_that_overtakes_its_job_still_gets_the_job_answered(runtime):
     warm.close()
 
 
-def test_a_frozen_daemon_is_reported_stuck_then_replaced(runtime, monkeypatch):
-    monkeypatch.setattr(daemon_client, "PING_SECONDS", 0.5)
-    states = []
-    engine = DaemonEngine(paths=runtime, on_state=lambda state, message: states.append(state))
-    engine.deadline = 2.0
-    engine.load(BUNDLED)
+@contextlib.contextmanager
+def frozen_mid_job(engine, runtime):
+    """The engine's daemon stopped (SIGSTOP) while it runs a slow job: yields (its pid, the job);
+    afterwards a daemon still there is killed (and resumed, so that it dies) and the engine closed."""
     frozen = daemon_pid(runtime)
     started = threading.Event()
     job = in_thread(lambda: engine.run(suggest_request(**SLOW), CancelToken(), lambda step: started.set(), key="k"))
     assert started.wait(120)
     os.kill(frozen, signal.SIGSTOP)
     try:
+        yield frozen, job
+    finally:
+        if alive(frozen):
+            os.kill(frozen, signal.SIGKILL)
+            os.kill(frozen, signal.SIGCONT)
+        engine.close()
+
+
+def test_a_frozen_daemon_is_reported_stuck_then_replaced(runtime, monkeypatch):
+    monkeypatch.setattr(daemon_client, "PING_SECONDS", 0.5)
+    states = []
+    engine = DaemonEngine(paths=runtime, on_state=lambda state, message: states.append(state))
+    engine.deadline = 2.0
+    engine.load(BUNDLED)
+    with frozen_mid_job(engine, runtime) as (frozen, job):
         t0 = time.monotonic()
         job["thread"].join(30)
         assert isinstance(job.get("error"), DaemonStuck), job  # answered (empty), not hung
@@ -81,11 +94,6 @@ def test_a_frozen_daemon_is_reported_stuck_then_replaced(runtime, monkeypatch):
         assert states == ["stuck", "restarting", "ready"]
         wait_for(lambda: not alive(frozen), "the frozen daemon to be gone", 30)
         assert daemon_pid(runtime) not in (None, frozen)
-    finally:
-        if alive(frozen):
-            os.kill(frozen, signal.SIGKILL)
-            os.kill(frozen, signal.SIGCONT)
-        engine.close()
 
 
 def test_a_frozen_daemon_is_found_by_its_pings_and_killed_at_once_whatever_the_deadline(runtime):
@@ -97,12 +105,7 @@ def test_a_frozen_daemon_is_found_by_its_pings_and_killed_at_once_whatever_the_d
     assert engine.deadline == 10.0 > daemon_client.LIVENESS_SECONDS  # the setting's default
     engine.load(BUNDLED)
     engine.start_seconds = 0.0  # a new daemon answers at once here: a freeze is not waited out
-    frozen = daemon_pid(runtime)
-    started = threading.Event()
-    job = in_thread(lambda: engine.run(suggest_request(**SLOW), CancelToken(), lambda step: started.set(), key="k"))
-    assert started.wait(120)
-    os.kill(frozen, signal.SIGSTOP)
-    try:
+    with frozen_mid_job(engine, runtime) as (frozen, job):
         t0 = time.monotonic()
         job["thread"].join(30)
         assert isinstance(job.get("error"), DaemonStuck), job
@@ -110,11 +113,6 @@ def test_a_frozen_daemon_is_found_by_its_pings_and_killed_at_once_whatever_the_d
         wait_for(lambda: not alive(frozen), "the frozen daemon to be reaped", 5)  # killed with the answer
         assert isinstance(engine.run(suggest_request(), CancelToken(), key="k"), Suggestion)  # by a new daemon
         assert daemon_pid(runtime) not in (None, frozen)
-    finally:
-        if alive(frozen):
-            os.kill(frozen, signal.SIGKILL)
-            os.kill(frozen, signal.SIGCONT)
-        engine.close()
 
 
 def test_a_freeze_shorter_than_a_new_daemon_takes_is_waited_out(runtime):
@@ -123,20 +121,12 @@ def test_a_freeze_shorter_than_a_new_daemon_takes_is_waited_out(runtime):
     engine = DaemonEngine(paths=runtime)
     engine.load(BUNDLED)
     engine.start_seconds = 60.0  # as on a machine where starting a daemon and loading the model is slow
-    frozen = daemon_pid(runtime)
-    started = threading.Event()
-    job = in_thread(lambda: engine.run(suggest_request(**SLOW), CancelToken(), lambda step: started.set(), key="k"))
-    assert started.wait(120)
-    os.kill(frozen, signal.SIGSTOP)
-    try:
+    with frozen_mid_job(engine, runtime) as (frozen, job):
         job["thread"].join(30)
         assert isinstance(job.get("error"), DaemonStuck) and job["error"].frozen, job
         os.kill(frozen, signal.SIGCONT)
         assert isinstance(engine.run(suggest_request(), CancelToken(), key="k"), Suggestion)
         assert daemon_pid(runtime) == frozen and alive(frozen)  # the same daemon answers again
-    finally:
-        os.kill(frozen, signal.SIGCONT)
-        engine.close()
 
 
 def test_no_lock_is_held_while_connecting(runtime, monkeypatch):
