@@ -105,6 +105,14 @@ def _split_trailing_blanks(prefix: str) -> tuple[str, str]:
     return kept, prefix[len(kept):]
 
 
+def _without_healed(text: str, healed: str) -> str:
+    """The model's text for a hole that took over the blanks `healed` (_split_trailing_blanks),
+    without them: they stay in the document where they were."""
+    if not healed:
+        return text
+    return text[len(healed):] if text.startswith(healed) else text.lstrip(" \t")
+
+
 def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, block: bool = False,
             on_step=None, drafts: warm_start.CanvasStore | None = None, key: str = "") -> Suggestion:
     """The block to show at `cursor` (single- or multi-line, decided from the code around it).
@@ -133,9 +141,7 @@ def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, b
 
     def candidate(result) -> tuple[str, int]:
         raw = _hole_text(model, result, len(prefix_ids), length, settings)
-        if healed:
-            raw = raw[len(healed):] if raw.startswith(healed) else raw.lstrip(" \t")
-        text = postprocess_text(raw, context)
+        text = postprocess_text(_without_healed(raw, healed), context)
         return text, auto_closed_tail(context.line_after, text) if text else 0
 
     completion, replace_after = candidate(result)
@@ -232,7 +238,7 @@ def refine(model, text: str, start: int, end: int, settings: Settings, *, cancel
                       _streamed(model, on_step, [(len(prefix_ids), len(hole))], healed), provisional)
     new_ids = result.canvas[len(prefix_ids):len(prefix_ids) + len(hole)].tolist()
     refined = model.decode([t for t in new_ids if t not in model.eos_token_ids])
-    return refined[len(healed):] if refined.startswith(healed) else refined.lstrip(" \t")
+    return _without_healed(refined, healed)
 
 
 def next_edit(model, text: str, spans, settings: Settings, *, cancel=None) -> list[Replacement]:

@@ -212,27 +212,28 @@ def judging_auc(model, cases: list[Case]) -> float:
     import torch
 
     from .. import infill
+    from ..features import _split_trailing_blanks
+    from ..settings import Settings
 
+    budgets = Settings()
     clean, wrong = [], []
     for case in cases:
-        prefix, selected, suffix = infill.refine_request(case.text, case.start, case.end, model.encode, 768, 256)
-        kept = prefix.rstrip(" \t")
-        healed, prefix = prefix[len(kept):], kept
-        ids = model.encode(healed + selected)
-        prefix_ids = model.encode(prefix)
+        prefix, selected, suffix = infill.refine_request(case.text, case.start, case.end, model.encode,
+                                                         budgets.prefix_tokens, budgets.suffix_tokens)
+        prefix, healed = _split_trailing_blanks(prefix)
+        ids, prefix_ids = model.encode(healed + selected), model.encode(prefix)
         canvas = torch.tensor(prefix_ids + ids + model.encode(suffix))
         with torch.no_grad():
             logits = model.position_logits(canvas, torch.arange(len(prefix_ids), len(prefix_ids) + len(ids)))
         p = logits.float().softmax(-1).gather(1, torch.tensor(ids, device=logits.device)[:, None])[:, 0].tolist()
-        ends, at = [], -len(healed)
-        for token in ids:
-            at += len(model.decode([token]))
-            ends.append(at)
         if not case.spans:
             clean += p
+        spans, at = [], -len(healed)  # each token's characters, relative to the selection's start
+        for token in ids:
+            spans.append((at, at + len(model.decode([token]))))
+            at = spans[-1][1]
         for a, b in case.spans:
-            inside = [q for q, end, length in zip(p, ends, (len(model.decode([t])) for t in ids))
-                      if end - length < b and end > a]
+            inside = [q for q, (start, end) in zip(p, spans) if start < b and end > a]
             if inside:
                 wrong.append(min(inside))
     clean.sort()
