@@ -270,8 +270,9 @@ def plain_replacements(text: str, edit: Edit) -> list[Prediction]:
 
 def follow(predictions: list[Prediction], before: str, after: str) -> list[Prediction]:
     """The predictions moved along with the change from ``before`` to ``after``: those before or
-    after the changed region keep or shift their offsets; one the change touches is withdrawn."""
-    if before == after:
+    after the changed region keep or shift their offsets; one the change touches is withdrawn. With
+    none to move, nothing is compared: this runs on every keystroke, in documents of any size."""
+    if not predictions or before == after:
         return predictions
     head, tail = _common_ends(before, after)
     changed_end, delta = len(before) - tail, len(after) - len(before)
@@ -321,7 +322,7 @@ class Tracker:
         doc = self.documents.setdefault(uri, Document(settled=text, text=text))
         kept = follow(doc.predictions, doc.text, text)
         withdrawn = len(kept) != len(doc.predictions)
-        if text != doc.text:
+        if doc.rejected and text != doc.text:
             doc.rejected = {(p.start, p.end, p.text) for p in follow(
                 [Prediction(s, e, doc.text[s:e], t) for s, e, t in doc.rejected], doc.text, text)}
         doc.predictions, doc.text = kept, text
