@@ -13,7 +13,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+
+from diffu_lsp.bench.common import wait_for  # noqa: F401 - the tests' poll loop, imported from here
 
 REPO = Path(__file__).resolve().parent.parent
 EDITORS_NVIM = REPO / "editors" / "nvim"
@@ -137,19 +138,6 @@ def start_nvim(init: Path, cwd: Path, setup: dict | None = None):
         os.environ.clear()
         os.environ.update(old_env)
         os.chdir(old_cwd)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll `predicate` (outside Neovim's event loop, so typed keys and LSP messages are processed
-    between polls) until it returns a truthy value; return that value."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})")
 
 
 class Editor:

@@ -29,6 +29,7 @@ import pytest
 
 pytest.importorskip("ray")
 
+from diffu_lsp.bench import common
 from diffu_lsp.bench.lsp_client import LspClient  # noqa: E402
 from diffu_lsp.cluster import read_token  # noqa: E402
 from diffu_lsp.cluster import cli as cluster_cli  # noqa: E402
@@ -95,15 +96,8 @@ def is_loopback(address: str) -> bool:
     return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
-def wait_for(predicate, what: str, timeout: float = 60.0, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
+def wait_for(predicate, what: str, timeout: float = 60.0):
+    return common.wait_for(predicate, timeout, what)
 
 
 @pytest.fixture(scope="module")

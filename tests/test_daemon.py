@@ -22,6 +22,7 @@ import msgspec
 import pytest
 
 from diffu_lsp import __version__, protocol
+from diffu_lsp.bench import common
 from diffu_lsp.bench.lsp_client import LspClient
 from diffu_lsp.daemon import Paths, daemon_pid, runtime_paths
 from diffu_lsp.daemon.client import connect, connect_or_start
@@ -51,15 +52,8 @@ def runtime(tmp_path, monkeypatch):
         os.kill(pid, signal.SIGKILL)
 
 
-def wait_for(predicate, what: str, timeout: float = 120.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
+def wait_for(predicate, what: str, timeout: float = 120.0):
+    return common.wait_for(predicate, timeout, what)
 
 
 def alive(pid: int) -> bool:

@@ -56,6 +56,20 @@ def progress(message: str) -> None:
 
 # ---------------------------------------------------------------- numbers
 
+def wait_for(predicate, timeout: float, what: str = "condition", interval: float = 0.05):
+    """Poll `predicate` every `interval` s until it returns a truthy value, and return that value;
+    TimeoutError (naming `what` and the last value) after `timeout` s. The benches' and the tests'
+    one poll loop: a real editor or daemon is watched from outside its own event loop."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last value: {last!r})")
+
+
 def median(values: Iterable[float]) -> float:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.median(values) if values else float("nan")

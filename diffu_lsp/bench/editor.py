@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import common
+from .common import wait_for
 from .replay import choose_points
 
 EDITORS_NVIM = Path(__file__).resolve().parents[2] / "editors" / "nvim"
@@ -43,6 +44,7 @@ MODES = (  # name, the plugin's setup{}, what it is
 BURST = 4        # keys typed at --cps, then a pause
 PAUSE_S = 1.5    # a pause after a burst lasts this long at least,
 ANSWER_S = 15.0  # and until the last key's answer came, at most this long
+POLL_S = 0.02  # how often Neovim is asked whether a key's change or answer came
 READY_S = 600.0
 
 INIT_LUA = """\
@@ -112,16 +114,6 @@ def start(name: str, setup: dict, folder: Path, options: common.Options) -> Wind
     return Window(name, nvim, folder)
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def open_point(window: Window, text: str, offset: int, index: int) -> str:
     """The file up to the point's line with the rest of that line deleted, in insert mode at its end;
     returns what is to be typed back."""
@@ -133,10 +125,10 @@ def open_point(window: Window, text: str, offset: int, index: int) -> str:
     nvim.command(f"edit {path}")
     row = text.count("\n", 0, offset) + 1
     nvim.input("<Esc>")
-    wait_for(lambda: nvim.api.get_mode()["mode"] == "n", 10, "normal mode")
+    wait_for(lambda: nvim.api.get_mode()["mode"] == "n", 10, "normal mode", POLL_S)
     nvim.command(f"call cursor({row}, {offset - line_start + 1})")
     nvim.input("A" if offset > line_start else "i")
-    wait_for(lambda: nvim.api.get_mode()["mode"].startswith("i"), 10, "insert mode")
+    wait_for(lambda: nvim.api.get_mode()["mode"].startswith("i"), 10, "insert mode", POLL_S)
     return text[offset:line_end]
 
 
@@ -153,7 +145,7 @@ def type_keys(window: Window, typed: str, cps: float, *, record: bool) -> None:
         changes = nvim.exec_lua("return #_G.bench.changes")
         keys = nvim.exec_lua("return #_G.bench.keys")
         nvim.input("<lt>" if ch == "<" else ch)
-        wait_for(lambda: nvim.exec_lua("return #_G.bench.changes") > changes, 10, "the key's TextChangedI")
+        wait_for(lambda: nvim.exec_lua("return #_G.bench.changes") > changes, 10, "the key's TextChangedI", POLL_S)
         key_ns, (_, version) = nvim.exec_lua("return { _G.bench.keys[...], _G.bench.changes[#_G.bench.changes] }",
                                              keys + 1)
         pause = (i + 1) % BURST == 0 or i + 1 == len(typed)
@@ -165,7 +157,7 @@ def type_keys(window: Window, typed: str, cps: float, *, record: bool) -> None:
         paused = time.monotonic()
         try:  # a pause lasts until this key's answer came (at most ANSWER_S), and PAUSE_S at least
             wait_for(lambda: nvim.exec_lua("for _, a in ipairs(_G.bench.answers) do if a[2] == ... then return true end "
-                                           "end return false", version), ANSWER_S, "the answer")
+                                           "end return false", version), ANSWER_S, "the answer", POLL_S)
         except TimeoutError:
             pass
         time.sleep(max(0.0, PAUSE_S - (time.monotonic() - paused)))
