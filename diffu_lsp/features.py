@@ -81,7 +81,7 @@ def _streamed(model, on_step: Callable[[Step], Any] | None, spans: list[tuple[in
     def step(state) -> bool | None:
         texts = [warm_start.draft_text(state.canvas[start:start + length].tolist(), mask_id=model.mask_token_id,
                                   decode=model.decode, stop_ids=model.eos_token_ids) for start, length in spans]
-        texts = [text[len(healed):] if healed and text.startswith(healed) else text for text in texts]
+        texts = [_without_healed(text, healed) for text in texts]
         return on_step(Step(state.step, state.masked, BETWEEN_HOLES.join(texts)))
 
     return step
@@ -136,7 +136,7 @@ def suggest(model, text: str, cursor: int, settings: Settings, *, cancel=None, b
         keep = lambda result: drafts.put(key, warm_start.canvas_of(  # noqa: E731 - finished or cancelled, for the next job
             text, hole_start, cursor, result.canvas[len(prefix_ids):len(prefix_ids) + length].tolist()))
     result = _denoise(model, prefix_ids + hole + suffix_ids, settings, cancel,
-                      _streamed(model, on_step, [(len(prefix_ids), length)]), provisional, keep)
+                      _streamed(model, on_step, [(len(prefix_ids), length)], healed), provisional, keep)
     context = Context(prefix=request.prefix, suffix=request.suffix, multiline=request.multiline)
 
     def candidate(result) -> tuple[str, int]:

@@ -283,3 +283,22 @@ def test_token_healing_cuts_trailing_blanks(prefix, kept, healed):
 
     assert _split_trailing_blanks(prefix) == (kept, healed)
     assert kept + healed == prefix
+
+
+def test_a_streamed_block_draft_leaves_the_healed_indentation_in_the_document():
+    """Complete Block streams its draft at the cursor. At an indented empty line the hole took
+    the indentation over (token healing), so the model's text starts with it; the final text
+    drops it, and so must every draft, or the editor shows the block indented twice until the
+    job ends. The bundled model's drafts began with 8 more blanks than its final text."""
+    from diffu_lsp.features import suggest
+    from diffu_lsp.models import load_model
+    from diffu_lsp.settings import Settings
+
+    model = load_model(None)
+    text = "def total(items):\n    count = 0\n    for item in items:\n        \n    return count\n"
+    cursor = text.index("        \n") + 8
+    drafts = []
+    final = suggest(model, text, cursor, Settings(), block=True, on_step=lambda step: drafts.append(step.text))
+    assert drafts and final.text
+    indentation = lambda block: len(block) - len(block.lstrip(" \t"))  # noqa: E731
+    assert indentation(drafts[-1]) == indentation(final.text) < 8
