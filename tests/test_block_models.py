@@ -2,9 +2,10 @@
 
 The oracles. The network: transformers' stock Qwen3 / Qwen2 with the same weights under the
 authors' block-causal mask (both families' modeling files are Qwen3 / Qwen2.5 at inference apart
-from the mask; they need their own code and, for SDAR, flash-attn, so they are not run). The
-decoding: the authors' own generate functions, read from files outside this repository and run
-on the stock networks with the cache semantics of the authors' attention, greedy:
+from the mask); for SDAR also the authors' own modeling_sdar.py with their generate.py, in a venv
+of their transformers version (tests/sdar_oracle.py, `sdar_theirs` below). The decoding: the
+authors' own generate functions, read from files outside this repository and run on the stock
+networks with the cache semantics of the authors' attention, greedy:
 - SDAR: `block_diffusion_generate` of JetAstra/SDAR generate.py, at $SDAR_GENERATE_PY
   (default /tmp/oracles/sdar/generate.py);
 - Fast-dLLM v2: `generate` of the checkpoint's modeling.py (Efficient-Large-Model/Fast_dLLM_v2_7B,
@@ -136,6 +137,54 @@ def recompute(qwen3, prompt: list[int], gen_length: int, threshold: float, stop_
 ORACLES = {"authors": authors_generate, "recompute": recompute}
 
 
+def run_oracle(script: str, code: Path, python: Path, folder: Path, tmp_path: Path, request: dict) -> dict:
+    """tests/`script` run by the oracle venv's `python` with the authors' code at `code` on the
+    checkpoint `folder` (the request on its stdin); what it saved."""
+    out = tmp_path / "oracle.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    run = subprocess.run([str(python), str(Path(__file__).parent / script), str(code), str(folder), str(out)],
+                         input=json.dumps(request), capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(out)
+
+
+# SDAR's own network and generate together (tests/sdar_oracle.py): modeling_sdar.py and
+# configuration_sdar.py of JetAstra/SDAR at commit c2041a8 (training/model/SDAR-4B-Chat/; the
+# SDAR-8B-Chat copy is the same file) and generate.py of the same commit, in $SDAR_MODELING_DIR
+# (default /tmp/oracles/sdar), run by $SDAR_ORACLE_PYTHON (default /tmp/sdar-oracle-venv/bin/python);
+# skipped when either is absent (CI). To set it up:
+#     python3 -m venv /tmp/sdar-oracle-venv
+#     /tmp/sdar-oracle-venv/bin/pip install torch==2.13.0 transformers==4.52.4 einops safetensors
+#     git -C <JetAstra/SDAR clone> show HEAD:generate.py > /tmp/oracles/sdar/generate.py, and the same
+#     for training/model/SDAR-4B-Chat/{modeling_sdar,configuration_sdar}.py
+SDAR_CODE = Path(os.environ.get("SDAR_MODELING_DIR", "/tmp/oracles/sdar"))
+SDAR_PYTHON = Path(os.environ.get("SDAR_ORACLE_PYTHON", "/tmp/sdar-oracle-venv/bin/python"))
+SDAR_LOGIT_IDS = list(range(11, 25))  # 14 tokens: blocks 0..3, the last one partial
+SDAR_CASES = [(threshold, prefix) for threshold in (0.9, 1.07e-5) for prefix in ("def f(x):\n    return ", "x = 1\n")]
+
+
+@pytest.fixture(scope="module")
+def sdar_theirs(sdar_pair, tmp_path_factory):
+    """Their network's logits for SDAR_LOGIT_IDS under generate.py's mask; their generate (greedy) for
+    each SDAR_CASES case (a 10-token hole after the FIM prompt) and for a 12-token hole whose 6th
+    free token is made the stop token; one run."""
+    if not ((SDAR_CODE / "modeling_sdar.py").is_file() and (SDAR_CODE / "generate.py").is_file()
+            and SDAR_PYTHON.is_file()):
+        pytest.skip(f"SDAR's code ({SDAR_CODE}) or its environment ({SDAR_PYTHON}) is absent")
+    model = sdar_pair[0]
+
+    def case(prefix: str, n: int, threshold: float, stop_ids) -> dict:
+        return dict(prompt=model.prompt_ids(model.encode(prefix), []), gen_length=n, block_length=B,
+                    threshold=threshold, stop_ids=list(stop_ids), mask_id=model.mask_token_id)
+
+    stop_prefix = model.encode("x = 1\n")
+    stop = model.fill(stop_prefix + [model.mask_token_id] * 12).canvas[len(stop_prefix) + 5].item()
+    cases = [case(prefix, 10, threshold, model.eos_token_ids) for threshold, prefix in SDAR_CASES]
+    out = run_oracle("sdar_oracle.py", SDAR_CODE, SDAR_PYTHON, sdar_pair[2], tmp_path_factory.mktemp("sdar-oracle"),
+                     {"logits": [SDAR_LOGIT_IDS, B], "generate": cases + [case("x = 1\n", 12, 0.9, (stop,))]})
+    return out["logits"], dict(zip(SDAR_CASES, out["generate"])), (stop, out["generate"][-1])
+
+
 def test_sdar_layout_loads_as_a_block_model_without_its_code(sdar_pair):
     model, reference, folder = sdar_pair
     assert isinstance(model, BlockDiffusionModel) and model.family == "sdar" and not model.shift_logits
@@ -179,6 +228,34 @@ def test_sdar_greedy_tokens_equal_the_reference(sdar_pair, oracle, threshold, pr
     assert ours == ORACLES[oracle](reference, prompt, hole, threshold, model.eos_token_ids)
     if threshold < 0.5:
         assert result.forwards < hole  # some forward revealed more than one token
+
+
+def test_sdar_logits_equal_the_authors_modeling_code(sdar_pair, sdar_theirs):
+    ours = sdar_pair[0].logits(torch.tensor([SDAR_LOGIT_IDS]))[0]
+    assert ours.shape == sdar_theirs[0].shape and (ours - sdar_theirs[0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("threshold, prefix", SDAR_CASES)
+def test_sdar_greedy_tokens_equal_the_authors_modeling_and_generate(sdar_pair, sdar_theirs, threshold, prefix):
+    model = sdar_pair[0]
+    prefix_ids, hole = model.encode(prefix), 10
+    P = len(model.prompt_ids(prefix_ids, []))
+    ours = model.fill(prefix_ids + [model.mask_token_id] * hole, threshold=threshold).canvas[len(prefix_ids):].tolist()
+    theirs = sdar_theirs[1][(threshold, prefix)]
+    assert len(theirs) == -(-(P + hole) // B) * B  # whole blocks, nothing stopped early (no stop token drawn)
+    assert ours == theirs[P:P + hole]
+
+
+def test_sdar_stop_rule_equals_the_authors_generate(sdar_pair, sdar_theirs):
+    model = sdar_pair[0]
+    stop, theirs = sdar_theirs[2]
+    prefix_ids = model.encode("x = 1\n")
+    ours = replace(model, eos_token_ids=(stop,)).fill(prefix_ids + [model.mask_token_id] * 12).canvas[len(prefix_ids):]
+    P = len(model.prompt_ids(prefix_ids, []))
+    end_of_block = (P + ours.tolist().index(stop)) // B * B + B - P
+    assert end_of_block < 12  # their loop broke after that block: the rest of their sequence is still masked
+    assert theirs[P:P + end_of_block] == ours[:end_of_block].tolist()
+    assert theirs[P + end_of_block:P + 12] == [model.mask_token_id] * (12 - end_of_block)
 
 
 def test_sdar_stops_after_the_block_with_a_stop_token(sdar_pair):
@@ -606,13 +683,8 @@ LB, LLADA2_MASK, LLADA2_EOS = 32, 156895, 156892
 def llada2_oracle(folder: Path, tmp_path: Path, logits=None, generate=()) -> dict:
     if not ((LLADA2_DIR / "modeling_llada2_moe.py").is_file() and LLADA2_PYTHON.is_file()):
         pytest.skip(f"LLaDA2's modeling code ({LLADA2_DIR}) or its environment ({LLADA2_PYTHON}) is absent")
-    out = tmp_path / "oracle.pt"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    run = subprocess.run([str(LLADA2_PYTHON), str(Path(__file__).parent / "llada2_oracle.py"), str(LLADA2_DIR),
-                          str(folder), str(out)], input=json.dumps({"logits": logits, "generate": list(generate)}),
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(out)
+    return run_oracle("llada2_oracle.py", LLADA2_DIR, LLADA2_PYTHON, folder, tmp_path,
+                      {"logits": logits, "generate": list(generate)})
 
 
 @pytest.fixture(scope="module")
