@@ -2,8 +2,9 @@
 
 The oracles. The network: transformers' stock Qwen3 / Qwen2 with the same weights under the
 authors' block-causal mask (both families' modeling files are Qwen3 / Qwen2.5 at inference apart
-from the mask); for SDAR also the authors' own modeling_sdar.py with their generate.py, in a venv
-of their transformers version (tests/sdar_oracle.py, `sdar_theirs` below). The decoding: the
+from the mask); also the authors' own networks with their generate functions, each in a venv of
+its transformers version: SDAR's modeling_sdar.py + generate.py (tests/sdar_oracle.py, `sdar_theirs`)
+and Fast-dLLM v2's modeling.py (tests/fast_dllm_oracle.py, `fast_theirs`). The decoding: the
 authors' own generate functions, read from files outside this repository and run on the stock
 networks with the cache semantics of the authors' attention, greedy:
 - SDAR: `block_diffusion_generate` of JetAstra/SDAR generate.py, at $SDAR_GENERATE_PY
@@ -554,6 +555,72 @@ def fast_recompute(qwen2, prompt: list[int], n: int, threshold: float, stop: int
 def sdar_mask_for(length: int, block: int) -> torch.Tensor:
     blocks = torch.arange(length) // block
     return torch.zeros(length, length).masked_fill(blocks[None, :] > blocks[:, None], torch.finfo(torch.float32).min)[None, None]
+
+
+# The checkpoint's own network with its generate (tests/fast_dllm_oracle.py): the same modeling.py
+# ($FAST_DLLM_MODELING_PY) imported whole, run by $FAST_DLLM_ORACLE_PYTHON (default
+# /tmp/fast-dllm-oracle-venv/bin/python); skipped when either is absent (CI). To set it up:
+#     python3 -m venv /tmp/fast-dllm-oracle-venv
+#     /tmp/fast-dllm-oracle-venv/bin/pip install torch==2.13.0 transformers==4.53.1 einops safetensors
+#     (transformers 4.53.1: NVlabs/Fast-dLLM v2/requirements.txt), and modeling.py as above
+FAST_DLLM_PYTHON = Path(os.environ.get("FAST_DLLM_ORACLE_PYTHON", "/tmp/fast-dllm-oracle-venv/bin/python"))
+FAST_CASES = [(threshold, prefix_length) for threshold in (0.9, 1.06e-5) for prefix_length in (10, 42, 61)]
+
+
+def fast_case(model, prefix_length: int) -> tuple[list[int], list[int], int]:
+    """Prefix ids, the FIM prompt, and a hole to the end of the second block after the prompt's."""
+    prefix_ids = list(range(100, 100 + prefix_length))
+    prompt = model.prompt_ids(prefix_ids, [])
+    return prefix_ids, prompt, (len(prompt) // FB + 2) * FB - len(prompt)
+
+
+@pytest.fixture(scope="module")
+def fast_theirs(fast_pair, tmp_path_factory):
+    """Their network's rows for ids 100..139; their generate for each FAST_CASES case and for a
+    40-token hole after 42 prefix tokens whose 7th free token is made the stop token; one run."""
+    if not (FAST_DLLM_PY.is_file() and FAST_DLLM_PYTHON.is_file()):
+        pytest.skip(f"the checkpoint's modeling.py ({FAST_DLLM_PY}) or its environment ({FAST_DLLM_PYTHON}) is absent")
+    model = fast_pair[0]
+
+    def case(prompt, blocks, threshold, stop):
+        return dict(prompt=prompt, max_new_tokens=blocks * FB, threshold=threshold, small_block_size=8, block_size=FB,
+                    stop_token=stop, mask_id=model.mask_token_id)
+
+    cases = []
+    for threshold, prefix_length in FAST_CASES:
+        _, prompt, n = fast_case(model, prefix_length)
+        cases.append(case(prompt, -(-(len(prompt) + n) // FB) - len(prompt) // FB, threshold, 151645))
+    prefix_ids = list(range(100, 142))
+    stop = model.fill(prefix_ids + [model.mask_token_id] * 40).canvas[len(prefix_ids) + 6].item()
+    cases.append(case(model.prompt_ids(prefix_ids, []), 2, 0.9, stop))
+    out = run_oracle("fast_dllm_oracle.py", FAST_DLLM_PY, FAST_DLLM_PYTHON, fast_pair[2],
+                     tmp_path_factory.mktemp("fast-oracle"), {"logits": [list(range(100, 140)), FB], "generate": cases})
+    return out["logits"], dict(zip(FAST_CASES, out["generate"])), (stop, out["generate"][-1])
+
+
+def test_fast_dllm_v2_logits_equal_the_checkpoint_s_network(fast_pair, fast_theirs):
+    ours = fast_pair[0].logits(torch.arange(100, 140)[None])[0]  # row i scores position i: their row i-1
+    assert (ours[1:] - fast_theirs[0][:-1]).abs().max() < 1e-5 and (ours[0] - fast_theirs[0][0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("threshold, prefix_length", FAST_CASES)
+def test_fast_dllm_v2_greedy_tokens_equal_the_checkpoint_s_network_and_generate(fast_pair, fast_theirs, threshold,
+                                                                                prefix_length):
+    model = fast_pair[0]
+    prefix_ids, prompt, n = fast_case(model, prefix_length)
+    ours = model.fill(prefix_ids + [model.mask_token_id] * n, threshold=threshold).canvas[len(prefix_ids):].tolist()
+    theirs = fast_theirs[1][(threshold, prefix_length)]
+    assert len(theirs) == len(prompt) + n + 1  # the whole blocks, then the next block's first token; no stop
+    assert ours == theirs[len(prompt):len(prompt) + n]
+
+
+def test_fast_dllm_v2_stop_rule_equals_the_checkpoint_s_generate(fast_pair, fast_theirs):
+    model = fast_pair[0]
+    stop, theirs = fast_theirs[2]
+    prefix_ids = list(range(100, 142))
+    ours = replace(model, eos_token_ids=(stop,)).fill(prefix_ids + [model.mask_token_id] * 40).canvas[42:].tolist()
+    P, first = len(model.prompt_ids(prefix_ids, [])), ours.index(stop)
+    assert first < 39 and theirs[P:] == ours[:first + 1] and len(theirs) == P + first + 1  # theirs cut after the stop
 
 
 def test_fast_dllm_v2_layout_loads_as_a_shifted_block_model(fast_pair):
