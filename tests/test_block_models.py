@@ -365,8 +365,11 @@ def test_diffu_lsp_complete_runs_sdar(sdar_pair, tmp_path):
 
 async def inline_through_the_server(model_dir, tmp_path) -> str | None:
     """A real server (in-process engine) with the checkpoint at `model_dir` answers an inline
-    completion after `return `, from one completed job; its text."""
-    from test_server import inline, inline_text, jobs_of, open_doc, position_of, start_server, stats, stop_server, wait_status
+    completion after `return `, from one completed job (its text is returned); its fill holes and
+    refine commands each apply one edit, over the `...` and over the selection."""
+    from diffu_lsp import server as server_mod
+    from test_server import (execute, inline, inline_text, jobs_of, open_doc, position_of, rng, start_server, stats,
+                             stop_server, wait_status)
 
     client = await start_server(tmp_path, "--model", str(model_dir), "--no-daemon", encodings=["utf-16"],
                                 init_options={"singleLineTokens": 8, "multiLineTokens": 8, "blockTokens": 8})
@@ -377,6 +380,17 @@ async def inline_through_the_server(model_dir, tmp_path) -> str | None:
         result = await inline(client, uri, position_of(text, text.index("\n    return ") + len("\n    return ")))
         (job,) = jobs_of(await stats(client), uri)
         assert job["outcome"] == "completed" and job["forwards"] >= 1
+        holed = "def f(x):\n    ...\n\n\ndef g(y):\n    return y * 2\n"
+        holed_uri = open_doc(client, holed)
+        for command, selection in ((server_mod.CMD_FILL_HOLES, rng(0, 0, 1, 7)), (server_mod.CMD_REFINE, rng(5, 4, 5, 16))):
+            client.edits.clear()
+            answer = await execute(client, command, textDocument={"uri": holed_uri}, range={
+                "start": {"line": selection.start.line, "character": selection.start.character},
+                "end": {"line": selection.end.line, "character": selection.end.character}})
+            assert answer == {"applied": True}, command
+            (edit,) = client.edits[0].edit.document_changes[0].edits
+            assert edit.range == (rng(1, 4, 1, 7) if command == server_mod.CMD_FILL_HOLES else selection)
+            assert edit.new_text, command
         return inline_text(result)
     finally:
         await stop_server(client)
@@ -718,6 +732,11 @@ def test_fast_dllm_v2_block_cache_equals_recomputation_and_features_answer(fast_
     assert len(answer(model, Request("fill_holes", holed, 0, len(holed), settings))) == 2
     low = Settings(refine_mode="low_confidence", refine_confidence=0.5)
     assert answer(model, Request("refine", text, 0, 14, low)).strip()
+
+
+@pytest.mark.asyncio
+async def test_the_language_server_completes_fills_and_refines_with_fast_dllm_v2(fast_pair, tmp_path):
+    assert await inline_through_the_server(fast_pair[2], tmp_path) is not None
 
 
 def test_fast_dllm_v2_shape_is_the_real_checkpoint():
