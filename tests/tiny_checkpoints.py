@@ -198,9 +198,19 @@ def write_sdar(folder: Path, seed: int = 0) -> tuple[Path, Qwen3ForCausalLM]:
     (folder / "tokenizer.json").write_text(_tokenizer_json(vocab, merges, added))
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2))
+    # as published (JetAstra/SDAR training/model/SDAR-4B-Chat/): added_tokens.json and special_tokens_map.json
+    # name the mask `<MASK>`, tokenizer.json and tokenizer_config.json `<|MASK|>`, all at 151669
+    (folder / "added_tokens.json").write_text(json.dumps(
+        {("<MASK>" if t == "<|MASK|>" else t): i for t, i in added.items()}, indent=2))
+    roles = ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+             "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+             "<|video_pad|>"]
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "additional_special_tokens": roles + ["<MASK>"], "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+        indent=2))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": False, "auto_map": {"AutoTokenizer": ["tokenization_qwen2.Qwen2Tokenizer", None]},
+        "add_bos_token": False, "additional_special_tokens": roles + ["<|MASK|>"],
+        "auto_map": {"AutoTokenizer": ["tokenization_qwen2.Qwen2Tokenizer", None]},
         "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>",
         "tokenizer_class": "Qwen2Tokenizer", "unk_token": None, "model_max_length": 131072,
         "added_tokens_decoder": {str(i): {"content": t, "special": t != "<|MASK|>"} for t, i in added.items()},
