@@ -39,7 +39,8 @@ def main(modeling_py: str, checkpoint: str, out: str) -> None:
     spec.loader.exec_module(modeling)
 
     fields = json.loads((Path(checkpoint) / "config.json").read_text())
-    config = configuration.Fast_dLLM_QwenConfig(**{k: v for k, v in fields.items() if k not in ("auto_map", "architectures")})
+    config = configuration.Fast_dLLM_QwenConfig(**{k: v for k, v in fields.items()
+                                                   if k not in ("auto_map", "architectures")})
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     network = modeling.Fast_dLLM_QwenForCausalLM(config).float().eval()

@@ -49,8 +49,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **
 
 
 def stand_ins() -> None:
-    import transformers.modeling_flash_attention_utils  # noqa: F401 (probes for flash_attn first: the real one, absent)
-    import transformers.modeling_utils  # noqa: F401
+    for probing in ("transformers.modeling_flash_attention_utils", "transformers.modeling_utils"):
+        importlib.import_module(probing)  # they look for the real flash_attn (absent) when imported: before the stand-in
 
     flash = types.ModuleType("flash_attn")
     flash.flash_attn_func = flash_attn_func
