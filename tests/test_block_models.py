@@ -161,29 +161,44 @@ def run_oracle(script: str, code: Path, python: Path, folder: Path, tmp_path: Pa
 SDAR_CODE = Path(os.environ.get("SDAR_MODELING_DIR", "/tmp/oracles/sdar"))
 SDAR_PYTHON = Path(os.environ.get("SDAR_ORACLE_PYTHON", "/tmp/sdar-oracle-venv/bin/python"))
 SDAR_LOGIT_IDS = list(range(11, 25))  # 14 tokens: blocks 0..3, the last one partial
-SDAR_CASES = [(threshold, prefix) for threshold in (0.9, 1.07e-5) for prefix in ("def f(x):\n    return ", "x = 1\n")]
+# (block size, threshold, prefix, hole): SDAR-*-Chat's blocks of 4 with 10-token holes after prompts of 12 and 8
+# tokens, and blocks of 32 (a checkpoint whose config says block_size 32, as the -b32 variants) across 2 blocks
+SDAR_CASES = ([(B, threshold, prefix, 10) for threshold in (0.9, 1.07e-5) for prefix in ("def f(x):\n    return ", "x = 1\n")]
+              + [(32, threshold, "def f(x):\n    return ", 40) for threshold in (0.9, 1.07e-5)])
 
 
 @pytest.fixture(scope="module")
 def sdar_theirs(sdar_pair, tmp_path_factory):
     """Their network's logits for SDAR_LOGIT_IDS under generate.py's mask; their generate (greedy) for
-    each SDAR_CASES case (a 10-token hole after the FIM prompt) and for a 12-token hole whose 6th
-    free token is made the stop token; one run."""
+    each SDAR_CASES case (their block_length the case's block size; their network reads no block
+    size) and for a 12-token hole in blocks of 4 whose 6th free token is made the stop token; one run."""
     if not ((SDAR_CODE / "modeling_sdar.py").is_file() and (SDAR_CODE / "generate.py").is_file()
             and SDAR_PYTHON.is_file()):
         pytest.skip(f"SDAR's code ({SDAR_CODE}) or its environment ({SDAR_PYTHON}) is absent")
     model = sdar_pair[0]
 
-    def case(prefix: str, n: int, threshold: float, stop_ids) -> dict:
-        return dict(prompt=model.prompt_ids(model.encode(prefix), []), gen_length=n, block_length=B,
+    def case(block: int, prefix: str, n: int, threshold: float, stop_ids) -> dict:
+        return dict(prompt=model.prompt_ids(model.encode(prefix), []), gen_length=n, block_length=block,
                     threshold=threshold, stop_ids=list(stop_ids), mask_id=model.mask_token_id)
 
     stop_prefix = model.encode("x = 1\n")
     stop = model.fill(stop_prefix + [model.mask_token_id] * 12).canvas[len(stop_prefix) + 5].item()
-    cases = [case(prefix, 10, threshold, model.eos_token_ids) for threshold, prefix in SDAR_CASES]
+    cases = [case(block, prefix, n, threshold, model.eos_token_ids) for block, threshold, prefix, n in SDAR_CASES]
     out = run_oracle("sdar_oracle.py", SDAR_CODE, SDAR_PYTHON, sdar_pair[2], tmp_path_factory.mktemp("sdar-oracle"),
-                     {"logits": [SDAR_LOGIT_IDS, B], "generate": cases + [case("x = 1\n", 12, 0.9, (stop,))]})
+                     {"logits": [SDAR_LOGIT_IDS, B], "generate": cases + [case(B, "x = 1\n", 12, 0.9, (stop,))]})
     return out["logits"], dict(zip(SDAR_CASES, out["generate"])), (stop, out["generate"][-1])
+
+
+@pytest.fixture(scope="module")
+def sdar_b32(sdar_pair, tmp_path_factory):
+    """The same checkpoint with `block_size: 32` in its config.json."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("sdar-b32") / "SDAR-tiny-b32"
+    shutil.copytree(sdar_pair[2], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "block_size": 32}))
+    return load_model(folder, device="cpu", dtype="float32")
 
 
 def test_sdar_layout_loads_as_a_block_model_without_its_code(sdar_pair):
@@ -236,15 +251,17 @@ def test_sdar_logits_equal_the_authors_modeling_code(sdar_pair, sdar_theirs):
     assert ours.shape == sdar_theirs[0].shape and (ours - sdar_theirs[0]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("threshold, prefix", SDAR_CASES)
-def test_sdar_greedy_tokens_equal_the_authors_modeling_and_generate(sdar_pair, sdar_theirs, threshold, prefix):
-    model = sdar_pair[0]
-    prefix_ids, hole = model.encode(prefix), 10
+@pytest.mark.parametrize("block, threshold, prefix, hole", SDAR_CASES)
+def test_sdar_greedy_tokens_equal_the_authors_modeling_and_generate(sdar_pair, sdar_b32, sdar_theirs, block, threshold,
+                                                                    prefix, hole):
+    model = sdar_pair[0] if block == B else sdar_b32
+    assert model.block_size == block  # read from config.json
+    prefix_ids = model.encode(prefix)
     P = len(model.prompt_ids(prefix_ids, []))
     ours = model.fill(prefix_ids + [model.mask_token_id] * hole, threshold=threshold).canvas[len(prefix_ids):].tolist()
-    theirs = sdar_theirs[1][(threshold, prefix)]
-    assert len(theirs) == -(-(P + hole) // B) * B  # whole blocks, nothing stopped early (no stop token drawn)
-    assert ours == theirs[P:P + hole]
+    theirs = sdar_theirs[1][(block, threshold, prefix, hole)]
+    assert len(theirs) == -(-(P + hole) // block) * block  # whole blocks, nothing stopped early (no stop token drawn)
+    assert P // block < (P + hole - 1) // block and ours == theirs[P:P + hole]  # the hole crosses a block boundary
 
 
 def test_sdar_stop_rule_equals_the_authors_generate(sdar_pair, sdar_theirs):
