@@ -161,9 +161,11 @@ def run_oracle(script: str, code: Path, python: Path, folder: Path, tmp_path: Pa
 SDAR_CODE = Path(os.environ.get("SDAR_MODELING_DIR", "/tmp/oracles/sdar"))
 SDAR_PYTHON = Path(os.environ.get("SDAR_ORACLE_PYTHON", "/tmp/sdar-oracle-venv/bin/python"))
 SDAR_LOGIT_IDS = list(range(11, 25))  # 14 tokens: blocks 0..3, the last one partial
-# (block size, threshold, prefix, hole): SDAR-*-Chat's blocks of 4 with 10-token holes after prompts of 12 and 8
-# tokens, and blocks of 32 (a checkpoint whose config says block_size 32, as the -b32 variants) across 2 blocks
-SDAR_CASES = ([(B, threshold, prefix, 10) for threshold in (0.9, 1.07e-5) for prefix in ("def f(x):\n    return ", "x = 1\n")]
+# (block size, threshold, prefix, hole): SDAR-*-Chat's blocks of 4 with 10-token holes after FIM prompts of 12, 8,
+# 7, 6 and 9 tokens (the first block decoded holds 0 to 3 of the prompt's tokens), and blocks of 32 (a checkpoint
+# whose config says block_size 32, as the -b32 variants) across 2 blocks
+SDAR_PREFIXES = ("def f(x):\n    return ", "x = 1\n", "y = x\n", "import os\n", "print(1)\n")
+SDAR_CASES = ([(B, threshold, prefix, 10) for threshold in (0.9, 1.07e-5) for prefix in SDAR_PREFIXES]
               + [(32, threshold, "def f(x):\n    return ", 40) for threshold in (0.9, 1.07e-5)])
 
 
