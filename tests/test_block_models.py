@@ -278,6 +278,87 @@ def test_sdar_stop_rule_equals_the_authors_generate(sdar_pair, sdar_theirs):
     assert theirs[P + end_of_block:P + 12] == [model.mask_token_id] * (12 - end_of_block)
 
 
+# SDAR-30B-A3B (`sdar_moe`): loaded onto transformers' Qwen3-MoE. No copy of its modeling file could be
+# fetched; the reference is stock Qwen3 attention with each MLP replaced by the sparse block as
+# JetEngine's SDAR-MoE computes it (softmax router, top k, weights renormalised, SiLU-gated experts),
+# written here from the checkpoint's per-expert tensors; the decoding is the dense SDAR's.
+class EngineMoE(torch.nn.Module):
+    def __init__(self, state: dict, at: str, top_k: int):
+        super().__init__()
+        self.router, self.top_k = state[at + "mlp.gate.weight"], top_k
+        self.experts = [tuple(state[f"{at}mlp.experts.{j}.{name}_proj.weight"] for name in ("gate", "up", "down"))
+                        for j in range(self.router.shape[0])]
+
+    def forward(self, x):
+        p, chosen = torch.softmax(x @ self.router.T, -1, dtype=torch.float).topk(self.top_k, -1)
+        p = p / p.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for k in range(self.top_k):
+            for j, (gate, up, down) in enumerate(self.experts):
+                rows = chosen[..., k] == j
+                out[rows] += p[..., k][rows, None] * ((F.silu(x[rows] @ gate.T) * (x[rows] @ up.T)) @ down.T)
+        return out
+
+
+@pytest.fixture(scope="module")
+def sdar_moe(tmp_path_factory):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tiny_checkpoints import write_sdar_moe
+
+    folder, state = write_sdar_moe(tmp_path_factory.mktemp("sdar-moe") / "SDAR-30B-A3B-tiny")
+    reference = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=1000000, rms_norm_eps=1e-6,
+        tie_word_embeddings=False))
+    missing, unexpected = reference.load_state_dict({k: v for k, v in state.items() if ".mlp." not in k}, strict=False)
+    assert not unexpected and all(".mlp." in k for k in missing)
+    for i, layer in enumerate(reference.model.layers):
+        layer.mlp = EngineMoE(state, f"model.layers.{i}.", top_k=2)
+    return load_model(folder, device="cpu", dtype="float32"), reference.eval(), folder
+
+
+def test_sdar_moe_loads_onto_qwen3_moe_and_its_logits_are_the_engine_s(sdar_moe):
+    from transformers import Qwen3MoeForCausalLM
+
+    model, reference, _ = sdar_moe
+    assert isinstance(model, BlockDiffusionModel) and model.family == "sdar" and not model.shift_logits
+    assert isinstance(model.network, Qwen3MoeForCausalLM) and model.network.config.num_experts == 8
+    assert (model.block_size, model.mask_token_id, model.eos_token_ids) == (B, 151669, (151643, 151645))
+    ids = torch.tensor([SDAR_LOGIT_IDS])
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=sdar_mask(len(SDAR_LOGIT_IDS))).logits
+    assert (model.logits(ids) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("oracle", ["authors", "recompute"])
+@pytest.mark.parametrize("threshold", [0.9, 1.09e-5])  # random weights: p ~ 1.1e-5, several at once
+def test_sdar_moe_greedy_tokens_equal_the_reference(sdar_moe, oracle, threshold):
+    if oracle == "authors" and not GENERATE_PY.is_file():
+        pytest.skip(f"the authors' generate.py is not at {GENERATE_PY} (set SDAR_GENERATE_PY)")
+    model, reference, _ = sdar_moe
+    prefix_ids, hole = model.encode("y = x\n"), 10  # a FIM prompt of 7 tokens: the first block holds 3 of them
+    result = model.fill(prefix_ids + [model.mask_token_id] * hole, threshold=threshold)
+    ours = result.canvas[len(prefix_ids):].tolist()
+    assert ours == ORACLES[oracle](reference, model.prompt_ids(prefix_ids, []), hole, threshold, model.eos_token_ids)
+    assert result.forwards < hole if threshold < 0.5 else result.forwards == hole
+
+
+def test_a_mixture_of_experts_config_describing_more_experts_than_its_weights_hold_is_refused(sdar_moe, tmp_path):
+    import shutil
+
+    from diffu_lsp.errors import ModelLoadFailed
+    from diffu_lsp.models.loading import check_checkpoint
+
+    assert check_checkpoint(str(sdar_moe[2])).family == "sdar"
+    folder = tmp_path / "many-experts"
+    shutil.copytree(sdar_moe[2], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_experts": 65536, "moe_intermediate_size": 4096}))
+    with pytest.raises(ModelLoadFailed, match="describes about"):  # checked before anything is built
+        check_checkpoint(str(folder))
+
+
 def test_sdar_stops_after_the_block_with_a_stop_token(sdar_pair):
     model, reference, _ = sdar_pair
     prefix_ids = model.encode("x = 1\n")
