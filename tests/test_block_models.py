@@ -501,18 +501,23 @@ async def test_the_language_server_completes_inline_with_sdar(sdar_pair, tmp_pat
     assert (await inline_through_the_server(sdar_pair[2], tmp_path)).strip()
 
 
-@pytest.mark.parametrize("shape, billions", [("sdar-4b", 4.411), ("sdar-8b", 8.191)])
-def test_sdar_shapes_are_the_real_checkpoints(shape, billions):
-    from transformers import Qwen3ForCausalLM
-
+# SDAR-4B-Chat's index: 8,822,848,512 bytes of bf16; SDAR-30B-A3B: Qwen3-30B-A3B's 30.5 B, 3.3 B active
+@pytest.mark.parametrize("shape, billions, active", [("sdar-4b", 4.411, 4.411), ("sdar-8b", 8.191, 8.191),
+                                                     ("sdar-30b-a3b", 30.532, 3.353)])
+def test_sdar_shapes_are_the_real_checkpoints(shape, billions, active):
     from diffu_lsp.bench import shapes
+    from diffu_lsp.models.block import network_for
 
     config, mask_id, _ = shapes.SHAPES[shape]
     family, net_config = shapes.network_config(config)
     assert family == "sdar" and mask_id == 151669 and config["block_size"] == 4
     with torch.device("meta"):
-        count = sum(p.numel() for p in Qwen3ForCausalLM(net_config).parameters())
-    assert abs(count / 1e9 - billions) < 0.001  # SDAR-4B-Chat's index: 8,822,848,512 bytes of bf16
+        network = network_for(family, config)[0](net_config)
+    count = sum(p.numel() for p in network.parameters())
+    experts = sum(p.numel() for name, p in network.named_parameters() if ".experts." in name)
+    per_token = count - experts + experts * getattr(net_config, "num_experts_per_tok", 0) // max(
+        getattr(net_config, "num_experts", 0) or 1, 1)
+    assert abs(count / 1e9 - billions) < 0.001 and abs(per_token / 1e9 - active) < 0.001
 
 
 def test_bench_shapes_measures_the_block_cache_against_recomputation():
