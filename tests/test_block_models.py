@@ -344,6 +344,11 @@ def test_sdar_moe_greedy_tokens_equal_the_reference(sdar_moe, oracle, threshold)
     assert result.forwards < hole if threshold < 0.5 else result.forwards == hole
 
 
+@pytest.mark.asyncio
+async def test_the_language_server_completes_fills_and_refines_with_sdar_moe(sdar_moe, tmp_path):
+    assert await inline_through_the_server(sdar_moe[2], tmp_path) is not None
+
+
 def test_a_mixture_of_experts_config_describing_more_experts_than_its_weights_hold_is_refused(sdar_moe, tmp_path):
     import shutil
 
