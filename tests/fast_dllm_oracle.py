@@ -5,6 +5,14 @@ the parity oracle of test_block_models.
 
     python fast_dllm_oracle.py MODELING_PY CHECKPOINT OUT.pt < request.json
 
+Setup (what test_block_models expects by default; $FAST_DLLM_MODELING_PY and $FAST_DLLM_ORACLE_PYTHON
+say otherwise):
+    python3 -m venv /tmp/fast-dllm-oracle-venv
+    /tmp/fast-dllm-oracle-venv/bin/pip install torch==2.13.0 transformers==4.53.1 einops safetensors
+    # the checkpoint's modeling.py (Efficient-Large-Model/Fast_dLLM_v2_7B), as mirrored in
+    # github.com/Satgoy152/DualDiffusion at commit d3a3470:
+    git show d3a3470:FastDLLM_inferencing/Fast_dLLM_v2_7B/modeling.py > /tmp/oracles/fastdllm_modeling_first.py
+
 request: {"logits": [[ids...], block_size] | null, "generate": [{prompt, max_new_tokens, threshold,
 small_block_size, block_size, stop_token, mask_id}, ...]}. OUT.pt gets {"logits": float32 [L, V] (the
 network's rows, unshifted), "generate": [[ids...], ...]} (what their generate returns, prompt first).

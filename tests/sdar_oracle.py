@@ -5,6 +5,14 @@ this repository) on a checkpoint folder, in an environment of its own (a venv wi
 
     python sdar_oracle.py CODE_DIR CHECKPOINT OUT.pt < request.json
 
+Setup (what test_block_models expects by default; $SDAR_MODELING_DIR and $SDAR_ORACLE_PYTHON say otherwise):
+    python3 -m venv /tmp/sdar-oracle-venv
+    /tmp/sdar-oracle-venv/bin/pip install torch==2.13.0 transformers==4.52.4 einops safetensors
+    mkdir -p /tmp/oracles/sdar   # then, from a clone of github.com/JetAstra/SDAR (commit c2041a8):
+    git show HEAD:generate.py > /tmp/oracles/sdar/generate.py
+    for f in modeling_sdar configuration_sdar; do
+        git show HEAD:training/model/SDAR-4B-Chat/$f.py > /tmp/oracles/sdar/$f.py; done
+
 request: {"logits": [[ids...], block_length] | null, "generate": [{prompt, gen_length, block_length,
 threshold, stop_ids, mask_id}, ...]}. OUT.pt gets {"logits": float32 [L, V], "generate": [[ids...], ...]}
 (generate: the whole sequence their function returns, prompt first).

@@ -1,5 +1,5 @@
-"""Block diffusion models (SDAR, Fast-dLLM v2, LLaDA 2.x, Stable-DiffCoder): denoised a block at a
-time, the finished blocks an exact K/V cache.
+"""Block diffusion models (SDAR, dense and SDAR-30B-A3B's mixture of experts; Fast-dLLM v2, LLaDA 2.x,
+Stable-DiffCoder): denoised a block at a time, the finished blocks an exact K/V cache.
 
 Attention is bidirectional inside a block of `block_size` tokens and causal across blocks (block
 k sees blocks 0..k). Blocks sit at fixed positions of the sequence: block k is [k*B, (k+1)*B), as
