@@ -2,9 +2,11 @@
 
 The oracles. The network: transformers' stock Qwen3 / Qwen2 with the same weights under the
 authors' block-causal mask (both families' modeling files are Qwen3 / Qwen2.5 at inference apart
-from the mask; they need their own code and, for SDAR, flash-attn, so they are not run). The
-decoding: the authors' own generate functions, read from files outside this repository and run
-on the stock networks with the cache semantics of the authors' attention, greedy:
+from the mask); also the authors' own networks with their generate functions, each in a venv of
+its transformers version: SDAR's modeling_sdar.py + generate.py (tests/sdar_oracle.py, `sdar_theirs`)
+and Fast-dLLM v2's modeling.py (tests/fast_dllm_oracle.py, `fast_theirs`). The decoding: the
+authors' own generate functions, read from files outside this repository and run on the stock
+networks with the cache semantics of the authors' attention, greedy:
 - SDAR: `block_diffusion_generate` of JetAstra/SDAR generate.py, at $SDAR_GENERATE_PY
   (default /tmp/oracles/sdar/generate.py);
 - Fast-dLLM v2: `generate` of the checkpoint's modeling.py (Efficient-Large-Model/Fast_dLLM_v2_7B,
@@ -136,6 +138,71 @@ def recompute(qwen3, prompt: list[int], gen_length: int, threshold: float, stop_
 ORACLES = {"authors": authors_generate, "recompute": recompute}
 
 
+def run_oracle(script: str, code: Path, python: Path, folder: Path, tmp_path: Path, request: dict) -> dict:
+    """tests/`script` run by the oracle venv's `python` with the authors' code at `code` on the
+    checkpoint `folder` (the request on its stdin); what it saved."""
+    out = tmp_path / "oracle.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    run = subprocess.run([str(python), str(Path(__file__).parent / script), str(code), str(folder), str(out)],
+                         input=json.dumps(request), capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(out)
+
+
+# SDAR's own network and generate together (tests/sdar_oracle.py): modeling_sdar.py and
+# configuration_sdar.py of JetAstra/SDAR at commit c2041a8 (training/model/SDAR-4B-Chat/; the
+# SDAR-8B-Chat copy is the same file) and generate.py of the same commit, in $SDAR_MODELING_DIR
+# (default /tmp/oracles/sdar), run by $SDAR_ORACLE_PYTHON (default /tmp/sdar-oracle-venv/bin/python);
+# skipped when either is absent (CI). To set it up:
+#     python3 -m venv /tmp/sdar-oracle-venv
+#     /tmp/sdar-oracle-venv/bin/pip install torch==2.13.0 transformers==4.52.4 einops safetensors
+#     git -C <JetAstra/SDAR clone> show HEAD:generate.py > /tmp/oracles/sdar/generate.py, and the same
+#     for training/model/SDAR-4B-Chat/{modeling_sdar,configuration_sdar}.py
+SDAR_CODE = Path(os.environ.get("SDAR_MODELING_DIR", "/tmp/oracles/sdar"))
+SDAR_PYTHON = Path(os.environ.get("SDAR_ORACLE_PYTHON", "/tmp/sdar-oracle-venv/bin/python"))
+SDAR_LOGIT_IDS = list(range(11, 25))  # 14 tokens: blocks 0..3, the last one partial
+# (block size, threshold, prefix, hole): SDAR-*-Chat's blocks of 4 with 10-token holes after FIM prompts of 12, 8,
+# 7, 6 and 9 tokens (the first block decoded holds 0 to 3 of the prompt's tokens), and blocks of 32 (a checkpoint
+# whose config says block_size 32, as the -b32 variants) across 2 blocks
+SDAR_PREFIXES = ("def f(x):\n    return ", "x = 1\n", "y = x\n", "import os\n", "print(1)\n")
+SDAR_CASES = ([(B, threshold, prefix, 10) for threshold in (0.9, 1.07e-5) for prefix in SDAR_PREFIXES]
+              + [(32, threshold, "def f(x):\n    return ", 40) for threshold in (0.9, 1.07e-5)])
+
+
+@pytest.fixture(scope="module")
+def sdar_theirs(sdar_pair, tmp_path_factory):
+    """Their network's logits for SDAR_LOGIT_IDS under generate.py's mask; their generate (greedy) for
+    each SDAR_CASES case (their block_length the case's block size; their network reads no block
+    size) and for a 12-token hole in blocks of 4 whose 6th free token is made the stop token; one run."""
+    if not ((SDAR_CODE / "modeling_sdar.py").is_file() and (SDAR_CODE / "generate.py").is_file()
+            and SDAR_PYTHON.is_file()):
+        pytest.skip(f"SDAR's code ({SDAR_CODE}) or its environment ({SDAR_PYTHON}) is absent")
+    model = sdar_pair[0]
+
+    def case(block: int, prefix: str, n: int, threshold: float, stop_ids) -> dict:
+        return dict(prompt=model.prompt_ids(model.encode(prefix), []), gen_length=n, block_length=block,
+                    threshold=threshold, stop_ids=list(stop_ids), mask_id=model.mask_token_id)
+
+    stop_prefix = model.encode("x = 1\n")
+    stop = model.fill(stop_prefix + [model.mask_token_id] * 12).canvas[len(stop_prefix) + 5].item()
+    cases = [case(block, prefix, n, threshold, model.eos_token_ids) for block, threshold, prefix, n in SDAR_CASES]
+    out = run_oracle("sdar_oracle.py", SDAR_CODE, SDAR_PYTHON, sdar_pair[2], tmp_path_factory.mktemp("sdar-oracle"),
+                     {"logits": [SDAR_LOGIT_IDS, B], "generate": cases + [case(B, "x = 1\n", 12, 0.9, (stop,))]})
+    return out["logits"], dict(zip(SDAR_CASES, out["generate"])), (stop, out["generate"][-1])
+
+
+@pytest.fixture(scope="module")
+def sdar_b32(sdar_pair, tmp_path_factory):
+    """The same checkpoint with `block_size: 32` in its config.json."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("sdar-b32") / "SDAR-tiny-b32"
+    shutil.copytree(sdar_pair[2], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "block_size": 32}))
+    return load_model(folder, device="cpu", dtype="float32")
+
+
 def test_sdar_layout_loads_as_a_block_model_without_its_code(sdar_pair):
     model, reference, folder = sdar_pair
     assert isinstance(model, BlockDiffusionModel) and model.family == "sdar" and not model.shift_logits
@@ -179,6 +246,122 @@ def test_sdar_greedy_tokens_equal_the_reference(sdar_pair, oracle, threshold, pr
     assert ours == ORACLES[oracle](reference, prompt, hole, threshold, model.eos_token_ids)
     if threshold < 0.5:
         assert result.forwards < hole  # some forward revealed more than one token
+
+
+def test_sdar_logits_equal_the_authors_modeling_code(sdar_pair, sdar_theirs):
+    ours = sdar_pair[0].logits(torch.tensor([SDAR_LOGIT_IDS]))[0]
+    assert ours.shape == sdar_theirs[0].shape and (ours - sdar_theirs[0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("block, threshold, prefix, hole", SDAR_CASES)
+def test_sdar_greedy_tokens_equal_the_authors_modeling_and_generate(sdar_pair, sdar_b32, sdar_theirs, block, threshold,
+                                                                    prefix, hole):
+    model = sdar_pair[0] if block == B else sdar_b32
+    assert model.block_size == block  # read from config.json
+    prefix_ids = model.encode(prefix)
+    P = len(model.prompt_ids(prefix_ids, []))
+    ours = model.fill(prefix_ids + [model.mask_token_id] * hole, threshold=threshold).canvas[len(prefix_ids):].tolist()
+    theirs = sdar_theirs[1][(block, threshold, prefix, hole)]
+    assert len(theirs) == -(-(P + hole) // block) * block  # whole blocks, nothing stopped early (no stop token drawn)
+    assert P // block < (P + hole - 1) // block and ours == theirs[P:P + hole]  # the hole crosses a block boundary
+
+
+def test_sdar_stop_rule_equals_the_authors_generate(sdar_pair, sdar_theirs):
+    model = sdar_pair[0]
+    stop, theirs = sdar_theirs[2]
+    prefix_ids = model.encode("x = 1\n")
+    ours = replace(model, eos_token_ids=(stop,)).fill(prefix_ids + [model.mask_token_id] * 12).canvas[len(prefix_ids):]
+    P = len(model.prompt_ids(prefix_ids, []))
+    end_of_block = (P + ours.tolist().index(stop)) // B * B + B - P
+    assert end_of_block < 12  # their loop broke after that block: the rest of their sequence is still masked
+    assert theirs[P:P + end_of_block] == ours[:end_of_block].tolist()
+    assert theirs[P + end_of_block:P + 12] == [model.mask_token_id] * (12 - end_of_block)
+
+
+# SDAR-30B-A3B (`sdar_moe`): loaded onto transformers' Qwen3-MoE. No copy of its modeling file could be
+# fetched; the reference is stock Qwen3 attention with each MLP replaced by the sparse block as
+# JetEngine's SDAR-MoE computes it (softmax router, top k, weights renormalised, SiLU-gated experts),
+# written here from the checkpoint's per-expert tensors; the decoding is the dense SDAR's.
+class EngineMoE(torch.nn.Module):
+    def __init__(self, state: dict, at: str, top_k: int):
+        super().__init__()
+        self.router, self.top_k = state[at + "mlp.gate.weight"], top_k
+        self.experts = [tuple(state[f"{at}mlp.experts.{j}.{name}_proj.weight"] for name in ("gate", "up", "down"))
+                        for j in range(self.router.shape[0])]
+
+    def forward(self, x):
+        p, chosen = torch.softmax(x @ self.router.T, -1, dtype=torch.float).topk(self.top_k, -1)
+        p = p / p.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for k in range(self.top_k):
+            for j, (gate, up, down) in enumerate(self.experts):
+                rows = chosen[..., k] == j
+                out[rows] += p[..., k][rows, None] * ((F.silu(x[rows] @ gate.T) * (x[rows] @ up.T)) @ down.T)
+        return out
+
+
+@pytest.fixture(scope="module")
+def sdar_moe(tmp_path_factory):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tiny_checkpoints import write_sdar_moe
+
+    folder, state = write_sdar_moe(tmp_path_factory.mktemp("sdar-moe") / "SDAR-30B-A3B-tiny")
+    reference = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=1000000, rms_norm_eps=1e-6,
+        tie_word_embeddings=False))
+    missing, unexpected = reference.load_state_dict({k: v for k, v in state.items() if ".mlp." not in k}, strict=False)
+    assert not unexpected and all(".mlp." in k for k in missing)
+    for i, layer in enumerate(reference.model.layers):
+        layer.mlp = EngineMoE(state, f"model.layers.{i}.", top_k=2)
+    return load_model(folder, device="cpu", dtype="float32"), reference.eval(), folder
+
+
+def test_sdar_moe_loads_onto_qwen3_moe_and_its_logits_are_the_engine_s(sdar_moe):
+    from transformers import Qwen3MoeForCausalLM
+
+    model, reference, _ = sdar_moe
+    assert isinstance(model, BlockDiffusionModel) and model.family == "sdar" and not model.shift_logits
+    assert isinstance(model.network, Qwen3MoeForCausalLM) and model.network.config.num_experts == 8
+    assert (model.block_size, model.mask_token_id, model.eos_token_ids) == (B, 151669, (151643, 151645))
+    ids = torch.tensor([SDAR_LOGIT_IDS])
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=sdar_mask(len(SDAR_LOGIT_IDS))).logits
+    assert (model.logits(ids) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("oracle", ["authors", "recompute"])
+@pytest.mark.parametrize("threshold", [0.9, 1.09e-5])  # random weights: p ~ 1.1e-5, several at once
+def test_sdar_moe_greedy_tokens_equal_the_reference(sdar_moe, oracle, threshold):
+    if oracle == "authors" and not GENERATE_PY.is_file():
+        pytest.skip(f"the authors' generate.py is not at {GENERATE_PY} (set SDAR_GENERATE_PY)")
+    model, reference, _ = sdar_moe
+    prefix_ids, hole = model.encode("y = x\n"), 10  # a FIM prompt of 7 tokens: the first block holds 3 of them
+    result = model.fill(prefix_ids + [model.mask_token_id] * hole, threshold=threshold)
+    ours = result.canvas[len(prefix_ids):].tolist()
+    assert ours == ORACLES[oracle](reference, model.prompt_ids(prefix_ids, []), hole, threshold, model.eos_token_ids)
+    assert result.forwards < hole if threshold < 0.5 else result.forwards == hole
+
+
+@pytest.mark.asyncio
+async def test_the_language_server_completes_fills_and_refines_with_sdar_moe(sdar_moe, tmp_path):
+    assert await inline_through_the_server(sdar_moe[2], tmp_path) is not None
+
+
+def test_a_mixture_of_experts_config_describing_more_experts_than_its_weights_hold_is_refused(sdar_moe, tmp_path):
+    import shutil
+
+    from diffu_lsp.errors import ModelLoadFailed
+    from diffu_lsp.models.loading import check_checkpoint
+
+    assert check_checkpoint(str(sdar_moe[2])).family == "sdar"
+    folder = tmp_path / "many-experts"
+    shutil.copytree(sdar_moe[2], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_experts": 65536, "moe_intermediate_size": 4096}))
+    with pytest.raises(ModelLoadFailed, match="describes about"):  # checked before anything is built
+        check_checkpoint(str(folder))
 
 
 def test_sdar_stops_after_the_block_with_a_stop_token(sdar_pair):
@@ -287,8 +470,11 @@ def test_diffu_lsp_complete_runs_sdar(sdar_pair, tmp_path):
 
 async def inline_through_the_server(model_dir, tmp_path) -> str | None:
     """A real server (in-process engine) with the checkpoint at `model_dir` answers an inline
-    completion after `return `, from one completed job; its text."""
-    from test_server import inline, inline_text, jobs_of, open_doc, position_of, start_server, stats, stop_server, wait_status
+    completion after `return `, from one completed job (its text is returned); its fill holes and
+    refine commands each apply one edit, over the `...` and over the selection."""
+    from diffu_lsp import server as server_mod
+    from test_server import (execute, inline, inline_text, jobs_of, open_doc, position_of, rng, start_server, stats,
+                             stop_server, wait_status)
 
     client = await start_server(tmp_path, "--model", str(model_dir), "--no-daemon", encodings=["utf-16"],
                                 init_options={"singleLineTokens": 8, "multiLineTokens": 8, "blockTokens": 8})
@@ -299,6 +485,17 @@ async def inline_through_the_server(model_dir, tmp_path) -> str | None:
         result = await inline(client, uri, position_of(text, text.index("\n    return ") + len("\n    return ")))
         (job,) = jobs_of(await stats(client), uri)
         assert job["outcome"] == "completed" and job["forwards"] >= 1
+        holed = "def f(x):\n    ...\n\n\ndef g(y):\n    return y * 2\n"
+        holed_uri = open_doc(client, holed)
+        for command, selection in ((server_mod.CMD_FILL_HOLES, rng(0, 0, 1, 7)), (server_mod.CMD_REFINE, rng(5, 4, 5, 16))):
+            client.edits.clear()
+            answer = await execute(client, command, textDocument={"uri": holed_uri}, range={
+                "start": {"line": selection.start.line, "character": selection.start.character},
+                "end": {"line": selection.end.line, "character": selection.end.character}})
+            assert answer == {"applied": True}, command
+            (edit,) = client.edits[0].edit.document_changes[0].edits
+            assert edit.range == (rng(1, 4, 1, 7) if command == server_mod.CMD_FILL_HOLES else selection)
+            assert edit.new_text, command
         return inline_text(result)
     finally:
         await stop_server(client)
@@ -309,18 +506,23 @@ async def test_the_language_server_completes_inline_with_sdar(sdar_pair, tmp_pat
     assert (await inline_through_the_server(sdar_pair[2], tmp_path)).strip()
 
 
-@pytest.mark.parametrize("shape, billions", [("sdar-4b", 4.411), ("sdar-8b", 8.191)])
-def test_sdar_shapes_are_the_real_checkpoints(shape, billions):
-    from transformers import Qwen3ForCausalLM
-
+# SDAR-4B-Chat's index: 8,822,848,512 bytes of bf16; SDAR-30B-A3B: Qwen3-30B-A3B's 30.5 B, 3.3 B active
+@pytest.mark.parametrize("shape, billions, active", [("sdar-4b", 4.411, 4.411), ("sdar-8b", 8.191, 8.191),
+                                                     ("sdar-30b-a3b", 30.532, 3.353)])
+def test_sdar_shapes_are_the_real_checkpoints(shape, billions, active):
     from diffu_lsp.bench import shapes
+    from diffu_lsp.models.block import network_for
 
     config, mask_id, _ = shapes.SHAPES[shape]
     family, net_config = shapes.network_config(config)
     assert family == "sdar" and mask_id == 151669 and config["block_size"] == 4
     with torch.device("meta"):
-        count = sum(p.numel() for p in Qwen3ForCausalLM(net_config).parameters())
-    assert abs(count / 1e9 - billions) < 0.001  # SDAR-4B-Chat's index: 8,822,848,512 bytes of bf16
+        network = network_for(family, config)[0](net_config)
+    count = sum(p.numel() for p in network.parameters())
+    experts = sum(p.numel() for name, p in network.named_parameters() if ".experts." in name)
+    per_token = count - experts + experts * getattr(net_config, "num_experts_per_tok", 0) // max(
+        getattr(net_config, "num_experts", 0) or 1, 1)
+    assert abs(count / 1e9 - billions) < 0.001 and abs(per_token / 1e9 - active) < 0.001
 
 
 def test_bench_shapes_measures_the_block_cache_against_recomputation():
@@ -479,6 +681,72 @@ def sdar_mask_for(length: int, block: int) -> torch.Tensor:
     return torch.zeros(length, length).masked_fill(blocks[None, :] > blocks[:, None], torch.finfo(torch.float32).min)[None, None]
 
 
+# The checkpoint's own network with its generate (tests/fast_dllm_oracle.py): the same modeling.py
+# ($FAST_DLLM_MODELING_PY) imported whole, run by $FAST_DLLM_ORACLE_PYTHON (default
+# /tmp/fast-dllm-oracle-venv/bin/python); skipped when either is absent (CI). To set it up:
+#     python3 -m venv /tmp/fast-dllm-oracle-venv
+#     /tmp/fast-dllm-oracle-venv/bin/pip install torch==2.13.0 transformers==4.53.1 einops safetensors
+#     (transformers 4.53.1: NVlabs/Fast-dLLM v2/requirements.txt), and modeling.py as above
+FAST_DLLM_PYTHON = Path(os.environ.get("FAST_DLLM_ORACLE_PYTHON", "/tmp/fast-dllm-oracle-venv/bin/python"))
+FAST_CASES = [(threshold, prefix_length) for threshold in (0.9, 1.06e-5) for prefix_length in (10, 42, 61)]
+
+
+def fast_case(model, prefix_length: int) -> tuple[list[int], list[int], int]:
+    """Prefix ids, the FIM prompt, and a hole to the end of the second block after the prompt's."""
+    prefix_ids = list(range(100, 100 + prefix_length))
+    prompt = model.prompt_ids(prefix_ids, [])
+    return prefix_ids, prompt, (len(prompt) // FB + 2) * FB - len(prompt)
+
+
+@pytest.fixture(scope="module")
+def fast_theirs(fast_pair, tmp_path_factory):
+    """Their network's rows for ids 100..139; their generate for each FAST_CASES case and for a
+    40-token hole after 42 prefix tokens whose 7th free token is made the stop token; one run."""
+    if not (FAST_DLLM_PY.is_file() and FAST_DLLM_PYTHON.is_file()):
+        pytest.skip(f"the checkpoint's modeling.py ({FAST_DLLM_PY}) or its environment ({FAST_DLLM_PYTHON}) is absent")
+    model = fast_pair[0]
+
+    def case(prompt, blocks, threshold, stop):
+        return dict(prompt=prompt, max_new_tokens=blocks * FB, threshold=threshold, small_block_size=8, block_size=FB,
+                    stop_token=stop, mask_id=model.mask_token_id)
+
+    cases = []
+    for threshold, prefix_length in FAST_CASES:
+        _, prompt, n = fast_case(model, prefix_length)
+        cases.append(case(prompt, -(-(len(prompt) + n) // FB) - len(prompt) // FB, threshold, 151645))
+    prefix_ids = list(range(100, 142))
+    stop = model.fill(prefix_ids + [model.mask_token_id] * 40).canvas[len(prefix_ids) + 6].item()
+    cases.append(case(model.prompt_ids(prefix_ids, []), 2, 0.9, stop))
+    out = run_oracle("fast_dllm_oracle.py", FAST_DLLM_PY, FAST_DLLM_PYTHON, fast_pair[2],
+                     tmp_path_factory.mktemp("fast-oracle"), {"logits": [list(range(100, 140)), FB], "generate": cases})
+    return out["logits"], dict(zip(FAST_CASES, out["generate"])), (stop, out["generate"][-1])
+
+
+def test_fast_dllm_v2_logits_equal_the_checkpoint_s_network(fast_pair, fast_theirs):
+    ours = fast_pair[0].logits(torch.arange(100, 140)[None])[0]  # row i scores position i: their row i-1
+    assert (ours[1:] - fast_theirs[0][:-1]).abs().max() < 1e-5 and (ours[0] - fast_theirs[0][0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("threshold, prefix_length", FAST_CASES)
+def test_fast_dllm_v2_greedy_tokens_equal_the_checkpoint_s_network_and_generate(fast_pair, fast_theirs, threshold,
+                                                                                prefix_length):
+    model = fast_pair[0]
+    prefix_ids, prompt, n = fast_case(model, prefix_length)
+    ours = model.fill(prefix_ids + [model.mask_token_id] * n, threshold=threshold).canvas[len(prefix_ids):].tolist()
+    theirs = fast_theirs[1][(threshold, prefix_length)]
+    assert len(theirs) == len(prompt) + n + 1  # the whole blocks, then the next block's first token; no stop
+    assert ours == theirs[len(prompt):len(prompt) + n]
+
+
+def test_fast_dllm_v2_stop_rule_equals_the_checkpoint_s_generate(fast_pair, fast_theirs):
+    model = fast_pair[0]
+    stop, theirs = fast_theirs[2]
+    prefix_ids = list(range(100, 142))
+    ours = replace(model, eos_token_ids=(stop,)).fill(prefix_ids + [model.mask_token_id] * 40).canvas[42:].tolist()
+    P, first = len(model.prompt_ids(prefix_ids, [])), ours.index(stop)
+    assert first < 39 and theirs[P:] == ours[:first + 1] and len(theirs) == P + first + 1  # theirs cut after the stop
+
+
 def test_fast_dllm_v2_layout_loads_as_a_shifted_block_model(fast_pair):
     model, reference, _ = fast_pair
     assert isinstance(model, BlockDiffusionModel) and model.family == "fast-dllm-v2"
@@ -576,6 +844,11 @@ def test_fast_dllm_v2_block_cache_equals_recomputation_and_features_answer(fast_
     assert answer(model, Request("refine", text, 0, 14, low)).strip()
 
 
+@pytest.mark.asyncio
+async def test_the_language_server_completes_fills_and_refines_with_fast_dllm_v2(fast_pair, tmp_path):
+    assert await inline_through_the_server(fast_pair[2], tmp_path) is not None
+
+
 def test_fast_dllm_v2_shape_is_the_real_checkpoint():
     from transformers import Qwen2ForCausalLM
 
@@ -606,13 +879,8 @@ LB, LLADA2_MASK, LLADA2_EOS = 32, 156895, 156892
 def llada2_oracle(folder: Path, tmp_path: Path, logits=None, generate=()) -> dict:
     if not ((LLADA2_DIR / "modeling_llada2_moe.py").is_file() and LLADA2_PYTHON.is_file()):
         pytest.skip(f"LLaDA2's modeling code ({LLADA2_DIR}) or its environment ({LLADA2_PYTHON}) is absent")
-    out = tmp_path / "oracle.pt"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    run = subprocess.run([str(LLADA2_PYTHON), str(Path(__file__).parent / "llada2_oracle.py"), str(LLADA2_DIR),
-                          str(folder), str(out)], input=json.dumps({"logits": logits, "generate": list(generate)}),
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(out)
+    return run_oracle("llada2_oracle.py", LLADA2_DIR, LLADA2_PYTHON, folder, tmp_path,
+                      {"logits": logits, "generate": list(generate)})
 
 
 @pytest.fixture(scope="module")

@@ -198,9 +198,19 @@ def write_sdar(folder: Path, seed: int = 0) -> tuple[Path, Qwen3ForCausalLM]:
     (folder / "tokenizer.json").write_text(_tokenizer_json(vocab, merges, added))
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2))
+    # as published (JetAstra/SDAR training/model/SDAR-4B-Chat/): added_tokens.json and special_tokens_map.json
+    # name the mask `<MASK>`, tokenizer.json and tokenizer_config.json `<|MASK|>`, all at 151669
+    (folder / "added_tokens.json").write_text(json.dumps(
+        {("<MASK>" if t == "<|MASK|>" else t): i for t, i in added.items()}, indent=2))
+    roles = ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+             "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+             "<|video_pad|>"]
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "additional_special_tokens": roles + ["<MASK>"], "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+        indent=2))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": False, "auto_map": {"AutoTokenizer": ["tokenization_qwen2.Qwen2Tokenizer", None]},
+        "add_bos_token": False, "additional_special_tokens": roles + ["<|MASK|>"],
+        "auto_map": {"AutoTokenizer": ["tokenization_qwen2.Qwen2Tokenizer", None]},
         "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>",
         "tokenizer_class": "Qwen2Tokenizer", "unk_token": None, "model_max_length": 131072,
         "added_tokens_decoder": {str(i): {"content": t, "special": t != "<|MASK|>"} for t, i in added.items()},
@@ -233,6 +243,51 @@ def write_sdar(folder: Path, seed: int = 0) -> tuple[Path, Qwen3ForCausalLM]:
     _save_sharded(state, folder, shards=2)
     qwen3.load_state_dict({k: v.float() for k, v in state.items()})  # float32 with the saved values (and rotary
     return folder, qwen3.eval()                                        # frequencies never rounded to bf16)
+
+
+def write_sdar_moe(folder: Path, seed: int = 0) -> tuple[Path, dict[str, torch.Tensor]]:
+    """SDAR-30B-A3B-Chat's layout at toy width (`model_type "sdar_moe"`, SDARMoeForCausalLM): SDAR's
+    tokenizer files and Qwen3 attention keys, and in every layer (decoder_sparse_step 1, no
+    mlp_only_layers, as Qwen3-30B-A3B) a router `mlp.gate` and per-expert
+    `mlp.experts.{j}.{gate,up,down}_proj` weights, as the hub stores them; 8 experts, 2 per token,
+    untied lm_head, bf16 shards. Random weights by name (the router's wider, so the top-2 choice is
+    clear); also returns them in float32 for checks."""
+    write_sdar(folder, seed)
+    for shard in folder.glob("model-*.safetensors"):
+        shard.unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config.update({
+        "architectures": ["SDARMoeForCausalLM"], "model_type": "sdar_moe",
+        "auto_map": {"AutoConfig": "configuration_sdar_moe.SDARMoeConfig", "AutoModel": "modeling_sdar_moe.SDARMoeModel",
+                     "AutoModelForCausalLM": "modeling_sdar_moe.SDARMoeForCausalLM"},
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "moe_intermediate_size": 16, "num_experts": 8,
+        "num_experts_per_tok": 2, "norm_topk_prob": True, "output_router_logits": False, "router_aux_loss_coef": 0.001,
+    })
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape, std=0.02):
+        return torch.randn(*shape, generator=generator) * std
+
+    H, I, E, V, D = 32, 16, 8, 151936, 16
+    state = {"model.embed_tokens.weight": normal(V, H), "lm_head.weight": normal(V, H),
+             "model.norm.weight": 1 + normal(H, std=0.1)}
+    for layer in range(2):
+        at = f"model.layers.{layer}."
+        state.update({at + "self_attn.q_proj.weight": normal(4 * D, H), at + "self_attn.k_proj.weight": normal(2 * D, H),
+                      at + "self_attn.v_proj.weight": normal(2 * D, H), at + "self_attn.o_proj.weight": normal(H, 4 * D),
+                      at + "self_attn.q_norm.weight": 1 + normal(D, std=0.1),
+                      at + "self_attn.k_norm.weight": 1 + normal(D, std=0.1),
+                      at + "input_layernorm.weight": 1 + normal(H, std=0.1),
+                      at + "post_attention_layernorm.weight": 1 + normal(H, std=0.1),
+                      at + "mlp.gate.weight": normal(E, H, std=0.5)})
+        for expert in range(E):
+            state.update({at + f"mlp.experts.{expert}.gate_proj.weight": normal(I, H, std=0.2),
+                          at + f"mlp.experts.{expert}.up_proj.weight": normal(I, H, std=0.2),
+                          at + f"mlp.experts.{expert}.down_proj.weight": normal(H, I, std=0.2)})
+    state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    _save_sharded(state, folder, shards=2)
+    return folder, {k: v.float() for k, v in state.items()}
 
 
 FAST_DLLM_ADDED_TOKENS = SDAR_ADDED_TOKENS[:22] + ["|<MASK>|"]  # Qwen2.5's 151643 .. 151664, then the mask at 151665

@@ -64,6 +64,12 @@ SDAR_4B = {  # JetLM/SDAR-4B-Chat (Qwen3-4B shapes, untied): a block diffusion m
     "sliding_window": None, "torch_dtype": "bfloat16",
 }
 SDAR_8B = {**SDAR_4B, "hidden_size": 4096, "intermediate_size": 12288}  # JetLM/SDAR-8B-Chat (Qwen3-8B shapes)
+SDAR_30B_A3B = {  # JetLM/SDAR-30B-A3B-Chat: Qwen3-30B-A3B's shapes (its own config.json not read here), 128 experts, 8 per token
+    **SDAR_4B, "architectures": ["SDARMoeForCausalLM"], "model_type": "sdar_moe", "hidden_size": 2048,
+    "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "decoder_sparse_step": 1, "mlp_only_layers": [],
+}
 FAST_DLLM_V2_7B = {  # Efficient-Large-Model/Fast_dLLM_v2_7B (Qwen2.5-7B-Instruct shapes): blocks of 32, sub-blocks of 8
     "architectures": ["Fast_dLLM_QwenForCausalLM"], "model_type": "Fast_dLLM_Qwen", "bd_size": 32, "hidden_size": 3584,
     "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
@@ -97,6 +103,8 @@ SHAPES = {  # name -> (config.json, mask id, what it stands for)
     "open-dcoder-0.5b": (OPEN_DCODER_05B, 151665, "Open-dCoder-0.5B"),
     "sdar-4b": (SDAR_4B, 151669, "SDAR-4B-Chat (block diffusion)"),
     "sdar-8b": (SDAR_8B, 151669, "SDAR-8B-Chat (block diffusion)"),
+    "sdar-30b-a3b": (SDAR_30B_A3B, 151669, "SDAR-30B-A3B-Chat (block diffusion, mixture of experts; Qwen3-30B-A3B's "
+                     "shape)"),
     "fast-dllm-v2-7b": (FAST_DLLM_V2_7B, 151665, "Fast_dLLM_v2_7B (block diffusion)"),
     "llada2-mini": (LLADA2_MINI, 156895, "LLaDA2.0-mini, LLaDA2.1-mini (block diffusion, mixture of experts)"),
     "stable-diffcoder-8b": (STABLE_DIFFCODER_8B, 155103, "Stable-DiffCoder-8B-{Base,Instruct} (block diffusion; "

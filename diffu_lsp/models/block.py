@@ -1,5 +1,5 @@
-"""Block diffusion models (SDAR, Fast-dLLM v2, LLaDA 2.x, Stable-DiffCoder): denoised a block at a
-time, the finished blocks an exact K/V cache.
+"""Block diffusion models (SDAR, dense and SDAR-30B-A3B's mixture of experts; Fast-dLLM v2, LLaDA 2.x,
+Stable-DiffCoder): denoised a block at a time, the finished blocks an exact K/V cache.
 
 Attention is bidirectional inside a block of `block_size` tokens and causal across blocks (block
 k sees blocks 0..k). Blocks sit at fixed positions of the sequence: block k is [k*B, (k+1)*B), as
@@ -41,7 +41,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from ..sampler import Denoised, DenoiseStep, Sampling, denoise
 from .backend import DiffusionModel
@@ -57,7 +58,7 @@ LLADA2_1 = {"alg": "threshold", "threshold": 0.7, "edit_threshold": 0.5}  # LLaD
 STABLE_DIFFCODER_BLOCK_SIZE = 4  # its README's generate: block_length 4, steps = gen_length, low_confidence
 ONE_PER_FORWARD = {"alg": "threshold", "threshold": 1.0}  # the most confident masked position per forward
 # model_type (lower case) -> family; each family's rule is in `family_options`
-BLOCK_FAMILIES = {"sdar": "sdar", "fast_dllm_qwen": "fast-dllm-v2", "llada2_moe": "llada2",
+BLOCK_FAMILIES = {"sdar": "sdar", "sdar_moe": "sdar", "fast_dllm_qwen": "fast-dllm-v2", "llada2_moe": "llada2",
                   "llama": "stable-diffcoder"}  # llama: only with Stable-DiffCoder's architecture (block_family)
 
 # SDAR's config.json fields that mean the same in Qwen3Config (the rest name the authors' training setup).
@@ -69,8 +70,21 @@ QWEN3_FIELDS = (
 )
 
 
-def qwen3_config_for_sdar(config: dict) -> Qwen3Config:
-    """SDAR is Qwen3 at inference (same weight names, q/k norms, GQA, RoPE); only the mask differs."""
+# and those of SDAR-30B-A3B's (`sdar_moe`) that mean the same in Qwen3MoeConfig
+QWEN3_MOE_FIELDS = QWEN3_FIELDS + (
+    "moe_intermediate_size", "num_experts", "num_experts_per_tok", "decoder_sparse_step", "mlp_only_layers",
+    "norm_topk_prob", "router_aux_loss_coef",
+)
+
+
+def qwen3_config_for_sdar(config: dict) -> Qwen3Config | Qwen3MoeConfig:
+    """SDAR is Qwen3 at inference (same weight names, q/k norms, GQA, RoPE); only the mask differs.
+    SDAR-30B-A3B (`sdar_moe`) is Qwen3-MoE: a softmax router picks the top `num_experts_per_tok`
+    experts, their weights renormalised to sum to 1 (as Qwen3-30B-A3B's `norm_topk_prob`, the
+    default when config.json does not say)."""
+    if str(config.get("model_type", "")).lower() == "sdar_moe":
+        return Qwen3MoeConfig(**{"norm_topk_prob": True, **{k: config[k] for k in QWEN3_MOE_FIELDS if k in config}},
+                              use_cache=False)
     return Qwen3Config(**{k: config[k] for k in QWEN3_FIELDS if k in config}, use_cache=False)
 
 
@@ -102,7 +116,8 @@ def llama_config_for_stable_diffcoder(config: dict) -> LlamaConfig:
 def network_for(family: str, config: dict):
     """(network class, its config) a block family's checkpoint loads into (LLaDA 2.x: our own, llada2.py)."""
     if family == "sdar":
-        return Qwen3ForCausalLM, qwen3_config_for_sdar(config)
+        network_config = qwen3_config_for_sdar(config)
+        return (Qwen3MoeForCausalLM if isinstance(network_config, Qwen3MoeConfig) else Qwen3ForCausalLM), network_config
     if family == "llada2":
         from .llada2 import LLaDA2Config, LLaDA2ForDiffusion
         return LLaDA2ForDiffusion, LLaDA2Config(config)

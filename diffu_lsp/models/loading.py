@@ -6,8 +6,8 @@ Families are told apart by `config.json` alone and never by running a checkpoint
 - plain `qwen2` diffusion checkpoints (Open-dCoder style): mask token from the tokenizer, shifted.
 - LLaDA: `model_type "llada"`, OLMo-style keys remapped onto Llama, no shift.
 - Block diffusion (models/block.py), decoded block by block behind a fill-in-the-middle prompt:
-  SDAR (`model_type "sdar"`, Qwen3 weight keys, no shift) and Fast-dLLM v2 (`model_type
-  "Fast_dLLM_Qwen"`, Qwen2 weight keys, shifted inside a block), LLaDA 2.x (`model_type
+  SDAR (`model_type "sdar"`, Qwen3 weight keys, no shift; `"sdar_moe"`, SDAR-30B-A3B: Qwen3-MoE's) and
+  Fast-dLLM v2 (`model_type "Fast_dLLM_Qwen"`, Qwen2 weight keys, shifted inside a block), LLaDA 2.x (`model_type
   "llada2_moe"`, a mixture of experts: our own network, models/llada2.py) and Stable-DiffCoder
   (`model_type "llama"` with architecture StableDiffcoderForCausalLM: stock Llama).
 The bundled tiny model is a Dream-format folder inside the package.
@@ -40,7 +40,7 @@ from .block import BLOCK_FAMILIES, BlockDiffusionModel, block_family, family_opt
 from .tokenizer import load_tokenizer
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-dream"
-SUPPORTED = "Dream/DiffuCoder/Dream-Coder (model_type 'Dream'), qwen2 diffusion (model_type 'qwen2'), LLaDA (model_type 'llada'), SDAR (model_type 'sdar'), Fast-dLLM v2 (model_type 'Fast_dLLM_Qwen'), LLaDA 2.x (model_type 'llada2_moe'), Stable-DiffCoder (model_type 'llama', StableDiffcoderForCausalLM)"
+SUPPORTED = "Dream/DiffuCoder/Dream-Coder (model_type 'Dream'), qwen2 diffusion (model_type 'qwen2'), LLaDA (model_type 'llada'), SDAR (model_type 'sdar' or 'sdar_moe'), Fast-dLLM v2 (model_type 'Fast_dLLM_Qwen'), LLaDA 2.x (model_type 'llada2_moe'), Stable-DiffCoder (model_type 'llama', StableDiffcoderForCausalLM)"
 MASK_TOKEN_NAMES = ("<|mask|>", "<M>", "<mask>", "[MASK]", "<|MASK|>", "|<MASK>|")
 
 # LLaDA's weight names -> Llama's (regex, replacement), for from_pretrained's key_mapping.
@@ -211,6 +211,9 @@ def check_sizes(name: str, network_config, shapes: dict[str, list[int]]) -> None
     head_dim = getattr(network_config, "head_dim", None) or hidden // heads
     attention = hidden * head_dim * 2 * (heads + sizes["num_key_value_heads"])
     per_layer = attention + 3 * hidden * sizes["intermediate_size"]
+    experts = getattr(network_config, "num_experts", None)  # a mixture of experts (LLaDA 2.x, SDAR-30B-A3B)
+    if isinstance(experts, int) and experts > 0:
+        per_layer += 3 * hidden * experts * int(getattr(network_config, "moe_intermediate_size", None) or 0)
     tied = bool(getattr(network_config, "tie_word_embeddings", False))
     described = sizes["num_hidden_layers"] * per_layer + sizes["vocab_size"] * hidden * (1 if tied else 2)
     stored = sum(_product(shape) for shape in shapes.values())
