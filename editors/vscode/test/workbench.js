@@ -115,6 +115,8 @@ const counter = () => page.evaluate(() => {
   const e = document.querySelector('.inlineSuggestionsHints .availableSuggestionCount');
   return e ? e.textContent.trim() : '';
 });
+/** The counter once the toolbar is drawn (a moment after the ghost text). */
+const shownCounter = () => until(counter, TIMEOUT, "the inline-suggestion toolbar's counter");
 
 /** The texts of this extension's status-bar item. */
 const diffuStatus = async () => (await page.locator('.statusbar-item').allInnerTexts())
@@ -184,8 +186,8 @@ async function someSuggestion(fits = async () => true) {
     const s = await suggestAfter(line);
     if (s.text && await fits(s.text)) return { ...s, line };
     // the other candidates on offer
-    const n = Number((await counter()).split('/')[1] || 1);
-    for (let i = 1; i < n && s.text; i++) {
+    const n = s.text ? Number((await shownCounter()).split('/')[1]) : 0;
+    for (let i = 1; i < n; i++) {
       await page.keyboard.press('Alt+BracketRight');
       await until(async () => (await counter()).startsWith(`${i + 1}/`), TIMEOUT, `candidate ${i + 1}`);
       const text = await ghost();
@@ -211,7 +213,7 @@ const checks = {
   /** Typing a new line shows ghost text from the server, with the extension's status "Diffu". */
   async ghost(r) {
     const s = await someSuggestion();
-    Object.assign(r, { text: s.text, latencyMs: s.ms, line: s.line, status: await diffuStatus(), counter: await counter(),
+    Object.assign(r, { text: s.text, latencyMs: s.ms, line: s.line, status: await diffuStatus(), counter: await shownCounter(),
       dirty: await page.evaluate(() => !!document.querySelector('.tab.active.dirty')) });
     await restore();
   },
@@ -240,8 +242,7 @@ const checks = {
   },
 
   /** Ctrl+Right (VS Code's acceptNextWord) inserts the suggestion's next word and leaves the rest
-   * shown; acceptNextLine (bound in keybindings.json, as the README says) its next line; Tab the
-   * rest. A suggestion with a second line is looked for (positions, then its candidates). The
+   * shown; cfg.acceptLineKey (acceptNextLine) its next line; Tab the rest. A suggestion with a second line is looked for (positions, then its candidates). The
    * file is saved after each step; the test compares them. */
   async accept(r) {
     // a word, then more on its first line, then another line
@@ -273,10 +274,10 @@ const checks = {
   /** Alt+] shows the next of the server's candidates (the counter says 2/N, another text), Alt+[
    * the previous, Tab accepts the one shown. */
   async cycle(r) {
-    const s = await someSuggestion(async () => Number((await counter()).split('/')[1]) >= 2);
+    const s = await someSuggestion(async () => Number((await shownCounter()).split('/')[1]) >= 2);
     r.opened = await saved();
     r.first = s.text;
-    r.counterFirst = await counter();
+    r.counterFirst = await shownCounter();
     await page.keyboard.press('Alt+BracketRight');
     r.counterSecond = await until(async () => { const c = await counter(); return c.startsWith('2/') && c; }, TIMEOUT, 'the counter at 2/N');
     r.second = await until(async () => { const t = await ghost(); return t !== r.first && t; }, 5000, 'another text shown');
