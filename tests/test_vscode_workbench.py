@@ -133,7 +133,8 @@ def suggestions(tmp_path_factory, vsix):
     settings = {"diffu.server.command": server(), "diffu.candidates": 3}
     if os.environ.get("DIFFU_LSP_TEST_MODEL"):
         settings["diffu.server.args"] = ["--model", os.environ["DIFFU_LSP_TEST_MODEL"]]
-    return run_workbench(tmp_path_factory.mktemp("workbench"), vsix, settings, ["ghost", "toggle", "accept", "cycle"])
+    return run_workbench(tmp_path_factory.mktemp("workbench"), vsix, settings,
+                         ["ghost", "toggle", "restart", "accept", "cycle"])
 
 
 def check(results: dict, name: str) -> dict:
@@ -168,6 +169,16 @@ def test_toggle_suggestions_off_and_on(suggestions):
     assert r["statusOff"] == "Diffu: off" and r["settingOff"] is False, r
     assert r["whileOff"] == "", r
     assert r["statusOn"] == "Diffu" and r["settingOn"] is True, r
+    assert r["after"].strip(), r
+
+
+def test_restart_server_after_a_settings_change(suggestions):
+    """Diffu: Restart Server (after the toggles wrote the user settings): the status goes through
+    "Diffu: starting" back to "Diffu" and the new server offers ghost text. (With the extension's
+    settings in the user settings of this remote window, the restart lost diffu.server.command and
+    started `python3 -m diffu_lsp`: VS Code reads machine-scoped settings from the remote's.)"""
+    r = check(suggestions, "restart")
+    assert r["seen"][0] == "Diffu" and "Diffu: starting" in r["seen"] and r["seen"][-1] == "Diffu", r
     assert r["after"].strip(), r
 
 

@@ -7,10 +7,10 @@
 //   node test/workbench.js CONFIG.json
 //
 // CONFIG: { codeServer (its package folder), playwright (playwright-core's folder), chromium,
-// vsix, dir (an empty folder for this run), file, text, settings, keybindings, env, checks,
-// results, timeoutS }. Each check (ghost, toggle, accept, cycle, draft) runs in turn; the results
-// file gets { check: { ok, error?, ...what was seen } } after each one, screenshots (PNG) of a
-// failed check go next to it. Exits 0 when the checks ran (passed or not), 1 when the workbench
+// vsix, dir (an empty folder for this run), file, text, settings (the diffu.* ones), keybindings,
+// acceptLineKey, env, checks, results, timeoutS }. Each check (ghost, toggle, restart, accept,
+// cycle, draft) runs in turn; the results file gets { check: { ok, error?, ...what was seen } }
+// after each one, screenshots (PNG) of a failed check go next to it. Exits 0 when the checks ran (passed or not), 1 when the workbench
 // could not be set up.
 'use strict';
 const fs = require('fs');
@@ -60,7 +60,11 @@ const env = {
 };
 
 function prepare() {
-  for (const d of [path.join(userDir, 'User'), extDir, work]) fs.mkdirSync(d, { recursive: true });
+  for (const d of [path.join(userDir, 'User'), path.join(userDir, 'Machine'), extDir, work]) fs.mkdirSync(d, { recursive: true });
+  // The extension's settings go in the remote machine's settings: a code-server window is a remote
+  // window, where VS Code takes machine-scoped settings (diffu.server.command, diffu.model, ...)
+  // from there only; from the user settings it drops them once it reloads them (after any write).
+  fs.writeFileSync(path.join(userDir, 'Machine', 'settings.json'), JSON.stringify(cfg.settings, null, 1));
   fs.writeFileSync(path.join(userDir, 'User', 'settings.json'), JSON.stringify({
     'workbench.startupEditor': 'none',
     'telemetry.telemetryLevel': 'off',
@@ -70,7 +74,6 @@ function prepare() {
     'workbench.tips.enabled': false,
     'files.autoSave': 'off',
     'editor.inlineSuggest.showToolbar': 'always',  // the 1/N counter
-    ...cfg.settings,
   }, null, 1));
   fs.writeFileSync(path.join(userDir, 'User', 'keybindings.json'), JSON.stringify(cfg.keybindings || []));
   fs.writeFileSync(file, cfg.text);
@@ -238,6 +241,20 @@ const checks = {
     r.settingOn = JSON.parse(fs.readFileSync(path.join(userDir, 'User', 'settings.json'), 'utf8'))['diffu.inlineCompletion'];
     const again = await suggestAfter(on.line);
     r.after = again.text;
+    await restore();
+  },
+
+  /** Diffu: Restart Server: the status goes through "Diffu: starting" back to "Diffu", and the new
+   * server offers ghost text. */
+  async restart(r) {
+    r.seen = [await diffuStatus()];
+    await palette('Diffu: Restart Server');
+    await until(async () => {
+      const s = await diffuStatus();
+      if (s !== r.seen[r.seen.length - 1]) r.seen.push(s);
+      return r.seen.length > 2 && s === 'Diffu';
+    }, TIMEOUT, `the status back at "Diffu" (seen: ${JSON.stringify(r.seen)})`);
+    r.after = (await someSuggestion()).text;
     await restore();
   },
 
