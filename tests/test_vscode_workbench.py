@@ -211,15 +211,21 @@ def test_cycling_to_a_second_distinct_candidate(suggestions):
     assert inserted(r["opened"], r["accepted"], r["line"]) == r["second"], r
 
 
-def test_a_slow_command_shows_its_drafts_before_the_edit(tmp_path, vsix, random_dream):
-    """Diffu: Complete Block on a model whose every forward pass takes 0.1 s: its notification says
-    "starting", then shows drafts with the tokens still masked as "…" while the job runs, before the
-    completion lands in the document."""
+@pytest.fixture(scope="module")
+def slow_command(tmp_path_factory, vsix, random_dream):
+    """Complete Block run to its end, then cancelled, in one workbench, on a random-weight model
+    whose every forward pass takes 0.1 s."""
     slow = Path(__file__).with_name("slow_diffu_lsp.py")
     settings = {"diffu.server.command": sys.executable, "diffu.server.args": [str(slow), "0.1", "--model", str(random_dream)],
                 "diffu.engine": "local", "diffu.kvCache": "none", "diffu.earlyExit": False, "diffu.algorithm": "entropy",
                 "diffu.singleLineTokens": 8, "diffu.multiLineTokens": 8, "diffu.blockTokens": 12}
-    r = check(run_workbench(tmp_path, vsix, settings, ["draft"]), "draft")
+    return run_workbench(tmp_path_factory.mktemp("slow"), vsix, settings, ["draft", "cancel"])
+
+
+def test_a_slow_command_shows_its_drafts_before_the_edit(slow_command):
+    """Diffu: Complete Block: its notification says "starting", then shows drafts with the tokens
+    still masked as "…" while the job runs, before the completion lands in the document."""
+    r = check(slow_command, "draft")
     texts = [e["text"] for e in r["seen"]]
     assert "Diffu: Complete Block: starting" in texts, texts
     before_edit = [e for e in r["seen"] if e["ms"] < r["editedMs"]]
@@ -228,3 +234,12 @@ def test_a_slow_command_shows_its_drafts_before_the_edit(tmp_path, vsix, random_
     first_draft = next(i for i, e in enumerate(r["seen"]) if "tokens left" in e["text"])
     assert texts.index("Diffu: Complete Block: starting") < first_draft
     assert inserted(SAMPLE, r["after"], 21).strip(), r["after"]  # the block, after `if __name__ == "__main__":`
+
+
+def test_a_slow_command_cancelled_from_its_notification_changes_nothing(slow_command):
+    """The notification's Cancel button, at the first draft: the notification goes and the document
+    stays as it was (waited for twice as long as the whole job took, 10 s at least)."""
+    r = check(slow_command, "cancel")
+    assert "tokens left" in r["draft"], r
+    assert not any("Complete Block" in t for t in r["toasts"]), r
+    assert r["after"] == SAMPLE, r

@@ -9,7 +9,7 @@
 // CONFIG: { codeServer (its package folder), playwright (playwright-core's folder), chromium,
 // vsix, dir (an empty folder for this run), file, text, settings (the diffu.* ones), keybindings,
 // acceptLineKey, env, checks, results, timeoutS }. Each check (ghost, toggle, restart, accept,
-// cycle, draft) runs in turn; the results file gets { check: { ok, error?, ...what was seen } }
+// cycle, draft, cancel) runs in turn; the results file gets { check: { ok, error?, ...what was seen } }
 // after each one, screenshots (PNG) of a failed check go next to it. Exits 0 when the checks ran (passed or not), 1 when the workbench
 // could not be set up.
 'use strict';
@@ -336,6 +336,20 @@ const checks = {
     if (!editedAt) throw new Error(`the edit did not land in ${TIMEOUT / 1000} s; shown: ${JSON.stringify(seen)}`);
     r.seen = seen.map((e) => ({ ms: e.t - started, text: e.text }));
     r.editedMs = editedAt - started;
+    r.after = await saved();
+    await restore();
+  },
+
+  /** The same command cancelled from its notification's Cancel button, at its first draft: the
+   * notification goes, and no edit lands in twice the time the whole job took in `draft` (or 10 s). */
+  async cancel(r) {
+    await endOfLine(cfg.draftLine || 22);
+    await palette('Diffu: Complete Block');
+    r.draft = await until(async () => (await toasts()).find((m) => /tokens left/.test(m)), TIMEOUT, 'a draft');
+    await page.locator('.notifications-toasts .monaco-button', { hasText: 'Cancel' }).first().click();
+    r.waitedMs = Math.max(10000, 2 * ((results.draft && results.draft.editedMs) || 0));
+    await sleep(r.waitedMs);
+    r.toasts = await toasts();
     r.after = await saved();
     await restore();
   },
