@@ -45,7 +45,8 @@ def missing() -> str | None:
                            timeout=30).stdout.strip()
     if major != "20":
         return f"code-server 4.100.3 needs node 20, this is node {major}"
-    if not (CODE_SERVER / "out" / "node" / "entry.js").exists() or not (CODE_SERVER / "lib" / "vscode" / "node_modules").exists():
+    built = CODE_SERVER / "lib" / "vscode" / "node_modules"  # what install-workbench.sh installs after the package
+    if not (CODE_SERVER / "out" / "node" / "entry.js").exists() or not built.exists():
         return f"code-server is not installed in {PREFIX} ({INSTALL}; DIFFU_WORKBENCH chooses the folder)"
     if not (PLAYWRIGHT / "package.json").exists():
         return f"playwright-core is not installed in {PREFIX} ({INSTALL})"
@@ -109,7 +110,8 @@ def run_workbench(folder: Path, vsix: Path, settings: dict, checks: list[str]) -
         "codeServer": str(CODE_SERVER), "playwright": str(PLAYWRIGHT), "chromium": CHROMIUM, "vsix": str(vsix),
         "dir": str(folder / "run"), "file": "sample.py", "text": SAMPLE, "settings": settings,
         "keybindings": [], "acceptLineKey": "Control+Alt+ArrowRight",  # the extension's key (package.json)
-        "env": {"PATH": search_path(), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+        "env": {"PATH": search_path(),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
         "checks": checks, "results": str(results), "timeoutS": TIMEOUT,
     }
     (folder / "config.json").write_text(json.dumps(config))
@@ -120,7 +122,8 @@ def run_workbench(folder: Path, vsix: Path, settings: dict, checks: list[str]) -
     found = json.loads(results.read_text()) if results.exists() else {}
     if done.returncode != 0 or not found.get("setup", {}).get("ok"):
         log = folder / "run" / "code-server.log"
-        pytest.fail(f"the workbench did not start (screenshots in {folder}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n"
+        pytest.fail(f"the workbench did not start (screenshots in {folder}):\n{done.stdout[-3000:]}\n"
+                    f"{done.stderr[-3000:]}\n"
                     f"code-server.log: {log.read_text()[-2000:] if log.exists() else '(none)'}")
     print(f"workbench session: {wall:.1f} s wall, setup {found['setup']['ms'] / 1000:.1f} s, "
           + ", ".join(f"{name} {found[name]['ms'] / 1000:.1f} s" for name in checks if name in found))
@@ -216,8 +219,10 @@ def slow_command(tmp_path_factory, vsix, random_dream):
     """Complete Block run to its end, then cancelled, in one workbench, on a random-weight model
     whose every forward pass takes 0.1 s."""
     slow = Path(__file__).with_name("slow_diffu_lsp.py")
-    settings = {"diffu.server.command": sys.executable, "diffu.server.args": [str(slow), "0.1", "--model", str(random_dream)],
-                "diffu.engine": "local", "diffu.kvCache": "none", "diffu.earlyExit": False, "diffu.algorithm": "entropy",
+    settings = {"diffu.server.command": sys.executable,
+                "diffu.server.args": [str(slow), "0.1", "--model", str(random_dream)],
+                "diffu.engine": "local", "diffu.kvCache": "none", "diffu.earlyExit": False,
+                "diffu.algorithm": "entropy",
                 "diffu.singleLineTokens": 8, "diffu.multiLineTokens": 8, "diffu.blockTokens": 12}
     return run_workbench(tmp_path_factory.mktemp("slow"), vsix, settings, ["draft", "cancel"])
 
