@@ -58,6 +58,8 @@ def missing() -> str | None:
 
 
 MISSING = missing()
+if MISSING is not None and os.environ.get("DIFFU_WORKBENCH_REQUIRED"):  # CI installed it: a skip would hide a failure
+    raise RuntimeError(f"DIFFU_WORKBENCH_REQUIRED is set, but there is no VS Code workbench: {MISSING}")
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"no VS Code workbench: {MISSING}")
 
 SAMPLE = '''\
