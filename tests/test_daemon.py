@@ -24,8 +24,9 @@ import pytest
 from diffu_lsp import __version__, protocol
 from diffu_lsp.bench.lsp_client import LspClient
 from diffu_lsp.daemon import Paths, daemon_pid, runtime_paths
-from diffu_lsp.daemon.client import connect, connect_or_start
+from diffu_lsp.daemon.client import DaemonEngine, connect, connect_or_start
 from diffu_lsp.daemon.host import rss_bytes
+from diffu_lsp.daemon.standby import NAME as STANDBY_NAME, standby_pid
 from diffu_lsp.job import ModelKey, Request, Suggestion
 from diffu_lsp.errors import FrameInvalid, JobCancelled
 from diffu_lsp.scheduler import CancelToken
@@ -41,14 +42,15 @@ SLOW = {"algorithm": "entropy", "kvCache": "none", "singleLineTokens": 400, "mul
 
 @pytest.fixture
 def runtime(tmp_path, monkeypatch):
-    """A runtime folder for this test only; whatever daemon it starts is stopped afterwards."""
+    """A runtime folder for this test only; whatever daemon it starts is stopped afterwards (its
+    standby first, which would take the killed daemon's place)."""
     folder = tmp_path / "run"
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(folder))
     paths = runtime_paths()
     yield paths
-    pid = daemon_pid(paths)
-    if pid is not None:
-        os.kill(pid, signal.SIGKILL)
+    for pid in (standby_pid(paths), daemon_pid(paths)):
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
 
 
 def wait_for(predicate, what: str, timeout: float = 120.0, every: float = 0.05):
@@ -356,6 +358,64 @@ def test_racing_starters_end_with_exactly_one_daemon(runtime):
                           timeout=60)
     assert late.returncode == 0 and "another daemon holds" in late.stderr
     assert status(runtime).pid in pids
+
+
+def comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the standby is a Linux fork")
+def test_a_killed_daemon_is_replaced_by_its_standby_not_by_a_new_process(runtime):
+    """#31: a kill cost 3.7 s of ghost text, 85-90 % of it a new daemon importing torch and
+    transformers. A daemon forks a standby with them imported, which takes the daemon's lock and
+    serves the moment the daemon dies: the replacement is that process, and it forks the next
+    standby. A daemon stopped on purpose takes its standby along."""
+    conn = connect_or_start(runtime)
+    conn.load(BUNDLED)
+    conn.close()
+    first = daemon_pid(runtime)
+    waiting = wait_for(lambda: standby_pid(runtime), "a standby")
+    assert ppid(waiting) == first and comm(waiting) == STANDBY_NAME  # a fork of the daemon, not serving
+    for _ in range(2):
+        os.kill(daemon_pid(runtime), signal.SIGKILL)
+        conn = connect_or_start(runtime)
+        try:
+            assert conn.pid == waiting  # no new process: the standby answers in the killed daemon's place
+            assert comm(waiting) != STANDBY_NAME
+            assert not conn.load(BUNDLED).shared  # it holds no model until asked (no second copy)
+            assert isinstance(conn.submit("doc", BUNDLED, suggest_request(), CancelToken()), Suggestion)
+        finally:
+            conn.close()
+        waiting = wait_for(lambda: standby_pid(runtime) not in (None, conn.pid) and standby_pid(runtime),
+                           "the next standby")
+        assert ppid(waiting) == conn.pid
+    stopped = subprocess.run([sys.executable, "-m", "diffu_lsp", "daemon", "stop"], capture_output=True, text=True,
+                             timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(lambda: not alive(waiting), "the standby to stop with its daemon", 10)
+    assert daemon_pid(runtime) is None and standby_pid(runtime) is None
+
+
+def test_a_lost_daemon_s_replacement_loads_the_model_before_the_next_job(runtime):
+    """#31: after a kill nothing happened until the next keystroke's job, which then waited for the
+    replacement to start and load. The engine reconnects at once, and loads the model there."""
+    states = []
+    engine = DaemonEngine(paths=runtime, on_state=lambda state, message: states.append(state))
+    try:
+        engine.load(BUNDLED)
+        old = daemon_pid(runtime)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: states[-2:] == ["restarting", "ready"], "the engine to reconnect by itself", 120)
+        now = status(runtime)
+        assert now.pid != old and [m.label for m in now.models] == [BUNDLED.label]  # loaded, no job asked for it
+        assert now.jobs["completed"] == 0
+        assert isinstance(engine.run(suggest_request(), CancelToken(), key="k"), Suggestion)
+    finally:
+        engine.close()
 
 
 def test_idle_daemon_exits_and_cli_reports_it(runtime):

@@ -43,7 +43,7 @@ from ..errors import EXITS, DaemonUnavailable, FrameInvalid, ModelLoadFailed, fi
 from ..job import ModelInfo, ModelKey
 from ..job_host import HeldModel, JobHost
 from ..scheduler import Job
-from . import Paths, open_private, peer_uid, private_folder, runtime_paths
+from . import Paths, open_private, peer_uid, private_folder, runtime_paths, standby
 
 log = logging.getLogger("diffu_lsp.daemon")
 
@@ -98,9 +98,12 @@ class Client:
 
 
 class Daemon:
-    def __init__(self, paths: Paths, *, idle_seconds: float = 900, memory_budget_bytes: int = 0):
+    def __init__(self, paths: Paths, *, idle_seconds: float = 900, memory_budget_bytes: int = 0,
+                 standby_pid: int | None = None, first_idle_seconds: float | None = None):
         self.paths = paths
         self.idle_seconds = idle_seconds
+        self.first_idle_seconds = idle_seconds if first_idle_seconds is None else first_idle_seconds  # until a window came
+        self.standby_pid = standby_pid  # our standby (standby.py), stopped when we stop
         self.memory_budget_bytes = memory_budget_bytes
         self.host = JobHost(thread_name="diffu-daemon-model")
         self.models: collections.OrderedDict[ModelKey, HeldModel] = collections.OrderedDict()  # LRU first
@@ -129,6 +132,7 @@ class Daemon:
         watch = asyncio.ensure_future(self._watch_socket())
         await self._stop.wait()
         log.info("stopping")
+        standby.stop(self.standby_pid)  # a daemon stopped on purpose is not replaced
         watch.cancel()
         self.server.close()
         for client in list(self.clients.values()):
@@ -178,12 +182,13 @@ class Daemon:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if not self.clients and self.idle_seconds > 0:
+        seconds = self.first_idle_seconds
+        if not self.clients and seconds > 0:
             def idle() -> None:
                 if not self.clients:
-                    log.info("no window for %.0f s: exiting", self.idle_seconds)
+                    log.info("no window for %.0f s: exiting", seconds)
                     self._stop.set()
-            self._idle = asyncio.get_running_loop().call_later(self.idle_seconds, idle)
+            self._idle = asyncio.get_running_loop().call_later(seconds, idle)
 
     # ------------------------------------------------------------ connections
 
@@ -209,6 +214,7 @@ class Daemon:
                     f"client is {hello.version} (protocol {hello.protocol}); stop the daemon with "
                     "`diffu-lsp daemon stop` and the next request starts a matching one")
             self.clients[client.id] = client
+            self.first_idle_seconds = self.idle_seconds  # a window came: the setting from now on
             self._arm_idle_timer()
             client.send(protocol.Welcome(protocol.PROTOCOL, __version__, os.getpid(), client.id))
             log.info("window %d connected (pid %d); %d connected", client.id, hello.pid, len(self.clients))
@@ -434,11 +440,14 @@ def main(*, idle_seconds: float, memory_mb: int) -> int:
     if lock is None:
         log.info("another daemon holds %s; exiting", paths.lock)
         return 0
-    # torch and the model code load while the loop starts: a window's first job (after a kill or a
-    # freeze, a keystroke waiting for ghost text) does not wait for all of that import
-    threading.Thread(target=importlib.import_module, args=("diffu_lsp.models",), name="diffu-import",
-                     daemon=True).start()
-    daemon = Daemon(paths, idle_seconds=idle_seconds, memory_budget_bytes=memory_mb * 2**20)
+    # torch and the model code, before any thread starts: the standby forked here has them, and
+    # takes this daemon's place the moment it dies (standby.py, #31)
+    importlib.import_module("diffu_lsp.models")
+    first = os.getpid()
+    lock, standby_pid = standby.fork(paths, lock)
+    promoted = os.getpid() != first  # a standby that took over: windows come back at once, or none will
+    daemon = Daemon(paths, idle_seconds=idle_seconds, memory_budget_bytes=memory_mb * 2**20, standby_pid=standby_pid,
+                    first_idle_seconds=min(idle_seconds, standby.IDLE_SECONDS) if promoted else None)
     daemon._lock_fds.append(lock)
     asyncio.run(daemon.serve())
     return 0

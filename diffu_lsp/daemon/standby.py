@@ -1,0 +1,139 @@
+"""The daemon's standby: a fork of the daemon, with torch and the model code imported, that waits
+for the daemon's lock and takes the daemon's place the moment it dies (#31).
+
+A new daemon process spends most of a restart importing torch and transformers (about 3 s of
+CPU time, 85-90 % of the recovery from a killed daemon, measured). So a daemon, once it has
+imported them and before it starts any thread, forks a standby, which blocks on ``daemon.lock``.
+When the daemon is killed (or frozen, and then killed by a window) the kernel frees its lock, the
+standby takes it, forks the next standby and serves: the windows reconnect to it and it loads the
+model (the standby never holds a model: no second copy of a big model, no GPU memory). A daemon
+that stops on purpose (``daemon stop``, idle, its folder taken) stops its standby first.
+
+The standby shares its memory with the daemon copy-on-write (``gc.freeze`` keeps the collector off
+those pages); its ``/proc/PID/comm`` is ``diffu-standby`` until it takes over. ``standby.lock``
+holds the standby's pid; at most one standby waits. Linux only (fork after importing torch is not
+safe on macOS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ..errors import DaemonUnavailable
+from . import Paths, open_private
+
+log = logging.getLogger("diffu_lsp.daemon")
+
+NAME = "diffu-standby"  # /proc/PID/comm of a waiting standby
+RETRY_SECONDS = 0.05   # a runtime folder that is gone for now: how often to look again
+IDLE_SECONDS = 60.0    # a standby that took over exits if no window comes in this long (nobody needed it)
+
+
+def lock_path(paths: Paths) -> Path:
+    return paths.folder / "standby.lock"
+
+
+def supported() -> bool:
+    return sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
+def standby_pid(paths: Paths) -> int | None:
+    """The pid of the standby waiting in ``paths``' folder, or None when none waits."""
+    try:
+        fd = open_private(lock_path(paths), os.O_RDWR)
+    except DaemonUnavailable:
+        return None
+    with os.fdopen(fd, "r+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = file.read().strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(file, fcntl.LOCK_UN)
+        return None
+
+
+def fork(paths: Paths, lock_fd: int) -> tuple[int, int | None]:
+    """Fork a standby (unless one waits already): returns (the ``daemon.lock`` descriptor, the
+    standby's pid or None) in the process that goes on to serve. In the standby this returns only
+    once it holds the daemon's lock (the daemon died), with the pid of the next standby it forked.
+    Call it with no thread started: the child has only the calling thread."""
+    if not supported():
+        return lock_fd, None
+    try:
+        standby_fd = open_private(lock_path(paths))
+        fcntl.flock(standby_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(standby_fd)
+        return lock_fd, None
+    except (DaemonUnavailable, OSError) as error:
+        log.warning("no standby: %s", error)
+        return lock_fd, None
+    gc.freeze()  # the imported modules' pages stay shared with the standby
+    while True:
+        pid = os.fork()
+        if pid:  # the daemon: the standby holds standby.lock from now on
+            os.close(standby_fd)
+            return lock_fd, pid
+        os.close(lock_fd)  # the daemon's lock is held by the daemon's descriptor, not this copy
+        lock_fd = wait_for_lock(paths, standby_fd)
+        log.info("the model daemon is gone: its standby (pid %d) takes over", os.getpid())
+        # and forks the next standby, which inherits standby.lock (held throughout)
+
+
+def wait_for_lock(paths: Paths, standby_fd: int) -> int:
+    """In the standby: block until this process holds the current ``daemon.lock`` (a folder deleted
+    and taken back meanwhile has a new one); its descriptor, with our pid written in it."""
+    os.ftruncate(standby_fd, 0)
+    os.pwrite(standby_fd, f"{os.getpid()}\n".encode(), 0)
+    comm, name = Path("/proc/self/comm"), None
+    with contextlib.suppress(OSError):
+        name = comm.read_text().strip()
+        comm.write_text(NAME)
+    while True:
+        try:
+            fd = open_private(paths.lock)
+        except DaemonUnavailable:  # the folder is gone for now: the daemon takes it back
+            time.sleep(RETRY_SECONDS)
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)  # until the daemon is gone (SIGTERM ends the wait: a stop)
+        try:
+            current = os.lstat(paths.lock).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if name is not None:
+        with contextlib.suppress(OSError):
+            comm.write_text(name)
+    return fd
+
+
+def stop(pid: int | None, timeout: float = 5.0) -> None:
+    """Stop our standby (a child of this process, so its pid cannot have been reused) and reap it:
+    SIGTERM, then SIGKILL after ``timeout``; given up on after another ``timeout``."""
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError, ChildProcessError):
+        os.kill(pid, signal.SIGTERM)
+        for then in (signal.SIGKILL, None):
+            deadline = time.monotonic() + timeout
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(RETRY_SECONDS)
+            else:
+                return
+            if then is not None:
+                os.kill(pid, then)
