@@ -3,8 +3,9 @@ jobs, wait for their answers on the scheduler's worker thread.
 
 One :class:`Connection` per server process: a blocking socket, a reader thread that hands each
 incoming frame to the waiter of its id, and a write lock. When the daemon goes away every waiter
-is woken with :class:`DaemonLost` and ``on_lost`` is called once; the next job connects again,
-which starts a new daemon.
+is woken with :class:`DaemonLost` and ``on_lost`` is called once; the engine then connects again
+at once, to the daemon's standby taking its place (``standby.py``; else a new daemon is started),
+and loads the model there, without waiting for the next job.
 
 No wait is unbounded. A waiting call pings the daemon after :data:`PING_SECONDS` without a word
 from it. Pings are answered by the daemon's event loop, never behind a job (jobs run on its worker
@@ -12,8 +13,9 @@ thread): a job that hears nothing (no frame, no Pong) for :data:`LIVENESS_SECOND
 daemon's process runs not at all faces a frozen daemon (a slow one, a load, and a job before the
 daemon has its model get the setting ``daemonDeadlineSeconds``, which caps both). It raises
 :class:`DaemonStuck` (answered empty), the window is told once, and the frozen daemon is killed (if
-the pid is still our daemon's) once frozen for as long as a new daemon took to answer here, and a
-new one started and loaded then, not at the next keystroke; one that does not answer a Hello
+the pid is still our daemon's) once frozen for as long as replacing it takes (loading the model,
+with a standby waiting; else as long as a new daemon took to answer here), and the model loaded in
+the next one then, not at the next keystroke; one that does not answer a Hello
 within :data:`HELLO_SECONDS` is replaced too. No lock is held across a socket read.
 """
 

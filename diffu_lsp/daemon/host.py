@@ -6,7 +6,8 @@ of them go through one :class:`~diffu_lsp.job_host.JobHost`, as on a cluster rep
 per (window, document), the newest keystroke first, none starved, at most
 :data:`MAX_PENDING_PER_CLIENT` unanswered per window (the oldest is cancelled). Models are keyed by
 (model, device, dtype) and shared; past the memory budget the least recently used are unloaded.
-With no window connected for ``idle_seconds`` the daemon exits.
+With no window connected for ``idle_seconds`` the daemon exits. Its standby (``standby.py``), a
+fork with torch imported, takes its place if it dies; a daemon that stops stops its standby.
 
 Bad frames, wrong versions and huge lengths get an Error frame and a closed connection; the others
 are untouched. Every wait on a client is bounded: a peer of another uid is refused, the Hello must
@@ -101,8 +102,8 @@ class Daemon:
     def __init__(self, paths: Paths, *, idle_seconds: float = 900, memory_budget_bytes: int = 0,
                  standby_pid: int | None = None, first_idle_seconds: float | None = None):
         self.paths = paths
-        self.idle_seconds = idle_seconds
-        self.first_idle_seconds = idle_seconds if first_idle_seconds is None else first_idle_seconds  # until a window came
+        self.idle_seconds = idle_seconds if first_idle_seconds is None else first_idle_seconds  # until a window came
+        self._idle_setting = idle_seconds
         self.standby_pid = standby_pid  # our standby (standby.py), stopped when we stop
         self.memory_budget_bytes = memory_budget_bytes
         self.host = JobHost(thread_name="diffu-daemon-model")
@@ -182,13 +183,12 @@ class Daemon:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        seconds = self.first_idle_seconds
-        if not self.clients and seconds > 0:
+        if not self.clients and self.idle_seconds > 0:
             def idle() -> None:
                 if not self.clients:
-                    log.info("no window for %.0f s: exiting", seconds)
+                    log.info("no window for %.0f s: exiting", self.idle_seconds)
                     self._stop.set()
-            self._idle = asyncio.get_running_loop().call_later(seconds, idle)
+            self._idle = asyncio.get_running_loop().call_later(self.idle_seconds, idle)
 
     # ------------------------------------------------------------ connections
 
@@ -214,7 +214,7 @@ class Daemon:
                     f"client is {hello.version} (protocol {hello.protocol}); stop the daemon with "
                     "`diffu-lsp daemon stop` and the next request starts a matching one")
             self.clients[client.id] = client
-            self.first_idle_seconds = self.idle_seconds  # a window came: the setting from now on
+            self.idle_seconds = self._idle_setting  # a window came: the setting from now on
             self._arm_idle_timer()
             client.send(protocol.Welcome(protocol.PROTOCOL, __version__, os.getpid(), client.id))
             log.info("window %d connected (pid %d); %d connected", client.id, hello.pid, len(self.clients))

@@ -79,7 +79,12 @@ def fork(paths: Paths, lock_fd: int) -> tuple[int, int | None]:
         return lock_fd, None
     gc.freeze()  # the imported modules' pages stay shared with the standby
     while True:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as error:  # out of memory or processes: serve without a standby
+            log.warning("no standby: %s", error)
+            os.close(standby_fd)
+            return lock_fd, None
         if pid:  # the daemon: the standby holds standby.lock from now on
             os.close(standby_fd)
             return lock_fd, pid
