@@ -23,10 +23,10 @@ import pytest
 
 from diffu_lsp import __version__, protocol
 from diffu_lsp.bench.lsp_client import LspClient
-from diffu_lsp.daemon import Paths, daemon_pid, runtime_paths
+from diffu_lsp.daemon import Paths, daemon_pid, runtime_paths, standby_pid
 from diffu_lsp.daemon.client import DaemonEngine, connect, connect_or_start
 from diffu_lsp.daemon.host import rss_bytes
-from diffu_lsp.daemon.standby import NAME as STANDBY_NAME, standby_pid
+from diffu_lsp.daemon.standby import NAME as STANDBY_NAME
 from diffu_lsp.job import ModelKey, Request, Suggestion
 from diffu_lsp.errors import FrameInvalid, JobCancelled
 from diffu_lsp.scheduler import CancelToken
@@ -215,7 +215,7 @@ async def test_killing_the_daemon_mid_job_answers_and_the_next_request_starts_a_
         await asyncio.to_thread(wait_for, lambda: any("daemon stopped" in m for m in shown_messages(window)),
                                 "the user to be told", 30)
 
-        items = await suggestion(window, "file:///k.py")  # starts a new daemon, which loads the model
+        items = await suggestion(window, "file:///k.py")  # from the daemon's standby, which took its place
         new = status(runtime)
         assert new.pid != old_pid and new.loads == 1 and new.jobs["completed"] == 1
         assert items and items[0]["insertText"]

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from diffu_lsp.daemon import daemon_pid
+from diffu_lsp.daemon import daemon_pid, standby_pid
 from diffu_lsp.daemon.client import DaemonEngine
-from diffu_lsp.daemon.standby import standby_pid
 from diffu_lsp.errors import DaemonStuck
 from diffu_lsp.job import Suggestion
 from diffu_lsp.scheduler import CancelToken

@@ -39,8 +39,7 @@ from ..errors import (DaemonLost, DaemonStuck, DaemonUnavailable, DaemonUnrespon
 from ..job import Answer, ModelInfo, ModelKey, Request
 from ..settings import Settings
 from . import (Paths, check_socket_file, cpu_seconds, daemon_pid, file_lock, log_tail, peer_uid,
-               private_folder, runtime_paths, spawn, terminate, wait_until_gone)
-from .standby import standby_pid
+               private_folder, runtime_paths, spawn, standby_pid, terminate, wait_until_gone)
 
 log = logging.getLogger("diffu_lsp.daemon.client")
 

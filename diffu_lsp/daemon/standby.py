@@ -11,7 +11,7 @@ that stops on purpose (``daemon stop``, idle, its folder taken) stops its standb
 
 The standby shares its memory with the daemon copy-on-write (``gc.freeze`` keeps the collector off
 those pages); its ``/proc/PID/comm`` is ``diffu-standby`` until it takes over. ``standby.lock``
-holds the standby's pid; at most one standby waits. Linux only (fork after importing torch is not
+holds the standby's pid (``standby_pid``); at most one standby waits. Linux only (fork after importing torch is not
 safe on macOS).
 """
 
@@ -37,28 +37,8 @@ RETRY_SECONDS = 0.05   # a runtime folder that is gone for now: how often to loo
 IDLE_SECONDS = 60.0    # a standby that took over exits if no window comes in this long (nobody needed it)
 
 
-def lock_path(paths: Paths) -> Path:
-    return paths.folder / "standby.lock"
-
-
 def supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "fork")
-
-
-def standby_pid(paths: Paths) -> int | None:
-    """The pid of the standby waiting in ``paths``' folder, or None when none waits."""
-    try:
-        fd = open_private(lock_path(paths), os.O_RDWR)
-    except DaemonUnavailable:
-        return None
-    with os.fdopen(fd, "r+") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = file.read().strip()
-            return int(text) if text.isdigit() else None
-        fcntl.flock(file, fcntl.LOCK_UN)
-        return None
 
 
 def fork(paths: Paths, lock_fd: int) -> tuple[int, int | None]:
@@ -69,7 +49,7 @@ def fork(paths: Paths, lock_fd: int) -> tuple[int, int | None]:
     if not supported():
         return lock_fd, None
     try:
-        standby_fd = open_private(lock_path(paths))
+        standby_fd = open_private(paths.standby_lock)
         fcntl.flock(standby_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(standby_fd)
