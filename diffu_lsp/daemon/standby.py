@@ -10,9 +10,11 @@ model (the standby never holds a model: no second copy of a big model, no GPU me
 that stops on purpose (``daemon stop``, idle, its folder taken) stops its standby first.
 
 The standby shares its memory with the daemon copy-on-write (``gc.freeze`` keeps the collector off
-those pages); its ``/proc/PID/comm`` is ``diffu-standby`` until it takes over. ``standby.lock``
-holds the standby's pid (``standby_pid``); at most one standby waits. Linux only (fork after importing torch is not
-safe on macOS).
+those pages): about 20 MiB of its own, measured (the daemon's PSS and the standby's together 323
+MiB against 304 for a daemon alone, the bundled model loaded and 30 jobs run). Its
+``/proc/PID/comm`` is ``diffu-standby`` until it takes over; ``standby.lock`` holds its pid
+(``standby_pid``); at most one standby waits. Linux only (a fork after importing torch is not safe
+on macOS).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from . import Paths, open_private
 log = logging.getLogger("diffu_lsp.daemon")
 
 NAME = "diffu-standby"  # /proc/PID/comm of a waiting standby
-RETRY_SECONDS = 0.05   # a runtime folder that is gone for now: how often to look again
+RETRY_SECONDS = 0.05   # how often a stopping daemon looks whether its standby is gone
 IDLE_SECONDS = 60.0    # a standby that took over exits if no window comes in this long (nobody needed it)
 
 
@@ -46,16 +48,8 @@ def fork(paths: Paths, lock_fd: int) -> tuple[int, int | None]:
     standby's pid or None) in the process that goes on to serve. In the standby this returns only
     once it holds the daemon's lock (the daemon died), with the pid of the next standby it forked.
     Call it with no thread started: the child has only the calling thread."""
-    if not supported():
-        return lock_fd, None
-    try:
-        standby_fd = open_private(paths.standby_lock)
-        fcntl.flock(standby_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(standby_fd)
-        return lock_fd, None
-    except (DaemonUnavailable, OSError) as error:
-        log.warning("no standby: %s", error)
+    standby_fd = take_standby_lock(paths) if supported() else None
+    if standby_fd is None:
         return lock_fd, None
     gc.freeze()  # the imported modules' pages stay shared with the standby
     while True:
@@ -71,38 +65,67 @@ def fork(paths: Paths, lock_fd: int) -> tuple[int, int | None]:
         os.close(lock_fd)  # the daemon's lock is held by the daemon's descriptor, not this copy
         lock_fd = wait_for_lock(paths, standby_fd)
         log.info("the model daemon is gone: its standby (pid %d) takes over", os.getpid())
+        if not same_file(standby_fd, paths.standby_lock):  # the folder was deleted and taken back meanwhile
+            os.close(standby_fd)
+            standby_fd = take_standby_lock(paths)
+            if standby_fd is None:
+                return lock_fd, None
         # and forks the next standby, which inherits standby.lock (held throughout)
 
 
+def take_standby_lock(paths: Paths) -> int | None:
+    """``standby.lock``, held; None when another standby holds it (or it cannot be had)."""
+    try:
+        fd = open_private(paths.standby_lock)
+    except DaemonUnavailable as error:
+        log.warning("no standby: %s", error)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: a standby waits already
+        os.close(fd)
+        return None
+    return fd
+
+
 def wait_for_lock(paths: Paths, standby_fd: int) -> int:
-    """In the standby: block until this process holds the current ``daemon.lock`` (a folder deleted
-    and taken back meanwhile has a new one); its descriptor, with our pid written in it."""
+    """In the standby: block until the daemon is gone, then hold its lock; the descriptor, with our
+    pid written in it. A standby whose folder was deleted meanwhile takes the lock of the folder
+    taken back if that one is free, else exits: the folder is another daemon's now (or nobody's)."""
     os.ftruncate(standby_fd, 0)
     os.pwrite(standby_fd, f"{os.getpid()}\n".encode(), 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C at a foreground `daemon run` ends it quietly
     comm, name = Path("/proc/self/comm"), None
     with contextlib.suppress(OSError):
         name = comm.read_text().strip()
         comm.write_text(NAME)
-    while True:
-        try:
-            fd = open_private(paths.lock)
-        except DaemonUnavailable:  # the folder is gone for now: the daemon takes it back
-            time.sleep(RETRY_SECONDS)
-            continue
+    try:
+        fd = open_private(paths.lock)
         fcntl.flock(fd, fcntl.LOCK_EX)  # until the daemon is gone (SIGTERM ends the wait: a stop)
-        try:
-            current = os.lstat(paths.lock).st_ino == os.fstat(fd).st_ino
-        except OSError:
-            current = False
-        if current:
-            break
-        os.close(fd)
+        if not same_file(fd, paths.lock):
+            os.close(fd)
+            fd = open_private(paths.lock)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (DaemonUnavailable, OSError) as error:
+        log.info("the standby (pid %d) exits: the runtime folder is not its daemon's any more (%s)", os.getpid(),
+                 error)
+        os._exit(0)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if name is not None:
         with contextlib.suppress(OSError):
             comm.write_text(name)
     return fd
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is the file at ``path`` now (an open file's inode is never reused)."""
+    try:
+        now, held = os.lstat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
 
 def stop(pid: int | None, timeout: float = 5.0) -> None:
