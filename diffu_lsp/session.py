@@ -485,7 +485,7 @@ def engine_for(session: Session, choice: str) -> Engine:
         def tell() -> None:
             session.counters["daemon_lost"] += 1
             session.editor.show(f"diffu-lsp: the model daemon stopped ({reason}); pending requests were answered "
-                                "empty and the next one starts a new daemon", "warning")
+                                "empty; reconnecting (to its standby, else a new daemon) and loading the model", "warning")
         session.on_loop(tell)
 
     def state(state: str, message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -24,9 +25,10 @@ import pytest
 from diffu_lsp import __version__, protocol
 from diffu_lsp.bench import common
 from diffu_lsp.bench.lsp_client import LspClient
-from diffu_lsp.daemon import Paths, daemon_pid, runtime_paths
-from diffu_lsp.daemon.client import connect, connect_or_start
+from diffu_lsp.daemon import Paths, daemon_pid, runtime_paths, standby_pid
+from diffu_lsp.daemon.client import DaemonEngine, connect, connect_or_start
 from diffu_lsp.daemon.host import rss_bytes
+from diffu_lsp.daemon.standby import NAME as STANDBY_NAME
 from diffu_lsp.job import ModelKey, Request, Suggestion
 from diffu_lsp.errors import FrameInvalid, JobCancelled
 from diffu_lsp.scheduler import CancelToken
@@ -42,14 +44,15 @@ SLOW = {"algorithm": "entropy", "kvCache": "none", "singleLineTokens": 400, "mul
 
 @pytest.fixture
 def runtime(tmp_path, monkeypatch):
-    """A runtime folder for this test only; whatever daemon it starts is stopped afterwards."""
+    """A runtime folder for this test only; whatever daemon it starts is stopped afterwards (its
+    standby first, which would take the killed daemon's place)."""
     folder = tmp_path / "run"
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(folder))
     paths = runtime_paths()
     yield paths
-    pid = daemon_pid(paths)
-    if pid is not None:
-        os.kill(pid, signal.SIGKILL)
+    for pid in (standby_pid(paths), daemon_pid(paths)):
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
 
 
 def wait_for(predicate, what: str, timeout: float = 120.0):
@@ -207,7 +210,7 @@ async def test_killing_the_daemon_mid_job_answers_and_the_next_request_starts_a_
         await asyncio.to_thread(wait_for, lambda: any("daemon stopped" in m for m in shown_messages(window)),
                                 "the user to be told", 30)
 
-        items = await suggestion(window, "file:///k.py")  # starts a new daemon, which loads the model
+        items = await suggestion(window, "file:///k.py")  # from the daemon's standby, which took its place
         new = status(runtime)
         assert new.pid != old_pid and new.loads == 1 and new.jobs["completed"] == 1
         assert items and items[0]["insertText"]
@@ -350,6 +353,69 @@ def test_racing_starters_end_with_exactly_one_daemon(runtime):
                           timeout=60)
     assert late.returncode == 0 and "another daemon holds" in late.stderr
     assert status(runtime).pid in pids
+
+
+def comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the standby is a Linux fork")
+def test_a_killed_daemon_is_replaced_by_its_standby_not_by_a_new_process(runtime):
+    """#31: a kill cost 3.7 s of ghost text, 85-90 % of it a new daemon importing torch and
+    transformers. A daemon forks a standby with them imported, which takes the daemon's lock and
+    serves the moment the daemon dies: the replacement is that process, and it forks the next
+    standby, also after the runtime folder was deleted and taken back. A daemon stopped on purpose
+    takes its standby along."""
+    conn = connect_or_start(runtime)
+    conn.load(BUNDLED)
+    conn.close()
+    first = daemon_pid(runtime)
+    waiting = wait_for(lambda: standby_pid(runtime), "a standby")
+    assert ppid(waiting) == first and comm(waiting) == STANDBY_NAME  # a fork of the daemon, not serving
+    for round in range(2):
+        if round == 1:  # the runtime folder deleted (and taken back by the daemon) before the kill
+            daemon = daemon_pid(runtime)
+            shutil.rmtree(runtime.folder)
+            wait_for(lambda: daemon_pid(runtime) == daemon and runtime.socket.exists(), "the folder taken back", 30)
+        os.kill(daemon_pid(runtime), signal.SIGKILL)
+        conn = connect_or_start(runtime)
+        try:
+            assert conn.pid == waiting  # no new process: the standby answers in the killed daemon's place
+            assert comm(waiting) != STANDBY_NAME
+            assert not conn.load(BUNDLED).shared  # it holds no model until asked (no second copy)
+            assert isinstance(conn.submit("doc", BUNDLED, suggest_request(), CancelToken()), Suggestion)
+        finally:
+            conn.close()
+        waiting = wait_for(lambda: standby_pid(runtime) not in (None, conn.pid) and standby_pid(runtime),
+                           "the next standby")
+        assert ppid(waiting) == conn.pid
+    stopped = subprocess.run([sys.executable, "-m", "diffu_lsp", "daemon", "stop"], capture_output=True, text=True,
+                             timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(lambda: not alive(waiting), "the standby to stop with its daemon", 10)
+    assert daemon_pid(runtime) is None and standby_pid(runtime) is None
+
+
+def test_a_lost_daemon_s_replacement_loads_the_model_before_the_next_job(runtime):
+    """#31: after a kill nothing happened until the next keystroke's job, which then waited for the
+    replacement to start and load. The engine reconnects at once, and loads the model there."""
+    states = []
+    engine = DaemonEngine(paths=runtime, on_state=lambda state, message: states.append(state))
+    try:
+        engine.load(BUNDLED)
+        old = daemon_pid(runtime)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: states[-2:] == ["restarting", "ready"], "the engine to reconnect by itself", 120)
+        now = status(runtime)
+        assert now.pid != old and [m.label for m in now.models] == [BUNDLED.label]  # loaded, no job asked for it
+        assert now.jobs["completed"] == 0
+        assert isinstance(engine.run(suggest_request(), CancelToken(), key="k"), Suggestion)
+    finally:
+        engine.close()
 
 
 def test_idle_daemon_exits_and_cli_reports_it(runtime):

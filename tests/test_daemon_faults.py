@@ -120,7 +120,7 @@ def test_a_freeze_shorter_than_a_new_daemon_takes_is_waited_out(runtime):
     the frozen daemon is killed only once frozen for as long as a new daemon took here."""
     engine = DaemonEngine(paths=runtime)
     engine.load(BUNDLED)
-    engine.start_seconds = 60.0  # as on a machine where starting a daemon and loading the model is slow
+    engine.start_seconds = engine.load_seconds = 60.0  # as on a machine where starting and loading are slow
     with frozen_mid_job(engine, runtime) as (frozen, job):
         job["thread"].join(30)
         assert isinstance(job.get("error"), DaemonStuck) and job["error"].frozen, job

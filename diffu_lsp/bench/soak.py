@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..daemon.standby import NAME as STANDBY_NAME
 from . import common
 from .lsp_client import LspClient, server_command
 from .replay import end_position, items_of, wait_ready
@@ -92,8 +93,9 @@ class Run:
 
 # ---------------------------------------------------------------- processes
 
-def daemons_of(folder: Path) -> list[int]:
-    """Live (not zombie) `diffu_lsp daemon run` processes whose XDG_RUNTIME_DIR is `folder`."""
+def daemons_of(folder: Path, standbys: bool = False) -> list[int]:
+    """Live (not zombie) `diffu_lsp daemon run` processes whose XDG_RUNTIME_DIR is `folder`; a
+    daemon's standby (a fork waiting to take its place, daemon/standby.py) only with `standbys`."""
     marker = b"XDG_RUNTIME_DIR=" + str(folder).encode()
     out = []
     for entry in os.listdir("/proc"):
@@ -106,9 +108,10 @@ def daemons_of(folder: Path) -> list[int]:
             if marker not in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
                 continue
             state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            standby = Path(f"/proc/{entry}/comm").read_text().strip() == STANDBY_NAME
         except OSError:
             continue
-        if state not in ("Z", "X"):
+        if state not in ("Z", "X") and (standbys or not standby):
             out.append(int(entry))
     return out
 
@@ -429,11 +432,16 @@ async def soak(options: common.Options, minutes: float, windows: int, every: flo
         for client in clients:
             await client.close()
         from ..daemon import Paths, terminate
+        for pid in set(daemons_of(folder, standbys=True)) - set(daemons_of(folder)):
+            try:
+                os.kill(pid, signal.SIGKILL)  # first: a standby would take the killed daemon's place
+            except ProcessLookupError:
+                pass
         try:
             terminate(Paths(folder / "diffu-lsp"), timeout=20, sig=signal.SIGKILL)
         except Exception:  # noqa: BLE001 - the folder may be gone; the process scan below still counts
             pass
-    left = daemons_of(folder)
+    left = daemons_of(folder, standbys=True)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     result = summarise(run, start, end, duplicates, time.perf_counter() - began, deadline)

@@ -13,7 +13,7 @@ opened with ``O_NOFOLLOW`` and must be ours; the peer at the other end of the so
 our uid (``SO_PEERCRED``), and a pid is signalled only if its process is our daemon.
 
 Files in the runtime folder: ``daemon.sock``, ``daemon.lock`` (holds the daemon's pid),
-``start.lock``, ``daemon.log``.
+``standby.lock`` (the pid of the daemon's standby, ``standby.py``), ``start.lock``, ``daemon.log``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ class Paths:
     @property
     def start_lock(self) -> Path:
         return self.folder / "start.lock"
+
+    @property
+    def standby_lock(self) -> Path:
+        return self.folder / "standby.lock"
 
     @property
     def log(self) -> Path:
@@ -144,8 +148,18 @@ def cpu_seconds(pid: int) -> float | None:
 
 def daemon_pid(paths: Paths) -> int | None:
     """The pid written in the lock file, if a process still holds the lock."""
+    return lock_holder(paths.lock)
+
+
+def standby_pid(paths: Paths) -> int | None:
+    """The pid of the daemon's standby waiting in the folder (``standby.py``), if one waits."""
+    return lock_holder(paths.standby_lock)
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid written in the lock file ``path``, if a process still holds the lock."""
     try:
-        fd = open_private(paths.lock, os.O_RDWR)
+        fd = open_private(path, os.O_RDWR)
     except DaemonUnavailable:
         return None
     with os.fdopen(fd, "r+") as file:

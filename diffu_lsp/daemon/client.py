@@ -3,8 +3,9 @@ jobs, wait for their answers on the scheduler's worker thread.
 
 One :class:`Connection` per server process: a blocking socket, a reader thread that hands each
 incoming frame to the waiter of its id, and a write lock. When the daemon goes away every waiter
-is woken with :class:`DaemonLost` and ``on_lost`` is called once; the next job connects again,
-which starts a new daemon.
+is woken with :class:`DaemonLost` and ``on_lost`` is called once; the engine then connects again
+at once, to the daemon's standby taking its place (``standby.py``; else a new daemon is started),
+and loads the model there, without waiting for the next job.
 
 No wait is unbounded. A waiting call pings the daemon after :data:`PING_SECONDS` without a word
 from it. Pings are answered by the daemon's event loop, never behind a job (jobs run on its worker
@@ -12,8 +13,9 @@ thread): a job that hears nothing (no frame, no Pong) for :data:`LIVENESS_SECOND
 daemon's process runs not at all faces a frozen daemon (a slow one, a load, and a job before the
 daemon has its model get the setting ``daemonDeadlineSeconds``, which caps both). It raises
 :class:`DaemonStuck` (answered empty), the window is told once, and the frozen daemon is killed (if
-the pid is still our daemon's) once frozen for as long as a new daemon took to answer here, and a
-new one started and loaded then, not at the next keystroke; one that does not answer a Hello
+the pid is still our daemon's) once frozen for as long as replacing it takes (loading the model,
+with a standby waiting; else as long as a new daemon took to answer here), and the model loaded in
+the next one then, not at the next keystroke; one that does not answer a Hello
 within :data:`HELLO_SECONDS` is replaced too. No lock is held across a socket read.
 """
 
@@ -37,7 +39,7 @@ from ..errors import (DaemonLost, DaemonStuck, DaemonUnavailable, DaemonUnrespon
 from ..job import Answer, ModelInfo, ModelKey, Request
 from ..settings import Settings
 from . import (Paths, check_socket_file, cpu_seconds, daemon_pid, file_lock, log_tail, peer_uid,
-               private_folder, runtime_paths, spawn, terminate, wait_until_gone)
+               private_folder, runtime_paths, spawn, standby_pid, terminate, wait_until_gone)
 
 log = logging.getLogger("diffu_lsp.daemon.client")
 
@@ -48,6 +50,7 @@ LIVENESS_SECONDS = 2.0  # a job that hears no Pong for this long faces a frozen 
 JOB_LIMIT_SECONDS = 900.0  # even a daemon that answers pings gets no longer than this for one call
 DEFAULT_DEADLINE = 10.0
 RESET_GRACE_SECONDS = 2.0  # a reset Hello: how long a dying daemon may take to let go of its lock
+STANDBY_SECONDS = 5.0  # no daemon answers but its standby waits: how long it may take to answer in its place
 
 
 _LOST = object()
@@ -264,6 +267,9 @@ def connect_or_start(paths: Paths, *, idle_seconds: int = 900, memory_mb: int = 
             log.warning("%s; killed it (pid %s)", error, pid)
         if conn is not None:
             return conn
+        conn = standby_answers(paths, on_lost, deadline)
+        if conn is not None:
+            return conn
         process = spawn(paths, idle_seconds=idle_seconds, memory_mb=memory_mb)
         threading.Thread(target=process.wait, name="diffu-daemon-reaper", daemon=True).start()  # no zombie
         give_up = time.monotonic() + START_TIMEOUT
@@ -280,6 +286,19 @@ def connect_or_start(paths: Paths, *, idle_seconds: int = 900, memory_mb: int = 
                 threading.Thread(target=process.wait, name="diffu-daemon-reaper", daemon=True).start()
             time.sleep(0.05)
     raise DaemonUnavailable(f"the model daemon did not answer within {START_TIMEOUT:.0f} s; see {paths.log}")
+
+
+def standby_answers(paths: Paths, on_lost: Callable[[str], None], deadline: float) -> Connection | None:
+    """The daemon's standby (standby.py), answering in the gone daemon's place: no new process is
+    started while one waits, for up to :data:`STANDBY_SECONDS`; None when none waits (any more)."""
+    give_up = time.monotonic() + STANDBY_SECONDS
+    while time.monotonic() < give_up and (standby_pid(paths) is not None or daemon_pid(paths) is not None):
+        with contextlib.suppress(DaemonUnresponsive):
+            conn = connect(paths, on_lost, deadline)
+            if conn is not None:
+                return conn
+        time.sleep(0.02)
+    return None
 
 
 class DaemonEngine:
@@ -299,6 +318,7 @@ class DaemonEngine:
         self.key: ModelKey | None = None
         self.idle_seconds, self.memory_mb, self.deadline = 900, 0, DEFAULT_DEADLINE
         self.start_seconds = 0.0  # measured: from no connection to the first answer of a daemon
+        self.load_seconds = 0.0  # measured in the daemon: loading the model (all a standby taking over must do)
         self.state = "ready"
         self._conn: Connection | None = None
         self._lock = threading.Lock()  # guards _conn; never held across a socket read
@@ -326,9 +346,13 @@ class DaemonEngine:
         return conn
 
     def _lost(self, reason: str) -> None:
-        if self.state == "ready":
+        was_ready = self.state == "ready"
+        if was_ready:
             self._set_state("restarting", f"the model daemon stopped ({reason})")
         self.on_lost(reason)
+        if was_ready and self.key is not None:  # its standby (or a new daemon) loads the model now, not at the
+            # next keystroke; once per outage (a daemon that dies again is restarted by the next job)
+            threading.Thread(target=self._reload, daemon=True, name="diffu-daemon-restart").start()
 
     def _set_state(self, state: str, message: str) -> None:
         if state != self.state:
@@ -353,10 +377,12 @@ class DaemonEngine:
 
     def _replace_frozen(self, pid: int, since: float) -> None:
         """Kill a frozen daemon once it has been frozen for as long as a new one takes to answer (a
-        shorter freeze is waited out: the daemon answers sooner than a new one would), then start
-        the next one and load the model in it now, off the job's thread."""
+        shorter freeze is waited out: the daemon answers sooner than a new one would): with a
+        standby waiting, as long as loading the model takes, else as long as a new daemon took
+        here; then load the model in the next one now, off the job's thread."""
         cpu = cpu_seconds(pid)
-        while time.monotonic() - since < self.start_seconds:
+        replacing = self.load_seconds if standby_pid(self.paths) is not None else self.start_seconds
+        while time.monotonic() - since < replacing:
             time.sleep(0.1)
             if cpu_seconds(pid) != cpu:  # it runs again (or is gone): the next job connects to it
                 return
@@ -364,6 +390,11 @@ class DaemonEngine:
             return
         log.warning("killed the frozen model daemon (pid %d); starting a new one", pid)
         self._set_state("restarting", f"the model daemon (pid {pid}) froze; starting a new one")
+        self._reload()
+
+    def _reload(self) -> None:
+        """Connect (to the standby that took the daemon's place, or a new daemon) and load the
+        model, off any job's thread: the next keystroke finds it loaded."""
         try:
             self._call(lambda conn: conn.load(self.key))
         except Exception as error:  # noqa: BLE001 - the next job tries again and says why
@@ -380,7 +411,7 @@ class DaemonEngine:
             info = self._call(lambda conn: conn.load(key))
         except DaemonLost:  # it died (or froze) while loading: once more, with a new daemon
             info = self._call(lambda conn: conn.load(key))
-        self.key = key
+        self.key, self.load_seconds = key, info.load_seconds
         return info
 
     def run(self, request: Request, cancel, on_step=None, on_oom_retry=None, *, key: str = "") -> Answer:

@@ -6,7 +6,8 @@ of them go through one :class:`~diffu_lsp.job_host.JobHost`, as on a cluster rep
 per (window, document), the newest keystroke first, none starved, at most
 :data:`MAX_PENDING_PER_CLIENT` unanswered per window (the oldest is cancelled). Models are keyed by
 (model, device, dtype) and shared; past the memory budget the least recently used are unloaded.
-With no window connected for ``idle_seconds`` the daemon exits.
+With no window connected for ``idle_seconds`` the daemon exits. Its standby (``standby.py``), a
+fork with torch imported, takes its place if it dies; a daemon that stops stops its standby.
 
 Bad frames, wrong versions and huge lengths get an Error frame and a closed connection; the others
 are untouched. Every wait on a client is bounded: a peer of another uid is refused, the Hello must
@@ -43,7 +44,7 @@ from ..errors import EXITS, DaemonUnavailable, FrameInvalid, ModelLoadFailed, fi
 from ..job import ModelInfo, ModelKey
 from ..job_host import HeldModel, JobHost
 from ..scheduler import Job
-from . import Paths, open_private, peer_uid, private_folder, runtime_paths
+from . import Paths, open_private, peer_uid, private_folder, runtime_paths, standby
 
 log = logging.getLogger("diffu_lsp.daemon")
 
@@ -98,9 +99,12 @@ class Client:
 
 
 class Daemon:
-    def __init__(self, paths: Paths, *, idle_seconds: float = 900, memory_budget_bytes: int = 0):
+    def __init__(self, paths: Paths, *, idle_seconds: float = 900, memory_budget_bytes: int = 0,
+                 standby_pid: int | None = None, first_idle_seconds: float | None = None):
         self.paths = paths
-        self.idle_seconds = idle_seconds
+        self.idle_seconds = idle_seconds if first_idle_seconds is None else first_idle_seconds  # until a window came
+        self._idle_setting = idle_seconds
+        self.standby_pid = standby_pid  # our standby (standby.py), stopped when we stop
         self.memory_budget_bytes = memory_budget_bytes
         self.host = JobHost(thread_name="diffu-daemon-model")
         self.models: collections.OrderedDict[ModelKey, HeldModel] = collections.OrderedDict()  # LRU first
@@ -129,6 +133,7 @@ class Daemon:
         watch = asyncio.ensure_future(self._watch_socket())
         await self._stop.wait()
         log.info("stopping")
+        standby.stop(self.standby_pid)  # a daemon stopped on purpose is not replaced
         watch.cancel()
         self.server.close()
         for client in list(self.clients.values()):
@@ -209,6 +214,7 @@ class Daemon:
                     f"client is {hello.version} (protocol {hello.protocol}); stop the daemon with "
                     "`diffu-lsp daemon stop` and the next request starts a matching one")
             self.clients[client.id] = client
+            self.idle_seconds = self._idle_setting  # a window came: the setting from now on
             self._arm_idle_timer()
             client.send(protocol.Welcome(protocol.PROTOCOL, __version__, os.getpid(), client.id))
             log.info("window %d connected (pid %d); %d connected", client.id, hello.pid, len(self.clients))
@@ -434,11 +440,14 @@ def main(*, idle_seconds: float, memory_mb: int) -> int:
     if lock is None:
         log.info("another daemon holds %s; exiting", paths.lock)
         return 0
-    # torch and the model code load while the loop starts: a window's first job (after a kill or a
-    # freeze, a keystroke waiting for ghost text) does not wait for all of that import
-    threading.Thread(target=importlib.import_module, args=("diffu_lsp.models",), name="diffu-import",
-                     daemon=True).start()
-    daemon = Daemon(paths, idle_seconds=idle_seconds, memory_budget_bytes=memory_mb * 2**20)
+    # torch and the model code, before any thread starts: the standby forked here has them, and
+    # takes this daemon's place the moment it dies (standby.py, #31)
+    importlib.import_module("diffu_lsp.models")
+    first = os.getpid()
+    lock, standby_pid = standby.fork(paths, lock)
+    promoted = os.getpid() != first  # a standby that took over: windows come back at once, or none will
+    daemon = Daemon(paths, idle_seconds=idle_seconds, memory_budget_bytes=memory_mb * 2**20, standby_pid=standby_pid,
+                    first_idle_seconds=min(idle_seconds, standby.IDLE_SECONDS) if promoted else None)
     daemon._lock_fds.append(lock)
     asyncio.run(daemon.serve())
     return 0
