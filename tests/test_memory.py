@@ -78,3 +78,53 @@ def test_new_canvas_lengths_do_not_grow_the_kernel_caches():
     grown = growth_mib()
     assert grown < 15, (f"{FORWARDS} forwards of new canvas lengths kept {grown:.0f} MiB more "
                         f"(at torch's own cache sizes {grown_at_torch_default:.0f} MiB)")
+
+
+TRIM_SCRIPT = """
+import ctypes, json
+from diffu_lsp import job_host
+from diffu_lsp.job import ModelKey, Request
+from diffu_lsp.models import load_model
+from diffu_lsp.settings import Settings
+
+def rss_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+key = ModelKey(None, "cpu", "float32")
+held = job_host.HeldModel(key, load_model(None, device="cpu", dtype="float32"))
+text = "def add(a, b):\\n    return "
+request = Request("suggest", text, len(text), len(text), Settings())
+job_host.run_job(held, request, cancel=None)  # its kernels and buffers made: the second job makes none
+
+# 200 MiB of the heap freed where the job cannot give it back by itself: a small block kept after
+# every 3 MiB freed (below the mmap threshold, as most of a job's allocations)
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(64 * 1024) for _ in range(3200)]
+for block in blocks:
+    ctypes.memset(block, 1, 64 * 1024)
+kept = blocks[47::48]
+for index, block in enumerate(blocks):
+    if index % 48 != 47:
+        libc.free(block)
+before = rss_mib()
+job_host.TRIM_SECONDS = 0  # the job just before trimmed a moment ago
+job_host.run_job(held, request, cancel=None)
+print(json.dumps({"released_mib": before - rss_mib()}))
+"""
+
+
+def test_a_job_gives_freed_heap_memory_back():
+    """glibc keeps freed memory that a live block sits above; after a job the daemon's worker gives
+    it back (job_host.trim_heap), or its RSS holds every page a job ever freed."""
+    try:
+        ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's malloc_trim")
+    done = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    released = json.loads(done.stdout.strip().splitlines()[-1])["released_mib"]
+    assert released > 100, f"a job gave back {released:.0f} of the 196 MiB freed before it"
