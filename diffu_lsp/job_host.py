@@ -8,7 +8,9 @@ replica: one :class:`~diffu_lsp.scheduler.Scheduler` (latest-wins per window doc
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -20,6 +22,38 @@ from .scheduler import Job, Scheduler
 from .warm_start import CanvasStore
 
 log = logging.getLogger("diffu_lsp.host")
+
+TRIM_SECONDS = 5.0  # after a job, freed heap memory goes back to the system at most this often
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None under another C library."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
+_trim_lock = threading.Lock()
+_trimmed_at = 0.0
+
+
+def trim_heap() -> None:
+    """Give the heap pages that jobs freed back to the system, at most every :data:`TRIM_SECONDS`
+    (it takes about 10 ms). glibc keeps freed memory in its arenas wherever a live allocation sits
+    above it, and a model's jobs free a lot of it in between torch's cached kernels (a new one per
+    input shape, evicted as others come): in a 3-minute soak the daemon's arenas held 325 MiB free
+    next to 212 MiB in use, all of it counted in its RSS."""
+    global _trimmed_at
+    if MALLOC_TRIM is None:
+        return
+    with _trim_lock:
+        now = time.monotonic()
+        if now - _trimmed_at < TRIM_SECONDS:
+            return
+        _trimmed_at = now
+    MALLOC_TRIM(0)
 
 
 @dataclass
@@ -39,8 +73,11 @@ def run_job(held: HeldModel, request: Request, *, cancel, on_step=None,
 
     held.last_used = time.monotonic()
     held.jobs += 1
-    return features.answer(held.model, request, cancel=cancel, on_step=on_step, on_oom_retry=on_oom_retry,
-                        drafts=held.drafts, key=key)
+    try:
+        return features.answer(held.model, request, cancel=cancel, on_step=on_step, on_oom_retry=on_oom_retry,
+                               drafts=held.drafts, key=key)
+    finally:
+        trim_heap()
 
 
 class JobHost:

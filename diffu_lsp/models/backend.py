@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -18,6 +19,18 @@ from .batching import ForwardBatcher
 
 
 log = logging.getLogger("diffu_lsp.models")
+
+# torch's CPU matrix multiplies in bfloat16 (oneDNN's AMX kernels) keep a compiled kernel for every
+# input shape in two caches, oneDNN's primitive cache and ideep's, of 1,024 entries each by default,
+# 0.7-1.8 MiB an entry for the bundled model's shapes (1.4-4.5 MiB for a 7B model's). Every canvas
+# length, and in a cached job every step's count of rows, is a new shape: a daemon serving two typing
+# windows grew by 500 MiB of kernels in 3 minutes while its Python objects and tensors stayed flat.
+# torch reads the sizes at its first multiply, not at import: set before any. A value in the
+# environment wins. 64 entries a cache: at most about 2 x 64 x 1.8 = 230 MiB for the bundled model
+# (2 x 64 x 4.5 = 580 MiB for a 7B one, against 9 GiB at 1,024), at no measurable cost in time.
+KERNEL_CACHE_ENTRIES = 64
+for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_cache, str(KERNEL_CACHE_ENTRIES))
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""A process serving jobs keeps its memory bounded.
+
+torch's bfloat16 matrix multiplies on a CPU keep a compiled kernel per input shape, and every canvas
+length is a new shape (diffu_lsp/models/backend.py, KERNEL_CACHE_ENTRIES). Measured here as glibc's
+count of bytes in use (mallinfo2: live allocations, not RSS, which also holds freed pages) across
+forwards of new lengths in a fresh process: once the kernel caches are full, more new lengths add
+next to nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+FORWARDS = 30  # of new lengths, to fill the caches, then as many again to measure
+
+SCRIPT = f"""
+import ctypes, json
+import torch
+from diffu_lsp.models import load_model
+
+torch.set_num_threads(1)
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+
+def in_use():
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+model = load_model(None, device="cpu", dtype="bfloat16")
+length = 200
+
+def forwards(count):
+    global length
+    for _ in range(count):
+        length += 1
+        canvas = torch.full((length,), 100, dtype=torch.long)
+        canvas[-20:] = model.mask_token_id
+        model.position_logits(canvas, torch.arange(length - 20, length))
+
+forwards({FORWARDS})
+before = in_use()
+forwards({FORWARDS})
+print(json.dumps({{"grew_mib": (in_use() - before) / 2**20}}))
+"""
+
+
+def growth_mib(**cache_sizes: str) -> float:
+    """MiB more in use after FORWARDS forwards of new canvas lengths, in a fresh process whose
+    environment sets these cache sizes (none: the backend's own)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    env.update(cache_sizes, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["grew_mib"]
+
+
+def test_new_canvas_lengths_do_not_grow_the_kernel_caches():
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's mallinfo2 (2.33 or later)")
+    # torch's own sizes: on a CPU whose bfloat16 multiplies compile a kernel per shape, this grows
+    grown_at_torch_default = growth_mib(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024")
+    if grown_at_torch_default < 40:
+        pytest.skip(f"this CPU's bfloat16 multiplies keep no kernel per shape (+{grown_at_torch_default:.0f} MiB)")
+    grown = growth_mib()
+    assert grown < 15, (f"{FORWARDS} forwards of new canvas lengths kept {grown:.0f} MiB more "
+                        f"(at torch's own cache sizes {grown_at_torch_default:.0f} MiB)")
+
+
+TRIM_SCRIPT = """
+import ctypes, json
+from diffu_lsp import job_host
+from diffu_lsp.job import ModelKey, Request
+from diffu_lsp.models import load_model
+from diffu_lsp.settings import Settings
+
+def rss_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+key = ModelKey(None, "cpu", "float32")
+held = job_host.HeldModel(key, load_model(None, device="cpu", dtype="float32"))
+text = "def add(a, b):\\n    return "
+request = Request("suggest", text, len(text), len(text), Settings())
+job_host.run_job(held, request, cancel=None)  # its kernels and buffers made: the second job makes none
+
+# 200 MiB of the heap freed where the job cannot give it back by itself: a small block kept after
+# every 3 MiB freed (below the mmap threshold, as most of a job's allocations)
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(64 * 1024) for _ in range(3200)]
+for block in blocks:
+    ctypes.memset(block, 1, 64 * 1024)
+kept = blocks[47::48]
+for index, block in enumerate(blocks):
+    if index % 48 != 47:
+        libc.free(block)
+before = rss_mib()
+job_host.TRIM_SECONDS = 0  # the job just before trimmed a moment ago
+job_host.run_job(held, request, cancel=None)
+print(json.dumps({"released_mib": before - rss_mib()}))
+"""
+
+
+def test_a_job_gives_freed_heap_memory_back():
+    """glibc keeps freed memory that a live block sits above; after a job the daemon's worker gives
+    it back (job_host.trim_heap), or its RSS holds every page a job ever freed."""
+    try:
+        ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's malloc_trim")
+    done = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    released = json.loads(done.stdout.strip().splitlines()[-1])["released_mib"]
+    assert released > 100, f"a job gave back {released:.0f} of the 196 MiB freed before it"
