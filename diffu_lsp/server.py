@@ -184,7 +184,8 @@ class DiffuServer(LanguageServer):
         if not replacements:
             return False
         if self.document(uri) is not doc or doc.version != version:
-            self.log_client(f"diffu-lsp: {label}: the document changed; not applying")
+            self.show(f"diffu-lsp: {label}: the document changed while the model worked; nothing was applied "
+                      "(run it again)", "info")
             return False
         positions = position_at(doc, [o for start, end, _ in replacements for o in (start, end)])
         edits = [lsp.TextEdit(range=lsp.Range(start=positions[2 * i], end=positions[2 * i + 1]), new_text=new)
@@ -197,8 +198,8 @@ class DiffuServer(LanguageServer):
         result = await self.workspace_apply_edit_async(lsp.ApplyWorkspaceEditParams(edit=edit, label=label))
         applied = bool(getattr(result, "applied", False))
         if not applied:
-            self.log_client(f"diffu-lsp: {label}: the client did not apply the edit "
-                            f"({getattr(result, 'failure_reason', None) or 'no reason given'})")
+            self.show(f"diffu-lsp: {label}: the editor did not apply the edit "
+                      f"({getattr(result, 'failure_reason', None) or 'no reason given'})", "warning")
         return applied
 
     # ------------------------------------------------------------ lifecycle
@@ -303,11 +304,12 @@ def command_target(ls: DiffuServer, uri: str, label: str, start: lsp.Position, e
         return None
     snap = ls.snapshot(uri)
     if snap is None:
+        ls.show(f"diffu-lsp: {label}: the document is not open in the server, or is not text", "info")
         return None
     doc, text = snap
     first, last = offset_at(doc, start, end_of_range=start != end), offset_at(doc, end, end_of_range=True)
     if first is None:
-        ls.log_client(f"diffu-lsp: {label}: line {start.line + 1} is past the end of the document")
+        ls.show(f"diffu-lsp: {label}: line {start.line + 1} is past the end of the document", "info")
         return None
     (start_offset, _), (end_offset, _) = first, last
     return session.target(doc, text, doc.version, start_offset, end_offset, empty_is_line=empty_is_line)
@@ -353,7 +355,7 @@ async def complete_block(ls: DiffuServer, uri: str, position: lsp.Position) -> b
         return False
     result = await command_job(ls, "Completing block", uri, target, "block")
     if not result.text:
-        ls.log_client("diffu-lsp: complete block: the model produced nothing")
+        ls.show("diffu-lsp: complete block: the model produced nothing; nothing was changed", "info")
         return False
     cursor = target.start
     return await ls.apply_edits(uri, target.doc, target.version,
@@ -387,12 +389,12 @@ async def refine_selection(ls: DiffuServer, uri: str, rng: lsp.Range) -> bool:
     if target is None:
         return False
     if target.start == target.end:
-        ls.log_client("diffu-lsp: refine: the line is empty; nothing to refine")
+        ls.show("diffu-lsp: refine: the line is empty; nothing to refine", "info")
         return False
     new_text = await command_job(ls, "Refining selection", uri, target, "refine")
     verdict = refine_verdict(target.text[target.start:target.end], new_text)
     if verdict:
-        ls.log_client(f"diffu-lsp: refine: {verdict}")
+        ls.show(f"diffu-lsp: refine: {verdict}", "info")
         return False
     return await ls.apply_edits(uri, target.doc, target.version, [(target.start, target.end, new_text)],
                                 "diffu: refine selection")

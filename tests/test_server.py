@@ -658,6 +658,22 @@ async def test_refine_with_an_empty_range_refines_the_line_it_is_on(mechanic):
 
 
 @aio
+async def test_a_command_that_changes_nothing_tells_the_user_why(mechanic):
+    """The server decides what a command's outcome means, so it says why nothing changed
+    (window/showMessage), and the clients no longer add their own "no change was applied" (two
+    messages for one outcome, seen in VS Code). Refine on an empty line only logged its reason."""
+    client = mechanic
+    uri = open_doc(client, "x = 1\n\ny = 2\n")
+    client.messages.clear()
+    client.edits.clear()
+    cursor = {"line": 1, "character": 0}
+    result = await execute(client, server_mod.CMD_REFINE, textDocument={"uri": uri}, range={"start": cursor, "end": cursor})
+    assert result == {"applied": False} and not client.edits
+    (message,) = await until(lambda: [m.message for m in client.messages if "refine" in m.message], "a message")
+    assert "the line is empty" in message
+
+
+@aio
 @pytest.mark.filterwarnings("ignore:Unknown progress token")  # pygls's test client knows only tokens it created
 async def test_refine_reports_progress_on_the_client_s_work_done_token(mechanic):
     client = mechanic

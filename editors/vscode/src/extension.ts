@@ -63,10 +63,6 @@ interface DiffuStatusParams {
   message?: string;
 }
 
-interface CommandResult {
-  applied?: boolean;
-}
-
 let client: LanguageClient | undefined;
 let statusBar: vscode.StatusBarItem | undefined;
 let serverKeys: string[] = [];
@@ -408,13 +404,8 @@ async function runServerCommand(
       });
       const params: ExecuteCommandParams = { command, arguments: [args], workDoneToken };
       try {
-        const result = (await c.sendRequest(ExecuteCommandRequest.type, params, token)) as CommandResult | null;
-        if (token.isCancellationRequested) {
-          return;
-        }
-        if (!result || result.applied === false) {
-          void vscode.window.showInformationMessage(`${title}: no change was applied.`);
-        }
+        // a command that changes nothing: the server has said why (window/showMessage)
+        await c.sendRequest(ExecuteCommandRequest.type, params, token);
       } catch (err) {
         if (token.isCancellationRequested) {
           return;

@@ -496,10 +496,8 @@ local function exec(bufnr, client, command, args, title)
     if entry.cancelled then
       return -- already reported by M.cancel()
     end
-    if err then
+    if err then -- a command that changes nothing: the server has said why (window/showMessage)
       vim.notify(('%s failed: %s'):format(title, err.message or vim.inspect(err)), vim.log.levels.ERROR)
-    elseif type(result) == 'table' and result.applied == false then
-      vim.notify(title .. ': no change was applied', vim.log.levels.INFO)
     end
     command_done(entry, result, err)
   end)
