@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__, protocol
-from ..errors import (DaemonLost, DaemonStuck, DaemonUnavailable, DaemonUnresponsive, EngineLost, FrameInvalid,
+from ..errors import (DaemonLost, DaemonStuck, DaemonUnavailable, DaemonUnresponsive, FrameInvalid,
                       JobFailed, ModelLoadFailed, OutOfMemory, RequestTooLarge)
 from ..job import Answer, ModelInfo, ModelKey, Request
 from ..settings import Settings
@@ -217,8 +217,9 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
     except OSError as error:  # a full backlog: the daemon accepts nothing
         sock.close()
         raise DaemonUnresponsive(f"the model daemon at {paths.socket} does not accept connections: {error}") from None
+    peer = None
     try:
-        _pid, uid = peer_uid(sock)
+        peer, uid = peer_uid(sock)
         if uid != os.getuid():
             sock.close()
             raise DaemonUnavailable(f"the process listening on {paths.socket} runs as uid {uid}, not as this user; "
@@ -231,8 +232,10 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
         raise DaemonUnresponsive(f"the model daemon at {paths.socket} did not answer in {HELLO_SECONDS:.0f}s") from None
     except (ConnectionResetError, BrokenPipeError) as error:
         sock.close()
-        pid = daemon_pid(paths)  # a daemon just killed resets its listener as it goes, the lock soon after
-        if pid is None or wait_until_gone(paths, pid, RESET_GRACE_SECONDS):
+        # a daemon just killed resets its listener as it goes, and frees the lock soon after; its
+        # standby may hold the lock already: then the process that reset us is gone
+        pid = daemon_pid(paths)
+        if pid is None or (peer and pid != peer) or wait_until_gone(paths, pid, RESET_GRACE_SECONDS):
             return None
         raise DaemonUnavailable(f"the model daemon at {paths.socket} did not answer: {error}") from None
     except (OSError, FrameInvalid) as error:
