@@ -4,6 +4,11 @@ few minutes while the daemon is frozen, killed, restarted and its runtime folder
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from diffu_lsp.bench import common, soak
@@ -44,3 +49,32 @@ def test_choose_line_spans_a_line_after_its_indentation(text):
     start, end = soak.choose_line(random.Random(1), text)
     line = text[start:end]
     assert line.strip() == line and "\n" not in line and line
+
+
+def test_a_daemon_s_standby_is_not_counted_as_a_daemon_even_before_it_is_renamed(tmp_path):
+    """The soak counts daemons (at most one at a time) and kills the one serving. A standby is
+    forked by the daemon and renames itself (comm `diffu-standby`) a moment later: in between it
+    looked like a second daemon, and test_nvim_faults froze it instead of the daemon (the full
+    suite saw `ready` all through a freeze). A child of a live daemon is its standby; once the
+    daemon is gone the orphan is the daemon."""
+    forking = ("import os, sys, time\n"
+               "child = os.fork()\n"
+               "if child == 0:\n"
+               "    time.sleep(60); os._exit(0)\n"
+               "print(child, flush=True); time.sleep(60)\n")
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    daemon = subprocess.Popen([sys.executable, "-c", forking, "diffu_lsp", "daemon", "run"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    standby = int(daemon.stdout.readline())
+    try:
+        assert soak.daemons_of(tmp_path) == [daemon.pid]
+        assert soak.daemons_of(tmp_path, standbys=True) == sorted([daemon.pid, standby])
+        daemon.kill()
+        daemon.wait(10)
+        assert common.wait_for(lambda: soak.daemons_of(tmp_path) == [standby], 10, "the orphaned standby to count as the daemon")
+    finally:
+        for pid in (daemon.pid, standby):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

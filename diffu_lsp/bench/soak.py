@@ -95,9 +95,11 @@ class Run:
 
 def daemons_of(folder: Path, standbys: bool = False) -> list[int]:
     """Live (not zombie) `diffu_lsp daemon run` processes whose XDG_RUNTIME_DIR is `folder`; a
-    daemon's standby (a fork waiting to take its place, daemon/standby.py) only with `standbys`."""
+    daemon's standby (a fork waiting to take its place, daemon/standby.py) only with `standbys`.
+    A standby is named so in /proc/PID/comm, or (just forked, not yet renamed) is the child of a
+    live daemon of the folder: a standby that took over is an orphan, so its parent is no daemon."""
     marker = b"XDG_RUNTIME_DIR=" + str(folder).encode()
-    out = []
+    found: dict[int, tuple[int, bool]] = {}  # pid: (parent pid, named a standby)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -107,13 +109,13 @@ def daemons_of(folder: Path, standbys: bool = False) -> list[int]:
                 continue
             if marker not in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
                 continue
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            standby = Path(f"/proc/{entry}/comm").read_text().strip() == STANDBY_NAME
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            named = Path(f"/proc/{entry}/comm").read_text().strip() == STANDBY_NAME
         except OSError:
             continue
-        if state not in ("Z", "X") and (standbys or not standby):
-            out.append(int(entry))
-    return out
+        if fields[0] not in ("Z", "X"):
+            found[int(entry)] = (int(fields[1]), named)
+    return sorted(pid for pid, (parent, named) in found.items() if standbys or not (named or parent in found))
 
 
 def proc_status(pid: int, key: str) -> int | None:
