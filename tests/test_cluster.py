@@ -96,8 +96,8 @@ def is_loopback(address: str) -> bool:
     return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
-def wait_for(predicate, what: str, timeout: float = 60.0):
-    return common.wait_for(predicate, timeout, what)
+def wait_for(predicate, what: str, timeout: float = 60.0, every: float = 0.1):
+    return common.wait_for(predicate, timeout, what, every)
 
 
 @pytest.fixture(scope="module")
