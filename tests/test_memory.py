@@ -128,3 +128,63 @@ def test_a_job_gives_freed_heap_memory_back():
     assert done.returncode == 0, done.stderr[-2000:]
     released = json.loads(done.stdout.strip().splitlines()[-1])["released_mib"]
     assert released > 100, f"a job gave back {released:.0f} of the 196 MiB freed before it"
+
+
+ATTENTION_SCRIPT = """
+import ctypes, json, random
+import torch
+from diffu_lsp.models import load_model
+from diffu_lsp.models.backend import KVBuffer
+
+torch.set_num_threads(1)
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+
+def in_use():
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+model = load_model(None, device="cpu", dtype="bfloat16")
+chosen = random.Random(0)
+
+@torch.no_grad()
+def steps(lengths):
+    # as a cached job's steps: a full forward fills the keys/values of a canvas, then forwards of
+    # some of its rows attend over all of them: a new (query rows, key rows) pair each
+    for length in lengths:
+        ids = torch.randint(2, 4000, (1, length), generator=torch.Generator().manual_seed(length))
+        buffer = KVBuffer()
+        model.forward(input_ids=ids, position_ids=torch.arange(length)[None], use_cache=True,
+                      logits_to_keep=torch.arange(1), **{model.cache_keyword: buffer})
+        for count in chosen.sample(range(1, 100), 10):
+            buffer.rows = torch.arange(length - count, length)
+            model.forward(input_ids=ids[:, buffer.rows], position_ids=buffer.rows[None], use_cache=True,
+                          logits_to_keep=torch.arange(1), **{model.cache_keyword: buffer})
+
+lengths = chosen.sample(range(300, 700), 80)
+steps(lengths[:40])
+before = in_use()
+steps(lengths[40:])
+print(json.dumps({"grew_mib": (in_use() - before) / 2**20}))
+"""
+
+
+def test_new_attention_shapes_do_not_grow_the_heap():
+    """torch's CPU flash attention keeps a kernel per (query rows, key rows) pair in a map it never
+    empties; the backend runs bfloat16 CPU attention at a few bucket sizes (backend.BUCKETED_DTYPES),
+    so 400 more new pairs, after 400, add next to nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's mallinfo2 (2.33 or later)")
+    done = subprocess.run([sys.executable, "-c", ATTENTION_SCRIPT], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown = json.loads(done.stdout.strip().splitlines()[-1])["grew_mib"]
+    assert grown < 4, f"400 forwards of new (query rows, key rows) pairs kept {grown:.1f} MiB more"

@@ -304,6 +304,8 @@ def sdpa_attention(module, query, key, value, attention_mask, scaling=None, drop
         is_causal = attention_mask is None and queries > 1
         if is_causal and queries != keys:
             raise ValueError(f"causal attention of {queries} queries over {keys} keys needs a mask")
+    if attention_mask is None and not is_causal and query.device.type == "cpu" and query.dtype in BUCKETED_DTYPES:
+        return _bucketed_cpu_attention(query, key, value, scaling)
     groups = query.shape[1] // key.shape[1]
     grouped = groups > 1 and attention_mask is None and SDPA_HAS_GQA
     if groups > 1 and not grouped:  # masked (no flash kernel either way): the kernels that take a mask want equal heads
@@ -316,6 +318,46 @@ def sdpa_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 
 AttentionInterface.register(ATTENTION, sdpa_attention)
+
+# torch's CPU flash attention keeps a compiled kernel for every (query rows, key rows) pair it meets,
+# in a per-thread map that nothing empties: 0.015-0.04 MiB a pair and thread for the bundled model, and
+# a server meets thousands (every canvas length; every cached step's count of recomputed rows over
+# it). Its math kernel, the only other one on a CPU, takes 5-15 times as long. So an unmasked CPU
+# attention runs at bucket sizes: query rows padded (a row's output depends on its own query alone:
+# the extra rows are dropped) and key rows padded with masked keys (weight exp(-inf) = 0: the same
+# output; flash takes the mask). Sizes round up to 8 a doubling (at most 1/8 more rows; multiples of
+# 16 below 128): 56 sizes up to 8,192 rows, so at most 56 x 57 / 2 = 1,596 pairs a thread. The cost,
+# measured: 1-11% more time a forward (padding, and the masked kernel). In float32 the kernel keeps
+# no such map (500 new pairs: +4 MiB, once): exact sizes.
+BUCKETED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def attention_bucket(rows: int) -> int:
+    """`rows` rounded up to the next of 16, 32, ..., 128, 144, ..., 256, 288, ...: 8 sizes a doubling."""
+    step = max(16, 1 << max(0, rows.bit_length() - 4))
+    return -(-rows // step) * step
+
+
+def _bucketed_cpu_attention(query, key, value, scaling):
+    """Bidirectional unmasked SDPA (flash) at attention_bucket sizes: the same output as at the real
+    sizes, through one of a few kernels (see BUCKETED_DTYPES)."""
+    queries, keys = query.shape[2], key.shape[2]
+    padded_queries, padded_keys = attention_bucket(queries), attention_bucket(keys)
+    mask = None
+    if padded_queries != queries:
+        query = torch.nn.functional.pad(query, (0, 0, 0, padded_queries - queries))
+    if padded_keys != keys:
+        key = torch.nn.functional.pad(key, (0, 0, 0, padded_keys - keys))
+        value = torch.nn.functional.pad(value, (0, 0, 0, padded_keys - keys))
+        mask = query.new_zeros(1, padded_keys)  # added to the scores: the padded keys' weights are exp(-inf) = 0
+        mask[:, keys:] = float("-inf")
+    grouped = query.shape[1] != key.shape[1]
+    if grouped and not SDPA_HAS_GQA:
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    options = {"enable_gqa": True} if grouped and SDPA_HAS_GQA else {}
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, **options)
+    return out[:, :, :queries].transpose(1, 2).contiguous(), None
 
 
 def cache_keyword(network) -> str:
