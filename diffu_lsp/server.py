@@ -72,6 +72,9 @@ CONVERTER = default_converter()  # what pygls structures messages with: command 
 # ------------------------------------------------------------------ the server: the window as LSP sees it
 
 MESSAGE_TYPES = {"error": lsp.MessageType.Error, "warning": lsp.MessageType.Warning, "info": lsp.MessageType.Info}
+# what a message to the user is in the server's log: an info is no warning (Neovim files every
+# stderr line as [ERROR], and the server writes only warnings and errors there by default)
+LOG_LEVELS = {lsp.MessageType.Error: logging.ERROR, lsp.MessageType.Warning: logging.WARNING}
 
 
 def to_plain(value: Any) -> Any:
@@ -113,13 +116,12 @@ class DiffuServer(LanguageServer):
 
     def log_client(self, message: str, kind: lsp.MessageType | str = lsp.MessageType.Info) -> None:
         kind = MESSAGE_TYPES.get(kind, kind)
-        log.log({lsp.MessageType.Error: logging.ERROR, lsp.MessageType.Warning: logging.WARNING}.get(kind, logging.INFO),
-                "%s", message)
+        log.log(LOG_LEVELS.get(kind, logging.INFO), "%s", message)
         self.window_log_message(lsp.LogMessageParams(type=kind, message=message))
 
     def show(self, message: str, kind: lsp.MessageType | str) -> None:
         kind = MESSAGE_TYPES.get(kind, kind)
-        log.log(logging.ERROR if kind == lsp.MessageType.Error else logging.WARNING, "%s", message)
+        log.log(LOG_LEVELS.get(kind, logging.INFO), "%s", message)
         self.window_show_message(lsp.ShowMessageParams(type=kind, message=message))
 
     async def begin_progress(self, title: str, *, cancellable: bool, client_token: int | str | None = None

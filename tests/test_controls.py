@@ -69,16 +69,26 @@ def test_info_goes_to_the_editor_as_a_log_message_not_to_stderr(tmp_path, log_le
         loaded = raw.next(lambda m: m.get("method") == "window/logMessage" and "loaded" in m["params"]["message"],
                           "the model-loaded log message")
         assert loaded["params"]["type"] == lsp.MessageType.Info
-        raw.request(1, "shutdown")
+        uri = (raw.root / "a.py").as_uri()  # an info the user is shown (window/showMessage) is no warning either
+        raw.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
+                                                             "text": "x = 1\n\ny = 2\n"}})
+        empty_line = {"start": {"line": 1, "character": 0}, "end": {"line": 1, "character": 0}}
+        raw.request(1, "workspace/executeCommand", {"command": "diffu.refineSelection",
+                                                    "arguments": [{"textDocument": {"uri": uri}, "range": empty_line}]})
         raw.answer(1)
+        shown = raw.next(lambda m: m.get("method") == "window/showMessage", "the message why nothing changed")
+        assert "nothing to refine" in shown["params"]["message"]
+        raw.request(2, "shutdown")
+        raw.answer(2)
         raw.notify("exit")
     finally:
         raw.close()
     info_lines = [line for line in raw.stderr().splitlines() if " INFO " in line]
     if log_level is None:
-        assert not info_lines, raw.stderr()
+        assert not info_lines and "nothing to refine" not in raw.stderr(), raw.stderr()
     else:
         assert any("loaded" in line for line in info_lines), raw.stderr()
+        assert any("nothing to refine" in line for line in info_lines), raw.stderr()
 
 
 @aio
