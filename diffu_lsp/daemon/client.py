@@ -337,7 +337,7 @@ class DaemonEngine:
         if conn is not None and not conn.closed:
             return conn
         if self.state == "ready" and conn is not None:
-            self._set_state("restarting", "the model daemon stopped; starting a new one")
+            self._set_state("restarting", "the model daemon stopped; replacing it")
         conn = connect_or_start(self.paths, idle_seconds=self.idle_seconds, memory_mb=self.memory_mb,
                                 on_lost=self._lost, deadline=self.deadline,
                                 on_restart=lambda reason: self._set_state("restarting", reason))
@@ -391,8 +391,8 @@ class DaemonEngine:
                 return
         if terminate(self.paths, timeout=5, sig=signal.SIGKILL, pid=pid) != pid:
             return
-        log.warning("killed the frozen model daemon (pid %d); starting a new one", pid)
-        self._set_state("restarting", f"the model daemon (pid {pid}) froze; starting a new one")
+        log.warning("killed the frozen model daemon (pid %d); replacing it", pid)
+        self._set_state("restarting", f"the model daemon (pid {pid}) froze; replacing it")
         self._reload()
 
     def _reload(self) -> None:
