@@ -258,13 +258,18 @@ def next_edit(model, text: str, spans, settings: Settings, *, cancel=None) -> li
         blanks.append(blank)
         sizes.append(max(1, len(model.encode(blank + guess))))
     check_canvas(sum(sizes) + at_least_tokens(holes[-1].start - holes[0].end), "next edit", "fewer candidates")
-    canvas = infill.fill_canvas(text, holes, model.encode, sizes, settings.prefix_tokens, settings.suffix_tokens)
-    editable: list[tuple[int, int, int, int]] = []  # (c) text start, end; canvas start, end of the candidates' lines
-    provisional = None
-    if sampling_for(model, settings).edit_threshold is not None:  # a model that edits: the rest of those lines too
-        ids, hole_starts, provisional, editable = _editable_canvas(model, canvas, holes)
-    else:
-        ids, hole_starts = _canvas_ids(model, canvas)
+    ids, hole_starts, provisional, editable = _next_edit_canvas(model, text, holes, sizes, settings)
+    limit = getattr(model, "max_length", None)
+    if isinstance(limit, int) and len(ids) > limit:  # the text between the spans takes room from the context
+        before, after = hole_starts[0], len(ids) - hole_starts[-1] - sizes[-1]  # context tokens in the canvas
+        over = len(ids) - limit + 8  # and the seams'
+        cut = min(before, -(-over * before // max(1, before + after)))
+        smaller = msgspec.structs.replace(settings, prefix_tokens=max(0, before - cut),
+                                          suffix_tokens=max(0, after - (over - cut)))
+        ids, hole_starts, provisional, editable = _next_edit_canvas(model, text, holes, sizes, smaller)
+        if len(ids) > limit:
+            raise RequestTooLarge(f"next edit: the candidates' span is over the model's {limit:,} positions; "
+                                  "fewer candidates")
     check_canvas(len(ids), "next edit", "fewer candidates")
     result = _denoise(model, ids, settings, cancel, provisional=provisional)
     out = []
@@ -285,6 +290,16 @@ def next_edit(model, text: str, spans, settings: Settings, *, cancel=None) -> li
         elif prior >= gate and not (sure and new == text[start:end]) and guess != text[start:end]:
             out.append(Replacement(start, end, guess))
     return sorted(out, key=lambda r: r.start)
+
+
+def _next_edit_canvas(model, text: str, holes: list[infill.Hole], sizes: list[int], settings: Settings):
+    """The next-edit canvas at the settings' context budgets: (ids, hole starts, provisional flags
+    or None, editable pieces: (text start, end, canvas start, end) of the candidates' lines)."""
+    canvas = infill.fill_canvas(text, holes, model.encode, sizes, settings.prefix_tokens, settings.suffix_tokens)
+    if sampling_for(model, settings).edit_threshold is not None:  # a model that edits: the rest of those lines too
+        return _editable_canvas(model, canvas, holes)
+    ids, hole_starts = _canvas_ids(model, canvas)
+    return ids, hole_starts, None, []
 
 
 def _editable_canvas(model, canvas: infill.HoleCanvas, holes: list[infill.Hole]):

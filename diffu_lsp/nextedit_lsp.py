@@ -18,7 +18,7 @@ from lsprotocol import types as lsp
 from pygls.exceptions import JsonRpcInvalidParams
 
 from .documents import offset_at, position_at
-from .errors import JobCancelled
+from .errors import JobCancelled, RequestTooLarge
 from .session import PREEMPTED
 from .nextedit import Prediction, nearest_after
 
@@ -81,6 +81,9 @@ async def predict(ls, uri: str, version: int | None, delay: float = 0.0, *, agai
         state = ls.session.next_edits.documents.get(uri)
         if error.reason == PREEMPTED and state is not None and state.pending in (None, asyncio.current_task()):
             state.pending = ls.session.spawn(predict(ls, uri, version, ls.session.settings.next_edit_delay_ms / 1000))
+        return
+    except RequestTooLarge as error:  # candidates too far apart for the model: no prediction, and no error
+        log.info("next edit for %s: %s", uri, error)
         return
     except Exception:  # noqa: BLE001 - a prediction that fails shows nothing; inline completion goes on
         log.exception("next-edit prediction failed")

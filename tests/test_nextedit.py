@@ -125,6 +125,24 @@ def test_the_model_alone_decides_where_the_edit_is_not_sure(bundled):
     assert predicted(bundled, BEFORE, after, next_edit_confidence=0.0)
 
 
+def test_candidates_far_apart_fit_the_model_s_positions_or_are_refused_clearly(bundled, monkeypatch):
+    """The text between the first and last candidate (up to 2 x WINDOW_CHARS) comes on top of the
+    context budgets: the soak's next-edit jobs failed in the model with "canvas of 2119 tokens
+    exceeds the model's 2048". The context is cut to make room; a span the model cannot hold at
+    all is a RequestTooLarge, said before any forward."""
+    from diffu_lsp.errors import RequestTooLarge
+
+    above = "".join(f"def helper_{i}(x):\n    return x + {i}\n\n\n" for i in range(60))  # the prefix's budget, full
+    between = "".join(f"    step_{i} = {i}\n" for i in range(60))  # ~400 tokens between the two uses
+    before = f"{above}def summarize(items):\n    count = len(items)\n    print(count)\n{between}    return count\n"
+    after = before.replace("    count = len(items)", "    total = len(items)")
+    monkeypatch.setattr(bundled, "max_length", 900)
+    assert predicted(bundled, before, after) == [("count", "total")] * 2
+    monkeypatch.setattr(bundled, "max_length", 300)
+    with pytest.raises(RequestTooLarge, match="over the model's 300 positions"):
+        predicted(bundled, before, after)
+
+
 def test_a_new_parameter_implies_the_call_sites():
     before = 'def area(w, h):\n    return w * h\n\n\nprint(area(1, 2))\nx = area(3, len("a)"))\ny = area()\n'
     after = before.replace("def area(w, h):", "def area(w, h, scale):")
