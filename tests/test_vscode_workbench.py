@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from nvim_helpers import search_path
+from samples import SAMPLE
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSION = ROOT / "editors" / "vscode"
@@ -62,30 +63,6 @@ if MISSING is not None and os.environ.get("DIFFU_WORKBENCH_REQUIRED"):  # CI ins
     raise RuntimeError(f"DIFFU_WORKBENCH_REQUIRED is set, but there is no VS Code workbench: {MISSING}")
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"no VS Code workbench: {MISSING}")
 
-SAMPLE = '''\
-import os
-import sys
-
-
-def read_lines(path):
-    with open(path) as f:
-        return f.read().splitlines()
-
-
-def count_words(text):
-    words = text.split()
-    return len(words)
-
-
-def main():
-    total = 0
-    for line in read_lines(sys.argv[1]):
-        total += count_words(line)
-    print(total)
-
-
-if __name__ == "__main__":
-'''
 
 
 @pytest.fixture(scope="module")
