@@ -30,8 +30,9 @@ import types
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import Qwen2Config
+
+from oracle_checkpoint import float_network
 
 
 def main(modeling_py: str, checkpoint: str, out: str) -> None:
@@ -46,16 +47,7 @@ def main(modeling_py: str, checkpoint: str, out: str) -> None:
     sys.modules[spec.name] = modeling
     spec.loader.exec_module(modeling)
 
-    fields = json.loads((Path(checkpoint) / "config.json").read_text())
-    config = configuration.Fast_dLLM_QwenConfig(**{k: v for k, v in fields.items()
-                                                   if k not in ("auto_map", "architectures")})
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    network = modeling.Fast_dLLM_QwenForCausalLM(config).float().eval()
-    state = {}
-    for shard in sorted(Path(checkpoint).glob("*.safetensors")):
-        state.update({k: v.float() for k, v in load_file(str(shard)).items()})
-    network.load_state_dict(state, strict=True)
+    network = float_network(configuration.Fast_dLLM_QwenConfig, modeling.Fast_dLLM_QwenForCausalLM, checkpoint)
 
     request = json.load(sys.stdin)
     result = {}

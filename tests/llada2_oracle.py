@@ -17,10 +17,10 @@ import importlib
 import json
 import sys
 import types
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from oracle_checkpoint import float_network
 
 
 def main(modeling_dir: str, checkpoint: str, out: str) -> None:
@@ -29,15 +29,7 @@ def main(modeling_dir: str, checkpoint: str, out: str) -> None:
     sys.modules["llada2_oracle_code"] = package
     configuration = importlib.import_module("llada2_oracle_code.configuration_llada2_moe")
     modeling = importlib.import_module("llada2_oracle_code.modeling_llada2_moe")
-    fields = json.loads((Path(checkpoint) / "config.json").read_text())
-    config = configuration.LLaDA2MoeConfig(**{k: v for k, v in fields.items() if k not in ("auto_map", "architectures")})
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    network = modeling.LLaDA2MoeModelLM(config).float().eval()
-    state = {}
-    for shard in sorted(Path(checkpoint).glob("*.safetensors")):
-        state.update({k: v.float() for k, v in load_file(str(shard)).items()})
-    network.load_state_dict(state, strict=True)
+    network = float_network(configuration.LLaDA2MoeConfig, modeling.LLaDA2MoeModelLM, checkpoint)
     forward = network.forward
 
     def float_mask_forward(*args, attention_mask=None, **kwargs):

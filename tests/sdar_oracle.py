@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+
+from oracle_checkpoint import float_network
 
 
 def rms_norm_fn(x, weight, bias=None, eps=1e-6, **kwargs):
@@ -88,16 +89,8 @@ def main(code_dir: str, checkpoint: str, out: str) -> None:
     spec.loader.exec_module(generate)
     generate.sample_with_temperature_topk_topp = greedy
 
-    fields = json.loads((Path(checkpoint) / "config.json").read_text())
-    config = configuration.SDARConfig(**{k: v for k, v in fields.items()
-                                         if k not in ("auto_map", "architectures", "attn_implementation")})
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    network = modeling.SDARForCausalLM(config).float().eval()
-    state = {}
-    for shard in sorted(Path(checkpoint).glob("*.safetensors")):
-        state.update({k: v.float() for k, v in load_file(str(shard)).items()})
-    network.load_state_dict(state, strict=True)
+    network = float_network(configuration.SDARConfig, modeling.SDARForCausalLM, checkpoint,
+                            dropped=("auto_map", "architectures", "attn_implementation"))
 
     request = json.load(sys.stdin)
     result = {}
