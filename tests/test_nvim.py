@@ -410,18 +410,24 @@ def perimeter(width, height):
 """
 
 
+def command_at_cursor(ed, keys: str, command: str, lsp_command: str, cursor: dict) -> dict:
+    """In normal mode at `keys` (`:normal!`), run `:<command>` with no range: the client sends the
+    cursor (`cursor`) as an empty range and decides nothing. What the command's request answered."""
+    ed.input("<Esc>")
+    ed.nvim.command(f"normal! {keys}")
+    ed.nvim.command(command)
+    done = wait_for(lambda: ed.lua("return _G.diffu_test.done[1]"), REQUEST_TIMEOUT, what=f":{command} to finish")
+    (sent,) = [c for c in ed.lua("return _G.diffu_test.commands") if c["command"] == lsp_command]
+    assert sent["arguments"] == [{"textDocument": {"uri": ed.lua("return vim.uri_from_bufnr(0)")},
+                                  "range": {"start": cursor, "end": cursor}}], sent
+    return done
+
+
 def test_fill_without_a_range_sends_the_cursor_and_the_server_picks_the_function(editor_factory):
     """:DiffuFill with no range sends an empty range at the cursor (the client computes no
     enclosing function); the server fills only the hole of the def around it."""
     ed = editor_factory(text=HOLES, mechanic=True)
-    ed.input("<Esc>")
-    ed.nvim.command("normal! 6G0ll")  # in perimeter's body, before its `...`
-    ed.nvim.command("DiffuFill")
-    done = wait_for(lambda: ed.lua("return _G.diffu_test.done[1]"), REQUEST_TIMEOUT, what=":DiffuFill to finish")
-    (sent,) = [c for c in ed.lua("return _G.diffu_test.commands") if c["command"] == "diffu.fillHoles"]
-    cursor = {"line": 5, "character": 2}
-    assert sent["arguments"] == [{"textDocument": {"uri": ed.lua("return vim.uri_from_bufnr(0)")},
-                                  "range": {"start": cursor, "end": cursor}}], sent
+    done = command_at_cursor(ed, "6G0ll", "DiffuFill", "diffu.fillHoles", {"line": 5, "character": 2})  # before `...`
     assert done["result"] == {"applied": True}, done
     after = ed.lines()
     assert after[:5] == HOLES.splitlines()[:5]  # area's `...` is kept
@@ -432,14 +438,7 @@ def test_refine_without_a_range_sends_the_cursor_and_the_server_refines_its_line
     """:DiffuRefine with no range sends an empty range at the cursor (the client decides nothing);
     the server refines the line it is on, and only that line."""
     ed = editor_factory(text=HOLES, mechanic=True, setup={"settings": {"refineMode": "all"}})
-    ed.input("<Esc>")
-    ed.nvim.command("normal! 5G0w")  # on `def perimeter(...)`
-    ed.nvim.command("DiffuRefine")
-    done = wait_for(lambda: ed.lua("return _G.diffu_test.done[1]"), REQUEST_TIMEOUT, what=":DiffuRefine to finish")
-    (sent,) = [c for c in ed.lua("return _G.diffu_test.commands") if c["command"] == "diffu.refineSelection"]
-    cursor = {"line": 4, "character": 4}
-    assert sent["arguments"] == [{"textDocument": {"uri": ed.lua("return vim.uri_from_bufnr(0)")},
-                                  "range": {"start": cursor, "end": cursor}}], sent
+    done = command_at_cursor(ed, "5G0w", "DiffuRefine", "diffu.refineSelection", {"line": 4, "character": 4})
     # the server ran a refine job (before, it answered an empty range with nothing)
     assert [e for e in ed.lua("return _G.diffu_test.echoed") if "tokens left" in e["text"]]
     assert isinstance(done["result"], dict) and isinstance(done["result"].get("applied"), bool), done
