@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from diffu_lsp import __version__, protocol
-from diffu_lsp.daemon import Paths, daemon_pid, private_folder, runtime_paths, terminate
+from diffu_lsp.daemon import Paths, daemon_pid, private_folder, runtime_paths, standby_pid, terminate
 from diffu_lsp.errors import DaemonUnavailable
 from diffu_lsp.daemon.client import connect, connect_or_start
 
@@ -89,6 +89,21 @@ def test_planted_symlinks_are_not_followed(runtime, tmp_path):
         connect_or_start(runtime)
     assert daemon_pid(runtime) is None
     assert victim.read_text() == "precious\n"  # neither truncated to a pid nor appended to
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the standby is a Linux fork")
+def test_a_planted_standby_lock_symlink_is_not_followed(runtime, tmp_path):
+    """SECURITY.md counts standby.lock among the files opened without following a link: the
+    daemon then serves without a standby, and the file the link names keeps its contents (a
+    standby writes its pid into its lock)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    private_folder(runtime.folder)
+    runtime.standby_lock.symlink_to(victim)
+    connect_or_start(runtime).close()
+    time.sleep(1)  # a standby would have forked and written its pid by now
+    assert daemon_pid(runtime) is not None and standby_pid(runtime) is None
+    assert victim.read_text() == "precious\n"
 
 
 def test_a_socket_of_another_user_gets_no_document(runtime):
