@@ -83,6 +83,12 @@ vim.api.nvim_echo = function(chunks, history, opts)
                                        t = vim.uv.hrtime() }})
   return echo(chunks, history, opts)
 end
+-- and every diffu/status state received, in order (one sampled now and then misses a short one)
+_G.diffu_test.states = {{}}
+vim.api.nvim_create_autocmd('User', {{
+  pattern = 'DiffuStatus',
+  callback = function(args) table.insert(_G.diffu_test.states, (args.data or {{}}).state) end,
+}})
 vim.api.nvim_create_autocmd('User', {{
   pattern = 'DiffuCommandDone',
   callback = function(args) table.insert(_G.diffu_test.done, args.data) end,
