@@ -73,18 +73,15 @@ def run_job(held: HeldModel, request: Request, *, cancel, on_step=None,
 
     held.last_used = time.monotonic()
     held.jobs += 1
-    try:
-        return features.answer(held.model, request, cancel=cancel, on_step=on_step, on_oom_retry=on_oom_retry,
-                               drafts=held.drafts, key=key)
-    finally:
-        trim_heap()
+    return features.answer(held.model, request, cancel=cancel, on_step=on_step, on_oom_retry=on_oom_retry,
+                           drafts=held.drafts, key=key)
 
 
 class JobHost:
     """Runs Submit frames on held models; use it from one event loop."""
 
     def __init__(self, *, workers: int = 1, thread_name: str = "diffu-host-model") -> None:
-        self.sched = Scheduler(debounce_s=0, thread_name=thread_name, workers=workers)
+        self.sched = Scheduler(debounce_s=0, thread_name=thread_name, workers=workers, after_job=trim_heap)
 
     def submit(self, held: HeldModel, message: Submit, send: Callable[[Message], None], *,
                key: str) -> tuple[Job, Awaitable[Result | Failed]]:

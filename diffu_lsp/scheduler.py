@@ -80,12 +80,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Generator, Generic, List, Optional, TypeVar
 
 from .errors import JobCancelled
+
+log = logging.getLogger(__name__)
 
 __all__ = ["OUTCOMES", "CancelToken", "Job", "JobCancelled", "JobRecord", "Scheduler"]
 
@@ -280,6 +283,15 @@ class Ledger:
         job.work = None
 
 
+def _call(work: Callable[..., Any], *args: Any) -> tuple[Any, Optional[BaseException]]:
+    """``work(*args)`` on a worker: (its result, None) or (None, what it raised); the worker must
+    survive anything."""
+    try:
+        return work(*args), None
+    except BaseException as error:  # noqa: BLE001
+        return None, error
+
+
 class Scheduler:
     """Serialises model work onto one thread with latest-wins per key.
 
@@ -287,17 +299,20 @@ class Scheduler:
     ``starvation_limit``: a runnable job passed over this many times is served
     before newer ones (0 = FIFO).  ``history``: number of :class:`JobRecord`
     kept.  The worker thread starts on the first :meth:`submit`, which also
-    binds the scheduler to the running event loop.
+    binds the scheduler to the running event loop.  ``after_job()`` runs on the worker after each
+    job that ran, once its answer is handed over (housekeeping, e.g. ``job_host.trim_heap``).
     """
 
     def __init__(self, debounce_s: float = 0.06, *, starvation_limit: int = 4,
-                 history: int = 200, thread_name: str = "diffu-model", workers: int = 1) -> None:
+                 history: int = 200, thread_name: str = "diffu-model", workers: int = 1,
+                 after_job: Callable[[], Any] = lambda: None) -> None:
         if debounce_s < 0 or starvation_limit < 0 or workers < 1:
             raise ValueError("debounce_s and starvation_limit must be >= 0, workers >= 1")
         self.workers = workers  # > 1: jobs of different keys run at once (a replica batching their forwards)
         self.debounce_s = debounce_s
         self.starvation_limit = starvation_limit
         self.thread_name = thread_name
+        self.after_job = after_job
         self._ids = itertools.count(1)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[int] = None
@@ -417,9 +432,8 @@ class Scheduler:
         return self.ledger.record(job_id)
 
     async def close(self, timeout: Optional[float] = 10.0) -> None:
-        """Cancel every job, stop and join the worker (waiting for the running
-        work function to return, up to ``timeout`` seconds).  Later submissions
-        are answered with ``JobCancelled("scheduler closed")``."""
+        """Cancel every job, stop and join the worker (waiting for the running work function to
+        return, up to ``timeout`` seconds).  Later submissions get ``JobCancelled("scheduler closed")``."""
         self._check_thread()
         self._closed = True
         for job in list(self._by_id.values()):
@@ -530,29 +544,27 @@ class Scheduler:
                 job = self._pick()
                 job.state = _RUNNING
                 self._running[job.id] = job
-            result: Any = None
-            exc: Optional[BaseException] = None
             job.started_at = time.monotonic()
             work, job.work = job.work, None
             if job.token.cancelled:
-                exc = JobCancelled(job.token.reason, job_id=job.id, key=job.key)
+                result, exc = None, JobCancelled(job.token.reason, job_id=job.id, key=job.key)
             else:
                 job.ran = True
                 with self._lock:
                     self._started += 1
-                try:
-                    result = work(job.token)  # type: ignore[misc]
-                except BaseException as e:  # noqa: BLE001 - the worker must survive
-                    exc = e
+                result, exc = _call(work, job.token)  # type: ignore[arg-type]
             job.finished_at = time.monotonic()
             with self._lock:
                 job.state = _DONE
                 self._running.pop(job.id, None)
+            ran = job.ran
             try:
                 self._loop.call_soon_threadsafe(self._on_worker_done, job, result, exc)  # type: ignore[union-attr]
             except RuntimeError:  # event loop already closed
                 pass
-            del job, work, result, exc
+            del job, work, result, exc  # before after_job: this thread holds nothing of the job
+            if ran and (failure := _call(self.after_job)[1]) is not None:
+                log.warning("after_job failed: %r", failure)
 
     def _on_worker_done(self, job: Job[Any], result: Any, exc: Optional[BaseException]) -> None:
         if job.outcome is None:

@@ -22,6 +22,7 @@ from . import infill, nextedit
 from .engine import Engine, LocalEngine
 from .errors import PASS_THROUGH, DaemonUnavailable, JobCancelled, first_line
 from .job import ModelInfo, ModelKey, Request, Step, Suggestion
+from .job_host import trim_heap
 from .scheduler import Scheduler
 from .settings import Settings
 
@@ -205,7 +206,8 @@ class Session:
                  editor: Editor | None = None):
         self.editor: Editor = editor or NoEditor()
         self.settings = Settings()
-        self.sched = Scheduler(debounce_s=self.settings.debounce_ms / 1000)
+        # after_job: the in-process model's jobs free much of the heap (job_host.trim_heap)
+        self.sched = Scheduler(debounce_s=self.settings.debounce_ms / 1000, after_job=trim_heap)
         self.make_engine = make_engine or (lambda choice: engine_for(self, choice))
         self.engine = engine if engine is not None else self.make_engine("daemon")
         self.engine_setting = "daemon"  # the setting `engine` the current engine was chosen for

@@ -84,10 +84,11 @@ def test_new_canvas_lengths_do_not_grow_the_kernel_caches():
 
 
 TRIM_SCRIPT = """
-import ctypes, json
+import asyncio, ctypes, json
 from diffu_lsp import job_host
 from diffu_lsp.job import ModelKey, Request
 from diffu_lsp.models import load_model
+from diffu_lsp.protocol import Submit
 from diffu_lsp.settings import Settings
 
 def rss_mib():
@@ -98,7 +99,17 @@ key = ModelKey(None, "cpu", "float32")
 held = job_host.HeldModel(key, load_model(None, device="cpu", dtype="float32"))
 text = "def add(a, b):\\n    return "
 request = Request("suggest", text, len(text), len(text), Settings())
-job_host.run_job(held, request, cancel=None)  # its kernels and buffers made: the second job makes none
+
+def job(number):
+    # one Submit frame through the daemon's JobHost, answered, its worker's housekeeping done
+    async def run():
+        host = job_host.JobHost()
+        _, answer = host.submit(held, Submit(number, "doc", key, request), lambda frame: None, key="doc")
+        assert type(await answer).__name__ == "Result"
+        await host.sched.close()
+    asyncio.run(run())
+
+job(1)  # its kernels and buffers made: the second job makes none
 
 # 200 MiB of the heap freed where the job cannot give it back by itself: a small block kept after
 # every 3 MiB freed (below the mmap threshold, as most of a job's allocations)
@@ -114,7 +125,7 @@ for index, block in enumerate(blocks):
         libc.free(block)
 before = rss_mib()
 job_host.TRIM_SECONDS = 0  # the job just before trimmed a moment ago
-job_host.run_job(held, request, cancel=None)
+job(2)
 print(json.dumps({"released_mib": before - rss_mib()}))
 """
 

@@ -533,3 +533,32 @@ async def test_the_handler_guard_answers_a_base_exception_but_lets_exit_through(
     assert await command(ls, JobCancelled("superseded")) == {"applied": False}
     assert len(shown) == 1  # neither the exits nor the cancel were reported as failures
     assert await sched.submit("doc", denoise(1, "still serving")) == "still serving"
+
+
+# ------------------------------------------------------------ after_job
+
+
+async def test_after_job_runs_once_the_answer_is_handed_over(make_sched):
+    """Housekeeping after a job (the daemon's heap trim) never delays its answer: the answer
+    arrives while after_job is still running; a job cancelled before it ran has none; an after_job
+    that raises leaves the worker serving."""
+    gate, calls = threading.Event(), []
+
+    def after_job():
+        calls.append(threading.current_thread().name)
+        assert gate.wait(5)
+        if len(calls) == 2:
+            raise RuntimeError("housekeeping failed")
+
+    sched = make_sched(debounce_s=0, after_job=after_job)
+    assert await asyncio.wait_for(sched.submit("a", lambda token: "first"), 2) == "first"
+    assert calls == [sched.thread_name]  # ran on the worker, still blocked: the answer came anyway
+    never_ran = sched.submit("a", lambda token: "superseded")  # waits behind after_job, then is superseded
+    second = sched.submit("a", lambda token: "second")
+    gate.set()
+    with pytest.raises(JobCancelled):
+        await never_ran
+    assert await asyncio.wait_for(second, 5) == "second"
+    assert await asyncio.wait_for(sched.submit("a", lambda token: "third"), 5) == "third"
+    await settle(sched)
+    assert len(calls) == 3  # first, second (raised), third: none for the superseded one
