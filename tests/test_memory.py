@@ -183,3 +183,26 @@ def test_new_attention_shapes_do_not_grow_the_heap():
     assert done.returncode == 0, done.stderr[-2000:]
     grown = json.loads(done.stdout.strip().splitlines()[-1])["grew_mib"]
     assert grown < 4, f"400 forwards of new (query rows, key rows) pairs kept {grown:.1f} MiB more"
+
+
+@pytest.mark.parametrize("queries, keys, key_heads", [(37, 203, 2), (16, 16, 4), (5, 130, 1)])
+def test_bucketed_attention_gives_the_exact_attention(queries, keys, key_heads):
+    """The bucket sizes change which kernel runs, not what it computes: bfloat16 CPU attention with
+    padded query and key rows (the padded keys masked off), grouped heads too, against attention
+    at the real sizes in float32, to bfloat16's rounding."""
+    import torch
+
+    from diffu_lsp.models.backend import attention_bucket, sdpa_attention
+
+    assert (attention_bucket(queries), attention_bucket(keys)) != (queries, keys) or queries == 16
+    generator = torch.Generator().manual_seed(queries * keys)
+    query = torch.randn(1, 4, queries, 32, generator=generator)
+    key = torch.randn(1, key_heads, keys, 32, generator=generator)
+    value = torch.randn(1, key_heads, keys, 32, generator=generator) + 4  # a padded key let through pulls to 0
+    module = torch.nn.Module().eval()
+    out, _ = sdpa_attention(module, query.bfloat16(), key.bfloat16(), value.bfloat16(), None, is_causal=False)
+    groups = 4 // key_heads
+    weights = (query @ key.repeat_interleave(groups, 1).transpose(2, 3) / 32 ** 0.5).softmax(-1)
+    exact = (weights @ value.repeat_interleave(groups, 1)).transpose(1, 2)
+    assert out.shape == exact.shape
+    assert (out.float() - exact).abs().max() < 0.04

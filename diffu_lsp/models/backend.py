@@ -306,15 +306,24 @@ def sdpa_attention(module, query, key, value, attention_mask, scaling=None, drop
             raise ValueError(f"causal attention of {queries} queries over {keys} keys needs a mask")
     if attention_mask is None and not is_causal and query.device.type == "cpu" and query.dtype in BUCKETED_DTYPES:
         return _bucketed_cpu_attention(query, key, value, scaling)
-    groups = query.shape[1] // key.shape[1]
-    grouped = groups > 1 and attention_mask is None and SDPA_HAS_GQA
-    if groups > 1 and not grouped:  # masked (no flash kernel either way): the kernels that take a mask want equal heads
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    options = {"enable_gqa": True} if grouped else {}
+    # masked (no flash kernel either way): the kernels that take a mask want equal heads
+    key, value, options = _heads_for_sdpa(query, key, value, may_group=attention_mask is None)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0,
         scale=scaling, is_causal=bool(is_causal), **options)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _heads_for_sdpa(query, key, value, *, may_group: bool):
+    """Keys and values with fewer heads than the queries (grouped-query attention): left at their
+    own head count for SDPA's enable_gqa where ``may_group`` and torch has it, else repeated per
+    query head. (key, value, SDPA's extra options)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups == 1:
+        return key, value, {}
+    if may_group and SDPA_HAS_GQA:
+        return key, value, {"enable_gqa": True}
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), {}
 
 
 AttentionInterface.register(ATTENTION, sdpa_attention)
@@ -351,11 +360,7 @@ def _bucketed_cpu_attention(query, key, value, scaling):
         value = torch.nn.functional.pad(value, (0, 0, 0, padded_keys - keys))
         mask = query.new_zeros(1, padded_keys)  # added to the scores: the padded keys' weights are exp(-inf) = 0
         mask[:, keys:] = float("-inf")
-    grouped = query.shape[1] != key.shape[1]
-    if grouped and not SDPA_HAS_GQA:
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    options = {"enable_gqa": True} if grouped and SDPA_HAS_GQA else {}
+    key, value, options = _heads_for_sdpa(query, key, value, may_group=True)  # CPU flash takes grouped heads and a mask
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, **options)
     return out[:, :, :queries].transpose(1, 2).contiguous(), None
 
