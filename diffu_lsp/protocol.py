@@ -19,8 +19,9 @@ from .errors import (EXITS, DiffuError, FrameInvalid, JobCancelled, JobFailed, M
                      RequestTooLarge, first_line, is_out_of_memory)
 from .job import Answer, ModelInfo, ModelKey, Request, Step
 
-# 8: the cluster's too, Failed kinds load/too_large; 7: candidates; 6: Progress.text; 5: warmStart; 4: JobSettings
-PROTOCOL = 8
+# 9: Stopping; 8: the cluster's too, Failed kinds load/too_large; 7: candidates; 6: Progress.text; 5: warmStart;
+# 4: JobSettings
+PROTOCOL = 9
 MAX_FRAME = 64 * 1024 * 1024  # what a client reads: an answer holds at most a document's worth of text
 MAX_CLIENT_FRAME = 16 * 1024 * 1024  # what a host reads: a Submit holds one document (clipped over
                                      # maxDocumentBytes, 4 MB by default) and its settings
@@ -135,6 +136,13 @@ class Stop(msgspec.Struct, tag=True, frozen=True):
     pass
 
 
+class Stopping(msgspec.Struct, tag=True, frozen=True):
+    """The daemon stops on purpose (``daemon stop``, a signal, its folder taken): told to each
+    window before it closes, so that none starts a new daemon until it next needs one."""
+
+    reason: str
+
+
 class Error(msgspec.Struct, tag=True, frozen=True):
     """A connection-level problem (bad frame, wrong version); the host closes after it."""
 
@@ -142,7 +150,7 @@ class Error(msgspec.Struct, tag=True, frozen=True):
 
 
 Message = Union[Hello, Welcome, Load, Loaded, Submit, Cancel, Ping, Pong, Progress, Result, Failed, StatusQuery,
-                Status, Stop, Error]
+                Status, Stop, Stopping, Error]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -483,8 +483,12 @@ def engine_for(session: Session, choice: str) -> Engine:
     ``session``'s editor when the daemon is lost, stuck or back."""
     from .daemon.client import DaemonEngine
 
-    def lost(reason: str) -> None:  # on the client's reader thread, once per connection
+    def lost(reason: str, stopped: bool) -> None:  # on the client's reader thread, once per connection
         def tell() -> None:
+            if stopped:  # on purpose: it stays stopped until a request needs it
+                session.editor.show(f"diffu-lsp: the model daemon stopped ({reason}); the next request starts it "
+                                    "again", "info")
+                return
             session.counters["daemon_lost"] += 1
             session.editor.show(f"diffu-lsp: the model daemon stopped ({reason}); pending requests were answered "
                                 "empty; reconnecting (to its standby, else a new daemon) and loading the model", "warning")

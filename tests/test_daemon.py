@@ -418,6 +418,29 @@ def test_a_lost_daemon_s_replacement_loads_the_model_before_the_next_job(runtime
         engine.close()
 
 
+def test_a_daemon_stopped_on_purpose_stays_stopped_until_a_job_needs_it(runtime):
+    """`diffu-lsp daemon stop` with a window open: the window reconnected and loaded the model at
+    once, as after a crash, so the daemon (and its model's memory) was back within seconds. The
+    daemon now says it stops on purpose (protocol.Stopping): the window starts nothing by itself,
+    and its next job starts a new daemon."""
+    lost, states = [], []
+    engine = DaemonEngine(paths=runtime, on_lost=lambda reason, stopped: lost.append((reason, stopped)),
+                          on_state=lambda state, message: states.append(state))
+    try:
+        engine.load(BUNDLED)
+        stopped = subprocess.run([sys.executable, "-m", "diffu_lsp", "daemon", "stop"], capture_output=True,
+                                 text=True, timeout=60)
+        assert stopped.returncode == 0, stopped.stderr
+        wait_for(lambda: lost, "the window to hear of it", 30)
+        assert lost == [("it was stopped: diffu-lsp daemon stop", True)]
+        with pytest.raises(TimeoutError):  # a restart would show within a second (its standby: none, stopped too)
+            wait_for(lambda: states or daemon_pid(runtime), "nothing to happen", 5)
+        assert isinstance(engine.run(suggest_request(), CancelToken(), key="k"), Suggestion)
+        assert daemon_pid(runtime) is not None and states == ["restarting", "ready"]
+    finally:
+        engine.close()
+
+
 def test_idle_daemon_exits_and_cli_reports_it(runtime):
     conn = connect_or_start(runtime, idle_seconds=1)
     pid = conn.pid

@@ -63,7 +63,7 @@ def _fake_daemon(answer):
                 far.sendall(protocol.encode(answer(msg.id)))
 
     threading.Thread(target=serve, daemon=True).start()
-    return Connection(near, protocol.Welcome(protocol.PROTOCOL, "test", 0, 1), on_lost=lambda reason: None)
+    return Connection(near, protocol.Welcome(protocol.PROTOCOL, "test", 0, 1), on_lost=lambda reason, stopped: None)
 
 
 @pytest.mark.parametrize("kind", ["error", "oom"])

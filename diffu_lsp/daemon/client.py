@@ -5,7 +5,8 @@ One :class:`Connection` per server process: a blocking socket, a reader thread t
 incoming frame to the waiter of its id, and a write lock. When the daemon goes away every waiter
 is woken with :class:`DaemonLost` and ``on_lost`` is called once; the engine then connects again
 at once, to the daemon's standby taking its place (``standby.py``; else a new daemon is started),
-and loads the model there, without waiting for the next job.
+and loads the model there, without waiting for the next job. A daemon stopped on purpose (``daemon
+stop``) says so first (:class:`~diffu_lsp.protocol.Stopping`): then the next job starts a new one.
 
 No wait is unbounded. A waiting call pings the daemon after :data:`PING_SECONDS` without a word
 from it. Pings are answered by the daemon's event loop, never behind a job (jobs run on its worker
@@ -59,7 +60,7 @@ _LOST = object()
 class Connection:
     """A handshaken connection to the daemon. Thread-safe."""
 
-    def __init__(self, sock: socket.socket, welcome: protocol.Welcome, on_lost: Callable[[str], None],
+    def __init__(self, sock: socket.socket, welcome: protocol.Welcome, on_lost: Callable[[str, bool], None],
                  deadline: float = DEFAULT_DEADLINE):
         self.sock = sock
         self.pid = welcome.pid
@@ -68,6 +69,7 @@ class Connection:
         self.loaded = False  # the daemon has loaded a model (answered a Load or a job) since we connected
         self._quiet: tuple = (0.0, None, 0.0)  # last_heard, the daemon's CPU seconds, since when it has not run
         self.closed = False
+        self.stopped = False  # the daemon said it stops on purpose (protocol.Stopping)
         self._closing = False
         self._on_lost = on_lost
         self._ids = itertools.count(1)
@@ -166,6 +168,9 @@ class Connection:
                     reason = f"the daemon closed the connection: {msg.message}"
                     log.warning("daemon: %s", msg.message)
                     continue
+                if isinstance(msg, protocol.Stopping):
+                    reason, self.stopped = f"it was stopped: {msg.reason}", True
+                    continue
                 id = 0 if isinstance(msg, protocol.Status) else msg.id
                 with self._lock:
                     waiter = self._waiters.get(id)
@@ -186,8 +191,8 @@ class Connection:
         with contextlib.suppress(OSError):
             self.sock.close()
         if not self._closing:
-            log.warning("model daemon connection lost: %s", reason)
-            self._on_lost(reason)
+            log.log(logging.INFO if self.stopped else logging.WARNING, "model daemon connection lost: %s", reason)
+            self._on_lost(reason, self.stopped)
 
     def close(self, reason: str = "closed by this server") -> None:
         """Drop the connection (pending calls get DaemonLost); ``on_lost`` is not called."""
@@ -197,7 +202,7 @@ class Connection:
         self._lost(reason)
 
 
-def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
+def connect(paths: Paths, on_lost: Callable[[str, bool], None] = lambda reason, stopped: None,
             deadline: float = DEFAULT_DEADLINE) -> Connection | None:
     """A handshaken connection to the running daemon, or None when none listens (or only a dead
     daemon's socket resets). Only a socket of ours with a peer of our uid is spoken to."""
@@ -250,7 +255,8 @@ def connect(paths: Paths, on_lost: Callable[[str], None] = lambda reason: None,
 
 
 def connect_or_start(paths: Paths, *, idle_seconds: int = 900, memory_mb: int = 0,
-                     on_lost: Callable[[str], None] = lambda reason: None, deadline: float = DEFAULT_DEADLINE,
+                     on_lost: Callable[[str, bool], None] = lambda reason, stopped: None,
+                     deadline: float = DEFAULT_DEADLINE,
                      on_restart: Callable[[str], None] = lambda reason: None) -> Connection:
     """Connect to the daemon, starting it first if none answers (one starter at a time); a
     daemon that does not answer the Hello is killed and replaced."""
@@ -291,7 +297,7 @@ def connect_or_start(paths: Paths, *, idle_seconds: int = 900, memory_mb: int = 
     raise DaemonUnavailable(f"the model daemon did not answer within {START_TIMEOUT:.0f} s; see {paths.log}")
 
 
-def standby_answers(paths: Paths, on_lost: Callable[[str], None], deadline: float) -> Connection | None:
+def standby_answers(paths: Paths, on_lost: Callable[[str, bool], None], deadline: float) -> Connection | None:
     """The daemon's standby (standby.py), answering in the gone daemon's place: no new process is
     started while one waits, for up to :data:`STANDBY_SECONDS`; None when none waits (any more)."""
     give_up = time.monotonic() + STANDBY_SECONDS
@@ -309,11 +315,13 @@ class DaemonEngine:
 
     ``on_state(state, message)`` hears ``stuck`` (a job was answered empty: the daemon did not
     answer), ``restarting`` (the daemon is gone or being replaced) and ``ready`` (the first job
-    answered after either), on the calling thread."""
+    answered after either), on the calling thread. ``on_lost(reason, stopped)`` hears of each lost
+    connection, ``stopped`` when the daemon said it stops on purpose (then nothing is restarted
+    until the next job)."""
 
     name = "model daemon"
 
-    def __init__(self, on_lost: Callable[[str], None] = lambda reason: None, paths: Paths | None = None,
+    def __init__(self, on_lost: Callable[[str, bool], None] = lambda reason, stopped: None, paths: Paths | None = None,
                  on_state: Callable[[str, str], None] = lambda state, message: None):
         self.on_lost = on_lost
         self.on_state = on_state
@@ -348,11 +356,14 @@ class DaemonEngine:
             self._conn = conn
         return conn
 
-    def _lost(self, reason: str) -> None:
+    def _lost(self, reason: str, stopped: bool) -> None:
+        if stopped:  # on purpose (daemon stop): the next job starts a new one, not this window now
+            self.on_lost(reason, stopped)
+            return
         was_ready = self.state == "ready"
         if was_ready:
             self._set_state("restarting", f"the model daemon stopped ({reason})")
-        self.on_lost(reason)
+        self.on_lost(reason, stopped)
         if was_ready and self.key is not None:  # its standby (or a new daemon) loads the model now, not at the
             # next keystroke; once per outage (a daemon that dies again is restarted by the next job)
             threading.Thread(target=self._reload, daemon=True, name="diffu-daemon-restart").start()

@@ -116,6 +116,7 @@ class Daemon:
         self._client_ids = itertools.count(1)
         self._load_lock = threading.Lock()
         self._stop = asyncio.Event()
+        self.stop_reason = ""
         self._idle: asyncio.TimerHandle | None = None
         self._connections = 0  # open, handshaken or not
         self._socket_inode = 0
@@ -127,7 +128,7 @@ class Daemon:
         await self._listen()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self.stop, f"it was sent {signal.Signals(sig).name}")
         log.info("diffu-lsp %s daemon (pid %d) listening on %s", __version__, os.getpid(), self.paths.socket)
         self._arm_idle_timer()
         watch = asyncio.ensure_future(self._watch_socket())
@@ -137,11 +138,18 @@ class Daemon:
         watch.cancel()
         self.server.close()
         for client in list(self.clients.values()):
+            client.send(protocol.Stopping(self.stop_reason))
             client.writer.close()
         await self.host.sched.close(timeout=5)
         with contextlib.suppress(OSError):
             if os.lstat(self.paths.socket).st_ino == self._socket_inode:
                 self.paths.socket.unlink()
+
+    def stop(self, reason: str) -> None:
+        """Stop on purpose: the windows are told why (protocol.Stopping) and start no new daemon by themselves."""
+        if not self._stop.is_set():
+            self.stop_reason = reason
+            self._stop.set()
 
     async def _listen(self) -> asyncio.AbstractServer:
         old_umask = os.umask(0o177)  # the socket is created 0600: no window for another user
@@ -172,7 +180,7 @@ class Daemon:
                 reason = "another daemon holds the new lock"
             if fd is None:
                 log.warning("cannot take the runtime folder back (%s): exiting", reason)
-                self._stop.set()
+                self.stop(f"its runtime folder was taken: {reason}")
                 return
             self._lock_fds.append(fd)
             old = self.server
@@ -187,7 +195,7 @@ class Daemon:
             def idle() -> None:
                 if not self.clients:
                     log.info("no window for %.0f s: exiting", self.idle_seconds)
-                    self._stop.set()
+                    self.stop("idle")
             self._idle = asyncio.get_running_loop().call_later(self.idle_seconds, idle)
 
     # ------------------------------------------------------------ connections
@@ -272,7 +280,7 @@ class Daemon:
             client.send(self.status(asking=client))
         elif isinstance(message, protocol.Stop):
             log.info("stop requested by window %d", client.id)
-            self._stop.set()
+            self.stop("diffu-lsp daemon stop")
         else:
             raise FrameInvalid(f"unexpected {type(message).__name__} from a client")
 
