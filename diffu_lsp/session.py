@@ -486,8 +486,8 @@ def engine_for(session: Session, choice: str) -> Engine:
     def lost(reason: str, stopped: bool) -> None:  # on the client's reader thread, once per connection
         def tell() -> None:
             if stopped:  # on purpose: it stays stopped until a request needs it
-                session.editor.show(f"diffu-lsp: the model daemon stopped ({reason}); the next request starts it "
-                                    "again", "info")
+                session.editor.show(f"diffu-lsp: the model daemon was stopped ({reason}); the next request starts "
+                                    "it again", "info")
                 return
             session.counters["daemon_lost"] += 1
             session.editor.show(f"diffu-lsp: the model daemon stopped ({reason}); pending requests were answered "

@@ -169,7 +169,7 @@ class Connection:
                     log.warning("daemon: %s", msg.message)
                     continue
                 if isinstance(msg, protocol.Stopping):
-                    reason, self.stopped = f"it was stopped: {msg.reason}", True
+                    reason, self.stopped = msg.reason, True
                     continue
                 id = 0 if isinstance(msg, protocol.Status) else msg.id
                 with self._lock:

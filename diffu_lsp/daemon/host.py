@@ -128,7 +128,7 @@ class Daemon:
         await self._listen()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop, f"it was sent {signal.Signals(sig).name}")
+            loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
         log.info("diffu-lsp %s daemon (pid %d) listening on %s", __version__, os.getpid(), self.paths.socket)
         self._arm_idle_timer()
         watch = asyncio.ensure_future(self._watch_socket())
