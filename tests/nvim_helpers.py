@@ -37,14 +37,17 @@ vim.lsp.handlers['workspace/applyEdit'] = function(err, params, ctx, config)
   table.insert(_G.diffu_test.apply_edits, {{ params = params, result = result, t = vim.uv.hrtime() }})
   return result
 end
--- and counts inline-completion requests by state, and keeps the executeCommand params sent
+-- and counts inline-completion requests by state (with when each was sent, by Neovim's clock),
+-- and keeps the executeCommand params sent
 _G.diffu_test.inline = {{ pending = 0, complete = 0, cancel = 0 }}
+_G.diffu_test.inline_sent_at = {{}}
 _G.diffu_test.commands = {{}}
 vim.api.nvim_create_autocmd('LspRequest', {{
   callback = function(args)
     local r = args.data.request
     if r.method == 'textDocument/inlineCompletion' then
       _G.diffu_test.inline[r.type] = (_G.diffu_test.inline[r.type] or 0) + 1
+      if r.type == 'pending' then table.insert(_G.diffu_test.inline_sent_at, vim.uv.hrtime()) end
     end
   end,
 }})

@@ -114,9 +114,14 @@ def all_answered(ed: Editor, bound: float = RECOVERY_BOUND) -> None:
 def fault_cycle(ed: Editor, typist: Typist, folder: Path, recoveries: dict[str, list[float]]) -> None:
     # kill: the pending request is answered, the next keystrokes start a new daemon
     old = only_daemon(folder)
+    typist.forget_states()
     os.kill(old, signal.SIGKILL)
     recoveries["kill"].append(typist.until_suggestion())
     assert old not in daemons_of(folder)
+    # the window says it is connected again before the freeze: ghost text can come back from the
+    # server's cache (typed through) while its `ready` is still to come, and that `ready`, heard
+    # after the freeze, would be the first state of the freeze
+    wait_for(lambda: "ready" in typist.states, RECOVERY_BOUND, interval=0.2, what="`ready` after the kill")
 
     # freeze past the deadline: the window says `stuck`, then recovers once the daemon is replaced or resumes
     frozen = only_daemon(folder)

@@ -102,8 +102,22 @@ async function startCodeServer() {
 let page;
 
 /** The ghost text shown in the editor (the inline suggestion), '' when none: the part drawn after
- * the cursor on its line and the lines drawn below it, non-breaking spaces as spaces. */
+ * the cursor on its line and the lines drawn below it, non-breaking spaces as spaces. VS Code draws
+ * the two parts in separate renders, so a read in between mixed two suggestions (the first line of
+ * the one shown before, the lines below of the next): the same text read twice, 100 ms apart. */
 async function ghost() {
+  let last = await drawnGhost();
+  for (let i = 0; i < 50; i++) {
+    await sleep(100);
+    const now = await drawnGhost();
+    if (now === last) return now;
+    last = now;
+  }
+  return last;
+}
+
+/** The ghost text drawn now (see ghost). */
+async function drawnGhost() {
   return page.evaluate(() => {
     const inline = [...document.querySelectorAll('.monaco-editor .view-line .ghost-text-decoration')]
       .map((e) => e.textContent).join('');
