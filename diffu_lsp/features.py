@@ -263,9 +263,8 @@ def next_edit(model, text: str, spans, settings: Settings, *, cancel=None) -> li
     if isinstance(limit, int) and len(ids) > limit:  # the text between the spans takes room from the context
         before, after = hole_starts[0], len(ids) - hole_starts[-1] - sizes[-1]  # context tokens in the canvas
         over = len(ids) - limit + 8  # and the seams'
-        cut = min(before, -(-over * before // max(1, before + after)))
-        smaller = msgspec.structs.replace(settings, prefix_tokens=max(0, before - cut),
-                                          suffix_tokens=max(0, after - (over - cut)))
+        prefix, suffix = split_context(before + after - over, before, after)
+        smaller = msgspec.structs.replace(settings, prefix_tokens=prefix, suffix_tokens=suffix)
         ids, hole_starts, provisional, editable = _next_edit_canvas(model, text, holes, sizes, smaller)
         if len(ids) > limit:
             raise RequestTooLarge(f"next edit: the candidates' span is over the model's {limit:,} positions; "
@@ -386,6 +385,12 @@ def fit_to_model(settings: Settings, model) -> Settings:
     context = settings.prefix_tokens + settings.suffix_tokens
     if context <= room:
         return settings
-    room = max(room, 2)
-    prefix = max(1, room * settings.prefix_tokens // context)
-    return msgspec.structs.replace(settings, prefix_tokens=prefix, suffix_tokens=max(0, room - prefix))
+    prefix, suffix = split_context(max(room, 2), settings.prefix_tokens, settings.suffix_tokens, least_prefix=1)
+    return msgspec.structs.replace(settings, prefix_tokens=prefix, suffix_tokens=suffix)
+
+
+def split_context(room: int, prefix: int, suffix: int, *, least_prefix: int = 0) -> tuple[int, int]:
+    """``room`` tokens of context, shared between prefix and suffix as ``prefix`` is to ``suffix``
+    (the prefix at least ``least_prefix``, neither below 0)."""
+    head = max(least_prefix, room * prefix // max(1, prefix + suffix))
+    return head, max(0, room - head)
