@@ -59,21 +59,32 @@ print(json.dumps({{"grew_mib": (in_use() - before) / 2**20}}))
 """
 
 
+def needs_glibc(function: str, which: str = "") -> None:
+    """Skip the test without glibc's ``function`` (``which``: the release that brought it)."""
+    try:
+        getattr(ctypes.CDLL("libc.so.6"), function)
+    except (OSError, AttributeError):
+        pytest.skip(f"needs glibc's {function}{which}")
+
+
+def measured(script: str, **env: str) -> dict:
+    """Run a measuring script in a fresh process on one thread (``env`` on top of ours; the kernel
+    cache sizes only if given there): its last line, a JSON object."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    done = subprocess.run([sys.executable, "-c", script], env={**clean, "OMP_NUM_THREADS": "1", **env},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def growth_mib(**cache_sizes: str) -> float:
     """MiB more in use after FORWARDS forwards of new canvas lengths, in a fresh process whose
     environment sets these cache sizes (none: the backend's own)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
-    env.update(cache_sizes, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])["grew_mib"]
+    return measured(SCRIPT, **cache_sizes)["grew_mib"]
 
 
 def test_new_canvas_lengths_do_not_grow_the_kernel_caches():
-    try:
-        ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        pytest.skip("needs glibc's mallinfo2 (2.33 or later)")
+    needs_glibc("mallinfo2", " (2.33 or later)")
     # torch's own sizes: on a CPU whose bfloat16 multiplies compile a kernel per shape, this grows
     grown_at_torch_default = growth_mib(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024")
     if grown_at_torch_default < 40:
@@ -133,14 +144,8 @@ print(json.dumps({"released_mib": before - rss_mib()}))
 def test_a_job_gives_freed_heap_memory_back():
     """glibc keeps freed memory that a live block sits above; after a job the daemon's worker gives
     it back (job_host.trim_heap), or its RSS holds every page a job ever freed."""
-    try:
-        ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        pytest.skip("needs glibc's malloc_trim")
-    done = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    released = json.loads(done.stdout.strip().splitlines()[-1])["released_mib"]
+    needs_glibc("malloc_trim")
+    released = measured(TRIM_SCRIPT)["released_mib"]
     assert released > 100, f"a job gave back {released:.0f} of the 196 MiB freed before it"
 
 
@@ -174,14 +179,8 @@ def test_new_attention_shapes_do_not_grow_the_heap():
     """torch's CPU flash attention keeps a kernel per (query rows, key rows) pair in a map it never
     empties; the backend runs bfloat16 CPU attention at a few bucket sizes (backend.BUCKETED_DTYPES),
     so 400 more new pairs, after 400, add next to nothing."""
-    try:
-        ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        pytest.skip("needs glibc's mallinfo2 (2.33 or later)")
-    done = subprocess.run([sys.executable, "-c", ATTENTION_SCRIPT], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    grown = json.loads(done.stdout.strip().splitlines()[-1])["grew_mib"]
+    needs_glibc("mallinfo2", " (2.33 or later)")
+    grown = measured(ATTENTION_SCRIPT)["grew_mib"]
     assert grown < 4, f"400 forwards of new (query rows, key rows) pairs kept {grown:.1f} MiB more"
 
 
