@@ -25,6 +25,7 @@ import pytest
 from diffu_lsp import __version__, protocol
 from diffu_lsp.bench import common
 from diffu_lsp.bench.lsp_client import LspClient
+from diffu_lsp.bench.soak import proc_status
 from diffu_lsp.daemon import Paths, daemon_pid, runtime_paths, standby_pid
 from diffu_lsp.daemon.client import DaemonEngine, connect, connect_or_start
 from diffu_lsp.daemon.host import rss_bytes
@@ -359,10 +360,6 @@ def comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
-def ppid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the standby is a Linux fork")
 def test_a_killed_daemon_is_replaced_by_its_standby_not_by_a_new_process(runtime):
     """#31: a kill cost 3.7 s of ghost text, 85-90 % of it a new daemon importing torch and
@@ -375,7 +372,7 @@ def test_a_killed_daemon_is_replaced_by_its_standby_not_by_a_new_process(runtime
     conn.close()
     first = daemon_pid(runtime)
     waiting = wait_for(lambda: standby_pid(runtime), "a standby")
-    assert ppid(waiting) == first and comm(waiting) == STANDBY_NAME  # a fork of the daemon, not serving
+    assert proc_status(waiting, "PPid") == first and comm(waiting) == STANDBY_NAME  # a fork of the daemon, not serving
     for round in range(2):
         if round == 1:  # the runtime folder deleted (and taken back by the daemon) before the kill
             daemon = daemon_pid(runtime)
@@ -392,7 +389,7 @@ def test_a_killed_daemon_is_replaced_by_its_standby_not_by_a_new_process(runtime
             conn.close()
         waiting = wait_for(lambda: standby_pid(runtime) not in (None, conn.pid) and standby_pid(runtime),
                            "the next standby")
-        assert ppid(waiting) == conn.pid
+        assert proc_status(waiting, "PPid") == conn.pid
     stopped = subprocess.run([sys.executable, "-m", "diffu_lsp", "daemon", "stop"], capture_output=True, text=True,
                              timeout=60)
     assert stopped.returncode == 0, stopped.stderr
